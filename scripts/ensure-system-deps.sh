@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Make sure the system programs twinproxy's demo and tests need are present:
+# a Python with venv, redis-server/redis-cli/redis-benchmark, memcached and
+# libmemcached's tools.  Installs them with apt-get when running as root on
+# Debian; otherwise says exactly what to install and fails.
+set -euo pipefail
+
+PYTHON=${PYTHON:-python3}
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+command -v redis-benchmark >/dev/null 2>&1 || missing+=(redis-tools)
+command -v memcached >/dev/null 2>&1 || missing+=(memcached)
+command -v memccapable >/dev/null 2>&1 || missing+=(libmemcached-tools)
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+    missing+=(python3 python3-venv)
+elif ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    missing+=(python3-venv)
+fi
+
+[ ${#missing[@]} -eq 0 ] && exit 0
+# Deduplicate while keeping order.
+packages=$(printf '%s\n' "${missing[@]}" | awk '!seen[$0]++' | tr '\n' ' ')
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "twinproxy: installing system packages: $packages"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # shellcheck disable=SC2086
+    apt-get install -y -qq --no-install-recommends $packages >/dev/null
+    # Debian starts the packaged daemons; the demo and tests run their own.
+    for unit in redis-server memcached; do
+        if command -v systemctl >/dev/null 2>&1; then systemctl stop "$unit" >/dev/null 2>&1 || true; fi
+        service "$unit" stop >/dev/null 2>&1 || true
+    done
+    exit 0
+fi
+
+echo "twinproxy: missing system packages: $packages" >&2
+echo "install them first, e.g.:  sudo apt-get install $packages" >&2
+exit 1

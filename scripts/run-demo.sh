@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Run twinproxy in the foreground on conf/pools.yml with local demo backends:
+# two redis-servers (127.0.0.1:6380, :6381) and two memcacheds (:11212,
+# :11213), all stopped again when the proxy exits (Ctrl-C).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+rundir=run
+mkdir -p "$rundir"
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+
+for port in 6380 6381; do
+    redis-server --bind 127.0.0.1 --port "$port" --save '' --appendonly no \
+        --dir "$rundir" --daemonize no --logfile "$rundir/redis-$port.log" &
+    pids+=($!)
+done
+for port in 11212 11213; do
+    memcached -u nobody -l 127.0.0.1 -p "$port" -U 0 >"$rundir/memcached-$port.log" 2>&1 &
+    pids+=($!)
+done
+
+cat <<'MSG'
+twinproxy demo: backends started (redis 127.0.0.1:6380 and :6381, memcached :11212 and :11213)
+  redis pool:     redis-cli -p 22121 set a b
+  memcached pool: printf 'set a 0 0 1\r\nb\r\nget a\r\n' | nc -q1 127.0.0.1 22122
+Ctrl-C stops the proxy and the demo backends.
+MSG
+"$VENV/bin/twistd" --nodaemon --pidfile= twinproxy --config conf/pools.yml

@@ -1,0 +1,127 @@
+"""Fixtures: real backends on free ports, and the proxy in-process or under twistd."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Callable, List
+
+import pytest
+
+from tests.servers import LOOPBACK, Process, RedisServer, free_port, wait_until
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def redis_servers(tmp_path: Path) -> Callable[..., List[RedisServer]]:
+    """``redis_servers(n, password=None)`` starts n redis-servers, stopped after the test."""
+    started: List[RedisServer] = []
+
+    def start(count: int, password: str = None) -> List[RedisServer]:
+        servers = []
+        for _ in range(count):
+            server = RedisServer(tmp_path / f"redis{len(started)}", password=password)
+            started.append(server)
+            servers.append(server.start())
+        return servers
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def reactor():
+    """The global reactor, running in a daemon thread for the whole session.
+
+    A reactor cannot be restarted, so there is one per session; unit tests
+    never touch it (they use Clock and MemoryReactor).
+    """
+    from twisted.internet import reactor as global_reactor
+
+    thread = threading.Thread(target=global_reactor.run, kwargs={"installSignalHandlers": False},
+                              name="reactor", daemon=True)
+    thread.start()
+    wait_until(lambda: global_reactor.running, what="reactor to run")
+    yield global_reactor
+    global_reactor.callFromThread(global_reactor.stop)
+    thread.join(5)
+
+
+def in_reactor(reactor, function, *args, **kwargs):
+    """Run ``function`` in the reactor thread and return its (waited-for) result."""
+    from twisted.internet.threads import blockingCallFromThread
+
+    return blockingCallFromThread(reactor, function, *args, **kwargs)
+
+
+@pytest.fixture
+def proxy(reactor):
+    """``proxy(config_text_or_PoolConfig)`` starts a PoolService in-process and returns it.
+
+    The listen address is replaced by 127.0.0.1 on a port the OS picks, so
+    tests never race for ports; ``service.port_number`` tells which.
+    """
+    from twinproxy.config import ListenSpec, PoolConfig, load_text
+    from twinproxy.service import PoolService
+
+    services = []
+
+    def start(config) -> PoolService:
+        if not isinstance(config, PoolConfig):
+            (config,) = load_text(config)
+        if not config.listen.is_unix:
+            config = dataclasses.replace(config, listen=ListenSpec(host=LOOPBACK, port=0))
+
+        def build():
+            service = PoolService(config, reactor)
+            service.startService()
+            return service
+
+        service = in_reactor(reactor, build)
+        service.port_number = service.address.port if not config.listen.is_unix else None
+        services.append(service)
+        return service
+
+    yield start
+    for service in services:
+        in_reactor(reactor, service.stopService)
+
+
+def pool_yaml(servers, **keys) -> str:
+    """A one-pool nutcracker file (pool ``alpha``) over ``servers``."""
+    lines = ["alpha:", "  listen: 127.0.0.1:1"]
+    keys.setdefault("redis", "true")
+    for key, value in keys.items():
+        lines.append(f"  {key}: {value}")
+    lines.append("  servers:")
+    for server in servers:
+        lines.append(f"   - {server.address}:1")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def twistd(tmp_path: Path):
+    """``twistd(config_path)`` runs ``twistd -n twinproxy`` as a real subprocess."""
+    processes = []
+
+    def start(config_path: Path, *extra: str) -> Process:
+        twistd_bin = os.path.join(os.path.dirname(sys.executable), "twistd")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        process = Process([twistd_bin, "--nodaemon", "--pidfile=", "twinproxy", "--config", str(config_path),
+                           *extra], tmp_path / f"twistd{len(processes)}.log", env=env)
+        process.spawn()
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        process.stop()
+
+
+__all__ = ["free_port", "pool_yaml", "in_reactor", "wait_until"]

@@ -1,0 +1,166 @@
+"""Real backend processes and waiting helpers for the integration tests.
+
+Every process is started in its own session on a free loopback port, its
+output goes to a file under the test's tmp_path, and ``stop`` always
+continues a frozen process before terminating it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import pytest
+
+LOOPBACK = "127.0.0.1"
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.01,
+               what: str = "condition") -> object:
+    """Poll ``predicate`` until it is truthy; raise AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last_error: Optional[BaseException] = None
+    while True:
+        try:
+            result = predicate()
+            if result:
+                return result
+        except Exception as err:  # noqa: BLE001 - remembered for the message
+            last_error = err
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_error!r})")
+        # Waiting on an external process: the pause is the poll interval, not a timing assumption.
+        _pause(interval)
+
+
+def _pause(seconds: float) -> None:
+    import select
+
+    select.select([], [], [], seconds)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def require(program: str) -> str:
+    path = shutil.which(program)
+    if path is None:
+        pytest.fail(f"{program} is not installed: run the README's test command (make test), which installs it")
+    return path
+
+
+class Process:
+    """A child process with a log file, stopped for sure by ``stop``."""
+
+    def __init__(self, argv: List[str], log: Path, env: Optional[dict] = None) -> None:
+        self.argv = argv
+        self.log = log
+        self._env = env
+        self.proc: Optional[subprocess.Popen] = None
+
+    def spawn(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True, env=self._env)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def freeze(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        """Kill at once (no clean shutdown), as a crash would."""
+        if self.alive:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def output(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+
+def ping_redis(port: int, password: Optional[str] = None) -> bool:
+    with socket.create_connection((LOOPBACK, port), timeout=1) as sock:
+        if password:
+            sock.sendall(b"AUTH %s\r\n" % password.encode())
+            if not sock.recv(100).startswith(b"+OK"):
+                return False
+        sock.sendall(b"PING\r\n")
+        return sock.recv(100).startswith(b"+PONG")
+
+
+class RedisServer(Process):
+    """A real redis-server on a free loopback port."""
+
+    def __init__(self, directory: Path, password: Optional[str] = None) -> None:
+        self.directory = directory
+        self.password = password
+        self.port = 0
+        super().__init__([], directory / "redis.log")
+
+    def start(self, port: Optional[int] = None) -> "RedisServer":
+        require("redis-server")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            self.port = port or free_port()
+            self.argv = ["redis-server", "--bind", LOOPBACK, "--port", str(self.port), "--save", "",
+                         "--appendonly", "no", "--dir", str(self.directory), "--daemonize", "no"]
+            if self.password:
+                self.argv += ["--requirepass", self.password]
+            self.spawn()
+            try:
+                wait_until(lambda: not self.alive or ping_redis(self.port, self.password), timeout=10,
+                           what=f"redis-server on port {self.port}")
+            except AssertionError:
+                self.stop()
+                raise AssertionError(f"redis-server did not start:\n{self.output()}") from None
+            if self.alive:
+                return self
+            if port:  # a fixed port (a restart) that is taken: no point retrying
+                break
+        raise AssertionError(f"redis-server did not start:\n{self.output()}")
+
+    def restart(self) -> "RedisServer":
+        """Start again on the same port after ``kill`` or ``stop``."""
+        self.stop()
+        return self.start(self.port)
+
+    def client(self, **kwargs):
+        import redis
+
+        kwargs.setdefault("socket_timeout", 5)
+        kwargs.setdefault("socket_connect_timeout", 5)
+        kwargs.setdefault("protocol", 2)
+        return redis.Redis(host=LOOPBACK, port=self.port, password=self.password, **kwargs)
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"

@@ -1,0 +1,349 @@
+"""Nutcracker's YAML pool files, read unchanged into frozen values.
+
+Owns: every pool key nutcracker reads, with nutcracker's defaults and its
+rejection rules, turned into :class:`PoolConfig` and :class:`ServerSpec`.
+A bad file raises :class:`ConfigError`, which names the file, the pool,
+the key and the value.  Owns no sockets, no DNS and nothing of Twisted.
+
+The loader keeps every YAML scalar as a string and converts it the way
+nutcracker does, so ``redis: yes`` is rejected here as it is there (YAML
+1.1 would otherwise read it as true), and a key given twice in one pool is
+an error rather than silently the last one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import yaml
+
+from twinproxy.distribution import DISTRIBUTIONS
+from twinproxy.hashing import HASH_FUNCTIONS
+
+# Nutcracker leaves the port out of a server's ketama name when it is the
+# memcached default, to place keys as libmemcached does.
+KETAMA_DEFAULT_PORT = 11211
+
+POOL_KEYS = (
+    "listen", "redis", "hash", "hash_tag", "distribution", "timeout", "backlog",
+    "preconnect", "client_connections", "tcpkeepalive", "redis_auth", "redis_db",
+    "server_connections", "auto_eject_hosts", "server_retry_timeout",
+    "server_failure_limit", "servers",
+)
+
+
+class ConfigError(Exception):
+    """A pool file that nutcracker would refuse, with where and why."""
+
+    def __init__(self, path: str, reason: str, pool: Optional[str] = None,
+                 key: Optional[str] = None, value: Any = None) -> None:
+        self.path = path
+        self.pool = pool
+        self.key = key
+        self.value = value
+        self.reason = reason
+        where = [path]
+        if pool is not None:
+            where.append(f"pool '{pool}'")
+        if key is not None:
+            where.append(f"key '{key}'")
+        text = ": ".join(where)
+        if value is not None:
+            text += f": value '{value}'"
+        super().__init__(f"{text}: {reason}")
+
+
+@dataclass(frozen=True)
+class ListenSpec:
+    """Where a pool accepts clients: a TCP host and port, or a unix socket."""
+
+    host: Optional[str] = None
+    port: Optional[int] = None
+    path: Optional[str] = None
+    mode: Optional[int] = None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.path is not None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return self.path
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """One backend line: its address, its weight and the name ketama hashes."""
+
+    name: str
+    weight: int
+    host: Optional[str] = None
+    port: Optional[int] = None
+    path: Optional[str] = None
+
+    @property
+    def address(self) -> str:
+        if self.path is not None:
+            return self.path
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """One pool of a pool file, every key resolved to its value or default."""
+
+    name: str
+    listen: ListenSpec
+    servers: Tuple[ServerSpec, ...]
+    redis: bool = False
+    hash: str = "fnv1a_64"
+    hash_tag: Optional[str] = None
+    distribution: str = "ketama"
+    timeout: Optional[int] = None
+    backlog: int = 512
+    preconnect: bool = False
+    client_connections: int = 0
+    tcpkeepalive: bool = False
+    redis_auth: Optional[str] = field(default=None, repr=False)
+    redis_db: int = 0
+    server_connections: int = 1
+    auto_eject_hosts: bool = False
+    server_retry_timeout: int = 30000
+    server_failure_limit: int = 2
+
+    @property
+    def protocol(self) -> str:
+        return "redis" if self.redis else "memcache"
+
+    @property
+    def timeout_seconds(self) -> Optional[float]:
+        """The backend timeout in seconds, or None where nutcracker waits forever."""
+        return self.timeout / 1000.0 if self.timeout else None
+
+
+class _StringLoader(yaml.BaseLoader):
+    """Every scalar a string, and a mapping key given twice an error."""
+
+    def construct_mapping(self, node, deep=False):  # noqa: D401 - PyYAML override
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_StringLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StringLoader.construct_mapping
+)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, line: int) -> None:
+        super().__init__(key, line)
+        self.key = key
+        self.line = line
+
+
+def load_file(path: str) -> List[PoolConfig]:
+    """Read and validate the pool file at ``path``; raise ConfigError if it is bad."""
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read()
+    except OSError as err:
+        raise ConfigError(path, f"cannot be read: {err.strerror or err}") from None
+    return load_text(text, path)
+
+
+def load_text(text: bytes | str, path: str = "<config>") -> List[PoolConfig]:
+    """Validate pool-file text; ``path`` is only used in error messages."""
+    try:
+        document = yaml.load(text, Loader=_StringLoader)
+    except _DuplicateKey as dup:
+        raise ConfigError(path, f"key '{dup.key}' appears twice (line {dup.line})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(path, f"is not valid YAML: {err}".replace("\n", " ")) from None
+    if not isinstance(document, dict) or not document:
+        raise ConfigError(path, "has no pools (expected a mapping of pool name to pool keys)")
+    pools = [_parse_pool(path, str(name), body) for name, body in document.items()]
+    listens: Dict[str, str] = {}
+    for pool in pools:
+        where = str(pool.listen)
+        if where in listens:
+            raise ConfigError(path, f"duplicate listen address, already used by pool '{listens[where]}'",
+                              pool.name, "listen", where)
+        listens[where] = pool.name
+    return pools
+
+
+def _parse_pool(path: str, name: str, body: Any) -> PoolConfig:
+    if not isinstance(body, dict):
+        raise ConfigError(path, "must be a mapping of pool keys", name)
+
+    def fail(key: str, value: Any, reason: str) -> ConfigError:
+        return ConfigError(path, reason, name, key, value)
+
+    for key in body:
+        if key not in POOL_KEYS:
+            raise fail(key, None, "unknown key")
+    values: Dict[str, Any] = {}
+    for key, raw in body.items():
+        if key == "servers":
+            continue
+        if not isinstance(raw, str):
+            raise fail(key, None, "must be a single value, not a list or mapping")
+        values[key] = _CONVERTERS[key](raw, lambda reason, k=key, v=raw: fail(k, v, reason))
+    if "listen" not in values:
+        raise fail("listen", None, "is required")
+    servers = body.get("servers")
+    if servers is None:
+        raise fail("servers", None, "is required")
+    if not isinstance(servers, list) or not servers:
+        raise fail("servers", None, "must be a non-empty list of 'host:port:weight [name]' lines")
+    specs = []
+    names: Dict[str, str] = {}
+    addresses: Dict[str, str] = {}
+    for line in servers:
+        if not isinstance(line, str):
+            raise fail("servers", None, "each server must be a 'host:port:weight [name]' line")
+        spec = _parse_server(line, lambda reason, v=line: fail("servers", v, reason))
+        if spec.name in names:
+            raise fail("servers", line, f"duplicate server name '{spec.name}'")
+        if spec.address in addresses:
+            raise fail("servers", line, f"duplicate server address '{spec.address}'")
+        names[spec.name] = line
+        addresses[spec.address] = line
+        specs.append(spec)
+    return PoolConfig(name=name, servers=tuple(specs), **values)
+
+
+def _number(raw: str, fail) -> int:
+    if not raw.isdigit() or not raw.isascii():
+        raise fail("is not a number (expected a non-negative integer)")
+    return int(raw)
+
+
+def _positive(raw: str, fail) -> int:
+    number = _number(raw, fail)
+    if number == 0:
+        raise fail("must be greater than zero")
+    return number
+
+
+def _boolean(raw: str, fail) -> bool:
+    if raw == "true":
+        return True
+    if raw == "false":
+        return False
+    raise fail("is not 'true' or 'false'")
+
+
+def _hash(raw: str, fail) -> str:
+    if raw not in HASH_FUNCTIONS:
+        raise fail("is not a valid hash (expected one of " + ", ".join(HASH_FUNCTIONS) + ")")
+    return raw
+
+
+def _distribution(raw: str, fail) -> str:
+    if raw not in DISTRIBUTIONS:
+        raise fail("is not a valid distribution (expected one of " + ", ".join(DISTRIBUTIONS) + ")")
+    return raw
+
+
+def _hash_tag(raw: str, fail) -> str:
+    if len(raw) != 2:
+        raise fail("is not a valid hash tag (expected exactly two characters, e.g. \"{}\")")
+    return raw
+
+
+def _text(raw: str, fail) -> str:
+    if not raw:
+        raise fail("must not be empty")
+    return raw
+
+
+def _port(raw: str, fail) -> int:
+    if not raw.isdigit() or not raw.isascii() or not 0 < int(raw) < 65536:
+        raise fail("has an invalid port (expected 1 to 65535)")
+    return int(raw)
+
+
+def _host(raw: str, fail) -> str:
+    if raw.startswith("[") and raw.endswith("]"):
+        raw = raw[1:-1]
+    if not raw or any(c.isspace() for c in raw):
+        raise fail("has an invalid host")
+    return raw
+
+
+def _listen(raw: str, fail) -> ListenSpec:
+    raw = raw.strip()
+    if raw.startswith("/"):
+        parts = raw.split()
+        if len(parts) > 2:
+            raise fail("is not a valid unix socket listen address (expected '/path [mode]')")
+        mode = None
+        if len(parts) == 2:
+            try:
+                mode = int(parts[1], 8)
+            except ValueError:
+                raise fail("has an invalid socket mode (expected octal, e.g. 0666)") from None
+            if not 0 <= mode <= 0o7777:
+                raise fail("has an invalid socket mode (expected octal, e.g. 0666)")
+        return ListenSpec(path=parts[0], mode=mode)
+    host, sep, port = raw.rpartition(":")
+    if not sep:
+        raise fail("is not a valid listen address (expected 'host:port' or '/path/to.sock [mode]')")
+    return ListenSpec(host=_host(host, fail), port=_port(port, fail))
+
+
+def _parse_server(line: str, fail) -> ServerSpec:
+    """Parse ``host:port:weight [name]`` or ``/path:weight [name]``, from the end."""
+    address, _, name = line.strip().partition(" ")
+    name = name.strip()
+    if name and any(c.isspace() for c in name):
+        raise fail("has an invalid name (a server name is one word)")
+    rest, sep, weight_text = address.rpartition(":")
+    if not sep or not rest:
+        raise fail("is not a valid server (expected 'host:port:weight [name]')")
+    if not weight_text.isdigit() or not weight_text.isascii():
+        raise fail("has an invalid weight (expected a positive integer)")
+    weight = int(weight_text)
+    if weight == 0:
+        raise fail("has a zero weight")
+    if rest.startswith("/"):
+        return ServerSpec(name=name or rest, weight=weight, path=rest)
+    host_text, sep, port_text = rest.rpartition(":")
+    if not sep:
+        raise fail("is not a valid server (expected 'host:port:weight [name]')")
+    host = _host(host_text, fail)
+    port = _port(port_text, fail)
+    if not name:
+        shown = f"[{host}]" if ":" in host else host
+        name = shown if port == KETAMA_DEFAULT_PORT else f"{shown}:{port}"
+    return ServerSpec(name=name, weight=weight, host=host, port=port)
+
+
+_CONVERTERS = {
+    "listen": _listen,
+    "redis": _boolean,
+    "hash": _hash,
+    "hash_tag": _hash_tag,
+    "distribution": _distribution,
+    "timeout": _number,
+    "backlog": _positive,
+    "preconnect": _boolean,
+    "client_connections": _number,
+    "tcpkeepalive": _boolean,
+    "redis_auth": _text,
+    "redis_db": _number,
+    "server_connections": _positive,
+    "auto_eject_hosts": _boolean,
+    "server_retry_timeout": _number,
+    "server_failure_limit": _positive,
+}

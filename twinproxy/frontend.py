@@ -1,0 +1,192 @@
+"""Client connections: parse, dispatch, and answer in the client's order.
+
+Owns: :class:`FrontendProtocol`, one per client, protocol-neutral (the
+pool's codec parses and classifies), and :class:`ProxyFactory`, which
+builds them, enforces ``client_connections`` and assigns client ids.
+Knows neither wire syntax nor hashing: routing is ``pool.server_for_key``
+and a server is something with ``send(request)``.
+
+::
+
+    dataReceived --> parser.next() --> codec.prepare(request, session)
+         LOCAL    : reply already set by the codec
+         FORWARD  : pool.server_for_key(key).send(request)
+         FRAGMENT : codec.fragment(request, pool) -> [(server, fragment)], each sent
+
+    in order: [oldest, ..., newest]   (one entry per request that expects a reply)
+    request_done(request) --> while in order[0].reply is set: write it, pop it
+
+Every request that expects a reply gets exactly one, and the client sees
+them in the order it sent the requests, whichever servers answered first.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Optional
+
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from twinproxy.protocols import Codec, ProtocolError
+from twinproxy.request import FORWARD, FRAGMENT, Request
+
+
+class FrontendProtocol(Protocol):
+    """One client connection; also the codec's session for that client."""
+
+    _log = Logger()
+
+    def __init__(self, factory: "ProxyFactory", client_id: int) -> None:
+        self.factory = factory
+        self.client_id = client_id
+        self._pool = factory.pool
+        self._codec: Codec = factory.codec
+        self._parser = self._codec.request_parser()
+        self._in_order: deque = deque()
+        self._closing = False
+        self.closed = False
+        self.dialect = self._codec.default_dialect
+        self.authenticated = not factory.requires_auth
+        self.client_name: Optional[bytes] = None
+
+    def connectionMade(self) -> None:
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        parser = self._parser
+        parser.feed(data)
+        dispatch = self._dispatch
+        while not self._closing:
+            try:
+                request = parser.next()
+            except ProtocolError as err:
+                self._protocol_error(err)
+                break
+            if request is None:
+                break
+            dispatch(request)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed = True
+        self._closing = True
+        self._in_order.clear()
+        self.factory.client_gone(self)
+
+    # -- dispatch -------------------------------------------------------------
+
+    def _dispatch(self, request: Request) -> None:
+        request.owner = self
+        request.dialect = self.dialect
+        self._codec.prepare(request, self)
+        if request.expects_reply:
+            self._in_order.append(request)
+        kind = request.kind
+        if kind == FORWARD:
+            self._pool.server_for_key(request.key).send(request)
+        elif kind == FRAGMENT:
+            self._send_fragments(request)
+        else:
+            if request.close_after:
+                self._closing = True
+            self._flush()
+
+    def _send_fragments(self, request: Request) -> None:
+        routes = self._codec.fragment(request, self._pool)
+        if not routes:
+            self._flush()
+            return
+        if len(routes) == 1 and routes[0][1] is request:
+            routes[0][0].send(request)
+            return
+        request.fragments = [fragment for _, fragment in routes]
+        request.pending = len(routes)
+        for server, fragment in routes:
+            fragment.owner = self
+            fragment.parent = request
+            fragment.dialect = request.dialect
+            server.send(fragment)
+
+    def request_done(self, request: Request) -> None:
+        """A backend (or the proxy) answered ``request``; write what is now in order."""
+        parent = request.parent
+        if parent is not None:
+            parent.pending -= 1
+            if parent.pending:
+                return
+            parent.reply = self._codec.coalesce(parent)
+            request = parent
+        in_order = self._in_order
+        if in_order and in_order[0] is request:
+            self._flush()
+
+    def _flush(self) -> None:
+        in_order = self._in_order
+        transport = self.transport
+        while in_order:
+            head = in_order[0]
+            if head.reply is None:
+                return
+            in_order.popleft()
+            if self.closed:
+                continue
+            transport.write(head.reply)
+            if head.close_after:
+                in_order.clear()
+                transport.loseConnection()
+                return
+
+    def _protocol_error(self, err: ProtocolError) -> None:
+        """Answer a malformed request after everything before it, then close."""
+        request = Request(b"")
+        request.reply = self._codec.protocol_error_reply(err)
+        request.close_after = True
+        self._closing = True
+        self._in_order.append(request)
+        self._flush()
+
+
+class _Refused(Protocol):
+    """Says why and hangs up: the pool is at ``client_connections``."""
+
+    def __init__(self, message: bytes) -> None:
+        self._message = message
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._message)
+        self.transport.loseConnection()
+
+
+class ProxyFactory(Factory):
+    """Builds one FrontendProtocol per client of a pool."""
+
+    _log = Logger()
+    noisy = False
+
+    def __init__(self, pool: Any, codec: Codec, client_limit: int = 0, requires_auth: bool = False) -> None:
+        self.pool = pool
+        self.codec = codec
+        self.client_limit = client_limit
+        self.requires_auth = requires_auth
+        self.clients: set = set()
+        self._next_id = 0
+        self._warned_full = False
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        if self.client_limit and len(self.clients) >= self.client_limit:
+            if not self._warned_full:
+                self._log.warn("pool {pool}: client_connections limit of {limit} reached; refusing clients",
+                               pool=self.pool.name, limit=self.client_limit)
+                self._warned_full = True
+            return _Refused(self.codec.error_reply("max number of clients reached"))
+        self._warned_full = False
+        self._next_id += 1
+        protocol = FrontendProtocol(self, self._next_id)
+        self.clients.add(protocol)
+        return protocol
+
+    def client_gone(self, protocol: FrontendProtocol) -> None:
+        self.clients.discard(protocol)

@@ -1,0 +1,178 @@
+"""A server pool: which servers exist, which are live, and which owns a key.
+
+Owns: the pool's :class:`Server` objects in configuration order, their
+health (consecutive failures, ejection deadline), the continuum over the
+live ones, ``server_for_key``, auto-ejection and the timed return of
+ejected servers on an injected clock, and ``replace_servers`` so a reload
+or a failover can swap the topology at runtime.  Knows no wire protocol,
+no socket and not the global reactor.
+
+Each :class:`Server` carries a ``send`` callable wired in by the service
+(its backend connections); the frontend only ever calls ``send``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from twisted.logger import Logger
+
+from twinproxy.config import PoolConfig, ServerSpec
+from twinproxy.distribution import Continuum, build_continuum
+from twinproxy.hashing import HASH_FUNCTIONS, hash_tag_extractor
+from twinproxy.request import Request
+
+
+def _not_wired(request: Request) -> None:
+    raise RuntimeError("server has no backend connections wired to it")
+
+
+class Server:
+    """One backend of a pool: identity, health, and where to send requests."""
+
+    __slots__ = ("spec", "name", "index", "failure_count", "ejected_until", "ejected_at", "ejects", "send")
+
+    def __init__(self, spec: ServerSpec, index: int) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.index = index
+        self.failure_count = 0
+        self.ejected_until = 0.0
+        self.ejected_at = 0.0
+        self.ejects = 0
+        self.send: Callable[[Request], None] = _not_wired
+
+    @property
+    def ejected(self) -> bool:
+        return self.ejected_until > 0
+
+    def __repr__(self) -> str:
+        return f"<Server {self.name} {self.spec.address}>"
+
+
+class UnavailableServer:
+    """What ``server_for_key`` gives when no server is live: it answers every
+    request at once with an error, so callers need no special case."""
+
+    __slots__ = ("name", "send")
+
+    def __init__(self, name: str, send: Callable[[Request], None]) -> None:
+        self.name = name
+        self.send = send
+
+
+class ServerPool:
+    """Routing and health for one pool; the clock is injected (``seconds``, ``callLater``)."""
+
+    _log = Logger()
+
+    def __init__(self, config: PoolConfig, clock: Any) -> None:
+        self.config = config
+        self.name = config.name
+        self._clock = clock
+        self._hash = HASH_FUNCTIONS[config.hash]
+        self._tag = hash_tag_extractor(config.hash_tag)
+        self._retry_call: Any = None
+        self.servers: List[Server] = []
+        self._live: List[Server] = []
+        self._continuum: Optional[Continuum] = None
+        self._listeners: List[Callable[[ServerPool], None]] = []
+        self.unavailable = UnavailableServer("-", _not_wired)
+        self.replace_servers(config.servers)
+
+    # -- routing --------------------------------------------------------------
+
+    @property
+    def live_servers(self) -> Sequence[Server]:
+        return self._live
+
+    def server_for_key(self, key: bytes) -> Any:
+        """The live server that owns ``key``, or ``self.unavailable`` if none is live."""
+        live = self._live
+        if len(live) > 1:
+            return live[self._continuum.lookup(self._hash(self._tag(key)))]
+        if live:
+            return live[0]
+        return self.unavailable
+
+    # -- topology -------------------------------------------------------------
+
+    def replace_servers(self, specs: Sequence[ServerSpec]) -> List[Server]:
+        """Install a new server list; servers whose name and address are unchanged
+        keep their object (and so their connections and health).  Returns the
+        servers that were dropped, for the caller to close."""
+        old: Dict[tuple, Server] = {(s.name, s.spec.address): s for s in self.servers}
+        servers = []
+        for index, spec in enumerate(specs):
+            server = old.pop((spec.name, spec.address), None)
+            if server is None:
+                server = Server(spec, index)
+            else:
+                server.spec = spec
+                server.index = index
+            servers.append(server)
+        self.servers = servers
+        self._rebuild()
+        return list(old.values())
+
+    def add_listener(self, listener: Callable[["ServerPool"], None]) -> None:
+        """Call ``listener(pool)`` whenever the live set changes."""
+        self._listeners.append(listener)
+
+    def _rebuild(self) -> None:
+        now = self._clock.seconds()
+        for server in self.servers:
+            if server.ejected_until and server.ejected_until <= now:
+                server.ejected_until = 0.0
+                self._log.info("pool {pool}: server {server} back in the ring after retry timeout",
+                               pool=self.name, server=server.name)
+        live = [s for s in self.servers if not s.ejected_until]
+        self._live = live
+        self._continuum = build_continuum(
+            self.config.distribution, [(s.name, s.spec.weight) for s in live]) if live else None
+        self._schedule_retry()
+        for listener in list(self._listeners):
+            listener(self)
+
+    def _schedule_retry(self) -> None:
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        self._retry_call = None
+        pending = [s.ejected_until for s in self.servers if s.ejected_until]
+        if pending:
+            delay = max(0.0, min(pending) - self._clock.seconds())
+            self._retry_call = self._clock.callLater(delay, self._retry_due)
+
+    def _retry_due(self) -> None:
+        self._retry_call = None
+        self._rebuild()
+
+    # -- health ---------------------------------------------------------------
+
+    def record_success(self, server: Server) -> None:
+        server.failure_count = 0
+
+    def record_failure(self, server: Server, reason: str = "") -> None:
+        """Count a failure; eject the server at ``server_failure_limit`` when auto-eject is on."""
+        server.failure_count += 1
+        config = self.config
+        if not config.auto_eject_hosts or server.ejected_until:
+            return
+        if server.failure_count < config.server_failure_limit:
+            return
+        server.failure_count = 0
+        now = self._clock.seconds()
+        retry = config.server_retry_timeout / 1000.0
+        server.ejected_until = now + retry if retry > 0 else now + 1e-9
+        server.ejected_at = now
+        server.ejects += 1
+        self._log.warn("pool {pool}: server {server} ejected for {seconds}s after {limit} consecutive "
+                       "failures ({reason})", pool=self.name, server=server.name, seconds=retry,
+                       limit=config.server_failure_limit, reason=reason or "error")
+        self._rebuild()
+
+    def stop(self) -> None:
+        """Cancel the pending retry timer; the pool routes nothing after this."""
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        self._retry_call = None

@@ -1,0 +1,100 @@
+"""The seam between protocol-neutral machinery and one wire protocol.
+
+Owns: the :class:`Codec` interface that the frontend and the backends call,
+the parser/framer shapes it hands out, :class:`ProtocolError`, and the
+registry of codecs by pool protocol.  Concrete protocols live in sibling
+modules and never import the pool, the backends, the frontend or the
+reactor.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+
+
+if TYPE_CHECKING:
+    from twinproxy.config import PoolConfig
+    from twinproxy.request import Request
+
+
+class ProtocolError(Exception):
+    """Bytes that break the protocol; ``str()`` is the text the peer is told."""
+
+
+class RequestParser(Protocol):
+    def feed(self, data: bytes) -> None: ...
+
+    def next(self) -> Optional["Request"]:
+        """Return the next whole request, None until more bytes come; raise ProtocolError."""
+
+
+class ReplyFramer(Protocol):
+    def feed(self, data: bytes) -> None: ...
+
+    def next(self) -> Optional[bytes]:
+        """Return the next whole reply's bytes, None until more come; raise ProtocolError."""
+
+
+class Session(Protocol):
+    """What a codec may read and change of the client connection it serves."""
+
+    client_id: int
+    authenticated: bool
+    dialect: int
+    client_name: Optional[bytes]
+
+
+class Router(Protocol):
+    def server_for_key(self, key: bytes) -> Any: ...
+
+    @property
+    def live_servers(self) -> Sequence[Any]: ...
+
+
+class Codec(Protocol):
+    """One wire protocol, as twemproxy's per-protocol hooks.
+
+    The frontend parses with ``request_parser()``, calls ``prepare`` on each
+    request (which answers local commands and classifies the rest), and for
+    ``FRAGMENT`` requests calls ``fragment`` then, when every fragment has
+    its reply, ``coalesce``.  Backends frame replies with ``reply_framer()``
+    and open each connection with ``handshake``.
+    """
+
+    default_dialect: int
+
+    def request_parser(self) -> RequestParser: ...
+
+    def reply_framer(self) -> ReplyFramer: ...
+
+    def prepare(self, request: "Request", session: Session) -> None: ...
+
+    def fragment(self, request: "Request", router: Router) -> List[Tuple[Any, "Request"]]: ...
+
+    def coalesce(self, request: "Request") -> bytes: ...
+
+    def error_reply(self, message: str) -> bytes:
+        """The reply for a request the proxy could not get answered (server down, ...)."""
+
+    def protocol_error_reply(self, err: ProtocolError) -> bytes:
+        """The reply to a client whose bytes broke the protocol (the connection then closes)."""
+
+    def is_error(self, reply: bytes) -> bool: ...
+
+    def handshake(self, dialect: int) -> List[bytes]: ...
+
+
+def codec_for(config: "PoolConfig") -> Codec:
+    """Return a codec for the pool's protocol."""
+    return _CODECS[config.protocol](config)
+
+
+def _redis(config: "PoolConfig") -> Codec:
+    from twinproxy.protocols.redis import RedisCodec
+
+    return RedisCodec(config)
+
+
+_CODECS: Dict[str, Callable[["PoolConfig"], Codec]] = {
+    "redis": _redis,
+}

@@ -1,0 +1,436 @@
+"""The Redis codec: which commands route where, which the proxy answers, and merges.
+
+Owns: the command table (where each command's keys are, and how a
+multi-key command is split or checked), the commands twinproxy answers
+itself (PING, ECHO, QUIT, AUTH, SELECT, HELLO, CLIENT housekeeping,
+COMMAND DOCS), the merge of split replies (MGET, MSET, DEL/UNLINK/EXISTS/
+TOUCH), error texts, and the per-connection backend handshake.  Never
+touches the pool, a socket or the reactor: routing comes in as a
+:class:`~twinproxy.protocols.Router`.
+
+RESP3 clients get their own backend connections (opened with ``HELLO 3``),
+so replies pass through unchanged in either protocol; only what the proxy
+writes itself, or merges, is encoded here per dialect.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from twinproxy import __version__
+from twinproxy.config import PoolConfig
+from twinproxy.protocols import ProtocolError, Router, Session, resp
+from twinproxy.request import FORWARD, FRAGMENT, LOCAL, Request
+
+# Key layouts.
+SINGLE = "single"          # one key at ``first``
+SAME_SERVER = "same"       # keys at first..last by step; all on one server
+NUMKEYS = "numkeys"        # a key count at ``first``, the keys right after it
+SPLIT = "split"            # keys at first..end by step, split per server and merged
+LOCAL_COMMAND = "local"
+REJECTED = "rejected"
+
+
+class CommandSpec:
+    """Where a command's keys are, as Redis's own (first, last, step) key specs."""
+
+    __slots__ = ("name", "layout", "first", "last", "step", "merge", "handler", "reason")
+
+    def __init__(self, name: bytes, layout: str, first: int = 1, last: int = 1, step: int = 1,
+                 merge: Optional[str] = None, handler: Optional[Callable] = None,
+                 reason: Optional[str] = None) -> None:
+        self.name = name
+        self.layout = layout
+        self.first = first
+        self.last = last
+        self.step = step
+        self.merge = merge
+        self.handler = handler
+        self.reason = reason
+
+
+_SINGLE_KEY = """
+append bitcount bitfield bitfield_ro bitpos decr decrby dump expire expireat expiretime
+get getbit getdel getex getrange getset hdel hexists hexpire hexpireat hexpiretime hget
+hgetall hgetdel hgetex hincrby hincrbyfloat hkeys hlen hmget hmset hpersist hpexpire
+hpexpireat hpexpiretime hpttl hrandfield hscan hset hsetex hsetnx hstrlen httl hvals incr
+incrby incrbyfloat lindex linsert llen lpop lpos lpush lpushx lrange lrem lset ltrim
+persist pexpire pexpireat pexpiretime pfadd psetex pttl restore rpop rpush rpushx sadd
+scard set setbit setex setnx setrange sismember smembers smismember sort sort_ro spop
+srandmember srem sscan strlen substr ttl type xack xadd xautoclaim xclaim xdel xlen
+xpending xrange xrevrange xsetid xtrim zadd zcard zcount zincrby zlexcount zmscore zpopmax
+zpopmin zrandmember zrange zrangebylex zrangebyscore zrank zrem zremrangebylex
+zremrangebyrank zremrangebyscore zrevrange zrevrangebylex zrevrangebyscore zrevrank zscan
+zscore geoadd geodist geohash geopos georadius georadius_ro georadiusbymember
+georadiusbymember_ro geosearch
+"""
+# Subcommand first, key second: OBJECT ENCODING k, MEMORY USAGE k, XINFO STREAM k, ...
+_KEY_SECOND = "object memory xinfo xgroup"
+# Two keys, both on one server.
+_TWO_KEYS = "rename renamenx rpoplpush smove lmove copy lcs zrangestore geosearchstore"
+# Every argument a key, all on one server.
+_ALL_KEYS = "sdiff sdiffstore sinter sinterstore sunion sunionstore pfcount pfmerge"
+# A key count, then the keys.
+_NUMKEYS_AT_1 = "zunion zinter zdiff zintercard sintercard lmpop zmpop"
+_NUMKEYS_AT_2 = "zunionstore zinterstore zdiffstore eval evalsha eval_ro evalsha_ro fcall fcall_ro"
+
+_BLOCKING = "blpop brpop brpoplpush blmove blmpop bzpopmin bzpopmax bzmpop xread xreadgroup wait waitaof"
+_TRANSACTIONS = "multi exec discard watch unwatch"
+_PUBSUB = "subscribe psubscribe ssubscribe unsubscribe punsubscribe sunsubscribe publish spublish pubsub"
+_WHOLE_KEYSPACE = "keys scan randomkey dbsize flushdb flushall swapdb move migrate"
+_SERVER_ADMIN = """
+info config save bgsave bgrewriteaof lastsave shutdown slaveof replicaof role sync psync
+debug monitor cluster readonly readwrite asking failover acl latency slowlog
+script function time lolwut module reset
+"""
+
+WRONG_PASSWORD = "WRONGPASS invalid username-password pair or user is disabled."
+NOAUTH = "NOAUTH Authentication required."
+# Commands a client may send before it has authenticated.
+_BEFORE_AUTH = frozenset((b"auth", b"hello", b"quit", b"ping"))
+
+
+def _words(text: str) -> List[bytes]:
+    return [word.encode() for word in text.split()]
+
+
+def _wrong_arity(name: bytes) -> bytes:
+    return resp.error(f"ERR wrong number of arguments for '{name.decode('latin-1')}' command")
+
+
+class RedisCodec:
+    """Codec for pools with ``redis: true``; one instance per pool."""
+
+    default_dialect = 2
+
+    def __init__(self, config: PoolConfig) -> None:
+        self._config = config
+        self._password = config.redis_auth.encode() if config.redis_auth else None
+        self.commands: Dict[bytes, CommandSpec] = self._command_table()
+
+    # -- the command table ---------------------------------------------------
+
+    def _command_table(self) -> Dict[bytes, CommandSpec]:
+        table: Dict[bytes, CommandSpec] = {}
+
+        def add(names: str, *args: Any, **kwargs: Any) -> None:
+            for name in _words(names):
+                table[name] = CommandSpec(name, *args, **kwargs)
+
+        add(_SINGLE_KEY, SINGLE)
+        add(_KEY_SECOND, SINGLE, first=2, last=2)
+        add(_TWO_KEYS, SAME_SERVER, first=1, last=2)
+        add(_ALL_KEYS, SAME_SERVER, first=1, last=-1)
+        add("bitop", SAME_SERVER, first=2, last=-1)
+        add("msetnx", SAME_SERVER, first=1, last=-1, step=2)
+        add(_NUMKEYS_AT_1, NUMKEYS, first=1)
+        add(_NUMKEYS_AT_2, NUMKEYS, first=2)
+        add("mget", SPLIT, first=1, last=-1, merge="array")
+        add("mset", SPLIT, first=1, last=-1, step=2, merge="ok")
+        add("del unlink exists touch", SPLIT, first=1, last=-1, merge="sum")
+        for name, handler in (
+            ("ping", self._ping), ("echo", self._echo), ("quit", self._quit),
+            ("auth", self._auth), ("select", self._select), ("hello", self._hello),
+            ("client", self._client), ("command", self._command),
+        ):
+            add(name, LOCAL_COMMAND, handler=handler)
+        add(_BLOCKING, REJECTED, reason="blocking commands would stall a backend connection shared by many clients")
+        add(_TRANSACTIONS, REJECTED, reason="transactions cannot span a sharded pool")
+        add(_PUBSUB, REJECTED, reason="pub/sub is not proxied")
+        add(_WHOLE_KEYSPACE, REJECTED, reason="it needs the whole keyspace, which is spread over many servers")
+        add(_SERVER_ADMIN, REJECTED, reason="it is a server administration command; ask the backends directly")
+        return table
+
+    # -- the Codec interface -------------------------------------------------
+
+    def request_parser(self) -> resp.RespRequestParser:
+        return resp.RespRequestParser()
+
+    def reply_framer(self) -> resp.RespReplyFramer:
+        return resp.RespReplyFramer()
+
+    def error_reply(self, message: str) -> bytes:
+        return resp.error("ERR " + message)
+
+    def protocol_error_reply(self, err: ProtocolError) -> bytes:
+        return resp.error("ERR " + str(err))
+
+    def is_error(self, reply: bytes) -> bool:
+        return reply[:1] == b"-" or reply[:1] == b"!"
+
+    def handshake(self, dialect: int) -> List[bytes]:
+        """The commands that open every backend connection of ``dialect``."""
+        commands = []
+        if self._password is not None:
+            commands.append(resp.encode_command([b"AUTH", self._password]))
+        if dialect == 3:
+            commands.append(resp.encode_command([b"HELLO", b"3"]))
+        if self._config.redis_db:
+            commands.append(resp.encode_command([b"SELECT", str(self._config.redis_db).encode()]))
+        return commands
+
+    def prepare(self, request: Request, session: Session) -> None:
+        """Classify ``request``; answer it here if it is local, rejected or malformed."""
+        args = request.args
+        name = args[0].lower()
+        spec = self.commands.get(name)
+        if not session.authenticated and name not in _BEFORE_AUTH:
+            self._answer(request, resp.error(NOAUTH))
+            return
+        if spec is None:
+            shown = args[0].decode("latin-1")
+            self._answer(request, resp.error(f"ERR unknown or unsupported command '{shown}'"))
+            return
+        request.command = spec
+        layout = spec.layout
+        if layout is SINGLE:
+            if len(args) <= spec.first:
+                self._answer(request, _wrong_arity(name))
+                return
+            request.key = args[spec.first]
+            request.kind = FORWARD
+        elif layout is LOCAL_COMMAND:
+            request.kind = LOCAL
+            request.reply = spec.handler(request, session)
+        elif layout is REJECTED:
+            shown = name.decode("latin-1").upper()
+            self._answer(request, resp.error(f"ERR command '{shown}' is not supported by twinproxy: {spec.reason}"))
+        elif len(args) <= spec.first:
+            self._answer(request, _wrong_arity(name))
+        else:
+            request.kind = FRAGMENT
+
+    def fragment(self, request: Request, router: Router) -> List[Tuple[Any, Request]]:
+        """Route a multi-key request: one sub-request per server, or the request itself.
+
+        Returns ``[(server, request)]`` when every key lives on one server
+        (the request goes unchanged), several ``(server, fragment)`` pairs
+        for a split command, or ``[]`` after answering the request with an
+        error (keys spread over servers where that is not allowed).
+        """
+        spec = request.command
+        positions = self._key_positions(request, spec)
+        if positions is None:
+            return []
+        args = request.args
+        server_for_key = router.server_for_key
+        groups: Dict[Any, List[int]] = {}
+        for position in positions:
+            groups.setdefault(server_for_key(args[position]), []).append(position)
+        if len(groups) == 1:
+            server = next(iter(groups))
+            request.kind = FORWARD
+            request.key = args[positions[0]]
+            return [(server, request)]
+        if spec.layout is not SPLIT:
+            self._answer(request, resp.error(
+                "ERR keys in request don't hash to the same server (use a hash tag to keep them together)"))
+            return []
+        head = [args[0]]
+        width = spec.step
+        fragments = []
+        for server, key_positions in groups.items():
+            sub_args = list(head)
+            for position in key_positions:
+                sub_args.extend(args[position:position + width])
+            fragment = Request(resp.encode_command(sub_args), sub_args)
+            fragment.positions = key_positions
+            fragments.append((server, fragment))
+        return fragments
+
+    def coalesce(self, request: Request) -> bytes:
+        """Merge the fragments' replies into the one reply a single Redis would give."""
+        fragments = request.fragments
+        for fragment in fragments:
+            if self.is_error(fragment.reply):
+                return fragment.reply
+        merge = request.command.merge
+        if merge == "ok":
+            return b"+OK\r\n"
+        if merge == "sum":
+            total = 0
+            for fragment in fragments:
+                reply = fragment.reply
+                if reply[:1] != b":":
+                    return self.error_reply("unexpected reply from server: " + reply[:60].decode("latin-1"))
+                total += int(reply[1:-2])
+            return resp.integer(total)
+        ordered: Dict[int, bytes] = {}
+        for fragment in fragments:
+            try:
+                _, elements = resp.split_aggregate(fragment.reply)
+            except (ProtocolError, ValueError):
+                elements = []
+            if len(elements) != len(fragment.positions):
+                return self.error_reply("unexpected reply from server: " + fragment.reply[:60].decode("latin-1"))
+            ordered.update(zip(fragment.positions, elements))
+        return resp.array([ordered[position] for position in sorted(ordered)])
+
+    # -- helpers -------------------------------------------------------------
+
+    def _answer(self, request: Request, reply: bytes) -> None:
+        request.kind = LOCAL
+        request.reply = reply
+
+    def _key_positions(self, request: Request, spec: CommandSpec) -> Optional[List[int]]:
+        args = request.args
+        if spec.layout is NUMKEYS:
+            count_text = args[spec.first]
+            if not count_text.lstrip(b"-").isdigit():
+                self._answer(request, resp.error("ERR value is not an integer or out of range"))
+                return None
+            count = int(count_text)
+            if count < 0:
+                self._answer(request, resp.error("ERR Number of keys can't be negative"))
+                return None
+            if count > len(args) - spec.first - 1:
+                self._answer(request, resp.error("ERR Number of keys can't be greater than number of args"))
+                return None
+            if count == 0:
+                shown = args[0].decode("latin-1").upper()
+                self._answer(request, resp.error(
+                    f"ERR {shown} with no keys cannot be routed by twinproxy: pass the keys it uses (numkeys >= 1)"))
+                return None
+            return list(range(spec.first + 1, spec.first + 1 + count))
+        last = len(args) - 1 if spec.last < 0 else spec.last
+        if last >= len(args) or (spec.step > 1 and (len(args) - spec.first) % spec.step):
+            self._answer(request, _wrong_arity(args[0].lower()))
+            return None
+        return list(range(spec.first, last + 1, spec.step))
+
+    # -- commands answered by the proxy --------------------------------------
+
+    def _ping(self, request: Request, session: Session) -> bytes:
+        args = request.args
+        if len(args) == 1:
+            return b"+PONG\r\n"
+        if len(args) == 2:
+            return resp.bulk(args[1])
+        return _wrong_arity(b"ping")
+
+    def _echo(self, request: Request, session: Session) -> bytes:
+        if len(request.args) != 2:
+            return _wrong_arity(b"echo")
+        return resp.bulk(request.args[1])
+
+    def _quit(self, request: Request, session: Session) -> bytes:
+        request.close_after = True
+        return b"+OK\r\n"
+
+    def _check_password(self, user: Optional[bytes], password: bytes) -> bool:
+        if user is not None and user != b"default":
+            return False
+        if self._password is None:
+            return True
+        return hmac.compare_digest(password, self._password)
+
+    def _auth(self, request: Request, session: Session) -> bytes:
+        args = request.args
+        if len(args) not in (2, 3):
+            return _wrong_arity(b"auth")
+        if len(args) == 2 and self._password is None:
+            return resp.error("ERR AUTH <password> called without any password configured for the "
+                              "default user. Are you sure your configuration is correct?")
+        user = args[1] if len(args) == 3 else None
+        if not self._check_password(user, args[-1]):
+            return resp.error(WRONG_PASSWORD)
+        session.authenticated = True
+        return b"+OK\r\n"
+
+    def _select(self, request: Request, session: Session) -> bytes:
+        args = request.args
+        if len(args) != 2:
+            return _wrong_arity(b"select")
+        if not args[1].lstrip(b"-").isdigit():
+            return resp.error("ERR value is not an integer or out of range")
+        if int(args[1]) != 0:
+            return resp.error("ERR SELECT is not allowed by twinproxy: clients see database 0 only "
+                              "(the pool's redis_db picks the backend database)")
+        return b"+OK\r\n"
+
+    def _hello(self, request: Request, session: Session) -> bytes:
+        args = request.args
+        dialect = session.dialect
+        authenticated = session.authenticated
+        name = None
+        if len(args) >= 2:
+            if not args[1].isdigit():
+                return resp.error("ERR Protocol version is not an integer or out of range")
+            version = int(args[1])
+            if version not in (2, 3):
+                return resp.error("NOPROTO unsupported protocol version")
+            dialect = version
+            i = 2
+            while i < len(args):
+                option = args[i].lower()
+                if option == b"auth" and i + 2 < len(args):
+                    if not self._check_password(args[i + 1], args[i + 2]):
+                        return resp.error(WRONG_PASSWORD)
+                    authenticated = True
+                    i += 3
+                elif option == b"setname" and i + 1 < len(args):
+                    name = args[i + 1]
+                    if not _valid_client_name(name):
+                        return resp.error(_BAD_NAME)
+                    i += 2
+                else:
+                    return resp.error(f"ERR Syntax error in HELLO option '{args[i].decode('latin-1')}'")
+        if not authenticated:
+            return resp.error("NOAUTH HELLO must be called with the client already authenticated, otherwise "
+                              "the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the "
+                              "client and select the RESP protocol version at the same time")
+        session.authenticated = True
+        session.dialect = dialect
+        if name is not None:
+            session.client_name = name or None
+        fields = [
+            (resp.bulk(b"server"), resp.bulk(b"twinproxy")),
+            (resp.bulk(b"version"), resp.bulk(__version__.encode())),
+            (resp.bulk(b"proto"), resp.integer(dialect)),
+            (resp.bulk(b"id"), resp.integer(session.client_id)),
+            (resp.bulk(b"mode"), resp.bulk(b"standalone")),
+            (resp.bulk(b"role"), resp.bulk(b"master")),
+            (resp.bulk(b"modules"), resp.array([])),
+        ]
+        return resp.mapping(fields, dialect)
+
+    def _client(self, request: Request, session: Session) -> bytes:
+        args = request.args
+        if len(args) < 2:
+            return _wrong_arity(b"client")
+        sub = args[1].lower()
+        if sub == b"setname" and len(args) == 3:
+            if not _valid_client_name(args[2]):
+                return resp.error(_BAD_NAME)
+            session.client_name = args[2] or None
+            return b"+OK\r\n"
+        if sub == b"getname" and len(args) == 2:
+            return resp.bulk(session.client_name, session.dialect)
+        if sub == b"id" and len(args) == 2:
+            return resp.integer(session.client_id)
+        if sub == b"setinfo" and len(args) == 4:
+            if args[2].lower() not in (b"lib-name", b"lib-ver"):
+                return resp.error(f"ERR Unrecognized option '{args[2].decode('latin-1')}'")
+            return b"+OK\r\n"
+        if sub in (b"setname", b"getname", b"id", b"setinfo"):
+            return resp.error(f"ERR wrong number of arguments for 'client|{sub.decode('latin-1')}' command")
+        return resp.error(f"ERR CLIENT {args[1].decode('latin-1').upper()} is not supported by twinproxy "
+                          "(supported: SETNAME, GETNAME, SETINFO, ID)")
+
+    def _command(self, request: Request, session: Session) -> bytes:
+        args = request.args
+        # redis-cli asks for COMMAND DOCS to show hints; an empty answer is
+        # what a server with no documentation gives, and costs the cli nothing.
+        if len(args) >= 2 and args[1].lower() == b"docs":
+            return resp.mapping([], session.dialect)
+        if len(args) == 2 and args[1].lower() == b"count":
+            return resp.integer(len(self.commands))
+        return resp.error("ERR COMMAND is not supported by twinproxy except COMMAND DOCS and COMMAND COUNT")
+
+
+_BAD_NAME = "ERR Client names cannot contain spaces, newlines or special characters."
+
+
+def _valid_client_name(name: bytes) -> bool:
+    return all(33 <= byte <= 126 for byte in name)

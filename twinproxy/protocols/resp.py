@@ -1,0 +1,370 @@
+"""RESP2 and RESP3 on the wire: request parsing, reply framing, encoding.
+
+Owns: cutting a client byte stream into commands (multibulk and inline, as
+Redis accepts them), cutting a server byte stream into whole replies of any
+RESP3 type without decoding them, and building the few replies the proxy
+writes itself.  Pure: no Twisted, no commands, no routing.
+
+Both parsers keep a ``bytearray`` and an offset, compacted in ``feed``, so
+a request that arrives one byte at a time costs linear, not quadratic, time.
+Replies are framed but never decoded: their bytes pass to clients as the
+server wrote them.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+from twinproxy.protocols import ProtocolError
+from twinproxy.request import Request
+
+CRLF = b"\r\n"
+
+# Limits Redis itself applies to client input (PROTO_INLINE_MAX_SIZE,
+# proto-max-bulk-len, the multibulk count bound).
+MAX_INLINE = 64 * 1024
+MAX_BULK = 512 * 1024 * 1024
+MAX_ARGS = 1024 * 1024
+# A reply header or simple line longer than this, with no CRLF, is garbage.
+MAX_REPLY_LINE = 1024 * 1024
+
+_COMPACT_AT = 64 * 1024
+
+# RESP3 types: one line; length-prefixed blob; counted aggregate.
+_LINE_TYPES = frozenset(b"+-:_,#(")
+_BLOB_TYPES = frozenset(b"$!=")
+_AGGREGATE_ELEMENTS = {ord("*"): 1, ord("~"): 1, ord(">"): 1, ord("%"): 2, ord("|"): 2}
+_ATTRIBUTE = ord("|")
+_PUSH = ord(">")
+_BULK = ord("$")
+_STAR = ord("*")
+
+
+def _number(buf: bytearray, start: int, stop: int) -> Optional[int]:
+    """Parse a strict decimal (optional leading minus); None if malformed."""
+    text = bytes(buf[start:stop])
+    digits = text[1:] if text[:1] == b"-" else text
+    if not digits.isdigit() or len(digits) > 19:
+        return None
+    return int(text)
+
+
+class RespRequestParser:
+    """Cuts a client stream into :class:`Request` objects with ``args`` filled.
+
+    ``raw`` is always a RESP multibulk, so an inline command is re-encoded
+    once here and backends only ever see RESP.
+    """
+
+    def __init__(self, max_bulk: int = MAX_BULK, max_args: int = MAX_ARGS) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._need = 0
+        self._max_bulk = max_bulk
+        self._max_args = max_args
+
+    def feed(self, data: bytes) -> None:
+        buf = self._buf
+        if self._pos:
+            if self._pos >= len(buf):
+                buf.clear()
+                self._pos = 0
+            elif self._pos >= _COMPACT_AT:
+                del buf[:self._pos]
+                self._need -= self._pos
+                self._pos = 0
+        buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as a request."""
+        return len(self._buf) - self._pos
+
+    def next(self) -> Optional[Request]:
+        buf = self._buf
+        end = len(buf)
+        while True:
+            pos = self._pos
+            if pos >= end or end < self._need:
+                return None
+            if buf[pos] != _STAR:
+                request = self._inline(buf, pos, end)
+            else:
+                request = self._multibulk(buf, pos, end)
+            if request is not False:
+                return request
+
+    def _multibulk(self, buf: bytearray, pos: int, end: int):
+        eol = buf.find(CRLF, pos)
+        if eol < 0:
+            if end - pos > MAX_INLINE:
+                raise ProtocolError("Protocol error: too big mbulk count string")
+            return None
+        count = _number(buf, pos + 1, eol)
+        if count is None or count > self._max_args:
+            raise ProtocolError("Protocol error: invalid multibulk length")
+        cursor = eol + 2
+        if count <= 0:
+            # Redis treats '*0' and '*-1' as an empty command and reads on.
+            self._pos = cursor
+            return False
+        args = []
+        append = args.append
+        max_bulk = self._max_bulk
+        for _ in range(count):
+            if cursor >= end:
+                return None
+            if buf[cursor] != _BULK:
+                got = chr(buf[cursor]) if 32 <= buf[cursor] < 127 else "\\x%02x" % buf[cursor]
+                raise ProtocolError(f"Protocol error: expected '$', got '{got}'")
+            eol = buf.find(CRLF, cursor)
+            if eol < 0:
+                if end - cursor > MAX_INLINE:
+                    raise ProtocolError("Protocol error: too big bulk count string")
+                return None
+            length = _number(buf, cursor + 1, eol)
+            if length is None or length < 0 or length > max_bulk:
+                raise ProtocolError("Protocol error: invalid bulk length")
+            start = eol + 2
+            stop = start + length
+            if stop + 2 > end:
+                self._need = stop + 2
+                return None
+            if buf[stop] != 13 or buf[stop + 1] != 10:
+                raise ProtocolError("Protocol error: expected CRLF after bulk string")
+            append(bytes(buf[start:stop]))
+            cursor = stop + 2
+        self._pos = cursor
+        self._need = 0
+        return Request(bytes(buf[pos:cursor]), args)
+
+    def _inline(self, buf: bytearray, pos: int, end: int):
+        newline = buf.find(b"\n", pos)
+        if newline < 0:
+            if end - pos > MAX_INLINE:
+                raise ProtocolError("Protocol error: too big inline request")
+            return None
+        line = bytes(buf[pos:newline])
+        self._pos = newline + 1
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        args = split_inline(line)
+        if args is None:
+            raise ProtocolError("Protocol error: unbalanced quotes in request")
+        if not args:
+            return False
+        return Request(encode_command(args), args)
+
+
+_ESCAPES = {ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("b"): b"\b", ord("a"): b"\a"}
+_HEX = b"0123456789abcdefABCDEF"
+
+
+def split_inline(line: bytes) -> Optional[List[bytes]]:
+    """Split an inline command as Redis does (quotes and escapes); None if unbalanced."""
+    args: List[bytes] = []
+    i = 0
+    n = len(line)
+    while True:
+        while i < n and line[i] in b" \t\n\r\v\f":
+            i += 1
+        if i >= n:
+            return args
+        current = bytearray()
+        quote = 0
+        while True:
+            if i >= n:
+                if quote:
+                    return None
+                break
+            c = line[i]
+            if quote == 0x22:  # inside "..."
+                if (c == 0x5C and i + 3 < n and line[i + 1] == ord("x")
+                        and line[i + 2] in _HEX and line[i + 3] in _HEX):
+                    current.append(int(line[i + 2:i + 4], 16))
+                    i += 3
+                elif c == 0x5C and i + 1 < n:
+                    i += 1
+                    current += _ESCAPES.get(line[i], bytes((line[i],)))
+                elif c == 0x22:
+                    if i + 1 < n and line[i + 1] not in b" \t\n\r\v\f":
+                        return None
+                    i += 1
+                    break
+                else:
+                    current.append(c)
+            elif quote == 0x27:  # inside '...'
+                if c == 0x5C and i + 1 < n and line[i + 1] == 0x27:
+                    i += 1
+                    current.append(0x27)
+                elif c == 0x27:
+                    if i + 1 < n and line[i + 1] not in b" \t\n\r\v\f":
+                        return None
+                    i += 1
+                    break
+                else:
+                    current.append(c)
+            elif c in b" \t\n\r\v\f":
+                break
+            elif c in (0x22, 0x27):
+                quote = c
+            else:
+                current.append(c)
+            i += 1
+        args.append(bytes(current))
+
+
+def scan_value(buf: bytes | bytearray, pos: int, end: int) -> int:
+    """Return the offset just past the RESP value at ``pos``, or -1 if incomplete.
+
+    An attribute (``|``) and the value it annotates count as one value.
+    Raises ProtocolError on bytes that are not RESP.
+    """
+    stack: Optional[List[int]] = None
+    while True:
+        if pos >= end:
+            return -1
+        kind = buf[pos]
+        eol = buf.find(CRLF, pos, end)
+        if eol < 0:
+            if end - pos > MAX_REPLY_LINE:
+                raise ProtocolError("reply line too long")
+            return -1
+        if kind in _LINE_TYPES:
+            pos = eol + 2
+        elif kind in _BLOB_TYPES:
+            length = _number(buf, pos + 1, eol)
+            if length is None or length < -1 or (length == -1 and kind != _BULK):
+                raise ProtocolError("invalid bulk length in reply")
+            if length == -1:
+                pos = eol + 2
+            else:
+                stop = eol + 2 + length
+                if stop + 2 > end:
+                    return -1
+                if buf[stop] != 13 or buf[stop + 1] != 10:
+                    raise ProtocolError("bulk reply not terminated by CRLF")
+                pos = stop + 2
+        else:
+            per_entry = _AGGREGATE_ELEMENTS.get(kind)
+            if per_entry is None:
+                raise ProtocolError("unexpected reply type byte 0x%02x" % kind)
+            count = _number(buf, pos + 1, eol)
+            if count is None or count < -1 or (count == -1 and kind != _STAR):
+                raise ProtocolError("invalid aggregate length in reply")
+            pos = eol + 2
+            children = count * per_entry if count > 0 else 0
+            if kind == _ATTRIBUTE:
+                children += 1  # the annotated value that follows
+            if children:
+                if stack is None:
+                    stack = []
+                stack.append(children)
+                continue
+        # One whole value ends at ``pos``: close every aggregate it completes.
+        if not stack:
+            return pos
+        while True:
+            stack[-1] -= 1
+            if stack[-1]:
+                break
+            stack.pop()
+            if not stack:
+                return pos
+
+
+class RespReplyFramer:
+    """Cuts a server stream into whole replies, as raw bytes.
+
+    Out-of-band push messages (``>``) are dropped: they answer no request,
+    and twinproxy serves no command (subscribe, tracking) that asks for them.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+
+    def feed(self, data: bytes) -> None:
+        buf = self._buf
+        if self._pos:
+            if self._pos >= len(buf):
+                buf.clear()
+                self._pos = 0
+            elif self._pos >= _COMPACT_AT:
+                del buf[:self._pos]
+                self._pos = 0
+        buf += data
+
+    def next(self) -> Optional[bytes]:
+        buf = self._buf
+        end = len(buf)
+        while True:
+            pos = self._pos
+            if pos >= end:
+                return None
+            stop = scan_value(buf, pos, end)
+            if stop < 0:
+                return None
+            self._pos = stop
+            if buf[pos] != _PUSH:
+                return bytes(buf[pos:stop])
+
+
+def split_aggregate(reply: bytes) -> Tuple[bytes, List[bytes]]:
+    """Return an aggregate reply's header line and its elements' raw bytes."""
+    eol = reply.index(CRLF)
+    header = reply[:eol + 2]
+    elements = []
+    pos = eol + 2
+    end = len(reply)
+    while pos < end:
+        stop = scan_value(reply, pos, end)
+        if stop < 0:
+            raise ProtocolError("truncated aggregate")
+        elements.append(reply[pos:stop])
+        pos = stop
+    return header, elements
+
+
+def encode_command(args: Sequence[bytes]) -> bytes:
+    """Encode a command as a RESP multibulk."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(parts)
+
+
+def simple(text: bytes) -> bytes:
+    return b"+" + text + CRLF
+
+
+def error(message: str) -> bytes:
+    """An error reply; CR and LF in ``message`` are replaced so it stays one line."""
+    return b"-" + message.replace("\r", " ").replace("\n", " ").encode("utf-8", "replace") + CRLF
+
+
+def integer(value: int) -> bytes:
+    return b":%d\r\n" % value
+
+
+def bulk(value: Optional[bytes], dialect: int = 2) -> bytes:
+    if value is None:
+        return null(dialect)
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def null(dialect: int) -> bytes:
+    return b"_\r\n" if dialect == 3 else b"$-1\r\n"
+
+
+def array(items: Sequence[bytes]) -> bytes:
+    """An array of already-encoded items."""
+    return b"*%d\r\n" % len(items) + b"".join(items)
+
+
+def mapping(pairs: Sequence[Tuple[bytes, bytes]], dialect: int) -> bytes:
+    """A map of already-encoded keys and values (a flat array in RESP2)."""
+    body = b"".join(k + v for k, v in pairs)
+    if dialect == 3:
+        return b"%%%d\r\n" % len(pairs) + body
+    return b"*%d\r\n" % (2 * len(pairs)) + body

@@ -1,0 +1,55 @@
+"""The protocol-neutral request that flows from a client to a backend and back.
+
+Owns: one client request's raw bytes, what routing needs (its key or its
+fragments), who waits for its reply, and the reply once it is there.  A
+``Request`` holds no parsing rules and touches no socket; codecs fill it
+and the frontend and backends move it.
+
+Completion is a plain method call, ``owner.request_done(request)``, never a
+Deferred: at proxy rates a Deferred per request costs a fifth of the budget.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+# How the frontend must treat a request after its codec looked at it.
+LOCAL = 0      # the codec answered it itself; ``reply`` is set
+FORWARD = 1    # send unchanged to the server owning ``key``
+FRAGMENT = 2   # ask the codec to split it (or check its keys) against the pool
+
+
+class Request:
+    """One request and, once it arrives, its reply.
+
+    ``raw`` is exactly what a backend is sent.  ``reply`` stays None until
+    the request is answered, by a backend or by the proxy.  A fragment has a
+    ``parent``; the parent is answered when its last fragment is, from the
+    codec's merge of their replies.
+    """
+
+    __slots__ = (
+        "raw", "args", "kind", "key", "command", "owner", "reply", "parent",
+        "fragments", "pending", "positions", "dialect", "sent_at",
+        "expects_reply", "close_after",
+    )
+
+    def __init__(self, raw: bytes, args: Optional[List[bytes]] = None) -> None:
+        self.raw = raw
+        self.args = args
+        self.kind = FORWARD
+        self.key: Optional[bytes] = None
+        self.command: Any = None
+        self.owner: Any = None
+        self.reply: Optional[bytes] = None
+        self.parent: Optional[Request] = None
+        self.fragments: Optional[List[Request]] = None
+        self.pending = 0
+        self.positions: Optional[List[int]] = None
+        self.dialect = 0
+        self.sent_at = 0.0
+        self.expects_reply = True
+        self.close_after = False
+
+    def __repr__(self) -> str:
+        return f"<Request {self.raw[:40]!r} reply={self.reply!r:.40}>"

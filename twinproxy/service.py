@@ -1,0 +1,128 @@
+"""Services that own each pool's lifetime: listen, connect, stop.
+
+Owns: :class:`PoolService` (one pool's listener, factory, :class:`ServerPool`
+and backend links, in start and stop order) and :func:`make_service`, which
+wires one per pool under a ``MultiService``.  It parses nothing and routes
+nothing; the reactor comes in as a parameter.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from typing import Any, List, Optional, Sequence
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from twinproxy.backend import ServerLink
+from twinproxy.config import PoolConfig
+from twinproxy.frontend import ProxyFactory
+from twinproxy.pool import ServerPool
+from twinproxy.protocols import codec_for
+
+
+class PoolService(Service):
+    """One pool: accepts clients on its ``listen`` address and routes to its servers."""
+
+    _log = Logger()
+
+    def __init__(self, config: PoolConfig, reactor: Any) -> None:
+        self.setName(config.name)
+        self.config = config
+        self._reactor = reactor
+        self.codec = codec_for(config)
+        self.pool = ServerPool(config, reactor)
+        self.pool.unavailable.send = self._no_live_server
+        self._no_server_reply = self.codec.error_reply(f"no live server in pool '{config.name}'")
+        self.links: List[ServerLink] = [
+            ServerLink(server, self.pool, self.codec, config, reactor) for server in self.pool.servers
+        ]
+        self.factory = ProxyFactory(self.pool, self.codec, config.client_connections,
+                                    requires_auth=bool(config.redis and config.redis_auth))
+        self.port: Any = None
+
+    def _no_live_server(self, request: Any) -> None:
+        request.reply = self._no_server_reply
+        request.owner.request_done(request)
+
+    def privilegedStartService(self) -> None:
+        self._listen()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if self.port is None:
+            self._listen()
+        super().startService()
+        if self.config.preconnect:
+            for link in self.links:
+                link.preconnect(self.codec.default_dialect)
+        self._log.info("pool {pool} ({protocol}) listening on {listen} with {count} servers",
+                       pool=self.name, protocol=self.config.protocol, listen=str(self.config.listen),
+                       count=len(self.links))
+
+    def _listen(self) -> None:
+        listen = self.config.listen
+        reactor = self._reactor
+        backlog = self.config.backlog
+        if listen.is_unix:
+            _remove_stale_socket(listen.path)
+            mode = listen.mode if listen.mode is not None else 0o666
+            self.port = reactor.listenUNIX(listen.path, self.factory, backlog=backlog, mode=mode)
+        else:
+            self.port = reactor.listenTCP(listen.port, self.factory, backlog=backlog,
+                                          interface=_interface(listen.host))
+
+    @property
+    def address(self) -> Any:
+        """The bound address (host and port, or the socket path)."""
+        return self.port.getHost() if self.port is not None else None
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        waits = []
+        if self.port is not None:
+            waits.append(defer.maybeDeferred(self.port.stopListening))
+            self.port = None
+        for client in list(self.factory.clients):
+            if client.transport is not None:
+                client.transport.loseConnection()
+        for link in self.links:
+            waits.append(link.stop())
+        self.pool.stop()
+        return defer.gatherResults(waits)
+
+
+def _interface(host: Optional[str]) -> str:
+    """An address to bind for ``host``; names are resolved once, before serving."""
+    if not host:
+        return ""
+    if host in ("0.0.0.0", "::"):
+        return host
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+        return host
+    except OSError:
+        pass
+    info = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    return info[0][4][0]
+
+
+def _remove_stale_socket(path: str) -> None:
+    # A socket left by a process that died is in the way of bind(); a file
+    # of any other kind is not ours to delete.
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def make_service(pools: Sequence[PoolConfig], reactor: Any) -> MultiService:
+    """One named PoolService per pool, under one MultiService."""
+    top = MultiService()
+    for config in pools:
+        PoolService(config, reactor).setServiceParent(top)
+    return top
