@@ -1,0 +1,44 @@
+"""``twistd -n twinproxy`` as a real subprocess, loading the plugin from the install."""
+
+from __future__ import annotations
+
+import signal
+
+import redis
+
+from tests.servers import LOOPBACK, free_port, wait_until
+
+
+def test_twistd_serves_redis_py_and_stops_cleanly(redis_servers, twistd, tmp_path) -> None:
+    backends = redis_servers(2)
+    port = free_port()
+    config = tmp_path / "pools.yml"
+    config.write_text(
+        "alpha:\n"
+        f"  listen: {LOOPBACK}:{port}\n"
+        "  redis: true\n"
+        "  timeout: 1000\n"
+        "  preconnect: true\n"
+        "  servers:\n" + "".join(f"   - {b.address}:1\n" for b in backends))
+    process = twistd(config)
+    client = redis.Redis(host=LOOPBACK, port=port, socket_timeout=5, socket_connect_timeout=1)
+    wait_until(lambda: process.alive and client.ping(), timeout=20, what=f"twistd to serve:\n{process.output()}")
+    assert client.set("from-twistd", "yes")
+    assert client.get("from-twistd") == b"yes"
+    assert sum(b.client().exists("from-twistd") for b in backends) == 1
+    process.proc.send_signal(signal.SIGTERM)
+    # twistd re-raises the stop signal on itself once shut down cleanly.
+    assert process.proc.wait(10) in (0, -signal.SIGTERM)
+    assert "Server Shut Down" in process.output()
+    assert "Traceback" not in process.output()
+
+
+def test_twistd_refuses_a_bad_config_without_traceback(twistd, tmp_path) -> None:
+    config = tmp_path / "bad.yml"
+    config.write_text("alpha:\n  listen: 127.0.0.1:1\n  distribution: nope\n  servers:\n   - 127.0.0.1:1:1\n")
+    process = twistd(config)
+    process.proc.wait(20)
+    assert process.proc.returncode != 0
+    output = process.output()
+    assert "key 'distribution': value 'nope'" in output
+    assert "Traceback" not in output

@@ -1,0 +1,112 @@
+"""The server pool on a fake clock: routing, ejection, retry, topology swaps."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from twinproxy.config import load_text
+from twinproxy.pool import ServerPool
+
+TEXT = """\
+alpha:
+  listen: 127.0.0.1:22121
+  hash: fnv1a_64
+  distribution: ketama
+  auto_eject_hosts: {eject}
+  server_failure_limit: 2
+  server_retry_timeout: 5000
+  servers:
+   - 10.0.0.1:11211:1 a
+   - 10.0.0.2:11211:1 b
+   - 10.0.0.3:11211:1 c
+"""
+
+
+def make_pool(eject: str = "true"):
+    (config,) = load_text(TEXT.format(eject=eject))
+    clock = Clock()
+    return ServerPool(config, clock), clock, config
+
+
+KEYS = [b"key:%d" % i for i in range(300)]
+
+
+class PoolTests(SynchronousTestCase):
+    def test_every_server_owns_some_keys(self) -> None:
+        pool, _, _ = make_pool()
+        owners = {pool.server_for_key(k).name for k in KEYS}
+        self.assertEqual(owners, {"a", "b", "c"})
+
+    def test_failures_below_limit_do_not_eject(self) -> None:
+        pool, clock, _ = make_pool()
+        a = pool.servers[0]
+        pool.record_failure(a)
+        pool.record_success(a)
+        pool.record_failure(a)
+        self.assertEqual(len(pool.live_servers), 3)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_limit_ejects_and_retry_timeout_brings_back(self) -> None:
+        pool, clock, _ = make_pool()
+        before = {k: pool.server_for_key(k).name for k in KEYS}
+        changes = []
+        pool.add_listener(lambda p: changes.append([s.name for s in p.live_servers]))
+        a = pool.servers[0]
+        pool.record_failure(a, "Connection refused")
+        pool.record_failure(a, "Connection refused")
+        self.assertEqual([s.name for s in pool.live_servers], ["b", "c"])
+        self.assertTrue(a.ejected)
+        self.assertEqual((a.ejects, a.ejected_at), (1, 0.0))
+        moved = {k for k in KEYS if before[k] == "a"}
+        for key in KEYS:
+            owner = pool.server_for_key(key).name
+            self.assertNotEqual(owner, "a")
+            if key not in moved:  # consistent hashing: only a's keys move
+                self.assertEqual(owner, before[key])
+        clock.advance(4.999)
+        self.assertEqual(len(pool.live_servers), 2)
+        clock.advance(0.002)
+        self.assertEqual([s.name for s in pool.live_servers], ["a", "b", "c"])
+        self.assertEqual({k: pool.server_for_key(k).name for k in KEYS}, before)
+        self.assertEqual(changes, [["b", "c"], ["a", "b", "c"]])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_no_eject_without_auto_eject_hosts(self) -> None:
+        pool, clock, _ = make_pool("false")
+        for _ in range(10):
+            pool.record_failure(pool.servers[1])
+        self.assertEqual(len(pool.live_servers), 3)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_all_ejected_routes_to_unavailable(self) -> None:
+        pool, clock, _ = make_pool()
+        for server in pool.servers:
+            pool.record_failure(server)
+            pool.record_failure(server)
+        self.assertIs(pool.server_for_key(b"k"), pool.unavailable)
+        clock.advance(5)
+        self.assertEqual(len(pool.live_servers), 3)
+
+    def test_stop_leaves_no_delayed_calls(self) -> None:
+        pool, clock, _ = make_pool()
+        pool.record_failure(pool.servers[0])
+        pool.record_failure(pool.servers[0])
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        pool.stop()
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_replace_servers_keeps_unchanged_objects(self) -> None:
+        pool, _, config = make_pool()
+        a, b, c = pool.servers
+        (other,) = load_text(TEXT.format(eject="true").replace("10.0.0.3:11211:1 c", "10.0.0.4:11211:1 d"))
+        dropped = pool.replace_servers(other.servers)
+        self.assertEqual(dropped, [c])
+        self.assertIs(pool.servers[0], a)
+        self.assertIs(pool.servers[1], b)
+        self.assertEqual({pool.server_for_key(k).name for k in KEYS}, {"a", "b", "d"})
+
+    def test_single_server_pool(self) -> None:
+        (config,) = load_text("p:\n  listen: 127.0.0.1:1\n  servers:\n   - 10.0.0.1:1:1\n")
+        pool = ServerPool(config, Clock())
+        self.assertIs(pool.server_for_key(b"anything"), pool.servers[0])

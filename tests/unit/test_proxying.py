@@ -1,0 +1,258 @@
+"""Frontend and backends wired over in-memory transports on a fake clock.
+
+No sockets: clients and servers are ``StringTransport``s, the reactor is a
+``MemoryReactorClock``, and the test plays every server by hand.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from twinproxy.backend import ServerLink
+from twinproxy.config import load_text
+from twinproxy.frontend import ProxyFactory
+from twinproxy.pool import ServerPool
+from twinproxy.protocols import codec_for
+from twinproxy.protocols.resp import encode_command
+
+POOL = """\
+alpha:
+  listen: 127.0.0.1:22121
+  redis: true
+  timeout: 400
+  auto_eject_hosts: true
+  server_failure_limit: 2
+  server_retry_timeout: 1000
+{extra}  servers:
+   - 10.0.0.1:6379:1 a
+   - 10.0.0.2:6379:1 b
+"""
+
+
+def cmd(*args: bytes) -> bytes:
+    return encode_command(list(args))
+
+
+class Harness:
+    def __init__(self, extra: str = "") -> None:
+        (self.config,) = load_text(POOL.format(extra=extra))
+        self.reactor = MemoryReactorClock()
+        self.codec = codec_for(self.config)
+        self.pool = ServerPool(self.config, self.reactor)
+        self.links = {s.name: ServerLink(s, self.pool, self.codec, self.config, self.reactor)
+                      for s in self.pool.servers}
+        self.factory = ProxyFactory(self.pool, self.codec, self.config.client_connections,
+                                    requires_auth=bool(self.config.redis_auth))
+        self.backends = {}
+
+    def key_on(self, name: str, prefix: bytes = b"k") -> bytes:
+        for i in range(1000):
+            key = prefix + b"%d" % i
+            if self.pool.server_for_key(key).name == name:
+                return key
+        raise AssertionError(name)
+
+    def client(self):
+        protocol = self.factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def connect_pending(self):
+        """Complete every connection attempt the links made; return {server: [transports]}."""
+        while self.reactor.tcpClients:
+            host, port, factory, _, _ = self.reactor.tcpClients.pop(0)
+            name = "a" if host == "10.0.0.1" else "b"
+            protocol = factory.buildProtocol(None)
+            transport = StringTransport()
+            protocol.makeConnection(transport)
+            self.backends.setdefault(name, []).append((protocol, transport))
+        return self.backends
+
+    def backend(self, name: str, index: int = -1):
+        return self.backends[name][index]
+
+
+class ProxyingTests(SynchronousTestCase):
+    def test_requests_forwarded_byte_exact_and_answered_in_client_order(self) -> None:
+        h = Harness()
+        client, out = h.client()
+        ka, kb = h.key_on("a"), h.key_on("b")
+        client.dataReceived(cmd(b"GET", ka) + cmd(b"GET", kb) + b"PING\r\n")
+        h.connect_pending()
+        a, a_wire = h.backend("a")
+        b, b_wire = h.backend("b")
+        self.assertEqual(a_wire.value(), cmd(b"GET", ka))
+        self.assertEqual(b_wire.value(), cmd(b"GET", kb))
+        b.dataReceived(b"$1\r\nB\r\n")
+        self.assertEqual(out.value(), b"")  # b's reply waits for a's
+        a.dataReceived(b"$1\r\nA\r\n")
+        self.assertEqual(out.value(), b"$1\r\nA\r\n$1\r\nB\r\n+PONG\r\n")
+
+    def test_many_clients_share_one_backend_connection(self) -> None:
+        h = Harness()
+        key = h.key_on("a")
+        clients = [h.client() for _ in range(3)]
+        for client, _ in clients:
+            client.dataReceived(cmd(b"GET", key))
+        h.connect_pending()
+        self.assertEqual(len(h.backends["a"]), 1)
+        a, wire = h.backend("a")
+        self.assertEqual(wire.value(), cmd(b"GET", key) * 3)
+        a.dataReceived(b":1\r\n:2\r\n:3\r\n")
+        self.assertEqual([out.value() for _, out in clients], [b":1\r\n", b":2\r\n", b":3\r\n"])
+
+    def test_mget_across_servers_merged(self) -> None:
+        h = Harness()
+        client, out = h.client()
+        ka, kb = h.key_on("a"), h.key_on("b")
+        client.dataReceived(cmd(b"MGET", ka, kb, ka))
+        h.connect_pending()
+        a, a_wire = h.backend("a")
+        b, b_wire = h.backend("b")
+        self.assertEqual(a_wire.value(), cmd(b"MGET", ka, ka))
+        self.assertEqual(b_wire.value(), cmd(b"MGET", kb))
+        a.dataReceived(b"*2\r\n$1\r\n1\r\n$1\r\n1\r\n")
+        self.assertEqual(out.value(), b"")
+        b.dataReceived(b"*1\r\n$-1\r\n")
+        self.assertEqual(out.value(), b"*3\r\n$1\r\n1\r\n$-1\r\n$1\r\n1\r\n")
+
+    def test_timeout_fails_every_pending_request_once_and_counts(self) -> None:
+        h = Harness()
+        client, out = h.client()
+        ka, kb = h.key_on("a"), h.key_on("b")
+        client.dataReceived(cmd(b"GET", ka) + cmd(b"GET", ka) + cmd(b"GET", kb))
+        h.connect_pending()
+        b, _ = h.backend("b")
+        b.dataReceived(b"$1\r\nB\r\n")
+        h.reactor.advance(0.399)
+        self.assertEqual(out.value(), b"")
+        h.reactor.advance(0.002)
+        error = b"-ERR Connection timed out\r\n"
+        self.assertEqual(out.value(), error + error + b"$1\r\nB\r\n")
+        a, a_wire = h.backend("a")
+        self.assertTrue(a_wire.disconnecting or a_wire.disconnected)
+        self.assertEqual(h.pool.servers[0].failure_count, 1)
+        # A late reply on the dead connection goes nowhere.
+        a.dataReceived(b"$1\r\nlate\r\n")
+        self.assertEqual(out.value(), error + error + b"$1\r\nB\r\n")
+
+    def test_connection_refused_answers_at_once_and_ejects_at_limit(self) -> None:
+        h = Harness()
+        client, out = h.client()
+        ka = h.key_on("a")
+        for round_ in range(2):
+            client.dataReceived(cmd(b"GET", ka))
+            _, _, factory, _, _ = h.reactor.tcpClients.pop()
+            factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.assertEqual(out.value(), b"-ERR Connection refused\r\n" * 2)
+        self.assertEqual([s.name for s in h.pool.live_servers], ["b"])
+        # While a is ejected its keys go to b.
+        client.dataReceived(cmd(b"GET", ka))
+        h.connect_pending()
+        self.assertEqual(h.backend("b")[1].value(), cmd(b"GET", ka))
+        h.reactor.advance(1.0)
+        self.assertEqual(len(h.pool.live_servers), 2)
+
+    def test_lost_connection_fails_pending_and_reconnects_on_demand(self) -> None:
+        h = Harness()
+        client, out = h.client()
+        ka = h.key_on("a")
+        client.dataReceived(cmd(b"GET", ka))
+        h.connect_pending()
+        a, _ = h.backend("a")
+        a.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(out.value(), b"-ERR Connection reset by peer\r\n")
+        client.dataReceived(cmd(b"GET", ka))
+        h.connect_pending()
+        self.assertEqual(len(h.backends["a"]), 2)
+        h.backend("a")[0].dataReceived(b"$1\r\nx\r\n")
+        self.assertEqual(out.value(), b"-ERR Connection reset by peer\r\n$1\r\nx\r\n")
+
+    def test_handshake_is_written_first_and_its_reply_swallowed(self) -> None:
+        h = Harness("  redis_auth: pw\n  redis_db: 3\n")
+        client, out = h.client()
+        client.dataReceived(cmd(b"AUTH", b"pw") + cmd(b"GET", b"k"))
+        h.connect_pending()
+        name = h.pool.server_for_key(b"k").name
+        backend, wire = h.backend(name)
+        self.assertEqual(wire.value(), cmd(b"AUTH", b"pw") + cmd(b"SELECT", b"3") + cmd(b"GET", b"k"))
+        backend.dataReceived(b"+OK\r\n+OK\r\n$1\r\nv\r\n")
+        self.assertEqual(out.value(), b"+OK\r\n$1\r\nv\r\n")
+
+    def test_failed_handshake_aborts_with_the_servers_reason(self) -> None:
+        h = Harness("  redis_auth: pw\n")
+        client, out = h.client()
+        client.dataReceived(cmd(b"AUTH", b"pw") + cmd(b"GET", b"k"))
+        h.connect_pending()
+        backend, wire = h.backend(h.pool.server_for_key(b"k").name)
+        backend.dataReceived(b"-WRONGPASS invalid username-password pair\r\n")
+        self.assertEqual(out.value(), b"+OK\r\n-ERR backend handshake failed: WRONGPASS invalid "
+                                      b"username-password pair\r\n")
+        self.assertTrue(wire.disconnecting or wire.disconnected)
+
+    def test_resp3_clients_get_their_own_backend_connection(self) -> None:
+        h = Harness()
+        key = h.key_on("a")
+        old, old_out = h.client()
+        new, new_out = h.client()
+        new.dataReceived(cmd(b"HELLO", b"3"))
+        self.assertTrue(new_out.value().startswith(b"%7\r\n"))
+        old.dataReceived(cmd(b"GET", key))
+        new.dataReceived(cmd(b"GET", key))
+        h.connect_pending()
+        (resp2, wire2), (resp3, wire3) = h.backends["a"]
+        self.assertEqual(wire2.value(), cmd(b"GET", key))
+        self.assertEqual(wire3.value(), cmd(b"HELLO", b"3") + cmd(b"GET", key))
+        resp3.dataReceived(b"%1\r\n+server\r\n+redis\r\n_\r\n")
+        resp2.dataReceived(b"$-1\r\n")
+        self.assertEqual(old_out.value(), b"$-1\r\n")
+        self.assertTrue(new_out.value().endswith(b"_\r\n"))
+
+    def test_protocol_error_answers_then_closes(self) -> None:
+        h = Harness()
+        client, out = h.client()
+        client.dataReceived(b"PING\r\n*1\r\n+x\r\nPING\r\n")
+        self.assertEqual(out.value(), b"+PONG\r\n-ERR Protocol error: expected '$', got '+'\r\n")
+        self.assertTrue(out.disconnecting)
+
+    def test_quit_answers_ok_then_closes(self) -> None:
+        h = Harness()
+        client, out = h.client()
+        client.dataReceived(b"QUIT\r\nPING\r\n")
+        self.assertEqual(out.value(), b"+OK\r\n")
+        self.assertTrue(out.disconnecting)
+
+    def test_client_connections_cap(self) -> None:
+        h = Harness("  client_connections: 1\n")
+        h.client()
+        refused = h.factory.buildProtocol(None)
+        transport = StringTransport()
+        refused.makeConnection(transport)
+        self.assertEqual(transport.value(), b"-ERR max number of clients reached\r\n")
+        self.assertTrue(transport.disconnecting)
+
+    def test_disconnected_client_replies_are_dropped(self) -> None:
+        h = Harness()
+        client, out = h.client()
+        client.dataReceived(cmd(b"GET", h.key_on("a")))
+        h.connect_pending()
+        client.connectionLost(Failure(ConnectionDone()))
+        a, _ = h.backend("a")
+        a.dataReceived(b"$1\r\nx\r\n")
+        self.assertEqual(out.value(), b"")
+        self.assertEqual(h.factory.clients, set())
+
+    def test_link_stop_closes_connections(self) -> None:
+        h = Harness()
+        client, _ = h.client()
+        client.dataReceived(cmd(b"GET", h.key_on("a")))
+        h.connect_pending()
+        done = h.links["a"].stop()
+        _, wire = h.backend("a")
+        self.assertTrue(wire.disconnecting or wire.disconnected)
+        h.backend("a")[0].connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(done)

@@ -1,0 +1,76 @@
+"""The twistd plugin's options and service, and the ``twinproxy`` command."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from twisted.python import usage
+
+from twinproxy import __version__, cli, tap
+
+REPO = Path(__file__).resolve().parents[2]
+GOOD = "alpha:\n  listen: 127.0.0.1:22121\n  redis: true\n  servers:\n   - 127.0.0.1:6379:1\n" \
+       "beta:\n  listen: 127.0.0.1:22122\n  servers:\n   - 127.0.0.1:11211:1\n"
+
+
+@pytest.fixture
+def good(tmp_path: Path) -> Path:
+    path = tmp_path / "pools.yml"
+    path.write_text(GOOD)
+    return path
+
+
+def test_options_load_the_config(good: Path) -> None:
+    options = tap.Options()
+    options.parseOptions(["--config", str(good)])
+    assert [p.name for p in options.pools] == ["alpha", "beta"]
+    options = tap.Options()
+    options.parseOptions(["--conf-file", str(good)])
+    assert len(options.pools) == 2
+
+
+def test_bad_config_is_a_usage_error_not_a_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yml"
+    bad.write_text("alpha:\n  listen: 127.0.0.1:1\n  hash: nope\n  servers:\n   - 127.0.0.1:1:1\n")
+    with pytest.raises(usage.UsageError) as caught:
+        tap.Options().parseOptions(["--config", str(bad)])
+    assert "bad.yml: pool 'alpha': key 'hash': value 'nope'" in str(caught.value)
+
+
+def test_make_service_one_named_child_per_pool(good: Path) -> None:
+    from twinproxy.service import make_service
+
+    options = tap.Options()
+    options.parseOptions(["--config", str(good)])
+    from twisted.internet.testing import MemoryReactorClock
+
+    top = make_service(options.pools, reactor=MemoryReactorClock())
+    assert [s.name for s in top] == ["alpha", "beta"]
+    assert top.getServiceNamed("alpha").config.redis is True
+
+
+def test_cli_check_config(good: Path, tmp_path: Path) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    assert cli.check_config(str(good), out, err) == 0
+    assert "syntax is ok" in out.getvalue()
+    bad = tmp_path / "bad.yml"
+    bad.write_text("alpha:\n  listen: 127.0.0.1:1\n  servers:\n   - 127.0.0.1:1:0\n")
+    assert cli.check_config(str(bad), out, err) == 1
+    assert "syntax is invalid" in err.getvalue() and "zero weight" in err.getvalue()
+
+
+def test_cli_version_and_test_flag(good: Path, capsys) -> None:
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"twinproxy {__version__}"
+    assert cli.main(["-t", "-c", str(good)]) == 0
+    assert cli.main(["--test-conf", str(good) + ".missing"]) == 1
+
+
+def test_twistd_lists_the_plugin_from_another_directory(tmp_path: Path) -> None:
+    twistd = Path(sys.executable).parent / "twistd"
+    result = subprocess.run([str(twistd), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert "twinproxy" in result.stdout, result.stdout + result.stderr
