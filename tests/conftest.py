@@ -11,7 +11,7 @@ from typing import Callable, List
 
 import pytest
 
-from tests.servers import LOOPBACK, Process, RedisServer, free_port, wait_until
+from tests.servers import LOOPBACK, MemcachedServer, Process, RedisServer, free_port, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,6 +25,24 @@ def redis_servers(tmp_path: Path) -> Callable[..., List[RedisServer]]:
         servers = []
         for _ in range(count):
             server = RedisServer(tmp_path / f"redis{len(started)}", password=password)
+            started.append(server)
+            servers.append(server.start())
+        return servers
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def memcached_servers(tmp_path: Path) -> Callable[..., List[MemcachedServer]]:
+    """``memcached_servers(n)`` starts n memcached processes, stopped after the test."""
+    started: List[MemcachedServer] = []
+
+    def start(count: int) -> List[MemcachedServer]:
+        servers = []
+        for _ in range(count):
+            server = MemcachedServer(tmp_path / f"memcached{len(started)}")
             started.append(server)
             servers.append(server.start())
         return servers
@@ -93,9 +111,10 @@ def proxy(reactor):
 
 
 def pool_yaml(servers, **keys) -> str:
-    """A one-pool nutcracker file (pool ``alpha``) over ``servers``."""
+    """A one-pool nutcracker file (pool ``alpha``) over ``servers``; a Redis pool
+    for RedisServers, memcached for MemcachedServers."""
     lines = ["alpha:", "  listen: 127.0.0.1:1"]
-    keys.setdefault("redis", "true")
+    keys.setdefault("redis", "false" if servers and isinstance(servers[0], MemcachedServer) else "true")
     for key, value in keys.items():
         lines.append(f"  {key}: {value}")
     lines.append("  servers:")

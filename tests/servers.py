@@ -164,3 +164,64 @@ class RedisServer(Process):
     @property
     def address(self) -> str:
         return f"{LOOPBACK}:{self.port}"
+
+
+def ping_memcached(port: int) -> bool:
+    with socket.create_connection((LOOPBACK, port), timeout=1) as sock:
+        sock.sendall(b"version\r\n")
+        return sock.recv(100).startswith(b"VERSION ")
+
+
+class MemcachedServer(Process):
+    """A real memcached on a port it picks itself and reports (race-free)."""
+
+    def __init__(self, directory: Path, memory_mb: int = 64) -> None:
+        self.directory = directory
+        self.memory_mb = memory_mb
+        self.port = 0
+        super().__init__([], directory / "memcached.log")
+
+    def start(self, port: Optional[int] = None) -> "MemcachedServer":
+        require("memcached")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        port_file = self.directory / "ports"
+        port_file.unlink(missing_ok=True)
+        # "-l host:0" (not "-p 0") is what makes memcached report the port it got.
+        self.argv = ["memcached", "-l", f"{LOOPBACK}:{port or 0}", "-U", "0", "-m", str(self.memory_mb),
+                     "-c", "4096"]
+        if os.geteuid() == 0:
+            self.argv += ["-u", "root"]
+        env = dict(os.environ, MEMCACHED_PORT_FILENAME=str(port_file))
+        self._env = env
+        self.spawn()
+
+        def port_known() -> bool:
+            if not self.alive:
+                raise AssertionError(f"memcached exited:\n{self.output()}")
+            if port:
+                self.port = port
+                return ping_memcached(port)
+            text = port_file.read_text() if port_file.exists() else ""
+            for line in text.splitlines():
+                if line.startswith("TCP INET:"):
+                    self.port = int(line.split(":")[1])
+                    return ping_memcached(self.port)
+            return False
+
+        wait_until(port_known, timeout=10, what="memcached to listen")
+        return self
+
+    def restart(self) -> "MemcachedServer":
+        self.stop()
+        return self.start(self.port)
+
+    def client(self, **kwargs):
+        from pymemcache.client.base import Client
+
+        kwargs.setdefault("timeout", 5)
+        kwargs.setdefault("connect_timeout", 5)
+        return Client((LOOPBACK, self.port), **kwargs)
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"

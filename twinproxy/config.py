@@ -133,7 +133,7 @@ class _StringLoader(yaml.BaseLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                raise _DuplicateKeyError(key, key_node.start_mark.line + 1)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -143,7 +143,7 @@ _StringLoader.add_constructor(
 )
 
 
-class _DuplicateKey(Exception):
+class _DuplicateKeyError(Exception):
     def __init__(self, key: str, line: int) -> None:
         super().__init__(key, line)
         self.key = key
@@ -164,7 +164,7 @@ def load_text(text: bytes | str, path: str = "<config>") -> List[PoolConfig]:
     """Validate pool-file text; ``path`` is only used in error messages."""
     try:
         document = yaml.load(text, Loader=_StringLoader)
-    except _DuplicateKey as dup:
+    except _DuplicateKeyError as dup:
         raise ConfigError(path, f"key '{dup.key}' appears twice (line {dup.line})") from None
     except yaml.YAMLError as err:
         raise ConfigError(path, f"is not valid YAML: {err}".replace("\n", " ")) from None

@@ -54,7 +54,7 @@ class KetamaContinuum(Continuum):
             scaled = _f32(scaled * _f32(float(live)))
             count = int(scaled + 1e-10) * KETAMA_POINTS_PER_HASH
             for pointer in range(count // KETAMA_POINTS_PER_HASH):
-                digest = hashlib.md5(f"{name}-{pointer}".encode("utf-8")).digest()
+                digest = hashlib.md5(f"{name}-{pointer}".encode()).digest()
                 for group in range(KETAMA_POINTS_PER_HASH):
                     value = int.from_bytes(digest[group * 4:group * 4 + 4], "little")
                     pairs.append((value, index))

@@ -13,7 +13,7 @@ and a server is something with ``send(request)``.
          FORWARD  : pool.server_for_key(key).send(request)
          FRAGMENT : codec.fragment(request, pool) -> [(server, fragment)], each sent
 
-    in order: [oldest, ..., newest]   (one entry per request that expects a reply)
+    in order: [oldest, ..., newest]   (one entry per request the client wants answered)
     request_done(request) --> while in order[0].reply is set: write it, pop it
 
 Every request that expects a reply gets exactly one, and the client sees
@@ -82,7 +82,7 @@ class FrontendProtocol(Protocol):
         request.owner = self
         request.dialect = self.dialect
         self._codec.prepare(request, self)
-        if request.expects_reply:
+        if not request.quiet:
             self._in_order.append(request)
         kind = request.kind
         if kind == FORWARD:

@@ -31,7 +31,7 @@ class Request:
     __slots__ = (
         "raw", "args", "kind", "key", "command", "owner", "reply", "parent",
         "fragments", "pending", "positions", "dialect", "sent_at",
-        "expects_reply", "close_after",
+        "expects_reply", "quiet", "close_after",
     )
 
     def __init__(self, raw: bytes, args: Optional[List[bytes]] = None) -> None:
@@ -48,7 +48,8 @@ class Request:
         self.positions: Optional[List[int]] = None
         self.dialect = 0
         self.sent_at = 0.0
-        self.expects_reply = True
+        self.expects_reply = True   # a backend answers it (all commands we forward)
+        self.quiet = False          # the client gets no reply (memcached ``noreply``)
         self.close_after = False
 
     def __repr__(self) -> str:

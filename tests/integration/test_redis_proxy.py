@@ -180,7 +180,7 @@ def test_unix_socket_listener_with_mode(redis_servers, proxy, tmp_path) -> None:
     (config,) = load_text(pool_yaml(redis_servers(1)))
     import dataclasses
 
-    service = proxy(dataclasses.replace(config, listen=ListenSpec(path=path, mode=0o600)))
+    proxy(dataclasses.replace(config, listen=ListenSpec(path=path, mode=0o600)))
     assert oct(os.stat(path).st_mode & 0o777) == oct(0o600)
     c = redis.Redis(unix_socket_path=path, socket_timeout=5)
     assert c.set("u", "1") and c.get("u") == b"1"

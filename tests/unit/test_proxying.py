@@ -144,7 +144,7 @@ class ProxyingTests(SynchronousTestCase):
         h = Harness()
         client, out = h.client()
         ka = h.key_on("a")
-        for round_ in range(2):
+        for _ in range(2):
             client.dataReceived(cmd(b"GET", ka))
             _, _, factory, _, _ = h.reactor.tcpClients.pop()
             factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
-
 if TYPE_CHECKING:
     from twinproxy.config import PoolConfig
     from twinproxy.request import Request
@@ -95,6 +94,13 @@ def _redis(config: "PoolConfig") -> Codec:
     return RedisCodec(config)
 
 
+def _memcache(config: "PoolConfig") -> Codec:
+    from twinproxy.protocols.memcache import MemcacheCodec
+
+    return MemcacheCodec(config)
+
+
 _CODECS: Dict[str, Callable[["PoolConfig"], Codec]] = {
     "redis": _redis,
+    "memcache": _memcache,
 }

@@ -115,7 +115,7 @@ class RespRequestParser:
             if cursor >= end:
                 return None
             if buf[cursor] != _BULK:
-                got = chr(buf[cursor]) if 32 <= buf[cursor] < 127 else "\\x%02x" % buf[cursor]
+                got = chr(buf[cursor]) if 32 <= buf[cursor] < 127 else f"\\x{buf[cursor]:02x}"
                 raise ProtocolError(f"Protocol error: expected '$', got '{got}'")
             eol = buf.find(CRLF, cursor)
             if eol < 0:
@@ -248,7 +248,7 @@ def scan_value(buf: bytes | bytearray, pos: int, end: int) -> int:
         else:
             per_entry = _AGGREGATE_ELEMENTS.get(kind)
             if per_entry is None:
-                raise ProtocolError("unexpected reply type byte 0x%02x" % kind)
+                raise ProtocolError(f"unexpected reply type byte 0x{kind:02x}")
             count = _number(buf, pos + 1, eol)
             if count is None or count < -1 or (count == -1 and kind != _STAR):
                 raise ProtocolError("invalid aggregate length in reply")
