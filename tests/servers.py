@@ -181,14 +181,16 @@ class MemcachedServer(Process):
         self.port = 0
         super().__init__([], directory / "memcached.log")
 
-    def start(self, port: Optional[int] = None) -> "MemcachedServer":
+    def start(self, port: Optional[int] = None, extra: Optional[List[str]] = None) -> "MemcachedServer":
+        if extra is not None:
+            self.extra = extra
         require("memcached")
         self.directory.mkdir(parents=True, exist_ok=True)
         port_file = self.directory / "ports"
         port_file.unlink(missing_ok=True)
         # "-l host:0" (not "-p 0") is what makes memcached report the port it got.
         self.argv = ["memcached", "-l", f"{LOOPBACK}:{port or 0}", "-U", "0", "-m", str(self.memory_mb),
-                     "-c", "4096"]
+                     "-c", "4096", *getattr(self, "extra", [])]
         if os.geteuid() == 0:
             self.argv += ["-u", "root"]
         env = dict(os.environ, MEMCACHED_PORT_FILENAME=str(port_file))

@@ -236,9 +236,9 @@ class _ConnectorFactory(ClientFactory):
 class ServerLink:
     """All of the proxy's connections to one server, per dialect.
 
-    ``send`` is the server's ``send``: it picks one of up to
-    ``server_connections`` connections of the request's dialect round-robin,
-    opening one when fewer exist.
+    ``send`` is the server's ``send``: it opens ``server_connections``
+    connections of the request's dialect when it needs the first, and gives
+    each client one of them.
     """
 
     _log = Logger()
@@ -253,7 +253,6 @@ class ServerLink:
         self.timeout = config.timeout_seconds
         self._limit = config.server_connections
         self._connections: Dict[int, List[BackendConnection]] = {}
-        self._turn = 0
         self._stopped = False
         self._lost_waiters: Dict[BackendConnection, defer.Deferred] = {}
         self._last_failure: Optional[str] = None
@@ -261,20 +260,21 @@ class ServerLink:
 
     def send(self, request: Request) -> None:
         connections = self._connections.get(request.dialect)
-        if connections is None:
-            connections = self._connections[request.dialect] = []
-        if len(connections) < self._limit:
-            connection = self._connect(request.dialect)
-            connections.append(connection)
-        else:
-            self._turn += 1
-            connection = connections[self._turn % len(connections)]
-        connection.send(request)
+        if connections is None or len(connections) < self._limit:
+            connections = self._fill(request.dialect)
+        # One client's requests to this server share one connection, so a write
+        # and the read after it can never overtake each other on two sockets.
+        client_id = getattr(request.owner, "client_id", 0)
+        connections[client_id % len(connections)].send(request)
 
-    def preconnect(self, dialect: int) -> None:
+    def _fill(self, dialect: int) -> List[BackendConnection]:
         connections = self._connections.setdefault(dialect, [])
         while len(connections) < self._limit:
             connections.append(self._connect(dialect))
+        return connections
+
+    def preconnect(self, dialect: int) -> None:
+        self._fill(dialect)
 
     def _connect(self, dialect: int) -> BackendConnection:
         connection = BackendConnection(self, dialect)

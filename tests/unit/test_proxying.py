@@ -256,3 +256,17 @@ class ProxyingTests(SynchronousTestCase):
         self.assertTrue(wire.disconnecting or wire.disconnected)
         h.backend("a")[0].connectionLost(Failure(ConnectionDone()))
         self.successResultOf(done)
+
+    def test_server_connections_opened_together_and_each_client_keeps_one(self) -> None:
+        h = Harness("  server_connections: 3\n")
+        key = h.key_on("a")
+        first, first_out = h.client()
+        second, second_out = h.client()
+        first.dataReceived(cmd(b"SET", key, b"1"))
+        h.connect_pending()
+        self.assertEqual(len(h.backends["a"]), 3)
+        first.dataReceived(cmd(b"GET", key))
+        second.dataReceived(cmd(b"GET", key))
+        wires = [wire.value() for _, wire in h.backends["a"]]
+        self.assertIn(cmd(b"SET", key, b"1") + cmd(b"GET", key), wires)
+        self.assertEqual(sorted(w.count(b"GET") for w in wires), [0, 1, 1])
