@@ -9,11 +9,11 @@ run: deps venv
 	scripts/run-demo.sh
 
 test: deps venv
-	$(VENV)/bin/ruff check twinproxy twisted tests bench
+	$(VENV)/bin/ruff check twinproxy twisted tests
 	$(VENV)/bin/python -m pytest
 
 lint: venv
-	$(VENV)/bin/ruff check twinproxy twisted tests bench
+	$(VENV)/bin/ruff check twinproxy twisted tests
 
 deps:
 	@PYTHON=$(PYTHON) scripts/ensure-system-deps.sh

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
-rundir=run
+rundir="$PWD/run"
 mkdir -p "$rundir"
 pids=()
 cleanup() {
@@ -21,14 +21,28 @@ for port in 6380 6381; do
     pids+=($!)
 done
 for port in 11212 11213; do
-    memcached -u nobody -l 127.0.0.1 -p "$port" -U 0 >"$rundir/memcached-$port.log" 2>&1 &
+    memcached -u nobody -l "127.0.0.1:$port" -U 0 >"$rundir/memcached-$port.log" 2>&1 &
     pids+=($!)
 done
+
+# Every backend must be up before the proxy starts, or the demo says which is not.
+for _ in $(seq 50); do
+    up=0
+    for port in 6380 6381 11212 11213; do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && up=$((up + 1))
+    done
+    [ "$up" = 4 ] && break
+    sleep 0.1
+done
+if [ "$up" != 4 ]; then
+    echo "twinproxy demo: a backend did not start (is a port of 6380, 6381, 11212, 11213 taken?); logs in $rundir" >&2
+    exit 1
+fi
 
 cat <<'MSG'
 twinproxy demo: backends started (redis 127.0.0.1:6380 and :6381, memcached :11212 and :11213)
   redis pool:     redis-cli -p 22121 set a b
-  memcached pool: printf 'set a 0 0 1\r\nb\r\nget a\r\n' | nc -q1 127.0.0.1 22122
+  memcached pool: .venv/bin/python -c "from pymemcache import Client; c = Client(('127.0.0.1', 22122)); c.set('a', 'b'); print(c.get('a'))"
 Ctrl-C stops the proxy and the demo backends.
 MSG
 "$VENV/bin/twistd" --nodaemon --pidfile= twinproxy --config conf/pools.yml

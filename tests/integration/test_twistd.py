@@ -9,9 +9,11 @@ import redis
 from tests.servers import LOOPBACK, free_port, wait_until
 
 
-def test_twistd_serves_redis_py_and_stops_cleanly(redis_servers, twistd, tmp_path) -> None:
+def test_twistd_serves_redis_py_and_pymemcache_and_stops_cleanly(redis_servers, memcached_servers, twistd,
+                                                                 tmp_path) -> None:
     backends = redis_servers(2)
-    port = free_port()
+    caches = memcached_servers(2)
+    port, cache_port = free_port(), free_port()
     config = tmp_path / "pools.yml"
     config.write_text(
         "alpha:\n"
@@ -19,13 +21,23 @@ def test_twistd_serves_redis_py_and_stops_cleanly(redis_servers, twistd, tmp_pat
         "  redis: true\n"
         "  timeout: 1000\n"
         "  preconnect: true\n"
-        "  servers:\n" + "".join(f"   - {b.address}:1\n" for b in backends))
+        "  servers:\n" + "".join(f"   - {b.address}:1\n" for b in backends) +
+        "beta:\n"
+        f"  listen: {LOOPBACK}:{cache_port}\n"
+        "  timeout: 1000\n"
+        "  servers:\n" + "".join(f"   - {c.address}:1\n" for c in caches))
     process = twistd(config)
     client = redis.Redis(host=LOOPBACK, port=port, socket_timeout=5, socket_connect_timeout=1)
     wait_until(lambda: process.alive and client.ping(), timeout=20, what=f"twistd to serve:\n{process.output()}")
     assert client.set("from-twistd", "yes")
     assert client.get("from-twistd") == b"yes"
     assert sum(b.client().exists("from-twistd") for b in backends) == 1
+    from pymemcache import Client
+
+    cache = Client((LOOPBACK, cache_port), timeout=5, default_noreply=False)
+    assert cache.set("from-twistd", b"yes") is True
+    assert cache.get("from-twistd") == b"yes"
+    cache.close()
     process.proc.send_signal(signal.SIGTERM)
     # twistd re-raises the stop signal on itself once shut down cleanly.
     assert process.proc.wait(10) in (0, -signal.SIGTERM)
