@@ -132,6 +132,8 @@ def twistd(tmp_path: Path):
         twistd_bin = os.path.join(os.path.dirname(sys.executable), "twistd")
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        if "-s" not in extra and "--stats-port" not in extra:
+            extra = (*extra, "--stats-port", "0")  # never the fixed default 22222 in tests
         process = Process([twistd_bin, "--nodaemon", "--pidfile=", "twinproxy", "--config", str(config_path),
                            *extra], tmp_path / f"twistd{len(processes)}.log", env=env)
         process.spawn()

@@ -42,6 +42,10 @@ from twinproxy.protocols import Codec, ProtocolError
 from twinproxy.request import Request
 
 TIMED_OUT = os.strerror(errno.ETIMEDOUT)
+# How a connection ended, for the server's counters.
+EOF_ = "eof"
+ERR = "err"
+TIMEDOUT = "timedout"
 REFUSED = os.strerror(errno.ECONNREFUSED)
 RESET = os.strerror(errno.ECONNRESET)
 
@@ -74,7 +78,7 @@ class _Handshake:
         if connection.codec.is_error(request.reply) and not connection.closed:
             text = request.reply.strip().decode("latin-1")[1:]
             connection.link.log_handshake_failure(text)
-            connection.abort(f"backend handshake failed: {text}", count_failure=True)
+            connection.abort(f"backend handshake failed: {text}", count_failure=True, kind=ERR)
 
 
 class BackendConnection(Protocol):
@@ -90,6 +94,8 @@ class BackendConnection(Protocol):
         self._awaiting: deque = deque()
         self._held: List[bytes] = []
         self._timer: Any = None
+        self._counters = link.server.counters
+        self._latency = link.server.counters.latency
         self.connected_at: Optional[float] = None
         self.closed = False
         self._closing_reason: Optional[str] = None
@@ -103,6 +109,11 @@ class BackendConnection(Protocol):
     def pending(self) -> int:
         return len(self._awaiting)
 
+    def queue_stats(self) -> tuple:
+        """(raw requests not yet written, requests awaiting a reply, their bytes)."""
+        awaiting = self._awaiting
+        return list(self._held), len(awaiting), sum(len(r.raw) for r in awaiting)
+
     # -- sending --------------------------------------------------------------
 
     def send(self, request: Request) -> None:
@@ -111,10 +122,14 @@ class BackendConnection(Protocol):
             request.owner.request_done(request)
             return
         transport = self.transport
+        raw = request.raw
+        counters = self._counters
+        counters.requests += 1
+        counters.request_bytes += len(raw)
         if transport is not None:
-            transport.write(request.raw)
+            transport.write(raw)
         else:
-            self._held.append(request.raw)
+            self._held.append(raw)
         if request.expects_reply:
             request.sent_at = self._clock.seconds()
             self._awaiting.append(request)
@@ -130,6 +145,8 @@ class BackendConnection(Protocol):
             if self.link.config.tcpkeepalive:
                 transport.setTcpKeepAlive(True)
         self.connected_at = self._clock.seconds()
+        self._counters.connections_made += 1
+        self.link.connected()
         if self.closed:
             transport.abortConnection()
             return
@@ -142,18 +159,24 @@ class BackendConnection(Protocol):
         framer.feed(data)
         awaiting = self._awaiting
         server = self.link.server
+        counters = self._counters
+        observe = self._latency.observe
+        now = self._clock.seconds()
         while True:
             try:
                 reply = framer.next()
             except ProtocolError as err:
-                self.abort(f"bad reply from server: {err}", count_failure=True)
+                self.abort(f"bad reply from server: {err}", count_failure=True, kind=ERR)
                 return
             if reply is None:
                 break
             if not awaiting:
-                self.abort("reply from server with no request pending", count_failure=True)
+                self.abort("reply from server with no request pending", count_failure=True, kind=ERR)
                 return
             request = awaiting.popleft()
+            counters.responses += 1
+            counters.response_bytes += len(reply)
+            observe(now - request.sent_at)
             request.reply = reply
             request.owner.request_done(request)
             if self.closed:
@@ -164,6 +187,8 @@ class BackendConnection(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         if not self.closed:
             text = describe_failure(reason) if reason is not None else RESET
+            clean = reason is not None and reason.check(error.ConnectionDone) is not None
+            self._count_end(EOF_ if clean else ERR)
             self._fail_pending(text, count_failure=bool(self._awaiting))
         self.transport = None
         self.link.connection_lost(self)
@@ -171,6 +196,7 @@ class BackendConnection(Protocol):
     def connect_failed(self, reason: Failure) -> None:
         """Called by the connector when the connection could not be made."""
         if not self.closed:
+            self._count_end(ERR)
             self._fail_pending(describe_failure(reason), count_failure=True)
         self.link.connection_lost(self)
 
@@ -184,14 +210,16 @@ class BackendConnection(Protocol):
         now = self._clock.seconds()
         due = awaiting[0].sent_at + self._timeout
         if now + 1e-6 >= due:
-            self.abort(TIMED_OUT, count_failure=True)
+            self.abort(TIMED_OUT, count_failure=True, kind=TIMEDOUT)
         else:
             self._timer = self._clock.callLater(due - now, self._deadline)
 
-    def abort(self, text: str, count_failure: bool) -> None:
+    def abort(self, text: str, count_failure: bool, kind: Optional[str] = None) -> None:
         """Fail every pending request with ``text`` and drop the connection."""
         if self.closed:
             return
+        if kind is not None:
+            self._count_end(kind)
         self._fail_pending(text, count_failure)
         if self.transport is not None:
             self.transport.abortConnection()
@@ -199,6 +227,16 @@ class BackendConnection(Protocol):
     def close(self) -> None:
         """Close without counting a failure (shutdown, topology change)."""
         self.abort("server connection closed by the proxy", count_failure=False)
+
+    def _count_end(self, kind: str) -> None:
+        counters = self._counters
+        if kind == EOF_:
+            counters.server_eof += 1
+        elif kind == TIMEDOUT:
+            counters.server_timedout += 1
+        else:
+            counters.server_err += 1
+        self.link.server.up = False
 
     def _fail_pending(self, text: str, count_failure: bool) -> None:
         self.closed = True
@@ -213,9 +251,14 @@ class BackendConnection(Protocol):
         if count_failure:
             self.link.record_failure(text)
         reply = self.codec.error_reply(text)
+        failed = 0
         for request in awaiting:
             request.reply = reply
-            request.owner.request_done(request)
+            owner = request.owner
+            if not isinstance(owner, _Handshake):
+                failed += 1
+            owner.request_done(request)
+        self.link.pool.counters.forward_error += failed
 
 
 class _ConnectorFactory(ClientFactory):
@@ -302,6 +345,26 @@ class ServerLink:
         waiter = self._lost_waiters.pop(connection, None)
         if waiter is not None:
             waiter.callback(None)
+
+    def connected(self) -> None:
+        """A connection to the server was made: it is up, and a past failure is over."""
+        self.server.up = True
+        if self._last_failure is not None:
+            self._log.info("pool {pool}: server {server}: connected again after: {reason}",
+                           pool=self.pool.name, server=self.server.name, reason=self._last_failure)
+            self._last_failure = None
+
+    def queue_stats(self) -> tuple:
+        """(in_queue, in_queue_bytes, out_queue, out_queue_bytes) over every connection."""
+        in_queue = in_bytes = out_queue = out_bytes = 0
+        for connections in self._connections.values():
+            for connection in connections:
+                held, awaiting_count, awaiting_bytes = connection.queue_stats()
+                in_queue += len(held)
+                in_bytes += sum(len(raw) for raw in held)
+                out_queue += awaiting_count
+                out_bytes += awaiting_bytes
+        return in_queue, in_bytes, max(0, out_queue - in_queue), max(0, out_bytes - in_bytes)
 
     def record_failure(self, text: str) -> None:
         if text != self._last_failure:

@@ -1,62 +1,68 @@
-"""The ``twinproxy`` command: check a config, print the version, or run.
+"""The ``twinproxy`` command: nutcracker's command line, on twinproxy.
 
-``twinproxy -t [-c] FILE`` checks a pool file and exits 0 or 1 like
-``nutcracker -t``; ``twinproxy -c FILE`` runs the proxy in the foreground
-through twistd.  This module never imports the reactor itself.
+``twinproxy`` takes nutcracker's options (``-c -t -d -p -s -a -i -v -o -V
+-D -m``), so an init script written for nutcracker works by changing the
+binary's name.  It owns the process concerns nutcracker owns: daemonizing,
+the pid file, where the log goes and at what level.  The services are the
+ones ``twistd twinproxy`` runs (``tap.build``).
 """
 
 from __future__ import annotations
 
-import argparse
-import io
+import os
 import sys
 from typing import List, Optional
 
-from twinproxy import __version__
-from twinproxy.config import ConfigError, load_file
+from twisted.python import usage
 
-DEFAULT_CONFIG = "conf/pools.yml"
+from twinproxy import tap
+from twinproxy.logs import LogControl
 
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="twinproxy",
-        description="memcached and Redis sharding proxy; reads nutcracker pool files unchanged")
-    parser.add_argument("-V", "--version", action="store_true", help="print the version and exit")
-    parser.add_argument("-t", "--test-conf", action="store_true",
-                        help="check the configuration file for syntax errors and exit")
-    parser.add_argument("-c", "--conf-file", "--config", dest="config", metavar="FILE",
-                        help=f"pool file (default: {DEFAULT_CONFIG})")
-    parser.add_argument("file", nargs="?", help=argparse.SUPPRESS)
-    return parser
+# Kept for callers of the old name.
+check_config = tap.check_config
 
 
-def check_config(path: str, out=None, err=None) -> int:
-    """Validate ``path``; print the nutcracker-style verdict; return the exit code."""
-    out = out or sys.stdout
-    err = err or sys.stderr
-    try:
-        pools = load_file(path)
-    except ConfigError as error:
-        print(f"twinproxy: configuration file '{path}' syntax is invalid", file=err)
-        print(f"twinproxy: {error}", file=err)
-        return 1
-    print(f"twinproxy: configuration file '{path}' syntax is ok ({len(pools)} pools)", file=out)
-    return 0
+def _daemonize() -> None:
+    """Detach as a classic Unix daemon: two forks, a new session, stdio on /dev/null."""
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.version:
-        print(f"twinproxy {__version__}")
-        return 0
-    path = args.config or args.file or DEFAULT_CONFIG
-    if args.test_conf:
-        return check_config(path)
-    if check_config(path, out=io.StringIO()) != 0:
+    options = tap.Options()
+    try:
+        options.parseOptions(sys.argv[1:] if argv is None else argv)
+    except usage.UsageError as err:
+        print(f"twinproxy: {err}", file=sys.stderr)
+        print("try 'twinproxy --help'", file=sys.stderr)
         return 1
-    from twisted.scripts.twistd import run
+    except SystemExit as done:
+        return int(done.code or 0)
 
-    sys.argv = ["twistd", "--nodaemon", "--pidfile=", "twinproxy", "--config", path]
-    run()
+    if options["daemonize"]:
+        _daemonize()
+    control = LogControl(options["output"], options["verbose"])
+    from twisted.logger import globalLogBeginner
+
+    globalLogBeginner.beginLoggingTo([control.observer], redirectStandardIO=False)
+
+    from twisted.internet import reactor
+
+    top = tap.build(options, reactor, log_control=control, observe_log=False)
+    try:
+        top.privilegedStartService()
+        top.startService()
+    except Exception as err:  # noqa: BLE001 - a port in use, a bad address: say it and stop
+        print(f"twinproxy: cannot start: {err}", file=sys.stderr)
+        return 1
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.run()
     return 0

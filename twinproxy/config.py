@@ -83,6 +83,11 @@ class ServerSpec:
     host: Optional[str] = None
     port: Optional[int] = None
     path: Optional[str] = None
+    label: str = ""  # what the stats show: the given name, else host:port or the path
+
+    @property
+    def stats_name(self) -> str:
+        return self.label or self.name
 
     @property
     def address(self) -> str:
@@ -317,16 +322,17 @@ def _parse_server(line: str, fail) -> ServerSpec:
     if weight == 0:
         raise fail("has a zero weight")
     if rest.startswith("/"):
-        return ServerSpec(name=name or rest, weight=weight, path=rest)
+        return ServerSpec(name=name or rest, weight=weight, path=rest, label=name or rest)
     host_text, sep, port_text = rest.rpartition(":")
     if not sep:
         raise fail("is not a valid server (expected 'host:port:weight [name]')")
     host = _host(host_text, fail)
     port = _port(port_text, fail)
+    shown = f"[{host}]" if ":" in host else host
+    label = name or f"{shown}:{port}"
     if not name:
-        shown = f"[{host}]" if ":" in host else host
         name = shown if port == KETAMA_DEFAULT_PORT else f"{shown}:{port}"
-    return ServerSpec(name=name, weight=weight, host=host, port=port)
+    return ServerSpec(name=name, weight=weight, host=host, port=port, label=label)
 
 
 _CONVERTERS = {

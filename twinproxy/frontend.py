@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Optional
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
@@ -44,7 +45,10 @@ class FrontendProtocol(Protocol):
         self._codec: Codec = factory.codec
         self._parser = self._codec.request_parser()
         self._in_order: deque = deque()
+        self._counters = factory.pool.counters
+        self._commands = factory.pool.counters.commands
         self._closing = False
+        self._failed = False   # a protocol error, already counted as client_err
         self.closed = False
         self.dialect = self._codec.default_dialect
         self.authenticated = not factory.requires_auth
@@ -71,6 +75,11 @@ class FrontendProtocol(Protocol):
             dispatch(request)
 
     def connectionLost(self, reason: Any = None) -> None:
+        if not self._failed:
+            if reason is None or reason.check(ConnectionDone) is not None:
+                self._counters.client_eof += 1
+            else:
+                self._counters.client_err += 1
         self.closed = True
         self._closing = True
         self._in_order.clear()
@@ -82,6 +91,9 @@ class FrontendProtocol(Protocol):
         request.owner = self
         request.dialect = self.dialect
         self._codec.prepare(request, self)
+        commands = self._commands
+        name = request.name
+        commands[name] = commands.get(name, 0) + 1
         if not request.quiet:
             self._in_order.append(request)
         kind = request.kind
@@ -104,6 +116,7 @@ class FrontendProtocol(Protocol):
             return
         request.fragments = [fragment for _, fragment in routes]
         request.pending = len(routes)
+        self._counters.fragments += len(routes)
         for server, fragment in routes:
             fragment.owner = self
             fragment.parent = request
@@ -145,6 +158,8 @@ class FrontendProtocol(Protocol):
         request.reply = self._codec.protocol_error_reply(err)
         request.close_after = True
         self._closing = True
+        self._counters.client_err += 1
+        self._failed = True
         self._in_order.append(request)
         self._flush()
 
@@ -184,6 +199,7 @@ class ProxyFactory(Factory):
             return _Refused(self.codec.error_reply("max number of clients reached"))
         self._warned_full = False
         self._next_id += 1
+        self.pool.counters.clients_accepted += 1
         protocol = FrontendProtocol(self, self._next_id)
         self.clients.add(protocol)
         return protocol

@@ -21,6 +21,7 @@ from twinproxy.config import PoolConfig, ServerSpec
 from twinproxy.distribution import Continuum, build_continuum
 from twinproxy.hashing import HASH_FUNCTIONS, hash_tag_extractor
 from twinproxy.request import Request
+from twinproxy.stats import PoolCounters, ServerCounters
 
 
 def _not_wired(request: Request) -> None:
@@ -30,7 +31,8 @@ def _not_wired(request: Request) -> None:
 class Server:
     """One backend of a pool: identity, health, and where to send requests."""
 
-    __slots__ = ("spec", "name", "index", "failure_count", "ejected_until", "ejected_at", "ejects", "send")
+    __slots__ = ("spec", "name", "index", "failure_count", "ejected_until", "ejected_at", "ejects", "send",
+                 "counters", "up")
 
     def __init__(self, spec: ServerSpec, index: int) -> None:
         self.spec = spec
@@ -41,6 +43,9 @@ class Server:
         self.ejected_at = 0.0
         self.ejects = 0
         self.send: Callable[[Request], None] = _not_wired
+        self.counters = ServerCounters()
+        # False from a failed connection or timeout until a connection succeeds.
+        self.up = True
 
     @property
     def ejected(self) -> bool:
@@ -78,6 +83,7 @@ class ServerPool:
         self._continuum: Optional[Continuum] = None
         self._listeners: List[Callable[[ServerPool], None]] = []
         self.unavailable = UnavailableServer("-", _not_wired)
+        self.counters = PoolCounters()
         self.replace_servers(config.servers)
 
     # -- routing --------------------------------------------------------------
@@ -166,10 +172,16 @@ class ServerPool:
         server.ejected_until = now + retry if retry > 0 else now + 1e-9
         server.ejected_at = now
         server.ejects += 1
+        self.counters.server_ejects += 1
         self._log.warn("pool {pool}: server {server} ejected for {seconds}s after {limit} consecutive "
                        "failures ({reason})", pool=self.name, server=server.name, seconds=retry,
                        limit=config.server_failure_limit, reason=reason or "error")
         self._rebuild()
+
+    @property
+    def healthy(self) -> bool:
+        """True when some server is in the ring and not known to be down."""
+        return any(server.up for server in self._live)
 
     def stop(self) -> None:
         """Cancel the pending retry timer; the pool routes nothing after this."""

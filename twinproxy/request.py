@@ -31,7 +31,7 @@ class Request:
     __slots__ = (
         "raw", "args", "kind", "key", "command", "owner", "reply", "parent",
         "fragments", "pending", "positions", "dialect", "sent_at",
-        "expects_reply", "quiet", "close_after",
+        "expects_reply", "quiet", "close_after", "name",
     )
 
     def __init__(self, raw: bytes, args: Optional[List[bytes]] = None) -> None:
@@ -51,6 +51,7 @@ class Request:
         self.expects_reply = True   # a backend answers it (all commands we forward)
         self.quiet = False          # the client gets no reply (memcached ``noreply``)
         self.close_after = False
+        self.name = "unknown"       # the command, for per-command counts (a known name or "unknown")
 
     def __repr__(self) -> str:
         return f"<Request {self.raw[:40]!r} reply={self.reply!r:.40}>"

@@ -45,6 +45,7 @@ class PoolService(Service):
         self.port: Any = None
 
     def _no_live_server(self, request: Any) -> None:
+        self.pool.counters.forward_error += 1
         request.reply = self._no_server_reply
         request.owner.request_done(request)
 

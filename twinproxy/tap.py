@@ -1,48 +1,166 @@
-"""``twistd twinproxy``: command-line options and the service they make.
+"""Options (nutcracker's, for ``twinproxy`` and ``twistd twinproxy`` alike) and the service they make.
 
-Owns the twistd options and ``makeService``, which only wires: the config
-is loaded and checked in ``postOptions`` so a bad file fails before twistd
-daemonizes, and the reactor is imported here and nowhere else.
+Owns the command-line options and ``build``/``makeService``, which only
+wire: the config is loaded and checked in ``postOptions`` so a bad file
+fails before anything starts, and the reactor is imported in
+``makeService`` and nowhere else in the package.
 """
 
 from __future__ import annotations
 
-from twisted.application.service import IService
+import os
+import sys
+import time
+from typing import Any, Optional
+
+from twisted.application.service import IService, MultiService, Service
 from twisted.python import usage
 
-from twinproxy import __version__
+from twinproxy import __version__, stats
 from twinproxy.config import ConfigError, load_file
+from twinproxy.logs import DEFAULT_VERBOSITY, MAX_VERBOSITY, LogControl, LogService
+
+DEFAULT_CONFIG = "conf/pools.yml"
+DEFAULT_STATS_PORT = 22222
+DEFAULT_STATS_ADDR = "0.0.0.0"
+DEFAULT_STATS_INTERVAL = 30000
+
+
+def _verbosity(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_VERBOSITY:
+        raise ValueError(f"verbosity must be 0 to {MAX_VERBOSITY}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("port must be 0 to 65535")
+    return value
 
 
 class Options(usage.Options):
     synopsis = "[options]"
-    longdesc = ("A memcached and Redis sharding proxy that reads nutcracker (twemproxy) pool files "
-                "unchanged. Starts one service per pool in the file.")
+    longdesc = ("A memcached and Redis sharding proxy that reads nutcracker (twemproxy) pool files unchanged. "
+                "Starts one service per pool in the file. The options are nutcracker's.")
 
+    optFlags = [
+        ["test-conf", "t", "test the configuration file for syntax errors and exit"],
+        ["daemonize", "d", "run as a daemon (the twinproxy command; twistd daemonizes unless -n)"],
+    ]
     optParameters = [
-        ["config", "c", "conf/pools.yml", "nutcracker-style YAML pool file"],
+        ["conf-file", "c", DEFAULT_CONFIG, "nutcracker-style YAML pool file"],
+        ["verbose", "v", DEFAULT_VERBOSITY, f"log level, 0 (emergencies only) to {MAX_VERBOSITY} (everything)",
+         _verbosity],
+        ["output", "o", None, "log file (default: stderr; under twistd: only twistd's log)"],
+        ["stats-port", "s", DEFAULT_STATS_PORT, "stats port (0: one the system picks)", _port],
+        ["stats-addr", "a", DEFAULT_STATS_ADDR, "stats address"],
+        ["stats-interval", "i", DEFAULT_STATS_INTERVAL, "stats aggregation interval in msec (accepted for "
+         "nutcracker compatibility: twinproxy's stats are always current)", int],
+        ["pid-file", "p", None, "pid file"],
+        ["mbuf-size", "m", 16384, "mbuf size (accepted for nutcracker compatibility; unused)", int],
+        ["http-port", None, None, "serve /metrics, /stats and /health over HTTP on this port (default: off)",
+         _port],
+        ["http-addr", None, "127.0.0.1", "address of the HTTP endpoint"],
     ]
 
-    def opt_conf_file(self, path: str) -> None:
-        """Same as --config (nutcracker's name for it)."""
-        self["config"] = path
+    def opt_config(self, path: str) -> None:
+        """Same as --conf-file."""
+        self["conf-file"] = path
 
     def opt_version(self) -> None:
         """Print the version and exit."""
-        print(f"twinproxy {__version__}")
+        print(f"This is twinproxy-{__version__}")
         raise SystemExit(0)
 
+    opt_V = opt_version
+
+    def opt_describe_stats(self) -> None:
+        """Print the description of every stats field and exit."""
+        sys.stdout.write(stats.describe())
+        raise SystemExit(0)
+
+    opt_D = opt_describe_stats
+
     def postOptions(self) -> None:
+        path = self["conf-file"]
+        if self["test-conf"]:
+            raise SystemExit(check_config(path))
         try:
-            self.pools = load_file(self["config"])
+            self.pools = load_file(path)
         except ConfigError as err:
             raise usage.UsageError(str(err)) from None
+
+
+def check_config(path: str, out: Any = None, err: Any = None) -> int:
+    """Validate ``path``; print nutcracker's verdict; return the exit code."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        pools = load_file(path)
+    except ConfigError as error:
+        print(f"twinproxy: configuration file '{path}' syntax is invalid", file=err)
+        print(f"twinproxy: {error}", file=err)
+        return 1
+    print(f"twinproxy: configuration file '{path}' syntax is ok ({len(pools)} pools)", file=out)
+    return 0
+
+
+class PidFileService(Service):
+    """Writes the process id while running; removes the file if it is still ours."""
+
+    def __init__(self, path: str) -> None:
+        self.setName("pidfile")
+        self.path = path
+
+    def privilegedStartService(self) -> None:
+        with open(self.path, "w", encoding="ascii") as out:
+            out.write(f"{os.getpid()}\n")
+        super().privilegedStartService()
+
+    def stopService(self) -> None:
+        super().stopService()
+        try:
+            with open(self.path, encoding="ascii") as inp:
+                mine = inp.read().strip() == str(os.getpid())
+            if mine:
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def build(options: Options, reactor: Any, log_control: Optional[LogControl] = None,
+          observe_log: bool = True) -> MultiService:
+    """Every service the options ask for: one per pool, stats port, HTTP, log file, pid file."""
+    from twinproxy.admin import HttpService, StatsPortService
+    from twinproxy.service import PoolService
+
+    started = reactor.seconds() if hasattr(reactor, "seconds") else time.time()
+    top = MultiService()
+    # Log and pid file first, so they see every pool start and every pool stop.
+    if log_control is None and options["output"]:
+        log_control = LogControl(options["output"], options["verbose"])
+    if log_control is not None:
+        LogService(log_control, reactor, observe=observe_log).setServiceParent(top)
+    if options["pid-file"]:
+        PidFileService(options["pid-file"]).setServiceParent(top)
+    pools = [PoolService(config, reactor) for config in options.pools]
+    for pool in pools:
+        pool.setServiceParent(top)
+
+    def current_pools() -> list:
+        return pools
+
+    StatsPortService(current_pools, started, reactor, options["stats-addr"],
+                     options["stats-port"]).setServiceParent(top)
+    if options["http-port"] is not None:
+        HttpService(current_pools, started, reactor, options["http-addr"],
+                    options["http-port"]).setServiceParent(top)
+    return top
 
 
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    from twinproxy.service import make_service
-
-    return make_service(options.pools, reactor)
-
+    return build(options, reactor)

@@ -41,33 +41,49 @@ def test_bad_config_is_a_usage_error_not_a_traceback(tmp_path: Path) -> None:
     assert "bad.yml: pool 'alpha': key 'hash': value 'nope'" in str(caught.value)
 
 
-def test_make_service_one_named_child_per_pool(good: Path) -> None:
-    from twinproxy.service import make_service
-
-    options = tap.Options()
-    options.parseOptions(["--config", str(good)])
+def test_build_one_named_child_per_pool_and_the_stats_port(good: Path, tmp_path: Path) -> None:
     from twisted.internet.testing import MemoryReactorClock
 
-    top = make_service(options.pools, reactor=MemoryReactorClock())
-    assert [s.name for s in top] == ["alpha", "beta"]
+    options = tap.Options()
+    options.parseOptions(["--config", str(good), "-p", str(tmp_path / "tp.pid")])
+    top = tap.build(options, MemoryReactorClock())
+    assert [s.name for s in top] == ["pidfile", "alpha", "beta", "stats"]
     assert top.getServiceNamed("alpha").config.redis is True
+    options = tap.Options()
+    options.parseOptions(["-c", str(good), "--http-port", "0", "-o", str(tmp_path / "tp.log"), "-v", "7"])
+    assert [s.name for s in tap.build(options, MemoryReactorClock())] == ["log", "alpha", "beta", "stats", "http"]
+
+
+def test_nutcracker_options_parse(good: Path) -> None:
+    options = tap.Options()
+    options.parseOptions(["-c", str(good), "-s", "22223", "-a", "127.0.0.1", "-i", "1000", "-v", "11", "-m", "512",
+                          "-d"])
+    assert (options["stats-port"], options["stats-addr"], options["stats-interval"]) == (22223, "127.0.0.1", 1000)
+    assert (options["verbose"], options["daemonize"]) == (11, True)
+    with pytest.raises(usage.UsageError):
+        tap.Options().parseOptions(["-c", str(good), "-v", "12"])
 
 
 def test_cli_check_config(good: Path, tmp_path: Path) -> None:
     out, err = io.StringIO(), io.StringIO()
-    assert cli.check_config(str(good), out, err) == 0
+    assert tap.check_config(str(good), out, err) == 0
     assert "syntax is ok" in out.getvalue()
     bad = tmp_path / "bad.yml"
     bad.write_text("alpha:\n  listen: 127.0.0.1:1\n  servers:\n   - 127.0.0.1:1:0\n")
-    assert cli.check_config(str(bad), out, err) == 1
+    assert tap.check_config(str(bad), out, err) == 1
     assert "syntax is invalid" in err.getvalue() and "zero weight" in err.getvalue()
 
 
-def test_cli_version_and_test_flag(good: Path, capsys) -> None:
-    assert cli.main(["--version"]) == 0
-    assert capsys.readouterr().out.strip() == f"twinproxy {__version__}"
+def test_cli_version_describe_and_test_flag(good: Path, capsys) -> None:
+    assert cli.main(["-V"]) == 0
+    assert capsys.readouterr().out.strip() == f"This is twinproxy-{__version__}"
+    assert cli.main(["-D"]) == 0
+    described = capsys.readouterr().out
+    for field in ("client_eof", "forward_error", "server_ejected_at", "out_queue_bytes", "curr_connections"):
+        assert field in described
     assert cli.main(["-t", "-c", str(good)]) == 0
-    assert cli.main(["--test-conf", str(good) + ".missing"]) == 1
+    assert cli.main(["--test-conf", "-c", str(good) + ".missing"]) == 1
+    assert cli.main(["--bogus"]) == 1
 
 
 def test_twistd_lists_the_plugin_from_another_directory(tmp_path: Path) -> None:

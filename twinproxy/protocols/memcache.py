@@ -54,6 +54,10 @@ _SERVER_ONLY = frozenset(
     b"slabs lru_crawler lru watch cache_memlimit shutdown misbehave debugtime extstore "
     b"mg ms md ma mn me".split())
 
+_NAMES = {name: name.decode("ascii") for name in (
+    *_STORAGE, *_RETRIEVAL, *_SERVER_ONLY,
+    b"delete", b"incr", b"decr", b"touch", b"version", b"quit", b"verbosity", b"flush_all", b"stats")}
+
 # Merge kinds.
 MERGE_VALUES = "values"
 MERGE_SAME = "same"
@@ -301,6 +305,7 @@ class MemcacheCodec:
             request.kind = LOCAL
             return
         name = request.args[0]
+        request.name = _NAMES.get(name, "unknown")
         if name in _STORAGE:
             request.kind = FORWARD
             request.key = request.args[1]

@@ -35,12 +35,13 @@ REJECTED = "rejected"
 class CommandSpec:
     """Where a command's keys are, as Redis's own (first, last, step) key specs."""
 
-    __slots__ = ("name", "layout", "first", "last", "step", "merge", "handler", "reason")
+    __slots__ = ("name", "label", "layout", "first", "last", "step", "merge", "handler", "reason")
 
     def __init__(self, name: bytes, layout: str, first: int = 1, last: int = 1, step: int = 1,
                  merge: Optional[str] = None, handler: Optional[Callable] = None,
                  reason: Optional[str] = None) -> None:
         self.name = name
+        self.label = name.decode("ascii")
         self.layout = layout
         self.first = first
         self.last = last
@@ -175,6 +176,8 @@ class RedisCodec:
         args = request.args
         name = args[0].lower()
         spec = self.commands.get(name)
+        if spec is not None:
+            request.name = spec.label
         if not session.authenticated and name not in _BEFORE_AUTH:
             self._answer(request, resp.error(NOAUTH))
             return

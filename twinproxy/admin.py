@@ -1,0 +1,161 @@
+"""The operator's listeners: nutcracker's stats port, and the HTTP endpoint.
+
+Owns: :class:`StatsPortService` (a TCP listener that writes one JSON
+document and closes, as nutcracker's stats port does) and
+:class:`HttpService` (``/metrics`` in Prometheus text format, ``/stats``
+with the same JSON, ``/health``).  Both read the pools through a callable,
+so a later topology change needs nothing from them, and neither touches a
+counter: ``stats.py`` and ``metrics.py`` build what they serve.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, List, Sequence, Tuple
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from twinproxy import metrics, stats
+
+PoolsSource = Callable[[], Sequence[Any]]
+
+
+def stats_json(pools: PoolsSource, started: float, clock: Any) -> bytes:
+    return json.dumps(stats.snapshot(pools(), started, clock.seconds())).encode() + b"\n"
+
+
+def health(pools: PoolsSource) -> Tuple[int, List[str]]:
+    """(HTTP status, one line per pool): 503 when some pool has no server to route to."""
+    lines = []
+    status = 200
+    for service in pools():
+        pool = service.pool
+        if pool.healthy:
+            lines.append(f"pool {service.name}: ok ({len(pool.live_servers)} of {len(pool.servers)} servers live)")
+        else:
+            status = 503
+            down = ", ".join(s.spec.stats_name for s in pool.servers)
+            lines.append(f"pool {service.name}: no live server (down or ejected: {down})")
+    return status, lines
+
+
+class _WriteAndClose(Protocol):
+    def connectionMade(self) -> None:
+        self.transport.write(self.factory.document())
+        self.transport.loseConnection()
+
+
+class _StatsFactory(Factory):
+    protocol = _WriteAndClose
+    noisy = False
+
+    def __init__(self, document: Callable[[], bytes]) -> None:
+        self.document = document
+
+
+class _Listening(Service):
+    """A service that listens on one TCP address while running."""
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any, interface: str, port: int) -> None:
+        self._reactor = reactor
+        self.interface = interface
+        self.requested_port = port
+        self.port: Any = None
+
+    def factory(self) -> Factory:
+        raise NotImplementedError
+
+    def privilegedStartService(self) -> None:
+        self._listen()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if self.port is None:
+            self._listen()
+        super().startService()
+
+    def _listen(self) -> None:
+        self.port = self._reactor.listenTCP(self.requested_port, self.factory(), interface=self.interface)
+        self._log.info("{what} listening on {interface}:{port}", what=self.name,
+                       interface=self.interface, port=self.port.getHost().port)
+
+    @property
+    def port_number(self) -> int:
+        return self.port.getHost().port
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        port, self.port = self.port, None
+        return defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
+
+
+class StatsPortService(_Listening):
+    """nutcracker's stats port: connect, read one JSON document, get closed."""
+
+    def __init__(self, pools: PoolsSource, started: float, reactor: Any, interface: str, port: int) -> None:
+        super().__init__(reactor, interface, port)
+        self.setName("stats")
+        self._pools = pools
+        self._started = started
+
+    def factory(self) -> Factory:
+        return _StatsFactory(lambda: stats_json(self._pools, self._started, self._reactor))
+
+
+class _Page(Resource):
+    isLeaf = True
+
+    def __init__(self, render_page: Callable[[Any], bytes]) -> None:
+        super().__init__()
+        self._render_page = render_page
+
+    def render_GET(self, request: Any) -> bytes:
+        return self._render_page(request)
+
+
+class _QuietSite(Site):
+    """A Site without its access log: scrapes every few seconds would flood the proxy's log."""
+
+    noisy = False
+    displayTracebacks = False
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+class HttpService(_Listening):
+    """``/metrics``, ``/stats`` and ``/health`` over HTTP (twisted.web)."""
+
+    def __init__(self, pools: PoolsSource, started: float, reactor: Any, interface: str, port: int) -> None:
+        super().__init__(reactor, interface, port)
+        self.setName("http")
+        self._pools = pools
+        self._started = started
+
+    def _metrics(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", metrics.CONTENT_TYPE.encode())
+        return metrics.render(self._pools, self._started, self._reactor)
+
+    def _stats(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return stats_json(self._pools, self._started, self._reactor)
+
+    def _health(self, request: Any) -> bytes:
+        status, lines = health(self._pools)
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return ("\n".join(lines) + "\n").encode()
+
+    def factory(self) -> Factory:
+        root = Resource()
+        root.putChild(b"metrics", _Page(self._metrics))
+        root.putChild(b"stats", _Page(self._stats))
+        root.putChild(b"health", _Page(self._health))
+        return _QuietSite(root)

@@ -1,0 +1,145 @@
+"""Prometheus exposition of the proxy's counters.
+
+Owns: a ``prometheus_client`` collector that reads the pools' counters at
+scrape time (so the hot path only bumps integers), in a registry of its own
+(never the library's global one), and the text it renders.  The collector
+is synchronous and reads only in-memory numbers, so calling it in the
+reactor thread is cheap and never blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, List, Sequence
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from twinproxy.stats import LATENCY_BUCKETS, Histogram, merged_latency
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _buckets(histogram: Histogram) -> List[List[Any]]:
+    cumulative = 0
+    buckets = []
+    for bound, count in zip((*LATENCY_BUCKETS, float("inf")), histogram.counts):
+        cumulative += count
+        buckets.append(["+Inf" if bound == float("inf") else repr(bound), cumulative])
+    return buckets
+
+
+class ProxyCollector:
+    """Yields every metric of every pool; ``services`` is read at each scrape."""
+
+    def __init__(self, services: Callable[[], Sequence[Any]], started: float, clock: Any) -> None:
+        self._services = services
+        self._started = started
+        self._clock = clock
+
+    def describe(self) -> List[Metric]:
+        return []  # computed at collect time only; nothing to register up front
+
+    def collect(self) -> Iterator[Metric]:
+        services = list(self._services())
+        uptime = GaugeMetricFamily("twinproxy_uptime_seconds", "Seconds since the proxy started")
+        uptime.add_metric([], self._clock.seconds() - self._started)
+        yield uptime
+
+        pool_labels = ["pool"]
+        server_labels = ["pool", "server"]
+        families = {
+            "client_eof": CounterMetricFamily("twinproxy_pool_client_eof", "Client connections closed by the "
+                                              "client", labels=pool_labels),
+            "client_err": CounterMetricFamily("twinproxy_pool_client_err", "Client connections that failed or "
+                                              "broke the protocol", labels=pool_labels),
+            "server_ejects": CounterMetricFamily("twinproxy_pool_server_ejects", "Servers ejected from the ring",
+                                                 labels=pool_labels),
+            "forward_error": CounterMetricFamily("twinproxy_pool_forward_error", "Requests answered with an error "
+                                                 "because their server failed", labels=pool_labels),
+            "fragments": CounterMetricFamily("twinproxy_pool_fragments", "Sub-requests made by splitting "
+                                             "multi-key requests", labels=pool_labels),
+        }
+        clients = GaugeMetricFamily("twinproxy_pool_client_connections", "Client connections open now",
+                                    labels=pool_labels)
+        live = GaugeMetricFamily("twinproxy_pool_live_servers", "Servers in the ring now", labels=pool_labels)
+        commands = CounterMetricFamily("twinproxy_pool_commands", "Requests received, by command",
+                                       labels=["pool", "command"])
+        pool_latency = HistogramMetricFamily("twinproxy_pool_request_latency_seconds", "Time from sending a "
+                                             "request to a server to its reply, over the pool's servers",
+                                             labels=pool_labels)
+        server_counters = {
+            name: CounterMetricFamily(f"twinproxy_server_{name}", text, labels=server_labels)
+            for name, text in (
+                ("eof", "Connections the server closed"),
+                ("err", "Connections that failed"),
+                ("timedout", "Connections closed on a reply timeout"),
+                ("requests", "Requests sent to the server"),
+                ("request_bytes", "Bytes of requests sent to the server"),
+                ("responses", "Replies received from the server"),
+                ("response_bytes", "Bytes of replies received from the server"),
+            )
+        }
+        server_gauges = {
+            name: GaugeMetricFamily(f"twinproxy_server_{name}", text, labels=server_labels)
+            for name, text in (
+                ("connections", "Connections to the server open now"),
+                ("ejected", "1 while the server is ejected from the ring"),
+                ("up", "0 after a failed connection or a timeout, until a connection succeeds"),
+                ("in_queue", "Requests waiting for a connection"),
+                ("in_queue_bytes", "Bytes of requests waiting for a connection"),
+                ("out_queue", "Requests sent and awaiting a reply"),
+                ("out_queue_bytes", "Bytes of requests sent and awaiting a reply"),
+            )
+        }
+        server_latency = HistogramMetricFamily("twinproxy_server_latency_seconds", "Time from sending a request "
+                                               "to the server to its reply", labels=server_labels)
+        for service in services:
+            pool = service.pool
+            counters = pool.counters
+            name = service.name
+            for field, family in families.items():
+                family.add_metric([name], getattr(counters, field))
+            clients.add_metric([name], len(service.factory.clients))
+            live.add_metric([name], len(pool.live_servers))
+            for command, count in sorted(counters.commands.items()):
+                commands.add_metric([name, command], count)
+            histograms = []
+            for link in service.links:
+                server = link.server
+                labels = [name, server.spec.stats_name]
+                sc = server.counters
+                for field, value in (("eof", sc.server_eof), ("err", sc.server_err),
+                                     ("timedout", sc.server_timedout), ("requests", sc.requests),
+                                     ("request_bytes", sc.request_bytes), ("responses", sc.responses),
+                                     ("response_bytes", sc.response_bytes)):
+                    server_counters[field].add_metric(labels, value)
+                in_queue, in_bytes, out_queue, out_bytes = link.queue_stats()
+                for field, value in (("connections", link.connection_count), ("ejected", int(server.ejected)),
+                                     ("up", int(server.up)), ("in_queue", in_queue),
+                                     ("in_queue_bytes", in_bytes), ("out_queue", out_queue),
+                                     ("out_queue_bytes", out_bytes)):
+                    server_gauges[field].add_metric(labels, value)
+                server_latency.add_metric(labels, _buckets(sc.latency), sc.latency.total)
+                histograms.append(sc.latency)
+            merged = merged_latency(histograms)
+            pool_latency.add_metric([name], _buckets(merged), merged.total)
+        yield from families.values()
+        yield clients
+        yield live
+        yield commands
+        yield pool_latency
+        yield from server_counters.values()
+        yield from server_gauges.values()
+        yield server_latency
+
+
+def render(services: Callable[[], Sequence[Any]], started: float, clock: Any) -> bytes:
+    """The exposition text for the pools ``services()`` returns now."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProxyCollector(services, started, clock))
+    return generate_latest(registry)

@@ -1,0 +1,196 @@
+"""Counters the proxy keeps, and the nutcracker-shaped document built from them.
+
+Owns: :class:`ServerCounters` and :class:`PoolCounters` (plain attributes,
+bumped on the hot path with no call), the latency :class:`Histogram`, the
+field names and descriptions of nutcracker's stats port (``FIELDS``), and
+:func:`snapshot`, which reads counters and gauges of running pools into one
+ordered document.  Knows nothing of sockets or HTTP; ``metrics.py`` and the
+stats listener render what this produces.
+"""
+
+from __future__ import annotations
+
+import socket
+from bisect import bisect_left
+from typing import Any, Dict, List, Sequence, Tuple
+
+from twinproxy import __version__
+
+# Upper bounds, in seconds, of the latency histogram's buckets (+Inf is implied).
+LATENCY_BUCKETS: Tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Histogram:
+    """Counts of observations per latency bucket, and their sum."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def add(self, other: "Histogram") -> None:
+        for index, count in enumerate(other.counts):
+            self.counts[index] += count
+        self.total += other.total
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+class ServerCounters:
+    """What happened on one server's connections since start."""
+
+    __slots__ = ("server_eof", "server_err", "server_timedout", "requests", "request_bytes", "responses",
+                 "response_bytes", "connections_made", "latency")
+
+    def __init__(self) -> None:
+        self.server_eof = 0
+        self.server_err = 0
+        self.server_timedout = 0
+        self.requests = 0
+        self.request_bytes = 0
+        self.responses = 0
+        self.response_bytes = 0
+        self.connections_made = 0
+        self.latency = Histogram()
+
+
+class PoolCounters:
+    """What happened to one pool's clients and routing since start."""
+
+    __slots__ = ("client_eof", "client_err", "server_ejects", "forward_error", "fragments", "clients_accepted",
+                 "commands")
+
+    def __init__(self) -> None:
+        self.client_eof = 0
+        self.client_err = 0
+        self.server_ejects = 0
+        self.forward_error = 0
+        self.fragments = 0
+        self.clients_accepted = 0
+        self.commands: Dict[str, int] = {}
+
+
+# nutcracker's fields, in its order, with what each counts.
+TOP_FIELDS = (
+    ("service", "the proxy's name"),
+    ("source", "the host it runs on"),
+    ("version", "the proxy's version"),
+    ("uptime", "seconds since the proxy started"),
+    ("timestamp", "when this document was made, seconds since the epoch"),
+    ("total_connections", "connections ever made: listeners, clients, servers"),
+    ("curr_connections", "connections open now: listeners, clients, servers"),
+)
+POOL_FIELDS = (
+    ("client_eof", "client connections closed by the client"),
+    ("client_err", "client connections that failed or sent bytes that are not the protocol"),
+    ("client_connections", "client connections open now"),
+    ("server_ejects", "times a server was ejected from the ring"),
+    ("forward_error", "requests answered with an error because their server failed or none was live"),
+    ("fragments", "sub-requests made by splitting multi-key requests"),
+)
+SERVER_FIELDS = (
+    ("server_eof", "connections the server closed"),
+    ("server_err", "connections that failed: refused, reset, or a reply that is not the protocol"),
+    ("server_timedout", "connections closed because a reply did not come within timeout"),
+    ("server_connections", "connections to the server open now"),
+    ("server_ejected_at", "when the server was last ejected, microseconds since the epoch (0: never)"),
+    ("requests", "requests sent to the server"),
+    ("request_bytes", "bytes of requests sent to the server"),
+    ("responses", "replies received from the server"),
+    ("response_bytes", "bytes of replies received from the server"),
+    ("in_queue", "requests waiting for a connection to the server"),
+    ("in_queue_bytes", "bytes of requests waiting for a connection"),
+    ("out_queue", "requests sent and awaiting their reply"),
+    ("out_queue_bytes", "bytes of requests sent and awaiting their reply"),
+)
+
+
+def describe() -> str:
+    """The text of ``--describe-stats``."""
+    lines = ["top-level stats:"]
+    lines += [f"  {name:<20}\"{text}\"" for name, text in TOP_FIELDS]
+    lines += ["", "pool stats:"]
+    lines += [f"  {name:<20}\"{text}\"" for name, text in POOL_FIELDS]
+    lines += ["", "server stats:"]
+    lines += [f"  {name:<20}\"{text}\"" for name, text in SERVER_FIELDS]
+    return "\n".join(lines) + "\n"
+
+
+def server_document(server: Any, link: Any) -> Dict[str, int]:
+    counters = server.counters
+    in_queue, in_bytes, out_queue, out_bytes = link.queue_stats()
+    return {
+        "server_eof": counters.server_eof,
+        "server_err": counters.server_err,
+        "server_timedout": counters.server_timedout,
+        "server_connections": link.connection_count,
+        "server_ejected_at": int(server.ejected_at * 1_000_000),
+        "requests": counters.requests,
+        "request_bytes": counters.request_bytes,
+        "responses": counters.responses,
+        "response_bytes": counters.response_bytes,
+        "in_queue": in_queue,
+        "in_queue_bytes": in_bytes,
+        "out_queue": out_queue,
+        "out_queue_bytes": out_bytes,
+    }
+
+
+def pool_document(service: Any) -> Dict[str, Any]:
+    counters = service.pool.counters
+    document: Dict[str, Any] = {
+        "client_eof": counters.client_eof,
+        "client_err": counters.client_err,
+        "client_connections": len(service.factory.clients),
+        "server_ejects": counters.server_ejects,
+        "forward_error": counters.forward_error,
+        "fragments": counters.fragments,
+    }
+    for link in service.links:
+        document[link.server.spec.stats_name] = server_document(link.server, link)
+    return document
+
+
+def connection_counts(services: Sequence[Any]) -> Tuple[int, int]:
+    """(ever made, open now), counting listeners, clients and server connections, as nutcracker does."""
+    total = current = 0
+    for service in services:
+        listening = 1 if service.port is not None else 0
+        clients = len(service.factory.clients)
+        servers = sum(link.connection_count for link in service.links)
+        current += listening + clients + servers
+        total += 1 + service.pool.counters.clients_accepted + sum(
+            link.server.counters.connections_made for link in service.links)
+    return total, current
+
+
+def snapshot(services: Sequence[Any], started: float, now: float) -> Dict[str, Any]:
+    """The stats port's document: nutcracker's layout, current values."""
+    total, current = connection_counts(services)
+    document: Dict[str, Any] = {
+        "service": "twinproxy",
+        "source": socket.gethostname(),
+        "version": __version__,
+        "uptime": int(now - started),
+        "timestamp": int(now),
+        "total_connections": total,
+        "curr_connections": current,
+    }
+    for service in services:
+        document[service.name] = pool_document(service)
+    return document
+
+
+def merged_latency(histograms: List[Histogram]) -> Histogram:
+    merged = Histogram()
+    for histogram in histograms:
+        merged.add(histogram)
+    return merged
