@@ -45,4 +45,4 @@ twinproxy demo: backends started (redis 127.0.0.1:6380 and :6381, memcached :112
   memcached pool: .venv/bin/python -c "from pymemcache import Client; c = Client(('127.0.0.1', 22122)); c.set('a', 'b'); print(c.get('a'))"
 Ctrl-C stops the proxy and the demo backends.
 MSG
-"$VENV/bin/twistd" --nodaemon --pidfile= twinproxy --config conf/pools.yml
+"$VENV/bin/twistd" --nodaemon --pidfile= twinproxy --config conf/pools.yml --stats-addr 127.0.0.1
