@@ -31,6 +31,8 @@ POOL_KEYS = (
     "server_connections", "auto_eject_hosts", "server_retry_timeout",
     "server_failure_limit", "servers",
 )
+# twinproxy's own keys; nutcracker's files never need them.
+EXTENSION_KEYS = ("client_max_pending", "client_max_pending_bytes", "max_request_bytes", "shutdown_timeout")
 
 
 class ConfigError(Exception):
@@ -119,6 +121,13 @@ class PoolConfig:
     auto_eject_hosts: bool = False
     server_retry_timeout: int = 30000
     server_failure_limit: int = 2
+    # Extensions: a client stops being read past this many requests, or
+    # bytes of requests, awaiting their replies; a bigger request is refused;
+    # stopping waits this many ms for requests in flight.
+    client_max_pending: int = 1024
+    client_max_pending_bytes: int = 64 * 1024 * 1024
+    max_request_bytes: int = 512 * 1024 * 1024
+    shutdown_timeout: int = 5000
 
     @property
     def protocol(self) -> str:
@@ -194,7 +203,7 @@ def _parse_pool(path: str, name: str, body: Any) -> PoolConfig:
         return ConfigError(path, reason, name, key, value)
 
     for key in body:
-        if key not in POOL_KEYS:
+        if key not in POOL_KEYS and key not in EXTENSION_KEYS:
             raise fail(key, None, "unknown key")
     values: Dict[str, Any] = {}
     for key, raw in body.items():
@@ -352,4 +361,8 @@ _CONVERTERS = {
     "auto_eject_hosts": _boolean,
     "server_retry_timeout": _number,
     "server_failure_limit": _positive,
+    "client_max_pending": _positive,
+    "client_max_pending_bytes": _positive,
+    "max_request_bytes": _positive,
+    "shutdown_timeout": _number,
 }

@@ -25,16 +25,27 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Optional
 
+from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from twinproxy.protocols import Codec, ProtocolError
 from twinproxy.request import FORWARD, FRAGMENT, Request
 
 
+@implementer(IPushProducer)
 class FrontendProtocol(Protocol):
-    """One client connection; also the codec's session for that client."""
+    """One client connection; also the codec's session for that client.
+
+    Backpressure: the client is not read while its replies back up in the
+    transport (the transport pauses us, as our producer), while
+    ``client_max_pending`` requests or ``client_max_pending_bytes`` bytes of
+    them await replies, or while the pool is stopping.  Reading resumes at
+    half those limits, so a client at the limit costs no pause per request.
+    """
 
     _log = Logger()
 
@@ -47,6 +58,13 @@ class FrontendProtocol(Protocol):
         self._in_order: deque = deque()
         self._counters = factory.pool.counters
         self._commands = factory.pool.counters.commands
+        config = factory.pool.config
+        self._max_pending = config.client_max_pending
+        self._max_pending_bytes = config.client_max_pending_bytes
+        self._pending_bytes = 0
+        self._write_blocked = False
+        self._reading_paused = False
+        self._draining = False
         self._closing = False
         self._failed = False   # a protocol error, already counted as client_err
         self.closed = False
@@ -57,9 +75,49 @@ class FrontendProtocol(Protocol):
     def connectionMade(self) -> None:
         if hasattr(self.transport, "setTcpNoDelay"):
             self.transport.setTcpNoDelay(True)
+        self.transport.registerProducer(self, True)
+
+    # -- IPushProducer: the transport's verdict on our replies -----------------
+
+    def pauseProducing(self) -> None:
+        self._write_blocked = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        self._write_blocked = False
+        self._update_reading()
+
+    def stopProducing(self) -> None:
+        pass
+
+    def _update_reading(self) -> None:
+        if self.closed or self.transport is None:
+            return
+        if self._draining or self._write_blocked:
+            pause = True
+        elif self._reading_paused:
+            pause = (len(self._in_order) > self._max_pending // 2
+                     or self._pending_bytes > self._max_pending_bytes // 2)
+        else:
+            pause = len(self._in_order) >= self._max_pending or self._pending_bytes >= self._max_pending_bytes
+        if pause != self._reading_paused:
+            self._reading_paused = pause
+            if pause:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
+
+    def drain(self) -> None:
+        """Read no more; close once every request read so far is answered (pool stopping)."""
+        self._draining = True
+        self._update_reading()
+        if not self._in_order and self.transport is not None:
+            self.transport.loseConnection()
+
+    # -- requests -------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self._closing:
+        if self._closing or self._draining:
             return
         parser = self._parser
         parser.feed(data)
@@ -73,6 +131,8 @@ class FrontendProtocol(Protocol):
             if request is None:
                 break
             dispatch(request)
+        if len(self._in_order) >= self._max_pending or self._pending_bytes >= self._max_pending_bytes:
+            self._update_reading()
 
     def connectionLost(self, reason: Any = None) -> None:
         if not self._failed:
@@ -96,6 +156,7 @@ class FrontendProtocol(Protocol):
         commands[name] = commands.get(name, 0) + 1
         if not request.quiet:
             self._in_order.append(request)
+            self._pending_bytes += len(request.raw)
         kind = request.kind
         if kind == FORWARD:
             self._pool.server_for_key(request.key).send(request)
@@ -142,8 +203,9 @@ class FrontendProtocol(Protocol):
         while in_order:
             head = in_order[0]
             if head.reply is None:
-                return
+                break
             in_order.popleft()
+            self._pending_bytes -= len(head.raw)
             if self.closed:
                 continue
             transport.write(head.reply)
@@ -151,6 +213,10 @@ class FrontendProtocol(Protocol):
                 in_order.clear()
                 transport.loseConnection()
                 return
+        if self._reading_paused:
+            self._update_reading()
+        if self._draining and not in_order and not self.closed:
+            transport.loseConnection()
 
     def _protocol_error(self, err: ProtocolError) -> None:
         """Answer a malformed request after everything before it, then close."""
@@ -187,6 +253,7 @@ class ProxyFactory(Factory):
         self.client_limit = client_limit
         self.requires_auth = requires_auth
         self.clients: set = set()
+        self._empty_waiters: list = []
         self._next_id = 0
         self._warned_full = False
 
@@ -206,3 +273,18 @@ class ProxyFactory(Factory):
 
     def client_gone(self, protocol: FrontendProtocol) -> None:
         self.clients.discard(protocol)
+        if not self.clients:
+            waiters, self._empty_waiters = self._empty_waiters, []
+            for waiter in waiters:
+                if not waiter.called:  # the shutdown deadline may have fired it already
+                    waiter.callback(None)
+
+    def drain(self) -> defer.Deferred:
+        """Let every client finish what it sent, then close it; fires when all are gone."""
+        if not self.clients:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self._empty_waiters.append(waiter)
+        for client in list(self.clients):
+            client.drain()
+        return waiter

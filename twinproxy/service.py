@@ -82,18 +82,33 @@ class PoolService(Service):
         return self.port.getHost() if self.port is not None else None
 
     def stopService(self) -> defer.Deferred:
+        """Stop accepting; let clients get the replies to what they sent, up to
+        ``shutdown_timeout``; then close clients and backend connections."""
         super().stopService()
-        waits = []
-        if self.port is not None:
-            waits.append(defer.maybeDeferred(self.port.stopListening))
-            self.port = None
-        for client in list(self.factory.clients):
-            if client.transport is not None:
-                client.transport.loseConnection()
-        for link in self.links:
-            waits.append(link.stop())
-        self.pool.stop()
-        return defer.gatherResults(waits)
+        reactor = self._reactor
+        listening = defer.maybeDeferred(self.port.stopListening) if self.port is not None else defer.succeed(None)
+        self.port = None
+        drained = self.factory.drain()
+        deadline = reactor.callLater(self.config.shutdown_timeout / 1000.0, self._give_up, drained)
+
+        def close_backends(_: Any) -> defer.Deferred:
+            if deadline.active():
+                deadline.cancel()
+            self.pool.stop()
+            return defer.gatherResults([link.stop() for link in self.links])
+
+        drained.addCallback(close_backends)
+        return defer.gatherResults([listening, drained])
+
+    def _give_up(self, drained: defer.Deferred) -> None:
+        if not drained.called:
+            self._log.warn("pool {pool}: {count} clients still waiting for replies after shutdown_timeout; "
+                           "closing them", pool=self.name, count=len(self.factory.clients))
+            for client in list(self.factory.clients):
+                if client.transport is not None:
+                    client.transport.abortConnection()
+            if not drained.called:
+                drained.callback(None)
 
 
 def _interface(host: Optional[str]) -> str:

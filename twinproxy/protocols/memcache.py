@@ -283,7 +283,7 @@ class MemcacheCodec:
     # -- the Codec interface -------------------------------------------------
 
     def request_parser(self) -> MemcacheRequestParser:
-        return MemcacheRequestParser()
+        return MemcacheRequestParser(max_value=min(MAX_VALUE, self._config.max_request_bytes))
 
     def reply_framer(self) -> MemcacheReplyFramer:
         return MemcacheReplyFramer()

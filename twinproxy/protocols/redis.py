@@ -146,7 +146,7 @@ class RedisCodec:
     # -- the Codec interface -------------------------------------------------
 
     def request_parser(self) -> resp.RespRequestParser:
-        return resp.RespRequestParser()
+        return resp.RespRequestParser(max_request=self._config.max_request_bytes)
 
     def reply_framer(self) -> resp.RespReplyFramer:
         return resp.RespReplyFramer()

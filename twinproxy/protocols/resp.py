@@ -13,7 +13,7 @@ server wrote them.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from twinproxy.protocols import ProtocolError
 from twinproxy.request import Request
@@ -53,25 +53,37 @@ class RespRequestParser:
     """Cuts a client stream into :class:`Request` objects with ``args`` filled.
 
     ``raw`` is always a RESP multibulk, so an inline command is re-encoded
-    once here and backends only ever see RESP.
+    once here and backends only ever see RESP.  A multibulk that arrives in
+    pieces is parsed once: the arguments already read are kept, and parsing
+    resumes where it stopped, so a 100,000-key MGET costs linear time
+    however it is cut.  ``max_request`` bounds one request's size.
     """
 
-    def __init__(self, max_bulk: int = MAX_BULK, max_args: int = MAX_ARGS) -> None:
+    def __init__(self, max_bulk: int = MAX_BULK, max_args: int = MAX_ARGS,
+                 max_request: int = MAX_BULK) -> None:
         self._buf = bytearray()
         self._pos = 0
         self._need = 0
-        self._max_bulk = max_bulk
+        self._max_bulk = min(max_bulk, max_request)
         self._max_args = max_args
+        self._max_request = max_request
+        # A multibulk in progress: its arguments so far, where the next one starts, how many are left.
+        self._args: Optional[List[bytes]] = None
+        self._cursor = 0
+        self._left = 0
 
     def feed(self, data: bytes) -> None:
         buf = self._buf
-        if self._pos:
-            if self._pos >= len(buf):
+        pos = self._pos
+        if pos:
+            if pos >= len(buf):
                 buf.clear()
                 self._pos = 0
-            elif self._pos >= _COMPACT_AT:
-                del buf[:self._pos]
-                self._need -= self._pos
+                self._need = 0
+            elif pos >= _COMPACT_AT:
+                del buf[:pos]
+                self._need = max(0, self._need - pos)
+                self._cursor = max(0, self._cursor - pos)
                 self._pos = 0
         buf += data
 
@@ -87,7 +99,9 @@ class RespRequestParser:
             pos = self._pos
             if pos >= end or end < self._need:
                 return None
-            if buf[pos] != _STAR:
+            if self._args is not None:
+                request = self._arguments(buf, pos, end)
+            elif buf[pos] != _STAR:
                 request = self._inline(buf, pos, end)
             else:
                 request = self._multibulk(buf, pos, end)
@@ -103,37 +117,53 @@ class RespRequestParser:
         count = _number(buf, pos + 1, eol)
         if count is None or count > self._max_args:
             raise ProtocolError("Protocol error: invalid multibulk length")
-        cursor = eol + 2
         if count <= 0:
             # Redis treats '*0' and '*-1' as an empty command and reads on.
-            self._pos = cursor
+            self._pos = eol + 2
             return False
-        args = []
+        self._args = []
+        self._cursor = eol + 2
+        self._left = count
+        return self._arguments(buf, pos, end)
+
+    def _arguments(self, buf: bytearray, pos: int, end: int):
+        args = self._args
         append = args.append
+        cursor = self._cursor
+        left = self._left
         max_bulk = self._max_bulk
-        for _ in range(count):
-            if cursor >= end:
-                return None
-            if buf[cursor] != _BULK:
-                got = chr(buf[cursor]) if 32 <= buf[cursor] < 127 else f"\\x{buf[cursor]:02x}"
-                raise ProtocolError(f"Protocol error: expected '$', got '{got}'")
-            eol = buf.find(CRLF, cursor)
-            if eol < 0:
-                if end - cursor > MAX_INLINE:
-                    raise ProtocolError("Protocol error: too big bulk count string")
-                return None
-            length = _number(buf, cursor + 1, eol)
-            if length is None or length < 0 or length > max_bulk:
-                raise ProtocolError("Protocol error: invalid bulk length")
-            start = eol + 2
-            stop = start + length
-            if stop + 2 > end:
-                self._need = stop + 2
-                return None
-            if buf[stop] != 13 or buf[stop + 1] != 10:
-                raise ProtocolError("Protocol error: expected CRLF after bulk string")
-            append(bytes(buf[start:stop]))
-            cursor = stop + 2
+        limit = pos + self._max_request
+        try:
+            while left:
+                if cursor >= end:
+                    return None
+                if buf[cursor] != _BULK:
+                    got = chr(buf[cursor]) if 32 <= buf[cursor] < 127 else f"\\x{buf[cursor]:02x}"
+                    raise ProtocolError(f"Protocol error: expected '$', got '{got}'")
+                eol = buf.find(CRLF, cursor)
+                if eol < 0:
+                    if end - cursor > MAX_INLINE:
+                        raise ProtocolError("Protocol error: too big bulk count string")
+                    return None
+                length = _number(buf, cursor + 1, eol)
+                if length is None or length < 0 or length > max_bulk:
+                    raise ProtocolError("Protocol error: invalid bulk length")
+                start = eol + 2
+                stop = start + length
+                if stop + 2 > limit:
+                    raise ProtocolError(f"Protocol error: request bigger than {self._max_request} bytes")
+                if stop + 2 > end:
+                    self._need = stop + 2
+                    return None
+                if buf[stop] != 13 or buf[stop + 1] != 10:
+                    raise ProtocolError("Protocol error: expected CRLF after bulk string")
+                append(bytes(buf[start:stop]))
+                cursor = stop + 2
+                left -= 1
+        finally:
+            self._cursor = cursor
+            self._left = left
+        self._args = None
         self._pos = cursor
         self._need = 0
         return Request(bytes(buf[pos:cursor]), args)
@@ -220,31 +250,40 @@ def scan_value(buf: bytes | bytearray, pos: int, end: int) -> int:
     An attribute (``|``) and the value it annotates count as one value.
     Raises ProtocolError on bytes that are not RESP.
     """
-    stack: Optional[List[int]] = None
+    return _scan(buf, pos, end, None)[0]
+
+
+def _scan(buf: bytes | bytearray, pos: int, end: int, stack: Optional[List[int]]) -> Tuple[int, int, Any]:
+    """Scan one value from ``pos`` with ``stack`` (elements left in each open aggregate).
+
+    Returns ``(stop, pos, stack)``: ``stop`` is the offset past the value, or
+    -1 when the bytes end first, and then ``pos`` and ``stack`` say where to
+    resume once more bytes come, without reading again what was read.
+    """
     while True:
         if pos >= end:
-            return -1
+            return -1, pos, stack
         kind = buf[pos]
         eol = buf.find(CRLF, pos, end)
         if eol < 0:
             if end - pos > MAX_REPLY_LINE:
                 raise ProtocolError("reply line too long")
-            return -1
+            return -1, pos, stack
         if kind in _LINE_TYPES:
-            pos = eol + 2
+            next_pos = eol + 2
         elif kind in _BLOB_TYPES:
             length = _number(buf, pos + 1, eol)
             if length is None or length < -1 or (length == -1 and kind != _BULK):
                 raise ProtocolError("invalid bulk length in reply")
             if length == -1:
-                pos = eol + 2
+                next_pos = eol + 2
             else:
                 stop = eol + 2 + length
                 if stop + 2 > end:
-                    return -1
+                    return -1, pos, stack
                 if buf[stop] != 13 or buf[stop + 1] != 10:
                     raise ProtocolError("bulk reply not terminated by CRLF")
-                pos = stop + 2
+                next_pos = stop + 2
         else:
             per_entry = _AGGREGATE_ELEMENTS.get(kind)
             if per_entry is None:
@@ -257,20 +296,20 @@ def scan_value(buf: bytes | bytearray, pos: int, end: int) -> int:
             if kind == _ATTRIBUTE:
                 children += 1  # the annotated value that follows
             if children:
-                if stack is None:
-                    stack = []
-                stack.append(children)
+                stack = [*stack, children] if stack else [children]
                 continue
+            next_pos = pos
+        pos = next_pos
         # One whole value ends at ``pos``: close every aggregate it completes.
         if not stack:
-            return pos
+            return pos, pos, None
         while True:
             stack[-1] -= 1
             if stack[-1]:
                 break
             stack.pop()
             if not stack:
-                return pos
+                return pos, pos, None
 
 
 class RespReplyFramer:
@@ -278,20 +317,26 @@ class RespReplyFramer:
 
     Out-of-band push messages (``>``) are dropped: they answer no request,
     and twinproxy serves no command (subscribe, tracking) that asks for them.
+    A reply that arrives in pieces is scanned once: scanning resumes at the
+    element where the bytes ran out.
     """
 
     def __init__(self) -> None:
         self._buf = bytearray()
-        self._pos = 0
+        self._pos = 0       # start of the reply being framed
+        self._resume = 0    # where scanning of it resumes
+        self._stack: Optional[List[int]] = None
 
     def feed(self, data: bytes) -> None:
         buf = self._buf
-        if self._pos:
-            if self._pos >= len(buf):
+        pos = self._pos
+        if pos:
+            if pos >= len(buf):
                 buf.clear()
-                self._pos = 0
-            elif self._pos >= _COMPACT_AT:
-                del buf[:self._pos]
+                self._pos = self._resume = 0
+            elif pos >= _COMPACT_AT:
+                del buf[:pos]
+                self._resume -= pos
                 self._pos = 0
         buf += data
 
@@ -299,15 +344,18 @@ class RespReplyFramer:
         buf = self._buf
         end = len(buf)
         while True:
-            pos = self._pos
-            if pos >= end:
+            start = self._pos
+            if start >= end:
                 return None
-            stop = scan_value(buf, pos, end)
+            stop, resume, stack = _scan(buf, self._resume, end, self._stack)
             if stop < 0:
+                self._resume = resume
+                self._stack = stack
                 return None
-            self._pos = stop
-            if buf[pos] != _PUSH:
-                return bytes(buf[pos:stop])
+            self._pos = self._resume = stop
+            self._stack = None
+            if buf[start] != _PUSH:
+                return bytes(buf[start:stop])
 
 
 def split_aggregate(reply: bytes) -> Tuple[bytes, List[bytes]]:
