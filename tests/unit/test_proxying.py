@@ -270,3 +270,54 @@ class ProxyingTests(SynchronousTestCase):
         wires = [wire.value() for _, wire in h.backends["a"]]
         self.assertIn(cmd(b"SET", key, b"1") + cmd(b"GET", key), wires)
         self.assertEqual(sorted(w.count(b"GET") for w in wires), [0, 1, 1])
+
+    def test_reading_pauses_at_client_max_pending_and_resumes_at_half(self) -> None:
+        h = Harness("  client_max_pending: 4\n")
+        client, out = h.client()
+        key = h.key_on("a")
+        client.dataReceived(cmd(b"GET", key) * 6)
+        self.assertEqual(out.producerState, "paused")
+        h.connect_pending()
+        a, _ = h.backend("a")
+        a.dataReceived(b":1\r\n" * 3)
+        self.assertEqual(out.producerState, "paused")  # 3 left: above half of 4
+        a.dataReceived(b":1\r\n")
+        self.assertEqual(out.producerState, "producing")
+        self.assertEqual(out.value(), b":1\r\n" * 4)
+
+    def test_reading_pauses_while_replies_back_up_in_the_transport(self) -> None:
+        h = Harness()
+        client, out = h.client()
+        self.assertIs(out.producer, client)
+        client.pauseProducing()  # what the transport does when its buffer is full
+        self.assertEqual(out.producerState, "paused")
+        client.resumeProducing()
+        self.assertEqual(out.producerState, "producing")
+
+    def test_pending_bytes_limit(self) -> None:
+        h = Harness("  client_max_pending_bytes: 100\n")
+        client, out = h.client()
+        client.dataReceived(cmd(b"SET", h.key_on("a"), b"x" * 200))
+        self.assertEqual(out.producerState, "paused")
+
+    def test_oversized_request_is_a_protocol_error(self) -> None:
+        h = Harness("  max_request_bytes: 1000\n")
+        client, out = h.client()
+        client.dataReceived(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2000\r\n")
+        self.assertTrue(out.value().startswith(b"-ERR Protocol error: invalid bulk length"))
+        self.assertTrue(out.disconnecting)
+
+    def test_drain_answers_what_was_sent_then_closes(self) -> None:
+        h = Harness()
+        client, out = h.client()
+        client.dataReceived(cmd(b"GET", h.key_on("a")))
+        h.connect_pending()
+        done = h.factory.drain()
+        self.assertNoResult(done)
+        self.assertFalse(out.disconnecting)
+        client.dataReceived(cmd(b"GET", b"more"))  # read after drain began: ignored
+        h.backend("a")[0].dataReceived(b"$1\r\nv\r\n")
+        self.assertEqual(out.value(), b"$1\r\nv\r\n")
+        self.assertTrue(out.disconnecting)
+        client.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(done)
