@@ -3,17 +3,37 @@ PYTHON ?= python3
 VENV   ?= .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint deps venv clean
+.PHONY: run test lint deps venv clean bench bench-quick pypy pypy-venv
 
 run: deps venv
 	scripts/run-demo.sh
 
 test: deps venv
-	$(VENV)/bin/ruff check twinproxy twisted tests
+	$(VENV)/bin/ruff check twinproxy twisted tests bench
 	$(VENV)/bin/python -m pytest
 
 lint: venv
-	$(VENV)/bin/ruff check twinproxy twisted tests
+	$(VENV)/bin/ruff check twinproxy twisted tests bench
+
+# The side-by-side benchmark (bench/run.py): nutcracker and PyPy are used when present.
+bench: deps venv pypy-venv
+	$(VENV)/bin/python bench/run.py
+
+bench-quick: deps venv pypy-venv
+	$(VENV)/bin/python bench/run.py --quick
+
+# twinproxy and its whole test suite on PyPy 3.9 (Debian's pypy3), in .venv-pypy.
+pypy: deps pypy-venv
+	.venv-pypy/bin/python -m pytest
+
+pypy-venv: .venv-pypy/.installed
+
+.venv-pypy/.installed: pyproject.toml setup.cfg
+	@PYTHON=$(PYTHON) scripts/ensure-system-deps.sh --bench
+	test -x .venv-pypy/bin/python || pypy3 -m venv .venv-pypy
+	.venv-pypy/bin/pip install -q --config-settings editable_mode=compat -e '.[test]'
+	.venv-pypy/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+	touch $@
 
 deps:
 	@PYTHON=$(PYTHON) scripts/ensure-system-deps.sh
@@ -30,4 +50,4 @@ $(STAMP): pyproject.toml setup.cfg
 	touch $@
 
 clean:
-	rm -rf $(VENV) run twisted/plugins/dropin.cache .pytest_cache
+	rm -rf $(VENV) .venv-pypy run twisted/plugins/dropin.cache .pytest_cache

@@ -7,6 +7,14 @@ set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
 missing=()
+# --bench: the benchmark also wants nutcracker and PyPy; --pypy: PyPy alone.
+case "${1:-}" in
+    --bench)
+        command -v nutcracker >/dev/null 2>&1 || missing+=(nutcracker)
+        command -v pypy3 >/dev/null 2>&1 || missing+=(pypy3 pypy3-venv) ;;
+    --pypy)
+        command -v pypy3 >/dev/null 2>&1 || missing+=(pypy3 pypy3-venv) ;;
+esac
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v redis-benchmark >/dev/null 2>&1 || missing+=(redis-tools)
