@@ -26,11 +26,16 @@ def _signed(byte: int) -> int:
     return byte | 0xFFFFFF00 if byte & 0x80 else byte
 
 
+# The same, as a table: an index per byte is much cheaper than a call per byte.
+_SX = tuple(_signed(byte) for byte in range(256))
+
+
 def one_at_a_time(key: bytes) -> int:
     """Bob Jenkins' one-at-a-time hash."""
     h = 0
+    sx = _SX
     for byte in key:
-        h = (h + _signed(byte)) & _MASK32
+        h = (h + sx[byte]) & _MASK32
         h = (h + (h << 10)) & _MASK32
         h ^= h >> 6
     h = (h + (h << 3)) & _MASK32
@@ -95,27 +100,27 @@ def fnv1_64(key: bytes) -> int:
 def fnv1a_64(key: bytes) -> int:
     """Nutcracker's default: FNV-1a in 32-bit arithmetic with the 64-bit constants truncated."""
     h = 0x84222325
+    sx = _SX
     for byte in key:
-        h ^= _signed(byte)
-        h = (h * 0x1B3) & _MASK32
+        h = ((h ^ sx[byte]) * 0x1B3) & _MASK32
     return h
 
 
 def fnv1_32(key: bytes) -> int:
     """Standard 32-bit FNV-1."""
     h = 2166136261
+    sx = _SX
     for byte in key:
-        h = (h * 16777619) & _MASK32
-        h ^= _signed(byte)
+        h = ((h * 16777619) & _MASK32) ^ sx[byte]
     return h
 
 
 def fnv1a_32(key: bytes) -> int:
     """Standard 32-bit FNV-1a."""
     h = 2166136261
+    sx = _SX
     for byte in key:
-        h ^= _signed(byte)
-        h = (h * 16777619) & _MASK32
+        h = ((h ^ sx[byte]) * 16777619) & _MASK32
     return h
 
 

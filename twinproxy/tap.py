@@ -90,7 +90,10 @@ class Options(usage.Options):
         try:
             self.pools = load_file(path)
         except ConfigError as err:
-            raise usage.UsageError(str(err)) from None
+            # Exit here rather than raise UsageError: some twistd versions
+            # (26.4, the last for PyPy 3.9) print a UsageError and exit 0.
+            print(f"twinproxy: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
 
 
 def check_config(path: str, out: Any = None, err: Any = None) -> int:

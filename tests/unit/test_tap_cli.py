@@ -33,12 +33,13 @@ def test_options_load_the_config(good: Path) -> None:
     assert len(options.pools) == 2
 
 
-def test_bad_config_is_a_usage_error_not_a_traceback(tmp_path: Path) -> None:
+def test_bad_config_exits_1_with_one_line_not_a_traceback(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "bad.yml"
     bad.write_text("alpha:\n  listen: 127.0.0.1:1\n  hash: nope\n  servers:\n   - 127.0.0.1:1:1\n")
-    with pytest.raises(usage.UsageError) as caught:
+    with pytest.raises(SystemExit) as caught:
         tap.Options().parseOptions(["--config", str(bad)])
-    assert "bad.yml: pool 'alpha': key 'hash': value 'nope'" in str(caught.value)
+    assert caught.value.code == 1
+    assert "bad.yml: pool 'alpha': key 'hash': value 'nope'" in capsys.readouterr().err
 
 
 def test_build_one_named_child_per_pool_and_the_stats_port(good: Path, tmp_path: Path) -> None:
