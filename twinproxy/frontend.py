@@ -67,15 +67,18 @@ class FrontendProtocol(Protocol):
         self._draining = False
         self._closing = False
         self._failed = False   # a protocol error, already counted as client_err
+        self._socket: Any = None
         self.closed = False
         self.dialect = self._codec.default_dialect
         self.authenticated = not factory.requires_auth
         self.client_name: Optional[bytes] = None
 
     def connectionMade(self) -> None:
-        if hasattr(self.transport, "setTcpNoDelay"):
-            self.transport.setTcpNoDelay(True)
-        self.transport.registerProducer(self, True)
+        transport = self.transport
+        if hasattr(transport, "setTcpNoDelay"):
+            transport.setTcpNoDelay(True)
+        transport.registerProducer(self, True)
+        self._socket = _direct_socket(transport)
 
     # -- IPushProducer: the transport's verdict on our replies -----------------
 
@@ -113,6 +116,13 @@ class FrontendProtocol(Protocol):
         self._update_reading()
         if not self._in_order and self.transport is not None:
             self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """Drop the connection now, unanswered requests and all (shutdown deadline)."""
+        self.closed = True
+        self._in_order.clear()
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     # -- requests -------------------------------------------------------------
 
@@ -208,7 +218,7 @@ class FrontendProtocol(Protocol):
             self._pending_bytes -= len(head.raw)
             if self.closed:
                 continue
-            transport.write(head.reply)
+            self._write(head.reply)
             if head.close_after:
                 in_order.clear()
                 transport.loseConnection()
@@ -217,6 +227,29 @@ class FrontendProtocol(Protocol):
             self._update_reading()
         if self._draining and not in_order and not self.closed:
             transport.loseConnection()
+
+    def _write(self, data: bytes) -> None:
+        """Send now when nothing is queued before it; else (and for what is left) queue it.
+
+        Twisted's ``write`` queues every reply, asks epoll for writability,
+        sends on the next loop turn and then stops asking: two epoll_ctl calls
+        and a loop turn per reply.  A reply to a client that keeps up can go
+        out at once, in the same turn its server answered.
+        """
+        sock = self._socket
+        transport = self.transport
+        if sock is not None and not transport.dataBuffer and not transport._tempDataBuffer \
+                and not transport.disconnecting:
+            try:
+                sent = sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = 0  # Twisted's own write will meet the error and close properly
+            if sent == len(data):
+                return
+            data = data[sent:]
+        transport.write(data)
 
     def _protocol_error(self, err: ProtocolError) -> None:
         """Answer a malformed request after everything before it, then close."""
@@ -228,6 +261,16 @@ class FrontendProtocol(Protocol):
         self._failed = True
         self._in_order.append(request)
         self._flush()
+
+
+def _direct_socket(transport: Any) -> Any:
+    """The socket under a plain TCP or unix transport, which ``_write`` may send on; else None."""
+    sock = getattr(transport, "socket", None)
+    if sock is None or getattr(transport, "TLS", False):
+        return None
+    if not hasattr(transport, "_tempDataBuffer") or not hasattr(transport, "dataBuffer"):
+        return None
+    return sock
 
 
 class _Refused(Protocol):

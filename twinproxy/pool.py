@@ -23,7 +23,6 @@ from twinproxy.hashing import HASH_FUNCTIONS, hash_tag_extractor
 from twinproxy.request import Request
 from twinproxy.stats import PoolCounters, ServerCounters
 
-
 # Keys remembered before the route cache starts over, and the longest key it
 # keeps: at most about 20 MB.
 ROUTE_CACHE_SIZE = 65536

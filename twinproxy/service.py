@@ -105,8 +105,7 @@ class PoolService(Service):
             self._log.warn("pool {pool}: {count} clients still waiting for replies after shutdown_timeout; "
                            "closing them", pool=self.name, count=len(self.factory.clients))
             for client in list(self.factory.clients):
-                if client.transport is not None:
-                    client.transport.abortConnection()
+                client.abort()
             if not drained.called:
                 drained.callback(None)
 
