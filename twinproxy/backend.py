@@ -155,6 +155,14 @@ class BackendConnection(Protocol):
             transport.writeSequence(held)
 
     def dataReceived(self, data: bytes) -> None:
+        try:
+            self._replies(data)
+        finally:
+            outbox = self.link.outbox
+            if outbox is not None:
+                outbox.flush()
+
+    def _replies(self, data: bytes) -> None:
         framer = self._framer
         framer.feed(data)
         awaiting = self._awaiting
@@ -259,6 +267,9 @@ class BackendConnection(Protocol):
                 failed += 1
             owner.request_done(request)
         self.link.pool.counters.forward_error += failed
+        outbox = self.link.outbox
+        if outbox is not None:
+            outbox.flush()
 
 
 class _ConnectorFactory(ClientFactory):
@@ -299,6 +310,8 @@ class ServerLink:
         self._stopped = False
         self._lost_waiters: Dict[BackendConnection, defer.Deferred] = {}
         self._last_failure: Optional[str] = None
+        # Set by the service: the frontends' outbox, flushed after each burst of replies.
+        self.outbox: Any = None
         server.send = self.send
 
     def send(self, request: Request) -> None:

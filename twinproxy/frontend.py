@@ -68,6 +68,10 @@ class FrontendProtocol(Protocol):
         self._closing = False
         self._failed = False   # a protocol error, already counted as client_err
         self._socket: Any = None
+        self._outbox: Optional[Outbox] = factory.outbox
+        self._out: list = []            # replies in order, not yet written
+        self._in_outbox = False
+        self._close_when_sent = False
         self.closed = False
         self.dialect = self._codec.default_dialect
         self.authenticated = not factory.requires_auth
@@ -114,8 +118,11 @@ class FrontendProtocol(Protocol):
         """Read no more; close once every request read so far is answered (pool stopping)."""
         self._draining = True
         self._update_reading()
-        if not self._in_order and self.transport is not None:
-            self.transport.loseConnection()
+        if not self._in_order:
+            self._close_when_sent = True
+            self._schedule_send()
+            if self._outbox is not None:
+                self._outbox.flush()
 
     def abort(self) -> None:
         """Drop the connection now, unanswered requests and all (shutdown deadline)."""
@@ -143,6 +150,8 @@ class FrontendProtocol(Protocol):
             dispatch(request)
         if len(self._in_order) >= self._max_pending or self._pending_bytes >= self._max_pending_bytes:
             self._update_reading()
+        if self._outbox is not None:
+            self._outbox.flush()
 
     def connectionLost(self, reason: Any = None) -> None:
         if not self._failed:
@@ -208,8 +217,9 @@ class FrontendProtocol(Protocol):
             self._flush()
 
     def _flush(self) -> None:
+        """Queue every reply now at the head of the order; send them as one write."""
         in_order = self._in_order
-        transport = self.transport
+        out = self._out
         while in_order:
             head = in_order[0]
             if head.reply is None:
@@ -218,15 +228,36 @@ class FrontendProtocol(Protocol):
             self._pending_bytes -= len(head.raw)
             if self.closed:
                 continue
-            self._write(head.reply)
+            out.append(head.reply)
             if head.close_after:
                 in_order.clear()
-                transport.loseConnection()
-                return
+                self._close_when_sent = True
+                break
         if self._reading_paused:
             self._update_reading()
-        if self._draining and not in_order and not self.closed:
-            transport.loseConnection()
+        if self._draining and not in_order:
+            self._close_when_sent = True
+        if out or self._close_when_sent:
+            self._schedule_send()
+
+    def _schedule_send(self) -> None:
+        outbox = self._outbox
+        if outbox is None:
+            self.send_queued()
+        elif not self._in_outbox:
+            self._in_outbox = True
+            outbox.add(self)
+
+    def send_queued(self) -> None:
+        """Write what ``_flush`` queued (the outbox calls this once per burst)."""
+        self._in_outbox = False
+        out = self._out
+        if out:
+            if not self.closed:
+                self._write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+        if self._close_when_sent and not self.closed and self.transport is not None:
+            self.transport.loseConnection()
 
     def _write(self, data: bytes) -> None:
         """Send now when nothing is queued before it; else (and for what is left) queue it.
@@ -263,6 +294,32 @@ class FrontendProtocol(Protocol):
         self._flush()
 
 
+class Outbox:
+    """Clients with replies queued during one burst of work, written when it ends.
+
+    One server read can answer many clients, and many requests of one
+    pipelining client: each of those clients then gets one write for all of
+    its replies, right after the read, instead of one write per reply.
+    Whatever answers requests (a server read, a failed connection, a client
+    read answered locally) calls ``flush`` when it is done.
+    """
+
+    __slots__ = ("_clients",)
+
+    def __init__(self) -> None:
+        self._clients: list = []
+
+    def add(self, client: FrontendProtocol) -> None:
+        self._clients.append(client)
+
+    def flush(self) -> None:
+        clients = self._clients
+        if clients:
+            self._clients = []
+            for client in clients:
+                client.send_queued()
+
+
 def _direct_socket(transport: Any) -> Any:
     """The socket under a plain TCP or unix transport, which ``_write`` may send on; else None."""
     sock = getattr(transport, "socket", None)
@@ -290,8 +347,10 @@ class ProxyFactory(Factory):
     _log = Logger()
     noisy = False
 
-    def __init__(self, pool: Any, codec: Codec, client_limit: int = 0, requires_auth: bool = False) -> None:
+    def __init__(self, pool: Any, codec: Codec, client_limit: int = 0, requires_auth: bool = False,
+                 outbox: Optional["Outbox"] = None) -> None:
         self.pool = pool
+        self.outbox = outbox
         self.codec = codec
         self.client_limit = client_limit
         self.requires_auth = requires_auth

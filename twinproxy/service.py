@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from twinproxy.backend import ServerLink
 from twinproxy.config import PoolConfig
-from twinproxy.frontend import ProxyFactory
+from twinproxy.frontend import Outbox, ProxyFactory
 from twinproxy.pool import ServerPool
 from twinproxy.protocols import codec_for
 
@@ -37,11 +37,14 @@ class PoolService(Service):
         self.pool = ServerPool(config, reactor)
         self.pool.unavailable.send = self._no_live_server
         self._no_server_reply = self.codec.error_reply(f"no live server in pool '{config.name}'")
+        self.outbox = Outbox()
         self.links: List[ServerLink] = [
             ServerLink(server, self.pool, self.codec, config, reactor) for server in self.pool.servers
         ]
+        for link in self.links:
+            link.outbox = self.outbox
         self.factory = ProxyFactory(self.pool, self.codec, config.client_connections,
-                                    requires_auth=bool(config.redis and config.redis_auth))
+                                    requires_auth=bool(config.redis and config.redis_auth), outbox=self.outbox)
         self.port: Any = None
 
     def _no_live_server(self, request: Any) -> None:

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twinproxy.backend import ServerLink
 from twinproxy.config import load_text
-from twinproxy.frontend import ProxyFactory
+from twinproxy.frontend import Outbox, ProxyFactory
 from twinproxy.pool import ServerPool
 from twinproxy.protocols import codec_for
 from twinproxy.protocols.resp import encode_command
@@ -37,15 +37,18 @@ def cmd(*args: bytes) -> bytes:
 
 
 class Harness:
-    def __init__(self, extra: str = "") -> None:
+    def __init__(self, extra: str = "", outbox: bool = False) -> None:
         (self.config,) = load_text(POOL.format(extra=extra))
         self.reactor = MemoryReactorClock()
         self.codec = codec_for(self.config)
         self.pool = ServerPool(self.config, self.reactor)
         self.links = {s.name: ServerLink(s, self.pool, self.codec, self.config, self.reactor)
                       for s in self.pool.servers}
+        self.outbox = Outbox() if outbox else None
+        for link in self.links.values():
+            link.outbox = self.outbox
         self.factory = ProxyFactory(self.pool, self.codec, self.config.client_connections,
-                                    requires_auth=bool(self.config.redis_auth))
+                                    requires_auth=bool(self.config.redis_auth), outbox=self.outbox)
         self.backends = {}
 
     def key_on(self, name: str, prefix: bytes = b"k") -> bytes:
@@ -321,3 +324,33 @@ class ProxyingTests(SynchronousTestCase):
         self.assertTrue(out.disconnecting)
         client.connectionLost(Failure(ConnectionDone()))
         self.successResultOf(done)
+
+    def test_outbox_gives_each_client_one_write_per_server_read(self) -> None:
+        h = Harness(outbox=True)
+        key = h.key_on("a")
+        client, out = h.client()
+        writes = []
+        real_write = out.write
+        out.write = lambda data: (writes.append(data), real_write(data))
+        client.dataReceived(cmd(b"GET", key) * 3 + b"PING\r\n")
+        h.connect_pending()
+        a, _ = h.backend("a")
+        a.dataReceived(b":1\r\n:2\r\n")
+        self.assertEqual(writes, [b":1\r\n:2\r\n"])  # one write; the PING waits behind the third GET
+        a.dataReceived(b":3\r\n")
+        self.assertEqual(writes, [b":1\r\n:2\r\n", b":3\r\n+PONG\r\n"])
+
+    def test_outbox_local_replies_and_quit(self) -> None:
+        h = Harness(outbox=True)
+        client, out = h.client()
+        client.dataReceived(b"PING\r\nECHO a\r\nQUIT\r\n")
+        self.assertEqual(out.value(), b"+PONG\r\n$1\r\na\r\n+OK\r\n")
+        self.assertTrue(out.disconnecting)
+
+    def test_outbox_flushes_on_timeout(self) -> None:
+        h = Harness(outbox=True)
+        client, out = h.client()
+        client.dataReceived(cmd(b"GET", h.key_on("a")))
+        h.connect_pending()
+        h.reactor.advance(1)
+        self.assertEqual(out.value(), b"-ERR Connection timed out\r\n")
