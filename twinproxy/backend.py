@@ -93,6 +93,9 @@ class BackendConnection(Protocol):
         self._framer = self.codec.reply_framer()
         self._awaiting: deque = deque()
         self._held: List[bytes] = []
+        self._outbox = link.outbox
+        self._queued: List[bytes] = []   # written at the end of the burst (see frontend.Outbox)
+        self._in_outbox = False
         self._timer: Any = None
         self._counters = link.server.counters
         self._latency = link.server.counters.latency
@@ -126,15 +129,29 @@ class BackendConnection(Protocol):
         counters = self._counters
         counters.requests += 1
         counters.request_bytes += len(raw)
-        if transport is not None:
+        if transport is None:
+            self._held.append(raw)
+        elif self._outbox is None:
             transport.write(raw)
         else:
-            self._held.append(raw)
+            self._queued.append(raw)
+            if not self._in_outbox:
+                self._in_outbox = True
+                self._outbox.add_server(self)
         if request.expects_reply:
             request.sent_at = self._clock.seconds()
             self._awaiting.append(request)
             if self._timer is None and self._timeout is not None:
                 self._timer = self._clock.callLater(self._timeout, self._deadline)
+
+    def send_queued(self) -> None:
+        """Write the requests queued during this burst, in one go."""
+        self._in_outbox = False
+        queued = self._queued
+        if queued:
+            self._queued = []
+            if not self.closed and self.transport is not None:
+                self.transport.write(queued[0] if len(queued) == 1 else b"".join(queued))
 
     # -- Twisted protocol -----------------------------------------------------
 
@@ -256,6 +273,7 @@ class BackendConnection(Protocol):
         self.link.connection_gone(self)
         awaiting, self._awaiting = self._awaiting, deque()
         self._held = []
+        self._queued = []
         if count_failure:
             self.link.record_failure(text)
         reply = self.codec.error_reply(text)

@@ -300,19 +300,30 @@ class Outbox:
     One server read can answer many clients, and many requests of one
     pipelining client: each of those clients then gets one write for all of
     its replies, right after the read, instead of one write per reply.
-    Whatever answers requests (a server read, a failed connection, a client
-    read answered locally) calls ``flush`` when it is done.
+    Requests bound for servers are gathered the same way.  Whatever sends or
+    answers requests (a client read, a server read, a failed connection)
+    calls ``flush`` when it is done.
     """
 
-    __slots__ = ("_clients",)
+    __slots__ = ("_clients", "_servers")
 
     def __init__(self) -> None:
         self._clients: list = []
+        self._servers: list = []
 
     def add(self, client: FrontendProtocol) -> None:
         self._clients.append(client)
 
+    def add_server(self, connection: Any) -> None:
+        """A backend connection with requests queued: likewise one write per burst."""
+        self._servers.append(connection)
+
     def flush(self) -> None:
+        servers = self._servers
+        if servers:
+            self._servers = []
+            for connection in servers:
+                connection.send_queued()
         clients = self._clients
         if clients:
             self._clients = []

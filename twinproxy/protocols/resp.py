@@ -133,6 +133,8 @@ class RespRequestParser:
         left = self._left
         max_bulk = self._max_bulk
         limit = pos + self._max_request
+        find = buf.find
+        view = memoryview(buf)  # one copy per argument, not two; released before returning
         try:
             while left:
                 if cursor >= end:
@@ -140,13 +142,16 @@ class RespRequestParser:
                 if buf[cursor] != _BULK:
                     got = chr(buf[cursor]) if 32 <= buf[cursor] < 127 else f"\\x{buf[cursor]:02x}"
                     raise ProtocolError(f"Protocol error: expected '$', got '{got}'")
-                eol = buf.find(CRLF, cursor)
+                eol = find(CRLF, cursor)
                 if eol < 0:
                     if end - cursor > MAX_INLINE:
                         raise ProtocolError("Protocol error: too big bulk count string")
                     return None
-                length = _number(buf, cursor + 1, eol)
-                if length is None or length < 0 or length > max_bulk:
+                digits = bytes(view[cursor + 1:eol])
+                if not 0 < len(digits) <= 19 or not digits.isdigit():
+                    raise ProtocolError("Protocol error: invalid bulk length")
+                length = int(digits)
+                if length > max_bulk:
                     raise ProtocolError("Protocol error: invalid bulk length")
                 start = eol + 2
                 stop = start + length
@@ -157,10 +162,11 @@ class RespRequestParser:
                     return None
                 if buf[stop] != 13 or buf[stop + 1] != 10:
                     raise ProtocolError("Protocol error: expected CRLF after bulk string")
-                append(bytes(buf[start:stop]))
+                append(bytes(view[start:stop]))
                 cursor = stop + 2
                 left -= 1
         finally:
+            view.release()
             self._cursor = cursor
             self._left = left
         self._args = None
