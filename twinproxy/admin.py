@@ -46,7 +46,14 @@ def health(pools: PoolsSource) -> Tuple[int, List[str]]:
 
 class _WriteAndClose(Protocol):
     def connectionMade(self) -> None:
-        self.transport.write(self.factory.document())
+        document = self.factory.document()
+        if isinstance(document, bytes):
+            self._write(document)
+        else:  # a Deferred: the master gathering its workers' documents
+            document.addCallback(self._write)
+
+    def _write(self, document: bytes) -> None:
+        self.transport.write(document)
         self.transport.loseConnection()
 
 
@@ -63,10 +70,11 @@ class _Listening(Service):
 
     _log = Logger()
 
-    def __init__(self, reactor: Any, interface: str, port: int) -> None:
+    def __init__(self, reactor: Any, interface: str, port: int, path: Any = None) -> None:
         self._reactor = reactor
         self.interface = interface
         self.requested_port = port
+        self.path = path  # a unix socket instead (a worker's stats, for its master)
         self.port: Any = None
 
     def factory(self) -> Factory:
@@ -82,6 +90,9 @@ class _Listening(Service):
         super().startService()
 
     def _listen(self) -> None:
+        if self.path is not None:
+            self.port = self._reactor.listenUNIX(self.path, self.factory(), mode=0o600)
+            return
         self.port = self._reactor.listenTCP(self.requested_port, self.factory(), interface=self.interface)
         self._log.info("{what} listening on {interface}:{port}", what=self.name,
                        interface=self.interface, port=self.port.getHost().port)
@@ -99,14 +110,16 @@ class _Listening(Service):
 class StatsPortService(_Listening):
     """nutcracker's stats port: connect, read one JSON document, get closed."""
 
-    def __init__(self, pools: PoolsSource, started: float, reactor: Any, interface: str, port: int) -> None:
-        super().__init__(reactor, interface, port)
+    def __init__(self, pools: PoolsSource, started: float, reactor: Any, interface: str, port: int,
+                 path: Any = None, document: Any = None) -> None:
+        super().__init__(reactor, interface, port, path)
         self.setName("stats")
         self._pools = pools
         self._started = started
+        self._document = document or (lambda: stats_json(self._pools, self._started, self._reactor))
 
     def factory(self) -> Factory:
-        return _StatsFactory(lambda: stats_json(self._pools, self._started, self._reactor))
+        return _StatsFactory(self._document)
 
 
 class _Page(Resource):

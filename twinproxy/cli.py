@@ -10,6 +10,7 @@ ones ``twistd twinproxy`` runs (``tap.build``).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import List, Optional
 
@@ -49,6 +50,32 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if options["daemonize"]:
         _daemonize()
+    if options["workers"] > 1:
+        from twinproxy import workers
+
+        workers.check_supported(options["workers"])
+        return _with_pid_file(options, lambda: workers.run_master(options, options["workers"]))
+    return serve(options)
+
+
+def _with_pid_file(options: tap.Options, run) -> int:
+    path = options["pid-file"]
+    if path:
+        with open(path, "w", encoding="ascii") as out:
+            out.write(f"{os.getpid()}\n")
+    try:
+        return run()
+    finally:
+        if path:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def serve(options: tap.Options, worker_stats: Optional[str] = None, inherited: Optional[dict] = None,
+          reuse_port: bool = False) -> int:
+    """Run the proxy in this process until stopped; the exit status."""
     control = LogControl(options["output"], options["verbose"])
     from twisted.logger import globalLogBeginner
 
@@ -56,7 +83,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from twisted.internet import reactor
 
-    top = tap.build(options, reactor, log_control=control, observe_log=False)
+    top = tap.build(options, reactor, log_control=control, observe_log=False, worker_stats=worker_stats,
+                    inherited=inherited, reuse_port=reuse_port)
     try:
         top.privilegedStartService()
         top.startService()
@@ -64,5 +92,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"twinproxy: cannot start: {err}", file=sys.stderr)
         return 1
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    # Once stopping, a second signal (say, from a --workers master as well as
+    # from the shell) has nothing left to do.
+    reactor.addSystemEventTrigger("before", "shutdown", _ignore_stop_signals)
     reactor.run()
     return 0
+
+
+def _ignore_stop_signals() -> None:
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, signal.SIG_IGN)

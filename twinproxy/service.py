@@ -29,8 +29,11 @@ class PoolService(Service):
 
     _log = Logger()
 
-    def __init__(self, config: PoolConfig, reactor: Any) -> None:
+    def __init__(self, config: PoolConfig, reactor: Any, inherited: Any = None, reuse_port: bool = False) -> None:
         self.setName(config.name)
+        # --workers: a unix socket made before the fork, or TCP shared with SO_REUSEPORT.
+        self._inherited = inherited
+        self._reuse_port = reuse_port
         self.config = config
         self._reactor = reactor
         self.codec = codec_for(config)
@@ -71,7 +74,17 @@ class PoolService(Service):
         listen = self.config.listen
         reactor = self._reactor
         backlog = self.config.backlog
-        if listen.is_unix:
+        if self._inherited is not None:
+            self.port = reactor.adoptStreamPort(self._inherited.fileno(), socket.AF_UNIX, self.factory)
+        elif self._reuse_port and not listen.is_unix:
+            from twinproxy.workers import reuse_port_socket
+
+            interface = _interface(listen.host) or "0.0.0.0"
+            sock = reuse_port_socket(listen, backlog, interface)
+            family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+            self.port = reactor.adoptStreamPort(sock.fileno(), family, self.factory)
+            sock.close()  # the port holds its own duplicate
+        elif listen.is_unix:
             _remove_stale_socket(listen.path)
             mode = listen.mode if listen.mode is not None else 0o666
             self.port = reactor.listenUNIX(listen.path, self.factory, backlog=backlog, mode=mode)

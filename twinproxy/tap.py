@@ -63,6 +63,8 @@ class Options(usage.Options):
         ["http-port", None, None, "serve /metrics, /stats and /health over HTTP on this port (default: off)",
          _port],
         ["http-addr", None, "127.0.0.1", "address of the HTTP endpoint"],
+        ["workers", None, 1, "processes sharing every listener (the twinproxy command only); the stats port "
+         "shows their sum", int],
     ]
 
     def opt_config(self, path: str) -> None:
@@ -84,6 +86,8 @@ class Options(usage.Options):
     opt_D = opt_describe_stats
 
     def postOptions(self) -> None:
+        if self["workers"] < 1:
+            raise usage.UsageError("--workers must be at least 1")
         path = self["conf-file"]
         if self["test-conf"]:
             raise SystemExit(check_config(path))
@@ -134,8 +138,14 @@ class PidFileService(Service):
 
 
 def build(options: Options, reactor: Any, log_control: Optional[LogControl] = None,
-          observe_log: bool = True) -> MultiService:
-    """Every service the options ask for: one per pool, stats port, HTTP, log file, pid file."""
+          observe_log: bool = True, worker_stats: Optional[str] = None, inherited: Optional[dict] = None,
+          reuse_port: bool = False) -> MultiService:
+    """Every service the options ask for: one per pool, stats port, HTTP, log file, pid file.
+
+    A worker of ``--workers`` serves its stats on the unix socket
+    ``worker_stats`` for its master, and takes its listeners from
+    ``inherited`` (unix sockets made before the fork) or ``reuse_port``.
+    """
     from twinproxy.admin import HttpService, StatsPortService
     from twinproxy.service import PoolService
 
@@ -146,24 +156,28 @@ def build(options: Options, reactor: Any, log_control: Optional[LogControl] = No
         log_control = LogControl(options["output"], options["verbose"])
     if log_control is not None:
         LogService(log_control, reactor, observe=observe_log).setServiceParent(top)
-    if options["pid-file"]:
+    if options["pid-file"] and worker_stats is None:
         PidFileService(options["pid-file"]).setServiceParent(top)
-    pools = [PoolService(config, reactor) for config in options.pools]
+    inherited = inherited or {}
+    pools = [PoolService(config, reactor, inherited.get(config.name), reuse_port) for config in options.pools]
     for pool in pools:
         pool.setServiceParent(top)
 
     def current_pools() -> list:
         return pools
 
-    StatsPortService(current_pools, started, reactor, options["stats-addr"],
-                     options["stats-port"]).setServiceParent(top)
-    if options["http-port"] is not None:
+    StatsPortService(current_pools, started, reactor, options["stats-addr"], options["stats-port"],
+                     path=worker_stats).setServiceParent(top)
+    if options["http-port"] is not None and worker_stats is None:
         HttpService(current_pools, started, reactor, options["http-addr"],
                     options["http-port"]).setServiceParent(top)
     return top
 
 
 def makeService(options: Options) -> IService:
+    if options["workers"] != 1:
+        print("twinproxy: --workers needs the twinproxy command; twistd runs one process", file=sys.stderr)
+        raise SystemExit(1)
     from twisted.internet import reactor
 
     return build(options, reactor)

@@ -263,3 +263,33 @@ def test_twistd_takes_the_same_options(redis_servers, twistd, tmp_path) -> None:
     assert http_get(http_port, "/health")[0] == 200
     assert "twinproxy_pool_client_connections" in http_get(http_port, "/metrics")[1]
     wait_until(lambda: "listening on" in log_file.read_text(), what="the -o log")
+
+
+def test_workers_share_the_listener_and_sum_their_stats(redis_servers, tmp_path) -> None:
+    backends = redis_servers(2)
+    config, port = write_config(tmp_path, backends)
+    stats_port = free_port()
+    pid_file = tmp_path / "master.pid"
+    process = run_cli(["-c", str(config), "--workers", "2", "-s", str(stats_port), "-a", LOOPBACK,
+                       "-p", str(pid_file)], tmp_path, "workers")
+    try:
+        wait_until(lambda: read_stats(stats_port)["curr_connections"] >= 2, timeout=20,
+                   what=f"workers:\n{process.output()}")
+        clients = [redis.Redis(host=LOOPBACK, port=port, protocol=2, socket_timeout=5) for _ in range(20)]
+        for i, client in enumerate(clients):
+            for j in range(10):
+                assert client.set(f"w{i}:{j}", "v")
+        doc = read_stats(stats_port)
+        assert sum(server["requests"] for server in doc["alpha"].values() if isinstance(server, dict)) == 200
+        assert doc["alpha"]["client_connections"] == 20
+        assert pid_file.read_text().strip() == str(process.proc.pid)
+        for client in clients:
+            client.close()
+        process.proc.send_signal(signal.SIGTERM)
+        assert process.proc.wait(15) == 0
+        assert not pid_file.exists()
+        assert "Traceback" not in process.output()
+        with pytest.raises(OSError):
+            socket.create_connection((LOOPBACK, port), timeout=1).close()
+    finally:
+        process.stop()

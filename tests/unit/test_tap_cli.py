@@ -91,3 +91,23 @@ def test_twistd_lists_the_plugin_from_another_directory(tmp_path: Path) -> None:
     twistd = Path(sys.executable).parent / "twistd"
     result = subprocess.run([str(twistd), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert "twinproxy" in result.stdout, result.stdout + result.stderr
+
+
+def test_workers_only_through_the_twinproxy_command(good: Path) -> None:
+    options = tap.Options()
+    options.parseOptions(["-c", str(good), "--workers", "2"])
+    with pytest.raises(SystemExit):
+        tap.makeService(options)
+    with pytest.raises(usage.UsageError):
+        tap.Options().parseOptions(["-c", str(good), "--workers", "0"])
+
+
+def test_worker_documents_are_summed() -> None:
+    from twinproxy.workers import merge_documents
+
+    one = {"service": "twinproxy", "uptime": 5, "curr_connections": 3,
+           "p": {"client_eof": 1, "s": {"requests": 10, "server_ejected_at": 5}}}
+    two = {"service": "twinproxy", "uptime": 5, "curr_connections": 4,
+           "p": {"client_eof": 2, "s": {"requests": 1, "server_ejected_at": 9}}}
+    assert merge_documents([one, two]) == {"service": "twinproxy", "uptime": 5, "curr_connections": 7,
+                                           "p": {"client_eof": 3, "s": {"requests": 11, "server_ejected_at": 9}}}
