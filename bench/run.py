@@ -38,18 +38,34 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # -- processes ---------------------------------------------------------------
 
 
+def _tree(pid: int) -> List[int]:
+    """``pid`` and its children (a --workers master and its workers)."""
+    pids = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            pids += [int(child) for child in children.read().split()]
+    except OSError:
+        pass
+    return pids
+
+
 def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    total = 0.0
+    for each in _tree(pid):
+        with open(f"/proc/{each}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
 
 
 def peak_rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    total = 0.0
+    for each in _tree(pid):
+        with open(f"/proc/{each}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) / 1024
+    return total
 
 
 def pools_yaml(redis_port: int, memcache_port: int, redis_backends, caches) -> str:
@@ -211,7 +227,7 @@ class Workload:
 
 
 def workloads(quick: bool) -> List[Workload]:
-    n = 20_000 if quick else 100_000
+    n = 10_000 if quick else 100_000
     mget = ["MGET"] + [f"key:__rand_int__{i}" for i in range(10)]
     return [
         Workload("redis SET -c 50", "redis",
@@ -245,8 +261,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", default=str(REPO / "run" / "bench.json"), help="where to write the results")
     parser.add_argument("--workloads", default="", help="comma-separated substrings of workload names to run")
     parser.add_argument("--no-pypy", action="store_true", help="skip twinproxy on PyPy even if .venv-pypy exists")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="also run each interpreter with this many --workers (default 2; quick: 1, i.e. don't)")
     args = parser.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
+    if args.workers is None:
+        args.workers = 1 if args.quick else 2
 
     workdir = Path(tempfile.mkdtemp(prefix="twinproxy-bench-"))
     started: List[Process] = []
@@ -277,6 +297,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         for name, binary in interpreters:
             proxy(name, lambda conf, stats, b=binary: [str(b), "-c", str(conf), "-s", str(stats), "-a", LOOPBACK,
                                                        "-v", "4"])
+        if args.workers > 1:
+            for name, binary in interpreters:
+                proxy(f"{name}-{args.workers}w",
+                      lambda conf, stats, b=binary: [str(b), "-c", str(conf), "-s", str(stats), "-a", LOOPBACK,
+                                                     "-v", "4", "--workers", str(args.workers)])
 
         chosen = [w for w in workloads(args.quick)
                   if not args.workloads or any(part in w.name for part in args.workloads.split(","))]
@@ -341,14 +366,14 @@ def print_table(report, targets) -> None:
     for title, cell in (("requests/s (ratio to nutcracker)", _cell_rps), ("latency p50/p99 ms", _cell_latency),
                         ("proxy CPU s per 100k requests", _cell_cpu)):
         print()
-        header = f"{title:<34}" + "".join(f"{name:>20}" for name in names)
+        header = f"{title:<34}" + "".join(f"{name:>23}" for name in names)
         print(header)
         print("-" * len(header))
         for workload, rows in report["workloads"].items():
             line = f"{workload:<34}"
             for name in names:
                 row = rows.get(name)
-                line += f"{(cell(row) if row else '-'):>20}"
+                line += f"{(cell(row) if row else '-'):>23}"
             print(line)
     print()
     print("peak RSS MiB: " + ", ".join(f"{k} {v}" for k, v in report["peak_rss_mib"].items()))

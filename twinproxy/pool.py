@@ -24,8 +24,8 @@ from twinproxy.request import Request
 from twinproxy.stats import PoolCounters, ServerCounters
 
 # Keys remembered before the route cache starts over, and the longest key it
-# keeps: at most about 20 MB.
-ROUTE_CACHE_SIZE = 65536
+# keeps: at most about 40 MB, and only as many keys as are in use.
+ROUTE_CACHE_SIZE = 131072
 ROUTE_CACHE_KEY_BYTES = 256
 
 

@@ -261,10 +261,12 @@ class RedisCodec:
             return resp.integer(total)
         ordered: Dict[int, bytes] = {}
         for fragment in fragments:
-            try:
-                _, elements = resp.split_aggregate(fragment.reply)
-            except (ProtocolError, ValueError):
-                elements = []
+            elements = resp.split_bulk_array(fragment.reply)
+            if elements is None:
+                try:
+                    _, elements = resp.split_aggregate(fragment.reply)
+                except (ProtocolError, ValueError):
+                    elements = []
             if len(elements) != len(fragment.positions):
                 return self.error_reply("unexpected reply from server: " + fragment.reply[:60].decode("latin-1"))
             ordered.update(zip(fragment.positions, elements))
