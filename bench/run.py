@@ -227,7 +227,7 @@ class Workload:
 
 
 def workloads(quick: bool) -> List[Workload]:
-    n = 10_000 if quick else 100_000
+    n = 10_000 if quick else 50_000
     mget = ["MGET"] + [f"key:__rand_int__{i}" for i in range(10)]
     return [
         Workload("redis SET -c 50", "redis",

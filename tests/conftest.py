@@ -110,6 +110,13 @@ def proxy(reactor):
         in_reactor(reactor, service.stopService)
 
 
+def key_on(service, index: int, prefix: str = "k") -> str:
+    """A key that ``service``'s pool places on its ``index``-th server."""
+    name = service.pool.servers[index].name
+    return next(f"{prefix}{i}" for i in range(100000)
+                if service.pool.server_for_key(f"{prefix}{i}".encode()).name == name)
+
+
 def pool_yaml(servers, **keys) -> str:
     """A one-pool nutcracker file (pool ``alpha``) over ``servers``; a Redis pool
     for RedisServers, memcached for MemcachedServers."""
@@ -145,4 +152,4 @@ def twistd(tmp_path: Path):
         process.stop()
 
 
-__all__ = ["free_port", "pool_yaml", "in_reactor", "wait_until"]
+__all__ = ["free_port", "key_on", "pool_yaml", "in_reactor", "wait_until"]

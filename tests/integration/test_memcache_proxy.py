@@ -10,7 +10,7 @@ import pytest
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
 
-from tests.conftest import pool_yaml
+from tests.conftest import key_on, pool_yaml
 from tests.servers import LOOPBACK, require, wait_until
 
 
@@ -54,12 +54,6 @@ class Raw:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def key_on(service, index: int, prefix: str = "k") -> str:
-    name = service.pool.servers[index].name
-    return next(f"{prefix}{i}" for i in range(100000)
-                if service.pool.server_for_key(f"{prefix}{i}".encode()).name == name)
 
 
 def test_memccapable_passes_every_ascii_check(memcached_servers, proxy) -> None:

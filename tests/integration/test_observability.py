@@ -17,7 +17,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import REPO, in_reactor, pool_yaml
+from tests.conftest import REPO, in_reactor, key_on, pool_yaml
 from tests.servers import LOOPBACK, Process, free_port, wait_until
 
 SAMPLE = json.loads((REPO / "tests" / "data" / "nutcracker-stats-sample.json").read_text())
@@ -65,12 +65,6 @@ def http_get(port: int, path: str):
             return response.status, response.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()
-
-
-def key_on(service, index: int, prefix: str = "k") -> str:
-    name = service.pool.servers[index].name
-    return next(f"{prefix}{i}" for i in range(100000)
-                if service.pool.server_for_key(f"{prefix}{i}".encode()).name == name)
 
 
 def test_stats_document_has_nutcrackers_shape_and_right_numbers(redis_servers, proxy, admin) -> None:

@@ -10,7 +10,7 @@ import time
 import pytest
 import redis
 
-from tests.conftest import in_reactor, pool_yaml
+from tests.conftest import in_reactor, key_on, pool_yaml
 from tests.servers import LOOPBACK, require, wait_until
 from twinproxy.config import ListenSpec, load_text
 
@@ -39,13 +39,6 @@ def owner(backends, key: str) -> int:
     found = [i for i, b in enumerate(backends) if b.client().exists(key)]
     assert len(found) == 1, (key, found)
     return found[0]
-
-
-def key_on(service, index: int, prefix: str = "k") -> str:
-    """A key that the pool places on its ``index``-th server."""
-    name = service.pool.servers[index].name
-    return next(f"{prefix}{i}" for i in range(100000)
-                if service.pool.server_for_key(f"{prefix}{i}".encode()).name == name)
 
 
 def test_keys_land_where_the_ring_says_and_round_trip(redis_servers, proxy) -> None:
