@@ -1,8 +1,9 @@
 """Client connections: parse, dispatch, and answer in the client's order.
 
 Owns: :class:`FrontendProtocol`, one per client, protocol-neutral (the
-pool's codec parses and classifies), and :class:`ProxyFactory`, which
-builds them, enforces ``client_connections`` and assigns client ids.
+pool's codec parses and classifies), :class:`ProxyFactory`, which builds
+them, enforces ``client_connections`` and assigns client ids, and the
+:class:`Outbox`, which turns a burst of replies into one write per client.
 Knows neither wire syntax nor hashing: routing is ``pool.server_for_key``
 and a server is something with ``send(request)``.
 
@@ -14,7 +15,8 @@ and a server is something with ``send(request)``.
          FRAGMENT : codec.fragment(request, pool) -> [(server, fragment)], each sent
 
     in order: [oldest, ..., newest]   (one entry per request the client wants answered)
-    request_done(request) --> while in order[0].reply is set: write it, pop it
+    request_done(request) --> while in order[0].reply is set: queue it, pop it
+    outbox.flush() (when the read or failure that answered them is done) --> one write per client
 
 Every request that expects a reply gets exactly one, and the client sees
 them in the order it sent the requests, whichever servers answered first.
