@@ -114,8 +114,14 @@ class RespRequestParser:
             if end - pos > MAX_INLINE:
                 raise ProtocolError("Protocol error: too big mbulk count string")
             return None
-        count = _number(buf, pos + 1, eol)
-        if count is None or count > self._max_args:
+        first = buf[pos + 1] if eol > pos + 1 else 0
+        if (first != 45 and not 48 <= first <= 57) or eol - pos > 21:  # '-' or a digit
+            raise ProtocolError("Protocol error: invalid multibulk length")
+        try:
+            count = int(buf[pos + 1:eol])
+        except ValueError:
+            raise ProtocolError("Protocol error: invalid multibulk length") from None
+        if count > self._max_args:
             raise ProtocolError("Protocol error: invalid multibulk length")
         if count <= 0:
             # Redis treats '*0' and '*-1' as an empty command and reads on.
@@ -134,41 +140,45 @@ class RespRequestParser:
         max_bulk = self._max_bulk
         limit = pos + self._max_request
         find = buf.find
-        view = memoryview(buf)  # one copy per argument, not two; released before returning
-        try:
-            while left:
-                if cursor >= end:
-                    return None
-                if buf[cursor] != _BULK:
-                    got = chr(buf[cursor]) if 32 <= buf[cursor] < 127 else f"\\x{buf[cursor]:02x}"
-                    raise ProtocolError(f"Protocol error: expected '$', got '{got}'")
-                eol = find(CRLF, cursor)
-                if eol < 0:
-                    if end - cursor > MAX_INLINE:
-                        raise ProtocolError("Protocol error: too big bulk count string")
-                    return None
-                digits = bytes(view[cursor + 1:eol])
-                if not 0 < len(digits) <= 19 or not digits.isdigit():
-                    raise ProtocolError("Protocol error: invalid bulk length")
-                length = int(digits)
-                if length > max_bulk:
-                    raise ProtocolError("Protocol error: invalid bulk length")
-                start = eol + 2
-                stop = start + length
-                if stop + 2 > limit:
-                    raise ProtocolError(f"Protocol error: request bigger than {self._max_request} bytes")
-                if stop + 2 > end:
-                    self._need = stop + 2
-                    return None
-                if buf[stop] != 13 or buf[stop + 1] != 10:
-                    raise ProtocolError("Protocol error: expected CRLF after bulk string")
-                append(bytes(view[start:stop]))
-                cursor = stop + 2
-                left -= 1
-        finally:
-            view.release()
-            self._cursor = cursor
-            self._left = left
+        while left:
+            if cursor >= end:
+                break
+            if buf[cursor] != _BULK:
+                self._cursor = cursor
+                got = chr(buf[cursor]) if 32 <= buf[cursor] < 127 else f"\\x{buf[cursor]:02x}"
+                raise ProtocolError(f"Protocol error: expected '$', got '{got}'")
+            eol = find(CRLF, cursor)
+            if eol < 0:
+                if end - cursor > MAX_INLINE:
+                    raise ProtocolError("Protocol error: too big bulk count string")
+                break
+            # int() takes the bytearray slice as it is; the first-byte check
+            # keeps out the signs and spaces it would also accept.
+            first = buf[cursor + 1] if eol > cursor + 1 else 0
+            if not 48 <= first <= 57 or eol - cursor > 20:
+                raise ProtocolError("Protocol error: invalid bulk length")
+            try:
+                length = int(buf[cursor + 1:eol])
+            except ValueError:
+                raise ProtocolError("Protocol error: invalid bulk length") from None
+            if length > max_bulk:
+                raise ProtocolError("Protocol error: invalid bulk length")
+            start = eol + 2
+            stop = start + length
+            if stop + 2 > limit:
+                raise ProtocolError(f"Protocol error: request bigger than {self._max_request} bytes")
+            if stop + 2 > end:
+                self._need = stop + 2
+                break
+            if buf[stop] != 13 or buf[stop + 1] != 10:
+                raise ProtocolError("Protocol error: expected CRLF after bulk string")
+            append(bytes(buf[start:stop]))
+            cursor = stop + 2
+            left -= 1
+        self._cursor = cursor
+        self._left = left
+        if left:
+            return None
         self._args = None
         self._pos = cursor
         self._need = 0
