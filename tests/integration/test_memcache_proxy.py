@@ -322,3 +322,37 @@ def test_memcslap_runs_clean(memcached_servers, proxy) -> None:
         assert result.returncode == 0, result.stdout + result.stderr
         assert "Time total" in result.stdout
         assert "error" not in (result.stdout + result.stderr).lower(), result.stdout + result.stderr
+
+
+def meta_pipeline(count: int) -> bytes:
+    out = []
+    for i in range(count):
+        key = b"meta%d" % (i % 23)
+        kind = i % 6
+        if kind == 0:
+            out.append(b"ms %s 4 T0 F%d\r\nv%03d\r\n" % (key, i, i % 1000))
+        elif kind == 1:
+            out.append(b"mg %s v f k O%d\r\n" % (key, i))
+        elif kind == 2:
+            out.append(b"ma counter%d N0 J10 D2 v\r\n" % (i % 3))
+        elif kind == 3:
+            out.append(b"md %s\r\n" % key if i % 5 else b"mn\r\n")
+        elif kind == 4:
+            out.append(b"mg %s s v\r\nget %s\r\n" % (key, key))
+        else:
+            out.append(b"mg nothere%d v\r\n" % i)
+    return b"".join(out)
+
+
+def test_meta_commands_are_byte_exact_with_one_memcached(memcached_servers, proxy) -> None:
+    backends = memcached_servers(4)
+    service = proxy(pool_yaml(backends[:3], hash="murmur"))
+    stream = meta_pipeline(300)
+    expected = run_stream(backends[3].port, stream)
+    got = run_stream(service.port_number, stream)
+    assert got == expected
+    assert len({service.pool.server_for_key(b"meta%d" % i) for i in range(23)}) == 3
+    raw = Raw(service)
+    assert raw.send(b"mg meta1 v q\r\nmn\r\n").read_until(b"\r\n", 2) == \
+        b"CLIENT_ERROR quiet mode (q) is not supported by twinproxy\r\nMN\r\n"
+    raw.close()

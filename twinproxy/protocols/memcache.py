@@ -51,11 +51,13 @@ _RETRIEVAL = {b"get": 1, b"gets": 1, b"gat": 2, b"gats": 2}
 _RETRIEVAL_PREFIXES = (b"get ", b"gets ", b"gat ", b"gats ")
 # Commands a single memcached answers about itself; a pool of them has no one answer.
 _SERVER_ONLY = frozenset(
-    b"slabs lru_crawler lru watch cache_memlimit shutdown misbehave debugtime extstore "
-    b"mg ms md ma mn me".split())
+    b"slabs lru_crawler lru watch cache_memlimit shutdown misbehave debugtime extstore".split())
+# Meta commands routed by their key (``ms`` carries a data block, framed by the parser).
+_META_KEYED = frozenset((b"mg", b"ms", b"md", b"ma", b"me"))
+QUIET_UNSUPPORTED = b"CLIENT_ERROR quiet mode (q) is not supported by twinproxy\r\n"
 
 _NAMES = {name: name.decode("ascii") for name in (
-    *_STORAGE, *_RETRIEVAL, *_SERVER_ONLY,
+    *_STORAGE, *_RETRIEVAL, *_SERVER_ONLY, *_META_KEYED, b"mn",
     b"delete", b"incr", b"decr", b"touch", b"version", b"quit", b"verbosity", b"flush_all", b"stats")}
 
 # Merge kinds.
@@ -128,6 +130,8 @@ class MemcacheRequestParser:
         cursor = newline + 1
         if tokens and tokens[0] in _STORAGE:
             return self._storage(buf, pos, cursor, end, tokens)
+        if tokens and tokens[0] == b"ms":
+            return self._meta_set(buf, pos, cursor, end, tokens)
         self._pos = cursor
         if not tokens:
             return _local(ERROR)
@@ -185,6 +189,36 @@ class MemcacheRequestParser:
         return request
 
 
+    def _meta_set(self, buf: bytearray, pos: int, cursor: int, end: int,
+                  tokens: List[bytes]) -> Optional[Request]:
+        """``ms <key> <datalen> <flags>*`` and its data block."""
+        if len(tokens) < 3 or not tokens[2].isdigit() or len(tokens[2]) > 10:
+            self._pos = cursor
+            return _local(BAD_FORMAT)
+        length = int(tokens[2])
+        flags = tokens[3:]
+        refusal = None
+        if b"q" in flags:
+            refusal = QUIET_UNSUPPORTED
+        elif b"b" not in flags and bad_key(tokens[1]):
+            refusal = BAD_FORMAT
+        elif length > self._max_value:
+            refusal = TOO_LARGE
+        if refusal is not None:
+            self._pos = cursor
+            self._skip = length + 2
+            return _local(refusal)
+        stop = cursor + length + 2
+        if stop > end:
+            self._need = stop
+            return None
+        self._need = 0
+        self._pos = stop
+        if buf[stop - 2] != 13 or buf[stop - 1] != 10:
+            return _local(BAD_CHUNK)
+        return Request(bytes(buf[pos:stop]), tokens)
+
+
 def _local(reply: bytes) -> Request:
     request = Request(b"")
     request.kind = LOCAL
@@ -238,6 +272,18 @@ class MemcacheReplyFramer:
             if buf.startswith(b"STAT ", cursor):
                 cursor = self._cursor = eol + 2
                 continue
+            if buf.startswith(b"VA ", cursor):  # a meta get's value: one line, one data block
+                parts = bytes(buf[cursor:eol]).split(b" ", 2)
+                if not parts[1].isdigit():
+                    raise ProtocolError("malformed VA line in reply")
+                stop = eol + 2 + int(parts[1]) + 2
+                if stop > end:
+                    return None
+                if buf[stop - 2] != 13 or buf[stop - 1] != 10:
+                    raise ProtocolError("VA data not terminated by CRLF")
+                start = self._pos
+                self._pos = self._cursor = stop
+                return bytes(buf[start:stop])
             start = self._pos
             self._pos = self._cursor = eol + 2
             return bytes(buf[start:eol + 2])
@@ -279,6 +325,9 @@ class MemcacheCodec:
         }
         for name in _RETRIEVAL:
             self._handlers[name] = self._retrieval
+        for name in _META_KEYED:
+            self._handlers[name] = self._meta
+        self._handlers[b"mn"] = self._meta_noop
 
     # -- the Codec interface -------------------------------------------------
 
@@ -419,6 +468,26 @@ class MemcacheCodec:
             request.key = args[first]
         else:
             request.kind = FRAGMENT
+
+    def _meta(self, request: Request) -> None:
+        args = request.args
+        if len(args) < 2:
+            self._answer(request, BAD_FORMAT)
+            return
+        flags = args[2:]
+        # Quiet mode leaves out some replies, and which ones depends on the
+        # outcome: replies could no longer be matched to requests by order.
+        if b"q" in flags:
+            self._answer(request, QUIET_UNSUPPORTED)
+            return
+        if b"b" not in flags and bad_key(args[1]):  # b: the key is base64, routed as sent
+            self._answer(request, BAD_FORMAT)
+            return
+        request.kind = FORWARD
+        request.key = args[1]
+
+    def _meta_noop(self, request: Request) -> None:
+        self._answer(request, b"MN\r\n")
 
     def _version(self, request: Request) -> None:
         # memcached ignores any arguments to version (and to quit), so clients may send them.

@@ -291,3 +291,30 @@ def test_garbage_raises_nothing_but_protocol_error(data: bytes) -> None:
                 pass
         except ProtocolError:
             pass
+
+
+def test_meta_commands() -> None:
+    the_codec = codec()
+    (ms,) = parse([b"ms k 3 T10 F5\r\nabc\r\n"])
+    the_codec.prepare(ms, None)
+    assert (ms.kind, ms.key, ms.raw) == (FORWARD, b"k", b"ms k 3 T10 F5\r\nabc\r\n")
+    for line in (b"mg k v t\r\n", b"md k\r\n", b"ma k D5 v\r\n", b"me k\r\n"):
+        request = prepared(line, the_codec)
+        assert (request.kind, request.key, request.raw) == (FORWARD, b"k", line)
+    assert prepared(b"mn\r\n").reply == b"MN\r\n"
+    assert prepared(b"mg k v q\r\n").reply.startswith(b"CLIENT_ERROR quiet mode")
+    assert prepared(b"mg\r\n").reply == b"CLIENT_ERROR bad command line format\r\n"
+    assert prepared(b"mg a\x01b v\r\n").reply == b"CLIENT_ERROR bad command line format\r\n"
+    assert prepared(b"mg YQ== b v\r\n").kind == FORWARD  # base64 keys route as sent
+    # Refused ms blocks are skipped, not run as commands.
+    assert [r.reply for r in parse([b"ms k 9 q\r\nflush_all\r\nmn\r\n"])] == [
+        b"CLIENT_ERROR quiet mode (q) is not supported by twinproxy\r\n", None]
+    assert [r.reply for r in parse([b"ms k 1\r\nabc\r\n"])] == [b"CLIENT_ERROR bad data chunk\r\n", b"ERROR\r\n"]
+    assert [r.reply for r in parse([b"ms k x\r\n"])] == [b"CLIENT_ERROR bad command line format\r\n"]
+
+
+def test_meta_value_replies_are_framed() -> None:
+    stream = b"VA 3 t-1 f5\r\nabc\r\nHD\r\nEN\r\nVA 0\r\n\r\nMN\r\n"
+    expected = [b"VA 3 t-1 f5\r\nabc\r\n", b"HD\r\n", b"EN\r\n", b"VA 0\r\n\r\n", b"MN\r\n"]
+    for cut in range(len(stream) + 1):
+        assert frame([stream[:cut], stream[cut:]]) == expected
