@@ -198,9 +198,18 @@ class BackendConnection(Protocol):
             if not awaiting:
                 self.abort("reply from server with no request pending", count_failure=True, kind=ERR)
                 return
-            request = awaiting.popleft()
             counters.responses += 1
             counters.response_bytes += len(reply)
+            request = awaiting[0]
+            terminator = request.terminator
+            if terminator is not None:
+                # A reply of several parts, ended by a marker reply the codec chose
+                # (memcached quiet mode: the reply, if any, then MN).
+                if reply != terminator:
+                    request.gathered.append(reply)
+                    continue
+                reply = b"".join(request.gathered)
+            awaiting.popleft()
             observe(now - request.sent_at)
             request.reply = reply
             request.owner.request_done(request)

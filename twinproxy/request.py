@@ -31,7 +31,7 @@ class Request:
     __slots__ = (
         "raw", "args", "kind", "key", "command", "owner", "reply", "parent",
         "fragments", "pending", "positions", "dialect", "sent_at",
-        "expects_reply", "quiet", "close_after", "name",
+        "expects_reply", "quiet", "close_after", "name", "terminator", "gathered",
     )
 
     def __init__(self, raw: bytes, args: Optional[List[bytes]] = None) -> None:
@@ -52,6 +52,9 @@ class Request:
         self.quiet = False          # the client gets no reply (memcached ``noreply``)
         self.close_after = False
         self.name = "unknown"       # the command, for per-command counts (a known name or "unknown")
+        # When set: the server's reply is every reply up to this one, which ends it (and is dropped).
+        self.terminator: Optional[bytes] = None
+        self.gathered: Optional[List[bytes]] = None
 
     def __repr__(self) -> str:
         return f"<Request {self.raw[:40]!r} reply={self.reply!r:.40}>"

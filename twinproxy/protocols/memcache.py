@@ -54,7 +54,8 @@ _SERVER_ONLY = frozenset(
     b"slabs lru_crawler lru watch cache_memlimit shutdown misbehave debugtime extstore".split())
 # Meta commands routed by their key (``ms`` carries a data block, framed by the parser).
 _META_KEYED = frozenset((b"mg", b"ms", b"md", b"ma", b"me"))
-QUIET_UNSUPPORTED = b"CLIENT_ERROR quiet mode (q) is not supported by twinproxy\r\n"
+META_NOOP = b"mn\r\n"
+META_NOOP_REPLY = b"MN\r\n"
 
 _NAMES = {name: name.decode("ascii") for name in (
     *_STORAGE, *_RETRIEVAL, *_SERVER_ONLY, *_META_KEYED, b"mn",
@@ -198,9 +199,7 @@ class MemcacheRequestParser:
         length = int(tokens[2])
         flags = tokens[3:]
         refusal = None
-        if b"q" in flags:
-            refusal = QUIET_UNSUPPORTED
-        elif b"b" not in flags and bad_key(tokens[1]):
+        if b"b" not in flags and bad_key(tokens[1]):
             refusal = BAD_FORMAT
         elif length > self._max_value:
             refusal = TOO_LARGE
@@ -474,20 +473,23 @@ class MemcacheCodec:
         if len(args) < 2:
             self._answer(request, BAD_FORMAT)
             return
-        flags = args[2:]
-        # Quiet mode leaves out some replies, and which ones depends on the
-        # outcome: replies could no longer be matched to requests by order.
-        if b"q" in flags:
-            self._answer(request, QUIET_UNSUPPORTED)
-            return
+        flags = args[2:] if args[0] != b"ms" else args[3:]
         if b"b" not in flags and bad_key(args[1]):  # b: the key is base64, routed as sent
             self._answer(request, BAD_FORMAT)
             return
+        if b"q" in flags:
+            # Quiet mode leaves some replies out, depending on the outcome, so
+            # they could not be matched to requests by order: a no-op after
+            # the request makes the server end every reply with MN, which
+            # the proxy drops.  Exactly what memcached sends reaches the client.
+            request.raw += META_NOOP
+            request.terminator = META_NOOP_REPLY
+            request.gathered = []
         request.kind = FORWARD
         request.key = args[1]
 
     def _meta_noop(self, request: Request) -> None:
-        self._answer(request, b"MN\r\n")
+        self._answer(request, META_NOOP_REPLY)
 
     def _version(self, request: Request) -> None:
         # memcached ignores any arguments to version (and to quit), so clients may send them.

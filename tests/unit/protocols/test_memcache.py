@@ -302,13 +302,14 @@ def test_meta_commands() -> None:
         request = prepared(line, the_codec)
         assert (request.kind, request.key, request.raw) == (FORWARD, b"k", line)
     assert prepared(b"mn\r\n").reply == b"MN\r\n"
-    assert prepared(b"mg k v q\r\n").reply.startswith(b"CLIENT_ERROR quiet mode")
+    quiet = prepared(b"mg k v q\r\n")
+    assert (quiet.kind, quiet.raw, quiet.terminator) == (FORWARD, b"mg k v q\r\nmn\r\n", b"MN\r\n")
     assert prepared(b"mg\r\n").reply == b"CLIENT_ERROR bad command line format\r\n"
     assert prepared(b"mg a\x01b v\r\n").reply == b"CLIENT_ERROR bad command line format\r\n"
     assert prepared(b"mg YQ== b v\r\n").kind == FORWARD  # base64 keys route as sent
     # Refused ms blocks are skipped, not run as commands.
-    assert [r.reply for r in parse([b"ms k 9 q\r\nflush_all\r\nmn\r\n"])] == [
-        b"CLIENT_ERROR quiet mode (q) is not supported by twinproxy\r\n", None]
+    assert [r.reply for r in parse([b"ms k\x01 9\r\nflush_all\r\nmn\r\n"])] == [
+        b"CLIENT_ERROR bad command line format\r\n", None]
     assert [r.reply for r in parse([b"ms k 1\r\nabc\r\n"])] == [b"CLIENT_ERROR bad data chunk\r\n", b"ERROR\r\n"]
     assert [r.reply for r in parse([b"ms k x\r\n"])] == [b"CLIENT_ERROR bad command line format\r\n"]
 
