@@ -53,6 +53,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if options["workers"] > 1:
         from twinproxy import workers
 
+        if options["http-port"] is not None:
+            print("twinproxy: --http-port is not served with --workers yet; use the stats port (-s), which "
+                  "sums every worker", file=sys.stderr)
+            return 1
         workers.check_supported(options["workers"])
         return _with_pid_file(options, lambda: workers.run_master(options, options["workers"]))
     return serve(options)
