@@ -121,6 +121,8 @@ class BackendConnection(Protocol):
 
     def send(self, request: Request) -> None:
         if self.closed:
+            if not isinstance(request.owner, _Handshake):
+                self.link.pool.counters.forward_error += 1
             request.reply = self.codec.error_reply(self._closing_reason or RESET)
             request.owner.request_done(request)
             return
