@@ -354,3 +354,16 @@ class ProxyingTests(SynchronousTestCase):
         h.connect_pending()
         h.reactor.advance(1)
         self.assertEqual(out.value(), b"-ERR Connection timed out\r\n")
+
+    def test_a_request_with_a_terminator_gathers_replies_up_to_it(self) -> None:
+        h = Harness()
+        client, out = h.client()
+        key = h.key_on("a")
+        client.dataReceived(cmd(b"GET", key) + cmd(b"GET", key))
+        first = client._in_order[0]
+        first.terminator = b"+END\r\n"
+        first.gathered = []
+        h.connect_pending()
+        a, _ = h.backend("a")
+        a.dataReceived(b":1\r\n:2\r\n+END\r\n:3\r\n")
+        self.assertEqual(out.value(), b":1\r\n:2\r\n:3\r\n")

@@ -182,3 +182,10 @@ def test_garbage_never_raises_anything_but_protocol_error(data: bytes) -> None:
                 pass
         except ProtocolError:
             pass
+
+
+def test_split_bulk_array_fast_path_and_fallback() -> None:
+    assert resp.split_bulk_array(b"*3\r\n$1\r\na\r\n$-1\r\n_\r\n") == [b"$1\r\na\r\n", b"$-1\r\n", b"_\r\n"]
+    assert resp.split_bulk_array(b"*1\r\n:1\r\n") is None       # not bulk strings: the general scanner
+    assert resp.split_bulk_array(b"-ERR x\r\n") is None
+    assert resp.split_bulk_array(b"*2\r\n$1\r\na\r\n") is None  # short: not trusted
