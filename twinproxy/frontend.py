@@ -37,6 +37,13 @@ from zope.interface import implementer
 from twinproxy.protocols import Codec, ProtocolError
 from twinproxy.request import FORWARD, FRAGMENT, Request
 
+# After a protocol error the proxy goes on reading, and drops, what the
+# client is still sending, for this long and up to this many bytes: closing
+# a socket with unread input sends a reset, which destroys the error reply
+# before a client that is still writing gets to read it.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 64 * 1024 * 1024
+
 
 @implementer(IPushProducer)
 class FrontendProtocol(Protocol):
@@ -74,6 +81,8 @@ class FrontendProtocol(Protocol):
         self._out: list = []            # replies in order, not yet written
         self._in_outbox = False
         self._close_when_sent = False
+        self._linger_call: Any = None
+        self._linger_left = 0
         self.closed = False
         self.dialect = self._codec.default_dialect
         self.authenticated = not factory.requires_auth
@@ -100,7 +109,7 @@ class FrontendProtocol(Protocol):
         pass
 
     def _update_reading(self) -> None:
-        if self.closed or self.transport is None:
+        if self.closed or self.transport is None or self._linger_call is not None:
             return
         if self._draining or self._write_blocked:
             pause = True
@@ -137,6 +146,10 @@ class FrontendProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing or self._draining:
+            if self._linger_call is not None:
+                self._linger_left -= len(data)
+                if self._linger_left < 0:
+                    self._linger_over()
             return
         parser = self._parser
         parser.feed(data)
@@ -164,6 +177,10 @@ class FrontendProtocol(Protocol):
         self.closed = True
         self._closing = True
         self._in_order.clear()
+        if self._linger_call is not None:
+            if self._linger_call.active():
+                self._linger_call.cancel()
+            self._linger_call = None
         self.factory.client_gone(self)
 
     # -- dispatch -------------------------------------------------------------
@@ -259,7 +276,40 @@ class FrontendProtocol(Protocol):
                 self._write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
         if self._close_when_sent and not self.closed and self.transport is not None:
-            self.transport.loseConnection()
+            if self._failed:
+                self._linger()
+            else:
+                self.transport.loseConnection()
+
+    def _linger(self) -> None:
+        """Close our half once the error is written; drop what the client still sends, for a while.
+
+        A client that wrote a request too large or malformed is often still
+        writing it when the error goes out: it reads the error only after its
+        write is done, so the proxy must keep reading until then.  It hangs up
+        when the client does, or after ``LINGER_SECONDS``/``LINGER_BYTES``.
+        """
+        if self._linger_call is not None:
+            return
+        transport = self.transport
+        clock = self.factory.clock
+        close_write = getattr(transport, "loseWriteConnection", None)
+        if clock is None or close_write is None:
+            transport.loseConnection()
+            return
+        close_write()
+        self._linger_left = LINGER_BYTES
+        self._linger_call = clock.callLater(LINGER_SECONDS, self._linger_over)
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resumeProducing()
+
+    def _linger_over(self) -> None:
+        call, self._linger_call = self._linger_call, None
+        if call is not None and call.active():
+            call.cancel()
+        if not self.closed and self.transport is not None:
+            self.transport.abortConnection()
 
     def _write(self, data: bytes) -> None:
         """Send now when nothing is queued before it; else (and for what is left) queue it.
@@ -361,8 +411,9 @@ class ProxyFactory(Factory):
     noisy = False
 
     def __init__(self, pool: Any, codec: Codec, client_limit: int = 0, requires_auth: bool = False,
-                 outbox: Optional["Outbox"] = None) -> None:
+                 outbox: Optional["Outbox"] = None, clock: Any = None) -> None:
         self.pool = pool
+        self.clock = clock  # for the linger after a protocol error; without one, errors close at once
         self.outbox = outbox
         self.codec = codec
         self.client_limit = client_limit

@@ -47,7 +47,8 @@ class PoolService(Service):
         for link in self.links:
             link.outbox = self.outbox
         self.factory = ProxyFactory(self.pool, self.codec, config.client_connections,
-                                    requires_auth=bool(config.redis and config.redis_auth), outbox=self.outbox)
+                                    requires_auth=bool(config.redis and config.redis_auth), outbox=self.outbox,
+                                    clock=reactor)
         self.port: Any = None
 
     def _no_live_server(self, request: Any) -> None:

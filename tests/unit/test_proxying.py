@@ -32,6 +32,20 @@ alpha:
 """
 
 
+class HalfClosingTransport(StringTransport):
+    """A StringTransport that, like TCP's, can close its writing half alone."""
+
+    write_closed = False
+    aborted = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        super().abortConnection()
+
+
 def cmd(*args: bytes) -> bytes:
     return encode_command(list(args))
 
@@ -48,7 +62,8 @@ class Harness:
         for link in self.links.values():
             link.outbox = self.outbox
         self.factory = ProxyFactory(self.pool, self.codec, self.config.client_connections,
-                                    requires_auth=bool(self.config.redis_auth), outbox=self.outbox)
+                                    requires_auth=bool(self.config.redis_auth), outbox=self.outbox,
+                                    clock=self.reactor)
         self.backends = {}
 
     def key_on(self, name: str, prefix: bytes = b"k") -> bytes:
@@ -58,9 +73,9 @@ class Harness:
                 return key
         raise AssertionError(name)
 
-    def client(self):
+    def client(self, transport=None):
         protocol = self.factory.buildProtocol(None)
-        transport = StringTransport()
+        transport = transport if transport is not None else StringTransport()
         protocol.makeConnection(transport)
         return protocol, transport
 
@@ -221,6 +236,43 @@ class ProxyingTests(SynchronousTestCase):
         client.dataReceived(b"PING\r\n*1\r\n+x\r\nPING\r\n")
         self.assertEqual(out.value(), b"+PONG\r\n-ERR Protocol error: expected '$', got '+'\r\n")
         self.assertTrue(out.disconnecting)
+
+    def test_protocol_error_lingers_reading_until_the_client_hangs_up(self) -> None:
+        """After a protocol error the proxy half-closes and drops further input, so the error is not reset away."""
+        h = Harness()
+        out = HalfClosingTransport()
+        client, _ = h.client(out)
+        client.pauseProducing()  # replies backed up: reading paused
+        client.dataReceived(b"*1\r\n+x\r\n")
+        client.resumeProducing()
+        self.assertEqual(out.value(), b"-ERR Protocol error: expected '$', got '+'\r\n")
+        self.assertTrue(out.write_closed)
+        self.assertFalse(out.disconnecting)
+        self.assertEqual(out.producerState, "producing")
+        client.dataReceived(b"x" * 100_000)  # the rest of what the client was sending: dropped
+        self.assertEqual(out.value(), b"-ERR Protocol error: expected '$', got '+'\r\n")
+        client.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(h.reactor.getDelayedCalls(), [])
+        self.assertEqual(h.pool.counters.client_err, 1)
+
+    def test_protocol_error_linger_is_bounded(self) -> None:
+        """A client that never stops sending is cut off after the linger time, or the linger bytes."""
+        from twinproxy.frontend import LINGER_BYTES, LINGER_SECONDS
+
+        h = Harness()
+        slow = HalfClosingTransport()
+        client, _ = h.client(slow)
+        client.dataReceived(b"*1\r\n+x\r\n")
+        h.reactor.advance(LINGER_SECONDS)
+        self.assertTrue(slow.aborted)
+        flood = HalfClosingTransport()
+        client, _ = h.client(flood)
+        client.dataReceived(b"*1\r\n+x\r\n")
+        client.dataReceived(b"x" * LINGER_BYTES)
+        self.assertFalse(flood.aborted)
+        client.dataReceived(b"x")
+        self.assertTrue(flood.aborted)
+        self.assertEqual(h.reactor.getDelayedCalls(), [])
 
     def test_quit_answers_ok_then_closes(self) -> None:
         h = Harness()
