@@ -41,7 +41,7 @@ def _port(text: str) -> int:
 
 
 class Options(usage.Options):
-    synopsis = "[options]"
+    synopsis = "[options] [pool-file]"
     longdesc = ("A memcached and Redis sharding proxy that reads nutcracker (twemproxy) pool files unchanged. "
                 "Starts one service per pool in the file. The options are nutcracker's.")
 
@@ -70,6 +70,11 @@ class Options(usage.Options):
     def opt_config(self, path: str) -> None:
         """Same as --conf-file."""
         self["conf-file"] = path
+
+    def parseArgs(self, conf_file: Optional[str] = None) -> None:
+        """A pool file may also come alone, as in ``twinproxy -t FILE``; it wins over ``-c``."""
+        if conf_file is not None:
+            self["conf-file"] = conf_file
 
     def opt_version(self) -> None:
         """Print the version and exit."""

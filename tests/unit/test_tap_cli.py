@@ -83,6 +83,9 @@ def test_cli_version_describe_and_test_flag(good: Path, capsys) -> None:
     for field in ("client_eof", "forward_error", "server_ejected_at", "out_queue_bytes", "curr_connections"):
         assert field in described
     assert cli.main(["-t", "-c", str(good)]) == 0
+    assert cli.main(["-t", str(good)]) == 0
+    assert cli.main(["--test-conf", str(good) + ".missing"]) == 1
+    assert cli.main(["-t", str(good), "extra"]) == 1
     assert cli.main(["--test-conf", "-c", str(good) + ".missing"]) == 1
     assert cli.main(["--bogus"]) == 1
 
