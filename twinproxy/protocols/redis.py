@@ -259,7 +259,9 @@ class RedisCodec:
                     return self.error_reply("unexpected reply from server: " + reply[:60].decode("latin-1"))
                 total += int(reply[1:-2])
             return resp.integer(total)
-        ordered: Dict[int, bytes] = {}
+        # Key positions are argument indexes from 1 up, each in one fragment.
+        merged: List[bytes] = [b""] * (len(request.args) + 1)
+        count = 0
         for fragment in fragments:
             elements = resp.split_bulk_array(fragment.reply)
             if elements is None:
@@ -267,10 +269,13 @@ class RedisCodec:
                     _, elements = resp.split_aggregate(fragment.reply)
                 except (ProtocolError, ValueError):
                     elements = []
-            if len(elements) != len(fragment.positions):
+            positions = fragment.positions
+            if len(elements) != len(positions):
                 return self.error_reply("unexpected reply from server: " + fragment.reply[:60].decode("latin-1"))
-            ordered.update(zip(fragment.positions, elements))
-        return resp.array([ordered[position] for position in sorted(ordered)])
+            for position, element in zip(positions, elements):
+                merged[position] = element
+            count += len(positions)
+        return b"*%d\r\n" % count + b"".join(merged)
 
     # -- helpers -------------------------------------------------------------
 

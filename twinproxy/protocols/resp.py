@@ -29,6 +29,9 @@ MAX_ARGS = 1024 * 1024
 MAX_REPLY_LINE = 1024 * 1024
 
 _COMPACT_AT = 64 * 1024
+# A partial request up to this size is joined to the next bytes by copying;
+# past it the parser appends to a bytearray, so many small writes stay linear.
+_SMALL_JOIN = 4096
 
 # RESP3 types: one line; length-prefixed blob; counted aggregate.
 _LINE_TYPES = frozenset(b"+-:_,#(")
@@ -61,7 +64,10 @@ class RespRequestParser:
 
     def __init__(self, max_bulk: int = MAX_BULK, max_args: int = MAX_ARGS,
                  max_request: int = MAX_BULK) -> None:
-        self._buf = bytearray()
+        # ``bytes`` while requests come whole or in a few small pieces (slices
+        # of it are the arguments, one copy each); a ``bytearray`` once a
+        # request is bigger than _SMALL_JOIN and arrives in pieces.
+        self._buf: Any = b""
         self._pos = 0
         self._need = 0
         self._max_bulk = min(max_bulk, max_request)
@@ -75,17 +81,30 @@ class RespRequestParser:
     def feed(self, data: bytes) -> None:
         buf = self._buf
         pos = self._pos
-        if pos:
-            if pos >= len(buf):
-                buf.clear()
-                self._pos = 0
-                self._need = 0
-            elif pos >= _COMPACT_AT:
-                del buf[:pos]
-                self._need = max(0, self._need - pos)
-                self._cursor = max(0, self._cursor - pos)
-                self._pos = 0
+        left = len(buf) - pos
+        if left <= 0:
+            # Nothing pending (the usual case): parse the bytes as they came.
+            self._buf = data if type(data) is bytes else bytes(data)
+            self._pos = self._need = 0
+            return
+        if type(buf) is bytes:
+            if left + len(data) <= _SMALL_JOIN:
+                self._buf = buf[pos:] + data
+            else:
+                self._buf = bytearray(buf[pos:])
+                self._buf += data
+            self._shift(pos)
+            return
+        if pos >= _COMPACT_AT:
+            del buf[:pos]
+            self._shift(pos)
         buf += data
+
+    def _shift(self, pos: int) -> None:
+        """The buffer now starts at what was ``pos``: move the offsets that point into it."""
+        self._pos = 0
+        self._need = max(0, self._need - pos)
+        self._cursor = max(0, self._cursor - pos)
 
     @property
     def buffered(self) -> int:
@@ -140,6 +159,7 @@ class RespRequestParser:
         max_bulk = self._max_bulk
         limit = pos + self._max_request
         find = buf.find
+        whole = type(buf) is bytes  # its slices are bytes already
         while left:
             if cursor >= end:
                 break
@@ -172,7 +192,7 @@ class RespRequestParser:
                 break
             if buf[stop] != 13 or buf[stop + 1] != 10:
                 raise ProtocolError("Protocol error: expected CRLF after bulk string")
-            append(bytes(buf[start:stop]))
+            append(buf[start:stop] if whole else bytes(buf[start:stop]))
             cursor = stop + 2
             left -= 1
         self._cursor = cursor
@@ -182,7 +202,7 @@ class RespRequestParser:
         self._args = None
         self._pos = cursor
         self._need = 0
-        return Request(bytes(buf[pos:cursor]), args)
+        return Request(buf[pos:cursor] if whole else bytes(buf[pos:cursor]), args)
 
     def _inline(self, buf: bytearray, pos: int, end: int):
         newline = buf.find(b"\n", pos)
@@ -311,6 +331,33 @@ def _scan(buf: bytes | bytearray, pos: int, end: int, stack: Optional[List[int]]
             children = count * per_entry if count > 0 else 0
             if kind == _ATTRIBUTE:
                 children += 1  # the annotated value that follows
+            if children and kind == _STAR and not stack:
+                # An array of bulk strings (MGET, LRANGE, HMGET ...), the most
+                # common aggregate, skipped element by element with no stack.
+                while children:
+                    if pos >= end or buf[pos] != _BULK:
+                        break
+                    eol = buf.find(CRLF, pos, end)
+                    if eol < 0 or eol - pos > 21:
+                        break  # the general path below reports what is wrong
+                    try:
+                        length = int(buf[pos + 1:eol])
+                    except ValueError:
+                        raise ProtocolError("invalid length in reply") from None
+                    if length < 0:
+                        if length != -1:
+                            raise ProtocolError("invalid bulk length in reply")
+                        pos = eol + 2
+                    else:
+                        stop = eol + 2 + length
+                        if stop + 2 > end:
+                            break
+                        if buf[stop] != 13 or buf[stop + 1] != 10:
+                            raise ProtocolError("bulk reply not terminated by CRLF")
+                        pos = stop + 2
+                    children -= 1
+                if not children:
+                    return pos, pos, None
             if children:
                 stack = [*stack, children] if stack else [children]
                 continue
@@ -338,7 +385,9 @@ class RespReplyFramer:
     """
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        # bytes or bytearray, as in RespRequestParser: replies that come whole
+        # are sliced out of the bytes they came in, with no copy to a buffer.
+        self._buf: Any = b""
         self._pos = 0       # start of the reply being framed
         self._resume = 0    # where scanning of it resumes
         self._stack: Optional[List[int]] = None
@@ -346,14 +395,24 @@ class RespReplyFramer:
     def feed(self, data: bytes) -> None:
         buf = self._buf
         pos = self._pos
-        if pos:
-            if pos >= len(buf):
-                buf.clear()
-                self._pos = self._resume = 0
-            elif pos >= _COMPACT_AT:
-                del buf[:pos]
-                self._resume -= pos
-                self._pos = 0
+        left = len(buf) - pos
+        if left <= 0:
+            self._buf = data if type(data) is bytes else bytes(data)
+            self._pos = self._resume = 0
+            return
+        if type(buf) is bytes:
+            if left + len(data) <= _SMALL_JOIN:
+                self._buf = buf[pos:] + data
+            else:
+                self._buf = bytearray(buf[pos:])
+                self._buf += data
+            self._resume -= pos
+            self._pos = 0
+            return
+        if pos >= _COMPACT_AT:
+            del buf[:pos]
+            self._resume -= pos
+            self._pos = 0
         buf += data
 
     def next(self) -> Optional[bytes]:
@@ -371,7 +430,7 @@ class RespReplyFramer:
             self._pos = self._resume = stop
             self._stack = None
             if buf[start] != _PUSH:
-                return bytes(buf[start:stop])
+                return buf[start:stop] if type(buf) is bytes else bytes(buf[start:stop])
 
 
 def _reply_number(buf: bytes | bytearray, start: int, stop: int) -> int:
