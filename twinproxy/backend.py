@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from twinproxy.config import PoolConfig
 from twinproxy.protocols import Codec, ProtocolError
 from twinproxy.request import Request
+from twinproxy.sockets import direct_socket, write_now
 
 TIMED_OUT = os.strerror(errno.ETIMEDOUT)
 # How a connection ended, for the server's counters.
@@ -97,6 +98,7 @@ class BackendConnection(Protocol):
         self._queued: List[bytes] = []   # written at the end of the burst (see frontend.Outbox)
         self._in_outbox = False
         self._timer: Any = None
+        self._socket: Any = None
         self._counters = link.server.counters
         self._latency = link.server.counters.latency
         self.connected_at: Optional[float] = None
@@ -153,7 +155,7 @@ class BackendConnection(Protocol):
         if queued:
             self._queued = []
             if not self.closed and self.transport is not None:
-                self.transport.write(queued[0] if len(queued) == 1 else b"".join(queued))
+                write_now(self._socket, self.transport, queued[0] if len(queued) == 1 else b"".join(queued))
 
     # -- Twisted protocol -----------------------------------------------------
 
@@ -163,6 +165,7 @@ class BackendConnection(Protocol):
             transport.setTcpNoDelay(True)
             if self.link.config.tcpkeepalive:
                 transport.setTcpKeepAlive(True)
+        self._socket = direct_socket(transport)
         self.connected_at = self._clock.seconds()
         self._counters.connections_made += 1
         self.link.connected()
@@ -179,7 +182,7 @@ class BackendConnection(Protocol):
         finally:
             outbox = self.link.outbox
             if outbox is not None:
-                outbox.flush()
+                outbox.burst_done()
 
     def _replies(self, data: bytes) -> None:
         framer = self._framer
@@ -298,7 +301,7 @@ class BackendConnection(Protocol):
         self.link.pool.counters.forward_error += failed
         outbox = self.link.outbox
         if outbox is not None:
-            outbox.flush()
+            outbox.burst_done()
 
 
 class _ConnectorFactory(ClientFactory):

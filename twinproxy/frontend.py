@@ -16,7 +16,7 @@ and a server is something with ``send(request)``.
 
     in order: [oldest, ..., newest]   (one entry per request the client wants answered)
     request_done(request) --> while in order[0].reply is set: queue it, pop it
-    outbox.flush() (when the read or failure that answered them is done) --> one write per client
+    outbox.flush() (once per reactor turn) --> one write per client, one per server connection
 
 Every request that expects a reply gets exactly one, and the client sees
 them in the order it sent the requests, whichever servers answered first.
@@ -36,6 +36,7 @@ from zope.interface import implementer
 
 from twinproxy.protocols import Codec, ProtocolError
 from twinproxy.request import FORWARD, FRAGMENT, Request
+from twinproxy.sockets import direct_socket, write_now
 
 # After a protocol error the proxy goes on reading, and drops, what the
 # client is still sending, for this long and up to this many bytes: closing
@@ -93,7 +94,7 @@ class FrontendProtocol(Protocol):
         if hasattr(transport, "setTcpNoDelay"):
             transport.setTcpNoDelay(True)
         transport.registerProducer(self, True)
-        self._socket = _direct_socket(transport)
+        self._socket = direct_socket(transport)
 
     # -- IPushProducer: the transport's verdict on our replies -----------------
 
@@ -166,7 +167,7 @@ class FrontendProtocol(Protocol):
         if len(self._in_order) >= self._max_pending or self._pending_bytes >= self._max_pending_bytes:
             self._update_reading()
         if self._outbox is not None:
-            self._outbox.flush()
+            self._outbox.burst_done()
 
     def connectionLost(self, reason: Any = None) -> None:
         if not self._failed:
@@ -312,27 +313,7 @@ class FrontendProtocol(Protocol):
             self.transport.abortConnection()
 
     def _write(self, data: bytes) -> None:
-        """Send now when nothing is queued before it; else (and for what is left) queue it.
-
-        Twisted's ``write`` queues every reply, asks epoll for writability,
-        sends on the next loop turn and then stops asking: two epoll_ctl calls
-        and a loop turn per reply.  A reply to a client that keeps up can go
-        out at once, in the same turn its server answered.
-        """
-        sock = self._socket
-        transport = self.transport
-        if sock is not None and not transport.dataBuffer and not transport._tempDataBuffer \
-                and not transport.disconnecting:
-            try:
-                sent = sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                sent = 0  # Twisted's own write will meet the error and close properly
-            if sent == len(data):
-                return
-            data = data[sent:]
-        transport.write(data)
+        write_now(self._socket, self.transport, data)
 
     def _protocol_error(self, err: ProtocolError) -> None:
         """Answer a malformed request after everything before it, then close."""
@@ -347,30 +328,45 @@ class FrontendProtocol(Protocol):
 
 
 class Outbox:
-    """Clients with replies queued during one burst of work, written when it ends.
+    """Clients and server connections with bytes queued, written once per reactor turn.
 
     One server read can answer many clients, and many requests of one
-    pipelining client: each of those clients then gets one write for all of
-    its replies, right after the read, instead of one write per reply.
-    Requests bound for servers are gathered the same way.  Whatever sends or
-    answers requests (a client read, a server read, a failed connection)
-    calls ``flush`` when it is done.
+    pipelining client; one turn of the reactor can read requests from many
+    clients for the same server connection.  Each of them then gets one
+    write for all of it, right after the turn's events are handled (a
+    zero-delay call runs before the reactor polls again), instead of one
+    write per request or reply.  Without a clock (unit tests), ``burst_done``
+    writes at once: at the end of each read or failure.
     """
 
-    __slots__ = ("_clients", "_servers")
+    __slots__ = ("_clients", "_servers", "_clock", "_call")
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Any = None) -> None:
         self._clients: list = []
         self._servers: list = []
+        self._clock = clock
+        self._call: Any = None
 
     def add(self, client: FrontendProtocol) -> None:
         self._clients.append(client)
+        if self._call is None and self._clock is not None:
+            self._call = self._clock.callLater(0, self.flush)
 
     def add_server(self, connection: Any) -> None:
-        """A backend connection with requests queued: likewise one write per burst."""
+        """A backend connection with requests queued: likewise one write per turn."""
         self._servers.append(connection)
+        if self._call is None and self._clock is not None:
+            self._call = self._clock.callLater(0, self.flush)
+
+    def burst_done(self) -> None:
+        """A read or a failure has queued what it will: without a clock, write it now."""
+        if self._clock is None:
+            self.flush()
 
     def flush(self) -> None:
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
         servers = self._servers
         if servers:
             self._servers = []
@@ -381,16 +377,6 @@ class Outbox:
             self._clients = []
             for client in clients:
                 client.send_queued()
-
-
-def _direct_socket(transport: Any) -> Any:
-    """The socket under a plain TCP or unix transport, which ``_write`` may send on; else None."""
-    sock = getattr(transport, "socket", None)
-    if sock is None or getattr(transport, "TLS", False):
-        return None
-    if not hasattr(transport, "_tempDataBuffer") or not hasattr(transport, "dataBuffer"):
-        return None
-    return sock
 
 
 class _Refused(Protocol):

@@ -40,7 +40,7 @@ class PoolService(Service):
         self.pool = ServerPool(config, reactor)
         self.pool.unavailable.send = self._no_live_server
         self._no_server_reply = self.codec.error_reply(f"no live server in pool '{config.name}'")
-        self.outbox = Outbox()
+        self.outbox = Outbox(reactor)
         self.links: List[ServerLink] = [
             ServerLink(server, self.pool, self.codec, config, reactor) for server in self.pool.servers
         ]

@@ -51,14 +51,15 @@ def cmd(*args: bytes) -> bytes:
 
 
 class Harness:
-    def __init__(self, extra: str = "", outbox: bool = False) -> None:
+    def __init__(self, extra: str = "", outbox: bool = False, turns: bool = False) -> None:
         (self.config,) = load_text(POOL.format(extra=extra))
         self.reactor = MemoryReactorClock()
         self.codec = codec_for(self.config)
         self.pool = ServerPool(self.config, self.reactor)
         self.links = {s.name: ServerLink(s, self.pool, self.codec, self.config, self.reactor)
                       for s in self.pool.servers}
-        self.outbox = Outbox() if outbox else None
+        # turns: the outbox writes once per reactor turn, as in service.py (advance(0) ends a turn).
+        self.outbox = Outbox(self.reactor if turns else None) if outbox or turns else None
         for link in self.links.values():
             link.outbox = self.outbox
         self.factory = ProxyFactory(self.pool, self.codec, self.config.client_connections,
@@ -391,6 +392,29 @@ class ProxyingTests(SynchronousTestCase):
         self.assertEqual(writes, [b":1\r\n:2\r\n"])  # one write; the PING waits behind the third GET
         a.dataReceived(b":3\r\n")
         self.assertEqual(writes, [b":1\r\n:2\r\n", b":3\r\n+PONG\r\n"])
+
+    def test_outbox_writes_once_per_reactor_turn(self) -> None:
+        """Requests of several clients read in one turn go to their server connection in one write."""
+        h = Harness(turns=True)
+        key = h.key_on("a")
+        first, first_out = h.client()
+        second, second_out = h.client()
+        first.dataReceived(cmd(b"SET", key, b"1"))
+        h.connect_pending()
+        (a, wire), = h.backends["a"]
+        h.reactor.advance(0)
+        wire.clear()
+        first.dataReceived(cmd(b"GET", key))
+        second.dataReceived(cmd(b"GET", key))
+        self.assertEqual(wire.value(), b"")
+        h.reactor.advance(0)
+        self.assertEqual(wire.value(), cmd(b"GET", key) * 2)
+        a.dataReceived(b"+OK\r\n$1\r\n1\r\n$1\r\n1\r\n")
+        self.assertEqual(first_out.value(), b"")
+        h.reactor.advance(0)
+        self.assertEqual(first_out.value(), b"+OK\r\n$1\r\n1\r\n")
+        self.assertEqual(second_out.value(), b"$1\r\n1\r\n")
+        self.assertEqual([c for c in h.reactor.getDelayedCalls() if c.func == h.outbox.flush], [])
 
     def test_outbox_local_replies_and_quit(self) -> None:
         h = Harness(outbox=True)
