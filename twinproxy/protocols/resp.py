@@ -43,6 +43,31 @@ _BULK = ord("$")
 _STAR = ord("*")
 
 
+def _append(buf: Any, pos: int, data: bytes) -> Tuple[Any, int]:
+    """What is left of ``buf`` from ``pos`` on, then ``data``; and how far offsets into ``buf`` move back.
+
+    The result is ``data`` itself when nothing was left (the usual case), a
+    new ``bytes`` while what is pending stays under ``_SMALL_JOIN``, and past
+    that a ``bytearray`` grown in place and compacted once ``pos`` passes
+    ``_COMPACT_AT``, so many small writes of a big request stay linear.
+    """
+    left = len(buf) - pos
+    if left <= 0:
+        return (data if type(data) is bytes else bytes(data)), pos
+    if type(buf) is bytes:
+        if left + len(data) <= _SMALL_JOIN:
+            return buf[pos:] + data, pos
+        joined = bytearray(buf[pos:])
+        joined += data
+        return joined, pos
+    moved = 0
+    if pos >= _COMPACT_AT:
+        del buf[:pos]
+        moved = pos
+    buf += data
+    return buf, moved
+
+
 def _number(buf: bytearray, start: int, stop: int) -> Optional[int]:
     """Parse a strict decimal (optional leading minus); None if malformed."""
     text = bytes(buf[start:stop])
@@ -79,26 +104,9 @@ class RespRequestParser:
         self._left = 0
 
     def feed(self, data: bytes) -> None:
-        buf = self._buf
-        pos = self._pos
-        left = len(buf) - pos
-        if left <= 0:
-            # Nothing pending (the usual case): parse the bytes as they came.
-            self._buf = data if type(data) is bytes else bytes(data)
-            self._pos = self._need = 0
-            return
-        if type(buf) is bytes:
-            if left + len(data) <= _SMALL_JOIN:
-                self._buf = buf[pos:] + data
-            else:
-                self._buf = bytearray(buf[pos:])
-                self._buf += data
-            self._shift(pos)
-            return
-        if pos >= _COMPACT_AT:
-            del buf[:pos]
-            self._shift(pos)
-        buf += data
+        self._buf, moved = _append(self._buf, self._pos, data)
+        if moved:
+            self._shift(moved)
 
     def _shift(self, pos: int) -> None:
         """The buffer now starts at what was ``pos``: move the offsets that point into it."""
@@ -393,27 +401,10 @@ class RespReplyFramer:
         self._stack: Optional[List[int]] = None
 
     def feed(self, data: bytes) -> None:
-        buf = self._buf
-        pos = self._pos
-        left = len(buf) - pos
-        if left <= 0:
-            self._buf = data if type(data) is bytes else bytes(data)
-            self._pos = self._resume = 0
-            return
-        if type(buf) is bytes:
-            if left + len(data) <= _SMALL_JOIN:
-                self._buf = buf[pos:] + data
-            else:
-                self._buf = bytearray(buf[pos:])
-                self._buf += data
-            self._resume -= pos
+        self._buf, moved = _append(self._buf, self._pos, data)
+        if moved:
             self._pos = 0
-            return
-        if pos >= _COMPACT_AT:
-            del buf[:pos]
-            self._resume -= pos
-            self._pos = 0
-        buf += data
+            self._resume -= moved
 
     def next(self) -> Optional[bytes]:
         buf = self._buf
