@@ -346,12 +346,9 @@ def _scan(buf: bytes | bytearray, pos: int, end: int, stack: Optional[List[int]]
                     if pos >= end or buf[pos] != _BULK:
                         break
                     eol = buf.find(CRLF, pos, end)
-                    if eol < 0 or eol - pos > 21:
-                        break  # the general path below reports what is wrong
-                    try:
-                        length = int(buf[pos + 1:eol])
-                    except ValueError:
-                        raise ProtocolError("invalid length in reply") from None
+                    if eol < 0:
+                        break  # the general path below waits, or reports a line too long
+                    length = _reply_number(buf, pos + 1, eol)
                     if length < 0:
                         if length != -1:
                             raise ProtocolError("invalid bulk length in reply")
