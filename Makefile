@@ -28,7 +28,7 @@ pypy: deps pypy-venv
 
 pypy-venv: .venv-pypy/.installed
 
-.venv-pypy/.installed: pyproject.toml setup.cfg
+.venv-pypy/.installed: pyproject.toml setup.cfg twinproxy/_speedups.c
 	@PYTHON=$(PYTHON) scripts/ensure-system-deps.sh --bench
 	test -x .venv-pypy/bin/python || pypy3 -m venv .venv-pypy
 	.venv-pypy/bin/pip install -q --config-settings editable_mode=compat -e '.[test]'
@@ -42,7 +42,8 @@ venv: $(STAMP)
 
 # compat editable mode: the default PEP 660 editable install hides the
 # twistd plugin in twisted/plugins from twistd.
-$(STAMP): pyproject.toml setup.cfg
+# The stamp follows the C scanners too: the install builds them in place.
+$(STAMP): pyproject.toml setup.cfg twinproxy/_speedups.c
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip || true
 	$(VENV)/bin/pip install -q --config-settings editable_mode=compat -e '.[test]'
@@ -50,4 +51,4 @@ $(STAMP): pyproject.toml setup.cfg
 	touch $@
 
 clean:
-	rm -rf $(VENV) .venv-pypy run twisted/plugins/dropin.cache .pytest_cache
+	rm -rf $(VENV) .venv-pypy run twisted/plugins/dropin.cache .pytest_cache twinproxy/*.so

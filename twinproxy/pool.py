@@ -122,6 +122,15 @@ class ServerPool:
             routes[key] = server
         return server
 
+    def servers_for_keys(self, keys: Sequence[bytes]) -> List[Any]:
+        """``server_for_key`` of each key, in order: one call for a multi-key command."""
+        get = self._routes.get
+        servers = [get(key) for key in keys]
+        if None in servers:
+            lookup = self.server_for_key
+            servers = [server if server is not None else lookup(key) for server, key in zip(servers, keys)]
+        return servers
+
     # -- topology -------------------------------------------------------------
 
     def replace_servers(self, specs: Sequence[ServerSpec]) -> List[Server]:

@@ -21,7 +21,7 @@ from twinproxy.backend import ServerLink
 from twinproxy.config import PoolConfig
 from twinproxy.frontend import Outbox, ProxyFactory
 from twinproxy.pool import ServerPool
-from twinproxy.protocols import codec_for
+from twinproxy.protocols import codec_for, resp
 
 
 class PoolService(Service):
@@ -67,9 +67,12 @@ class PoolService(Service):
         if self.config.preconnect:
             for link in self.links:
                 link.preconnect(self.codec.default_dialect)
-        self._log.info("pool {pool} ({protocol}) listening on {listen} with {count} servers",
+        scanners = ""
+        if self.config.redis:
+            scanners = " (RESP scanners: C)" if resp.speedups is not None else " (RESP scanners: pure Python)"
+        self._log.info("pool {pool} ({protocol}) listening on {listen} with {count} servers{scanners}",
                        pool=self.name, protocol=self.config.protocol, listen=str(self.config.listen),
-                       count=len(self.links))
+                       count=len(self.links), scanners=scanners)
 
     def _listen(self) -> None:
         listen = self.config.listen

@@ -46,6 +46,9 @@ class Session(Protocol):
 class Router(Protocol):
     def server_for_key(self, key: bytes) -> Any: ...
 
+    def servers_for_keys(self, keys: Sequence[bytes]) -> List[Any]:
+        """``server_for_key`` of each key, in order."""
+
     @property
     def live_servers(self) -> Sequence[Any]: ...
 

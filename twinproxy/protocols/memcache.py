@@ -543,14 +543,18 @@ class MemcacheCodec:
         args = request.args
         first = _RETRIEVAL[args[0]]
         head = args[:first]
-        groups: Dict[Any, List[int]] = {}
-        server_for_key = router.server_for_key
-        for position in range(first, len(args)):
-            groups.setdefault(server_for_key(args[position]), []).append(position)
-        if len(groups) == 1:
+        servers = router.servers_for_keys(args[first:])
+        if servers.count(servers[0]) == len(servers):
             request.kind = FORWARD
             request.key = args[first]
-            return [(next(iter(groups)), request)]
+            return [(servers[0], request)]
+        groups: Dict[Any, List[int]] = {}
+        for position, server in enumerate(servers, first):
+            group = groups.get(server)
+            if group is None:
+                groups[server] = [position]
+            else:
+                group.append(position)
         routes = []
         for server, positions in groups.items():
             fragment_args = head + [args[p] for p in positions]

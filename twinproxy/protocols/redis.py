@@ -217,27 +217,27 @@ class RedisCodec:
         if positions is None:
             return []
         args = request.args
-        server_for_key = router.server_for_key
-        groups: Dict[Any, List[int]] = {}
-        for position in positions:
-            groups.setdefault(server_for_key(args[position]), []).append(position)
-        if len(groups) == 1:
-            server = next(iter(groups))
+        servers = router.servers_for_keys([args[position] for position in positions])
+        first = servers[0]
+        if servers.count(first) == len(servers):
             request.kind = FORWARD
             request.key = args[positions[0]]
-            return [(server, request)]
+            return [(first, request)]
         if spec.layout is not SPLIT:
             self._answer(request, resp.error(
                 "ERR keys in request don't hash to the same server (use a hash tag to keep them together)"))
             return []
-        head = [args[0]]
+        groups: Dict[Any, List[int]] = {}
+        for position, server in zip(positions, servers):
+            group = groups.get(server)
+            if group is None:
+                groups[server] = [position]
+            else:
+                group.append(position)
         width = spec.step
         fragments = []
         for server, key_positions in groups.items():
-            sub_args = list(head)
-            for position in key_positions:
-                sub_args.extend(args[position:position + width])
-            fragment = Request(resp.encode_command(sub_args), sub_args)
+            fragment = Request(resp.encode_fragment(args, key_positions, width))
             fragment.positions = key_positions
             fragments.append((server, fragment))
         return fragments

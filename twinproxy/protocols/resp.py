@@ -9,14 +9,36 @@ Both parsers keep a ``bytearray`` and an offset, compacted in ``feed``, so
 a request that arrives one byte at a time costs linear, not quadratic, time.
 Replies are framed but never decoded: their bytes pass to clients as the
 server wrote them.
+
+On CPython the common case of both (a request or reply that is whole and
+well formed) is scanned by ``twinproxy._speedups`` when it was built; the
+code here is the reference, takes everything else, and is all there is on
+PyPy or with ``TWINPROXY_PURE_PYTHON=1`` in the environment.
 """
 
 from __future__ import annotations
 
+import os
+import platform
 from typing import Any, List, Optional, Sequence, Tuple
 
 from twinproxy.protocols import ProtocolError
 from twinproxy.request import Request
+
+
+def _load_speedups() -> Any:
+    # PyPy runs the Python scanners faster than it calls into C.
+    if platform.python_implementation() != "CPython" or os.environ.get("TWINPROXY_PURE_PYTHON"):
+        return None
+    try:
+        from twinproxy import _speedups
+    except ImportError:
+        return None
+    return _speedups
+
+
+# The C scanners, or None; parsers and framers read it when they are made.
+speedups = _load_speedups()
 
 CRLF = b"\r\n"
 
@@ -102,6 +124,7 @@ class RespRequestParser:
         self._args: Optional[List[bytes]] = None
         self._cursor = 0
         self._left = 0
+        self._scan_request = speedups.scan_request if speedups is not None else None
 
     def feed(self, data: bytes) -> None:
         self._buf, moved = _append(self._buf, self._pos, data)
@@ -131,6 +154,12 @@ class RespRequestParser:
             elif buf[pos] != _STAR:
                 request = self._inline(buf, pos, end)
             else:
+                scan = self._scan_request
+                if scan is not None:
+                    found = scan(buf, pos, self._max_bulk, self._max_args, pos + self._max_request)
+                    if found is not None:
+                        args, raw, self._pos = found
+                        return Request(raw, args)
                 request = self._multibulk(buf, pos, end)
             if request is not False:
                 return request
@@ -396,6 +425,7 @@ class RespReplyFramer:
         self._pos = 0       # start of the reply being framed
         self._resume = 0    # where scanning of it resumes
         self._stack: Optional[List[int]] = None
+        self._scan_reply = speedups.scan_reply if speedups is not None else None
 
     def feed(self, data: bytes) -> None:
         self._buf, moved = _append(self._buf, self._pos, data)
@@ -406,15 +436,21 @@ class RespReplyFramer:
     def next(self) -> Optional[bytes]:
         buf = self._buf
         end = len(buf)
+        scan = self._scan_reply
         while True:
             start = self._pos
             if start >= end:
                 return None
-            stop, resume, stack = _scan(buf, self._resume, end, self._stack)
+            # The C scanner keeps no resume state: it only starts replies, and
+            # what it leaves (partial or odd) the Python scanner takes, so a
+            # long reply arriving in pieces is still scanned once.
+            stop = scan(buf, start, end) if scan is not None and self._resume == start else -1
             if stop < 0:
-                self._resume = resume
-                self._stack = stack
-                return None
+                stop, resume, stack = _scan(buf, self._resume, end, self._stack)
+                if stop < 0:
+                    self._resume = resume
+                    self._stack = stack
+                    return None
             self._pos = self._resume = stop
             self._stack = None
             if buf[start] != _PUSH:
@@ -435,6 +471,10 @@ def _reply_number(buf: bytes | bytearray, start: int, stop: int) -> int:
 def split_bulk_array(reply: bytes) -> Optional[List[bytes]]:
     """The elements of an array reply made only of bulk strings and nulls (an
     MGET reply), found without the general scanner; None for any other reply."""
+    if speedups is not None:
+        elements = speedups.split_bulk_array(reply)
+        if elements is not None:
+            return elements
     if reply[:1] != b"*":
         return None
     eol = reply.find(CRLF)
@@ -487,6 +527,20 @@ def encode_command(args: Sequence[bytes]) -> bytes:
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
         parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(parts)
+
+
+def encode_fragment(args: List[bytes], positions: List[int], width: int) -> bytes:
+    """The multibulk of ``args[0]`` and, for each index in ``positions``, the
+    ``width`` arguments from it: a split command's part for one server."""
+    if speedups is not None:
+        return speedups.encode_fragment(args, positions, width)
+    command = args[0]
+    parts = [b"*%d\r\n$%d\r\n%s\r\n" % (1 + len(positions) * width, len(command), command)]
+    append = parts.append
+    for position in positions:
+        for arg in args[position:position + width]:
+            append(b"$%d\r\n%s\r\n" % (len(arg), arg))
     return b"".join(parts)
 
 

@@ -158,6 +158,9 @@ class Router:
     def server_for_key(self, key: bytes) -> Server:
         return A if key.startswith(b"a") else B
 
+    def servers_for_keys(self, keys: List[bytes]) -> List[Server]:
+        return [self.server_for_key(key) for key in keys]
+
 
 def codec() -> MemcacheCodec:
     (config,) = load_text("p:\n  listen: 127.0.0.1:1\n  servers:\n   - 10.0.0.1:1:1\n")

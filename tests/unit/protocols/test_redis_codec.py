@@ -28,6 +28,9 @@ class Router:
     def server_for_key(self, key: bytes) -> str:
         return "A" if key.startswith(b"a") else "B"
 
+    def servers_for_keys(self, keys: List[bytes]) -> List[str]:
+        return [self.server_for_key(key) for key in keys]
+
 
 def codec(extra: str = "") -> RedisCodec:
     (config,) = load_text(f"p:\n  listen: 127.0.0.1:1\n  redis: true\n{extra}  servers:\n   - 10.0.0.1:1:1\n")
@@ -126,8 +129,8 @@ def test_mget_split_and_merged_in_key_order() -> None:
     request = prepared([b"MGET", b"a1", b"b1", b"a2", b"b2"], the_codec=the_codec)
     assert request.kind == FRAGMENT
     routes = the_codec.fragment(request, Router())
-    assert [(server, f.args) for server, f in routes] == [("A", [b"MGET", b"a1", b"a2"]),
-                                                           ("B", [b"MGET", b"b1", b"b2"])]
+    assert [(server, f.raw) for server, f in routes] == [
+        ("A", resp.encode_command([b"MGET", b"a1", b"a2"])), ("B", resp.encode_command([b"MGET", b"b1", b"b2"]))]
     request.fragments = [f for _, f in routes]
     routes[0][1].reply = b"*2\r\n$2\r\nA1\r\n$-1\r\n"
     routes[1][1].reply = b"*2\r\n$2\r\nB1\r\n$2\r\nB2\r\n"
@@ -138,7 +141,8 @@ def test_mset_and_del_merges() -> None:
     the_codec = codec()
     mset = prepared([b"MSET", b"a", b"1", b"b", b"2", b"ax", b"3"], the_codec=the_codec)
     routes = the_codec.fragment(mset, Router())
-    assert [f.args for _, f in routes] == [[b"MSET", b"a", b"1", b"ax", b"3"], [b"MSET", b"b", b"2"]]
+    assert [f.raw for _, f in routes] == [resp.encode_command([b"MSET", b"a", b"1", b"ax", b"3"]),
+                                          resp.encode_command([b"MSET", b"b", b"2"])]
     mset.fragments = [f for _, f in routes]
     for fragment in mset.fragments:
         fragment.reply = b"+OK\r\n"

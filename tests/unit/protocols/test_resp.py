@@ -1,12 +1,27 @@
-"""RESP request parsing and reply framing on byte streams cut every way."""
+"""RESP request parsing and reply framing on byte streams cut every way.
+
+Every test runs twice: with the C scanners (when they are built) and with
+the pure-Python ones alone.
+"""
 
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from twinproxy.protocols import ProtocolError, resp
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def scanners(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "c":
+        if resp.speedups is None:
+            pytest.skip("twinproxy._speedups is not built (or this is PyPy)")
+    else:
+        monkeypatch.setattr(resp, "speedups", None)
+    return request.param
+
 
 REQUESTS = [
     [b"SET", b"key", b"value"],
@@ -162,7 +177,7 @@ argument = st.binary(max_size=40)
 command = st.lists(argument, min_size=1, max_size=6)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(command, min_size=1, max_size=8), st.data())
 def test_well_formed_streams_parse_identically_at_any_cut(commands, data) -> None:
     stream = b"".join(resp.encode_command(c) for c in commands)
@@ -171,7 +186,7 @@ def test_well_formed_streams_parse_identically_at_any_cut(commands, data) -> Non
     assert [args for _, args in parse_all(chunks)] == commands
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.binary(max_size=200))
 def test_garbage_never_raises_anything_but_protocol_error(data: bytes) -> None:
     for make in (resp.RespRequestParser, resp.RespReplyFramer):

@@ -1,0 +1,466 @@
+/*
+ * twinproxy._speedups: the two RESP scanners of twinproxy/protocols/resp.py,
+ * for CPython, where they are most of the proxy's CPU under pipelined load.
+ *
+ * Both only take the common case: a request or reply that is whole, well
+ * formed and written the usual way.  Anything else (bytes still to come
+ * where that needs resume state, a malformed length, an inline command, a
+ * nesting too deep) returns "not mine", and the pure-Python code, which
+ * stays the reference, handles it with its exact errors and resume rules.
+ * So the C code never decides an error text and never keeps state.
+ *
+ * The build treats this module as optional: without a compiler, or on
+ * PyPy (which runs the Python scanners faster than it calls C), twinproxy
+ * runs the same code in pure Python.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+/* Lengths longer than this many digits go to the Python code (it raises). */
+#define MAX_DIGITS 18
+/* Aggregates nested deeper than this go to the Python code. */
+#define MAX_DEPTH 64
+/* A reply line this long with no CRLF is garbage: the Python code says so. */
+#define MAX_REPLY_LINE (1024 * 1024)
+
+/* The buffer as (pointer, size): bytes or bytearray, the two the parsers keep. */
+static int
+view(PyObject *buf, const char **data, Py_ssize_t *size)
+{
+    if (PyBytes_CheckExact(buf)) {
+        *data = PyBytes_AS_STRING(buf);
+        *size = PyBytes_GET_SIZE(buf);
+        return 0;
+    }
+    if (PyByteArray_CheckExact(buf)) {
+        *data = PyByteArray_AS_STRING(buf);
+        *size = PyByteArray_GET_SIZE(buf);
+        return 0;
+    }
+    PyErr_SetString(PyExc_TypeError, "expected bytes or bytearray");
+    return -1;
+}
+
+/* Digits from *pos up to CRLF: the value, and *pos moved past the CRLF.
+ * -1: no CRLF before end (incomplete); -2: not a plain unsigned decimal. */
+static long long
+unsigned_line(const char *data, Py_ssize_t *pos, Py_ssize_t end)
+{
+    Py_ssize_t i = *pos;
+    long long value = 0;
+    int digits = 0;
+    while (i < end && data[i] >= '0' && data[i] <= '9') {
+        if (++digits > MAX_DIGITS)
+            return -2;
+        value = value * 10 + (data[i] - '0');
+        i++;
+    }
+    if (i + 1 >= end)
+        return -1;
+    if (digits == 0 || data[i] != '\r' || data[i + 1] != '\n')
+        return -2;
+    *pos = i + 2;
+    return value;
+}
+
+/* scan_request(buf, pos, max_bulk, max_args, limit) -> (args, raw, end) or None
+ *
+ * A multibulk request that starts at ``pos`` and ends whole before
+ * ``len(buf)`` and ``limit``: its arguments as a list of bytes, its bytes,
+ * and the offset past it.  None when it is not whole yet, or not the usual
+ * form. */
+static PyObject *
+scan_request(PyObject *self, PyObject *args)
+{
+    PyObject *buf;
+    Py_ssize_t pos, max_bulk, max_args, limit;
+    const char *data;
+    Py_ssize_t size;
+
+    if (!PyArg_ParseTuple(args, "Onnnn", &buf, &pos, &max_bulk, &max_args, &limit))
+        return NULL;
+    if (view(buf, &data, &size) < 0)
+        return NULL;
+    if (limit < size)
+        size = limit;  /* a request past the limit is the Python code's error */
+    if (pos < 0 || pos >= size || data[pos] != '*')
+        Py_RETURN_NONE;
+    Py_ssize_t cursor = pos + 1;
+    long long count = unsigned_line(data, &cursor, size);
+    if (count <= 0 || count > max_args)
+        Py_RETURN_NONE;
+    /* Each argument takes at least 6 bytes ("$0\r\n\r\n"). */
+    if (count > (size - cursor) / 6 + 1)
+        Py_RETURN_NONE;
+    PyObject *list = PyList_New((Py_ssize_t)count);
+    if (list == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < (Py_ssize_t)count; i++) {
+        if (cursor >= size || data[cursor] != '$')
+            goto not_mine;
+        cursor++;
+        long long length = unsigned_line(data, &cursor, size);
+        if (length < 0 || length > max_bulk)
+            goto not_mine;
+        Py_ssize_t stop = cursor + (Py_ssize_t)length;
+        if (stop + 2 > size || data[stop] != '\r' || data[stop + 1] != '\n')
+            goto not_mine;
+        PyObject *item = PyBytes_FromStringAndSize(data + cursor, (Py_ssize_t)length);
+        if (item == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, item);
+        cursor = stop + 2;
+    }
+    PyObject *raw;
+    if (pos == 0 && PyBytes_CheckExact(buf) && cursor == PyBytes_GET_SIZE(buf)) {
+        raw = buf;  /* the whole read is the request: no copy */
+        Py_INCREF(raw);
+    } else {
+        raw = PyBytes_FromStringAndSize(data + pos, cursor - pos);
+        if (raw == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+    }
+    return Py_BuildValue("(NNn)", list, raw, cursor);
+
+not_mine:
+    Py_DECREF(list);
+    Py_RETURN_NONE;
+}
+
+/* A length in a reply, which may be -1; -2 when it is anything else odd.
+ * *incomplete is set when the line is not whole yet. */
+static long long
+signed_line(const char *data, Py_ssize_t *pos, Py_ssize_t end, int *incomplete)
+{
+    Py_ssize_t i = *pos;
+    *incomplete = 0;
+    if (i < end && data[i] == '-') {
+        if (i + 4 > end) {
+            *incomplete = 1;
+            return -2;
+        }
+        if (memcmp(data + i, "-1\r\n", 4) == 0) {
+            *pos = i + 4;
+            return -1;
+        }
+        return -2;
+    }
+    long long value = unsigned_line(data, pos, end);
+    if (value == -1) {
+        *incomplete = 1;
+        return -2;
+    }
+    return value;
+}
+
+/* scan_reply(buf, pos, end) -> int
+ *
+ * The offset just past the whole RESP2/RESP3 value at ``pos`` (an
+ * attribute and the value it annotates count as one); -1 when the bytes
+ * end first; -2 when the Python scanner must look (an error, or a form
+ * this code does not take). */
+static PyObject *
+scan_reply(PyObject *self, PyObject *args)
+{
+    PyObject *buf;
+    Py_ssize_t pos, end;
+    const char *data;
+    Py_ssize_t size;
+    Py_ssize_t stack[MAX_DEPTH];
+    int depth = 0;
+
+    if (!PyArg_ParseTuple(args, "Onn", &buf, &pos, &end))
+        return NULL;
+    if (view(buf, &data, &size) < 0)
+        return NULL;
+    if (end > size)
+        end = size;
+    if (pos < 0)
+        return PyLong_FromLong(-2);
+
+    for (;;) {
+        if (pos >= end)
+            return PyLong_FromLong(-1);
+        char kind = data[pos];
+        Py_ssize_t next;
+        int incomplete;
+        switch (kind) {
+        case '+': case '-': case ':': case '_': case ',': case '#': case '(': {
+            /* The first CRLF ends the line, as bytes.find(CRLF) finds it. */
+            const char *scan = data + pos + 1;
+            const char *stop = data + end;
+            for (;;) {
+                const char *cr = memchr(scan, '\r', (size_t)(stop - scan));
+                if (cr == NULL || cr + 1 >= stop) {
+                    if (end - pos > MAX_REPLY_LINE)
+                        return PyLong_FromLong(-2);
+                    return PyLong_FromLong(-1);
+                }
+                if (cr[1] == '\n') {
+                    next = (cr - data) + 2;
+                    break;
+                }
+                scan = cr + 1;
+            }
+            break;
+        }
+        case '$': case '!': case '=': {
+            Py_ssize_t cursor = pos + 1;
+            long long length = signed_line(data, &cursor, end, &incomplete);
+            if (incomplete)
+                return PyLong_FromLong(-1);
+            if (length == -1 && kind == '$') {
+                next = cursor;
+                break;
+            }
+            if (length < 0)
+                return PyLong_FromLong(-2);
+            Py_ssize_t stop = cursor + (Py_ssize_t)length;
+            if (stop + 2 > end)
+                return PyLong_FromLong(-1);
+            if (data[stop] != '\r' || data[stop + 1] != '\n')
+                return PyLong_FromLong(-2);
+            next = stop + 2;
+            break;
+        }
+        case '*': case '~': case '>': case '%': case '|': {
+            Py_ssize_t cursor = pos + 1;
+            long long count = signed_line(data, &cursor, end, &incomplete);
+            if (incomplete)
+                return PyLong_FromLong(-1);
+            if (count == -1 && kind == '*') {
+                next = cursor;
+                break;
+            }
+            if (count < 0)
+                return PyLong_FromLong(-2);
+            long long children = (kind == '%' || kind == '|') ? 2 * count : count;
+            if (kind == '|')
+                children += 1;  /* the annotated value that follows */
+            pos = cursor;
+            if (children) {
+                if (depth == MAX_DEPTH)
+                    return PyLong_FromLong(-2);
+                stack[depth++] = (Py_ssize_t)children;
+                continue;
+            }
+            next = pos;
+            break;
+        }
+        default:
+            return PyLong_FromLong(-2);
+        }
+        pos = next;
+        /* One whole value ends at ``pos``: close every aggregate it completes. */
+        for (;;) {
+            if (depth == 0)
+                return PyLong_FromSsize_t(pos);
+            if (--stack[depth - 1])
+                break;
+            depth--;
+        }
+    }
+}
+
+/* Digits of ``value`` (>= 0) written backwards end at ``end``; returns their start. */
+static char *
+write_decimal(char *end, Py_ssize_t value)
+{
+    do {
+        *--end = (char)('0' + value % 10);
+        value /= 10;
+    } while (value);
+    return end;
+}
+
+static Py_ssize_t
+decimal_width(Py_ssize_t value)
+{
+    Py_ssize_t width = 1;
+    while (value >= 10) {
+        value /= 10;
+        width++;
+    }
+    return width;
+}
+
+/* "$<len>\r\n<arg>\r\n" at out; returns the end. */
+static char *
+put_bulk(char *out, const char *arg, Py_ssize_t length)
+{
+    char digits[24];
+    char *start = write_decimal(digits + sizeof digits, length);
+    Py_ssize_t width = (digits + sizeof digits) - start;
+    *out++ = '$';
+    memcpy(out, start, (size_t)width);
+    out += width;
+    *out++ = '\r';
+    *out++ = '\n';
+    memcpy(out, arg, (size_t)length);
+    out += length;
+    *out++ = '\r';
+    *out++ = '\n';
+    return out;
+}
+
+/* encode_fragment(args, positions, width) -> bytes
+ *
+ * The multibulk of ``args[0]`` followed by, for each index in
+ * ``positions``, the ``width`` arguments from it: a split command's part
+ * for one server.  Every argument is bytes. */
+static PyObject *
+encode_fragment(PyObject *self, PyObject *call_args)
+{
+    PyObject *args, *positions;
+    Py_ssize_t width;
+
+    if (!PyArg_ParseTuple(call_args, "O!O!n", &PyList_Type, &args, &PyList_Type, &positions, &width))
+        return NULL;
+    Py_ssize_t nargs = PyList_GET_SIZE(args);
+    Py_ssize_t npos = PyList_GET_SIZE(positions);
+    if (nargs == 0 || width < 1) {
+        PyErr_SetString(PyExc_ValueError, "no command, or a width under 1");
+        return NULL;
+    }
+    /* First pass: check every index and argument, and add up the size. */
+    Py_ssize_t count = 1 + npos * width;
+    Py_ssize_t total = 1 + decimal_width(count) + 2;
+    for (Py_ssize_t i = -1; i < npos; i++) {
+        Py_ssize_t first = 0, take = 1;
+        if (i >= 0) {
+            PyObject *index = PyList_GET_ITEM(positions, i);
+            if (!PyLong_CheckExact(index)) {
+                PyErr_SetString(PyExc_TypeError, "positions must be ints");
+                return NULL;
+            }
+            first = PyLong_AsSsize_t(index);
+            if (first == -1 && PyErr_Occurred())
+                return NULL;
+            take = width;
+            if (first < 1 || first + width > nargs) {
+                PyErr_SetString(PyExc_IndexError, "argument position out of range");
+                return NULL;
+            }
+        }
+        for (Py_ssize_t j = first; j < first + take; j++) {
+            PyObject *arg = PyList_GET_ITEM(args, j);
+            if (!PyBytes_CheckExact(arg)) {
+                PyErr_SetString(PyExc_TypeError, "arguments must be bytes");
+                return NULL;
+            }
+            Py_ssize_t length = PyBytes_GET_SIZE(arg);
+            total += 1 + decimal_width(length) + 2 + length + 2;
+        }
+    }
+    PyObject *result = PyBytes_FromStringAndSize(NULL, total);
+    if (result == NULL)
+        return NULL;
+    char *out = PyBytes_AS_STRING(result);
+    char digits[24];
+    char *start = write_decimal(digits + sizeof digits, count);
+    *out++ = '*';
+    memcpy(out, start, (size_t)((digits + sizeof digits) - start));
+    out += (digits + sizeof digits) - start;
+    *out++ = '\r';
+    *out++ = '\n';
+    for (Py_ssize_t i = -1; i < npos; i++) {
+        Py_ssize_t first = 0, take = 1;
+        if (i >= 0) {
+            first = PyLong_AsSsize_t(PyList_GET_ITEM(positions, i));
+            take = width;
+        }
+        for (Py_ssize_t j = first; j < first + take; j++) {
+            PyObject *arg = PyList_GET_ITEM(args, j);
+            out = put_bulk(out, PyBytes_AS_STRING(arg), PyBytes_GET_SIZE(arg));
+        }
+    }
+    return result;
+}
+
+/* split_bulk_array(reply) -> list of bytes, or None
+ *
+ * The elements of an array reply made only of bulk strings and nulls
+ * ($-1 or RESP3 _), each as its raw bytes; None for any other reply. */
+static PyObject *
+split_bulk_array(PyObject *self, PyObject *reply)
+{
+    const char *data;
+    Py_ssize_t size;
+
+    if (!PyBytes_CheckExact(reply)) {
+        PyErr_SetString(PyExc_TypeError, "expected bytes");
+        return NULL;
+    }
+    data = PyBytes_AS_STRING(reply);
+    size = PyBytes_GET_SIZE(reply);
+    if (size < 1 || data[0] != '*')
+        Py_RETURN_NONE;
+    Py_ssize_t pos = 1;
+    long long count = unsigned_line(data, &pos, size);
+    if (count < 0 || count > (size - pos) / 3)
+        Py_RETURN_NONE;
+    PyObject *list = PyList_New((Py_ssize_t)count);
+    if (list == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < (Py_ssize_t)count; i++) {
+        Py_ssize_t start = pos;
+        if (pos + 3 <= size && data[pos] == '_' && data[pos + 1] == '\r' && data[pos + 2] == '\n') {
+            pos += 3;
+        } else if (pos < size && data[pos] == '$') {
+            int incomplete;
+            pos++;
+            long long length = signed_line(data, &pos, size, &incomplete);
+            if (incomplete || length < -1)
+                goto not_mine;
+            if (length >= 0) {
+                if (pos + length + 2 > size || data[pos + length] != '\r' || data[pos + length + 1] != '\n')
+                    goto not_mine;
+                pos += (Py_ssize_t)length + 2;
+            }
+        } else {
+            goto not_mine;
+        }
+        PyObject *item = PyBytes_FromStringAndSize(data + start, pos - start);
+        if (item == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, item);
+    }
+    if (pos != size)
+        goto not_mine;
+    return list;
+
+not_mine:
+    Py_DECREF(list);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"scan_request", scan_request, METH_VARARGS,
+     "scan_request(buf, pos, max_bulk, max_args, limit) -> (args, raw, end) or None"},
+    {"scan_reply", scan_reply, METH_VARARGS,
+     "scan_reply(buf, pos, end) -> end of the value, -1 if incomplete, -2 for the Python scanner"},
+    {"encode_fragment", encode_fragment, METH_VARARGS,
+     "encode_fragment(args, positions, width) -> the multibulk of args[0] and args[p:p+width] for each p"},
+    {"split_bulk_array", split_bulk_array, METH_O,
+     "split_bulk_array(reply) -> the raw elements of an array of bulk strings and nulls, or None"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "twinproxy._speedups",
+    "C versions of the common case of the RESP scanners (see twinproxy/protocols/resp.py).",
+    -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    return PyModule_Create(&module);
+}
