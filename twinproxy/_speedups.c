@@ -1,13 +1,17 @@
 /*
- * twinproxy._speedups: the two RESP scanners of twinproxy/protocols/resp.py,
- * for CPython, where they are most of the proxy's CPU under pipelined load.
+ * twinproxy._speedups: the RESP scanners of twinproxy/protocols/resp.py,
+ * the memcached reply scanners of twinproxy/protocols/memcache.py and the
+ * key hashes of twinproxy/hashing.py, for CPython, where they are most of
+ * the proxy's CPU under pipelined load.
  *
  * Both only take the common case: a request or reply that is whole, well
  * formed and written the usual way.  Anything else (bytes still to come
  * where that needs resume state, a malformed length, an inline command, a
  * nesting too deep) returns "not mine", and the pure-Python code, which
  * stays the reference, handles it with its exact errors and resume rules.
- * So the C code never decides an error text and never keeps state.
+ * So the C code never decides an error text and never keeps state.  The
+ * hashes are the Python ones' exact twins (tests compare them on random
+ * keys, and the placement tables run on both).
  *
  * The build treats this module as optional: without a compiler, or on
  * PyPy (which runs the Python scanners faster than it calls C), twinproxy
@@ -15,6 +19,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <string.h>
 
 /* Lengths longer than this many digits go to the Python code (it raises). */
@@ -441,6 +446,361 @@ not_mine:
     Py_RETURN_NONE;
 }
 
+/* memcached text replies ------------------------------------------------ */
+
+/* The first CRLF at or after pos, before end; -1 if none. */
+static Py_ssize_t
+find_crlf(const char *data, Py_ssize_t pos, Py_ssize_t end)
+{
+    while (pos < end) {
+        const char *cr = memchr(data + pos, '\r', (size_t)(end - pos));
+        if (cr == NULL)
+            return -1;
+        Py_ssize_t at = cr - data;
+        if (at + 1 >= end)
+            return -1;
+        if (data[at + 1] == '\n')
+            return at;
+        pos = at + 1;
+    }
+    return -1;
+}
+
+/* The data length of "VALUE <key> <flags> <bytes>[ <cas>]" in [pos, eol)
+ * (split on single spaces, as bytes.split(b" ") does); -1 if malformed. */
+static long long
+value_length(const char *data, Py_ssize_t pos, Py_ssize_t eol, Py_ssize_t *key_start, Py_ssize_t *key_stop)
+{
+    Py_ssize_t starts[6], stops[6];
+    int count = 0;
+    Py_ssize_t start = pos;
+    for (Py_ssize_t i = pos; i <= eol; i++) {
+        if (i == eol || data[i] == ' ') {
+            if (count == 6)
+                return -1;
+            starts[count] = start;
+            stops[count] = i;
+            count++;
+            start = i + 1;
+        }
+    }
+    if (count != 4 && count != 5)
+        return -1;
+    Py_ssize_t digits = stops[3] - starts[3];
+    if (digits < 1 || digits > MAX_DIGITS)
+        return -1;
+    long long length = 0;
+    for (Py_ssize_t i = starts[3]; i < stops[3]; i++) {
+        if (data[i] < '0' || data[i] > '9')
+            return -1;
+        length = length * 10 + (data[i] - '0');
+    }
+    *key_start = starts[1];
+    *key_stop = stops[1];
+    return length;
+}
+
+/* scan_memcache_reply(buf, pos, end) -> int
+ *
+ * The offset past the whole reply at ``pos``: one line, VALUE (or STAT)
+ * items up to the line that ends them, or a meta VA with its data; -1
+ * when the bytes end first or the Python framer must look. */
+static PyObject *
+scan_memcache_reply(PyObject *self, PyObject *args)
+{
+    PyObject *buf;
+    Py_ssize_t pos, end;
+    const char *data;
+    Py_ssize_t size;
+
+    if (!PyArg_ParseTuple(args, "Onn", &buf, &pos, &end))
+        return NULL;
+    if (view(buf, &data, &size) < 0)
+        return NULL;
+    if (end > size)
+        end = size;
+    if (pos < 0)
+        return PyLong_FromLong(-1);
+    for (;;) {
+        Py_ssize_t eol = find_crlf(data, pos, end);
+        if (eol < 0)
+            return PyLong_FromLong(-1);
+        Py_ssize_t line = eol - pos;
+        if (line >= 6 && memcmp(data + pos, "VALUE ", 6) == 0) {
+            Py_ssize_t key_start, key_stop;
+            long long length = value_length(data, pos, eol, &key_start, &key_stop);
+            if (length < 0)
+                return PyLong_FromLong(-1);
+            Py_ssize_t stop = eol + 2 + (Py_ssize_t)length + 2;
+            if (stop > end || data[stop - 2] != '\r' || data[stop - 1] != '\n')
+                return PyLong_FromLong(-1);
+            pos = stop;
+            continue;
+        }
+        if (line >= 5 && memcmp(data + pos, "STAT ", 5) == 0) {
+            pos = eol + 2;
+            continue;
+        }
+        if (line >= 3 && memcmp(data + pos, "VA ", 3) == 0)
+            return PyLong_FromLong(-1);  /* meta replies: rare, the Python framer's */
+        return PyLong_FromSsize_t(eol + 2);
+    }
+}
+
+/* split_values(reply) -> list of (key, item) or None
+ *
+ * A retrieval reply's VALUE items, each as its key and its bytes (line,
+ * data and CRLF), up to what follows them (END); None if one is malformed. */
+static PyObject *
+split_values(PyObject *self, PyObject *reply)
+{
+    if (!PyBytes_CheckExact(reply)) {
+        PyErr_SetString(PyExc_TypeError, "expected bytes");
+        return NULL;
+    }
+    const char *data = PyBytes_AS_STRING(reply);
+    Py_ssize_t size = PyBytes_GET_SIZE(reply);
+    Py_ssize_t pos = 0;
+    PyObject *list = PyList_New(0);
+    if (list == NULL)
+        return NULL;
+    while (pos + 6 <= size && memcmp(data + pos, "VALUE ", 6) == 0) {
+        Py_ssize_t eol = find_crlf(data, pos, size);
+        Py_ssize_t key_start, key_stop;
+        long long length = eol < 0 ? -1 : value_length(data, pos, eol, &key_start, &key_stop);
+        if (length < 0 || eol + 4 + length > size)
+            goto not_mine;
+        Py_ssize_t stop = eol + 4 + (Py_ssize_t)length;
+        PyObject *item = Py_BuildValue("(y#y#)", data + key_start, key_stop - key_start,
+                                       data + pos, stop - pos);
+        if (item == NULL || PyList_Append(list, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(item);
+        pos = stop;
+    }
+    return list;
+
+not_mine:
+    Py_DECREF(list);
+    Py_RETURN_NONE;
+}
+
+/* key hashes ------------------------------------------------------------ */
+
+/* A key byte as nutcracker's C code reads it: a signed char, sign-extended. */
+#define SX32(byte) ((uint32_t)(int32_t)(signed char)(byte))
+#define SX64(byte) ((uint64_t)(int64_t)(signed char)(byte))
+
+static uint32_t
+h_one_at_a_time(const unsigned char *key, Py_ssize_t length)
+{
+    uint32_t h = 0;
+    for (Py_ssize_t i = 0; i < length; i++) {
+        h += SX32(key[i]);
+        h += h << 10;
+        h ^= h >> 6;
+    }
+    h += h << 3;
+    h ^= h >> 11;
+    h += h << 15;
+    return h;
+}
+
+static uint32_t crc16_table[256];
+
+static void
+init_crc16(void)
+{
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t crc = i << 8;
+        for (int j = 0; j < 8; j++)
+            crc = (crc & 0x8000) ? ((crc << 1) ^ 0x1021) : (crc << 1);
+        crc16_table[i] = crc & 0xFFFF;
+    }
+}
+
+static uint32_t
+h_crc16(const unsigned char *key, Py_ssize_t length)
+{
+    uint32_t crc = 0;
+    for (Py_ssize_t i = 0; i < length; i++)
+        crc = (crc << 8) ^ crc16_table[((crc >> 8) ^ SX32(key[i])) & 0xFF];
+    return crc;
+}
+
+static uint32_t
+h_fnv1_64(const unsigned char *key, Py_ssize_t length)
+{
+    uint64_t h = 0xCBF29CE484222325ULL;
+    for (Py_ssize_t i = 0; i < length; i++) {
+        h *= 0x100000001B3ULL;
+        h ^= SX64(key[i]);
+    }
+    return (uint32_t)h;
+}
+
+static uint32_t
+h_fnv1a_64(const unsigned char *key, Py_ssize_t length)
+{
+    uint32_t h = 0x84222325u;
+    for (Py_ssize_t i = 0; i < length; i++)
+        h = (h ^ SX32(key[i])) * 0x1B3u;
+    return h;
+}
+
+static uint32_t
+h_fnv1_32(const unsigned char *key, Py_ssize_t length)
+{
+    uint32_t h = 2166136261u;
+    for (Py_ssize_t i = 0; i < length; i++)
+        h = (h * 16777619u) ^ SX32(key[i]);
+    return h;
+}
+
+static uint32_t
+h_fnv1a_32(const unsigned char *key, Py_ssize_t length)
+{
+    uint32_t h = 2166136261u;
+    for (Py_ssize_t i = 0; i < length; i++)
+        h = (h ^ SX32(key[i])) * 16777619u;
+    return h;
+}
+
+static uint32_t
+h_hsieh(const unsigned char *key, Py_ssize_t length)
+{
+    if (length == 0)
+        return 0;
+    uint32_t h = 0, tmp;
+    Py_ssize_t rem = length & 3, pos = 0;
+    for (Py_ssize_t n = length >> 2; n > 0; n--) {
+        h += (uint32_t)key[pos] | ((uint32_t)key[pos + 1] << 8);
+        tmp = (((uint32_t)key[pos + 2] | ((uint32_t)key[pos + 3] << 8)) << 11) ^ h;
+        h = (h << 16) ^ tmp;
+        h += h >> 11;
+        pos += 4;
+    }
+    if (rem == 3) {
+        h += (uint32_t)key[pos] | ((uint32_t)key[pos + 1] << 8);
+        h ^= h << 16;
+        h ^= SX32(key[pos + 2]) << 18;
+        h += h >> 11;
+    } else if (rem == 2) {
+        h += (uint32_t)key[pos] | ((uint32_t)key[pos + 1] << 8);
+        h ^= h << 11;
+        h += h >> 17;
+    } else if (rem == 1) {
+        h += SX32(key[pos]);
+        h ^= h << 10;
+        h += h >> 1;
+    }
+    h ^= h << 3;
+    h += h >> 5;
+    h ^= h << 4;
+    h += h >> 17;
+    h ^= h << 25;
+    h += h >> 6;
+    return h;
+}
+
+static uint32_t
+little32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+static uint32_t
+h_murmur(const unsigned char *key, Py_ssize_t length)
+{
+    const uint32_t m = 0x5BD1E995u;
+    uint32_t h = (0xDEADBEEFu * (uint32_t)length) ^ (uint32_t)length;
+    Py_ssize_t pos = 0;
+    while (length - pos >= 4) {
+        uint32_t k = little32(key + pos) * m;
+        k ^= k >> 24;
+        k *= m;
+        h *= m;
+        h ^= k;
+        pos += 4;
+    }
+    Py_ssize_t rem = length - pos;
+    if (rem == 3)
+        h ^= (uint32_t)key[pos + 2] << 16;
+    if (rem >= 2)
+        h ^= (uint32_t)key[pos + 1] << 8;
+    if (rem >= 1) {
+        h ^= key[pos];
+        h *= m;
+    }
+    h ^= h >> 13;
+    h *= m;
+    h ^= h >> 15;
+    return h;
+}
+
+#define ROT(x, k) (((x) << (k)) | ((x) >> (32 - (k))))
+
+static uint32_t
+h_jenkins(const unsigned char *key, Py_ssize_t length)
+{
+    uint32_t a, b, c;
+    a = b = c = 0xDEADBEEFu + (uint32_t)length + 13u;
+    Py_ssize_t pos = 0;
+    while (length - pos > 12) {
+        a += little32(key + pos);
+        b += little32(key + pos + 4);
+        c += little32(key + pos + 8);
+        a -= c; a ^= ROT(c, 4); c += b;
+        b -= a; b ^= ROT(a, 6); a += c;
+        c -= b; c ^= ROT(b, 8); b += a;
+        a -= c; a ^= ROT(c, 16); c += b;
+        b -= a; b ^= ROT(a, 19); a += c;
+        c -= b; c ^= ROT(b, 4); b += a;
+        pos += 12;
+    }
+    Py_ssize_t rem = length - pos;
+    if (rem == 0)
+        return c;
+    unsigned char tail[12] = {0};
+    memcpy(tail, key + pos, (size_t)rem);
+    a += little32(tail);
+    b += little32(tail + 4);
+    c += little32(tail + 8);
+    c ^= b; c -= ROT(b, 14);
+    a ^= c; a -= ROT(c, 11);
+    b ^= a; b -= ROT(a, 25);
+    c ^= b; c -= ROT(b, 16);
+    a ^= c; a -= ROT(c, 4);
+    b ^= a; b -= ROT(a, 14);
+    c ^= b; c -= ROT(b, 24);
+    return c;
+}
+
+#define HASH_WRAPPER(name)                                                   \
+    static PyObject *                                                        \
+    name(PyObject *self, PyObject *key)                                      \
+    {                                                                        \
+        if (!PyBytes_Check(key)) {                                           \
+            PyErr_SetString(PyExc_TypeError, "a key is bytes");              \
+            return NULL;                                                     \
+        }                                                                    \
+        return PyLong_FromUnsignedLong(h_##name(                             \
+            (const unsigned char *)PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))); \
+    }
+
+HASH_WRAPPER(one_at_a_time)
+HASH_WRAPPER(crc16)
+HASH_WRAPPER(fnv1_64)
+HASH_WRAPPER(fnv1a_64)
+HASH_WRAPPER(fnv1_32)
+HASH_WRAPPER(fnv1a_32)
+HASH_WRAPPER(hsieh)
+HASH_WRAPPER(murmur)
+HASH_WRAPPER(jenkins)
+
 static PyMethodDef methods[] = {
     {"scan_request", scan_request, METH_VARARGS,
      "scan_request(buf, pos, max_bulk, max_args, limit) -> (args, raw, end) or None"},
@@ -450,6 +810,19 @@ static PyMethodDef methods[] = {
      "encode_fragment(args, positions, width) -> the multibulk of args[0] and args[p:p+width] for each p"},
     {"split_bulk_array", split_bulk_array, METH_O,
      "split_bulk_array(reply) -> the raw elements of an array of bulk strings and nulls, or None"},
+    {"scan_memcache_reply", scan_memcache_reply, METH_VARARGS,
+     "scan_memcache_reply(buf, pos, end) -> end of the whole reply, or -1 for the Python framer"},
+    {"split_values", split_values, METH_O,
+     "split_values(reply) -> [(key, item bytes)] of a retrieval reply, or None"},
+    {"one_at_a_time", one_at_a_time, METH_O, "hashing.one_at_a_time in C"},
+    {"crc16", crc16, METH_O, "hashing.crc16 in C"},
+    {"fnv1_64", fnv1_64, METH_O, "hashing.fnv1_64 in C"},
+    {"fnv1a_64", fnv1a_64, METH_O, "hashing.fnv1a_64 in C"},
+    {"fnv1_32", fnv1_32, METH_O, "hashing.fnv1_32 in C"},
+    {"fnv1a_32", fnv1a_32, METH_O, "hashing.fnv1a_32 in C"},
+    {"hsieh", hsieh, METH_O, "hashing.hsieh in C"},
+    {"murmur", murmur, METH_O, "hashing.murmur in C"},
+    {"jenkins", jenkins, METH_O, "hashing.jenkins in C"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -462,5 +835,6 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+    init_crc16();
     return PyModule_Create(&module);
 }

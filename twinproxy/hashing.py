@@ -8,6 +8,11 @@ Nutcracker reads key bytes as C ``char``, which is signed on x86: a byte of
 0x80 or more enters the FNV, one-at-a-time and CRC arithmetic sign-extended
 (0x80 becomes 0xFFFFFF80).  The functions below reproduce that so non-ASCII
 keys land where nutcracker puts them.
+
+The registry holds the C twins of the byte-loop hashes when
+:mod:`twinproxy.compiled` has them (md5 and the CRC-32s are C already):
+a key hashed in Python costs about a microsecond, in C a few tens of
+nanoseconds.  The Python functions stay the reference.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import zlib
 from typing import Callable, Dict, Optional
+
+from twinproxy.compiled import speedups
 
 HashFunction = Callable[[bytes], int]
 
@@ -247,6 +254,12 @@ HASH_FUNCTIONS: Dict[str, HashFunction] = {
     "murmur": murmur,
     "jenkins": jenkins,
 }
+
+# Hashes with a C twin in twinproxy._speedups, under the same name.
+C_HASHES = ("one_at_a_time", "crc16", "fnv1_64", "fnv1a_64", "fnv1_32", "fnv1a_32", "hsieh", "murmur", "jenkins")
+
+if speedups is not None:
+    HASH_FUNCTIONS.update({name: getattr(speedups, name) for name in C_HASHES})
 
 
 def hash_tag_extractor(tag: Optional[str]) -> Callable[[bytes], bytes]:

@@ -13,12 +13,14 @@ Each :class:`Server` carries a ``send`` callable wired in by the service
 
 from __future__ import annotations
 
+import types
+from bisect import bisect_left
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from twisted.logger import Logger
 
 from twinproxy.config import PoolConfig, ServerSpec
-from twinproxy.distribution import Continuum, build_continuum
+from twinproxy.distribution import Continuum, KetamaContinuum, build_continuum
 from twinproxy.hashing import HASH_FUNCTIONS, hash_tag_extractor
 from twinproxy.request import Request
 from twinproxy.stats import PoolCounters, ServerCounters
@@ -103,18 +105,17 @@ class ServerPool:
 
     def server_for_key(self, key: bytes) -> Any:
         """The live server that owns ``key``, or ``self.unavailable`` if none is live."""
+        return self._route(key)
+
+    def servers_for_keys(self, keys: Sequence[bytes]) -> List[Any]:
+        """``server_for_key`` of each key, in order: one call for a multi-key command."""
+        return list(map(self._route, keys))
+
+    def _cached_route(self, key: bytes) -> Any:
         server = self._routes.get(key)
         if server is not None:
             return server
-        live = self._live
-        if len(live) > 1:
-            if self._random:  # a random pick per request: nothing to remember
-                return live[self._continuum.lookup(self._hash(self._tag(key)))]
-            server = live[self._continuum.lookup(self._hash(self._tag(key)))]
-        elif live:
-            server = live[0]
-        else:
-            return self.unavailable
+        server = self._ring_route(key)
         if len(key) <= ROUTE_CACHE_KEY_BYTES:
             routes = self._routes
             if len(routes) >= ROUTE_CACHE_SIZE:
@@ -122,14 +123,46 @@ class ServerPool:
             routes[key] = server
         return server
 
-    def servers_for_keys(self, keys: Sequence[bytes]) -> List[Any]:
-        """``server_for_key`` of each key, in order: one call for a multi-key command."""
-        get = self._routes.get
-        servers = [get(key) for key in keys]
-        if None in servers:
-            lookup = self.server_for_key
-            servers = [server if server is not None else lookup(key) for server, key in zip(servers, keys)]
-        return servers
+    def _make_route(self) -> Callable[[bytes], Any]:
+        """The fastest key -> server function for the ring as it is now.
+
+        A hash in C (twinproxy._speedups) costs less than remembering its
+        answer: the ring is a few hundred points, always in cache, where a
+        route cache of many keys is not.  A hash in Python is remembered.
+        """
+        live = self._live
+        if not live:
+            unavailable = self.unavailable
+            return lambda key: unavailable
+        if len(live) == 1:
+            only = live[0]
+            return lambda key: only
+        hash_key = self._hash
+        tag = self._tag
+        continuum = self._continuum
+        if self._random:
+            lookup = continuum.lookup
+            return lambda key: live[lookup(0)]
+        if isinstance(continuum, KetamaContinuum):
+            # One server per ring point; the point past the last wraps to the first.
+            by_point = [live[index] for index in continuum.indices]
+            by_point.append(by_point[0])
+            points = continuum.points
+            if not self.config.hash_tag:
+                def ring_route(key: bytes) -> Any:
+                    return by_point[bisect_left(points, hash_key(key))]
+            else:
+                def ring_route(key: bytes) -> Any:
+                    return by_point[bisect_left(points, hash_key(tag(key)))]
+        else:
+            lookup = continuum.lookup
+
+            def ring_route(key: bytes) -> Any:
+                return live[lookup(hash_key(tag(key)))]
+        self._ring_route = ring_route
+        if isinstance(hash_key, types.FunctionType):
+            return self._cached_route
+        return ring_route
 
     # -- topology -------------------------------------------------------------
 
@@ -167,6 +200,7 @@ class ServerPool:
         self._routes = {}
         self._continuum = build_continuum(
             self.config.distribution, [(s.name, s.spec.weight) for s in live]) if live else None
+        self._route = self._make_route()
         self._schedule_retry()
         for listener in list(self._listeners):
             listener(self)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from twinproxy import hashing
 from twinproxy.hashing import HASH_FUNCTIONS, hash_tag_extractor
@@ -92,3 +94,13 @@ def test_hash_tag_same_characters():
 def test_no_hash_tag_hashes_whole_key():
     """Without hash_tag the key is hashed whole."""
     assert hash_tag_extractor(None)(b"{a}") == b"{a}"
+
+
+@pytest.mark.skipif(hashing.speedups is None, reason="twinproxy._speedups is not built (or this is PyPy)")
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=64))
+def test_c_hashes_are_the_python_ones(key: bytes) -> None:
+    """The registry's C twins give the Python reference's value for any key, high bytes and all."""
+    for name in hashing.C_HASHES:
+        assert HASH_FUNCTIONS[name] is getattr(hashing.speedups, name)
+        assert HASH_FUNCTIONS[name](key) == getattr(hashing, name)(key), name

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from twinproxy import __version__
 from twinproxy.config import PoolConfig
 from twinproxy.protocols import ProtocolError, Router, Session
+from twinproxy.protocols.buffers import append_pending, speedups
 from twinproxy.request import FORWARD, FRAGMENT, LOCAL, Request
 
 CRLF = b"\r\n"
@@ -35,7 +36,6 @@ MAX_GET_LINE = 2 * 1024 * 1024
 MAX_VALUE = 1024 * 1024 * 1024
 MAX_REPLY_LINE = 64 * 1024
 
-_COMPACT_AT = 64 * 1024
 _NOREPLY = b"noreply"
 _CONTROL = bytes(range(33)) + b"\x7f"
 
@@ -87,24 +87,17 @@ class MemcacheRequestParser:
     """
 
     def __init__(self, max_value: int = MAX_VALUE) -> None:
-        self._buf = bytearray()
+        self._buf: Any = b""   # bytes or bytearray, as buffers.append_pending keeps it
         self._pos = 0
         self._need = 0
         self._skip = 0
         self._max_value = max_value
 
     def feed(self, data: bytes) -> None:
-        buf = self._buf
-        if self._pos:
-            if self._pos >= len(buf):
-                buf.clear()
-                self._pos = 0
-                self._need = 0
-            elif self._pos >= _COMPACT_AT:
-                del buf[:self._pos]
-                self._need = max(0, self._need - self._pos)
-                self._pos = 0
-        buf += data
+        self._buf, moved = append_pending(self._buf, self._pos, data)
+        if moved:
+            self._pos -= moved
+            self._need = max(0, self._need - moved)
 
     @property
     def buffered(self) -> int:
@@ -229,26 +222,29 @@ class MemcacheReplyFramer:
     """Cuts a server stream into whole replies: one line, or VALUE/STAT lines up to END."""
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._buf: Any = b""   # bytes or bytearray, as buffers.append_pending keeps it
         self._pos = 0      # start of the reply being framed
         self._cursor = 0   # where framing of that reply resumes
+        self._scan_reply = speedups.scan_memcache_reply if speedups is not None else None
 
     def feed(self, data: bytes) -> None:
-        buf = self._buf
-        if self._pos:
-            if self._pos >= len(buf):
-                buf.clear()
-                self._pos = self._cursor = 0
-            elif self._pos >= _COMPACT_AT:
-                del buf[:self._pos]
-                self._cursor -= self._pos
-                self._pos = 0
-        buf += data
+        self._buf, moved = append_pending(self._buf, self._pos, data)
+        if moved:
+            self._pos -= moved
+            self._cursor -= moved
 
     def next(self) -> Optional[bytes]:
         buf = self._buf
         end = len(buf)
         cursor = self._cursor
+        scan = self._scan_reply
+        if scan is not None and cursor == self._pos and cursor < end:
+            # The C scanner keeps no resume state: what it leaves (partial or
+            # odd) the code below takes, and resumes, from the reply's start.
+            stop = scan(buf, cursor, end)
+            if stop >= 0:
+                self._pos = self._cursor = stop
+                return buf[cursor:stop] if type(buf) is bytes else bytes(buf[cursor:stop])
         while True:
             if cursor >= end:
                 return None
@@ -290,6 +286,10 @@ class MemcacheReplyFramer:
 
 def split_values(reply: bytes) -> List[Tuple[bytes, bytes]]:
     """A retrieval reply's items as ``(key, item bytes)``, without the END."""
+    if speedups is not None:
+        found = speedups.split_values(reply)
+        if found is not None:
+            return found
     items = []
     pos = 0
     end = len(reply)
@@ -565,19 +565,22 @@ class MemcacheCodec:
 
     def _merge_values(self, request: Request) -> bytes:
         args = request.args
-        found: Dict[int, bytes] = {}
+        # Items by key position; a key the servers did not return stays b"".
+        merged = [b""] * (len(args) + 1)
+        merged[-1] = END
         for fragment in request.fragments:
             reply = fragment.reply
             if not reply.endswith(END) or self.is_error(reply):
                 return reply if reply.startswith((b"SERVER_ERROR", b"CLIENT_ERROR")) else \
                     self.error_reply("unexpected reply from server")
             items = split_values(reply)
+            count = len(items)
             index = 0
             for position in fragment.positions:
-                if index < len(items) and items[index][0] == args[position]:
-                    found[position] = items[index][1]
+                if index < count and items[index][0] == args[position]:
+                    merged[position] = items[index][1]
                     index += 1
-        return b"".join(found[p] for p in sorted(found)) + END
+        return b"".join(merged)
 
     def _merge_same(self, request: Request) -> bytes:
         fragments = request.fragments

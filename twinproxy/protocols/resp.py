@@ -5,10 +5,10 @@ Redis accepts them), cutting a server byte stream into whole replies of any
 RESP3 type without decoding them, and building the few replies the proxy
 writes itself.  Pure: no Twisted, no commands, no routing.
 
-Both parsers keep a ``bytearray`` and an offset, compacted in ``feed``, so
-a request that arrives one byte at a time costs linear, not quadratic, time.
-Replies are framed but never decoded: their bytes pass to clients as the
-server wrote them.
+Both parsers keep their pending bytes as :func:`buffers.append_pending`
+says, so a request that arrives one byte at a time costs linear, not
+quadratic, time.  Replies are framed but never decoded: their bytes pass
+to clients as the server wrote them.
 
 On CPython the common case of both (a request or reply that is whole and
 well formed) is scanned by ``twinproxy._speedups`` when it was built; the
@@ -18,27 +18,11 @@ PyPy or with ``TWINPROXY_PURE_PYTHON=1`` in the environment.
 
 from __future__ import annotations
 
-import os
-import platform
 from typing import Any, List, Optional, Sequence, Tuple
 
 from twinproxy.protocols import ProtocolError
+from twinproxy.protocols.buffers import append_pending, speedups
 from twinproxy.request import Request
-
-
-def _load_speedups() -> Any:
-    # PyPy runs the Python scanners faster than it calls into C.
-    if platform.python_implementation() != "CPython" or os.environ.get("TWINPROXY_PURE_PYTHON"):
-        return None
-    try:
-        from twinproxy import _speedups
-    except ImportError:
-        return None
-    return _speedups
-
-
-# The C scanners, or None; parsers and framers read it when they are made.
-speedups = _load_speedups()
 
 CRLF = b"\r\n"
 
@@ -50,11 +34,6 @@ MAX_ARGS = 1024 * 1024
 # A reply header or simple line longer than this, with no CRLF, is garbage.
 MAX_REPLY_LINE = 1024 * 1024
 
-_COMPACT_AT = 64 * 1024
-# A partial request up to this size is joined to the next bytes by copying;
-# past it the parser appends to a bytearray, so many small writes stay linear.
-_SMALL_JOIN = 4096
-
 # RESP3 types: one line; length-prefixed blob; counted aggregate.
 _LINE_TYPES = frozenset(b"+-:_,#(")
 _BLOB_TYPES = frozenset(b"$!=")
@@ -63,31 +42,6 @@ _ATTRIBUTE = ord("|")
 _PUSH = ord(">")
 _BULK = ord("$")
 _STAR = ord("*")
-
-
-def _append(buf: Any, pos: int, data: bytes) -> Tuple[Any, int]:
-    """What is left of ``buf`` from ``pos`` on, then ``data``; and how far offsets into ``buf`` move back.
-
-    The result is ``data`` itself when nothing was left (the usual case), a
-    new ``bytes`` while what is pending stays under ``_SMALL_JOIN``, and past
-    that a ``bytearray`` grown in place and compacted once ``pos`` passes
-    ``_COMPACT_AT``, so many small writes of a big request stay linear.
-    """
-    left = len(buf) - pos
-    if left <= 0:
-        return (data if type(data) is bytes else bytes(data)), pos
-    if type(buf) is bytes:
-        if left + len(data) <= _SMALL_JOIN:
-            return buf[pos:] + data, pos
-        joined = bytearray(buf[pos:])
-        joined += data
-        return joined, pos
-    moved = 0
-    if pos >= _COMPACT_AT:
-        del buf[:pos]
-        moved = pos
-    buf += data
-    return buf, moved
 
 
 def _number(buf: bytearray, start: int, stop: int) -> Optional[int]:
@@ -113,7 +67,7 @@ class RespRequestParser:
                  max_request: int = MAX_BULK) -> None:
         # ``bytes`` while requests come whole or in a few small pieces (slices
         # of it are the arguments, one copy each); a ``bytearray`` once a
-        # request is bigger than _SMALL_JOIN and arrives in pieces.
+        # request is bigger than buffers.SMALL_JOIN and arrives in pieces.
         self._buf: Any = b""
         self._pos = 0
         self._need = 0
@@ -127,7 +81,7 @@ class RespRequestParser:
         self._scan_request = speedups.scan_request if speedups is not None else None
 
     def feed(self, data: bytes) -> None:
-        self._buf, moved = _append(self._buf, self._pos, data)
+        self._buf, moved = append_pending(self._buf, self._pos, data)
         if moved:
             self._shift(moved)
 
@@ -428,7 +382,7 @@ class RespReplyFramer:
         self._scan_reply = speedups.scan_reply if speedups is not None else None
 
     def feed(self, data: bytes) -> None:
-        self._buf, moved = _append(self._buf, self._pos, data)
+        self._buf, moved = append_pending(self._buf, self._pos, data)
         if moved:
             self._pos = 0
             self._resume -= moved

@@ -1,15 +1,19 @@
-"""The memcached text protocol: framing cut every way, errors as memcached gives them, merges."""
+"""The memcached text protocol: framing cut every way, errors as memcached gives them, merges.
+
+Every test runs twice: with the C reply scanners (when they are built) and
+with the pure-Python ones alone.
+"""
 
 from __future__ import annotations
 
 from typing import List
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from twinproxy.config import load_text
-from twinproxy.protocols import ProtocolError
+from twinproxy.protocols import ProtocolError, memcache
 from twinproxy.protocols.memcache import (
     MAX_LINE,
     MemcacheCodec,
@@ -18,6 +22,17 @@ from twinproxy.protocols.memcache import (
     split_values,
 )
 from twinproxy.request import FORWARD, FRAGMENT, LOCAL, Request
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def scanners(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "c":
+        if memcache.speedups is None:
+            pytest.skip("twinproxy._speedups is not built (or this is PyPy)")
+    else:
+        monkeypatch.setattr(memcache, "speedups", None)
+    return request.param
+
 
 STREAM = (b"set a 0 0 5\r\nhello\r\n"
           b"get a b c\r\n"
@@ -268,7 +283,7 @@ def test_stats_summed_with_the_proxys_own_identity() -> None:
 line_token = st.binary(min_size=1, max_size=12).filter(lambda b: b" " not in b and b"\n" not in b and b"\r" not in b)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.sampled_from([b"get", b"set", b"incr", b"delete", b"bogus"]),
                           st.lists(line_token, max_size=4), st.binary(max_size=20)), max_size=6), st.data())
 def test_any_cut_parses_identically(commands, data) -> None:
@@ -283,7 +298,7 @@ def test_any_cut_parses_identically(commands, data) -> None:
     assert shape(parse(chunks)) == shape(parse([stream]))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.binary(max_size=300))
 def test_garbage_raises_nothing_but_protocol_error(data: bytes) -> None:
     for make in (MemcacheRequestParser, MemcacheReplyFramer):

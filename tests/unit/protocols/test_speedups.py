@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twinproxy.protocols import ProtocolError, resp
+from twinproxy.protocols import ProtocolError, memcache, resp
 
 pytestmark = pytest.mark.skipif(resp.speedups is None, reason="twinproxy._speedups is not built (or this is PyPy)")
 
@@ -40,6 +40,7 @@ def run(make: Any, chunks: List[bytes], pure: bool) -> Tuple[list, Optional[str]
         for name in ("_scan_request", "_scan_reply"):
             if hasattr(parser, name):
                 setattr(parser, name, None)
+        assert not any(isinstance(v, type(resp.speedups.scan_reply)) for v in vars(parser).values())
     out: list = []
     try:
         for chunk in chunks:
@@ -154,3 +155,39 @@ def test_split_bulk_array_as_python(elements, changes) -> None:
         patch.setattr(resp, "speedups", None)
         slow = resp.split_bulk_array(data)
     assert fast == slow
+
+
+# memcached replies: items, stats, one-liners, meta, mangled and cut.
+memcache_item = st.one_of(
+    st.tuples(st.binary(min_size=1, max_size=8).filter(lambda k: b" " not in k and b"\r" not in k),
+              st.binary(max_size=20), st.booleans()).map(
+        lambda t: b"VALUE %s 0 %d%s\r\n%s\r\n" % (t[0], len(t[1]), b" 7" if t[2] else b"", t[1])),
+    st.sampled_from([b"STAT pid 1\r\n", b"VALUE k 0 x\r\n", b"VALUE  k 0 1\r\na\r\n"]),
+)
+memcache_reply = st.one_of(
+    st.lists(memcache_item, max_size=4).map(lambda items: b"".join(items) + b"END\r\n"),
+    st.sampled_from([b"STORED\r\n", b"NOT_FOUND\r\n", b"ERROR\r\n", b"SERVER_ERROR out of memory\r\n",
+                     b"VA 2 f1\r\nhi\r\n", b"HD\r\n", b"EN\r\n", b"MN\r\n", b"VERSION 1.6\r\n", b"5\r\n"]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(memcache_reply, min_size=1, max_size=5), edits, cuts)
+def test_memcache_replies_as_the_python_framer(replies, changes, places) -> None:
+    stream = mangle(b"".join(replies), changes)
+    same(memcache.MemcacheReplyFramer, cut(stream, places))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(memcache_item, max_size=5), edits)
+def test_split_values_as_python(items, changes) -> None:
+    reply = mangle(b"".join(items) + b"END\r\n", changes)
+    fast = memcache.speedups.split_values(reply)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(memcache, "speedups", None)
+        try:
+            slow = memcache.split_values(reply)
+        except (ValueError, IndexError):
+            slow = None  # malformed: the framer never lets such a reply through
+    if fast is not None:
+        assert fast == slow
