@@ -10,9 +10,10 @@ ones ``twistd twinproxy`` runs (``tap.build``).
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import sys
-from typing import List, Optional
+from typing import List, Mapping, Optional
 
 from twisted.python import usage
 
@@ -21,6 +22,27 @@ from twinproxy.logs import LogControl
 
 # Kept for callers of the old name.
 check_config = tap.check_config
+
+# PyPy sizes its young generation from the L2 cache (1 MB on a typical
+# server core), and a proxy allocates a little per request: with 32 MB it
+# collects ~30 times less often.  Measured on bench/: +40-60% pipelined
+# requests/s, +10-30% unpipelined, for 32 MB more resident memory.
+PYPY_NURSERY = "32M"
+
+
+def pypy_restart_argv(implementation: str, environ: Mapping[str, str], argv: List[str],
+                      executable: str) -> Optional[List[str]]:
+    """The command to run the proxy again with a bigger PyPy nursery, or None.
+
+    PyPy reads ``PYPY_GC_NURSERY`` only when it starts, so the ``twinproxy``
+    command restarts itself once with it set (same process, through exec),
+    unless the operator set it already.
+    """
+    if implementation != "PyPy" or "PYPY_GC_NURSERY" in environ:
+        return None
+    if argv and os.path.basename(argv[0]) == "__main__.py":
+        return [executable, "-m", "twinproxy", *argv[1:]]
+    return [executable, *argv]
 
 
 def _daemonize() -> None:
@@ -38,6 +60,11 @@ def _daemonize() -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    if argv is None:
+        restart = pypy_restart_argv(platform.python_implementation(), os.environ, sys.argv, sys.executable)
+        if restart is not None:
+            os.environ["PYPY_GC_NURSERY"] = PYPY_NURSERY
+            os.execv(restart[0], restart)
     options = tap.Options()
     try:
         options.parseOptions(sys.argv[1:] if argv is None else argv)

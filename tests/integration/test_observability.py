@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO, in_reactor, key_on, pool_yaml
 from tests.servers import LOOPBACK, Process, free_port, wait_until
+from twinproxy import cli
 
 SAMPLE = json.loads((REPO / "tests" / "data" / "nutcracker-stats-sample.json").read_text())
 
@@ -208,6 +210,10 @@ def test_cli_runs_like_nutcracker_with_pid_file_log_file_and_signals(redis_serve
         client = redis.Redis(host=LOOPBACK, port=port, socket_timeout=5, socket_connect_timeout=1)
         wait_until(lambda: client.ping(), timeout=20, what=f"cli to serve:\n{process.output()}")
         assert pid_file.read_text().strip() == str(process.proc.pid)
+        if platform.python_implementation() == "PyPy" and "PYPY_GC_NURSERY" not in os.environ:
+            # The command restarted itself, in the same process, with a bigger young generation.
+            environ = Path(f"/proc/{process.proc.pid}/environ").read_bytes().split(b"\0")
+            assert b"PYPY_GC_NURSERY=" + cli.PYPY_NURSERY.encode() in environ
         assert read_stats(stats_port)["alpha"]
         wait_until(lambda: "listening on" in log_file.read_text(), what="log lines")
         # logrotate: move the file away, SIGHUP, and the proxy writes a new one.

@@ -114,3 +114,13 @@ def test_worker_documents_are_summed() -> None:
            "p": {"client_eof": 2, "s": {"requests": 1, "server_ejected_at": 9}}}
     assert merge_documents([one, two]) == {"service": "twinproxy", "uptime": 5, "curr_connections": 7,
                                            "p": {"client_eof": 3, "s": {"requests": 11, "server_ejected_at": 9}}}
+
+
+def test_pypy_restarts_once_with_a_bigger_nursery() -> None:
+    script = ["/venv/bin/twinproxy", "-c", "p.yml"]
+    assert cli.pypy_restart_argv("PyPy", {}, script, "/venv/bin/pypy3") == ["/venv/bin/pypy3", *script]
+    assert cli.pypy_restart_argv("PyPy", {}, ["/x/twinproxy/__main__.py", "-t"], "/usr/bin/pypy3") == [
+        "/usr/bin/pypy3", "-m", "twinproxy", "-t"]
+    # Not on CPython, and never over the operator's own setting (nor twice).
+    assert cli.pypy_restart_argv("CPython", {}, script, "/venv/bin/python") is None
+    assert cli.pypy_restart_argv("PyPy", {"PYPY_GC_NURSERY": "4M"}, script, "/venv/bin/pypy3") is None
