@@ -186,8 +186,8 @@ def makeService(options: Options) -> IService:
         raise SystemExit(1)
     if platform.python_implementation() == "PyPy" and "PYPY_GC_NURSERY" not in os.environ:
         # The twinproxy command sets it itself (cli.pypy_restart_argv); twistd cannot.
-        print("twinproxy: on PyPy, start twistd with PYPY_GC_NURSERY=32M in the environment: "
-              "the default young generation costs a third of the throughput", file=sys.stderr)
+        print("twinproxy: on PyPy, start twistd with PYPY_GC_NURSERY=32M PYPY_GC_MIN=64M in the "
+              "environment: the default young generation costs a third of the throughput", file=sys.stderr)
     from twisted.internet import reactor
 
     return build(options, reactor)

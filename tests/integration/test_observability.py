@@ -213,7 +213,8 @@ def test_cli_runs_like_nutcracker_with_pid_file_log_file_and_signals(redis_serve
         if platform.python_implementation() == "PyPy" and "PYPY_GC_NURSERY" not in os.environ:
             # The command restarted itself, in the same process, with a bigger young generation.
             environ = Path(f"/proc/{process.proc.pid}/environ").read_bytes().split(b"\0")
-            assert b"PYPY_GC_NURSERY=" + cli.PYPY_NURSERY.encode() in environ
+            for name, value in cli.PYPY_GC_SETTINGS.items():
+                assert f"{name}={value}".encode() in environ
         assert read_stats(stats_port)["alpha"]
         wait_until(lambda: "listening on" in log_file.read_text(), what="log lines")
         # logrotate: move the file away, SIGHUP, and the proxy writes a new one.
