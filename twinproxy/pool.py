@@ -143,7 +143,7 @@ class ServerPool:
         if self._random:
             lookup = continuum.lookup
             return lambda key: live[lookup(0)]
-        if isinstance(continuum, KetamaContinuum):
+        if isinstance(continuum, KetamaContinuum) and continuum.points:
             # One server per ring point; the point past the last wraps to the first.
             by_point = [live[index] for index in continuum.indices]
             by_point.append(by_point[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from twinproxy import hashing
 from twinproxy.config import load_text
 from twinproxy.pool import ServerPool
 
@@ -110,3 +111,35 @@ class PoolTests(SynchronousTestCase):
         (config,) = load_text("p:\n  listen: 127.0.0.1:1\n  servers:\n   - 10.0.0.1:1:1\n")
         pool = ServerPool(config, Clock())
         self.assertIs(pool.server_for_key(b"anything"), pool.servers[0])
+
+
+class RouteTests(SynchronousTestCase):
+    """Every way ``server_for_key`` is built (hash in C or Python, ketama or
+    modula, hash tag or not) routes as the reference: the continuum's own
+    lookup of the Python hash of the tagged key."""
+
+    def test_routes_match_the_reference(self) -> None:
+        keys = [b"key:%d" % i for i in range(200)] + [b"{user1}:a", b"{user1}:b", b"\xff\x80high", b""]
+        for name in hashing.HASH_FUNCTIONS:
+            for distribution in ("ketama", "modula"):
+                for tag in ("", "  hash_tag: \"{}\"\n"):
+                    (config,) = load_text(
+                        f"p:\n  listen: 127.0.0.1:1\n  hash: {name}\n  distribution: {distribution}\n{tag}"
+                        "  servers:\n   - 10.0.0.1:1:1 a\n   - 10.0.0.2:1:2 b\n   - 10.0.0.3:1:1 c\n")
+                    pool = ServerPool(config, Clock())
+                    reference = getattr(hashing, name)
+                    extract = hashing.hash_tag_extractor(config.hash_tag)
+                    expected = [pool.live_servers[pool._continuum.lookup(reference(extract(k)))] for k in keys]
+                    label = f"{name} {distribution} tag={bool(tag)}"
+                    for _ in range(2):  # the second time from the route cache, where there is one
+                        self.assertEqual([pool.server_for_key(k) for k in keys], expected, label)
+                        self.assertEqual(pool.servers_for_keys(keys), expected, label)
+
+    def test_routes_follow_the_ring_after_an_ejection(self) -> None:
+        pool, clock, _ = make_pool()
+        owner = pool.server_for_key(b"key:1")
+        pool.record_failure(owner)
+        pool.record_failure(owner)
+        self.assertNotIn(owner, pool.servers_for_keys(KEYS))
+        clock.advance(5)
+        self.assertIs(pool.server_for_key(b"key:1"), owner)
