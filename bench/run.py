@@ -273,14 +273,14 @@ def workloads(quick: bool) -> List[Workload]:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small loads, one round: under a minute")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds per workload (default 3, quick 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per workload (default 5, quick 1)")
     parser.add_argument("--json", default=str(REPO / "run" / "bench.json"), help="where to write the results")
     parser.add_argument("--workloads", default="", help="comma-separated substrings of workload names to run")
     parser.add_argument("--no-pypy", action="store_true", help="skip twinproxy on PyPy even if .venv-pypy exists")
     parser.add_argument("--workers", type=int, default=None,
                         help="also run each interpreter with this many --workers (default 2; quick: 1, i.e. don't)")
     args = parser.parse_args(argv)
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 5)
     if args.workers is None:
         args.workers = 1 if args.quick else 2
 
@@ -323,9 +323,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                   if not args.workloads or any(part in w.name for part in args.workloads.split(","))]
         results: Dict[str, Dict[str, List[Dict[str, float]]]] = {}
         for workload in chosen:
-            # Warm every target (PyPy's JIT most of all) before anything is measured.
+            # Warm every target before anything is measured: PyPy's JIT needs
+            # tens of thousands of requests down each path before it settles.
             for target in targets:
-                workload.run(target, max(2000, workload.requests // 10))
+                workload.run(target, max(5000, workload.requests // 2))
             for _ in range(rounds):
                 for target in targets:
                     before = cpu_seconds(target.pid) if target.pid else 0.0

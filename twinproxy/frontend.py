@@ -198,7 +198,7 @@ class FrontendProtocol(Protocol):
             self._pending_bytes += len(request.raw)
         kind = request.kind
         if kind == FORWARD:
-            self._pool.server_for_key(request.key).send(request)
+            self._pool.route(request.key).send(request)
         elif kind == FRAGMENT:
             self._send_fragments(request)
         else:

@@ -105,11 +105,11 @@ class ServerPool:
 
     def server_for_key(self, key: bytes) -> Any:
         """The live server that owns ``key``, or ``self.unavailable`` if none is live."""
-        return self._route(key)
+        return self.route(key)
 
     def servers_for_keys(self, keys: Sequence[bytes]) -> List[Any]:
         """``server_for_key`` of each key, in order: one call for a multi-key command."""
-        return list(map(self._route, keys))
+        return list(map(self.route, keys))
 
     def _cached_route(self, key: bytes) -> Any:
         server = self._routes.get(key)
@@ -200,7 +200,9 @@ class ServerPool:
         self._routes = {}
         self._continuum = build_continuum(
             self.config.distribution, [(s.name, s.spec.weight) for s in live]) if live else None
-        self._route = self._make_route()
+        # ``server_for_key`` as a plain function, rebuilt with the ring: the
+        # frontend calls it once per request.
+        self.route: Callable[[bytes], Any] = self._make_route()
         self._schedule_retry()
         for listener in list(self._listeners):
             listener(self)
