@@ -2,7 +2,9 @@
 # Make sure the system programs twinproxy's demo and tests need are present:
 # a Python with venv, redis-server/redis-cli/redis-benchmark, memcached and
 # libmemcached's tools.  Installs them with apt-get when running as root on
-# Debian; otherwise says exactly what to install and fails.
+# Debian; otherwise says exactly what to install and fails.  A C compiler and
+# the Python headers (for twinproxy's optional C scanners) are installed too
+# when root; without them the install goes on in pure Python, with a warning.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
@@ -24,6 +26,23 @@ if ! command -v "$PYTHON" >/dev/null 2>&1; then
     missing+=(python3 python3-venv)
 elif ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
     missing+=(python3-venv)
+fi
+
+# Wanted, not required: the install builds twinproxy/_speedups.c with them.
+wanted=()
+if "$PYTHON" -c 'import platform, sys; sys.exit(platform.python_implementation() != "CPython")' 2>/dev/null; then
+    command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || wanted+=(gcc)
+    "$PYTHON" -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null \
+        || wanted+=(python3-dev)
+fi
+if [ ${#wanted[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        missing+=("${wanted[@]}")
+    else
+        echo "twinproxy: no ${wanted[*]}: the C scanners will not be built (pure Python, slower);" \
+             "sudo apt-get install ${wanted[*]} to have them" >&2
+    fi
 fi
 
 [ ${#missing[@]} -eq 0 ] && exit 0
