@@ -101,6 +101,14 @@ scan_request(PyObject *self, PyObject *args)
     PyObject *list = PyList_New((Py_ssize_t)count);
     if (list == NULL)
         return NULL;
+    /* Making the list may have run the garbage collector, and so any code:
+     * take the buffer's address again (a bytearray can move). */
+    if (view(buf, &data, &size) < 0) {
+        Py_DECREF(list);
+        return NULL;
+    }
+    if (limit < size)
+        size = limit;
     for (Py_ssize_t i = 0; i < (Py_ssize_t)count; i++) {
         if (cursor >= size || data[cursor] != '$')
             goto not_mine;
