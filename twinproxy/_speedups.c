@@ -47,6 +47,23 @@ view(PyObject *buf, const char **data, Py_ssize_t *size)
     return -1;
 }
 
+/* The (buf, pos, end) arguments of the reply scanners, with ``end`` kept
+ * within the buffer; -1 (an exception set) if they are not that. */
+static int
+scan_args(PyObject *args, const char **data, Py_ssize_t *pos, Py_ssize_t *end)
+{
+    PyObject *buf;
+    Py_ssize_t size;
+
+    if (!PyArg_ParseTuple(args, "Onn", &buf, pos, end))
+        return -1;
+    if (view(buf, data, &size) < 0)
+        return -1;
+    if (*end > size)
+        *end = size;
+    return 0;
+}
+
 /* Digits from *pos up to CRLF: the value, and *pos moved past the CRLF.
  * -1: no CRLF before end (incomplete); -2: not a plain unsigned decimal. */
 static long long
@@ -180,19 +197,13 @@ signed_line(const char *data, Py_ssize_t *pos, Py_ssize_t end, int *incomplete)
 static PyObject *
 scan_reply(PyObject *self, PyObject *args)
 {
-    PyObject *buf;
     Py_ssize_t pos, end;
     const char *data;
-    Py_ssize_t size;
     Py_ssize_t stack[MAX_DEPTH];
     int depth = 0;
 
-    if (!PyArg_ParseTuple(args, "Onn", &buf, &pos, &end))
+    if (scan_args(args, &data, &pos, &end) < 0)
         return NULL;
-    if (view(buf, &data, &size) < 0)
-        return NULL;
-    if (end > size)
-        end = size;
     if (pos < 0)
         return PyLong_FromLong(-2);
 
@@ -516,17 +527,11 @@ value_length(const char *data, Py_ssize_t pos, Py_ssize_t eol, Py_ssize_t *key_s
 static PyObject *
 scan_memcache_reply(PyObject *self, PyObject *args)
 {
-    PyObject *buf;
     Py_ssize_t pos, end;
     const char *data;
-    Py_ssize_t size;
 
-    if (!PyArg_ParseTuple(args, "Onn", &buf, &pos, &end))
+    if (scan_args(args, &data, &pos, &end) < 0)
         return NULL;
-    if (view(buf, &data, &size) < 0)
-        return NULL;
-    if (end > size)
-        end = size;
     if (pos < 0)
         return PyLong_FromLong(-1);
     for (;;) {

@@ -53,6 +53,18 @@ class Router(Protocol):
     def live_servers(self) -> Sequence[Any]: ...
 
 
+def group_by_server(positions: Sequence[int], servers: Sequence[Any]) -> Dict[Any, List[int]]:
+    """Key positions by the server each key lives on, in first-seen order (a split command's parts)."""
+    groups: Dict[Any, List[int]] = {}
+    for position, server in zip(positions, servers):
+        group = groups.get(server)
+        if group is None:
+            groups[server] = [position]
+        else:
+            group.append(position)
+    return groups
+
+
 class Codec(Protocol):
     """One wire protocol, as twemproxy's per-protocol hooks.
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from twinproxy import __version__
 from twinproxy.config import PoolConfig
-from twinproxy.protocols import ProtocolError, Router, Session
+from twinproxy.protocols import ProtocolError, Router, Session, group_by_server
 from twinproxy.protocols.buffers import append_pending, speedups
 from twinproxy.request import FORWARD, FRAGMENT, LOCAL, Request
 
@@ -548,13 +548,7 @@ class MemcacheCodec:
             request.kind = FORWARD
             request.key = args[first]
             return [(servers[0], request)]
-        groups: Dict[Any, List[int]] = {}
-        for position, server in enumerate(servers, first):
-            group = groups.get(server)
-            if group is None:
-                groups[server] = [position]
-            else:
-                group.append(position)
+        groups = group_by_server(range(first, len(args)), servers)
         routes = []
         for server, positions in groups.items():
             fragment_args = head + [args[p] for p in positions]

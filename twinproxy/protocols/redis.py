@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from twinproxy import __version__
 from twinproxy.config import PoolConfig
-from twinproxy.protocols import ProtocolError, Router, Session, resp
+from twinproxy.protocols import ProtocolError, Router, Session, group_by_server, resp
 from twinproxy.request import FORWARD, FRAGMENT, LOCAL, Request
 
 # Key layouts.
@@ -227,13 +227,7 @@ class RedisCodec:
             self._answer(request, resp.error(
                 "ERR keys in request don't hash to the same server (use a hash tag to keep them together)"))
             return []
-        groups: Dict[Any, List[int]] = {}
-        for position, server in zip(positions, servers):
-            group = groups.get(server)
-            if group is None:
-                groups[server] = [position]
-            else:
-                group.append(position)
+        groups = group_by_server(positions, servers)
         width = spec.step
         fragments = []
         for server, key_positions in groups.items():

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from twinproxy.config import load_text
-from twinproxy.protocols import ProtocolError, memcache
+from twinproxy.protocols import ProtocolError
 from twinproxy.protocols.memcache import (
     MAX_LINE,
     MemcacheCodec,
@@ -23,15 +23,7 @@ from twinproxy.protocols.memcache import (
 )
 from twinproxy.request import FORWARD, FRAGMENT, LOCAL, Request
 
-
-@pytest.fixture(autouse=True, params=["c", "python"])
-def scanners(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "c":
-        if memcache.speedups is None:
-            pytest.skip("twinproxy._speedups is not built (or this is PyPy)")
-    else:
-        monkeypatch.setattr(memcache, "speedups", None)
-    return request.param
+pytestmark = pytest.mark.usefixtures("scanners")
 
 
 STREAM = (b"set a 0 0 5\r\nhello\r\n"

@@ -12,15 +12,7 @@ from hypothesis import strategies as st
 
 from twinproxy.protocols import ProtocolError, resp
 
-
-@pytest.fixture(autouse=True, params=["c", "python"])
-def scanners(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "c":
-        if resp.speedups is None:
-            pytest.skip("twinproxy._speedups is not built (or this is PyPy)")
-    else:
-        monkeypatch.setattr(resp, "speedups", None)
-    return request.param
+pytestmark = pytest.mark.usefixtures("scanners")
 
 
 REQUESTS = [
