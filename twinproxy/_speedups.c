@@ -162,6 +162,24 @@ not_mine:
     Py_RETURN_NONE;
 }
 
+/* The first CRLF at or after pos, before end; -1 if none. */
+static Py_ssize_t
+find_crlf(const char *data, Py_ssize_t pos, Py_ssize_t end)
+{
+    while (pos < end) {
+        const char *cr = memchr(data + pos, '\r', (size_t)(end - pos));
+        if (cr == NULL)
+            return -1;
+        Py_ssize_t at = cr - data;
+        if (at + 1 >= end)
+            return -1;
+        if (data[at + 1] == '\n')
+            return at;
+        pos = at + 1;
+    }
+    return -1;
+}
+
 /* A length in a reply, which may be -1; -2 when it is anything else odd.
  * *incomplete is set when the line is not whole yet. */
 static long long
@@ -216,21 +234,10 @@ scan_reply(PyObject *self, PyObject *args)
         switch (kind) {
         case '+': case '-': case ':': case '_': case ',': case '#': case '(': {
             /* The first CRLF ends the line, as bytes.find(CRLF) finds it. */
-            const char *scan = data + pos + 1;
-            const char *stop = data + end;
-            for (;;) {
-                const char *cr = memchr(scan, '\r', (size_t)(stop - scan));
-                if (cr == NULL || cr + 1 >= stop) {
-                    if (end - pos > MAX_REPLY_LINE)
-                        return PyLong_FromLong(-2);
-                    return PyLong_FromLong(-1);
-                }
-                if (cr[1] == '\n') {
-                    next = (cr - data) + 2;
-                    break;
-                }
-                scan = cr + 1;
-            }
+            Py_ssize_t eol = find_crlf(data, pos + 1, end);
+            if (eol < 0)
+                return PyLong_FromLong(end - pos > MAX_REPLY_LINE ? -2 : -1);
+            next = eol + 2;
             break;
         }
         case '$': case '!': case '=': {
@@ -466,24 +473,6 @@ not_mine:
 }
 
 /* memcached text replies ------------------------------------------------ */
-
-/* The first CRLF at or after pos, before end; -1 if none. */
-static Py_ssize_t
-find_crlf(const char *data, Py_ssize_t pos, Py_ssize_t end)
-{
-    while (pos < end) {
-        const char *cr = memchr(data + pos, '\r', (size_t)(end - pos));
-        if (cr == NULL)
-            return -1;
-        Py_ssize_t at = cr - data;
-        if (at + 1 >= end)
-            return -1;
-        if (data[at + 1] == '\n')
-            return at;
-        pos = at + 1;
-    }
-    return -1;
-}
 
 /* The data length of "VALUE <key> <flags> <bytes>[ <cas>]" in [pos, eol)
  * (split on single spaces, as bytes.split(b" ") does); -1 if malformed. */
@@ -841,7 +830,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "twinproxy._speedups",
-    "C versions of the common case of the RESP scanners (see twinproxy/protocols/resp.py).",
+    "C twins of the common cases of twinproxy's scanners and key hashes (see twinproxy/compiled.py).",
     -1, methods,
 };
 

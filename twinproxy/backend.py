@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import errno
 import os
-from bisect import bisect_left
 from collections import deque
 from typing import Any, Dict, List, Optional
 
@@ -42,7 +41,6 @@ from twinproxy.config import PoolConfig
 from twinproxy.protocols import Codec, ProtocolError
 from twinproxy.request import Request
 from twinproxy.sockets import direct_socket, write_now
-from twinproxy.stats import LATENCY_BUCKETS
 
 TIMED_OUT = os.strerror(errno.ETIMEDOUT)
 # How a connection ended, for the server's counters.
@@ -192,8 +190,7 @@ class BackendConnection(Protocol):
         awaiting = self._awaiting
         server = self.link.server
         counters = self._counters
-        latency = self._latency
-        buckets = latency.counts
+        observe = self._latency.observe
         now = self._clock.seconds()
         while True:
             try:
@@ -218,9 +215,7 @@ class BackendConnection(Protocol):
                     continue
                 reply = b"".join(request.gathered)
             awaiting.popleft()
-            waited = now - request.sent_at
-            buckets[bisect_left(LATENCY_BUCKETS, waited)] += 1  # Histogram.observe, inlined
-            latency.total += waited
+            observe(now - request.sent_at)
             request.reply = reply
             request.owner.request_done(request)
             if self.closed:

@@ -17,11 +17,12 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from twinproxy import compiled
 from twinproxy.backend import ServerLink
 from twinproxy.config import PoolConfig
 from twinproxy.frontend import Outbox, ProxyFactory
 from twinproxy.pool import ServerPool
-from twinproxy.protocols import codec_for, resp
+from twinproxy.protocols import codec_for
 
 
 class PoolService(Service):
@@ -67,10 +68,8 @@ class PoolService(Service):
         if self.config.preconnect:
             for link in self.links:
                 link.preconnect(self.codec.default_dialect)
-        scanners = ""
-        if self.config.redis:
-            scanners = " (RESP scanners: C)" if resp.speedups is not None else " (RESP scanners: pure Python)"
-        self._log.info("pool {pool} ({protocol}) listening on {listen} with {count} servers{scanners}",
+        scanners = "C" if compiled.speedups is not None else "pure Python"
+        self._log.info("pool {pool} ({protocol}) listening on {listen} with {count} servers (scanners: {scanners})",
                        pool=self.name, protocol=self.config.protocol, listen=str(self.config.listen),
                        count=len(self.links), scanners=scanners)
 

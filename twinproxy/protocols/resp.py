@@ -489,13 +489,7 @@ def encode_fragment(args: List[bytes], positions: List[int], width: int) -> byte
     ``width`` arguments from it: a split command's part for one server."""
     if speedups is not None:
         return speedups.encode_fragment(args, positions, width)
-    command = args[0]
-    parts = [b"*%d\r\n$%d\r\n%s\r\n" % (1 + len(positions) * width, len(command), command)]
-    append = parts.append
-    for position in positions:
-        for arg in args[position:position + width]:
-            append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-    return b"".join(parts)
+    return encode_command([args[0], *(arg for position in positions for arg in args[position:position + width])])
 
 
 def simple(text: bytes) -> bytes:
