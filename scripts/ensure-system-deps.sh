@@ -29,6 +29,8 @@ elif ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
 fi
 
 # Wanted, not required: the install builds twinproxy/_speedups.c with them.
+# Once they are there (or CI is set), the test session refuses to run
+# without the built module (tests/conftest.py), so it cannot go missing silently.
 wanted=()
 if "$PYTHON" -c 'import platform, sys; sys.exit(platform.python_implementation() != "CPython")' 2>/dev/null; then
     command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || wanted+=(gcc)

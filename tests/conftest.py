@@ -4,16 +4,62 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import platform
+import shutil
 import sys
+import sysconfig
 import threading
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import pytest
 
 from tests.servers import LOOPBACK, MemcachedServer, Process, RedisServer, free_port, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse to run when the C scanners could have been built here and were not.
+
+    Without them the C-vs-Python twin tests skip, and a suite that passes
+    would say nothing about the C code a CPython install actually runs.
+    """
+    problem = c_scanners_problem()
+    if problem:
+        raise pytest.UsageError(problem)
+
+
+def c_scanners_problem() -> Optional[str]:
+    """Why twinproxy._speedups should be loaded and is not, or None when all is as it should be.
+
+    It is legitimately absent on PyPy, with TWINPROXY_PURE_PYTHON set (as
+    twinproxy.compiled decides), and on a CPython without a C compiler or
+    Python.h, unless CI is set: CI must build it.
+    """
+    if platform.python_implementation() != "CPython" or os.environ.get("TWINPROXY_PURE_PYTHON"):
+        return None
+    from twinproxy.compiled import speedups
+
+    if speedups is not None:
+        return None
+    compilers = [*os.environ.get("CC", "").split()[:1], "cc", "gcc"]
+    compiler = next((found for found in map(shutil.which, compilers) if found), None)
+    headers = os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))
+    in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    if not (compiler and headers) and not in_ci:
+        return None
+    try:
+        from twinproxy import _speedups  # noqa: F401 - only for the reason it fails
+        reason = "it imports, yet twinproxy.compiled did not load it"
+    except ImportError as err:
+        reason = f"ImportError: {err}"
+    because = f"{compiler} and {sysconfig.get_paths()['include']}/Python.h exist" if compiler and headers \
+        else "CI is set"
+    return (f"twinproxy._speedups (the C scanners) is not built although {because} ({reason}).\n"
+            "The C-vs-Python twin tests would silently skip. Build it and read the compiler's errors:\n"
+            f"  {sys.executable} -m pip install --config-settings editable_mode=compat -e {REPO}\n"
+            "(or rm .venv/.installed && make test); set TWINPROXY_PURE_PYTHON=1 to test pure Python on purpose.")
 
 
 @pytest.fixture
@@ -132,7 +178,11 @@ def pool_yaml(servers, **keys) -> str:
 
 @pytest.fixture
 def twistd(tmp_path: Path):
-    """``twistd(config_path)`` runs ``twistd -n twinproxy`` as a real subprocess."""
+    """``twistd(config_path)`` runs ``twistd -n twinproxy`` as a real subprocess.
+
+    It writes ``--bound-addresses`` (unless the test names its own file), so
+    with ``listen: 127.0.0.1:0`` pools ``process.bound()`` tells the ports.
+    """
     processes = []
 
     def start(config_path: Path, *extra: str) -> Process:
@@ -141,8 +191,14 @@ def twistd(tmp_path: Path):
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         if "-s" not in extra and "--stats-port" not in extra:
             extra = (*extra, "--stats-port", "0")  # never the fixed default 22222 in tests
+        if "--bound-addresses" in extra:
+            bound_path = Path(extra[extra.index("--bound-addresses") + 1])
+        else:
+            bound_path = tmp_path / f"twistd{len(processes)}.bound.json"
+            extra = (*extra, "--bound-addresses", str(bound_path))
         process = Process([twistd_bin, "--nodaemon", "--pidfile=", "twinproxy", "--config", str(config_path),
                            *extra], tmp_path / f"twistd{len(processes)}.log", env=env)
+        process.bound_path = bound_path
         process.spawn()
         processes.append(process)
         return process

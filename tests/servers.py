@@ -7,6 +7,7 @@ continues a frozen process before terminating it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -51,6 +52,45 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def bound_addresses(path: Path, process: Optional["Process"] = None, pid: Optional[int] = None,
+                    generation: int = 1, timeout: float = 20.0) -> dict:
+    """The ``--bound-addresses`` document at ``path``, once the proxy has written it.
+
+    Pools listen on ``127.0.0.1:0`` and the stats and HTTP ports on 0, so the
+    system picks every port and nothing races for one; this file says which.
+    Waits for a document from ``process`` (or from ``pid``, for a daemon)
+    showing ``generation`` or later, so a stale file from an earlier process
+    never counts; fails with the output as soon as ``process`` exits.
+    """
+    if process is not None:
+        pid = process.proc.pid
+
+    def ready():
+        if process is not None and not process.alive:
+            return "exited"
+        try:
+            document = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        if (pid is None or document["pid"] == pid) and document["generation"] >= generation:
+            return document
+        return None
+
+    output = process.output if process is not None else (lambda: "")
+    try:
+        document = wait_until(ready, timeout=timeout, what=f"{path} from pid {pid} at generation {generation}")
+    except AssertionError as err:
+        raise AssertionError(f"{err}\noutput:\n{output()}") from None
+    if document == "exited":
+        raise AssertionError(f"the proxy exited before writing {path}:\n{output()}")
+    return document
+
+
+def port_of(address: str) -> int:
+    """The port of a ``host:port`` (or ``[v6]:port``) address from a bound-addresses document."""
+    return int(address.rpartition(":")[2])
+
+
 def require(program: str) -> str:
     path = shutil.which(program)
     if path is None:
@@ -66,21 +106,69 @@ class Process:
         self.log = log
         self._env = env
         self.proc: Optional[subprocess.Popen] = None
+        # The proxy's --bound-addresses file, when it is one started with it.
+        self.bound_path: Optional[Path] = None
 
     def spawn(self) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True, env=self._env)
 
+    def bound(self, generation: int = 1, timeout: float = 20.0) -> dict:
+        """This proxy's ``--bound-addresses`` document (see ``bound_addresses``)."""
+        assert self.bound_path is not None, "started without --bound-addresses"
+        return bound_addresses(self.bound_path, self, generation=generation, timeout=timeout)
+
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def freeze(self) -> None:
+        """SIGSTOP the process and return once every one of its threads is stopped.
+
+        The signal is asynchronous: each thread stops only when it next runs,
+        so without the wait a multi-threaded server (memcached's workers) can
+        still answer a request sent after ``kill()`` returned.
+        """
         self.proc.send_signal(signal.SIGSTOP)
+        wait_until(lambda: self._group_stopped() and self._thread_states() <= {"T", "Z"}, timeout=10,
+                   what=f"pid {self.proc.pid} to stop")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"pid {self.proc.pid} exited instead of stopping:\n{self.output()}")
 
     def thaw(self) -> None:
+        """SIGCONT the process and return once none of its threads is stopped any more.
+
+        A process that is gone is left alone, so ``finally: thaw()`` is always safe.
+        """
+        if not self.alive:
+            return
         self.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: "T" not in self._thread_states(), timeout=10, what=f"pid {self.proc.pid} to continue")
+
+    def _group_stopped(self) -> bool:
+        """Whether the kernel reports the child stopped (or exited), without reaping it.
+
+        The kernel reports a stop only once the last thread of the group has
+        stopped.  WNOWAIT leaves the status in place, so an exit stays for
+        Popen to collect and Popen's returncode bookkeeping is not bypassed.
+        """
+        if not hasattr(os, "waitid"):  # /proc alone then tells
+            return True
+        flags = os.WSTOPPED | os.WEXITED | os.WNOHANG | os.WNOWAIT
+        return os.waitid(os.P_PID, self.proc.pid, flags) is not None
+
+    def _thread_states(self) -> set:
+        """The set of /proc states ('R', 'S', 'T', ...) of the process's threads."""
+        states = set()
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:  # the thread ended meanwhile
+                continue
+            # The command name in parentheses may hold spaces: the state follows its last ')'.
+            states.add(stat[stat.rindex(")") + 2])
+        return states
 
     def kill(self) -> None:
         """Kill at once (no clean shutdown), as a crash would."""
@@ -117,6 +205,34 @@ def ping_redis(port: int, password: Optional[str] = None) -> bool:
         return sock.recv(100).startswith(b"+PONG")
 
 
+def redis_pid(port: int, password: Optional[str] = None) -> Optional[int]:
+    """The ``process_id`` of the redis-server answering on ``port`` (None if it does not answer so)."""
+    with socket.create_connection((LOOPBACK, port), timeout=1) as sock:
+        if password:
+            sock.sendall(b"AUTH %s\r\n" % password.encode())
+            if not sock.recv(100).startswith(b"+OK"):
+                return None
+        sock.sendall(b"INFO server\r\n")
+        data = b""
+        while b"\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+        header, _, body = data.partition(b"\r\n")
+        if not header.startswith(b"$"):  # an error (LOADING...) or not a redis at all
+            return None
+        while len(body) < int(header[1:]):
+            chunk = sock.recv(65536)
+            if not chunk:
+                return None
+            body += chunk
+    for line in body.split(b"\r\n"):
+        if line.startswith(b"process_id:"):
+            return int(line.split(b":")[1])
+    return None
+
+
 class RedisServer(Process):
     """A real redis-server on a free loopback port."""
 
@@ -137,8 +253,10 @@ class RedisServer(Process):
                 self.argv += ["--requirepass", self.password]
             self.spawn()
             try:
-                wait_until(lambda: not self.alive or ping_redis(self.port, self.password), timeout=10,
-                           what=f"redis-server on port {self.port}")
+                # The port was free when probed, not necessarily when redis-server bound it: what
+                # answers must be this very process (a server that lost the race exits at once).
+                wait_until(lambda: not self.alive or redis_pid(self.port, self.password) == self.proc.pid,
+                           timeout=10, what=f"redis-server pid {self.proc.pid} on port {self.port}")
             except AssertionError:
                 self.stop()
                 raise AssertionError(f"redis-server did not start:\n{self.output()}") from None

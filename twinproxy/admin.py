@@ -3,7 +3,7 @@
 Owns: :class:`StatsPortService` (a TCP listener that writes one JSON
 document and closes, as nutcracker's stats port does) and
 :class:`HttpService` (``/metrics`` in Prometheus text format, ``/stats``
-with the same JSON, ``/health``).  Both read the pools through a callable,
+with the same JSON, ``/health``, and ``POST /reload``).  Both read the pools through a callable,
 so a later topology change needs nothing from them, and neither touches a
 counter: ``stats.py`` and ``metrics.py`` build what they serve.
 """
@@ -11,22 +11,26 @@ counter: ``stats.py`` and ``metrics.py`` build what they serve.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, List, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 from twinproxy import metrics, stats
+from twinproxy.listeners import ListenError, bound_address, os_reason
+
+_log = Logger()
 
 PoolsSource = Callable[[], Sequence[Any]]
 
 
-def stats_json(pools: PoolsSource, started: float, clock: Any) -> bytes:
-    return json.dumps(stats.snapshot(pools(), started, clock.seconds())).encode() + b"\n"
+def stats_json(pools: PoolsSource, started: float, clock: Any, counters: Any = None) -> bytes:
+    return json.dumps(stats.snapshot(pools(), started, clock.seconds(), counters)).encode() + b"\n"
 
 
 def health(pools: PoolsSource) -> Tuple[int, List[str]]:
@@ -90,16 +94,24 @@ class _Listening(Service):
         super().startService()
 
     def _listen(self) -> None:
-        if self.path is not None:
-            self.port = self._reactor.listenUNIX(self.path, self.factory(), mode=0o600)
-            return
-        self.port = self._reactor.listenTCP(self.requested_port, self.factory(), interface=self.interface)
+        try:
+            if self.path is not None:
+                self.port = self._reactor.listenUNIX(self.path, self.factory(), mode=0o600)
+                return
+            self.port = self._reactor.listenTCP(self.requested_port, self.factory(), interface=self.interface)
+        except (CannotListenError, OSError) as err:
+            where = self.path or f"{self.interface}:{self.requested_port}"
+            raise ListenError(self.name, where, os_reason(err)) from None
         self._log.info("{what} listening on {interface}:{port}", what=self.name,
                        interface=self.interface, port=self.port.getHost().port)
 
     @property
     def port_number(self) -> int:
         return self.port.getHost().port
+
+    @property
+    def bound(self) -> Optional[str]:
+        return bound_address(self.port) if self.port is not None else None
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
@@ -111,12 +123,12 @@ class StatsPortService(_Listening):
     """nutcracker's stats port: connect, read one JSON document, get closed."""
 
     def __init__(self, pools: PoolsSource, started: float, reactor: Any, interface: str, port: int,
-                 path: Any = None, document: Any = None) -> None:
+                 path: Any = None, document: Any = None, counters: Any = None) -> None:
         super().__init__(reactor, interface, port, path)
         self.setName("stats")
         self._pools = pools
         self._started = started
-        self._document = document or (lambda: stats_json(self._pools, self._started, self._reactor))
+        self._document = document or (lambda: stats_json(self._pools, self._started, self._reactor, counters))
 
     def factory(self) -> Factory:
         return _StatsFactory(self._document)
@@ -133,6 +145,38 @@ class _Page(Resource):
         return self._render_page(request)
 
 
+class _Reload(Resource):
+    """``POST /reload``: read the pool file again and apply it; the answer says what changed, or why not."""
+
+    isLeaf = True
+
+    def __init__(self, reload: Callable[[], defer.Deferred]) -> None:
+        super().__init__()
+        self._reload = reload
+
+    def render_POST(self, request: Any) -> Any:
+        def answer(result: Any) -> None:
+            request.setResponseCode(result.status)
+            request.setHeader(b"content-type", b"application/json")
+            request.write(json.dumps(result.document()).encode() + b"\n")
+            request.finish()
+
+        def failed(failure: Any) -> None:
+            _log.failure("POST /reload", failure=failure)
+            request.setResponseCode(500)
+            request.setHeader(b"content-type", b"application/json")
+            request.write(json.dumps({"ok": False, "error": failure.getErrorMessage()}).encode() + b"\n")
+            request.finish()
+
+        self._reload().addCallbacks(answer, failed)
+        return NOT_DONE_YET
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setResponseCode(405)
+        request.setHeader(b"allow", b"POST")
+        return b"POST /reload re-reads the pool file and applies it\n"
+
+
 class _QuietSite(Site):
     """A Site without its access log: scrapes every few seconds would flood the proxy's log."""
 
@@ -146,19 +190,22 @@ class _QuietSite(Site):
 class HttpService(_Listening):
     """``/metrics``, ``/stats`` and ``/health`` over HTTP (twisted.web)."""
 
-    def __init__(self, pools: PoolsSource, started: float, reactor: Any, interface: str, port: int) -> None:
+    def __init__(self, pools: PoolsSource, started: float, reactor: Any, interface: str, port: int,
+                 counters: Any = None, reload: Optional[Callable[[], defer.Deferred]] = None) -> None:
         super().__init__(reactor, interface, port)
         self.setName("http")
         self._pools = pools
         self._started = started
+        self._counters = counters
+        self._reload = reload
 
     def _metrics(self, request: Any) -> bytes:
         request.setHeader(b"content-type", metrics.CONTENT_TYPE.encode())
-        return metrics.render(self._pools, self._started, self._reactor)
+        return metrics.render(self._pools, self._started, self._reactor, self._counters)
 
     def _stats(self, request: Any) -> bytes:
         request.setHeader(b"content-type", b"application/json")
-        return stats_json(self._pools, self._started, self._reactor)
+        return stats_json(self._pools, self._started, self._reactor, self._counters)
 
     def _health(self, request: Any) -> bytes:
         status, lines = health(self._pools)
@@ -171,4 +218,6 @@ class HttpService(_Listening):
         root.putChild(b"metrics", _Page(self._metrics))
         root.putChild(b"stats", _Page(self._stats))
         root.putChild(b"health", _Page(self._health))
+        if self._reload is not None:
+            root.putChild(b"reload", _Reload(self._reload))
         return _QuietSite(root)

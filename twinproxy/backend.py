@@ -1,11 +1,11 @@
-"""Connections to one backend server, and the requests in flight on them.
+"""One connection to a backend server, and the requests in flight on it.
 
 Owns: :class:`BackendConnection` (one socket: writes requests, frames
 replies with the codec, keeps the FIFO of requests awaiting a reply, one
 timer for the oldest request's deadline, fails everything pending when the
-connection is lost) and :class:`ServerLink` (up to ``server_connections``
-connections per protocol dialect, opened on demand or at start, reconnected
-on demand).  Both report failures and successes to the pool; neither
+connection is lost, drains when retired) and the guard around every
+completion.  :class:`~twinproxy.links.ServerLink` owns the connections of
+one server.  It reports failures and successes to the pool; it neither
 routes, splits, merges, nor knows a client's order.
 
 ::
@@ -30,14 +30,13 @@ from __future__ import annotations
 import errno
 import os
 from collections import deque
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
-from twisted.internet import defer, error
+from twisted.internet import error
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twinproxy.config import PoolConfig
 from twinproxy.protocols import Codec, ProtocolError
 from twinproxy.request import Request
 from twinproxy.sockets import direct_socket, write_now
@@ -83,11 +82,20 @@ class _Handshake:
 
 
 class BackendConnection(Protocol):
-    """One connection to a server; requests may be sent before it is connected."""
+    """One connection to a server; requests may be sent before it is connected.
 
-    def __init__(self, link: "ServerLink", dialect: int) -> None:
+    Writes wait in ``_held`` until the socket is connected and the ``gate``
+    is open: a connection that replaces others on the same server (new
+    handshake, new slot count) opens its gate once they have drained, so a
+    client's request can never overtake its earlier one on another socket.
+    """
+
+    _log = Logger()
+
+    def __init__(self, link: Any, dialect: int, slot: int = 0, gated: bool = False) -> None:
         self.link = link
         self.dialect = dialect
+        self.slot = slot
         self.codec: Codec = link.codec
         self._clock = link.clock
         self._timeout = link.timeout
@@ -101,8 +109,12 @@ class BackendConnection(Protocol):
         self._socket: Any = None
         self._counters = link.server.counters
         self._latency = link.server.counters.latency
+        self._gated = gated
+        self._ready = False    # connected and the gate open: writes go to the socket
         self.connected_at: Optional[float] = None
         self.closed = False
+        self.draining = False
+        self._drain_call: Any = None
         self._closing_reason: Optional[str] = None
         handshake_owner = _Handshake(self)
         for raw in self.codec.handshake(dialect):
@@ -126,17 +138,16 @@ class BackendConnection(Protocol):
             if not isinstance(request.owner, _Handshake):
                 self.link.pool.counters.forward_error += 1
             request.reply = self.codec.error_reply(self._closing_reason or RESET)
-            request.owner.request_done(request)
+            _complete(request, self)
             return
-        transport = self.transport
         raw = request.raw
         counters = self._counters
         counters.requests += 1
         counters.request_bytes += len(raw)
-        if transport is None:
+        if not self._ready:
             self._held.append(raw)
         elif self._outbox is None:
-            transport.write(raw)
+            self.transport.write(raw)
         else:
             self._queued.append(raw)
             if not self._in_outbox:
@@ -157,6 +168,45 @@ class BackendConnection(Protocol):
             if not self.closed and self.transport is not None:
                 write_now(self._socket, self.transport, queued[0] if len(queued) == 1 else b"".join(queued))
 
+    def open_gate(self) -> None:
+        """The connections this one replaces have drained: its writes may go out."""
+        self._gated = False
+        self._write_held()
+
+    def _write_held(self) -> None:
+        if self._gated or self.closed or self.transport is None:
+            return
+        self._ready = True
+        held, self._held = self._held, []
+        if held:
+            self.transport.writeSequence(held)
+
+    # -- retiring -------------------------------------------------------------
+
+    def drain(self, seconds: float) -> None:
+        """Take no new requests; close once every request already sent is answered.
+
+        What is still unanswered after ``seconds`` fails as on a timeout (the
+        link no longer routes to this connection, so it only finishes).
+        """
+        if self.closed or self.draining:
+            return
+        self.draining = True
+        if not self._awaiting:
+            self._close_drained()
+            return
+        self._drain_call = self._clock.callLater(seconds, self._drain_overdue)
+
+    def _drain_overdue(self) -> None:
+        self._drain_call = None
+        self.abort("server connection retired by the proxy: no reply before the drain deadline",
+                   count_failure=False)
+
+    def _close_drained(self) -> None:
+        self._fail_pending("server connection closed by the proxy", count_failure=False)
+        if self.transport is not None:
+            self.transport.loseConnection()
+
     # -- Twisted protocol -----------------------------------------------------
 
     def connectionMade(self) -> None:
@@ -172,9 +222,7 @@ class BackendConnection(Protocol):
         if self.closed:
             transport.abortConnection()
             return
-        held, self._held = self._held, []
-        if held:
-            transport.writeSequence(held)
+        self._write_held()
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -217,11 +265,16 @@ class BackendConnection(Protocol):
             awaiting.popleft()
             observe(now - request.sent_at)
             request.reply = reply
-            request.owner.request_done(request)
+            try:
+                request.owner.request_done(request)
+            except Exception:  # noqa: BLE001 - one request's bug must not drop a shared connection
+                _completion_failed(request, self)
             if self.closed:
                 return
         if server.failure_count:
             self.link.pool.record_success(server)
+        if self.draining and not awaiting:
+            self._close_drained()
 
     def connectionLost(self, reason: Failure = None) -> None:
         if not self.closed:
@@ -279,11 +332,14 @@ class BackendConnection(Protocol):
 
     def _fail_pending(self, text: str, count_failure: bool) -> None:
         self.closed = True
+        self._ready = False
         self._closing_reason = text
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+        for name in ("_timer", "_drain_call"):
+            call = getattr(self, name)
+            if call is not None:
+                if call.active():
+                    call.cancel()
+                setattr(self, name, None)
         self.link.connection_gone(self)
         awaiting, self._awaiting = self._awaiting, deque()
         self._held = []
@@ -294,17 +350,44 @@ class BackendConnection(Protocol):
         failed = 0
         for request in awaiting:
             request.reply = reply
-            owner = request.owner
-            if not isinstance(owner, _Handshake):
+            if not isinstance(request.owner, _Handshake):
                 failed += 1
-            owner.request_done(request)
+            _complete(request, self)
         self.link.pool.counters.forward_error += failed
         outbox = self.link.outbox
         if outbox is not None:
             outbox.burst_done()
 
 
-class _ConnectorFactory(ClientFactory):
+def _complete(request: Request, connection: BackendConnection) -> None:
+    """Hand ``request`` its reply; a completion that raises is logged and answered, never propagated."""
+    try:
+        request.owner.request_done(request)
+    except Exception:  # noqa: BLE001 - see _completion_failed
+        _completion_failed(request, connection)
+
+
+def _completion_failed(request: Request, connection: BackendConnection) -> None:
+    """The owner raised while taking its reply (a merge bug, a routing error).
+
+    The exception stops here: raised into ``dataReceived`` it would make
+    Twisted drop the connection, and with it every other client's request
+    on it.  The owner answers that one request with an error if it can.
+    """
+    link = connection.link
+    BackendConnection._log.failure("pool {pool}: server {server}: completing a request failed",
+                                   pool=link.pool.name, server=link.server.name)
+    recover = getattr(request.owner, "completion_failed", None)
+    if recover is None:
+        return
+    try:
+        recover(request)
+    except Exception:  # noqa: BLE001 - nothing more can be done for that request
+        BackendConnection._log.failure("pool {pool}: answering a failed completion failed too",
+                                       pool=link.pool.name)
+
+
+class ConnectorFactory(ClientFactory):
     """Hands one pre-built BackendConnection to one connection attempt."""
 
     noisy = False
@@ -317,129 +400,3 @@ class _ConnectorFactory(ClientFactory):
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         self.connection.connect_failed(reason)
-
-
-class ServerLink:
-    """All of the proxy's connections to one server, per dialect.
-
-    ``send`` is the server's ``send``: it opens ``server_connections``
-    connections of the request's dialect when it needs the first, and gives
-    each client one of them.
-    """
-
-    _log = Logger()
-
-    def __init__(self, server: Any, pool: Any, codec: Codec, config: PoolConfig, reactor: Any) -> None:
-        self.server = server
-        self.pool = pool
-        self.codec = codec
-        self.config = config
-        self.reactor = reactor
-        self.clock = reactor
-        self.timeout = config.timeout_seconds
-        self._limit = config.server_connections
-        self._connections: Dict[int, List[BackendConnection]] = {}
-        self._stopped = False
-        self._lost_waiters: Dict[BackendConnection, defer.Deferred] = {}
-        self._last_failure: Optional[str] = None
-        # Set by the service: the frontends' outbox, flushed after each burst of replies.
-        self.outbox: Any = None
-        server.send = self.send
-
-    def send(self, request: Request) -> None:
-        connections = self._connections.get(request.dialect)
-        if connections is None or len(connections) < self._limit:
-            connections = self._fill(request.dialect)
-        if len(connections) == 1:  # server_connections: 1, nutcracker's default
-            connections[0].send(request)
-            return
-        # One client's requests to this server share one connection, so a write
-        # and the read after it can never overtake each other on two sockets.
-        client_id = getattr(request.owner, "client_id", 0)
-        connections[client_id % len(connections)].send(request)
-
-    def _fill(self, dialect: int) -> List[BackendConnection]:
-        connections = self._connections.setdefault(dialect, [])
-        while len(connections) < self._limit:
-            connections.append(self._connect(dialect))
-        return connections
-
-    def preconnect(self, dialect: int) -> None:
-        self._fill(dialect)
-
-    def _connect(self, dialect: int) -> BackendConnection:
-        connection = BackendConnection(self, dialect)
-        if self._stopped:
-            connection.abort("proxy is shutting down", count_failure=False)
-            return connection
-        factory = _ConnectorFactory(connection)
-        spec = self.server.spec
-        timeout = self.timeout if self.timeout is not None else 30
-        if spec.path is not None:
-            self.reactor.connectUNIX(spec.path, factory, timeout=timeout)
-        else:
-            self.reactor.connectTCP(spec.host, spec.port, factory, timeout=timeout)
-        return connection
-
-    def connection_gone(self, connection: BackendConnection) -> None:
-        """Stop routing to ``connection``: it failed or is closing."""
-        connections = self._connections.get(connection.dialect)
-        if connections and connection in connections:
-            connections.remove(connection)
-
-    def connection_lost(self, connection: BackendConnection) -> None:
-        """``connection``'s socket is gone (or was never made)."""
-        self.connection_gone(connection)
-        waiter = self._lost_waiters.pop(connection, None)
-        if waiter is not None:
-            waiter.callback(None)
-
-    def connected(self) -> None:
-        """A connection to the server was made: it is up, and a past failure is over."""
-        self.server.up = True
-        if self._last_failure is not None:
-            self._log.info("pool {pool}: server {server}: connected again after: {reason}",
-                           pool=self.pool.name, server=self.server.name, reason=self._last_failure)
-            self._last_failure = None
-
-    def queue_stats(self) -> tuple:
-        """(in_queue, in_queue_bytes, out_queue, out_queue_bytes) over every connection."""
-        in_queue = in_bytes = out_queue = out_bytes = 0
-        for connections in self._connections.values():
-            for connection in connections:
-                held, awaiting_count, awaiting_bytes = connection.queue_stats()
-                in_queue += len(held)
-                in_bytes += sum(len(raw) for raw in held)
-                out_queue += awaiting_count
-                out_bytes += awaiting_bytes
-        return in_queue, in_bytes, max(0, out_queue - in_queue), max(0, out_bytes - in_bytes)
-
-    def record_failure(self, text: str) -> None:
-        if text != self._last_failure:
-            self._log.info("pool {pool}: server {server}: {reason}",
-                           pool=self.pool.name, server=self.server.name, reason=text)
-            self._last_failure = text
-        self.pool.record_failure(self.server, text)
-
-    def log_handshake_failure(self, text: str) -> None:
-        self._log.error("pool {pool}: server {server} refused the connection handshake: {reason}",
-                        pool=self.pool.name, server=self.server.name, reason=text)
-
-    def stop(self) -> defer.Deferred:
-        """Close every connection; the Deferred fires once all are gone."""
-        self._stopped = True
-        waiting = []
-        for connections in list(self._connections.values()):
-            for connection in list(connections):
-                if connection.transport is not None:
-                    waiter = defer.Deferred()
-                    self._lost_waiters[connection] = waiter
-                    waiting.append(waiter)
-                connection.close()
-        self._connections.clear()
-        return defer.gatherResults(waiting) if waiting else defer.succeed(None)
-
-    @property
-    def connection_count(self) -> int:
-        return sum(len(c) for c in self._connections.values())
-

@@ -13,7 +13,7 @@ import os
 import platform
 import signal
 import sys
-from typing import List, Mapping, Optional
+from typing import Any, List, Mapping, Optional
 
 from twisted.python import usage
 
@@ -89,7 +89,21 @@ def main(argv: Optional[List[str]] = None) -> int:
                   "sums every worker", file=sys.stderr)
             return 1
         workers.check_supported(options["workers"])
-        return _with_pid_file(options, lambda: workers.run_master(options, options["workers"]))
+
+        def start_master() -> tuple:
+            control = LogControl(options["output"], options["verbose"])
+            from twisted.logger import globalLogBeginner
+
+            globalLogBeginner.beginLoggingTo([control.observer], redirectStandardIO=False)
+            from twisted.internet import reactor
+
+            return reactor, control
+
+        def serve_worker(worker_options: tap.Options, setup: "workers.WorkerSetup") -> int:
+            return serve(worker_options, worker=setup)
+
+        return _with_pid_file(options, lambda: workers.run_master(options, options["workers"], serve_worker,
+                                                                 start_master))
     return serve(options)
 
 
@@ -108,8 +122,7 @@ def _with_pid_file(options: tap.Options, run) -> int:
                 pass
 
 
-def serve(options: tap.Options, worker_stats: Optional[str] = None, inherited: Optional[dict] = None,
-          reuse_port: bool = False) -> int:
+def serve(options: tap.Options, worker: Any = None) -> int:
     """Run the proxy in this process until stopped; the exit status."""
     control = LogControl(options["output"], options["verbose"])
     from twisted.logger import globalLogBeginner
@@ -118,12 +131,14 @@ def serve(options: tap.Options, worker_stats: Optional[str] = None, inherited: O
 
     from twisted.internet import reactor
 
-    top = tap.build(options, reactor, log_control=control, observe_log=False, worker_stats=worker_stats,
-                    inherited=inherited, reuse_port=reuse_port)
+    top = tap.build(options, reactor, log_control=control, observe_log=False, worker=worker)
     try:
         top.privilegedStartService()
         top.startService()
-    except Exception as err:  # noqa: BLE001 - a port in use, a bad address: say it and stop
+    except SystemExit as stop:  # ProxyTop said why, in one line
+        return int(stop.code or 1)
+    except Exception as err:  # noqa: BLE001 - a bad address: say it and stop
+        tap.close_listeners(top)
         print(f"twinproxy: cannot start: {err}", file=sys.stderr)
         return 1
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)

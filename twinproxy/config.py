@@ -188,6 +188,8 @@ def load_text(text: bytes | str, path: str = "<config>") -> List[PoolConfig]:
     listens: Dict[str, str] = {}
     for pool in pools:
         where = str(pool.listen)
+        if pool.listen.port == 0:
+            continue  # each ":0" gets a port of its own
         if where in listens:
             raise ConfigError(path, f"duplicate listen address, already used by pool '{listens[where]}'",
                               pool.name, "listen", where)
@@ -295,6 +297,13 @@ def _host(raw: str, fail) -> str:
     return raw
 
 
+def _listen_port(raw: str, fail) -> int:
+    # 0 is twinproxy's: the system picks the port (see --bound-addresses).
+    if raw == "0":
+        return 0
+    return _port(raw, fail)
+
+
 def _listen(raw: str, fail) -> ListenSpec:
     raw = raw.strip()
     if raw.startswith("/"):
@@ -313,7 +322,7 @@ def _listen(raw: str, fail) -> ListenSpec:
     host, sep, port = raw.rpartition(":")
     if not sep:
         raise fail("is not a valid listen address (expected 'host:port' or '/path/to.sock [mode]')")
-    return ListenSpec(host=_host(host, fail), port=_port(port, fail))
+    return ListenSpec(host=_host(host, fail), port=_listen_port(port, fail))
 
 
 def _parse_server(line: str, fail) -> ServerSpec:

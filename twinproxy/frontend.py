@@ -188,6 +188,7 @@ class FrontendProtocol(Protocol):
 
     def _dispatch(self, request: Request) -> None:
         request.owner = self
+        request.client = self
         request.dialect = self.dialect
         self._codec.prepare(request, self)
         commands = self._commands
@@ -219,6 +220,7 @@ class FrontendProtocol(Protocol):
         self._counters.fragments += len(routes)
         for server, fragment in routes:
             fragment.owner = self
+            fragment.client = self
             fragment.parent = request
             fragment.dialect = request.dialect
             server.send(fragment)
@@ -230,11 +232,24 @@ class FrontendProtocol(Protocol):
             parent.pending -= 1
             if parent.pending:
                 return
-            parent.reply = self._codec.coalesce(parent)
+            try:
+                parent.reply = self._codec.coalesce(parent)
+            except Exception:  # noqa: BLE001 - answer this request, keep the client and the server
+                self._log.failure("pool {pool}: merging the replies of a split request failed",
+                                  pool=self._pool.name)
+                parent.reply = self._codec.error_reply("proxy error: the replies could not be merged")
             request = parent
         in_order = self._in_order
         if in_order and in_order[0] is request:
             self._flush()
+
+    def completion_failed(self, request: Request) -> None:
+        """``request_done`` raised for ``request``: answer it (or its parent) with an error."""
+        top = request.parent if request.parent is not None else request
+        # Whatever reply it holds was not processed to the end: it must not reach the client.
+        top.reply = self._codec.error_reply("proxy error while completing the request")
+        top.pending = 0
+        self._flush()
 
     def _flush(self) -> None:
         """Queue every reply now at the head of the order; send them as one write."""

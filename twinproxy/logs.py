@@ -3,8 +3,9 @@
 Owns: the map from nutcracker's verbosity (0-11) to ``twisted.logger``
 levels, :class:`LogControl` (a level filter that can be raised and lowered,
 over a file that can be reopened), and :class:`LogService`, which adds the
-observer while running and wires SIGHUP (reopen, for logrotate), SIGTTIN
-(more verbose) and SIGTTOU (less verbose), as nutcracker does.
+observer while running and wires SIGTTIN (more verbose) and SIGTTOU (less
+verbose), as nutcracker does.  SIGHUP (reopen, for logrotate, and reload)
+is wired by ``reload.HangupService``.
 """
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ class LogService(Service):
         super().startService()
         if self._observe:
             globalLogPublisher.addObserver(self.control.observer)
-        for number, action in ((signal.SIGHUP, self.control.reopen), (signal.SIGTTIN, self.control.more),
-                               (signal.SIGTTOU, self.control.less)):
+        # SIGHUP (reopen, and reload) is reload.HangupService's.
+        for number, action in ((signal.SIGTTIN, self.control.more), (signal.SIGTTOU, self.control.less)):
             try:
                 previous = signal.signal(number, self._handler(action))
             except ValueError:  # not the main thread (tests run the reactor in a thread)

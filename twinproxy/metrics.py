@@ -36,10 +36,12 @@ def _buckets(histogram: Histogram) -> List[List[Any]]:
 class ProxyCollector:
     """Yields every metric of every pool; ``services`` is read at each scrape."""
 
-    def __init__(self, services: Callable[[], Sequence[Any]], started: float, clock: Any) -> None:
+    def __init__(self, services: Callable[[], Sequence[Any]], started: float, clock: Any,
+                 counters: Any = None) -> None:
         self._services = services
         self._started = started
         self._clock = clock
+        self._counters = counters
 
     def describe(self) -> List[Metric]:
         return []  # computed at collect time only; nothing to register up front
@@ -49,6 +51,18 @@ class ProxyCollector:
         uptime = GaugeMetricFamily("twinproxy_uptime_seconds", "Seconds since the proxy started")
         uptime.add_metric([], self._clock.seconds() - self._started)
         yield uptime
+        counters = self._counters
+        if counters is not None:
+            reloads = CounterMetricFamily("twinproxy_reloads", "Reloads of the pool file applied")
+            reloads.add_metric([], counters.reloads)
+            failures = CounterMetricFamily("twinproxy_reload_failures", "Reloads refused (nothing changed)")
+            failures.add_metric([], counters.reload_failures)
+            generation = GaugeMetricFamily("twinproxy_config_generation", "The configuration serving now "
+                                           "(1 at start, +1 per applied reload)")
+            generation.add_metric([], counters.generation)
+            yield reloads
+            yield failures
+            yield generation
 
         pool_labels = ["pool"]
         server_labels = ["pool", "server"]
@@ -138,8 +152,8 @@ class ProxyCollector:
         yield server_latency
 
 
-def render(services: Callable[[], Sequence[Any]], started: float, clock: Any) -> bytes:
+def render(services: Callable[[], Sequence[Any]], started: float, clock: Any, counters: Any = None) -> bytes:
     """The exposition text for the pools ``services()`` returns now."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ProxyCollector(services, started, clock))
+    registry.register(ProxyCollector(services, started, clock, counters))
     return generate_latest(registry)

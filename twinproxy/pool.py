@@ -3,8 +3,8 @@
 Owns: the pool's :class:`Server` objects in configuration order, their
 health (consecutive failures, ejection deadline), the continuum over the
 live ones, ``server_for_key``, auto-ejection and the timed return of
-ejected servers on an injected clock, and ``replace_servers`` so a reload
-or a failover can swap the topology at runtime.  Knows no wire protocol,
+ejected servers on an injected clock, and ``install``, which swaps in a
+new configuration at runtime (a reload, a failover).  Knows no wire protocol,
 no socket and not the global reactor.
 
 Each :class:`Server` carries a ``send`` callable wired in by the service
@@ -83,23 +83,18 @@ class ServerPool:
     _log = Logger()
 
     def __init__(self, config: PoolConfig, clock: Any) -> None:
-        self.config = config
         self.name = config.name
         self._clock = clock
-        self._hash = HASH_FUNCTIONS[config.hash]
-        self._tag = hash_tag_extractor(config.hash_tag)
         self._retry_call: Any = None
         self.servers: List[Server] = []
         self._live: List[Server] = []
         self._continuum: Optional[Continuum] = None
-        self._listeners: List[Callable[[ServerPool], None]] = []
         # key -> server, valid until the ring changes: hashing in Python costs
         # microseconds per key, a dict hit tens of nanoseconds.
         self._routes: Dict[bytes, Server] = {}
-        self._random = config.distribution == "random"
         self.unavailable = UnavailableServer("-", _not_wired)
         self.counters = PoolCounters()
-        self.replace_servers(config.servers)
+        self.install(config)
 
     # -- routing --------------------------------------------------------------
 
@@ -171,27 +166,34 @@ class ServerPool:
 
     # -- topology -------------------------------------------------------------
 
-    def replace_servers(self, specs: Sequence[ServerSpec]) -> List[Server]:
-        """Install a new server list; servers whose name and address are unchanged
-        keep their object (and so their connections and health).  Returns the
-        servers that were dropped, for the caller to close."""
-        old: Dict[tuple, Server] = {(s.name, s.spec.address): s for s in self.servers}
+    def install(self, config: PoolConfig) -> List[Server]:
+        """Route by ``config`` from now on: its servers, hash, hash tag and distribution.
+
+        Servers are matched by name (what ketama hashes): one whose name is
+        kept keeps its object, and so its health, counters and connections,
+        even under a new address or weight.  The new ring replaces the old
+        one in a single assignment of ``route``.  Returns the servers that
+        are gone, for the caller to drain.
+        """
+        self.config = config
+        self._hash = HASH_FUNCTIONS[config.hash]
+        self._tag = hash_tag_extractor(config.hash_tag)
+        self._random = config.distribution == "random"
+        old: Dict[str, Server] = {s.name: s for s in self.servers}
         servers = []
-        for index, spec in enumerate(specs):
-            server = old.pop((spec.name, spec.address), None)
+        for index, spec in enumerate(config.servers):
+            server = old.pop(spec.name, None)
             if server is None:
                 server = Server(spec, index)
             else:
                 server.spec = spec
                 server.index = index
+            if not config.auto_eject_hosts:
+                server.ejected_until = 0.0
             servers.append(server)
         self.servers = servers
         self._rebuild()
         return list(old.values())
-
-    def add_listener(self, listener: Callable[["ServerPool"], None]) -> None:
-        """Call ``listener(pool)`` whenever the live set changes."""
-        self._listeners.append(listener)
 
     def _rebuild(self) -> None:
         now = self._clock.seconds()
@@ -209,8 +211,6 @@ class ServerPool:
         # frontend calls it once per request.
         self.route: Callable[[bytes], Any] = self._make_route()
         self._schedule_retry()
-        for listener in list(self._listeners):
-            listener(self)
 
     def _schedule_retry(self) -> None:
         if self._retry_call is not None and self._retry_call.active():

@@ -1,7 +1,10 @@
 """The protocol-neutral request that flows from a client to a backend and back.
 
 Owns: one client request's raw bytes, what routing needs (its key or its
-fragments), who waits for its reply, and the reply once it is there.  A
+fragments), who it is for (``client``: the session, for connection
+affinity), who takes its reply (``owner``: completion, which may differ,
+e.g. a step that runs before the client is answered), and the reply once
+it is there.  A
 ``Request`` holds no parsing rules and touches no socket; codecs fill it
 and the frontend and backends move it.
 
@@ -29,7 +32,7 @@ class Request:
     """
 
     __slots__ = (
-        "raw", "args", "kind", "key", "command", "owner", "reply", "parent",
+        "raw", "args", "kind", "key", "command", "owner", "client", "reply", "parent",
         "fragments", "pending", "positions", "dialect", "sent_at",
         "expects_reply", "quiet", "close_after", "name", "terminator", "gathered",
     )
@@ -40,7 +43,8 @@ class Request:
         self.kind = FORWARD
         self.key: Optional[bytes] = None
         self.command: Any = None
-        self.owner: Any = None
+        self.owner: Any = None      # has request_done(request), called once with the reply set
+        self.client: Any = None     # the client session (client_id), or None for the proxy's own requests
         self.reply: Optional[bytes] = None
         self.parent: Optional[Request] = None
         self.fragments: Optional[List[Request]] = None

@@ -1,28 +1,27 @@
-"""Services that own each pool's lifetime: listen, connect, stop.
+"""The service that owns one pool's lifetime: listen, apply changes, stop.
 
-Owns: :class:`PoolService` (one pool's listener, factory, :class:`ServerPool`
-and backend links, in start and stop order) and :func:`make_service`, which
-wires one per pool under a ``MultiService``.  It parses nothing and routes
-nothing; the reactor comes in as a parameter.
+Owns: :class:`PoolService` — the pool's listener and its
+:class:`~twinproxy.runtime.PoolRuntime`, started and stopped as a Twisted
+service, and changed while running by :meth:`PoolService.prepare` (open
+a new listener, which may fail and so comes first) and
+:meth:`PoolService.apply`.  It parses nothing and routes nothing; the
+reactor comes in as a parameter.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import stat
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, List, Optional
 
-from twisted.application.service import MultiService, Service
+from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from twinproxy import compiled
-from twinproxy.backend import ServerLink
 from twinproxy.config import PoolConfig
-from twinproxy.frontend import Outbox, ProxyFactory
-from twinproxy.pool import ServerPool
-from twinproxy.protocols import codec_for
+from twinproxy.links import ServerLink
+from twinproxy.listeners import bound_address, listen_pool
+from twinproxy.runtime import PoolRuntime
+from twinproxy.topology import PoolDiff
 
 
 class PoolService(Service):
@@ -35,89 +34,93 @@ class PoolService(Service):
         # --workers: a unix socket made before the fork, or TCP shared with SO_REUSEPORT.
         self._inherited = inherited
         self._reuse_port = reuse_port
-        self.config = config
         self._reactor = reactor
-        self.codec = codec_for(config)
-        self.pool = ServerPool(config, reactor)
-        self.pool.unavailable.send = self._no_live_server
-        self._no_server_reply = self.codec.error_reply(f"no live server in pool '{config.name}'")
-        self.outbox = Outbox(reactor)
-        self.links: List[ServerLink] = [
-            ServerLink(server, self.pool, self.codec, config, reactor) for server in self.pool.servers
-        ]
-        for link in self.links:
-            link.outbox = self.outbox
-        self.factory = ProxyFactory(self.pool, self.codec, config.client_connections,
-                                    requires_auth=bool(config.redis and config.redis_auth), outbox=self.outbox,
-                                    clock=reactor)
+        self.runtime = PoolRuntime(config, reactor)
         self.port: Any = None
+        # Listeners given up by a moved ``listen``, until they have stopped.
+        self._old_ports: List[Any] = []
 
-    def _no_live_server(self, request: Any) -> None:
-        self.pool.counters.forward_error += 1
-        request.reply = self._no_server_reply
-        request.owner.request_done(request)
+    # -- views the stats, metrics and tests read ------------------------------
 
-    def privilegedStartService(self) -> None:
-        self._listen()
-        super().privilegedStartService()
+    @property
+    def config(self) -> PoolConfig:
+        return self.runtime.config
 
-    def startService(self) -> None:
-        if self.port is None:
-            self._listen()
-        super().startService()
-        if self.config.preconnect:
-            for link in self.links:
-                link.preconnect(self.codec.default_dialect)
-        scanners = "C" if compiled.speedups is not None else "pure Python"
-        self._log.info("pool {pool} ({protocol}) listening on {listen} with {count} servers (scanners: {scanners})",
-                       pool=self.name, protocol=self.config.protocol, listen=str(self.config.listen),
-                       count=len(self.links), scanners=scanners)
+    @property
+    def pool(self) -> Any:
+        return self.runtime.pool
 
-    def _listen(self) -> None:
-        listen = self.config.listen
-        reactor = self._reactor
-        backlog = self.config.backlog
-        if self._inherited is not None:
-            self.port = reactor.adoptStreamPort(self._inherited.fileno(), socket.AF_UNIX, self.factory)
-        elif self._reuse_port and not listen.is_unix:
-            from twinproxy.workers import reuse_port_socket
+    @property
+    def codec(self) -> Any:
+        return self.runtime.codec
 
-            interface = _interface(listen.host) or "0.0.0.0"
-            sock = reuse_port_socket(listen, backlog, interface)
-            family = socket.AF_INET6 if ":" in interface else socket.AF_INET
-            self.port = reactor.adoptStreamPort(sock.fileno(), family, self.factory)
-            sock.close()  # the port holds its own duplicate
-        elif listen.is_unix:
-            _remove_stale_socket(listen.path)
-            mode = listen.mode if listen.mode is not None else 0o666
-            self.port = reactor.listenUNIX(listen.path, self.factory, backlog=backlog, mode=mode)
-        else:
-            self.port = reactor.listenTCP(listen.port, self.factory, backlog=backlog,
-                                          interface=_interface(listen.host))
+    @property
+    def factory(self) -> Any:
+        return self.runtime.factory
+
+    @property
+    def links(self) -> List[ServerLink]:
+        """The links of the servers in the pool now (a removed server's is gone)."""
+        return self.runtime.links
 
     @property
     def address(self) -> Any:
         """The bound address (host and port, or the socket path)."""
         return self.port.getHost() if self.port is not None else None
 
+    @property
+    def bound(self) -> Optional[str]:
+        """The bound address as text (``host:port`` or the path), or None when not listening."""
+        return bound_address(self.port) if self.port is not None else None
+
+    # -- lifetime -------------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        if self.port is None:
+            self.listen()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.listen()
+        super().startService()
+        config = self.config
+        if config.preconnect:
+            for link in self.links:
+                link.preconnect(self.codec.default_dialect)
+        scanners = "C" if compiled.speedups is not None else "pure Python"
+        self._log.info("pool {pool} ({protocol}) listening on {listen} with {count} servers (scanners: {scanners})",
+                       pool=self.name, protocol=config.protocol, listen=self.bound or str(config.listen),
+                       count=len(self.links), scanners=scanners)
+
+    def listen(self) -> None:
+        """Open the pool's listener now; :class:`~twinproxy.listeners.ListenError` if it cannot be."""
+        config = self.config
+        self.port = listen_pool(self._reactor, config.name, config.listen, self.factory, config.backlog,
+                                self._inherited, self._reuse_port)
+
     def stopService(self) -> defer.Deferred:
         """Stop accepting; let clients get the replies to what they sent, up to
         ``shutdown_timeout``; then close clients and backend connections."""
         super().stopService()
         reactor = self._reactor
-        listening = defer.maybeDeferred(self.port.stopListening) if self.port is not None else defer.succeed(None)
-        self.port = None
+        listening = self.stop_listening()
         drained = self.factory.drain()
         deadline = reactor.callLater(self.config.shutdown_timeout / 1000.0, self._give_up, drained)
 
         def close_backends(_: Any) -> defer.Deferred:
             if deadline.active():
                 deadline.cancel()
-            self.pool.stop()
-            return defer.gatherResults([link.stop() for link in self.links])
+            return self.runtime.stop()
 
         drained.addCallback(close_backends)
         return defer.gatherResults([listening, drained])
+
+    def stop_listening(self) -> defer.Deferred:
+        """Close every listener of the pool (clients stay); fires once they are closed."""
+        ports, self._old_ports = [self.port, *self._old_ports], []
+        self.port = None
+        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports if p is not None])
 
     def _give_up(self, drained: defer.Deferred) -> None:
         if not drained.called:
@@ -128,35 +131,36 @@ class PoolService(Service):
             if not drained.called:
                 drained.callback(None)
 
+    # -- change ---------------------------------------------------------------
 
-def _interface(host: Optional[str]) -> str:
-    """An address to bind for ``host``; names are resolved once, before serving."""
-    if not host:
-        return ""
-    if host in ("0.0.0.0", "::"):
-        return host
-    try:
-        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
-        return host
-    except OSError:
-        pass
-    info = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    return info[0][4][0]
+    def prepare(self, diff: PoolDiff) -> Callable[[], List[str]]:
+        """What may fail first: open the new listener if ``listen`` moved.
 
+        Returns the commit (apply the diff, close the old listener), which
+        cannot fail; raises ListenError with nothing changed.  Call
+        :meth:`abort_prepared` instead of the commit to undo.
+        """
+        self._prepared: Any = None
+        if diff.listen_changed and self.port is not None:
+            self._prepared = listen_pool(self._reactor, diff.new.name, diff.new.listen, self.factory,
+                                         diff.new.backlog, None, self._reuse_port)
+        return lambda: self.apply(diff)
 
-def _remove_stale_socket(path: str) -> None:
-    # A socket left by a process that died is in the way of bind(); a file
-    # of any other kind is not ours to delete.
-    try:
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
+    def abort_prepared(self) -> None:
+        port, self._prepared = getattr(self, "_prepared", None), None
+        if port is not None:
+            port.stopListening()
 
-
-def make_service(pools: Sequence[PoolConfig], reactor: Any) -> MultiService:
-    """One named PoolService per pool, under one MultiService."""
-    top = MultiService()
-    for config in pools:
-        PoolService(config, reactor).setServiceParent(top)
-    return top
+    def apply(self, diff: PoolDiff) -> List[str]:
+        """Move the pool to ``diff.new``.  Clients connected through an old
+        listener keep their connections: only accepting moves."""
+        changes = self.runtime.apply(diff)
+        new_port, self._prepared = getattr(self, "_prepared", None), None
+        if new_port is not None:
+            old, self.port = self.port, new_port
+            self._inherited = None
+            self._old_ports.append(old)
+            stopped = defer.maybeDeferred(old.stopListening)
+            stopped.addBoth(lambda _: self._old_ports.remove(old) if old in self._old_ports else None)
+            self._log.info("pool {pool}: now listening on {listen}", pool=self.name, listen=self.bound)
+        return changes

@@ -87,6 +87,9 @@ TOP_FIELDS = (
     ("timestamp", "when this document was made, seconds since the epoch"),
     ("total_connections", "connections ever made: listeners, clients, servers"),
     ("curr_connections", "connections open now: listeners, clients, servers"),
+    ("config_generation", "the pool file's configuration serving now: 1 at start, +1 per applied reload"),
+    ("reloads", "reloads applied (SIGHUP, POST /reload)"),
+    ("reload_failures", "reloads refused: the file did not validate or could not be applied; nothing changed"),
 )
 POOL_FIELDS = (
     ("client_eof", "client connections closed by the client"),
@@ -172,8 +175,13 @@ def connection_counts(services: Sequence[Any]) -> Tuple[int, int]:
     return total, current
 
 
-def snapshot(services: Sequence[Any], started: float, now: float) -> Dict[str, Any]:
-    """The stats port's document: nutcracker's layout, current values."""
+def snapshot(services: Sequence[Any], started: float, now: float, counters: Any = None) -> Dict[str, Any]:
+    """The stats port's document: nutcracker's layout, current values.
+
+    ``counters`` (a ReloadCounters) adds the reload fields at the top level,
+    beside nutcracker's: integers there, never a mapping, so tools that take
+    every mapping for a pool read the document as before.
+    """
     total, current = connection_counts(services)
     document: Dict[str, Any] = {
         "service": "twinproxy",
@@ -184,6 +192,10 @@ def snapshot(services: Sequence[Any], started: float, now: float) -> Dict[str, A
         "total_connections": total,
         "curr_connections": current,
     }
+    if counters is not None:
+        document["config_generation"] = counters.generation
+        document["reloads"] = counters.reloads
+        document["reload_failures"] = counters.reload_failures
     for service in services:
         document[service.name] = pool_document(service)
     return document
@@ -193,4 +205,35 @@ def merged_latency(histograms: List[Histogram]) -> Histogram:
     merged = Histogram()
     for histogram in histograms:
         merged.add(histogram)
+    return merged
+
+
+# Fields that are not counters: the first document's value (or the latest) stands.
+_NOT_SUMMED = frozenset(("service", "source", "version", "uptime", "timestamp", "config_generation", "reloads",
+                         "reload_failures"))
+
+
+def merge_documents(documents: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Sum the workers' stats documents field by field (``server_ejected_at``: the latest).
+
+    A key in any document is in the result: a pool or server one worker
+    has (a reload it applied first) is not dropped.
+    """
+    if not documents:
+        return {}
+    merged: Dict[str, Any] = {}
+    keys: Dict[str, None] = {}
+    for document in documents:
+        keys.update(dict.fromkeys(document))
+    for key in keys:
+        values = [d[key] for d in documents if key in d]
+        first = values[0]
+        if isinstance(first, dict):
+            merged[key] = merge_documents([v for v in values if isinstance(v, dict)])
+        elif key in _NOT_SUMMED or not isinstance(first, int):
+            merged[key] = first
+        elif key == "server_ejected_at":
+            merged[key] = max(values)
+        else:
+            merged[key] = sum(values)
     return merged

@@ -19,6 +19,7 @@ from twisted.python import usage
 
 from twinproxy import __version__, stats
 from twinproxy.config import ConfigError, load_file
+from twinproxy.listeners import ListenError
 from twinproxy.logs import DEFAULT_VERBOSITY, MAX_VERBOSITY, LogControl, LogService
 
 DEFAULT_CONFIG = "conf/pools.yml"
@@ -66,6 +67,8 @@ class Options(usage.Options):
         ["http-addr", None, "127.0.0.1", "address of the HTTP endpoint"],
         ["workers", None, 1, "processes sharing every listener (the twinproxy command only); the stats port "
          "shows their sum", int],
+        ["bound-addresses", None, None, "write where every pool, the stats port and the HTTP endpoint listen "
+         "(JSON) to this file, after start-up and after every reload"],
     ]
 
     def opt_config(self, path: str) -> None:
@@ -143,41 +146,116 @@ class PidFileService(Service):
             pass
 
 
-def build(options: Options, reactor: Any, log_control: Optional[LogControl] = None,
-          observe_log: bool = True, worker_stats: Optional[str] = None, inherited: Optional[dict] = None,
-          reuse_port: bool = False) -> MultiService:
-    """Every service the options ask for: one per pool, stats port, HTTP, log file, pid file.
+class ProxyTop(MultiService):
+    """The root of the service tree: a listener that cannot open stops the start in one line.
 
-    A worker of ``--workers`` serves its stats on the unix socket
-    ``worker_stats`` for its master, and takes its listeners from
-    ``inherited`` (unix sockets made before the fork) or ``reuse_port``.
+    Whatever already listens is closed again, so a failed start leaves no
+    port half-open (a pool listening while the stats port failed).
+    """
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except ListenError as err:
+            close_listeners(self)
+            print(f"twinproxy: cannot start: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except ListenError as err:
+            close_listeners(self)
+            print(f"twinproxy: cannot start: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+
+def close_listeners(service: Any) -> None:
+    """Stop listening everywhere below ``service`` (a failed start)."""
+    port = getattr(service, "port", None)
+    if port is not None and hasattr(port, "stopListening"):
+        port.stopListening()
+        service.port = None
+    for child in getattr(service, "services", ()):
+        close_listeners(child)
+
+
+def build(options: Options, reactor: Any, log_control: Optional[LogControl] = None,
+          observe_log: bool = True, worker: Any = None) -> MultiService:
+    """Every service the options ask for: the pools, stats port, HTTP, log file, pid file, SIGHUP.
+
+    ``worker`` (a :class:`~twinproxy.workers.WorkerSetup`) makes this one
+    process of ``--workers``: its listeners are shared with the others, its
+    stats and reloads come over its control socket from the master, and
+    SIGHUP only reopens its log.
     """
     from twinproxy.admin import HttpService, StatsPortService
+    from twinproxy.bound import BoundAddressesService
+    from twinproxy.control import ProxyService
+    from twinproxy.reload import HangupService, Reloader, apply_in_process
     from twinproxy.service import PoolService
 
     started = reactor.seconds() if hasattr(reactor, "seconds") else time.time()
-    top = MultiService()
+    top = ProxyTop()
     # Log and pid file first, so they see every pool start and every pool stop.
     if log_control is None and options["output"]:
         log_control = LogControl(options["output"], options["verbose"])
     if log_control is not None:
         LogService(log_control, reactor, observe=observe_log).setServiceParent(top)
-    if options["pid-file"] and worker_stats is None:
+    if options["pid-file"] and worker is None:
         PidFileService(options["pid-file"]).setServiceParent(top)
-    inherited = inherited or {}
-    pools = [PoolService(config, reactor, inherited.get(config.name), reuse_port) for config in options.pools]
-    for pool in pools:
-        pool.setServiceParent(top)
+
+    def make_pool(config: Any) -> PoolService:
+        if worker is None:
+            return PoolService(config, reactor)
+        return PoolService(config, reactor, worker.inherited.get(config.name), reuse_port=True)
+
+    proxy = ProxyService(options.pools, make_pool, reactor)
+    proxy.setServiceParent(top)
 
     def current_pools() -> list:
-        return pools
+        return proxy.pools
 
-    StatsPortService(current_pools, started, reactor, options["stats-addr"], options["stats-port"],
-                     path=worker_stats).setServiceParent(top)
-    if options["http-port"] is not None and worker_stats is None:
-        HttpService(current_pools, started, reactor, options["http-addr"],
-                    options["http-port"]).setServiceParent(top)
+    reloader = Reloader(options["conf-file"], apply_in_process(proxy), proxy.counters, reactor)
+    hangup = [log_control.reopen] if log_control is not None else []
+    if worker is not None:
+        worker.serve(top, proxy, current_pools, started, reactor, log_control)
+    else:
+        stats = StatsPortService(current_pools, started, reactor, options["stats-addr"], options["stats-port"],
+                                 counters=proxy.counters)
+        stats.setServiceParent(top)
+        http = None
+        if options["http-port"] is not None:
+            http = HttpService(current_pools, started, reactor, options["http-addr"], options["http-port"],
+                               counters=proxy.counters, reload=reloader.reload)
+            http.setServiceParent(top)
+        hangup.append(lambda: reloader.reload().addErrback(_log_reload_error))
+        if options["bound-addresses"]:
+            bound = BoundAddressesService(options["bound-addresses"],
+                                          lambda: bound_document(proxy, stats, http))
+            bound.setServiceParent(top)
+            reloader.on_applied(bound.write)
+    HangupService(reactor, hangup).setServiceParent(top)
+    top.reloader = reloader
+    top.proxy = proxy
     return top
+
+
+def bound_document(proxy: Any, stats: Any, http: Any) -> dict:
+    """The ``--bound-addresses`` document of one process."""
+    return {
+        "pid": os.getpid(),
+        "generation": proxy.counters.generation,
+        "pools": {service.name: service.bound for service in proxy.pools},
+        "stats": stats.bound,
+        "http": http.bound if http is not None else None,
+    }
+
+
+def _log_reload_error(failure: Any) -> None:
+    from twisted.logger import Logger
+
+    Logger().failure("reload failed", failure=failure)
 
 
 def makeService(options: Options) -> IService:

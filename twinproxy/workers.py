@@ -1,13 +1,14 @@
-"""``--workers N``: N processes serving the same pools, and one stats port for all of them.
+"""``--workers N``: N processes serving the same pools, one master that speaks for them.
 
-Owns: making listening sockets that several processes share (TCP with
-``SO_REUSEPORT``, so the kernel spreads connections evenly; unix sockets
-made once before the fork and inherited), the master process (forks the
-workers, forwards stop signals, serves the stats port with every worker's
-counters summed), and :func:`merge_documents`.
-
-Workers are forked before any reactor exists: a reactor's epoll descriptor
-must never be shared between processes.
+Owns: forking the workers before any reactor exists (a reactor's epoll
+descriptor must never be shared), the listening sockets they share (TCP
+with ``SO_REUSEPORT``, where ``host:0`` is resolved once by the master so
+every worker binds the same port; unix sockets made before the fork and
+inherited), and :class:`Master`: it supervises the workers, serves the
+stats port with their counters summed (a worker that does not answer is
+logged, and its last counters kept, so sums never go backwards), and
+applies a reload to every worker through the control channel
+(``workerctl``) — reported applied only when every worker applied it.
 """
 
 from __future__ import annotations
@@ -18,160 +19,281 @@ import signal
 import socket
 import sys
 import tempfile
-from typing import Any, Dict, List, Sequence
+from dataclasses import replace
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from twinproxy import stats
 from twinproxy.config import ListenSpec, PoolConfig
+from twinproxy.listeners import reserve_port, unix_socket
+from twinproxy.reload import ApplyError
 
 
-def reuse_port_socket(listen: ListenSpec, backlog: int, interface: str) -> socket.socket:
-    """A listening TCP socket other processes can bind too (SO_REUSEPORT)."""
-    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((interface, listen.port))
-    sock.listen(backlog)
-    sock.setblocking(False)
-    return sock
+class WorkerSetup:
+    """What makes one process a worker: its control socket and the listeners it inherited."""
+
+    def __init__(self, control_path: str, inherited: Dict[str, socket.socket]) -> None:
+        self.control_path = control_path
+        self.inherited = inherited
+
+    def serve(self, top: Any, proxy: Any, pools: Callable[[], Sequence[Any]], started: float, reactor: Any,
+              log_control: Any) -> None:
+        """Add the control socket to the worker's service tree."""
+        from twinproxy.workerctl import WorkerControlService
+
+        WorkerControlService(self.control_path, proxy, pools, started, reactor, log_control).setServiceParent(top)
 
 
-def unix_socket(listen: ListenSpec, backlog: int) -> socket.socket:
-    """A listening unix socket, made once, before the workers are forked."""
-    from twinproxy.service import _remove_stale_socket
+class PortReservations:
+    """The master's hold on every ``host:0`` TCP listen, so all workers bind one port.
 
-    _remove_stale_socket(listen.path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(listen.path)
-    os.chmod(listen.path, listen.mode if listen.mode is not None else 0o666)
-    sock.listen(backlog)
-    sock.setblocking(False)
-    return sock
+    Keyed by pool name and the listen as written: a reload that keeps a
+    pool's ``127.0.0.1:0`` keeps its port.
+    """
+
+    def __init__(self) -> None:
+        self._held: Dict[tuple, socket.socket] = {}
+
+    def resolve(self, pools: Sequence[PoolConfig]) -> List[PoolConfig]:
+        resolved = []
+        for config in pools:
+            listen = config.listen
+            if listen.is_unix or listen.port != 0:
+                resolved.append(config)
+                continue
+            key = (config.name, listen)
+            sock = self._held.get(key)
+            if sock is None:
+                sock = self._held[key] = reserve_port(listen)
+            port = sock.getsockname()[1]
+            resolved.append(replace(config, listen=ListenSpec(host=listen.host, port=port)))
+        return resolved
+
+    def keep_only(self, pools: Sequence[PoolConfig]) -> None:
+        """Release the ports of pools no longer in the file (after a reload)."""
+        wanted = {(config.name, config.listen) for config in pools}
+        for key in [key for key in self._held if key not in wanted]:
+            self._held.pop(key).close()
+
+    def close(self) -> None:
+        for sock in self._held.values():
+            sock.close()
+        self._held.clear()
 
 
-# Fields that are not counters: the master's value (or the latest) stands.
-_NOT_SUMMED = frozenset(("service", "source", "version", "uptime", "timestamp"))
+def run_master(options: Any, count: int, serve_worker: Callable[[Any, WorkerSetup], int],
+               start_master: Callable[[], tuple]) -> int:
+    """Fork ``count`` workers that each run ``serve_worker``; then be their master until stopped.
 
-
-def merge_documents(documents: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """Sum the workers' stats documents field by field (``server_ejected_at``: the latest)."""
-    if not documents:
-        return {}
-    merged: Dict[str, Any] = {}
-    for key, value in documents[0].items():
-        if isinstance(value, dict):
-            merged[key] = merge_documents([d.get(key, {}) for d in documents])
-        elif key in _NOT_SUMMED or not isinstance(value, int):
-            merged[key] = value
-        elif key == "server_ejected_at":
-            merged[key] = max(d.get(key, 0) for d in documents)
-        else:
-            merged[key] = sum(d.get(key, 0) for d in documents)
-    return merged
-
-
-def run_master(options: Any, count: int) -> int:
-    """Fork ``count`` workers, serve the summed stats, stop them all on SIGTERM/SIGINT."""
-    from twinproxy import cli
-
+    ``start_master`` is called once the workers are forked: it begins the
+    master's logging and gives (reactor, log control).
+    """
     rundir = tempfile.mkdtemp(prefix="twinproxy-workers-")
+    reservations = PortReservations()
+    file_pools = list(options.pools)
+    options.pools = reservations.resolve(file_pools)
     inherited: Dict[str, socket.socket] = {}
     for config in options.pools:
         if config.listen.is_unix:
             inherited[config.name] = unix_socket(config.listen, config.backlog)
     children: List[int] = []
+    paths: List[str] = []
     for index in range(count):
+        path = os.path.join(rundir, f"worker-{index}.ctl")
+        paths.append(path)
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                code = cli.serve(options, worker_stats=os.path.join(rundir, f"worker-{index}.sock"),
-                                 inherited=inherited, reuse_port=True)
+                reservations.close()  # the master's; the worker binds its own
+                code = serve_worker(options, WorkerSetup(path, inherited))
             finally:
                 os._exit(code)
         children.append(pid)
+    unix_paths = {config.listen.path for config in options.pools if config.listen.is_unix}
     for sock in inherited.values():
         sock.close()
-    return _serve_master(options, children, rundir)
+    reactor, log_control = start_master()  # after the forks: the reactor is the master's alone
+    master = Master(options, file_pools, children, paths, reservations, unix_paths, reactor)
+    master.log_control = log_control
+    try:
+        return master.run()
+    finally:
+        reservations.close()
+        for name in os.listdir(rundir):
+            os.unlink(os.path.join(rundir, name))
+        os.rmdir(rundir)
 
 
-def _serve_master(options: Any, children: List[int], rundir: str) -> int:
-    from twisted.internet import defer, reactor
-    from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-    from twisted.internet.protocol import Protocol
+class Master:
+    """The parent of the workers: stats port, SIGHUP and reloads, stop signals, reaping."""
 
-    from twinproxy.admin import StatsPortService
+    _log = Logger()
 
-    class Collect(Protocol):
-        def __init__(self) -> None:
-            self.data = b""
-            self.done: defer.Deferred = defer.Deferred()
+    def __init__(self, options: Any, file_pools: List[PoolConfig], children: List[int], paths: List[str],
+                 reservations: PortReservations, unix_paths: Set[str], reactor: Any) -> None:
+        from twinproxy.control import ReloadCounters
 
-        def dataReceived(self, data: bytes) -> None:
-            self.data += data
+        self._options = options
+        self._file_pools = file_pools
+        self._children = children
+        self._alive = set(children)
+        self._paths = paths
+        self._reservations = reservations
+        self._unix_paths = unix_paths
+        self._reactor = reactor
+        self.counters = ReloadCounters()
+        self._last: Dict[str, Dict[str, Any]] = {}
+        self._silent: Set[str] = set()
+        self.workers_answered = 0
 
-        def connectionLost(self, reason: Any = None) -> None:
-            self.done.callback(self.data)
+    # -- stats ----------------------------------------------------------------
 
-    def fetch(path: str) -> defer.Deferred:
-        collector = Collect()
-        d = connectProtocol(UNIXClientEndpoint(reactor, path, timeout=5), collector)
-        d.addCallback(lambda _: collector.done)
-        d.addCallback(json.loads)
-        return d
+    @defer.inlineCallbacks
+    def document(self) -> Any:
+        """Every worker's counters summed; a worker that does not answer counts with its last ones."""
+        from twinproxy.workerctl import ask
 
-    def document() -> defer.Deferred:
-        paths = [os.path.join(rundir, name) for name in sorted(os.listdir(rundir)) if name.endswith(".sock")]
-        waits = [fetch(path).addErrback(lambda _: None) for path in paths]
-        d = defer.gatherResults(waits)
-        d.addCallback(lambda docs: json.dumps(merge_documents([doc for doc in docs if doc])).encode() + b"\n")
-        return d
+        results = yield defer.DeferredList([ask(self._reactor, path, {"op": "stats"}) for path in self._paths],
+                                           consumeErrors=True)
+        answered = 0
+        for path, (ok, reply) in zip(self._paths, results):
+            if ok and reply.get("ok"):
+                answered += 1
+                self._last[path] = reply["document"]
+                if path in self._silent:
+                    self._silent.discard(path)
+                    self._log.info("worker at {path} answers again", path=path)
+                continue
+            why = reply.getErrorMessage() if not ok else reply.get("error")
+            if path not in self._silent:
+                self._silent.add(path)
+                self._log.warn("worker at {path} did not answer for stats ({why}); its last counters stand",
+                               path=path, why=why)
+        self.workers_answered = answered
+        merged = stats.merge_documents([self._last[p] for p in self._paths if p in self._last])
+        counters = self.counters
+        merged["config_generation"] = counters.generation
+        merged["reloads"] = counters.reloads
+        merged["reload_failures"] = counters.reload_failures
+        merged["workers"] = len(self._paths)
+        merged["workers_answered"] = answered
+        return json.dumps(merged).encode() + b"\n"
 
-    stats = StatsPortService(lambda: [], reactor.seconds(), reactor, options["stats-addr"],
-                             options["stats-port"], document=document)
-    stats.startService()
+    # -- reload ---------------------------------------------------------------
 
-    alive = set(children)
+    @defer.inlineCallbacks
+    def apply(self, pools: List[PoolConfig]) -> Any:
+        """The Reloader's apply: every worker prepares, then every worker commits."""
+        from twinproxy.workerctl import apply_everywhere
 
-    def reap() -> None:
-        for pid in list(alive):
-            try:
-                done, _ = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done = pid
-            if done:
-                alive.discard(pid)
-        if not alive and reactor.running:
-            reactor.stop()
-
-    def stop_workers() -> None:
-        for pid in list(alive):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                alive.discard(pid)
-
-    # Twisted owns SIGCHLD once running; a slow poll is enough to notice a worker gone.
-    from twisted.internet.task import LoopingCall
-
-    LoopingCall(reap).start(0.5, now=False)
-    reactor.addSystemEventTrigger("before", "shutdown", stop_workers)
-    reactor.run()
-    # Wait for the workers' own graceful stop.
-    for pid in list(alive):
+        for config in pools:
+            if config.listen.is_unix and config.listen.path not in self._unix_paths:
+                raise ApplyError(f"pool {config.name}: with --workers a unix socket listen ({config.listen}) can "
+                                 "only be added at start-up; restart to use it")
+        resolved = self._reservations.resolve(pools)
         try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
-    for name in os.listdir(rundir):
-        os.unlink(os.path.join(rundir, name))
-    os.rmdir(rundir)
-    return 0
+            changes = yield apply_everywhere(self._reactor, self._paths, resolved)
+        except RuntimeError as err:
+            self._reservations.keep_only(self._file_pools)
+            raise ApplyError(str(err)) from None
+        self._file_pools = list(pools)
+        self._reservations.keep_only(pools)
+        self._resolved = resolved
+        counters = self.counters
+        counters.generation += 1
+        counters.reloads += 1
+        counters.last_reload_at = self._reactor.seconds()
+        return changes
+
+    def reopen_workers_logs(self) -> None:
+        from twinproxy.workerctl import ask
+
+        for path in self._paths:
+            ask(self._reactor, path, {"op": "reopen"}).addErrback(
+                lambda failure, p=path: self._log.warn("worker at {path}: log reopen failed: {why}", path=p,
+                                                       why=failure.getErrorMessage()))
+
+    def bound_document(self, stats_service: Any) -> Dict[str, Any]:
+        pools = getattr(self, "_resolved", None) or self._options.pools
+        return {"pid": os.getpid(), "generation": self.counters.generation,
+                "pools": {config.name: str(config.listen) for config in pools},
+                "stats": stats_service.bound, "http": None}
+
+    # -- run ------------------------------------------------------------------
+
+    def run(self) -> int:
+        from twisted.internet.task import LoopingCall
+
+        from twinproxy.admin import StatsPortService
+        from twinproxy.bound import BoundAddressesService
+        from twinproxy.reload import HangupService, Reloader
+
+        reactor = self._reactor
+        options = self._options
+        stats_service = StatsPortService(lambda: [], reactor.seconds(), reactor, options["stats-addr"],
+                                         options["stats-port"], document=self.document)
+        services: List[Any] = [stats_service]
+        reloader = Reloader(options["conf-file"], self.apply, self.counters, reactor)
+        if options["bound-addresses"]:
+            bound = BoundAddressesService(options["bound-addresses"], lambda: self.bound_document(stats_service))
+            services.append(bound)
+            reloader.on_applied(bound.write)
+        hangup = HangupService(reactor, [self._log_control_reopen, self.reopen_workers_logs,
+                                         lambda: reloader.reload().addErrback(self._log.failure, "reload")])
+        services.append(hangup)
+        self.reloader = reloader
+        for service in services:
+            service.startService()
+
+        def reap() -> None:
+            for pid in list(self._alive):
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done = pid
+                if done:
+                    self._alive.discard(pid)
+                    if reactor.running and not self._stopping:
+                        self._log.error("worker {pid} exited; {left} of {count} still serve", pid=pid,
+                                        left=len(self._alive), count=len(self._children))
+            if not self._alive and reactor.running:
+                reactor.stop()
+
+        self._stopping = False
+
+        def stop_workers() -> None:
+            self._stopping = True
+            for service in reversed(services):
+                service.stopService()
+            for pid in list(self._alive):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    self._alive.discard(pid)
+
+        # Twisted owns SIGCHLD once running; a slow poll is enough to notice a worker gone.
+        LoopingCall(reap).start(0.5, now=False)
+        reactor.addSystemEventTrigger("before", "shutdown", stop_workers)
+        reactor.run()
+        # Wait for the workers' own graceful stop.
+        for pid in list(self._alive):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        return 0
+
+    log_control: Optional[Any] = None
+
+    def _log_control_reopen(self) -> None:
+        if self.log_control is not None:
+            self.log_control.reopen()
 
 
 def check_supported(count: int) -> None:
     if count > 1 and not hasattr(socket, "SO_REUSEPORT"):
         print("twinproxy: --workers needs SO_REUSEPORT, which this system lacks", file=sys.stderr)
         raise SystemExit(1)
-
-
-__all__ = ["merge_documents", "reuse_port_socket", "run_master", "PoolConfig"]

@@ -10,7 +10,7 @@ import time
 
 import redis
 
-from tests.servers import LOOPBACK, Process, free_port, wait_until
+from tests.servers import LOOPBACK, Process, port_of
 
 IDLE_CLIENTS = 2000
 IDLE_BOUND_MIB = 32          # documented in the README
@@ -27,15 +27,21 @@ def rss_mib(pid: int) -> float:
 
 
 def start_proxy(tmp_path, backends) -> tuple:
-    port = free_port()
     config = tmp_path / "pools.yml"
-    config.write_text(f"alpha:\n  listen: {LOOPBACK}:{port}\n  redis: true\n  timeout: 10000\n  backlog: 4096\n"
+    config.write_text(f"alpha:\n  listen: {LOOPBACK}:0\n  redis: true\n  timeout: 10000\n  backlog: 4096\n"
                       "  servers:\n" + "".join(f"   - {b.address}:1\n" for b in backends))
     twinproxy = os.path.join(os.path.dirname(sys.executable), "twinproxy")
-    process = Process([twinproxy, "-c", str(config), "-s", "0", "-a", LOOPBACK], tmp_path / "proxy.out")
+    process = Process([twinproxy, "-c", str(config), "-s", "0", "-a", LOOPBACK,
+                       "--bound-addresses", str(tmp_path / "bound.json")], tmp_path / "proxy.out")
+    process.bound_path = tmp_path / "bound.json"
     process.spawn()
-    client = redis.Redis(host=LOOPBACK, port=port, protocol=2, socket_timeout=10, socket_connect_timeout=1)
-    wait_until(lambda: client.ping(), timeout=20, what=f"proxy:\n{process.output()}")
+    try:
+        port = port_of(process.bound()["pools"]["alpha"])
+        client = redis.Redis(host=LOOPBACK, port=port, protocol=2, socket_timeout=10, socket_connect_timeout=1)
+        assert client.ping()
+    except BaseException:
+        process.stop()
+        raise
     return process, port, client
 
 

@@ -6,23 +6,27 @@ import os
 import socket
 import sys
 
-from tests.servers import LOOPBACK, Process, free_port, wait_until
+from tests.servers import LOOPBACK, Process, port_of
 
 PASSWORD = "Sup3r-s3cret-pw"
 
 
 def test_nothing_before_auth_and_password_never_logged(redis_servers, tmp_path) -> None:
     backends = redis_servers(2, password=PASSWORD)
-    port, stats_port, http_port = free_port(), free_port(), free_port()
     config = tmp_path / "pools.yml"
-    config.write_text(f"alpha:\n  listen: {LOOPBACK}:{port}\n  redis: true\n  redis_auth: {PASSWORD}\n"
+    config.write_text(f"alpha:\n  listen: {LOOPBACK}:0\n  redis: true\n  redis_auth: {PASSWORD}\n"
                       "  timeout: 2000\n  servers:\n" + "".join(f"   - {b.address}:1\n" for b in backends))
     log = tmp_path / "proxy.log"
     twinproxy = os.path.join(os.path.dirname(sys.executable), "twinproxy")
-    process = Process([twinproxy, "-c", str(config), "-s", str(stats_port), "-a", LOOPBACK, "--http-port",
-                       str(http_port), "-o", str(log), "-v", "11"], tmp_path / "proxy.out")
+    process = Process([twinproxy, "-c", str(config), "-s", "0", "-a", LOOPBACK, "--http-port", "0",
+                       "-o", str(log), "-v", "11", "--bound-addresses", str(tmp_path / "bound.json")],
+                      tmp_path / "proxy.out")
+    process.bound_path = tmp_path / "bound.json"
     process.spawn()
     try:
+        bound = process.bound()
+        port, stats_port, http_port = port_of(bound["pools"]["alpha"]), port_of(bound["stats"]), port_of(bound["http"])
+
         def talk(data: bytes, lines: int) -> bytes:
             with socket.create_connection((LOOPBACK, port), timeout=5) as sock:
                 sock.sendall(data)
@@ -34,7 +38,6 @@ def test_nothing_before_auth_and_password_never_logged(redis_servers, tmp_path) 
                     got += chunk
                 return got
 
-        wait_until(lambda: talk(b"PING\r\n", 1) == b"+PONG\r\n", timeout=20, what=f"proxy:\n{process.output()}")
         commands = [b"GET k", b"SET k v", b"MGET a b", b"DEL a b", b"EVAL x 1 k", b"CLIENT ID", b"SELECT 0",
                     b"ECHO hi", b"HELLO 3", b"KEYS *"]
         replies = talk(b"".join(c + b"\r\n" for c in commands), len(commands)).split(b"\r\n")[:-1]

@@ -12,21 +12,26 @@ import threading
 import pytest
 import redis
 
-from tests.servers import LOOPBACK, Process, free_port, wait_until
+from tests.servers import LOOPBACK, Process, port_of, wait_until
 
 
 def start(tmp_path, backends, extra: str = "") -> tuple:
-    port, stats_port = free_port(), free_port()
     config = tmp_path / "pools.yml"
-    config.write_text(f"alpha:\n  listen: {LOOPBACK}:{port}\n  redis: true\n  timeout: 5000\n{extra}"
+    config.write_text(f"alpha:\n  listen: {LOOPBACK}:0\n  redis: true\n  timeout: 5000\n{extra}"
                       "  servers:\n" + "".join(f"   - {b.address}:1\n" for b in backends))
     twinproxy = os.path.join(os.path.dirname(sys.executable), "twinproxy")
-    process = Process([twinproxy, "-c", str(config), "-s", str(stats_port), "-a", LOOPBACK],
-                      tmp_path / "proxy.out")
+    process = Process([twinproxy, "-c", str(config), "-s", "0", "-a", LOOPBACK,
+                       "--bound-addresses", str(tmp_path / "bound.json")], tmp_path / "proxy.out")
+    process.bound_path = tmp_path / "bound.json"
     process.spawn()
-    process.stats_port = stats_port
-    client = redis.Redis(host=LOOPBACK, port=port, protocol=2, socket_timeout=10, socket_connect_timeout=1)
-    wait_until(lambda: client.ping(), timeout=20, what=f"proxy:\n{process.output()}")
+    try:
+        bound = process.bound()
+        port, process.stats_port = port_of(bound["pools"]["alpha"]), port_of(bound["stats"])
+        client = redis.Redis(host=LOOPBACK, port=port, protocol=2, socket_timeout=10, socket_connect_timeout=1)
+        assert client.ping()
+    except BaseException:
+        process.stop()
+        raise
     return process, port, client
 
 

@@ -19,7 +19,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO, in_reactor, key_on, pool_yaml
-from tests.servers import LOOPBACK, Process, free_port, wait_until
+from tests.servers import LOOPBACK, Process, bound_addresses, free_port, port_of, wait_until
 from twinproxy import cli
 
 SAMPLE = json.loads((REPO / "tests" / "data" / "nutcracker-stats-sample.json").read_text())
@@ -184,15 +184,20 @@ def test_metrics_parse_and_health_flips(redis_servers, memcached_servers, proxy,
     assert http_get(http.port_number, "/health")[0] == 200
 
 
-def run_cli(args, tmp_path: Path, name: str = "cli") -> Process:
+def run_cli(args, tmp_path: Path, name: str = "cli", bound: bool = True) -> Process:
+    """The twinproxy command on ``args``, with ``--bound-addresses`` unless ``bound`` is false."""
     twinproxy = os.path.join(os.path.dirname(sys.executable), "twinproxy")
+    if bound:
+        args = [*args, "--bound-addresses", str(tmp_path / f"{name}.bound.json")]
     process = Process([twinproxy, *args], tmp_path / f"{name}.out")
+    if bound:
+        process.bound_path = tmp_path / f"{name}.bound.json"
     process.spawn()
     return process
 
 
-def write_config(tmp_path: Path, backends):
-    port = free_port()
+def write_config(tmp_path: Path, backends, port: int = 0):
+    """A one-pool Redis file; port 0 (the default): the system picks it, --bound-addresses tells it."""
     config = tmp_path / "pools.yml"
     config.write_text(f"alpha:\n  listen: {LOOPBACK}:{port}\n  redis: true\n  timeout: 1000\n  servers:\n" +
                       "".join(f"   - {b.address}:1\n" for b in backends))
@@ -201,14 +206,15 @@ def write_config(tmp_path: Path, backends):
 
 def test_cli_runs_like_nutcracker_with_pid_file_log_file_and_signals(redis_servers, tmp_path) -> None:
     backends = redis_servers(1)
-    config, port = write_config(tmp_path, backends)
-    stats_port = free_port()
+    config, _ = write_config(tmp_path, backends)
     pid_file, log_file = tmp_path / "tp.pid", tmp_path / "tp.log"
-    process = run_cli(["-c", str(config), "-s", str(stats_port), "-a", LOOPBACK, "-p", str(pid_file),
+    process = run_cli(["-c", str(config), "-s", "0", "-a", LOOPBACK, "-p", str(pid_file),
                        "-o", str(log_file), "-v", "6"], tmp_path)
     try:
+        bound = process.bound()
+        port, stats_port = port_of(bound["pools"]["alpha"]), port_of(bound["stats"])
         client = redis.Redis(host=LOOPBACK, port=port, socket_timeout=5, socket_connect_timeout=1)
-        wait_until(lambda: client.ping(), timeout=20, what=f"cli to serve:\n{process.output()}")
+        assert client.ping()
         assert pid_file.read_text().strip() == str(process.proc.pid)
         if platform.python_implementation() == "PyPy" and "PYPY_GC_NURSERY" not in os.environ:
             # The command restarted itself, in the same process, with a bigger young generation.
@@ -236,17 +242,18 @@ def test_cli_runs_like_nutcracker_with_pid_file_log_file_and_signals(redis_serve
 
 def test_cli_daemonizes(redis_servers, tmp_path) -> None:
     backends = redis_servers(1)
-    config, port = write_config(tmp_path, backends)
-    pid_file = tmp_path / "daemon.pid"
+    config, _ = write_config(tmp_path, backends)
+    pid_file, bound_file = tmp_path / "daemon.pid", tmp_path / "daemon.bound.json"
     twinproxy = os.path.join(os.path.dirname(sys.executable), "twinproxy")
-    result = subprocess.run([twinproxy, "-d", "-c", str(config), "-s", "0", "-p", str(pid_file)],
-                            timeout=20, capture_output=True, text=True)
+    result = subprocess.run([twinproxy, "-d", "-c", str(config), "-s", "0", "-p", str(pid_file),
+                             "--bound-addresses", str(bound_file)], timeout=20, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), what="daemon pid file")
     pid = int(pid_file.read_text())
     try:
+        port = port_of(bound_addresses(bound_file, pid=pid)["pools"]["alpha"])
         client = redis.Redis(host=LOOPBACK, port=port, socket_timeout=5, socket_connect_timeout=1)
-        wait_until(lambda: client.ping(), timeout=20, what="daemon to serve")
+        assert client.ping()
     finally:
         os.kill(pid, signal.SIGTERM)
     wait_until(lambda: not pid_file.exists(), what="daemon to exit")
@@ -255,12 +262,11 @@ def test_cli_daemonizes(redis_servers, tmp_path) -> None:
 def test_twistd_takes_the_same_options(redis_servers, twistd, tmp_path) -> None:
     backends = redis_servers(1)
     config, _ = write_config(tmp_path, backends)
-    stats_port, http_port = free_port(), free_port()
     log_file = tmp_path / "twistd-o.log"
-    process = twistd(config, "-s", str(stats_port), "-a", LOOPBACK, "--http-port", str(http_port),
-                     "-o", str(log_file), "-v", "6")
-    wait_until(lambda: process.alive and read_stats(stats_port), timeout=20,
-               what=f"twistd stats port:\n{process.output()}")
+    process = twistd(config, "-s", "0", "-a", LOOPBACK, "--http-port", "0", "-o", str(log_file), "-v", "6")
+    bound = process.bound()
+    stats_port, http_port = port_of(bound["stats"]), port_of(bound["http"])
+    assert read_stats(stats_port)["alpha"]
     assert http_get(http_port, "/health")[0] == 200
     assert "twinproxy_pool_client_connections" in http_get(http_port, "/metrics")[1]
     wait_until(lambda: "listening on" in log_file.read_text(), what="the -o log")
@@ -268,11 +274,13 @@ def test_twistd_takes_the_same_options(redis_servers, twistd, tmp_path) -> None:
 
 def test_workers_share_the_listener_and_sum_their_stats(redis_servers, tmp_path) -> None:
     backends = redis_servers(2)
-    config, port = write_config(tmp_path, backends)
+    # Each worker binds the pool's port itself (SO_REUSEPORT), so it must be known in advance:
+    # neither port 0 nor --bound-addresses works with --workers.
+    config, port = write_config(tmp_path, backends, free_port())
     stats_port = free_port()
     pid_file = tmp_path / "master.pid"
     process = run_cli(["-c", str(config), "--workers", "2", "-s", str(stats_port), "-a", LOOPBACK,
-                       "-p", str(pid_file)], tmp_path, "workers")
+                       "-p", str(pid_file)], tmp_path, "workers", bound=False)
     try:
         wait_until(lambda: read_stats(stats_port)["curr_connections"] >= 2, timeout=20,
                    what=f"workers:\n{process.output()}")

@@ -207,11 +207,14 @@ def test_backend_frozen_times_out_while_others_serve(redis_servers, proxy) -> No
     c.set(frozen_key, "x")
     backends[0].freeze()
     try:
+        # When the timeout fires is the fake-clock unit tests' business (tests/unit/test_proxying.py);
+        # here: it fires, it is counted against the frozen server, and it comes in bounded time.
         started = time.monotonic()
         with pytest.raises(redis.ResponseError, match="timed out"):
             c.get(frozen_key)
         elapsed = time.monotonic() - started
-        assert 0.25 <= elapsed < 0.3 + 0.5, elapsed
+        assert elapsed < 0.3 + 2, elapsed
+        assert [s.counters.server_timedout for s in service.pool.servers] == [1, 0]
         other = client(service, protocol=2)
         assert other.set(live_key, "y") and other.get(live_key) == b"y"
     finally:

@@ -6,29 +6,30 @@ import signal
 
 import redis
 
-from tests.servers import LOOPBACK, free_port, wait_until
+from tests.servers import LOOPBACK, port_of
 
 
 def test_twistd_serves_redis_py_and_pymemcache_and_stops_cleanly(redis_servers, memcached_servers, twistd,
                                                                  tmp_path) -> None:
     backends = redis_servers(2)
     caches = memcached_servers(2)
-    port, cache_port = free_port(), free_port()
     config = tmp_path / "pools.yml"
     config.write_text(
         "alpha:\n"
-        f"  listen: {LOOPBACK}:{port}\n"
+        f"  listen: {LOOPBACK}:0\n"
         "  redis: true\n"
         "  timeout: 1000\n"
         "  preconnect: true\n"
         "  servers:\n" + "".join(f"   - {b.address}:1\n" for b in backends) +
         "beta:\n"
-        f"  listen: {LOOPBACK}:{cache_port}\n"
+        f"  listen: {LOOPBACK}:0\n"
         "  timeout: 1000\n"
         "  servers:\n" + "".join(f"   - {c.address}:1\n" for c in caches))
     process = twistd(config)
+    bound = process.bound()  # written once every pool listens
+    port, cache_port = port_of(bound["pools"]["alpha"]), port_of(bound["pools"]["beta"])
     client = redis.Redis(host=LOOPBACK, port=port, socket_timeout=5, socket_connect_timeout=1)
-    wait_until(lambda: process.alive and client.ping(), timeout=20, what=f"twistd to serve:\n{process.output()}")
+    assert client.ping()
     assert client.set("from-twistd", "yes")
     assert client.get("from-twistd") == b"yes"
     assert sum(b.client().exists("from-twistd") for b in backends) == 1

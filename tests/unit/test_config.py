@@ -125,7 +125,7 @@ def test_duplicate_server_name_and_address() -> None:
 
 @pytest.mark.parametrize("listen, reason", [
     ("127.0.0.1", "not a valid listen address"),
-    ("127.0.0.1:0", "invalid port"),
+    ("127.0.0.1:65536", "invalid port"),
     ("/tmp/x.sock 0999", "invalid socket mode"),
     ("/tmp/x.sock 0600 extra", "not a valid unix socket"),
 ])

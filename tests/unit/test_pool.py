@@ -51,8 +51,6 @@ class PoolTests(SynchronousTestCase):
     def test_limit_ejects_and_retry_timeout_brings_back(self) -> None:
         pool, clock, _ = make_pool()
         before = {k: pool.server_for_key(k).name for k in KEYS}
-        changes = []
-        pool.add_listener(lambda p: changes.append([s.name for s in p.live_servers]))
         a = pool.servers[0]
         pool.record_failure(a, "Connection refused")
         pool.record_failure(a, "Connection refused")
@@ -70,7 +68,6 @@ class PoolTests(SynchronousTestCase):
         clock.advance(0.002)
         self.assertEqual([s.name for s in pool.live_servers], ["a", "b", "c"])
         self.assertEqual({k: pool.server_for_key(k).name for k in KEYS}, before)
-        self.assertEqual(changes, [["b", "c"], ["a", "b", "c"]])
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_no_eject_without_auto_eject_hosts(self) -> None:
@@ -97,15 +94,35 @@ class PoolTests(SynchronousTestCase):
         pool.stop()
         self.assertEqual(clock.getDelayedCalls(), [])
 
-    def test_replace_servers_keeps_unchanged_objects(self) -> None:
+    def test_install_keeps_servers_by_name(self) -> None:
         pool, _, config = make_pool()
         a, b, c = pool.servers
-        (other,) = load_text(TEXT.format(eject="true").replace("10.0.0.3:11211:1 c", "10.0.0.4:11211:1 d"))
-        dropped = pool.replace_servers(other.servers)
+        (other,) = load_text(TEXT.format(eject="true").replace("10.0.0.3:11211:1 c", "10.0.0.4:11211:1 d")
+                             .replace("10.0.0.2:11211:1 b", "10.0.0.9:11211:1 b"))
+        dropped = pool.install(other)
         self.assertEqual(dropped, [c])
         self.assertIs(pool.servers[0], a)
-        self.assertIs(pool.servers[1], b)
+        self.assertIs(pool.servers[1], b)  # same name, new address: the same server
+        self.assertEqual(b.spec.host, "10.0.0.9")
         self.assertEqual({pool.server_for_key(k).name for k in KEYS}, {"a", "b", "d"})
+
+    def test_install_changes_hash_and_distribution_at_once(self) -> None:
+        pool, _, config = make_pool()
+        (modula,) = load_text(TEXT.format(eject="true").replace("hash: fnv1a_64", "hash: md5")
+                               .replace("distribution: ketama", "distribution: modula"))
+        reference = ServerPool(modula, Clock())
+        pool.install(modula)
+        self.assertEqual([pool.server_for_key(k).name for k in KEYS],
+                         [reference.server_for_key(k).name for k in KEYS])
+
+    def test_install_without_auto_eject_returns_ejected_servers(self) -> None:
+        pool, _, config = make_pool()
+        pool.record_failure(pool.servers[0])
+        pool.record_failure(pool.servers[0])
+        self.assertEqual(len(pool.live_servers), 2)
+        (no_eject,) = load_text(TEXT.format(eject="false"))
+        pool.install(no_eject)
+        self.assertEqual(len(pool.live_servers), 3)
 
     def test_single_server_pool(self) -> None:
         (config,) = load_text("p:\n  listen: 127.0.0.1:1\n  servers:\n   - 10.0.0.1:1:1\n")

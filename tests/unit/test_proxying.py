@@ -11,12 +11,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from twinproxy.backend import ServerLink
 from twinproxy.config import load_text
-from twinproxy.frontend import Outbox, ProxyFactory
-from twinproxy.pool import ServerPool
-from twinproxy.protocols import codec_for
+from twinproxy.frontend import Outbox
 from twinproxy.protocols.resp import encode_command
+from twinproxy.runtime import PoolRuntime
 
 POOL = """\
 alpha:
@@ -54,17 +52,13 @@ class Harness:
     def __init__(self, extra: str = "", outbox: bool = False, turns: bool = False) -> None:
         (self.config,) = load_text(POOL.format(extra=extra))
         self.reactor = MemoryReactorClock()
-        self.codec = codec_for(self.config)
-        self.pool = ServerPool(self.config, self.reactor)
-        self.links = {s.name: ServerLink(s, self.pool, self.codec, self.config, self.reactor)
-                      for s in self.pool.servers}
         # turns: the outbox writes once per reactor turn, as in service.py (advance(0) ends a turn).
         self.outbox = Outbox(self.reactor if turns else None) if outbox or turns else None
-        for link in self.links.values():
-            link.outbox = self.outbox
-        self.factory = ProxyFactory(self.pool, self.codec, self.config.client_connections,
-                                    requires_auth=bool(self.config.redis_auth), outbox=self.outbox,
-                                    clock=self.reactor)
+        self.runtime = PoolRuntime(self.config, self.reactor, outbox=self.outbox)
+        self.codec = self.runtime.codec
+        self.pool = self.runtime.pool
+        self.links = {link.server.name: link for link in self.runtime.links}
+        self.factory = self.runtime.factory
         self.backends = {}
 
     def key_on(self, name: str, prefix: bytes = b"k") -> bytes:

@@ -48,11 +48,15 @@ def test_build_one_named_child_per_pool_and_the_stats_port(good: Path, tmp_path:
     options = tap.Options()
     options.parseOptions(["--config", str(good), "-p", str(tmp_path / "tp.pid")])
     top = tap.build(options, MemoryReactorClock())
-    assert [s.name for s in top] == ["pidfile", "alpha", "beta", "stats"]
-    assert top.getServiceNamed("alpha").config.redis is True
+    assert [s.name for s in top] == ["pidfile", "pools", "stats", "hangup"]
+    pools = top.getServiceNamed("pools")
+    assert [s.name for s in pools] == ["alpha", "beta"]
+    assert pools.getServiceNamed("alpha").config.redis is True
     options = tap.Options()
-    options.parseOptions(["-c", str(good), "--http-port", "0", "-o", str(tmp_path / "tp.log"), "-v", "7"])
-    assert [s.name for s in tap.build(options, MemoryReactorClock())] == ["log", "alpha", "beta", "stats", "http"]
+    options.parseOptions(["-c", str(good), "--http-port", "0", "-o", str(tmp_path / "tp.log"), "-v", "7",
+                          "--bound-addresses", str(tmp_path / "bound.json")])
+    assert [s.name for s in tap.build(options, MemoryReactorClock())] == [
+        "log", "pools", "stats", "http", "bound-addresses", "hangup"]
 
 
 def test_nutcracker_options_parse(good: Path) -> None:
@@ -106,7 +110,7 @@ def test_workers_only_through_the_twinproxy_command(good: Path) -> None:
 
 
 def test_worker_documents_are_summed() -> None:
-    from twinproxy.workers import merge_documents
+    from twinproxy.stats import merge_documents
 
     one = {"service": "twinproxy", "uptime": 5, "curr_connections": 3,
            "p": {"client_eof": 1, "s": {"requests": 10, "server_ejected_at": 5}}}

@@ -3,10 +3,11 @@
 Owns: the command table (where each command's keys are, and how a
 multi-key command is split or checked), the commands twinproxy answers
 itself (PING, ECHO, QUIT, AUTH, SELECT, HELLO, CLIENT housekeeping,
-COMMAND DOCS), the merge of split replies (MGET, MSET, DEL/UNLINK/EXISTS/
-TOUCH), error texts, and the per-connection backend handshake.  Never
-touches the pool, a socket or the reactor: routing comes in as a
-:class:`~twinproxy.protocols.Router`.
+COMMAND DOCS), the AUTH gate (Redis's own answers to a client that has not
+authenticated, hence Redis's arity table), the merge of split replies (MGET,
+MSET, DEL/UNLINK/EXISTS/TOUCH), error texts, and the per-connection backend
+handshake.  Never touches the pool, a socket or the reactor: routing comes
+in as a :class:`~twinproxy.protocols.Router`.
 
 RESP3 clients get their own backend connections (opened with ``HELLO 3``),
 so replies pass through unchanged in either protocol; only what the proxy
@@ -35,7 +36,8 @@ REJECTED = "rejected"
 class CommandSpec:
     """Where a command's keys are, as Redis's own (first, last, step) key specs."""
 
-    __slots__ = ("name", "label", "layout", "first", "last", "step", "merge", "handler", "reason")
+    __slots__ = ("name", "label", "layout", "first", "last", "step", "merge", "handler", "reason",
+                 "arity", "subcommands")
 
     def __init__(self, name: bytes, layout: str, first: int = 1, last: int = 1, step: int = 1,
                  merge: Optional[str] = None, handler: Optional[Callable] = None,
@@ -49,6 +51,10 @@ class CommandSpec:
         self.merge = merge
         self.handler = handler
         self.reason = reason
+        # Redis's own argument count (COMMAND INFO's arity) and, for a container
+        # such as CLIENT, its subcommands' arities; only the AUTH gate reads them.
+        self.arity = -1
+        self.subcommands: Optional[Dict[bytes, int]] = None
 
 
 _SINGLE_KEY = """
@@ -88,8 +94,65 @@ script function time lolwut module reset
 
 WRONG_PASSWORD = "WRONGPASS invalid username-password pair or user is disabled."
 NOAUTH = "NOAUTH Authentication required."
-# Commands a client may send before it has authenticated.
-_BEFORE_AUTH = frozenset((b"auth", b"hello", b"quit", b"ping"))
+_NOAUTH_REPLY = resp.error(NOAUTH)
+# Redis 7.0's text; 7.2 reworded it ("HELLO <proto> AUTH ...").
+_HELLO_NOAUTH = ("NOAUTH HELLO must be called with the client already authenticated, otherwise the "
+                 "HELLO AUTH <user> <pass> option can be used to authenticate the client and select "
+                 "the RESP protocol version at the same time")
+# The commands Redis flags ``no_auth``: served before AUTH.  RESET is one;
+# twinproxy refuses it, and refuses it the same before AUTH.
+_BEFORE_AUTH = frozenset((b"auth", b"hello", b"quit", b"reset"))
+
+# Redis's arity of every command in the table, as COMMAND INFO gives it: n is
+# exactly n arguments counting the name, -n at least n.  Redis checks it (and
+# a container's subcommand) before its AUTH gate, so an unauthenticated client
+# is told about a wrong argument count rather than NOAUTH; the gate here does
+# the same.  Redis 7.0's numbers, but ZRANK/ZREVRANK as 7.2 made them
+# (WITHSCORE) and the commands 7.0 lacks as the Redis that added them.
+_ARITY = """
+acl:-2 append:3 asking:1 auth:-2 bgrewriteaof:1 bgsave:-1 bitcount:-2 bitfield:-2 bitfield_ro:-2 bitop:-4
+bitpos:-3 blmove:6 blmpop:-5 blpop:-3 brpop:-3 brpoplpush:4 bzmpop:-5 bzpopmax:-3 bzpopmin:-3 client:-2
+cluster:-2 command:-1 config:-2 copy:-3 dbsize:1 debug:-2 decr:2 decrby:3 del:-2 discard:1 dump:2 echo:2
+eval:-3 eval_ro:-3 evalsha:-3 evalsha_ro:-3 exec:1 exists:-2 expire:-3 expireat:-3 expiretime:2 failover:-1
+fcall:-3 fcall_ro:-3 flushall:-1 flushdb:-1 function:-2 geoadd:-5 geodist:-4 geohash:-2 geopos:-2 georadius:-6
+georadius_ro:-6 georadiusbymember:-5 georadiusbymember_ro:-5 geosearch:-7 geosearchstore:-8 get:2 getbit:3
+getdel:2 getex:-2 getrange:4 getset:3 hdel:-3 hello:-1 hexists:3 hexpire:-6 hexpireat:-6 hexpiretime:-5 hget:3
+hgetall:2 hgetdel:-5 hgetex:-5 hincrby:4 hincrbyfloat:4 hkeys:2 hlen:2 hmget:-3 hmset:-4 hpersist:-5
+hpexpire:-6 hpexpireat:-6 hpexpiretime:-5 hpttl:-5 hrandfield:-2 hscan:-3 hset:-4 hsetex:-6 hsetnx:4 hstrlen:3
+httl:-5 hvals:2 incr:2 incrby:3 incrbyfloat:3 info:-1 keys:2 lastsave:1 latency:-2 lcs:-3 lindex:3 linsert:5
+llen:2 lmove:5 lmpop:-4 lolwut:-1 lpop:-2 lpos:-3 lpush:-3 lpushx:-3 lrange:4 lrem:4 lset:4 ltrim:4 memory:-2
+mget:-2 migrate:-6 module:-2 monitor:1 move:3 mset:-3 msetnx:-3 multi:1 object:-2 persist:2 pexpire:-3
+pexpireat:-3 pexpiretime:2 pfadd:-2 pfcount:-2 pfmerge:-2 ping:-1 psetex:4 psubscribe:-2 psync:-3 pttl:2
+publish:3 pubsub:-2 punsubscribe:-1 quit:-1 randomkey:1 readonly:1 readwrite:1 rename:3 renamenx:3 replicaof:3
+reset:1 restore:-4 role:1 rpop:-2 rpoplpush:3 rpush:-3 rpushx:-3 sadd:-3 save:1 scan:-2 scard:2 script:-2
+sdiff:-2 sdiffstore:-3 select:2 set:-3 setbit:4 setex:4 setnx:3 setrange:4 shutdown:-1 sinter:-2 sintercard:-3
+sinterstore:-3 sismember:3 slaveof:3 slowlog:-2 smembers:2 smismember:-3 smove:4 sort:-2 sort_ro:-2 spop:-2
+spublish:3 srandmember:-2 srem:-3 sscan:-3 ssubscribe:-2 strlen:2 subscribe:-2 substr:4 sunion:-2
+sunionstore:-3 sunsubscribe:-1 swapdb:3 sync:1 time:1 touch:-2 ttl:2 type:2 unlink:-2 unsubscribe:-1 unwatch:1
+wait:3 waitaof:4 watch:-2 xack:-4 xadd:-5 xautoclaim:-6 xclaim:-6 xdel:-3 xgroup:-2 xinfo:-2 xlen:2
+xpending:-3 xrange:-4 xread:-4 xreadgroup:-7 xrevrange:-4 xsetid:-3 xtrim:-4 zadd:-4 zcard:2 zcount:4 zdiff:-3
+zdiffstore:-4 zincrby:4 zinter:-3 zintercard:-3 zinterstore:-4 zlexcount:4 zmpop:-4 zmscore:-3 zpopmax:-2
+zpopmin:-2 zrandmember:-2 zrange:-4 zrangebylex:-4 zrangebyscore:-4 zrangestore:-5 zrank:-3 zrem:-3
+zremrangebylex:4 zremrangebyrank:4 zremrangebyscore:4 zrevrange:-4 zrevrangebylex:-4 zrevrangebyscore:-4
+zrevrank:-3 zscan:-3 zscore:3 zunion:-3 zunionstore:-4
+"""
+# The subcommands of the containers twinproxy routes or answers (CLIENT
+# SETINFO and NO-TOUCH are 7.2's).  The containers it refuses (CONFIG, ACL,
+# ...) have no list: before AUTH their subcommands all get NOAUTH.
+_SUBCOMMAND_ARITY = {
+    "client": "caching:3 getname:2 getredir:2 help:2 id:2 info:2 kill:-3 list:-2 no-evict:3 no-touch:3 pause:-3 "
+              "reply:3 setinfo:4 setname:3 tracking:-3 trackinginfo:2 unblock:-3 unpause:2",
+    "command": "count:2 docs:-2 getkeys:-4 getkeysandflags:-4 help:2 info:-2 list:-2",
+    "object": "encoding:3 freq:3 help:2 idletime:3 refcount:3",
+    "memory": "doctor:2 help:2 malloc-stats:2 purge:2 stats:2 usage:-3",
+    "xinfo": "consumers:4 groups:3 help:2 stream:-3",
+    "xgroup": "create:-5 createconsumer:5 delconsumer:5 destroy:4 help:2 setid:-5",
+}
+
+
+def _arities(text: str) -> Dict[bytes, int]:
+    pairs = (word.split(":") for word in text.split())
+    return {name.encode(): int(arity) for name, arity in pairs}
 
 
 def _words(text: str) -> List[bytes]:
@@ -98,6 +161,25 @@ def _words(text: str) -> List[bytes]:
 
 def _wrong_arity(name: bytes) -> bytes:
     return resp.error(f"ERR wrong number of arguments for '{name.decode('latin-1')}' command")
+
+
+def _unknown_subcommand(args: List[bytes]) -> bytes:
+    # Redis echoes the client's bytes (at most 128), with CR and LF blanked.
+    shown = args[1][:128].replace(b"\r", b" ").replace(b"\n", b" ")
+    return b"-ERR unknown subcommand '%s'. Try %s HELP.\r\n" % (shown, args[0].upper())
+
+
+def _long_long(text: bytes) -> Optional[int]:
+    """``text`` as Redis's string2ll reads it: no sign but '-', no leading zero, 64-bit; else None."""
+    digits = text[1:] if text[:1] == b"-" else text
+    if text == b"0":
+        return 0
+    if not digits.isdigit() or digits[:1] == b"0":
+        return None
+    value = int(text)
+    if not -(1 << 63) <= value < (1 << 63):
+        return None
+    return value
 
 
 class RedisCodec:
@@ -141,6 +223,10 @@ class RedisCodec:
         add(_PUBSUB, REJECTED, reason="pub/sub is not proxied")
         add(_WHOLE_KEYSPACE, REJECTED, reason="it needs the whole keyspace, which is spread over many servers")
         add(_SERVER_ADMIN, REJECTED, reason="it is a server administration command; ask the backends directly")
+        for name, arity in _arities(_ARITY).items():
+            table[name].arity = arity
+        for container, text in _SUBCOMMAND_ARITY.items():
+            table[container.encode()].subcommands = _arities(text)
         return table
 
     # -- the Codec interface -------------------------------------------------
@@ -178,9 +264,11 @@ class RedisCodec:
         spec = self.commands.get(name)
         if spec is not None:
             request.name = spec.label
-        if not session.authenticated and name not in _BEFORE_AUTH:
-            self._answer(request, resp.error(NOAUTH))
-            return
+        if not session.authenticated and spec is not None:
+            refusal = self._auth_gate(args, name, spec)
+            if refusal is not None:
+                self._answer(request, refusal)
+                return
         if spec is None:
             shown = args[0].decode("latin-1")
             self._answer(request, resp.error(f"ERR unknown or unsupported command '{shown}'"))
@@ -277,6 +365,32 @@ class RedisCodec:
         request.kind = LOCAL
         request.reply = reply
 
+    def _auth_gate(self, args: List[bytes], name: bytes, spec: CommandSpec) -> Optional[bytes]:
+        """What Redis answers a known command from a client that has not authenticated.
+
+        None lets the command through (AUTH, HELLO, QUIT, RESET).  Redis's
+        processCommand order: an unknown subcommand, then the argument
+        count, and only then NOAUTH.  A command outside the table is not
+        gated: it gets the same unknown-command error as after AUTH, as
+        Redis answers unknown commands before its gate.
+        """
+        arity = spec.arity
+        label = name
+        subcommands = spec.subcommands
+        if subcommands is not None and len(args) > 1:
+            sub = args[1].lower()
+            sub_arity = subcommands.get(sub)
+            if sub_arity is None:
+                return _unknown_subcommand(args)
+            arity = sub_arity
+            label = name + b"|" + sub
+        count = len(args)
+        if (count != arity) if arity > 0 else (count < -arity):
+            return _wrong_arity(label)
+        if name in _BEFORE_AUTH:
+            return None
+        return _NOAUTH_REPLY
+
     def _key_positions(self, request: Request, spec: CommandSpec) -> Optional[List[int]]:
         args = request.args
         if spec.layout is NUMKEYS:
@@ -331,8 +445,10 @@ class RedisCodec:
 
     def _auth(self, request: Request, session: Session) -> bytes:
         args = request.args
-        if len(args) not in (2, 3):
+        if len(args) < 2:
             return _wrong_arity(b"auth")
+        if len(args) > 3:
+            return b"-ERR syntax error\r\n"
         if len(args) == 2 and self._password is None:
             return resp.error("ERR AUTH <password> called without any password configured for the "
                               "default user. Are you sure your configuration is correct?")
@@ -346,9 +462,10 @@ class RedisCodec:
         args = request.args
         if len(args) != 2:
             return _wrong_arity(b"select")
-        if not args[1].lstrip(b"-").isdigit():
+        index = _long_long(args[1])
+        if index is None:
             return resp.error("ERR value is not an integer or out of range")
-        if int(args[1]) != 0:
+        if index != 0:
             return resp.error("ERR SELECT is not allowed by twinproxy: clients see database 0 only "
                               "(the pool's redis_db picks the backend database)")
         return b"+OK\r\n"
@@ -356,12 +473,11 @@ class RedisCodec:
     def _hello(self, request: Request, session: Session) -> bytes:
         args = request.args
         dialect = session.dialect
-        authenticated = session.authenticated
         name = None
         if len(args) >= 2:
-            if not args[1].isdigit():
+            version = _long_long(args[1])
+            if version is None:
                 return resp.error("ERR Protocol version is not an integer or out of range")
-            version = int(args[1])
             if version not in (2, 3):
                 return resp.error("NOPROTO unsupported protocol version")
             dialect = version
@@ -371,7 +487,9 @@ class RedisCodec:
                 if option == b"auth" and i + 2 < len(args):
                     if not self._check_password(args[i + 1], args[i + 2]):
                         return resp.error(WRONG_PASSWORD)
-                    authenticated = True
+                    # Redis 7.0 logs the client in here, so it stays logged in
+                    # even if a later option is refused.
+                    session.authenticated = True
                     i += 3
                 elif option == b"setname" and i + 1 < len(args):
                     name = args[i + 1]
@@ -379,12 +497,10 @@ class RedisCodec:
                         return resp.error(_BAD_NAME)
                     i += 2
                 else:
-                    return resp.error(f"ERR Syntax error in HELLO option '{args[i].decode('latin-1')}'")
-        if not authenticated:
-            return resp.error("NOAUTH HELLO must be called with the client already authenticated, otherwise "
-                              "the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the "
-                              "client and select the RESP protocol version at the same time")
-        session.authenticated = True
+                    shown = args[i].replace(b"\r", b" ").replace(b"\n", b" ")
+                    return b"-ERR Syntax error in HELLO option '%s'\r\n" % shown
+        if not session.authenticated:
+            return resp.error(_HELLO_NOAUTH)
         session.dialect = dialect
         if name is not None:
             session.client_name = name or None

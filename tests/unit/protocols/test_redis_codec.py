@@ -7,6 +7,7 @@ from typing import List, Optional
 import pytest
 
 from twinproxy.config import load_text
+from twinproxy.protocols import redis as redis_codec
 from twinproxy.protocols import resp
 from twinproxy.protocols.redis import RedisCodec
 from twinproxy.request import FORWARD, FRAGMENT, LOCAL, Request
@@ -95,20 +96,93 @@ def test_auth_gate() -> None:
     assert prepared([b"GET", b"k"], session, the_codec).reply == b"-NOAUTH Authentication required.\r\n"
     assert prepared([b"AUTH", b"nope"], session, the_codec).reply.startswith(b"-WRONGPASS")
     assert not session.authenticated
-    assert prepared([b"PING"], session, the_codec).reply == b"+PONG\r\n"
+    assert prepared([b"PING"], session, the_codec).reply == b"-NOAUTH Authentication required.\r\n"
     assert prepared([b"AUTH", b"pw"], session, the_codec).reply == b"+OK\r\n"
     assert session.authenticated
     assert prepared([b"GET", b"k"], session, the_codec).kind == FORWARD
+    assert prepared([b"AUTH", b"nope"], session, the_codec).reply.startswith(b"-WRONGPASS")
+    assert session.authenticated  # as in Redis, a failed AUTH does not log the client out
+
+
+@pytest.mark.parametrize("args, reply", [
+    # Redis's processCommand order: subcommand, then argument count, then NOAUTH.
+    ([b"PING"], b"-NOAUTH Authentication required.\r\n"),
+    ([b"PING", b"a", b"b"], b"-NOAUTH Authentication required.\r\n"),
+    ([b"ECHO"], b"-ERR wrong number of arguments for 'echo' command\r\n"),
+    ([b"get", b"a", b"b"], b"-ERR wrong number of arguments for 'get' command\r\n"),
+    ([b"SET", b"k"], b"-ERR wrong number of arguments for 'set' command\r\n"),
+    ([b"KEYS"], b"-ERR wrong number of arguments for 'keys' command\r\n"),
+    ([b"KEYS", b"*"], b"-NOAUTH Authentication required.\r\n"),
+    ([b"CLIENT"], b"-ERR wrong number of arguments for 'client' command\r\n"),
+    ([b"CLIENT", b"SETNAME"], b"-ERR wrong number of arguments for 'client|setname' command\r\n"),
+    ([b"CLIENT", b"SETNAME", b"a b"], b"-NOAUTH Authentication required.\r\n"),
+    ([b"client", b"nosuch"], b"-ERR unknown subcommand 'nosuch'. Try CLIENT HELP.\r\n"),
+    ([b"object", b"x\r\ny"], b"-ERR unknown subcommand 'x  y'. Try OBJECT HELP.\r\n"),
+    ([b"OBJECT", b"ENCODING"], b"-ERR wrong number of arguments for 'object|encoding' command\r\n"),
+    ([b"COMMAND"], b"-NOAUTH Authentication required.\r\n"),
+    ([b"CONFIG", b"NOSUCH"], b"-NOAUTH Authentication required.\r\n"),  # no subcommand list for refused ones
+    ([b"AUTH"], b"-ERR wrong number of arguments for 'auth' command\r\n"),
+    ([b"AUTH", b"a", b"b", b"c"], b"-ERR syntax error\r\n"),
+    ([b"QUIT", b"now"], b"+OK\r\n"),
+    ([b"NOSUCH", b"x"], b"-ERR unknown or unsupported command 'NOSUCH'\r\n"),
+])
+def test_before_auth_as_redis_orders_its_checks(args, reply) -> None:
+    request = prepared(args, Session(authenticated=False), codec("  redis_auth: pw\n"))
+    assert (request.kind, request.reply) == (LOCAL, reply)
+
+
+def test_reset_is_refused_not_gated() -> None:
+    request = prepared([b"RESET"], Session(authenticated=False), codec("  redis_auth: pw\n"))
+    assert request.reply.startswith(b"-ERR command 'RESET' is not supported by twinproxy")
+
+
+def test_every_command_has_redis_arity() -> None:
+    the_codec = codec()
+    assert set(redis_codec._arities(redis_codec._ARITY)) == set(the_codec.commands)
+    assert the_codec.commands[b"get"].arity == 2 and the_codec.commands[b"set"].arity == -3
+    assert the_codec.commands[b"client"].subcommands[b"setinfo"] == 4
 
 
 def test_auth_without_password_configured() -> None:
     assert prepared([b"AUTH", b"x"]).reply.startswith(b"-ERR AUTH <password> called without any password")
+    assert prepared([b"AUTH", b"default", b"x"]).reply == b"+OK\r\n"  # the default user is nopass
+    assert prepared([b"AUTH", b"someuser", b"x"]).reply.startswith(b"-WRONGPASS")
+
+
+@pytest.mark.parametrize("text, value", [
+    (b"0", 0), (b"3", 3), (b"-1", -1), (b"9223372036854775807", 2 ** 63 - 1), (b"-9223372036854775808", -2 ** 63),
+    (b"03", None), (b"-0", None), (b"+3", None), (b"", None), (b"-", None), (b" 3", None), (b"1_0", None),
+    (b"9223372036854775808", None),
+])
+def test_integers_read_as_redis_reads_them(text, value) -> None:
+    assert redis_codec._long_long(text) == value
+
+
+def test_hello_version_as_redis_parses_it() -> None:
+    assert prepared([b"HELLO", b"03"]).reply == b"-ERR Protocol version is not an integer or out of range\r\n"
+    assert prepared([b"HELLO", b"-1"]).reply == b"-NOPROTO unsupported protocol version\r\n"
+    assert prepared([b"HELLO", b"99999999999999999999"]).reply.startswith(b"-ERR Protocol version")
+    assert prepared([b"SELECT", b"00"]).reply == b"-ERR value is not an integer or out of range\r\n"
+
+
+def test_hello_auth_logs_in_even_if_a_later_option_fails() -> None:
+    the_codec = codec("  redis_auth: pw\n")
+    session = Session(authenticated=False)
+    reply = prepared([b"HELLO", b"3", b"AUTH", b"default", b"pw", b"BOGUS"], session, the_codec).reply
+    assert reply == b"-ERR Syntax error in HELLO option 'BOGUS'\r\n"
+    assert (session.authenticated, session.dialect) == (True, 2)
+    session = Session(authenticated=False)
+    reply = prepared([b"HELLO", b"3", b"SETNAME", b"a b", b"AUTH", b"default", b"pw"], session, the_codec).reply
+    assert reply.startswith(b"-ERR Client names cannot contain") and not session.authenticated
 
 
 def test_hello_switches_dialect_and_authenticates() -> None:
     the_codec = codec("  redis_auth: pw\n")
     session = Session(authenticated=False)
-    assert prepared([b"HELLO", b"3"], session, the_codec).reply.startswith(b"-NOAUTH")
+    assert prepared([b"HELLO", b"3"], session, the_codec).reply == (
+        b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO AUTH "
+        b"<user> <pass> option can be used to authenticate the client and select the RESP protocol version "
+        b"at the same time\r\n")
     reply = prepared([b"HELLO", b"3", b"AUTH", b"default", b"pw", b"SETNAME", b"me"], session, the_codec).reply
     assert reply.startswith(b"%7\r\n") and b"twinproxy" in reply
     assert (session.dialect, session.authenticated, session.client_name) == (3, True, b"me")

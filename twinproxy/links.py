@@ -1,0 +1,256 @@
+"""All of the proxy's connections to one backend server.
+
+Owns: :class:`ServerLink` — a fixed array of connection slots per protocol
+dialect (``server_connections`` of them), each filled on demand and
+replaced in place when its connection dies, so ``client_id % slots`` sends
+one client's requests down one socket for as long as the slot count
+stands; and the runtime changes of a server: :meth:`ServerLink.retarget`
+(a new address under the same name), :meth:`ServerLink.reconfigure` (new
+settings; a new handshake or slot count replaces the connections after
+draining), :meth:`ServerLink.drain` (the server left the pool) and
+:meth:`ServerLink.stop` (shutdown).  Never routes and never parses.
+
+::
+
+    send(request) --> slots[dialect][client_id % n] --> BackendConnection.send
+    retired connections: drain (no new requests; close after the last reply
+    or at the drain deadline); their replacements' writes wait behind them
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Set
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from twinproxy.backend import BackendConnection, ConnectorFactory
+from twinproxy.config import PoolConfig
+from twinproxy.protocols import Codec
+from twinproxy.request import Request
+
+
+def drain_seconds(config: PoolConfig) -> float:
+    """How long a retired connection may take to answer what it was sent.
+
+    The pool's ``timeout`` where there is one (a reply later than that would
+    have failed anyway); else ``shutdown_timeout``, so a drain always ends.
+    """
+    if config.timeout_seconds is not None:
+        return config.timeout_seconds
+    return config.shutdown_timeout / 1000.0
+
+
+class ServerLink:
+    """The connections to one server: slots per dialect, and the retired ones draining."""
+
+    _log = Logger()
+
+    def __init__(self, server: Any, pool: Any, codec: Codec, config: PoolConfig, reactor: Any) -> None:
+        self.server = server
+        self.pool = pool
+        self.reactor = reactor
+        self.clock = reactor
+        self._slots: Dict[int, List[Optional[BackendConnection]]] = {}
+        # Retired connections still answering what they were sent.
+        self._draining: Set[BackendConnection] = set()
+        # Retired connections that new ones on this server must wait for (same server, same keys).
+        self._barrier: Set[BackendConnection] = set()
+        self._gated: List[BackendConnection] = []
+        self._stopped = False
+        self._lost_waiters: Dict[BackendConnection, defer.Deferred] = {}
+        self._drained_waiters: List[defer.Deferred] = []
+        self._last_failure: Optional[str] = None
+        # Set by the runtime: the frontends' outbox, flushed after each burst of replies.
+        self.outbox: Any = None
+        self._configure(codec, config)
+        server.send = self.send
+
+    def _configure(self, codec: Codec, config: PoolConfig) -> None:
+        self.codec = codec
+        self.config = config
+        self.timeout = config.timeout_seconds
+        self._size = config.server_connections
+
+    # -- sending --------------------------------------------------------------
+
+    def send(self, request: Request) -> None:
+        slots = self._slots.get(request.dialect)
+        if slots is None:
+            # The first request of a dialect opens all its slots at once, as nutcracker does.
+            self.preconnect(request.dialect)
+            slots = self._slots[request.dialect]
+        if self._size == 1:  # server_connections: 1, nutcracker's default
+            index = 0
+        else:
+            # One client's requests to this server share one connection, so a write
+            # and the read after it can never overtake each other on two sockets.
+            client = request.client
+            index = client.client_id % self._size if client is not None else 0
+        connection = slots[index]
+        if connection is None:
+            connection = self._open(request.dialect, index)
+        connection.send(request)
+
+    def preconnect(self, dialect: int) -> None:
+        """Fill every slot of ``dialect`` now (``preconnect: true``)."""
+        slots = self._slots.setdefault(dialect, [None] * self._size)
+        for index, connection in enumerate(slots):
+            if connection is None:
+                self._open(dialect, index)
+
+    def _open(self, dialect: int, index: int) -> BackendConnection:
+        connection = BackendConnection(self, dialect, index, gated=bool(self._barrier))
+        if self._stopped:
+            connection.abort("server connection closed: the server left the pool or the proxy is stopping",
+                             count_failure=False)
+            return connection
+        self._slots[dialect][index] = connection
+        if self._barrier:
+            self._gated.append(connection)
+        factory = ConnectorFactory(connection)
+        spec = self.server.spec
+        timeout = self.timeout if self.timeout is not None else 30
+        if spec.path is not None:
+            self.reactor.connectUNIX(spec.path, factory, timeout=timeout)
+        else:
+            self.reactor.connectTCP(spec.host, spec.port, factory, timeout=timeout)
+        return connection
+
+    # -- connection events ----------------------------------------------------
+
+    def connection_gone(self, connection: BackendConnection) -> None:
+        """Stop routing to ``connection``: it failed, closed or finished draining."""
+        slots = self._slots.get(connection.dialect)
+        if slots is not None and connection.slot < len(slots) and slots[connection.slot] is connection:
+            slots[connection.slot] = None
+        if connection in self._draining:
+            self._draining.discard(connection)
+            if connection in self._barrier:
+                self._barrier.discard(connection)
+                if not self._barrier:
+                    gated, self._gated = self._gated, []
+                    for waiting in gated:
+                        waiting.open_gate()
+            if not self._draining:
+                waiters, self._drained_waiters = self._drained_waiters, []
+                for waiter in waiters:
+                    waiter.callback(None)
+
+    def connection_lost(self, connection: BackendConnection) -> None:
+        """``connection``'s socket is gone (or was never made)."""
+        self.connection_gone(connection)
+        waiter = self._lost_waiters.pop(connection, None)
+        if waiter is not None:
+            waiter.callback(None)
+
+    def connected(self) -> None:
+        """A connection to the server was made: it is up, and a past failure is over."""
+        self.server.up = True
+        if self._last_failure is not None:
+            self._log.info("pool {pool}: server {server}: connected again after: {reason}",
+                           pool=self.pool.name, server=self.server.name, reason=self._last_failure)
+            self._last_failure = None
+
+    def record_failure(self, text: str) -> None:
+        if text != self._last_failure:
+            self._log.info("pool {pool}: server {server}: {reason}",
+                           pool=self.pool.name, server=self.server.name, reason=text)
+            self._last_failure = text
+        self.pool.record_failure(self.server, text)
+
+    def log_handshake_failure(self, text: str) -> None:
+        self._log.error("pool {pool}: server {server} refused the connection handshake: {reason}",
+                        pool=self.pool.name, server=self.server.name, reason=text)
+
+    # -- runtime changes ------------------------------------------------------
+
+    def _retire(self, barrier: bool) -> None:
+        """Take every open connection out of its slot and let it drain.
+
+        With ``barrier``, connections opened from now on hold their writes
+        until the retired ones are done: same server, so a request sent on
+        a new socket could otherwise overtake an earlier one of the same
+        client still on an old socket.
+        """
+        seconds = drain_seconds(self.config)
+        for dialect, slots in self._slots.items():
+            for connection in slots:
+                if connection is None:
+                    continue
+                self._draining.add(connection)
+                if barrier:
+                    self._barrier.add(connection)
+            self._slots[dialect] = [None] * self._size
+        for connection in list(self._draining):
+            connection.drain(seconds)
+
+    def retarget(self) -> None:
+        """The server has a new address (``server.spec``): new requests go there.
+
+        Requests already sent to the old address get their replies from it;
+        no barrier, since the new address is another process.
+        """
+        self._retire(barrier=False)
+
+    def reconfigure(self, codec: Codec, config: PoolConfig, handshake_changed: bool) -> None:
+        """New settings: connections opened from now on use them.
+
+        A changed handshake (``redis_auth``, ``redis_db``) or slot count
+        makes the open connections wrong for new requests: they are retired
+        and replaced, behind a barrier.
+        """
+        resized = config.server_connections != self._size
+        self._configure(codec, config)
+        if handshake_changed or resized:
+            self._retire(barrier=True)
+
+    def drain(self) -> defer.Deferred:
+        """The server left the pool: finish what was sent, open nothing; fires when every connection is gone."""
+        self._stopped = True
+        self._retire(barrier=False)
+        if not self._draining:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self._drained_waiters.append(waiter)
+        return waiter
+
+    def stop(self) -> defer.Deferred:
+        """Close every connection now; the Deferred fires once all are gone."""
+        self._stopped = True
+        waiting = []
+        connections = [c for slots in self._slots.values() for c in slots if c is not None]
+        connections += list(self._draining)
+        for connection in connections:
+            if connection.transport is not None:
+                waiter = defer.Deferred()
+                self._lost_waiters[connection] = waiter
+                waiting.append(waiter)
+            connection.close()
+        self._slots.clear()
+        return defer.gatherResults(waiting) if waiting else defer.succeed(None)
+
+    # -- views ----------------------------------------------------------------
+
+    def _connections(self) -> List[BackendConnection]:
+        open_now = [c for slots in self._slots.values() for c in slots if c is not None]
+        return open_now + [c for c in self._draining if c not in open_now]
+
+    def queue_stats(self) -> tuple:
+        """(in_queue, in_queue_bytes, out_queue, out_queue_bytes) over every connection."""
+        in_queue = in_bytes = out_queue = out_bytes = 0
+        for connection in self._connections():
+            held, awaiting_count, awaiting_bytes = connection.queue_stats()
+            in_queue += len(held)
+            in_bytes += sum(len(raw) for raw in held)
+            out_queue += awaiting_count
+            out_bytes += awaiting_bytes
+        return in_queue, in_bytes, max(0, out_queue - in_queue), max(0, out_bytes - in_bytes)
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections())
+
+    @property
+    def draining_count(self) -> int:
+        return len(self._draining)

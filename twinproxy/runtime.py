@@ -1,0 +1,145 @@
+"""One pool's live state, changed only by applying a diff.
+
+Owns: :class:`PoolRuntime` — the pool's current config, its codec, its
+:class:`~twinproxy.pool.ServerPool` (routing and health), one
+:class:`~twinproxy.links.ServerLink` per server keyed by name, the
+frontends' :class:`~twinproxy.frontend.Outbox` and the client factory —
+and :meth:`PoolRuntime.apply`, which moves all of them to a new config.
+Listening is the service's business; so is the reactor it was given.
+
+How a change reaches running traffic:
+
+- the ring (servers, weights, names, hash, hash tag, distribution) is
+  one ``route`` function on the pool, replaced in one assignment: the
+  next request routes by the new file, none is routed half-way;
+- a server that stays keeps its link, counters and health; a new address
+  under the same name retargets the link (old connections drain);
+- a removed server's link drains: every request already sent on it gets
+  its reply (or the pool's timeout passes), then its connections close;
+- new settings reach new connections; a new handshake (``redis_auth``,
+  ``redis_db``) or slot count replaces the backend connections behind a
+  barrier; clients keep the codec they were accepted with.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from twinproxy.config import PoolConfig
+from twinproxy.frontend import Outbox, ProxyFactory
+from twinproxy.links import ServerLink
+from twinproxy.pool import Server, ServerPool
+from twinproxy.protocols import codec_for
+from twinproxy.request import Request
+from twinproxy.topology import PoolDiff
+
+
+class PoolRuntime:
+    """Everything one pool routes with, as of its latest config."""
+
+    _log = Logger()
+
+    def __init__(self, config: PoolConfig, reactor: Any, outbox: Any = "turns") -> None:
+        self.config = config
+        self._reactor = reactor
+        self.codec = codec_for(config)
+        self.pool = ServerPool(config, reactor)
+        self.pool.unavailable.send = self._no_live_server
+        self._no_server_reply = self.codec.error_reply(f"no live server in pool '{config.name}'")
+        # "turns": one write per reactor turn; None (unit tests): write at once.
+        self.outbox = Outbox(reactor) if outbox == "turns" else outbox
+        self._links: Dict[str, ServerLink] = {}
+        for server in self.pool.servers:
+            self._add_link(server)
+        self.factory = ProxyFactory(self.pool, self.codec, config.client_connections,
+                                    requires_auth=_requires_auth(config), outbox=self.outbox, clock=reactor)
+        # Links of removed servers, still draining.
+        self._retiring: Dict[ServerLink, defer.Deferred] = {}
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def links(self) -> List[ServerLink]:
+        """The current servers' links, in the config's order."""
+        links = self._links
+        return [links[server.name] for server in self.pool.servers]
+
+    def link(self, name: str) -> ServerLink:
+        return self._links[name]
+
+    def _add_link(self, server: Server) -> ServerLink:
+        link = ServerLink(server, self.pool, self.codec, self.config, self._reactor)
+        link.outbox = self.outbox
+        self._links[server.name] = link
+        return link
+
+    def _no_live_server(self, request: Request) -> None:
+        self.pool.counters.forward_error += 1
+        request.reply = self._no_server_reply
+        request.owner.request_done(request)
+
+    # -- change ---------------------------------------------------------------
+
+    def apply(self, diff: PoolDiff) -> List[str]:
+        """Move to ``diff.new``; return what changed, one line each.
+
+        Runs in one reactor turn, so no request sees half of it.  The
+        listen address is not touched here (see ``PoolService.apply``).
+        """
+        new = diff.new
+        if diff.settings:
+            self.codec = codec_for(new)
+            self._no_server_reply = self.codec.error_reply(f"no live server in pool '{new.name}'")
+        self.config = new
+        gone = self.pool.install(new)
+        for server in self.pool.servers:
+            if server.name not in self._links:
+                self._add_link(server)
+        for old_spec, _ in diff.readdressed:
+            self._links[old_spec.name].retarget()
+        if diff.settings:
+            for server in self.pool.servers:
+                link = self._links[server.name]
+                if server.name not in {spec.name for spec in diff.added}:
+                    link.reconfigure(self.codec, new, diff.handshake_changed)
+            factory = self.factory
+            factory.codec = self.codec
+            factory.client_limit = new.client_connections
+            factory.requires_auth = _requires_auth(new)
+        for server in gone:
+            self._retire(self._links.pop(server.name))
+        return diff.describe()
+
+    def _retire(self, link: ServerLink) -> None:
+        drained = link.drain()
+        if drained.called:
+            return
+        self._retiring[link] = drained
+
+        def done(result: Any) -> Any:
+            self._retiring.pop(link, None)
+            return result
+
+        drained.addBoth(done)
+
+    @property
+    def retiring_count(self) -> int:
+        """Removed servers whose connections are still answering."""
+        return len(self._retiring)
+
+    # -- stop -----------------------------------------------------------------
+
+    def stop(self) -> defer.Deferred:
+        """Close every backend connection (the clients are gone): fires when all are closed."""
+        self.pool.stop()
+        closing = [link.stop() for link in (*self._links.values(), *self._retiring)]
+        return defer.gatherResults(closing)
+
+
+def _requires_auth(config: PoolConfig) -> bool:
+    return bool(config.redis and config.redis_auth)
