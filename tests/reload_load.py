@@ -29,6 +29,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import redis
@@ -36,7 +37,7 @@ from pymemcache.client.base import Client as MemcacheClient
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tests.servers import LOOPBACK, wait_until
+from tests.servers import LOOPBACK, bound_addresses, wait_until
 
 CLIENT_TIMEOUT = 10  # seconds; a reply later than this is a hang, reported as an error
 RELOAD_DEADLINE = 20  # seconds for one reload to show up in the bound-addresses file
@@ -65,20 +66,8 @@ def read_bound(path: os.PathLike) -> Optional[dict]:
 
 def wait_for_generation(path: os.PathLike, generation: int, process=None,
                         timeout: float = RELOAD_DEADLINE) -> dict:
-    """Wait until the bound-addresses file shows ``generation`` (or later); return it."""
-
-    def ready():
-        if process is not None and not process.alive:
-            raise AssertionError(f"the proxy exited:\n{process.output()}")
-        bound = read_bound(path)
-        return bound if bound is not None and bound["generation"] >= generation else None
-
-    what = f"generation {generation} in {path}"
-    try:
-        return wait_until(ready, timeout=timeout, what=what)
-    except AssertionError as err:
-        tail = process.output() if process is not None else ""
-        raise AssertionError(f"{err}\nlast document: {read_bound(path)}\nproxy output:\n{tail}") from None
+    """Wait until the bound-addresses file of ``process`` shows ``generation`` (or later); return it."""
+    return bound_addresses(Path(path), process, generation=generation, timeout=timeout)
 
 
 def split_address(address: str) -> Tuple[str, int]:
@@ -369,7 +358,7 @@ class Load(threading.Thread):
         try:
             client = self.connect()
         except Exception as err:  # noqa: BLE001 - reported by the test
-            self.errors.append(f"{self.tag}: cannot connect to {self.address}: {err!r}")
+            self.errors.append(f"{self.tag}: cannot connect to {self.address}: {type(err).__name__}: {err}")
             return
         try:
             seq = 0
@@ -381,7 +370,7 @@ class Load(threading.Thread):
                 try:
                     self.batch(client, items, t0)
                 except Exception as err:  # noqa: BLE001 - every failure is what the test reports
-                    self.errors.append(f"{self.tag} batch {seq}: {err!r}")
+                    self.errors.append(f"{self.tag} batch {seq}: {type(err).__name__}: {err}")
                 seq += 1
                 self.batches = seq
         finally:
@@ -476,14 +465,15 @@ def progress(loads: Iterable[Load], at_least: int, timeout: float = 20.0) -> Non
     loads = list(loads)
     targets = [(load, load.batches + at_least) for load in loads]
 
-    def done() -> bool:
-        dead = [load.tag for load, _ in targets if not load.is_alive()]
-        if dead:
-            raise AssertionError(f"load threads ended early: {dead}; errors: "
-                                 f"{[e for load in loads for e in load.errors][:5]}")
+    def done() -> object:
+        if any(not load.is_alive() for load, _ in targets):
+            return "ended"
         return all(load.batches >= target for load, target in targets)
 
-    wait_until(done, timeout=timeout, interval=0.02, what=f"{at_least} more batches from every client")
+    if wait_until(done, timeout=timeout, interval=0.02, what=f"{at_least} more batches from every client") == "ended":
+        dead = [load.tag for load, _ in targets if not load.is_alive()]
+        raise AssertionError(f"load threads ended early: {dead}; errors: "
+                             f"{[e for load in loads for e in load.errors][:5]}")
 
 
 # -- the check on the backends ---------------------------------------------------

@@ -316,11 +316,10 @@ class MemcachedServer(Process):
         self.spawn()
 
         def port_known() -> bool:
+            # This process writes the file once it has bound, so even a fixed port (a restart)
+            # cannot be mistaken for another server that took it meanwhile.
             if not self.alive:
-                raise AssertionError(f"memcached exited:\n{self.output()}")
-            if port:
-                self.port = port
-                return ping_memcached(port)
+                return True
             text = port_file.read_text() if port_file.exists() else ""
             for line in text.splitlines():
                 if line.startswith("TCP INET:"):
@@ -329,6 +328,9 @@ class MemcachedServer(Process):
             return False
 
         wait_until(port_known, timeout=10, what="memcached to listen")
+        if not self.alive:
+            raise AssertionError(f"memcached exited:\n{self.output()}")
+        assert not port or self.port == port, (port, self.port)
         return self
 
     def restart(self) -> "MemcachedServer":

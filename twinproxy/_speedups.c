@@ -1,6 +1,6 @@
 /*
  * twinproxy._speedups: the RESP scanners of twinproxy/protocols/resp.py,
- * the memcached reply scanners of twinproxy/protocols/memcache.py and the
+ * the memcached reply scanners of twinproxy/protocols/memcache_text.py and the
  * key hashes of twinproxy/hashing.py, for CPython, where they are most of
  * the proxy's CPU under pipelined load.
  *

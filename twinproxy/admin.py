@@ -50,14 +50,23 @@ def health(pools: PoolsSource) -> Tuple[int, List[str]]:
 
 class _WriteAndClose(Protocol):
     def connectionMade(self) -> None:
-        document = self.factory.document()
+        try:
+            document = self.factory.document()
+        except Exception:  # noqa: BLE001 - logged; the client is closed, not left waiting
+            _log.failure("stats document failed")
+            self.transport.loseConnection()
+            return
         if isinstance(document, bytes):
             self._write(document)
         else:  # a Deferred: the master gathering its workers' documents
-            document.addCallback(self._write)
+            document.addCallbacks(self._write, self._failed)
 
     def _write(self, document: bytes) -> None:
         self.transport.write(document)
+        self.transport.loseConnection()
+
+    def _failed(self, failure: Any) -> None:
+        _log.failure("stats document failed", failure=failure)
         self.transport.loseConnection()
 
 

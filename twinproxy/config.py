@@ -32,7 +32,8 @@ POOL_KEYS = (
     "server_failure_limit", "servers",
 )
 # twinproxy's own keys; nutcracker's files never need them.
-EXTENSION_KEYS = ("client_max_pending", "client_max_pending_bytes", "max_request_bytes", "shutdown_timeout")
+EXTENSION_KEYS = ("client_max_pending", "client_max_pending_bytes", "max_request_bytes", "shutdown_timeout",
+                  "client_output_soft_limit", "client_output_hard_limit")
 
 
 class ConfigError(Exception):
@@ -128,6 +129,11 @@ class PoolConfig:
     client_max_pending_bytes: int = 64 * 1024 * 1024
     max_request_bytes: int = 512 * 1024 * 1024
     shutdown_timeout: int = 5000
+    # Bytes of replies a client has not read (plus an estimate for its requests
+    # in flight): past the soft limit it is not read, past the hard limit
+    # (counting replies that arrived only) it is closed.  0: no limit.
+    client_output_soft_limit: int = 8 * 1024 * 1024
+    client_output_hard_limit: int = 32 * 1024 * 1024
 
     @property
     def protocol(self) -> str:
@@ -374,4 +380,6 @@ _CONVERTERS = {
     "client_max_pending_bytes": _positive,
     "max_request_bytes": _positive,
     "shutdown_timeout": _number,
+    "client_output_soft_limit": _number,
+    "client_output_hard_limit": _number,
 }

@@ -34,9 +34,11 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from twinproxy.output import ClientOutput, peer_text
 from twinproxy.protocols import Codec, ProtocolError
+from twinproxy.replybudget import ReplyBudget
 from twinproxy.request import FORWARD, FRAGMENT, Request
-from twinproxy.sockets import direct_socket, write_now
+from twinproxy.sockets import direct_socket
 
 # After a protocol error the proxy goes on reading, and drops, what the
 # client is still sending, for this long and up to this many bytes: closing
@@ -44,17 +46,23 @@ from twinproxy.sockets import direct_socket, write_now
 # before a client that is still writing gets to read it.
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 64 * 1024 * 1024
+# A limit set to 0 in the pool file: never reached.
+NO_LIMIT = 1 << 62
 
 
 @implementer(IPushProducer)
 class FrontendProtocol(Protocol):
     """One client connection; also the codec's session for that client.
 
-    Backpressure: the client is not read while its replies back up in the
-    transport (the transport pauses us, as our producer), while
-    ``client_max_pending`` requests or ``client_max_pending_bytes`` bytes of
-    them await replies, or while the pool is stopping.  Reading resumes at
-    half those limits, so a client at the limit costs no pause per request.
+    Backpressure: the client is not read while ``client_max_pending``
+    requests or ``client_max_pending_bytes`` bytes of them await replies,
+    while what it pins (replies it has not read, plus its requests in flight
+    at the estimated reply size) reaches ``client_output_soft_limit``, while
+    the process-wide :class:`ReplyBudget` is spent, or while the pool is
+    stopping.  Reading resumes at half those limits, so a client at the limit
+    costs no pause per request.  A read is dispatched only as far as the
+    limits allow; the rest waits in the parser.  A client whose unread
+    replies pass ``client_output_hard_limit`` is closed.
     """
 
     _log = Logger()
@@ -78,6 +86,13 @@ class FrontendProtocol(Protocol):
         self._closing = False
         self._failed = False   # a protocol error, already counted as client_err
         self._socket: Any = None
+        self._output: Any = None        # a ClientOutput once connected
+        self._soft_limit = config.client_output_soft_limit or NO_LIMIT
+        self._hard_limit = config.client_output_hard_limit or NO_LIMIT
+        self._budget: Optional[ReplyBudget] = factory.reply_budget
+        self._budget_waiting = False
+        self._parse_held = False        # the parser holds requests a limit kept from dispatch
+        self._parsing = False
         self._outbox: Optional[Outbox] = factory.outbox
         self._out: list = []            # replies in order, not yet written
         self._in_outbox = False
@@ -93,32 +108,65 @@ class FrontendProtocol(Protocol):
         transport = self.transport
         if hasattr(transport, "setTcpNoDelay"):
             transport.setTcpNoDelay(True)
-        transport.registerProducer(self, True)
         self._socket = direct_socket(transport)
+        self._output = ClientOutput(transport, self._socket, self._budget)
+        # Writing the socket itself, the client is its transport's *pull*
+        # producer: resumeProducing then means "the socket is writable".
+        transport.registerProducer(self, not self._output.direct)
 
-    # -- IPushProducer: the transport's verdict on our replies -----------------
+    # -- producer: the transport's verdict on our replies ---------------------
 
     def pauseProducing(self) -> None:
         self._write_blocked = True
         self._update_reading()
 
     def resumeProducing(self) -> None:
+        output = self._output
+        if output is not None and output.direct:
+            if output.waiting and not self.closed:
+                output.pump()
+                self._output_moved()
+            return
         self._write_blocked = False
+        if output is not None:
+            output.transport_drained()
         self._update_reading()
 
     def stopProducing(self) -> None:
         pass
 
+    def budget_released(self) -> None:
+        """The process-wide reply budget has room again (see ``ReplyBudget.wait``)."""
+        self._budget_waiting = False
+        self._update_reading()
+
     def _update_reading(self) -> None:
         if self.closed or self.transport is None or self._linger_call is not None:
             return
+        budget = self._budget
         if self._draining or self._write_blocked:
             pause = True
-        elif self._reading_paused:
-            pause = (len(self._in_order) > self._max_pending // 2
-                     or self._pending_bytes > self._max_pending_bytes // 2)
+        elif budget is not None and budget.over and (self._in_order or self._output.queued):
+            # Past the process-wide limit only clients holding no replies are
+            # read, one request at a time (see _allowance): readers go on,
+            # however many clients do not read.
+            pause = True
+            if not self._budget_waiting:
+                self._budget_waiting = True
+                budget.wait(self)
         else:
-            pause = len(self._in_order) >= self._max_pending or self._pending_bytes >= self._max_pending_bytes
+            in_flight = len(self._in_order)
+            pinned = self._output.pinned(in_flight)
+            if self._reading_paused:
+                pause = (in_flight > self._max_pending // 2 or self._pending_bytes > self._max_pending_bytes // 2
+                         or pinned > self._soft_limit // 2)
+            else:
+                pause = (in_flight >= self._max_pending or self._pending_bytes >= self._max_pending_bytes
+                         or pinned >= self._soft_limit)
+            if not pause and self._parse_held:
+                if not self._parsing:
+                    self._parse()   # dispatches what it may, then settles reading itself
+                return
         if pause != self._reading_paused:
             self._reading_paused = pause
             if pause:
@@ -152,22 +200,61 @@ class FrontendProtocol(Protocol):
                 if self._linger_left < 0:
                     self._linger_over()
             return
-        parser = self._parser
-        parser.feed(data)
-        dispatch = self._dispatch
-        while not self._closing:
-            try:
-                request = parser.next()
-            except ProtocolError as err:
-                self._protocol_error(err)
-                break
-            if request is None:
-                break
-            dispatch(request)
-        if len(self._in_order) >= self._max_pending or self._pending_bytes >= self._max_pending_bytes:
-            self._update_reading()
+        self._parser.feed(data)
+        self._parse()
         if self._outbox is not None:
             self._outbox.burst_done()
+
+    def _parse(self) -> None:
+        """Dispatch the requests the parser holds, as many as the limits allow; then settle reading.
+
+        One read can hold thousands of requests: dispatched all at once,
+        their replies would arrive past every limit.  What a limit holds back
+        stays in the parser (``_parse_held``) until ``_update_reading`` finds
+        room; reading is paused meanwhile, so that is one read at most.
+        """
+        parser = self._parser
+        dispatch = self._dispatch
+        held = False
+        self._parsing = True
+        try:
+            allowed = self._allowance()
+            while not self._closing:
+                if not allowed:
+                    allowed = self._allowance()
+                    if not allowed:
+                        held = True
+                        break
+                try:
+                    request = parser.next()
+                except ProtocolError as err:
+                    self._protocol_error(err)
+                    break
+                if request is None:
+                    break
+                dispatch(request)
+                allowed -= 1
+        finally:
+            self._parsing = False
+        self._parse_held = held
+        pinned = self._output.account(len(self._in_order))
+        if (held or self._reading_paused or pinned >= self._soft_limit or len(self._in_order) >= self._max_pending
+                or self._pending_bytes >= self._max_pending_bytes):
+            self._update_reading()
+
+    def _allowance(self) -> int:
+        """How many more requests may be dispatched before a limit is reached (0: none now)."""
+        if self._draining or self._write_blocked:
+            return 0
+        budget = self._budget
+        in_flight = len(self._in_order)
+        if budget is not None and budget.over:
+            return 0 if in_flight or self._output.queued else 1
+        room = self._max_pending - in_flight
+        if room <= 0 or self._pending_bytes >= self._max_pending_bytes:
+            return 0
+        by_bytes = self._output.room(in_flight, self._soft_limit)
+        return by_bytes if by_bytes < room else room
 
     def connectionLost(self, reason: Any = None) -> None:
         if not self._failed:
@@ -178,6 +265,8 @@ class FrontendProtocol(Protocol):
         self.closed = True
         self._closing = True
         self._in_order.clear()
+        if self._output is not None:
+            self._output.discard()
         if self._linger_call is not None:
             if self._linger_call.active():
                 self._linger_call.cancel()
@@ -287,15 +376,52 @@ class FrontendProtocol(Protocol):
         """Write what ``_flush`` queued (the outbox calls this once per burst)."""
         self._in_outbox = False
         out = self._out
+        output = self._output
         if out:
-            if not self.closed:
-                self._write(out[0] if len(out) == 1 else b"".join(out))
-            out.clear()
-        if self._close_when_sent and not self.closed and self.transport is not None:
-            if self._failed:
-                self._linger()
+            if not self.closed and output is not None:
+                output.write(out)
+                out.clear()
+                if output.queued > self._hard_limit:
+                    self._output_limit_exceeded()
+                    return
+                if output.account(len(self._in_order)) >= self._soft_limit or self._reading_paused:
+                    self._update_reading()
             else:
-                self.transport.loseConnection()
+                out.clear()
+        if self._close_when_sent and (output is None or not output.queued):
+            self._finish()
+
+    def _output_moved(self) -> None:
+        """The socket took queued replies: read again if that was the limit; close if that was asked."""
+        self._output.account(len(self._in_order))
+        if self._reading_paused:
+            self._update_reading()
+        if self._close_when_sent and not self._output.queued:
+            self._finish()
+
+    def _finish(self) -> None:
+        """Every reply is written and the connection is to close: close it (after a linger, on an error)."""
+        transport = self.transport
+        if self.closed or transport is None:
+            return
+        if self._output is not None and self._output.direct and getattr(transport, "producer", None) is self:
+            transport.unregisterProducer()   # else a pull producer keeps the transport from closing
+        if self._failed:
+            self._linger()
+        else:
+            transport.loseConnection()
+
+    def _output_limit_exceeded(self) -> None:
+        """More than ``client_output_hard_limit`` bytes of replies wait for this client: close it now."""
+        output = self._output
+        self._counters.client_output_limit_closed += 1
+        self._log.warn("pool {pool}: closing client {client}: {queued} bytes of replies it has not read passed "
+                       "client_output_hard_limit ({limit})", pool=self._pool.name, client=peer_text(self.transport),
+                       queued=output.queued, limit=self._hard_limit)
+        self._failed = True   # counted above, not again as client_err
+        self._close_when_sent = False
+        self.abort()
+        output.discard()
 
     def _linger(self) -> None:
         """Close our half once the error is written; drop what the client still sends, for a while.
@@ -326,9 +452,6 @@ class FrontendProtocol(Protocol):
             call.cancel()
         if not self.closed and self.transport is not None:
             self.transport.abortConnection()
-
-    def _write(self, data: bytes) -> None:
-        write_now(self._socket, self.transport, data)
 
     def _protocol_error(self, err: ProtocolError) -> None:
         """Answer a malformed request after everything before it, then close."""
@@ -412,9 +535,11 @@ class ProxyFactory(Factory):
     noisy = False
 
     def __init__(self, pool: Any, codec: Codec, client_limit: int = 0, requires_auth: bool = False,
-                 outbox: Optional["Outbox"] = None, clock: Any = None) -> None:
+                 outbox: Optional["Outbox"] = None, clock: Any = None,
+                 reply_budget: Optional[ReplyBudget] = None) -> None:
         self.pool = pool
         self.clock = clock  # for the linger after a protocol error; without one, errors close at once
+        self.reply_budget = reply_budget  # the process's, shared by every pool; None: no process-wide limit
         self.outbox = outbox
         self.codec = codec
         self.client_limit = client_limit

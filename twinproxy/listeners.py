@@ -15,6 +15,7 @@ import socket
 import stat
 from typing import Any, Optional
 
+from twisted.internet import tcp, unix
 from twisted.internet.error import CannotListenError
 
 from twinproxy.config import ListenSpec
@@ -118,12 +119,31 @@ def unix_socket(listen: ListenSpec, backlog: int) -> socket.socket:
     return sock
 
 
+class SharedUnixPort(unix.Port):
+    """A unix listener inherited from the ``--workers`` master, who made it and removes its path.
+
+    Twisted's own port unlinks the path when it stops listening; with N
+    workers sharing one socket the first would pull it from under the
+    others (and the rest fail to unlink it).
+    """
+
+    def connectionLost(self, reason: Any) -> None:
+        tcp.Port.connectionLost(self, reason)
+
+
+def adopt_shared_unix(reactor: Any, sock: socket.socket, factory: Any) -> Any:
+    """Listen on an inherited unix socket (reactor.adoptStreamPort, with the master owning the path)."""
+    port = SharedUnixPort._fromListeningDescriptor(reactor, sock.fileno(), factory)
+    port.startListening()
+    return port
+
+
 def listen_pool(reactor: Any, name: str, listen: ListenSpec, factory: Any, backlog: int,
                 inherited: Any = None, reuse_port: bool = False) -> Any:
     """Open pool ``name``'s listener; raise :class:`ListenError` with one clear line."""
     try:
         if inherited is not None:
-            return reactor.adoptStreamPort(inherited.fileno(), socket.AF_UNIX, factory)
+            return adopt_shared_unix(reactor, inherited, factory)
         if reuse_port and not listen.is_unix:
             host = interface(listen.host) or "0.0.0.0"
             sock = reuse_port_socket(listen, backlog, host)

@@ -77,6 +77,9 @@ class ProxyCollector:
                                                  "because their server failed", labels=pool_labels),
             "fragments": CounterMetricFamily("twinproxy_pool_fragments", "Sub-requests made by splitting "
                                              "multi-key requests", labels=pool_labels),
+            "client_output_limit_closed": CounterMetricFamily(
+                "twinproxy_pool_client_output_limit_closed", "Clients closed because their unread replies passed "
+                "client_output_hard_limit", labels=pool_labels),
         }
         clients = GaugeMetricFamily("twinproxy_pool_client_connections", "Client connections open now",
                                     labels=pool_labels)

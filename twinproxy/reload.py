@@ -81,7 +81,7 @@ class Reloader:
             return self._start()
         if self._waiting is None:
             self._waiting = defer.Deferred()
-        return _shared(self._waiting)
+        return shared(self._waiting)
 
     def _start(self) -> defer.Deferred:
         self._running = True
@@ -123,7 +123,7 @@ class Reloader:
         return ReloadResult(True, 200, counters.generation, changes=list(changes))
 
 
-def _shared(d: defer.Deferred) -> defer.Deferred:
+def shared(d: defer.Deferred) -> defer.Deferred:
     """A Deferred of ``d``'s result for one more waiter, leaving ``d``'s own chain alone."""
     out: defer.Deferred = defer.Deferred()
 

@@ -23,6 +23,8 @@ from typing import Any, List, Optional
 from twisted.logger import Logger
 
 DEFAULT_MAX_REPLY_BUFFER = 256 * 1024 * 1024
+# The limit of a budget made with 0: never reached.
+UNLIMITED = 1 << 62
 # Over-limit warnings are logged at most this often; the count in between is reported.
 LOG_INTERVAL = 60.0
 
@@ -44,8 +46,8 @@ class ReplyBudget:
     def __init__(self, limit: int = DEFAULT_MAX_REPLY_BUFFER, clock: Any = None) -> None:
         if limit < 0:
             raise ValueError("the reply buffer limit must not be negative")
-        self.limit = limit
-        self.resume_at = limit // 2
+        self.limit = limit or UNLIMITED
+        self.resume_at = self.limit // 2
         self.used = 0
         self.over = False
         self.trips = 0              # times the limit was reached, since start
@@ -61,7 +63,7 @@ class ReplyBudget:
         if self.over:
             if used <= self.resume_at:
                 self._release()
-        elif self.limit and used >= self.limit:
+        elif used >= self.limit:
             self.over = True
             self.trips += 1
             self._warn()

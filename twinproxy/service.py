@@ -29,13 +29,15 @@ class PoolService(Service):
 
     _log = Logger()
 
-    def __init__(self, config: PoolConfig, reactor: Any, inherited: Any = None, reuse_port: bool = False) -> None:
+    def __init__(self, config: PoolConfig, reactor: Any, inherited: Any = None, reuse_port: bool = False,
+                 reply_budget: Any = None) -> None:
         self.setName(config.name)
         # --workers: a unix socket made before the fork, or TCP shared with SO_REUSEPORT.
         self._inherited = inherited
         self._reuse_port = reuse_port
         self._reactor = reactor
         self.runtime = PoolRuntime(config, reactor)
+        self.runtime.factory.reply_budget = reply_budget  # the process's ReplyBudget (tap.build), or None
         self.port: Any = None
         # Listeners given up by a moved ``listen``, until they have stopped.
         self._old_ports: List[Any] = []
@@ -120,7 +122,15 @@ class PoolService(Service):
         """Close every listener of the pool (clients stay); fires once they are closed."""
         ports, self._old_ports = [self.port, *self._old_ports], []
         self.port = None
+        self._close_inherited()
         return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports if p is not None])
+
+    def _close_inherited(self) -> None:
+        # --workers: this process's copy of the socket made before the fork.
+        # Left open, it would go on queueing connections nobody accepts.
+        inherited, self._inherited = self._inherited, None
+        if inherited is not None:
+            inherited.close()
 
     def _give_up(self, drained: defer.Deferred) -> None:
         if not drained.called:
@@ -158,7 +168,7 @@ class PoolService(Service):
         new_port, self._prepared = getattr(self, "_prepared", None), None
         if new_port is not None:
             old, self.port = self.port, new_port
-            self._inherited = None
+            self._close_inherited()
             self._old_ports.append(old)
             stopped = defer.maybeDeferred(old.stopListening)
             stopped.addBoth(lambda _: self._old_ports.remove(old) if old in self._old_ports else None)

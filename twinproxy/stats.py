@@ -66,7 +66,7 @@ class PoolCounters:
     """What happened to one pool's clients and routing since start."""
 
     __slots__ = ("client_eof", "client_err", "server_ejects", "forward_error", "fragments", "clients_accepted",
-                 "commands")
+                 "commands", "client_output_limit_closed")
 
     def __init__(self) -> None:
         self.client_eof = 0
@@ -76,6 +76,7 @@ class PoolCounters:
         self.fragments = 0
         self.clients_accepted = 0
         self.commands: Dict[str, int] = {}
+        self.client_output_limit_closed = 0
 
 
 # nutcracker's fields, in its order, with what each counts.
@@ -98,6 +99,8 @@ POOL_FIELDS = (
     ("server_ejects", "times a server was ejected from the ring"),
     ("forward_error", "requests answered with an error because their server failed or none was live"),
     ("fragments", "sub-requests made by splitting multi-key requests"),
+    # twinproxy's own, after nutcracker's
+    ("client_output_limit_closed", "clients closed because their unread replies passed client_output_hard_limit"),
 )
 SERVER_FIELDS = (
     ("server_eof", "connections the server closed"),
@@ -156,6 +159,7 @@ def pool_document(service: Any) -> Dict[str, Any]:
         "server_ejects": counters.server_ejects,
         "forward_error": counters.forward_error,
         "fragments": counters.fragments,
+        "client_output_limit_closed": counters.client_output_limit_closed,
     }
     for link in service.links:
         document[link.server.spec.stats_name] = server_document(link.server, link)

@@ -21,6 +21,7 @@ from twinproxy import __version__, stats
 from twinproxy.config import ConfigError, load_file
 from twinproxy.listeners import ListenError
 from twinproxy.logs import DEFAULT_VERBOSITY, MAX_VERBOSITY, LogControl, LogService
+from twinproxy.replybudget import DEFAULT_MAX_REPLY_BUFFER, ReplyBudget
 
 DEFAULT_CONFIG = "conf/pools.yml"
 DEFAULT_STATS_PORT = 22222
@@ -32,6 +33,13 @@ def _verbosity(text: str) -> int:
     value = int(text)
     if not 0 <= value <= MAX_VERBOSITY:
         raise ValueError(f"verbosity must be 0 to {MAX_VERBOSITY}")
+    return value
+
+
+def _nonnegative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must not be negative")
     return value
 
 
@@ -69,6 +77,8 @@ class Options(usage.Options):
          "shows their sum", int],
         ["bound-addresses", None, None, "write where every pool, the stats port and the HTTP endpoint listen "
          "(JSON) to this file, after start-up and after every reload"],
+        ["max-reply-buffer", None, DEFAULT_MAX_REPLY_BUFFER, "bytes of replies the process holds for all its "
+         "clients before it stops reading any (0: no limit)", _nonnegative],
     ]
 
     def opt_config(self, path: str) -> None:
@@ -154,16 +164,14 @@ class ProxyTop(MultiService):
     """
 
     def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except ListenError as err:
-            close_listeners(self)
-            print(f"twinproxy: cannot start: {err}", file=sys.stderr)
-            raise SystemExit(1) from None
+        self._or_exit(super().privilegedStartService)
 
     def startService(self) -> None:
+        self._or_exit(super().startService)
+
+    def _or_exit(self, start: Any) -> None:
         try:
-            super().startService()
+            start()
         except ListenError as err:
             close_listeners(self)
             print(f"twinproxy: cannot start: {err}", file=sys.stderr)
@@ -205,10 +213,12 @@ def build(options: Options, reactor: Any, log_control: Optional[LogControl] = No
     if options["pid-file"] and worker is None:
         PidFileService(options["pid-file"]).setServiceParent(top)
 
+    budget = ReplyBudget(options["max-reply-buffer"], reactor)  # one per process, shared by every pool
+
     def make_pool(config: Any) -> PoolService:
         if worker is None:
-            return PoolService(config, reactor)
-        return PoolService(config, reactor, worker.inherited.get(config.name), reuse_port=True)
+            return PoolService(config, reactor, reply_budget=budget)
+        return PoolService(config, reactor, worker.inherited.get(config.name), reuse_port=True, reply_budget=budget)
 
     proxy = ProxyService(options.pools, make_pool, reactor)
     proxy.setServiceParent(top)

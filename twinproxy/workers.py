@@ -22,13 +22,17 @@ import tempfile
 from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from twinproxy import stats
 from twinproxy.config import ListenSpec, PoolConfig
 from twinproxy.listeners import reserve_port, unix_socket
-from twinproxy.reload import ApplyError
+from twinproxy.reload import ApplyError, shared
+
+# How long the master waits for every worker to listen, and how often it asks.
+READY_SECONDS = 60.0
+READY_POLL = 0.05
 
 
 class WorkerSetup:
@@ -112,16 +116,21 @@ def run_master(options: Any, count: int, serve_worker: Callable[[Any, WorkerSetu
             finally:
                 os._exit(code)
         children.append(pid)
-    unix_paths = {config.listen.path for config in options.pools if config.listen.is_unix}
+    unix_paths = {(config.name, config.listen.path) for config in options.pools if config.listen.is_unix}
     for sock in inherited.values():
         sock.close()
     reactor, log_control = start_master()  # after the forks: the reactor is the master's alone
-    master = Master(options, file_pools, children, paths, reservations, unix_paths, reactor)
+    master = Master(options, file_pools, children, paths, reservations, set(unix_paths), reactor)
     master.log_control = log_control
     try:
         return master.run()
     finally:
         reservations.close()
+        for _, path in unix_paths:
+            try:
+                os.unlink(path)   # the workers leave the shared sockets' paths to the master
+            except OSError:
+                pass
         for name in os.listdir(rundir):
             os.unlink(os.path.join(rundir, name))
         os.rmdir(rundir)
@@ -133,7 +142,7 @@ class Master:
     _log = Logger()
 
     def __init__(self, options: Any, file_pools: List[PoolConfig], children: List[int], paths: List[str],
-                 reservations: PortReservations, unix_paths: Set[str], reactor: Any) -> None:
+                 reservations: PortReservations, unix_paths: Set[tuple], reactor: Any) -> None:
         from twinproxy.control import ReloadCounters
 
         self._options = options
@@ -148,6 +157,7 @@ class Master:
         self._last: Dict[str, Dict[str, Any]] = {}
         self._silent: Set[str] = set()
         self.workers_answered = 0
+        self.ready: defer.Deferred = self._wait_for_workers()
 
     # -- stats ----------------------------------------------------------------
 
@@ -182,6 +192,25 @@ class Master:
         merged["workers_answered"] = answered
         return json.dumps(merged).encode() + b"\n"
 
+    # -- readiness ------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _wait_for_workers(self) -> Any:
+        """Fires once every worker answers on its control socket, which it opens after its pools listen."""
+        from twinproxy.workerctl import ask
+
+        deadline = self._reactor.seconds() + READY_SECONDS
+        waiting = list(self._paths)
+        while waiting and self._reactor.seconds() < deadline:
+            results = yield defer.DeferredList([ask(self._reactor, path, {"op": "stats"}) for path in waiting],
+                                               consumeErrors=True)
+            waiting = [path for path, (ok, reply) in zip(waiting, results) if not (ok and reply.get("ok"))]
+            if waiting:
+                yield task.deferLater(self._reactor, READY_POLL, lambda: None)
+        if waiting:
+            self._log.error("{count} workers did not start listening within {seconds}s: {paths}",
+                            count=len(waiting), seconds=READY_SECONDS, paths=", ".join(waiting))
+
     # -- reload ---------------------------------------------------------------
 
     @defer.inlineCallbacks
@@ -189,10 +218,17 @@ class Master:
         """The Reloader's apply: every worker prepares, then every worker commits."""
         from twinproxy.workerctl import apply_everywhere
 
+        yield shared(self.ready)   # a SIGHUP during start-up waits for the workers
+        running = {config.name: config for config in self._file_pools}
         for config in pools:
-            if config.listen.is_unix and config.listen.path not in self._unix_paths:
+            before = running.get(config.name)
+            if config.listen.is_unix and before is not None and before.redis != config.redis:
+                raise ApplyError(f"pool {config.name}: with --workers the protocol of a pool on a unix socket "
+                                 "can only change at a restart")
+            if config.listen.is_unix and (config.name, config.listen.path) not in self._unix_paths:
                 raise ApplyError(f"pool {config.name}: with --workers a unix socket listen ({config.listen}) can "
-                                 "only be added at start-up; restart to use it")
+                                 "only be added at start-up (the workers share sockets made before they were "
+                                 "forked); restart to use it")
         resolved = self._reservations.resolve(pools)
         try:
             changes = yield apply_everywhere(self._reactor, self._paths, resolved)
@@ -201,6 +237,8 @@ class Master:
             raise ApplyError(str(err)) from None
         self._file_pools = list(pools)
         self._reservations.keep_only(pools)
+        # A unix socket given up (pool removed or moved) is closed in every worker: gone for good.
+        self._unix_paths &= {(c.name, c.listen.path) for c in pools if c.listen.is_unix}
         self._resolved = resolved
         counters = self.counters
         counters.generation += 1
@@ -237,16 +275,22 @@ class Master:
                                          options["stats-port"], document=self.document)
         services: List[Any] = [stats_service]
         reloader = Reloader(options["conf-file"], self.apply, self.counters, reactor)
-        if options["bound-addresses"]:
-            bound = BoundAddressesService(options["bound-addresses"], lambda: self.bound_document(stats_service))
-            services.append(bound)
-            reloader.on_applied(bound.write)
         hangup = HangupService(reactor, [self._log_control_reopen, self.reopen_workers_logs,
                                          lambda: reloader.reload().addErrback(self._log.failure, "reload")])
         services.append(hangup)
         self.reloader = reloader
         for service in services:
             service.startService()
+        if options["bound-addresses"]:
+            bound = BoundAddressesService(options["bound-addresses"], lambda: self.bound_document(stats_service))
+            reloader.on_applied(bound.write)
+
+            def listening(_: Any) -> None:
+                # Only now does every pool accept connections in every worker.
+                services.insert(1, bound)
+                bound.startService()
+
+            self.ready.addCallback(listening)
 
         def reap() -> None:
             for pid in list(self._alive):

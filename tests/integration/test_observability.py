@@ -19,8 +19,9 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO, in_reactor, key_on, pool_yaml
-from tests.servers import LOOPBACK, Process, bound_addresses, free_port, port_of, wait_until
+from tests.servers import LOOPBACK, Process, bound_addresses, port_of, wait_until
 from twinproxy import cli
+from twinproxy.stats import POOL_FIELDS
 
 SAMPLE = json.loads((REPO / "tests" / "data" / "nutcracker-stats-sample.json").read_text())
 
@@ -86,7 +87,9 @@ def test_stats_document_has_nutcrackers_shape_and_right_numbers(redis_servers, p
     pool = doc["alpha"]
     sample_pool = SAMPLE["alpha"]
     pool_fields = [k for k, v in sample_pool.items() if not isinstance(v, dict)]
-    assert [k for k, v in pool.items() if not isinstance(v, dict)] == pool_fields
+    # nutcracker's fields in its order, then twinproxy's own (client_output_limit_closed)
+    own = [name for name, _ in POOL_FIELDS if name not in pool_fields]
+    assert [k for k, v in pool.items() if not isinstance(v, dict)] == pool_fields + own
     sample_server = next(v for v in sample_pool.values() if isinstance(v, dict))
     names = [s.spec.stats_name for s in service.pool.servers]
     assert [k for k, v in pool.items() if isinstance(v, dict)] == names
@@ -184,29 +187,27 @@ def test_metrics_parse_and_health_flips(redis_servers, memcached_servers, proxy,
     assert http_get(http.port_number, "/health")[0] == 200
 
 
-def run_cli(args, tmp_path: Path, name: str = "cli", bound: bool = True) -> Process:
-    """The twinproxy command on ``args``, with ``--bound-addresses`` unless ``bound`` is false."""
+def run_cli(args, tmp_path: Path, name: str = "cli") -> Process:
+    """The twinproxy command on ``args`` plus ``--bound-addresses`` (``process.bound()`` reads it)."""
     twinproxy = os.path.join(os.path.dirname(sys.executable), "twinproxy")
-    if bound:
-        args = [*args, "--bound-addresses", str(tmp_path / f"{name}.bound.json")]
-    process = Process([twinproxy, *args], tmp_path / f"{name}.out")
-    if bound:
-        process.bound_path = tmp_path / f"{name}.bound.json"
+    bound_path = tmp_path / f"{name}.bound.json"
+    process = Process([twinproxy, *args, "--bound-addresses", str(bound_path)], tmp_path / f"{name}.out")
+    process.bound_path = bound_path
     process.spawn()
     return process
 
 
-def write_config(tmp_path: Path, backends, port: int = 0):
-    """A one-pool Redis file; port 0 (the default): the system picks it, --bound-addresses tells it."""
+def write_config(tmp_path: Path, backends) -> Path:
+    """A one-pool Redis file on port 0: the system picks it, --bound-addresses tells it."""
     config = tmp_path / "pools.yml"
-    config.write_text(f"alpha:\n  listen: {LOOPBACK}:{port}\n  redis: true\n  timeout: 1000\n  servers:\n" +
+    config.write_text(f"alpha:\n  listen: {LOOPBACK}:0\n  redis: true\n  timeout: 1000\n  servers:\n" +
                       "".join(f"   - {b.address}:1\n" for b in backends))
-    return config, port
+    return config
 
 
 def test_cli_runs_like_nutcracker_with_pid_file_log_file_and_signals(redis_servers, tmp_path) -> None:
     backends = redis_servers(1)
-    config, _ = write_config(tmp_path, backends)
+    config = write_config(tmp_path, backends)
     pid_file, log_file = tmp_path / "tp.pid", tmp_path / "tp.log"
     process = run_cli(["-c", str(config), "-s", "0", "-a", LOOPBACK, "-p", str(pid_file),
                        "-o", str(log_file), "-v", "6"], tmp_path)
@@ -242,7 +243,7 @@ def test_cli_runs_like_nutcracker_with_pid_file_log_file_and_signals(redis_serve
 
 def test_cli_daemonizes(redis_servers, tmp_path) -> None:
     backends = redis_servers(1)
-    config, _ = write_config(tmp_path, backends)
+    config = write_config(tmp_path, backends)
     pid_file, bound_file = tmp_path / "daemon.pid", tmp_path / "daemon.bound.json"
     twinproxy = os.path.join(os.path.dirname(sys.executable), "twinproxy")
     result = subprocess.run([twinproxy, "-d", "-c", str(config), "-s", "0", "-p", str(pid_file),
@@ -261,7 +262,7 @@ def test_cli_daemonizes(redis_servers, tmp_path) -> None:
 
 def test_twistd_takes_the_same_options(redis_servers, twistd, tmp_path) -> None:
     backends = redis_servers(1)
-    config, _ = write_config(tmp_path, backends)
+    config = write_config(tmp_path, backends)
     log_file = tmp_path / "twistd-o.log"
     process = twistd(config, "-s", "0", "-a", LOOPBACK, "--http-port", "0", "-o", str(log_file), "-v", "6")
     bound = process.bound()
@@ -274,14 +275,15 @@ def test_twistd_takes_the_same_options(redis_servers, twistd, tmp_path) -> None:
 
 def test_workers_share_the_listener_and_sum_their_stats(redis_servers, tmp_path) -> None:
     backends = redis_servers(2)
-    # Each worker binds the pool's port itself (SO_REUSEPORT), so it must be known in advance:
-    # neither port 0 nor --bound-addresses works with --workers.
-    config, port = write_config(tmp_path, backends, free_port())
-    stats_port = free_port()
+    config = write_config(tmp_path, backends)
     pid_file = tmp_path / "master.pid"
-    process = run_cli(["-c", str(config), "--workers", "2", "-s", str(stats_port), "-a", LOOPBACK,
-                       "-p", str(pid_file)], tmp_path, "workers", bound=False)
+    process = run_cli(["-c", str(config), "--workers", "2", "-s", "0", "-a", LOOPBACK, "-p", str(pid_file)],
+                      tmp_path, "workers")
     try:
+        # The master resolves the pool's port 0 once, for every worker, and writes the file.
+        bound = process.bound()
+        assert bound["pid"] == process.proc.pid
+        port, stats_port = port_of(bound["pools"]["alpha"]), port_of(bound["stats"])
         wait_until(lambda: read_stats(stats_port)["curr_connections"] >= 2, timeout=20,
                    what=f"workers:\n{process.output()}")
         clients = [redis.Redis(host=LOOPBACK, port=port, protocol=2, socket_timeout=5) for _ in range(20)]

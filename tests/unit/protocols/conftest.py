@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from twinproxy.protocols import memcache, resp
+from twinproxy.protocols import memcache_text, resp
 
 
 @pytest.fixture(params=["c", "python"])
@@ -15,5 +15,5 @@ def scanners(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
             pytest.skip("twinproxy._speedups is not built (or this is PyPy)")
     else:
         monkeypatch.setattr(resp, "speedups", None)
-        monkeypatch.setattr(memcache, "speedups", None)
+        monkeypatch.setattr(memcache_text, "speedups", None)
     return request.param

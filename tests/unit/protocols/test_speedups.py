@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twinproxy.protocols import ProtocolError, memcache, resp
+from twinproxy.protocols import ProtocolError, memcache_text, resp
 
 pytestmark = pytest.mark.skipif(resp.speedups is None, reason="twinproxy._speedups is not built (or this is PyPy)")
 
@@ -175,18 +175,18 @@ memcache_reply = st.one_of(
 @given(st.lists(memcache_reply, min_size=1, max_size=5), edits, cuts)
 def test_memcache_replies_as_the_python_framer(replies, changes, places) -> None:
     stream = mangle(b"".join(replies), changes)
-    same(memcache.MemcacheReplyFramer, cut(stream, places))
+    same(memcache_text.MemcacheReplyFramer, cut(stream, places))
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(memcache_item, max_size=5), edits)
 def test_split_values_as_python(items, changes) -> None:
     reply = mangle(b"".join(items) + b"END\r\n", changes)
-    fast = memcache.speedups.split_values(reply)
+    fast = memcache_text.speedups.split_values(reply)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(memcache, "speedups", None)
+        patch.setattr(memcache_text, "speedups", None)
         try:
-            slow = memcache.split_values(reply)
+            slow = memcache_text.split_values(reply)
         except (ValueError, IndexError):
             slow = None  # malformed: the framer never lets such a reply through
     if fast is not None:
