@@ -164,20 +164,22 @@ class _Reload(Resource):
         self._reload = reload
 
     def render_POST(self, request: Any) -> Any:
-        def answer(result: Any) -> None:
-            request.setResponseCode(result.status)
+        gone = []
+        request.notifyFinish().addErrback(gone.append)   # the client hung up: the reload goes on
+
+        def send(status: int, document: dict) -> None:
+            if gone:
+                return
+            request.setResponseCode(status)
             request.setHeader(b"content-type", b"application/json")
-            request.write(json.dumps(result.document()).encode() + b"\n")
+            request.write(json.dumps(document).encode() + b"\n")
             request.finish()
 
         def failed(failure: Any) -> None:
             _log.failure("POST /reload", failure=failure)
-            request.setResponseCode(500)
-            request.setHeader(b"content-type", b"application/json")
-            request.write(json.dumps({"ok": False, "error": failure.getErrorMessage()}).encode() + b"\n")
-            request.finish()
+            send(500, {"ok": False, "error": failure.getErrorMessage()})
 
-        self._reload().addCallbacks(answer, failed)
+        self._reload().addCallbacks(lambda result: send(result.status, result.document()), failed)
         return NOT_DONE_YET
 
     def render_GET(self, request: Any) -> bytes:

@@ -114,6 +114,7 @@ class BackendConnection(Protocol):
         self.connected_at: Optional[float] = None
         self.closed = False
         self.draining = False
+        self._drain_seconds: Optional[float] = None   # a gated connection's drain deadline, once open
         self._drain_call: Any = None
         self._closing_reason: Optional[str] = None
         handshake_owner = _Handshake(self)
@@ -156,7 +157,8 @@ class BackendConnection(Protocol):
         if request.expects_reply:
             request.sent_at = self._clock.seconds()
             self._awaiting.append(request)
-            if self._timer is None and self._timeout is not None:
+            # Behind a gate nothing is sent yet: the timeout runs from the write (open_gate).
+            if self._timer is None and self._timeout is not None and not self._gated:
                 self._timer = self._clock.callLater(self._timeout, self._deadline)
 
     def send_queued(self) -> None:
@@ -169,8 +171,23 @@ class BackendConnection(Protocol):
                 write_now(self._socket, self.transport, queued[0] if len(queued) == 1 else b"".join(queued))
 
     def open_gate(self) -> None:
-        """The connections this one replaces have drained: its writes may go out."""
+        """The connections this one replaces have drained: its writes may go out.
+
+        What waited behind the gate was not sent: its timeout starts now.
+        """
         self._gated = False
+        if self.closed:
+            return
+        seconds = self._drain_seconds
+        if seconds is not None and self._drain_call is None:
+            self._drain_call = self._clock.callLater(seconds, self._drain_overdue)
+        awaiting = self._awaiting
+        if awaiting and self._timeout is not None:
+            now = self._clock.seconds()
+            for request in awaiting:
+                request.sent_at = now
+            if self._timer is None:
+                self._timer = self._clock.callLater(self._timeout, self._deadline)
         self._write_held()
 
     def _write_held(self) -> None:
@@ -195,7 +212,10 @@ class BackendConnection(Protocol):
         if not self._awaiting:
             self._close_drained()
             return
-        self._drain_call = self._clock.callLater(seconds, self._drain_overdue)
+        if not self._gated:   # a gated one's deadline starts when its gate opens
+            self._drain_call = self._clock.callLater(seconds, self._drain_overdue)
+        else:
+            self._drain_seconds = seconds
 
     def _drain_overdue(self) -> None:
         self._drain_call = None

@@ -36,6 +36,10 @@ class ReloadCounters:
     last_reload_at: float = 0.0
 
 
+class ReloadError(Exception):
+    """A change that cannot be applied now; nothing was changed."""
+
+
 class PreparedChange:
     """A change whose fallible half is done: ``commit()`` applies it, ``abort()`` undoes it."""
 
@@ -59,16 +63,22 @@ class PreparedChange:
         return self._proxy._commit(self)
 
     def abort(self) -> None:
-        """Undo what ``prepare`` did: close new listeners, drop pools not started."""
+        """Undo what ``prepare`` did: close new listeners, drop pools not started.
+
+        A new listener may have accepted clients meanwhile (``--workers``:
+        between prepare and commit): they are closed, and so is anything
+        their requests opened.
+        """
         if self.done:
             return
         self.done = True
         for service in self._prepared:
             service.abort_prepared()
         for service in self._started.values():
-            port, service.port = service.port, None
-            if port is not None:
-                port.stopListening()
+            service.stop_listening()
+            for client in list(service.factory.clients):
+                client.abort()
+            service.runtime.stop()
 
 
 class ProxyService(MultiService):
@@ -86,6 +96,10 @@ class ProxyService(MultiService):
         self.counters = ReloadCounters()
         # Pools being stopped by a change, until their clients have drained.
         self.stopping: Dict[str, defer.Deferred] = {}
+        # Pools of an applied change waiting for an address another pool gives up.
+        self.starting: Dict[str, PoolService] = {}
+        # Called when such a pool has started (the --bound-addresses file is written again).
+        self.on_late_start: List[Callable[[], None]] = []
         for config in self.configs:
             make_pool(config).setServiceParent(self)
 
@@ -100,27 +114,29 @@ class ProxyService(MultiService):
     # -- change ---------------------------------------------------------------
 
     def prepare(self, pools: Sequence[PoolConfig]) -> PreparedChange:
-        """Diff against ``pools`` and do the fallible half; ListenError leaves everything as it was."""
+        """Diff against ``pools`` and do the fallible half; on any error everything stays as it was."""
+        if self.starting:
+            raise ReloadError(f"pool {', '.join(self.starting)} is still starting after the previous reload; "
+                              "try again")
         diff = diff_pools(self.configs, pools)
         started: Dict[str, PoolService] = {}
         prepared: List[PoolService] = []
         commits: List[Callable[[], List[str]]] = []
         change = PreparedChange(self, pools, diff, started, commits, prepared)
+        # Addresses given up by pools that go away: a new pool taking one listens once they are closed.
+        freed = {str(config.listen) for config in (*diff.removed, *(old for old, _ in diff.replaced))
+                 if config.listen.port != 0}
         try:
-            for config in diff.added:
+            for config in (*diff.added, *(new for _, new in diff.replaced)):
                 service = self._make_pool(config)
                 started[config.name] = service
-                service.listen()
-            for old, new in diff.replaced:
-                service = self._make_pool(new)
-                started[new.name] = service
-                if new.listen != old.listen or new.listen.port == 0:
-                    service.listen()   # else the old listener must close first (see _commit)
+                if str(config.listen) not in freed:
+                    service.listen()
             for pool_diff in diff.changed:
                 service = self.namedServices[pool_diff.name]
                 prepared.append(service)
                 commits.append(service.prepare(pool_diff))
-        except ListenError:
+        except Exception:
             change.abort()
             raise
         return change
@@ -128,19 +144,17 @@ class ProxyService(MultiService):
     def _commit(self, change: PreparedChange) -> List[str]:
         diff = change.diff
         changes = change.describe()
-        for config in diff.removed:
+        closed: Dict[str, defer.Deferred] = {}
+        for config in (*diff.removed, *(old for old, _ in diff.replaced)):
+            closed[str(config.listen)] = self.namedServices[config.name].stop_listening()
             self._stop_pool(config.name)
-        for old, new in diff.replaced:
-            closed = self.namedServices[old.name].stop_listening()
-            self._stop_pool(old.name)
-            service = change._started[new.name]
+        for service in change._started.values():
             if service.port is None:
-                # Same address: it can be bound only once the old listener is closed.
-                closed.addCallback(lambda _, s=service: self._start_pool(s, late=True))
+                # The address is another pool's until its listener has closed.
+                self.starting[service.name] = service
+                closed[str(service.config.listen)].addCallback(lambda _, s=service: self._start_late(s))
             else:
                 self._start_pool(service)
-        for config in diff.added:
-            self._start_pool(change._started[config.name])
         for commit in change._commits:
             commit()
         self.configs = change.pools
@@ -149,6 +163,15 @@ class ProxyService(MultiService):
         counters.reloads += 1
         counters.last_reload_at = self._clock.seconds()
         return changes
+
+    def _start_late(self, service: PoolService) -> None:
+        self.starting.pop(service.name, None)
+        try:
+            self._start_pool(service)
+        except ListenError:
+            return   # logged; the pool is gone (someone took the address in between)
+        for callback in self.on_late_start:
+            callback()
 
     def _stop_pool(self, name: str) -> defer.Deferred:
         """Stop accepting now; the pool's clients drain in the background."""
@@ -165,17 +188,21 @@ class ProxyService(MultiService):
         stopped.addBoth(done)
         return stopped
 
-    def _start_pool(self, service: PoolService, late: bool = False) -> None:
+    def _start_pool(self, service: PoolService) -> None:
         try:
             service.setServiceParent(self)
         except ListenError as err:
-            # Only a replaced pool on the same address gets here, after its old
+            # Only a pool taking over another's address gets here, after that
             # listener closed (someone else took the address in between).
             self._log.error("pool {pool}: could not start after the reload: {error}", pool=service.name, error=err)
             if service.name in self.namedServices:
                 self.removeService(service)
-            if not late:
-                raise
+            raise
+
+    def stopService(self) -> defer.Deferred:
+        """Stop every pool, and wait for those a reload was already stopping."""
+        stopping = list(self.stopping.values())
+        return defer.gatherResults([defer.maybeDeferred(super().stopService), *stopping])
 
     def reconfigure(self, pools: Sequence[PoolConfig]) -> List[str]:
         """Prepare and commit in one go (one process); raises ListenError with nothing changed."""

@@ -92,6 +92,7 @@ class FrontendProtocol(Protocol):
         self._budget: Optional[ReplyBudget] = factory.reply_budget
         self._budget_waiting = False
         self._parse_held = False        # the parser holds requests a limit kept from dispatch
+        self._allowed = 0               # requests that may go out before _allowance is asked again
         self._parsing = False
         self._outbox: Optional[Outbox] = factory.outbox
         self._out: list = []            # replies in order, not yet written
@@ -118,6 +119,7 @@ class FrontendProtocol(Protocol):
 
     def pauseProducing(self) -> None:
         self._write_blocked = True
+        self._allowed = 0
         self._update_reading()
 
     def resumeProducing(self) -> None:
@@ -165,7 +167,7 @@ class FrontendProtocol(Protocol):
                          or pinned >= self._soft_limit)
             if not pause and self._parse_held:
                 if not self._parsing:
-                    self._parse()   # dispatches what it may, then settles reading itself
+                    self.dataReceived(b"")   # dispatches what it may, then settles reading itself
                 return
         if pause != self._reading_paused:
             self._reading_paused = pause
@@ -194,53 +196,59 @@ class FrontendProtocol(Protocol):
     # -- requests -------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        """Dispatch the requests read, as many as the limits allow; then settle reading.
+
+        One read can hold thousands of requests: dispatched all at once,
+        their replies would arrive past every limit.  What a limit holds back
+        stays in the parser (``_parse_held``) and reading pauses, so that is
+        one read at most; ``_update_reading`` dispatches it (calling this
+        with no bytes) once there is room.
+        """
         if self._closing or self._draining:
             if self._linger_call is not None:
                 self._linger_left -= len(data)
                 if self._linger_left < 0:
                     self._linger_over()
             return
-        self._parser.feed(data)
-        self._parse()
-        if self._outbox is not None:
-            self._outbox.burst_done()
-
-    def _parse(self) -> None:
-        """Dispatch the requests the parser holds, as many as the limits allow; then settle reading.
-
-        One read can hold thousands of requests: dispatched all at once,
-        their replies would arrive past every limit.  What a limit holds back
-        stays in the parser (``_parse_held``) until ``_update_reading`` finds
-        room; reading is paused meanwhile, so that is one read at most.
-        """
         parser = self._parser
+        parser.feed(data)
         dispatch = self._dispatch
         held = False
+        budget = self._budget
+        # What _allowance said last, less what went out since: replies only add room,
+        # and send_queued zeroes it when unread replies (or bigger ones) take room away.
+        allowed = 0 if budget is not None and budget.over else self._allowed
         self._parsing = True
-        try:
-            allowed = self._allowance()
-            while not self._closing:
+        while not self._closing:
+            if not allowed:
+                allowed = self._allowance()
                 if not allowed:
-                    allowed = self._allowance()
-                    if not allowed:
-                        held = True
-                        break
-                try:
-                    request = parser.next()
-                except ProtocolError as err:
-                    self._protocol_error(err)
+                    held = True
                     break
-                if request is None:
-                    break
-                dispatch(request)
-                allowed -= 1
-        finally:
-            self._parsing = False
+            try:
+                request = parser.next()
+            except ProtocolError as err:
+                self._protocol_error(err)
+                break
+            if request is None:
+                break
+            dispatch(request)
+            allowed -= 1
+        self._parsing = False
+        self._allowed = allowed
         self._parse_held = held
-        pinned = self._output.account(len(self._in_order))
-        if (held or self._reading_paused or pinned >= self._soft_limit or len(self._in_order) >= self._max_pending
+        output = self._output
+        in_flight = len(self._in_order)
+        pinned = output.queued + in_flight * output.estimate
+        if budget is not None:
+            delta = pinned - output.charged
+            if delta >= budget.quantum or -delta >= budget.quantum or (delta and not pinned) or budget.over:
+                output.account(in_flight)
+        if (held or self._reading_paused or pinned >= self._soft_limit or in_flight >= self._max_pending
                 or self._pending_bytes >= self._max_pending_bytes):
             self._update_reading()
+        if self._outbox is not None:
+            self._outbox.burst_done()
 
     def _allowance(self) -> int:
         """How many more requests may be dispatched before a limit is reached (0: none now)."""
@@ -253,8 +261,7 @@ class FrontendProtocol(Protocol):
         room = self._max_pending - in_flight
         if room <= 0 or self._pending_bytes >= self._max_pending_bytes:
             return 0
-        by_bytes = self._output.room(in_flight, self._soft_limit)
-        return by_bytes if by_bytes < room else room
+        return min(room, self._output.room(in_flight, self._soft_limit))
 
     def connectionLost(self, reason: Any = None) -> None:
         if not self._failed:
@@ -379,12 +386,22 @@ class FrontendProtocol(Protocol):
         output = self._output
         if out:
             if not self.closed and output is not None:
+                estimate = output.estimate
                 output.write(out)
                 out.clear()
-                if output.queued > self._hard_limit:
-                    self._output_limit_exceeded()
-                    return
-                if output.account(len(self._in_order)) >= self._soft_limit or self._reading_paused:
+                if output.queued or output.estimate > estimate:
+                    if output.queued > self._hard_limit:
+                        self._output_limit_exceeded()
+                        return
+                    self._allowed = 0
+                in_flight = len(self._in_order)
+                pinned = output.queued + in_flight * output.estimate
+                budget = self._budget
+                if budget is not None:   # ClientOutput.account, called only when it changes something
+                    delta = pinned - output.charged
+                    if delta >= budget.quantum or -delta >= budget.quantum or (delta and not pinned) or budget.over:
+                        output.account(in_flight)
+                if pinned >= self._soft_limit or self._reading_paused:
                     self._update_reading()
             else:
                 out.clear()

@@ -56,7 +56,8 @@ class ServerLink:
         self._draining: Set[BackendConnection] = set()
         # Retired connections that new ones on this server must wait for (same server, same keys).
         self._barrier: Set[BackendConnection] = set()
-        self._gated: List[BackendConnection] = []
+        # Connections holding their writes, each until what it waits for is gone.
+        self._gated: Dict[BackendConnection, Set[BackendConnection]] = {}
         self._stopped = False
         self._lost_waiters: Dict[BackendConnection, defer.Deferred] = {}
         self._drained_waiters: List[defer.Deferred] = []
@@ -107,7 +108,7 @@ class ServerLink:
             return connection
         self._slots[dialect][index] = connection
         if self._barrier:
-            self._gated.append(connection)
+            self._gated[connection] = set(self._barrier)
         factory = ConnectorFactory(connection)
         spec = self.server.spec
         timeout = self.timeout if self.timeout is not None else 30
@@ -124,14 +125,15 @@ class ServerLink:
         slots = self._slots.get(connection.dialect)
         if slots is not None and connection.slot < len(slots) and slots[connection.slot] is connection:
             slots[connection.slot] = None
+        self._gated.pop(connection, None)
         if connection in self._draining:
             self._draining.discard(connection)
-            if connection in self._barrier:
-                self._barrier.discard(connection)
-                if not self._barrier:
-                    gated, self._gated = self._gated, []
-                    for waiting in gated:
-                        waiting.open_gate()
+            self._barrier.discard(connection)
+            for waiting, before in list(self._gated.items()):
+                before.discard(connection)
+                if not before:
+                    del self._gated[waiting]
+                    waiting.open_gate()
             if not self._draining:
                 waiters, self._drained_waiters = self._drained_waiters, []
                 for waiter in waiters:
@@ -180,6 +182,9 @@ class ServerLink:
                     continue
                 self._draining.add(connection)
                 if barrier:
+                    # A connection still gated joins too: the ones after it wait for
+                    # it, and it for those before it, so the order holds over
+                    # reloads in quick succession.
                     self._barrier.add(connection)
             self._slots[dialect] = [None] * self._size
         for connection in list(self._draining):

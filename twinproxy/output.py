@@ -43,13 +43,13 @@ class ClientOutput:
     """
 
     __slots__ = ("_transport", "_socket", "_chunks", "queued", "waiting", "estimate", "_learned", "_budget",
-                 "_charged")
+                 "charged")
 
     def __init__(self, transport: Any, sock: Any, budget: Any = None) -> None:
         self._transport = transport
         self._socket = sock
         self._budget = budget      # the process's ReplyBudget, or None
-        self._charged = 0          # what this client counts for in it
+        self.charged = 0           # what this client counts for in it
         self._chunks: deque = deque()
         self.queued = 0
         self.waiting = False   # startWriting called; the transport will call resumeProducing
@@ -88,7 +88,12 @@ class ClientOutput:
             chunks.append(data)   # behind what the socket has not taken yet
             self.queued += total
         else:
-            sent = self._send(data)
+            try:
+                sent = self._socket.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as err:
+                sent = 0 if err.errno == errno.ENOBUFS else -1
             if sent == total:
                 return
             if sent < 0:
@@ -127,14 +132,17 @@ class ClientOutput:
         pinned = self.queued + in_flight * self.estimate
         budget = self._budget
         if budget is not None:
-            delta = pinned - self._charged
+            delta = pinned - self.charged
             if delta:
-                self._charged = pinned
-                budget.charge(delta)
+                self.charged = pinned
+                used = budget.used + delta   # ReplyBudget.charge, inlined: this runs per read and per write
+                budget.used = used
+                if used >= budget.limit or budget.over:
+                    budget.charge(0)
         return pinned
 
     def room(self, in_flight: int, limit: int) -> int:
-        """How many more requests fit under ``limit`` and the process budget (0: none)."""
+        """How many more requests fit under ``limit`` and the process budget, at the estimate (0: none)."""
         estimate = self.estimate
         spare = limit - self.queued - in_flight * estimate
         budget = self._budget
@@ -146,7 +154,7 @@ class ClientOutput:
         """Forget what is queued and give the client's share of the budget back (closed or gone)."""
         self._chunks.clear()
         self.queued = 0
-        charged, self._charged = self._charged, 0
+        charged, self.charged = self.charged, 0
         if charged and self._budget is not None:
             self._budget.charge(-charged)
 

@@ -158,13 +158,12 @@ class HangupService(Service):
         self.setName("hangup")
         self._reactor = reactor
         self._actions = list(actions)
-        self._previous: Any = None
         self._installed = False
 
     def startService(self) -> None:
         super().startService()
         try:
-            self._previous = signal.signal(signal.SIGHUP, self._handle)
+            signal.signal(signal.SIGHUP, self._handle)
             self._installed = True
         except ValueError:  # not the main thread (tests run the reactor in a thread)
             pass
@@ -182,5 +181,7 @@ class HangupService(Service):
     def stopService(self) -> None:
         super().stopService()
         if self._installed:
-            signal.signal(signal.SIGHUP, self._previous if self._previous is not None else signal.SIG_DFL)
+            # Stopping means the process is on its way out, draining: SIGHUP's
+            # default action would kill it with requests in flight.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             self._installed = False

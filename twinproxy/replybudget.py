@@ -11,7 +11,7 @@ be told when reading may resume.
 
 ::
 
-    client._account()  --> budget.charge(delta)        (per read, per write burst)
+    ClientOutput.account() --> budget.charge(delta)   (per read, per write burst)
          used >= limit  --> over: every client pauses at its next read
          used <= limit/2 --> release: each waiting client's budget_released()
 """
@@ -25,6 +25,7 @@ from twisted.logger import Logger
 DEFAULT_MAX_REPLY_BUFFER = 256 * 1024 * 1024
 # The limit of a budget made with 0: never reached.
 UNLIMITED = 1 << 62
+QUANTUM = 16 * 1024
 # Over-limit warnings are logged at most this often; the count in between is reported.
 LOG_INTERVAL = 60.0
 
@@ -32,13 +33,14 @@ LOG_INTERVAL = 60.0
 class ReplyBudget:
     """Reply bytes pinned by every client of the process, against one limit (0: none).
 
-    ``charge`` is called by clients with the change of what they pin, a
-    few times per reactor turn at most; ``over`` is read on every parse.
+    ``charge`` is called by clients with the change of what they pin (or
+    inlined: ``used`` updated, then ``charge(0)`` once at or over the
+    limit); ``over`` is read on every parse.
     Clients that paused because of the budget call ``wait`` and get
     ``budget_released()`` when the sum falls to half the limit.
     """
 
-    __slots__ = ("limit", "resume_at", "used", "over", "trips", "_waiting", "_clock", "_logged_at",
+    __slots__ = ("limit", "resume_at", "quantum", "used", "over", "trips", "_waiting", "_clock", "_logged_at",
                  "_unlogged")
 
     _log = Logger()
@@ -48,6 +50,10 @@ class ReplyBudget:
             raise ValueError("the reply buffer limit must not be negative")
         self.limit = limit or UNLIMITED
         self.resume_at = self.limit // 2
+        # A client's share is brought up to date when it moved by this much (or
+        # fell to nothing, or the limit is reached): one call per request
+        # would cost more than the counting is worth.
+        self.quantum = max(1, min(QUANTUM, self.limit // 64))
         self.used = 0
         self.over = False
         self.trips = 0              # times the limit was reached, since start

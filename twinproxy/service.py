@@ -165,6 +165,9 @@ class PoolService(Service):
         """Move the pool to ``diff.new``.  Clients connected through an old
         listener keep their connections: only accepting moves."""
         changes = self.runtime.apply(diff)
+        if self.running and diff.new.preconnect:
+            for link in self.links:   # new servers, replaced connections, preconnect switched on
+                link.preconnect(self.codec.default_dialect)
         new_port, self._prepared = getattr(self, "_prepared", None), None
         if new_port is not None:
             old, self.port = self.port, new_port

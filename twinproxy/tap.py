@@ -218,7 +218,7 @@ def build(options: Options, reactor: Any, log_control: Optional[LogControl] = No
     def make_pool(config: Any) -> PoolService:
         if worker is None:
             return PoolService(config, reactor, reply_budget=budget)
-        return PoolService(config, reactor, worker.inherited.get(config.name), reuse_port=True, reply_budget=budget)
+        return PoolService(config, reactor, worker.take_inherited(config), reuse_port=True, reply_budget=budget)
 
     proxy = ProxyService(options.pools, make_pool, reactor)
     proxy.setServiceParent(top)
@@ -245,6 +245,7 @@ def build(options: Options, reactor: Any, log_control: Optional[LogControl] = No
                                           lambda: bound_document(proxy, stats, http))
             bound.setServiceParent(top)
             reloader.on_applied(bound.write)
+            proxy.on_late_start.append(bound.write)
     HangupService(reactor, hangup).setServiceParent(top)
     top.reloader = reloader
     top.proxy = proxy

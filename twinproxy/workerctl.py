@@ -197,39 +197,56 @@ def ask(reactor: Any, path: str, message: Dict[str, Any]) -> Any:
     return reply
 
 
+class PartialCommitError(Exception):
+    """Every worker prepared, but some did not confirm the commit (it died or hung meanwhile).
+
+    The others have applied the change: it stands.
+    """
+
+    def __init__(self, changes: List[str], reason: str) -> None:
+        super().__init__(reason)
+        self.changes = changes
+
+
 @defer.inlineCallbacks
 def apply_everywhere(reactor: Any, paths: Sequence[str], pools: List[Any]) -> Any:
     """Two-phase: every worker prepares ``pools``; all commit if all could, else all abort.
 
     Returns the changes; raises RuntimeError naming the first worker that
-    refused (a listener it could not open) or did not answer.
+    refused (a listener it could not open) or did not answer, with nothing
+    changed anywhere; PartialCommitError when the change was committed but
+    some worker did not confirm it.
     """
     ends: List[_MasterEnd] = []
     try:
         connecting = [_with_timeout(reactor, _connect(reactor, path), path) for path in paths]
         results = yield defer.DeferredList(connecting, consumeErrors=True)
+        ends = [value for ok, value in results if ok]
         for (ok, value), path in zip(results, paths):
             if not ok:
                 raise RuntimeError(f"worker at {path} unreachable: {value.getErrorMessage()}")
-            ends.append(value)
-        prepared = yield defer.DeferredList(
-            [_with_timeout(reactor, end.ask({"op": "prepare", "pools": pools}), "prepare") for end in ends],
-            consumeErrors=True)
+        prepared = yield _ask_all(reactor, ends, {"op": "prepare", "pools": pools}, "prepare")
         refusal = _first_refusal(prepared)
         if refusal is not None:
-            yield defer.DeferredList([end.ask({"op": "abort"}) for end in ends], consumeErrors=True)
+            yield _ask_all(reactor, ends, {"op": "abort"}, "abort")
             raise RuntimeError(refusal)
-        committed = yield defer.DeferredList(
-            [_with_timeout(reactor, end.ask({"op": "commit"}), "commit") for end in ends], consumeErrors=True)
+        committed = yield _ask_all(reactor, ends, {"op": "commit"}, "commit")
+        changes = next((value["changes"] for ok, value in committed if ok and value.get("ok")), None)
         refusal = _first_refusal(committed)
         if refusal is not None:
-            # A commit cannot fail in a live worker: this one died in between.
-            raise RuntimeError(f"applied, but {refusal}")
-        return committed[0][1]["changes"]
+            if changes is None:
+                changes = next(value["changes"] for ok, value in prepared)
+            raise PartialCommitError(changes, refusal)
+        return changes
     finally:
         for end in ends:
             if end.transport is not None:
                 end.transport.loseConnection()
+
+
+def _ask_all(reactor: Any, ends: Sequence[_MasterEnd], message: Dict[str, Any], what: str) -> defer.Deferred:
+    return defer.DeferredList([_with_timeout(reactor, end.ask(message), what) for end in ends],
+                              consumeErrors=True)
 
 
 def _first_refusal(results: List[Any]) -> Optional[str]:

@@ -42,6 +42,16 @@ class WorkerSetup:
         self.control_path = control_path
         self.inherited = inherited
 
+    def take_inherited(self, config: PoolConfig) -> Optional[socket.socket]:
+        """The socket made for ``config``'s unix listen, once: the pool that takes it closes it."""
+        sock = self.inherited.get(config.name)
+        if sock is None or not config.listen.is_unix or sock.fileno() < 0:
+            return None
+        if sock.getsockname() != config.listen.path:
+            return None
+        del self.inherited[config.name]
+        return sock
+
     def serve(self, top: Any, proxy: Any, pools: Callable[[], Sequence[Any]], started: float, reactor: Any,
               log_control: Any) -> None:
         """Add the control socket to the worker's service tree."""
@@ -204,7 +214,9 @@ class Master:
         while waiting and self._reactor.seconds() < deadline:
             results = yield defer.DeferredList([ask(self._reactor, path, {"op": "stats"}) for path in waiting],
                                                consumeErrors=True)
-            waiting = [path for path, (ok, reply) in zip(waiting, results) if not (ok and reply.get("ok"))]
+            alive = set(self._serving_paths())
+            waiting = [path for path, (ok, reply) in zip(waiting, results)
+                       if path in alive and not (ok and reply.get("ok"))]
             if waiting:
                 yield task.deferLater(self._reactor, READY_POLL, lambda: None)
         if waiting:
@@ -216,7 +228,7 @@ class Master:
     @defer.inlineCallbacks
     def apply(self, pools: List[PoolConfig]) -> Any:
         """The Reloader's apply: every worker prepares, then every worker commits."""
-        from twinproxy.workerctl import apply_everywhere
+        from twinproxy.workerctl import PartialCommitError, apply_everywhere
 
         yield shared(self.ready)   # a SIGHUP during start-up waits for the workers
         running = {config.name: config for config in self._file_pools}
@@ -229,9 +241,16 @@ class Master:
                 raise ApplyError(f"pool {config.name}: with --workers a unix socket listen ({config.listen}) can "
                                  "only be added at start-up (the workers share sockets made before they were "
                                  "forked); restart to use it")
-        resolved = self._reservations.resolve(pools)
         try:
-            changes = yield apply_everywhere(self._reactor, self._paths, resolved)
+            resolved = self._reservations.resolve(pools)
+        except OSError as err:
+            self._reservations.keep_only(self._file_pools)
+            raise ApplyError(f"cannot reserve a port: {err}") from None
+        try:
+            changes = yield apply_everywhere(self._reactor, self._serving_paths(), resolved)
+        except PartialCommitError as partial:
+            self._log.error("reload applied, but not confirmed by every worker: {why}", why=str(partial))
+            changes = partial.changes
         except RuntimeError as err:
             self._reservations.keep_only(self._file_pools)
             raise ApplyError(str(err)) from None
@@ -245,6 +264,10 @@ class Master:
         counters.reloads += 1
         counters.last_reload_at = self._reactor.seconds()
         return changes
+
+    def _serving_paths(self) -> List[str]:
+        """The control sockets of the workers still alive: a dead one must not block every reload."""
+        return [path for pid, path in zip(self._children, self._paths) if pid in self._alive]
 
     def reopen_workers_logs(self) -> None:
         from twinproxy.workerctl import ask
@@ -276,7 +299,8 @@ class Master:
         services: List[Any] = [stats_service]
         reloader = Reloader(options["conf-file"], self.apply, self.counters, reactor)
         hangup = HangupService(reactor, [self._log_control_reopen, self.reopen_workers_logs,
-                                         lambda: reloader.reload().addErrback(self._log.failure, "reload")])
+                                         lambda: reloader.reload().addErrback(
+                                             lambda failure: self._log.failure("reload", failure=failure))])
         services.append(hangup)
         self.reloader = reloader
         for service in services:

@@ -45,6 +45,12 @@ def test_a_dead_workers_counters_stand_and_the_gauge_says_who_answered(redis_ser
         assert after["alpha"]["client_eof"] >= before["alpha"]["client_eof"]
         wait_until(lambda: "did not answer for stats" in process.output(), what="the log line")
         wait_until(lambda: f"worker {victim} exited" in process.output(), what="the exit logged")
+        # A reload still applies, to the worker that is left.
+        config.write_text(config.read_text().replace("timeout: 1000", "timeout: 2000"))
+        process.proc.send_signal(signal.SIGHUP)
+        assert process.bound(generation=2)["generation"] == 2
+        assert read_stats(stats_port)["reloads"] == 1
+        assert "timeout 1000 -> 2000" in process.output()
         for client in clients:
             client.close()
     finally:

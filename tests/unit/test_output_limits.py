@@ -8,6 +8,9 @@ hand on a ``MemoryReactorClock``.
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
@@ -309,6 +312,19 @@ class BudgetTests(SynchronousTestCase):
         self.assertEqual(told, [waiter])
         self.assertEqual(budget.trips, 1)
 
+    def test_small_changes_are_counted_once_they_add_up(self) -> None:
+        """A client's share is brought up to date when it moved by the quantum, or fell to nothing."""
+        budget = ReplyBudget(1 << 30)
+        self.assertEqual(budget.quantum, 16 * 1024)
+        h = Harness(budget=budget)
+        client, transport = h.client(room=0)
+        client.dataReceived(cmd(b"GET", b"k"))
+        self.assertEqual(budget.used, 0)          # 1 KiB estimated: not worth a call yet
+        h.answer(bulk(20000))
+        self.assertEqual(budget.used, len(bulk(20000)))
+        writable(client, transport, 1 << 30)
+        self.assertEqual(budget.used, 0)
+
     def test_zero_is_no_limit(self) -> None:
         """--max-reply-buffer 0: the budget counts but never trips."""
         budget = ReplyBudget(0)
@@ -353,15 +369,17 @@ class BudgetTests(SynchronousTestCase):
         h = Harness(budget=budget)
         client, _ = h.client(room=0)
         client.dataReceived(cmd(b"GET", b"k") * 3)
-        h.answer(bulk(3000))
-        self.assertGreater(budget.used, 3000)
+        h.answer(bulk(30000))
+        self.assertEqual(budget.used, 3 * len(bulk(30000)))   # one queued, two in flight at its size
         client.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(budget.used, 0)
 
 
 class OptionTests(SynchronousTestCase):
     def _options(self, *args: str):
-        path = self.mktemp()
+        directory = tempfile.TemporaryDirectory()   # not trial's mktemp: that writes under the cwd
+        self.addCleanup(directory.cleanup)
+        path = os.path.join(directory.name, "pools.yml")
         with open(path, "w") as out:
             out.write("alpha:\n  listen: 127.0.0.1:22121\n  redis: true\n  servers:\n   - 127.0.0.1:6379:1\n"
                       "beta:\n  listen: 127.0.0.1:22122\n  servers:\n   - 127.0.0.1:11211:1\n")

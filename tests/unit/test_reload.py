@@ -85,6 +85,24 @@ class ReconfigureTests(SynchronousTestCase):
         self.assertEqual(new.config.protocol, "memcache")
 
 
+    def test_a_pool_renamed_on_the_same_address_takes_it_once_the_old_one_let_go(self) -> None:
+        proxy, reactor = build(ALPHA)
+        old = proxy.pool("alpha")
+        release = defer.Deferred()
+        old.stop_listening = lambda: release   # the old listener closes when we say
+        proxy.reconfigure(load_text(ALPHA.replace("alpha:", "gamma:")))
+        self.assertEqual([s.name for s in proxy.pools], [])
+        with self.assertRaises(Exception) as caught:
+            proxy.prepare(load_text(ALPHA))
+        self.assertIn("pool gamma is still starting", str(caught.exception))
+        started = []
+        proxy.on_late_start.append(lambda: started.append(1))
+        release.callback(None)
+        self.assertEqual([s.name for s in proxy.pools], ["gamma"])
+        self.assertEqual(proxy.pool("gamma").port.getHost().port, 7001)
+        self.assertEqual(started, [1])
+
+
 class ReloaderTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.events = []

@@ -233,3 +233,37 @@ class GuardedCompletionTests(SynchronousTestCase):
             wires[0][0].dataReceived(b"*1\r\n$-1\r\n")
         self.assertEqual(out.value(), b"-ERR proxy error: the replies could not be merged\r\n+PONG\r\n")
         self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+
+
+class BarrierTests(SynchronousTestCase):
+    def test_two_handshake_changes_in_a_row_keep_the_order_and_fail_nothing(self) -> None:
+        w = Wire()
+        ka = w.key_on("a")
+        first, first_out = w.client()
+        second, second_out = w.client()
+        third, third_out = w.client()
+        first.dataReceived(cmd(b"GET", ka))
+        w.connect_pending()
+        old, old_wire = w.backends["10.0.0.1:6379"][0]
+        w.apply(extra="  redis_db: 1\n")
+        second.dataReceived(cmd(b"GET", ka))
+        w.connect_pending()
+        middle, middle_wire = w.backends["10.0.0.1:6379"][1]
+        w.apply(extra="  redis_db: 2\n")
+        third.dataReceived(cmd(b"GET", ka))
+        w.connect_pending()
+        last, last_wire = w.backends["10.0.0.1:6379"][2]
+        self.assertEqual((middle_wire.value(), last_wire.value()), (b"", b""))
+        w.reactor.advance(0.3)   # held requests' timeouts do not run while they wait
+        old.dataReceived(b"$1\r\n1\r\n")
+        self.assertEqual(middle_wire.value(), cmd(b"SELECT", b"1") + cmd(b"GET", ka))
+        self.assertEqual(last_wire.value(), b"")          # still behind the middle one
+        w.reactor.advance(0.3)
+        middle.dataReceived(b"+OK\r\n$1\r\n2\r\n")
+        self.assertTrue(middle_wire.disconnecting)
+        self.assertEqual(last_wire.value(), cmd(b"SELECT", b"2") + cmd(b"GET", ka))
+        last.dataReceived(b"+OK\r\n$1\r\n3\r\n")
+        self.assertEqual([first_out.value(), second_out.value(), third_out.value()],
+                         [b"$1\r\n1\r\n", b"$1\r\n2\r\n", b"$1\r\n3\r\n"])
+        self.assertEqual(w.runtime.pool.counters.forward_error, 0)
+        self.assertEqual(w.runtime.pool.servers[0].failure_count, 0)
