@@ -1,9 +1,10 @@
 """Client connections: parse, dispatch, and answer in the client's order.
 
 Owns: :class:`FrontendProtocol`, one per client, protocol-neutral (the
-pool's codec parses and classifies), :class:`ProxyFactory`, which builds
-them, enforces ``client_connections`` and assigns client ids, and the
-:class:`Outbox`, which turns a burst of replies into one write per client.
+pool's codec parses and classifies), and :class:`ProxyFactory`, which
+builds them, enforces ``client_connections`` and assigns client ids.  The
+:class:`~twinproxy.outbox.Outbox` turns a burst of replies into one write
+per client.
 Knows neither wire syntax nor hashing: routing is ``pool.server_for_key``
 and a server is something with ``send(request)``.
 
@@ -34,6 +35,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from twinproxy.outbox import Outbox
 from twinproxy.output import ClientOutput, peer_text
 from twinproxy.protocols import Codec, ProtocolError
 from twinproxy.replybudget import ReplyBudget
@@ -178,6 +180,10 @@ class FrontendProtocol(Protocol):
 
     def drain(self) -> None:
         """Read no more; close once every request read so far is answered (pool stopping)."""
+        if self._parse_held and not self._closing:
+            # Read but held back by a limit: answered too (the hard limit still holds).
+            self._allowed = NO_LIMIT
+            self.dataReceived(b"")
         self._draining = True
         self._update_reading()
         if not self._in_order:
@@ -480,58 +486,6 @@ class FrontendProtocol(Protocol):
         self._failed = True
         self._in_order.append(request)
         self._flush()
-
-
-class Outbox:
-    """Clients and server connections with bytes queued, written once per reactor turn.
-
-    One server read can answer many clients, and many requests of one
-    pipelining client; one turn of the reactor can read requests from many
-    clients for the same server connection.  Each of them then gets one
-    write for all of it, right after the turn's events are handled (a
-    zero-delay call runs before the reactor polls again), instead of one
-    write per request or reply.  Without a clock (unit tests), ``burst_done``
-    writes at once: at the end of each read or failure.
-    """
-
-    __slots__ = ("_clients", "_servers", "_clock", "_call")
-
-    def __init__(self, clock: Any = None) -> None:
-        self._clients: list = []
-        self._servers: list = []
-        self._clock = clock
-        self._call: Any = None
-
-    def add(self, client: FrontendProtocol) -> None:
-        self._clients.append(client)
-        if self._call is None and self._clock is not None:
-            self._call = self._clock.callLater(0, self.flush)
-
-    def add_server(self, connection: Any) -> None:
-        """A backend connection with requests queued: likewise one write per turn."""
-        self._servers.append(connection)
-        if self._call is None and self._clock is not None:
-            self._call = self._clock.callLater(0, self.flush)
-
-    def burst_done(self) -> None:
-        """A read or a failure has queued what it will: without a clock, write it now."""
-        if self._clock is None:
-            self.flush()
-
-    def flush(self) -> None:
-        call, self._call = self._call, None
-        if call is not None and call.active():
-            call.cancel()
-        servers = self._servers
-        if servers:
-            self._servers = []
-            for connection in servers:
-                connection.send_queued()
-        clients = self._clients
-        if clients:
-            self._clients = []
-            for client in clients:
-                client.send_queued()
 
 
 class _Refused(Protocol):

@@ -29,8 +29,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twinproxy.config import PoolConfig
-from twinproxy.frontend import Outbox, ProxyFactory
+from twinproxy.frontend import ProxyFactory
 from twinproxy.links import ServerLink
+from twinproxy.outbox import Outbox
 from twinproxy.pool import Server, ServerPool
 from twinproxy.protocols import codec_for
 from twinproxy.request import Request

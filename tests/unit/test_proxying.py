@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from twinproxy.config import load_text
-from twinproxy.frontend import Outbox
+from twinproxy.outbox import Outbox
 from twinproxy.protocols.resp import encode_command
 from twinproxy.runtime import PoolRuntime
 

@@ -267,3 +267,19 @@ class BarrierTests(SynchronousTestCase):
                          [b"$1\r\n1\r\n", b"$1\r\n2\r\n", b"$1\r\n3\r\n"])
         self.assertEqual(w.runtime.pool.counters.forward_error, 0)
         self.assertEqual(w.runtime.pool.servers[0].failure_count, 0)
+
+
+class RemovedPoolTests(SynchronousTestCase):
+    def test_a_draining_client_gets_answers_to_requests_a_limit_held_back(self) -> None:
+        w = Wire(extra="  client_max_pending: 2\n")
+        client, out = w.client()
+        key = w.key_on("a")
+        client.dataReceived(cmd(b"GET", key) * 5)   # two go out, three wait in the parser
+        w.connect_pending()
+        a, wire = w.backends["10.0.0.1:6379"][0]
+        self.assertEqual(wire.value(), cmd(b"GET", key) * 2)
+        client.drain()                              # the pool is removed
+        self.assertEqual(wire.value(), cmd(b"GET", key) * 5)
+        a.dataReceived(b"$1\r\nv\r\n" * 5)
+        self.assertEqual(out.value(), b"$1\r\nv\r\n" * 5)
+        self.assertTrue(out.disconnecting)
