@@ -41,6 +41,8 @@ class PoolService(Service):
         self.port: Any = None
         # Listeners given up by a moved ``listen``, until they have stopped.
         self._old_ports: List[Any] = []
+        # The new listener of a moved ``listen``, between prepare and apply.
+        self._prepared: Any = None
 
     # -- views the stats, metrics and tests read ------------------------------
 
@@ -150,14 +152,14 @@ class PoolService(Service):
         cannot fail; raises ListenError with nothing changed.  Call
         :meth:`abort_prepared` instead of the commit to undo.
         """
-        self._prepared: Any = None
+        self._prepared = None
         if diff.listen_changed and self.port is not None:
             self._prepared = listen_pool(self._reactor, diff.new.name, diff.new.listen, self.factory,
                                          diff.new.backlog, None, self._reuse_port)
         return lambda: self.apply(diff)
 
     def abort_prepared(self) -> None:
-        port, self._prepared = getattr(self, "_prepared", None), None
+        port, self._prepared = self._prepared, None
         if port is not None:
             port.stopListening()
 
@@ -168,7 +170,7 @@ class PoolService(Service):
         if self.running and diff.new.preconnect:
             for link in self.links:   # new servers, replaced connections, preconnect switched on
                 link.preconnect(self.codec.default_dialect)
-        new_port, self._prepared = getattr(self, "_prepared", None), None
+        new_port, self._prepared = self._prepared, None
         if new_port is not None:
             old, self.port = self.port, new_port
             self._close_inherited()
