@@ -176,6 +176,17 @@ def pool_yaml(servers, **keys) -> str:
     return "\n".join(lines) + "\n"
 
 
+def spawn_proxy(argv: List[str], log: Path, processes: List[Process], bound_path: Optional[Path] = None) -> Process:
+    """Start a proxy command (twistd or twinproxy) from this checkout; remember it in ``processes``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    process = Process(argv, log, env=env)
+    process.bound_path = bound_path
+    process.spawn()
+    processes.append(process)
+    return process
+
+
 @pytest.fixture
 def twistd(tmp_path: Path):
     """``twistd(config_path)`` runs ``twistd -n twinproxy`` as a real subprocess.
@@ -187,8 +198,6 @@ def twistd(tmp_path: Path):
 
     def start(config_path: Path, *extra: str) -> Process:
         twistd_bin = os.path.join(os.path.dirname(sys.executable), "twistd")
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         if "-s" not in extra and "--stats-port" not in extra:
             extra = (*extra, "--stats-port", "0")  # never the fixed default 22222 in tests
         if "--bound-addresses" in extra:
@@ -196,12 +205,8 @@ def twistd(tmp_path: Path):
         else:
             bound_path = tmp_path / f"twistd{len(processes)}.bound.json"
             extra = (*extra, "--bound-addresses", str(bound_path))
-        process = Process([twistd_bin, "--nodaemon", "--pidfile=", "twinproxy", "--config", str(config_path),
-                           *extra], tmp_path / f"twistd{len(processes)}.log", env=env)
-        process.bound_path = bound_path
-        process.spawn()
-        processes.append(process)
-        return process
+        return spawn_proxy([twistd_bin, "--nodaemon", "--pidfile=", "twinproxy", "--config", str(config_path),
+                            *extra], tmp_path / f"twistd{len(processes)}.log", processes, bound_path)
 
     yield start
     for process in processes:

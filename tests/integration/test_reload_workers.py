@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import spawn_proxy
 from tests.reload_load import (
     ReloadDriver,
     apply_steps,
@@ -42,13 +42,8 @@ def twinproxy_command(tmp_path: Path):
 
     def start(config_path: Path, *extra: str) -> Process:
         command = os.path.join(os.path.dirname(sys.executable), "twinproxy")
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-        process = Process([command, "-c", str(config_path), *extra], tmp_path / f"twinproxy{len(processes)}.log",
-                          env=env)
-        process.spawn()
-        processes.append(process)
-        return process
+        return spawn_proxy([command, "-c", str(config_path), *extra], tmp_path / f"twinproxy{len(processes)}.log",
+                           processes)
 
     yield start
     for process in processes:
