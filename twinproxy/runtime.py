@@ -104,10 +104,10 @@ class PoolRuntime:
         for old_spec, _ in diff.readdressed:
             self._links[old_spec.name].retarget()
         if diff.settings:
+            added = {spec.name for spec in diff.added}   # their links were made with the new settings
             for server in self.pool.servers:
-                link = self._links[server.name]
-                if server.name not in {spec.name for spec in diff.added}:
-                    link.reconfigure(self.codec, new, diff.handshake_changed)
+                if server.name not in added:
+                    self._links[server.name].reconfigure(self.codec, new, diff.handshake_changed)
             factory = self.factory
             factory.codec = self.codec
             factory.client_limit = new.client_connections

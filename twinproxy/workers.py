@@ -130,8 +130,7 @@ def run_master(options: Any, count: int, serve_worker: Callable[[Any, WorkerSetu
     for sock in inherited.values():
         sock.close()
     reactor, log_control = start_master()  # after the forks: the reactor is the master's alone
-    master = Master(options, file_pools, children, paths, reservations, set(unix_paths), reactor)
-    master.log_control = log_control
+    master = Master(options, file_pools, children, paths, reservations, set(unix_paths), reactor, log_control)
     try:
         return master.run()
     finally:
@@ -152,7 +151,8 @@ class Master:
     _log = Logger()
 
     def __init__(self, options: Any, file_pools: List[PoolConfig], children: List[int], paths: List[str],
-                 reservations: PortReservations, unix_paths: Set[tuple], reactor: Any) -> None:
+                 reservations: PortReservations, unix_paths: Set[tuple], reactor: Any,
+                 log_control: Any = None) -> None:
         from twinproxy.control import ReloadCounters
 
         self._options = options
@@ -167,6 +167,9 @@ class Master:
         self._last: Dict[str, Dict[str, Any]] = {}
         self._silent: Set[str] = set()
         self.workers_answered = 0
+        self._log_control = log_control
+        self._resolved: List[PoolConfig] = list(options.pools)   # the pools as the workers serve them
+        self._stopping = False
         self.ready: defer.Deferred = self._wait_for_workers()
 
     # -- stats ----------------------------------------------------------------
@@ -278,7 +281,7 @@ class Master:
                                                        why=failure.getErrorMessage()))
 
     def bound_document(self, stats_service: Any) -> Dict[str, Any]:
-        pools = getattr(self, "_resolved", None) or self._options.pools
+        pools = self._resolved
         return {"pid": os.getpid(), "generation": self.counters.generation,
                 "pools": {config.name: str(config.listen) for config in pools},
                 "stats": stats_service.bound, "http": None}
@@ -330,8 +333,6 @@ class Master:
             if not self._alive and reactor.running:
                 reactor.stop()
 
-        self._stopping = False
-
         def stop_workers() -> None:
             self._stopping = True
             for service in reversed(services):
@@ -354,11 +355,9 @@ class Master:
                 pass
         return 0
 
-    log_control: Optional[Any] = None
-
     def _log_control_reopen(self) -> None:
-        if self.log_control is not None:
-            self.log_control.reopen()
+        if self._log_control is not None:
+            self._log_control.reopen()
 
 
 def check_supported(count: int) -> None:
