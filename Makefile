@@ -3,10 +3,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint deps venv clean bench bench-quick pypy pypy-venv
+.PHONY: run run-sentinel test lint deps venv clean bench bench-quick pypy pypy-venv
 
 run: deps venv
 	scripts/run-demo.sh
+
+# A second demo: a Sentinel pool over two shards and three sentinels; fail one over and watch.
+run-sentinel: deps venv
+	scripts/run-sentinel-demo.sh
 
 test: deps venv
 	$(VENV)/bin/ruff check twinproxy twisted tests bench

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make sure the system programs twinproxy's demo and tests need are present:
-# a Python with venv, redis-server/redis-cli/redis-benchmark, memcached and
+# a Python with venv, redis-server/redis-sentinel/redis-cli/redis-benchmark, memcached and
 # libmemcached's tools.  Installs them with apt-get when running as root on
 # Debian; otherwise says exactly what to install and fails.  A C compiler and
 # the Python headers (for twinproxy's optional C scanners) are installed too
@@ -18,6 +18,8 @@ case "${1:-}" in
         command -v pypy3 >/dev/null 2>&1 || missing+=(pypy3 pypy3-venv) ;;
 esac
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# Sentinel mode's tests and demo run real sentinels (Debian ships them apart).
+command -v redis-sentinel >/dev/null 2>&1 || missing+=(redis-sentinel)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v redis-benchmark >/dev/null 2>&1 || missing+=(redis-tools)
 command -v memcached >/dev/null 2>&1 || missing+=(memcached)
@@ -58,7 +60,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     # shellcheck disable=SC2086
     apt-get install -y -qq --no-install-recommends $packages >/dev/null
     # Debian starts the packaged daemons; the demo and tests run their own.
-    for unit in redis-server memcached; do
+    for unit in redis-server redis-sentinel memcached; do
         if command -v systemctl >/dev/null 2>&1; then systemctl stop "$unit" >/dev/null 2>&1 || true; fi
         service "$unit" stop >/dev/null 2>&1 || true
     done

@@ -39,6 +39,15 @@ def health(pools: PoolsSource) -> Tuple[int, List[str]]:
     status = 200
     for service in pools():
         pool = service.pool
+        sentinel = service.runtime.sentinel
+        if sentinel is not None:
+            problems = sentinel.health_lines()
+            if problems:
+                status = 503
+                lines += [f"pool {service.name}: {problem}" for problem in problems]
+            else:
+                lines.append(f"pool {service.name}: ok ({len(pool.servers)} shards, every master confirmed)")
+            continue
         if pool.healthy:
             lines.append(f"pool {service.name}: ok ({len(pool.live_servers)} of {len(pool.servers)} servers live)")
         else:

@@ -113,6 +113,7 @@ class BackendConnection(Protocol):
         self._ready = False    # connected and the gate open: writes go to the socket
         self.connected_at: Optional[float] = None
         self.closed = False
+        self.closed_by_proxy = False   # closed on purpose (drain, retire, stop, cut-over), not lost
         self.draining = False
         self._drain_seconds: Optional[float] = None   # a gated connection's drain deadline, once open
         self._drain_call: Any = None
@@ -219,10 +220,12 @@ class BackendConnection(Protocol):
 
     def _drain_overdue(self) -> None:
         self._drain_call = None
+        self.closed_by_proxy = True
         self.abort("server connection retired by the proxy: no reply before the drain deadline",
                    count_failure=False)
 
     def _close_drained(self) -> None:
+        self.closed_by_proxy = True
         self._fail_pending("server connection closed by the proxy", count_failure=False)
         if self.transport is not None:
             self.transport.loseConnection()
@@ -259,6 +262,7 @@ class BackendConnection(Protocol):
         server = self.link.server
         counters = self._counters
         observe = self._latency.observe
+        intercept = self.link.intercept
         now = self._clock.seconds()
         while True:
             try:
@@ -285,10 +289,12 @@ class BackendConnection(Protocol):
             awaiting.popleft()
             observe(now - request.sent_at)
             request.reply = reply
-            try:
-                request.owner.request_done(request)
-            except Exception:  # noqa: BLE001 - one request's bug must not drop a shared connection
-                _completion_failed(request, self)
+            if (intercept is None or reply[:1] != b"-" or request.owner.__class__ is _Handshake
+                    or not intercept(request, False)):
+                try:
+                    request.owner.request_done(request)
+                except Exception:  # noqa: BLE001 - one request's bug must not drop a shared connection
+                    _completion_failed(request, self)
             if self.closed:
                 return
         if server.failure_count:
@@ -338,6 +344,7 @@ class BackendConnection(Protocol):
 
     def close(self) -> None:
         """Close without counting a failure (shutdown, topology change)."""
+        self.closed_by_proxy = True
         self.abort("server connection closed by the proxy", count_failure=False)
 
     def _count_end(self, kind: str) -> None:
@@ -368,9 +375,12 @@ class BackendConnection(Protocol):
             self.link.record_failure(text)
         reply = self.codec.error_reply(text)
         failed = 0
+        intercept = self.link.intercept
         for request in awaiting:
             request.reply = reply
             if not isinstance(request.owner, _Handshake):
+                if intercept is not None and intercept(request, True):
+                    continue
                 failed += 1
             _complete(request, self)
         self.link.pool.counters.forward_error += failed

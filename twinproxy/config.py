@@ -34,6 +34,10 @@ POOL_KEYS = (
 # twinproxy's own keys; nutcracker's files never need them.
 EXTENSION_KEYS = ("client_max_pending", "client_max_pending_bytes", "max_request_bytes", "shutdown_timeout",
                   "client_output_soft_limit", "client_output_hard_limit")
+# Sentinel mode (twinproxy's too): the pool follows the masters Sentinel names.
+SENTINEL_KEYS = ("sentinels", "sentinel_auth", "read_policy", "max_replica_lag", "failover_hold")
+# Envoy's names for where reads go.
+READ_POLICIES = ("master", "prefer-master", "replica", "prefer-replica", "any")
 
 
 class ConfigError(Exception):
@@ -134,6 +138,19 @@ class PoolConfig:
     # (counting replies that arrived only) it is closed.  0: no limit.
     client_output_soft_limit: int = 8 * 1024 * 1024
     client_output_hard_limit: int = 32 * 1024 * 1024
+    # Sentinel mode: the sentinels to follow ((host, port), ...; empty: off),
+    # their password ("password" or "user password"), where reads go, how far
+    # behind (ms) a replica may be and still be read from, and how long (ms)
+    # requests for a shard wait for its master to be confirmed.
+    sentinels: Tuple[Tuple[str, int], ...] = ()
+    sentinel_auth: Optional[str] = field(default=None, repr=False)
+    read_policy: str = "master"
+    max_replica_lag: int = 1000
+    failover_hold: int = 2000
+
+    @property
+    def sentinel_mode(self) -> bool:
+        return bool(self.sentinels)
 
     @property
     def protocol(self) -> str:
@@ -211,11 +228,14 @@ def _parse_pool(path: str, name: str, body: Any) -> PoolConfig:
         return ConfigError(path, reason, name, key, value)
 
     for key in body:
-        if key not in POOL_KEYS and key not in EXTENSION_KEYS:
+        if key not in POOL_KEYS and key not in EXTENSION_KEYS and key not in SENTINEL_KEYS:
             raise fail(key, None, "unknown key")
     values: Dict[str, Any] = {}
     for key, raw in body.items():
         if key == "servers":
+            continue
+        if key == "sentinels":
+            values[key] = _sentinels(raw, lambda reason, v=None: fail("sentinels", v, reason))
             continue
         if not isinstance(raw, str):
             raise fail(key, None, "must be a single value, not a list or mapping")
@@ -241,7 +261,46 @@ def _parse_pool(path: str, name: str, body: Any) -> PoolConfig:
         names[spec.name] = line
         addresses[spec.address] = line
         specs.append(spec)
+    _check_sentinel_keys(values, servers, fail)
     return PoolConfig(name=name, servers=tuple(specs), **values)
+
+
+def _sentinels(raw: Any, fail) -> Tuple[Tuple[str, int], ...]:
+    if not isinstance(raw, list) or not raw:
+        raise fail("must be a non-empty list of 'host:port' lines")
+    found = []
+    for line in raw:
+        if not isinstance(line, str):
+            raise fail("each sentinel must be a 'host:port' line")
+        host, sep, port = line.strip().rpartition(":")
+        if not sep or not host:
+            raise fail(f"'{line}' is not a valid sentinel address (expected 'host:port')")
+        def refuse(reason: str, line: str = line) -> ConfigError:
+            return fail(f"'{line}' {reason}")
+
+        address = (_host(host, refuse), _port(port, refuse))
+        if address in found:
+            raise fail(f"sentinel '{line}' is listed twice")
+        found.append(address)
+    return tuple(found)
+
+
+def _check_sentinel_keys(values: Dict[str, Any], servers: List[str], fail) -> None:
+    """Sentinel mode's rules: a Redis pool, and a Sentinel master name on every server."""
+    if "sentinels" not in values:
+        for key in SENTINEL_KEYS:
+            if key in values:
+                raise fail(key, None, "needs 'sentinels' (it only applies to a Sentinel pool)")
+        return
+    if not values.get("redis", False):
+        raise fail("sentinels", None, "needs 'redis: true' (Sentinel follows Redis masters)")
+    for line in servers:
+        address, _, name = line.strip().partition(" ")
+        if not name.strip():
+            raise fail("servers", line, "needs a name in a Sentinel pool: the master name the sentinels "
+                       "monitor ('host:port:weight name')")
+        if address.startswith("/"):
+            raise fail("servers", line, "must be host:port in a Sentinel pool (sentinels name TCP addresses)")
 
 
 def _number(raw: str, fail) -> int:
@@ -280,6 +339,12 @@ def _distribution(raw: str, fail) -> str:
 def _hash_tag(raw: str, fail) -> str:
     if len(raw) != 2:
         raise fail("is not a valid hash tag (expected exactly two characters, e.g. \"{}\")")
+    return raw
+
+
+def _read_policy(raw: str, fail) -> str:
+    if raw not in READ_POLICIES:
+        raise fail("is not a valid read policy (expected one of " + ", ".join(READ_POLICIES) + ")")
     return raw
 
 
@@ -382,4 +447,8 @@ _CONVERTERS = {
     "shutdown_timeout": _number,
     "client_output_soft_limit": _number,
     "client_output_hard_limit": _number,
+    "sentinel_auth": _text,
+    "read_policy": _read_policy,
+    "max_replica_lag": _number,
+    "failover_hold": _number,
 }

@@ -64,6 +64,18 @@ class ServerLink:
         self._last_failure: Optional[str] = None
         # Set by the runtime: the frontends' outbox, flushed after each burst of replies.
         self.outbox: Any = None
+        # Where connections go: the server's configured address, unless a
+        # topology source (Sentinel) says otherwise; None: nowhere yet.
+        self.target: Any = server.spec
+        # Set by a topology source that wants a look at failures first:
+        # ``intercept(request, connection_failed) -> True`` when it took the
+        # request over (a retry elsewhere), called for error replies and for
+        # requests failed by a lost connection; ``on_lost(connection)`` when
+        # a connection closed or failed that the link did not close itself.
+        self.intercept: Any = None
+        self.on_lost: Any = None
+        # The Sentinel shard this link is the master link of, for the stats.
+        self.shard: Any = None
         self._configure(codec, config)
         server.send = self.send
 
@@ -96,6 +108,8 @@ class ServerLink:
     def preconnect(self, dialect: int) -> None:
         """Fill every slot of ``dialect`` now (``preconnect: true``)."""
         slots = self._slots.setdefault(dialect, [None] * self._size)
+        if self.target is None:
+            return
         for index, connection in enumerate(slots):
             if connection is None:
                 self._open(dialect, index)
@@ -110,12 +124,12 @@ class ServerLink:
         if self._barrier:
             self._gated[connection] = set(self._barrier)
         factory = ConnectorFactory(connection)
-        spec = self.server.spec
+        target = self.target
         timeout = self.timeout if self.timeout is not None else 30
-        if spec.path is not None:
-            self.reactor.connectUNIX(spec.path, factory, timeout=timeout)
+        if target.path is not None:
+            self.reactor.connectUNIX(target.path, factory, timeout=timeout)
         else:
-            self.reactor.connectTCP(spec.host, spec.port, factory, timeout=timeout)
+            self.reactor.connectTCP(target.host, target.port, factory, timeout=timeout)
         return connection
 
     # -- connection events ----------------------------------------------------
@@ -145,6 +159,8 @@ class ServerLink:
         waiter = self._lost_waiters.pop(connection, None)
         if waiter is not None:
             waiter.callback(None)
+        elif self.on_lost is not None and not connection.closed_by_proxy:
+            self.on_lost(connection)
 
     def connected(self) -> None:
         """A connection to the server was made: it is up, and a past failure is over."""
@@ -190,13 +206,35 @@ class ServerLink:
         for connection in list(self._draining):
             connection.drain(seconds)
 
-    def retarget(self) -> None:
-        """The server has a new address (``server.spec``): new requests go there.
+    def retarget(self, target: Any = None) -> None:
+        """The server has a new address (``target``, else ``server.spec``): new requests go there.
 
         Requests already sent to the old address get their replies from it;
         no barrier, since the new address is another process.
         """
+        self.target = target if target is not None else self.server.spec
         self._retire(barrier=False)
+
+    def cut_over(self, target: Any, text: str) -> int:
+        """Drop every connection now, failing what is in flight with ``text``; then go to ``target``.
+
+        Returns how many requests it failed.
+
+        For a master switch: a frozen old master would still answer
+        ``+OK`` to what it holds once it wakes, and those writes are lost,
+        so its requests are failed rather than drained.
+        """
+        self.target = target
+        connections = [c for slots in self._slots.values() for c in slots if c is not None]
+        connections += [c for c in self._draining if c not in connections]
+        for dialect in self._slots:
+            self._slots[dialect] = [None] * self._size
+        failed = 0
+        for connection in connections:
+            failed += connection.pending
+            connection.closed_by_proxy = True
+            connection.abort(text, count_failure=False)
+        return failed
 
     def reconfigure(self, codec: Codec, config: PoolConfig, handshake_changed: bool) -> None:
         """New settings: connections opened from now on use them.

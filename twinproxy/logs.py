@@ -28,6 +28,9 @@ DEFAULT_VERBOSITY = 5  # nutcracker's LOG_NOTICE
 MAX_VERBOSITY = 11
 
 
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%f%z"
+
+
 def level_for(verbosity: int) -> LogLevel:
     """nutcracker's 0 (emerg) ... 11 (pverb) as a twisted.logger level."""
     if verbosity <= 2:
@@ -77,7 +80,9 @@ class LogControl:
         self.verbosity = max(0, min(MAX_VERBOSITY, verbosity))
         self.output = _Reopenable(path, stream or sys.stderr)
         self.predicate = LogLevelFilterPredicate(defaultLogLevel=level_for(self.verbosity))
-        self.observer: ILogObserver = FilteringLogObserver(textFileLogObserver(self.output), [self.predicate])
+        # Microseconds: a failover's steps are milliseconds apart.
+        self.observer: ILogObserver = FilteringLogObserver(
+            textFileLogObserver(self.output, timeFormat=TIME_FORMAT), [self.predicate])
 
     def set_verbosity(self, verbosity: int) -> None:
         self.verbosity = max(0, min(MAX_VERBOSITY, verbosity))

@@ -153,6 +153,40 @@ class ProxyCollector:
         yield from server_counters.values()
         yield from server_gauges.values()
         yield server_latency
+        yield from _sentinel_metrics(services)
+
+
+def _sentinel_metrics(services: Sequence[Any]) -> Iterator[Metric]:
+    """Per shard of a Sentinel pool: where its master is, its epoch, its switches, its replicas."""
+    labels = ["pool", "server"]
+    master = GaugeMetricFamily("twinproxy_sentinel_master", "1 for the node serving as a shard's master, "
+                               "with its address and role (unconfirmed: none yet)",
+                               labels=[*labels, "address", "role"])
+    epoch = GaugeMetricFamily("twinproxy_sentinel_epoch", "The Sentinel config epoch of the shard's master",
+                              labels=labels)
+    switches = CounterMetricFamily("twinproxy_sentinel_switches", "Master switches followed", labels=labels)
+    last = GaugeMetricFamily("twinproxy_sentinel_last_switch_timestamp_seconds", "When the master last "
+                             "switched (0: never)", labels=labels)
+    replicas = GaugeMetricFamily("twinproxy_sentinel_replicas_healthy", "Replicas reads may go to now",
+                                 labels=labels)
+    reads = CounterMetricFamily("twinproxy_sentinel_replica_reads", "Reads sent to replicas", labels=labels)
+    found = False
+    for service in services:
+        for link in service.links:
+            shard = link.shard
+            if shard is None:
+                continue
+            found = True
+            document = shard.stats()
+            names = [service.name, link.server.spec.stats_name]
+            master.add_metric([*names, document["address"], document["role"]], 1)
+            epoch.add_metric(names, document["sentinel_epoch"])
+            switches.add_metric(names, document["switches"])
+            last.add_metric(names, document["last_switch"])
+            replicas.add_metric(names, document["replicas_healthy"])
+            reads.add_metric(names, document["replica_reads"])
+    if found:
+        yield from (master, epoch, switches, last, replicas, reads)
 
 
 def render(services: Callable[[], Sequence[Any]], started: float, clock: Any, counters: Any = None) -> bytes:

@@ -20,7 +20,8 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twinproxy.config import ConfigError, PoolConfig, load_file
+from twinproxy.config import ConfigError, PoolConfig
+from twinproxy.sentinel.check import load_checked
 
 Apply = Callable[[List[PoolConfig]], defer.Deferred]
 
@@ -63,9 +64,11 @@ class Reloader:
         self._waiting: Optional[defer.Deferred] = None
 
     def _load_in_thread(self, path: str) -> defer.Deferred:
-        # PyYAML takes milliseconds per pool; the reactor goes on serving meanwhile.
+        # PyYAML takes milliseconds per pool, asking the sentinels of a Sentinel
+        # pool (is every master name monitored?) up to a second: the reactor
+        # goes on serving meanwhile.
         reactor = self._reactor
-        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), load_file, path)
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), load_checked, path)
 
     def on_applied(self, callback: Callable[[], None]) -> None:
         self._applied.append(callback)

@@ -35,6 +35,9 @@ class Request:
         "raw", "args", "kind", "key", "command", "owner", "client", "reply", "parent",
         "fragments", "pending", "positions", "dialect", "sent_at",
         "expects_reply", "quiet", "close_after", "name", "terminator", "gathered",
+        # Set only once a request is sent a second time (Sentinel's one retry):
+        # never assigned in __init__, read with getattr(request, "retried", False).
+        "retried",
     )
 
     def __init__(self, raw: bytes, args: Optional[List[bytes]] = None) -> None:

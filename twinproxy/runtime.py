@@ -35,6 +35,7 @@ from twinproxy.outbox import Outbox
 from twinproxy.pool import Server, ServerPool
 from twinproxy.protocols import codec_for
 from twinproxy.request import Request
+from twinproxy.sentinel.shards import SentinelShards
 from twinproxy.topology import PoolDiff
 
 
@@ -53,6 +54,9 @@ class PoolRuntime:
         # "turns": one write per reactor turn; None (unit tests): write at once.
         self.outbox = Outbox(reactor) if outbox == "turns" else outbox
         self._links: Dict[str, ServerLink] = {}
+        # Sentinel mode: each server is a shard whose master the sentinels place.
+        self.sentinel = (SentinelShards(config, self.pool, self.codec, reactor, self.outbox)
+                         if config.sentinel_mode else None)
         for server in self.pool.servers:
             self._add_link(server)
         self.factory = ProxyFactory(self.pool, self.codec, config.client_connections,
@@ -74,6 +78,10 @@ class PoolRuntime:
         return self._links[name]
 
     def _add_link(self, server: Server) -> ServerLink:
+        if self.sentinel is not None:
+            link = self.sentinel.add(server)
+            self._links[server.name] = link
+            return link
         link = ServerLink(server, self.pool, self.codec, self.config, self._reactor)
         link.outbox = self.outbox
         self._links[server.name] = link
@@ -102,22 +110,25 @@ class PoolRuntime:
             if server.name not in self._links:
                 self._add_link(server)
         for old_spec, _ in diff.readdressed:
-            self._links[old_spec.name].retarget()
+            self._links[old_spec.name].retarget()   # to its new server.spec
         if diff.settings:
             added = {spec.name for spec in diff.added}   # their links were made with the new settings
-            for server in self.pool.servers:
-                if server.name not in added:
-                    self._links[server.name].reconfigure(self.codec, new, diff.handshake_changed)
+            if self.sentinel is not None:
+                self.sentinel.reconfigure(self.codec, new, diff.handshake_changed, added)
+            else:
+                for server in self.pool.servers:
+                    if server.name not in added:
+                        self._links[server.name].reconfigure(self.codec, new, diff.handshake_changed)
             factory = self.factory
             factory.codec = self.codec
             factory.client_limit = new.client_connections
             factory.requires_auth = _requires_auth(new)
         for server in gone:
-            self._retire(self._links.pop(server.name))
+            self._retire(self._links.pop(server.name), server.name)
         return diff.describe()
 
-    def _retire(self, link: ServerLink) -> None:
-        drained = link.drain()
+    def _retire(self, link: ServerLink, name: str) -> None:
+        drained = self.sentinel.remove(name) if self.sentinel is not None else link.drain()
         if drained.called:
             return
         self._retiring[link] = drained
@@ -133,12 +144,28 @@ class PoolRuntime:
         """Removed servers whose connections are still answering."""
         return len(self._retiring)
 
-    # -- stop -----------------------------------------------------------------
+    # -- start and stop -------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin what runs on its own: following the sentinels, in Sentinel mode."""
+        if self.sentinel is not None:
+            self.sentinel.start()
+
+    @property
+    def healthy(self) -> bool:
+        """Something to route to: a live server, and in Sentinel mode a confirmed master per shard."""
+        if self.sentinel is not None:
+            return self.sentinel.healthy
+        return self.pool.healthy
 
     def stop(self) -> defer.Deferred:
         """Close every backend connection (the clients are gone): fires when all are closed."""
         self.pool.stop()
-        closing = [link.stop() for link in (*self._links.values(), *self._retiring)]
+        if self.sentinel is not None:
+            closing = [self.sentinel.stop()]
+            closing += [link.stop() for link in self._retiring]
+        else:
+            closing = [link.stop() for link in (*self._links.values(), *self._retiring)]
         return defer.gatherResults(closing)
 
 

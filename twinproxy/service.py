@@ -88,6 +88,7 @@ class PoolService(Service):
         if self.port is None:
             self.listen()
         super().startService()
+        self.runtime.start()
         config = self.config
         if config.preconnect:
             for link in self.links:

@@ -117,6 +117,17 @@ SERVER_FIELDS = (
     ("out_queue", "requests sent and awaiting their reply"),
     ("out_queue_bytes", "bytes of requests sent and awaiting their reply"),
 )
+# A Sentinel pool's servers (shards) have these too.
+SENTINEL_FIELDS = (
+    ("address", "the shard's master now (host:port; empty before the first discovery)"),
+    ("sentinel_epoch", "the Sentinel config epoch of that master"),
+    ("switches", "master switches followed since the start (the first discovery is not one)"),
+    ("last_switch", "when the master last switched, seconds since the epoch (0: never)"),
+    ("role", "master, or unconfirmed while no master is confirmed (requests wait failover_hold, then TRYAGAIN)"),
+    ("replicas_healthy", "replicas that reads may go to now"),
+    ("replica_reads", "reads sent to replicas"),
+    ("held", "requests waiting for a confirmed master"),
+)
 
 
 def describe() -> str:
@@ -127,13 +138,15 @@ def describe() -> str:
     lines += [f"  {name:<20}\"{text}\"" for name, text in POOL_FIELDS]
     lines += ["", "server stats:"]
     lines += [f"  {name:<20}\"{text}\"" for name, text in SERVER_FIELDS]
+    lines += ["", "server stats in a Sentinel pool, besides those:"]
+    lines += [f"  {name:<20}\"{text}\"" for name, text in SENTINEL_FIELDS]
     return "\n".join(lines) + "\n"
 
 
-def server_document(server: Any, link: Any) -> Dict[str, int]:
+def server_document(server: Any, link: Any) -> Dict[str, Any]:
     counters = server.counters
     in_queue, in_bytes, out_queue, out_bytes = link.queue_stats()
-    return {
+    document: Dict[str, Any] = {
         "server_eof": counters.server_eof,
         "server_err": counters.server_err,
         "server_timedout": counters.server_timedout,
@@ -148,6 +161,9 @@ def server_document(server: Any, link: Any) -> Dict[str, int]:
         "out_queue": out_queue,
         "out_queue_bytes": out_bytes,
     }
+    if link.shard is not None:   # Sentinel mode: where the master is, and its history
+        document.update(link.shard.stats())
+    return document
 
 
 def pool_document(service: Any) -> Dict[str, Any]:
@@ -217,6 +233,10 @@ _NOT_SUMMED = frozenset(("service", "source", "version", "uptime", "timestamp", 
                          "reload_failures"))
 
 
+# The latest of the workers' values: each worker follows Sentinel itself.
+_LATEST = frozenset(("server_ejected_at", "sentinel_epoch", "last_switch", "switches", "replicas_healthy"))
+
+
 def merge_documents(documents: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """Sum the workers' stats documents field by field (``server_ejected_at``: the latest).
 
@@ -236,7 +256,7 @@ def merge_documents(documents: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
             merged[key] = merge_documents([v for v in values if isinstance(v, dict)])
         elif key in _NOT_SUMMED or not isinstance(first, int):
             merged[key] = first
-        elif key == "server_ejected_at":
+        elif key in _LATEST:
             merged[key] = max(values)
         else:
             merged[key] = sum(values)

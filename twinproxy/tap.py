@@ -22,6 +22,7 @@ from twinproxy.config import ConfigError, load_file
 from twinproxy.listeners import ListenError
 from twinproxy.logs import DEFAULT_VERBOSITY, MAX_VERBOSITY, LogControl, LogService
 from twinproxy.replybudget import DEFAULT_MAX_REPLY_BUFFER, ReplyBudget
+from twinproxy.sentinel.check import format_report, load_checked, probe_pool
 
 DEFAULT_CONFIG = "conf/pools.yml"
 DEFAULT_STATS_PORT = 22222
@@ -57,6 +58,8 @@ class Options(usage.Options):
 
     optFlags = [
         ["test-conf", "t", "test the configuration file for syntax errors and exit"],
+        ["check-sentinels", None, "ask the sentinels of every Sentinel pool where each master is; print it "
+         "and exit (non-zero when something is wrong)"],
         ["daemonize", "d", "run as a daemon (the twinproxy command; twistd daemonizes unless -n)"],
     ]
     optParameters = [
@@ -110,13 +113,39 @@ class Options(usage.Options):
         path = self["conf-file"]
         if self["test-conf"]:
             raise SystemExit(check_config(path))
+        if self["check-sentinels"]:
+            raise SystemExit(check_sentinels(path))
         try:
-            self.pools = load_file(path)
+            # Sentinel pools: a master name no sentinel monitors is refused now (sentinels asked, blocking:
+            # the reactor is not running yet).
+            self.pools = load_checked(path)
         except ConfigError as err:
             # Exit here rather than raise UsageError: some twistd versions
             # (26.4, the last for PyPy 3.9) print a UsageError and exit 0.
             print(f"twinproxy: {err}", file=sys.stderr)
             raise SystemExit(1) from None
+
+
+def check_sentinels(path: str, out: Any = None, err: Any = None) -> int:
+    """``--check-sentinels``: each Sentinel pool's masters, epochs, replicas and quorum; the exit code."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        pools = load_file(path)
+    except ConfigError as error:
+        print(f"twinproxy: {error}", file=err)
+        return 1
+    sentinel_pools = [pool for pool in pools if pool.sentinel_mode]
+    if not sentinel_pools:
+        print(f"twinproxy: '{path}' has no Sentinel pool (no pool has 'sentinels')", file=err)
+        return 1
+    status = 0
+    for pool in sentinel_pools:
+        report = probe_pool(pool)
+        print(format_report(report), file=out)
+        if report.problems:
+            status = 1
+    return status
 
 
 def check_config(path: str, out: Any = None, err: Any = None) -> int:

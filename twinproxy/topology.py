@@ -94,7 +94,9 @@ def diff_pool(old: PoolConfig, new: PoolConfig) -> PoolDiff:
         previous = before.get(spec.name)
         if previous is None:
             continue
-        if (previous.host, previous.port, previous.path) != (spec.host, spec.port, spec.path):
+        # In Sentinel mode the address is only a first guess: the sentinels place the master.
+        if (previous.host, previous.port, previous.path) != (spec.host, spec.port, spec.path) \
+                and not new.sentinel_mode:
             readdressed.append((previous, spec))
         if previous.weight != spec.weight:
             reweighted.append((previous, spec))
@@ -125,7 +127,7 @@ class ProxyDiff:
         lines = [f"pool {config.name} added (listen {config.listen}, {len(config.servers)} servers)"
                  for config in self.added]
         lines += [f"pool {config.name} removed" for config in self.removed]
-        lines += [f"pool {new.name} replaced ({old.protocol} -> {new.protocol})" for old, new in self.replaced]
+        lines += [f"pool {new.name} replaced ({_mode(old)} -> {_mode(new)})" for old, new in self.replaced]
         for diff in self.changed:
             lines += diff.describe()
         return lines
@@ -143,10 +145,14 @@ def diff_pools(old: Sequence[PoolConfig], new: Sequence[PoolConfig]) -> ProxyDif
         previous = before.get(config.name)
         if previous is None:
             continue
-        if previous.redis != config.redis:
+        if previous.redis != config.redis or previous.sentinel_mode != config.sentinel_mode:
             replaced.append((previous, config))
             continue
         diff = diff_pool(previous, config)
         if not diff.empty:
             changed.append(diff)
     return ProxyDiff(added=added, removed=removed, replaced=tuple(replaced), changed=tuple(changed))
+
+
+def _mode(config: PoolConfig) -> str:
+    return config.protocol + (" with sentinels" if config.sentinel_mode else "")

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from twinproxy import __version__
 from twinproxy.config import PoolConfig
 from twinproxy.protocols import ProtocolError, Router, Session, group_by_server, resp
+from twinproxy.protocols.redis_commands import READ_ONLY
 from twinproxy.request import FORWARD, FRAGMENT, LOCAL, Request
 
 # Key layouts.
@@ -37,7 +38,7 @@ class CommandSpec:
     """Where a command's keys are, as Redis's own (first, last, step) key specs."""
 
     __slots__ = ("name", "label", "layout", "first", "last", "step", "merge", "handler", "reason",
-                 "arity", "subcommands")
+                 "arity", "subcommands", "readonly")
 
     def __init__(self, name: bytes, layout: str, first: int = 1, last: int = 1, step: int = 1,
                  merge: Optional[str] = None, handler: Optional[Callable] = None,
@@ -55,6 +56,11 @@ class CommandSpec:
         # such as CLIENT, its subcommands' arities; only the AUTH gate reads them.
         self.arity = -1
         self.subcommands: Optional[Dict[bytes, int]] = None
+        # May go to a replica: Redis flags it read-only, it names its keys,
+        # and it is not kept for the master.  A container (OBJECT, XINFO, ...)
+        # stays on the master too.
+        self.readonly = (layout in (SINGLE, SAME_SERVER, NUMKEYS, SPLIT) and self.label in READ_ONLY
+                         and self.label not in _MASTER_ONLY)
 
 
 _SINGLE_KEY = """
@@ -82,6 +88,9 @@ _ALL_KEYS = "sdiff sdiffstore sinter sinterstore sunion sunionstore pfcount pfme
 _NUMKEYS_AT_1 = "zunion zinter zdiff zintercard sintercard lmpop zmpop"
 _NUMKEYS_AT_2 = "zunionstore zinterstore zdiffstore eval evalsha eval_ro evalsha_ro fcall fcall_ro"
 
+# Read-only to Redis, yet for the master: scripts (their keys and effects are
+# their own), and TOUCH (its point is the master's access times).
+_MASTER_ONLY = frozenset(("eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro", "touch"))
 _BLOCKING = "blpop brpop brpoplpush blmove blmpop bzpopmin bzpopmax bzmpop xread xreadgroup wait waitaof"
 _TRANSACTIONS = "multi exec discard watch unwatch"
 _PUBSUB = "subscribe psubscribe ssubscribe unsubscribe punsubscribe sunsubscribe publish spublish pubsub"
@@ -321,6 +330,7 @@ class RedisCodec:
         for server, key_positions in groups.items():
             fragment = Request(resp.encode_fragment(args, key_positions, width))
             fragment.positions = key_positions
+            fragment.command = spec
             fragments.append((server, fragment))
         return fragments
 
