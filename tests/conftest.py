@@ -6,6 +6,7 @@ import dataclasses
 import os
 import platform
 import shutil
+import signal
 import sys
 import sysconfig
 import threading
@@ -185,6 +186,20 @@ def spawn_proxy(argv: List[str], log: Path, processes: List[Process], bound_path
     process.spawn()
     processes.append(process)
     return process
+
+
+def stop_proxy(process: Process) -> None:
+    """Stop a proxy from ``spawn_proxy`` and whatever is left of its session.
+
+    Workers a ``--workers`` master could not stop in time must not outlive
+    the test: they are in the session start_new_session made for this
+    master, whose group id is the master's pid.
+    """
+    process.stop()
+    try:
+        os.killpg(process.proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 @pytest.fixture

@@ -1,12 +1,9 @@
-"""Hot reload under load: pool files as values, client load that sees every
-error and reconnect, and the check of every acknowledged write on the backends.
+"""Hot reload under load: client load that sees every error and reconnect,
+and the check of every acknowledged write on the backends.
 
 Used by tests/integration/test_reload.py and test_reload_workers.py.  The
 pieces:
 
-- :class:`Layout` / :class:`PoolLayout`: a pool file as data (servers named
-  by the index of a real backend), rendered to nutcracker YAML; the steps
-  of a reload sequence are small functions that change a copy of it.
 - :class:`Timeline`: the configuration of every generation and, for each
   reload, the window in which the proxy switched (from sending SIGHUP to
   seeing the new generation in the bound-addresses file).  A request sent
@@ -15,250 +12,37 @@ pieces:
   keys with unique values, every reply checked, connections counted.
 - :func:`check_writes`: every acknowledged write is on the server a
   possible generation placed it on, with its value, and nowhere else.
+- :class:`ReloadDriver` and :func:`load_through_reloads`: the proxy driven
+  through a sequence of layouts under that load, every check applied.
+
+The pool files (:class:`~tests.reload_layouts.Layout`) are in
+tests/reload_layouts.py, the clients and the proxy's reports in
+tests/proxy_clients.py.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import os
-import re
-import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import redis
-from pymemcache.client.base import Client as MemcacheClient
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from tests.servers import LOOPBACK, bound_addresses, wait_until
-
-CLIENT_TIMEOUT = 10  # seconds; a reply later than this is a hang, reported as an error
-RELOAD_DEADLINE = 20  # seconds for one reload to show up in the bound-addresses file
-
-
-# -- files and the proxy's own reports ----------------------------------------
-
-
-def write_atomically(path: os.PathLike, text: str) -> None:
-    """Replace ``path`` in one rename, so a reload never reads half a file."""
-    path = os.fspath(path)
-    partial = f"{path}.partial"
-    with open(partial, "w", encoding="utf-8") as out:
-        out.write(text)
-    os.replace(partial, path)
-
-
-def read_bound(path: os.PathLike) -> Optional[dict]:
-    """The bound-addresses document, or None while it does not exist yet."""
-    try:
-        with open(path, encoding="utf-8") as inp:
-            return json.load(inp)
-    except FileNotFoundError:
-        return None
-
-
-def wait_for_generation(path: os.PathLike, generation: int, process=None,
-                        timeout: float = RELOAD_DEADLINE) -> dict:
-    """Wait until the bound-addresses file of ``process`` shows ``generation`` (or later); return it."""
-    return bound_addresses(Path(path), process, generation=generation, timeout=timeout)
-
-
-def split_address(address: str) -> Tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host, int(port)
-
-
-def read_stats(address: str) -> dict:
-    """nutcracker's stats port: connect, read until EOF, one JSON document."""
-    with socket.create_connection(split_address(address), timeout=CLIENT_TIMEOUT) as sock:
-        chunks = []
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    return json.loads(b"".join(chunks))
-
-
-def http(address: str, path: str, method: str = "GET") -> Tuple[int, str]:
-    """(status, body) of one HTTP request to the proxy's --http-port endpoint."""
-    data = b"" if method == "POST" else None
-    request = urllib.request.Request(f"http://{address}{path}", data=data, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=CLIENT_TIMEOUT) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
-
-
-def metric(text: str, name: str) -> float:
-    """The sum of every sample of ``name`` in a Prometheus text page (KeyError if absent)."""
-    found = [float(match.group(2)) for match in
-             re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", text, re.MULTILINE)]
-    if not found:
-        raise KeyError(f"{name} not in /metrics:\n{text[:2000]}")
-    return sum(found)
-
-
-def refuses(address: str) -> bool:
-    """True when nothing accepts connections at ``address`` (host:port or a socket path)."""
-    try:
-        if address.startswith("/"):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(2)
-            try:
-                sock.connect(address)
-            finally:
-                sock.close()
-        else:
-            socket.create_connection(split_address(address), timeout=2).close()
-    except OSError:
-        return True
-    return False
-
-
-# -- clients that count their connections --------------------------------------
-
-
-def _counting(base: type) -> type:
-    class Counting(base):
-        connects = 0
-
-        def _connect(self):
-            sock = super()._connect()
-            type(self).connects += 1
-            return sock
-
-    return Counting
-
-
-def redis_client(address: str, **kwargs) -> redis.Redis:
-    """A redis-py client, no retries (a drop is an error), which counts its connects.
-
-    Used from one thread, its pool holds one connection (commands and
-    pipelines alike); a connection found closed is replaced silently, which
-    ``client.connection_pool.connection_class.connects`` (how many times it
-    connected) shows.
-    """
-    common = dict(socket_timeout=CLIENT_TIMEOUT, socket_connect_timeout=CLIENT_TIMEOUT,
-                  retry=Retry(NoBackoff(), 0), protocol=2, **kwargs)
-    if address.startswith("/"):
-        pool = redis.ConnectionPool(connection_class=_counting(redis.UnixDomainSocketConnection),
-                                    path=address, **common)
-    else:
-        host, port = split_address(address)
-        pool = redis.ConnectionPool(connection_class=_counting(redis.Connection), host=host, port=port,
-                                    **common)
-    return redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
-
-
-def redis_connects(client: redis.Redis) -> int:
-    return client.connection_pool.connection_class.connects
-
-
-class CountingMemcacheClient(MemcacheClient):
-    """pymemcache's client, counting how many times it (re)connected."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.connects = 0
-
-    def _connect(self) -> None:
-        super()._connect()
-        self.connects += 1
-
-
-def memcache_client(address: str) -> CountingMemcacheClient:
-    server = address if address.startswith("/") else split_address(address)
-    return CountingMemcacheClient(server, timeout=CLIENT_TIMEOUT, connect_timeout=CLIENT_TIMEOUT,
-                                  default_noreply=False)
-
-
-def probe(address: str, is_redis: bool, token: str) -> None:
-    """A new client at ``address``: one write and its read-back, then close."""
-    key, value = f"probe:{token}", f"probe-value-{token}"
-    if is_redis:
-        client = redis_client(address)
-        try:
-            assert client.set(key, value) is True
-            assert client.get(key) == value.encode()
-        finally:
-            client.close()
-    else:
-        client = memcache_client(address)
-        try:
-            assert client.set(key, value.encode()) is True
-            assert client.get(key) == value.encode()
-        finally:
-            client.close()
-
-
-# -- pool files as data ----------------------------------------------------------
-
-
-@dataclass
-class Server:
-    backend: int  # index into the real redis-servers (Redis pools) or memcacheds
-    weight: int = 1
-    name: Optional[str] = None
-
-
-@dataclass
-class PoolLayout:
-    listen: str
-    redis: bool
-    servers: List[Server]
-    keys: Dict[str, str] = field(default_factory=dict)
-
-    def server(self, backend: int) -> Server:
-        return next(s for s in self.servers if s.backend == backend)
-
-    def named(self, name: str) -> Server:
-        return next(s for s in self.servers if s.name == name)
-
-
-@dataclass
-class Layout:
-    """A whole pool file; ``render`` turns backend indexes into the real addresses."""
-
-    pools: Dict[str, PoolLayout]
-
-    def copy(self) -> "Layout":
-        return copy.deepcopy(self)
-
-    def render(self, redis_addresses: Sequence[str], memcache_addresses: Sequence[str]) -> str:
-        lines = []
-        for name, pool in self.pools.items():
-            addresses = redis_addresses if pool.redis else memcache_addresses
-            lines += [f"{name}:", f"  listen: {pool.listen}", f"  redis: {'true' if pool.redis else 'false'}"]
-            lines += [f"  {key}: {value}" for key, value in pool.keys.items()]
-            lines.append("  servers:")
-            for server in pool.servers:
-                line = f"   - {addresses[server.backend]}:{server.weight}"
-                lines.append(line + (f" {server.name}" if server.name else ""))
-        return "\n".join(lines) + "\n"
-
-
-Step = Tuple[str, Callable[[Layout], None]]
-
-
-def apply_steps(start: Layout, steps: Sequence[Step]) -> List[Tuple[str, Layout]]:
-    """The layouts after each step, cumulatively: ``[(description, layout), ...]``."""
-    layouts = []
-    current = start
-    for description, change in steps:
-        current = current.copy()
-        change(current)
-        layouts.append((description, current))
-    return layouts
-
+from tests.proxy_clients import (
+    CLIENT_TIMEOUT,
+    memcache_client,
+    probe,
+    redis_client,
+    redis_connects,
+    refuses,
+    split_address,
+    wait_for_generation,
+    write_atomically,
+)
+from tests.reload_layouts import Layout
+from tests.servers import LOOPBACK, wait_until
 
 # -- which generation could have routed a request ------------------------------
 
@@ -629,172 +413,6 @@ def check_addresses(old_layout: Layout, new_layout: Layout, old_bound: dict, new
                        what=f"the old address {address} of pool {name} to close")
 
 
-def initial_layout(mpool_listen: str = f"{LOOPBACK}:0") -> Layout:
-    """Two pools over three of four backends each, listening on ``127.0.0.1:0`` (or ``mpool_listen``)."""
-    return Layout({
-        "rpool": PoolLayout(f"{LOOPBACK}:0", True, [Server(0), Server(1), Server(2)], {"timeout": "5000"}),
-        "mpool": PoolLayout(mpool_listen, False, [Server(0), Server(1), Server(2)], {"timeout": "5000"}),
-    })
-
-
-def _each(*changes: Callable[[Layout], None]) -> Callable[[Layout], None]:
-    def change(layout: Layout) -> None:
-        for one in changes:
-            one(layout)
-
-    return change
-
-
-def _pool(name: str, change: Callable[[PoolLayout], None]) -> Callable[[Layout], None]:
-    return lambda layout: change(layout.pools[name])
-
-
-def _set(**keys: Optional[str]) -> Callable[[PoolLayout], None]:
-    def change(pool: PoolLayout) -> None:
-        for key, value in keys.items():
-            if value is None:
-                pool.keys.pop(key, None)
-            else:
-                pool.keys[key] = value
-
-    return change
-
-
-def _listen(where: str) -> Callable[[PoolLayout], None]:
-    def change(pool: PoolLayout) -> None:
-        pool.listen = where
-
-    return change
-
-
-def _servers(*servers: Server) -> Callable[[PoolLayout], None]:
-    def change(pool: PoolLayout) -> None:
-        pool.servers = [copy.copy(s) for s in servers]
-
-    return change
-
-
-def _add_pool(name: str, pool: PoolLayout) -> Callable[[Layout], None]:
-    def change(layout: Layout) -> None:
-        layout.pools[name] = copy.deepcopy(pool)
-
-    return change
-
-
-def _remove_pool(name: str) -> Callable[[Layout], None]:
-    def change(layout: Layout) -> None:
-        del layout.pools[name]
-
-    return change
-
-
-def _weight(backend: int, weight: int) -> Callable[[PoolLayout], None]:
-    def change(pool: PoolLayout) -> None:
-        pool.server(backend).weight = weight
-
-    return change
-
-
-def _names(*names: Optional[str]) -> Callable[[PoolLayout], None]:
-    def change(pool: PoolLayout) -> None:
-        for server, name in zip(pool.servers, names):
-            server.name = name
-
-    return change
-
-
-def _readdress(name: str, backend: int) -> Callable[[PoolLayout], None]:
-    def change(pool: PoolLayout) -> None:
-        pool.named(name).backend = backend
-
-    return change
-
-
-def _drop(backend: int) -> Callable[[PoolLayout], None]:
-    def change(pool: PoolLayout) -> None:
-        pool.servers = [s for s in pool.servers if s.backend != backend]
-
-    return change
-
-
-def full_steps(sock_dir: str) -> List[Step]:
-    """Twenty reloads: servers added, re-weighted, renamed, removed, re-addressed; hash, distribution
-    and hash tag; a third pool added, flipped to the other protocol, removed, added again; both
-    pools' listen moved to a unix socket and back; settings; and one reload that changes nothing."""
-    rsock, msock, xsock = (os.path.join(sock_dir, f"{n}.sock") for n in ("r", "m", "x"))
-    tcp = f"{LOOPBACK}:0"
-    return [
-        ("add a server to each pool", _each(_pool("rpool", lambda p: p.servers.append(Server(3))),
-                                            _pool("mpool", lambda p: p.servers.append(Server(3))))),
-        ("re-weight", _each(_pool("rpool", _weight(0, 3)), _pool("mpool", _weight(1, 2)))),
-        ("rename every server", _each(_pool("rpool", _names("ra", "rb", "rc", "rd")),
-                                      _pool("mpool", _names("ma", "mb", "mc", "md")))),
-        ("change the hashes", _each(_pool("rpool", _set(hash="murmur")), _pool("mpool", _set(hash="md5")))),
-        ("modula; a hash tag", _each(_pool("rpool", _set(distribution="modula")),
-                                     _pool("mpool", _set(hash_tag='"{}"')))),
-        ("add a third pool", _add_pool("xpool", PoolLayout(tcp, True, [Server(0), Server(1)]))),
-        ("move rpool to a unix socket", _pool("rpool", _listen(rsock))),
-        ("remove a server from each pool", _each(_pool("rpool", _drop(1)), _pool("mpool", _drop(0)))),
-        ("nothing", lambda layout: None),
-        ("re-address a server in each pool", _each(_pool("rpool", _readdress("ra", 1)),
-                                                   _pool("mpool", _readdress("mb", 0)))),
-        ("the third pool becomes memcached", _add_pool("xpool", PoolLayout(tcp, False, [Server(2), Server(3)]))),
-        ("move mpool to a unix socket", _pool("mpool", _listen(msock))),
-        ("settings", _each(_pool("rpool", _set(timeout="2000", server_connections="2", redis_db="1")),
-                           _pool("mpool", _set(timeout="2000", server_connections="2",
-                                               client_max_pending="512")))),
-        ("remove the third pool", _remove_pool("xpool")),
-        ("move rpool back to TCP", _pool("rpool", _listen(tcp))),
-        ("ketama and crc32; no hash tag, modula", _each(
-            _pool("rpool", _set(distribution="ketama", hash="crc32")),
-            _pool("mpool", _set(hash_tag=None, distribution="modula")))),
-        ("move mpool back to TCP; a third pool on a unix socket", _each(
-            _pool("mpool", _listen(tcp)), _add_pool("xpool", PoolLayout(xsock, False, [Server(0)])))),
-        ("rpool: four unnamed equal servers, db 0", _pool("rpool", _each_pool(
-            _servers(Server(0), Server(1), Server(2), Server(3)), _set(redis_db=None, server_connections=None)))),
-        ("remove the third pool; mpool back to its first settings", _each(_remove_pool("xpool"), _pool(
-            "mpool", _each_pool(_servers(Server(0), Server(1), Server(2), Server(3)),
-                                _set(hash=None, distribution=None, server_connections=None))))),
-        ("remove a server, re-weight another", _each(_pool("rpool", _each_pool(_drop(3), _weight(0, 2))),
-                                                     _pool("mpool", _each_pool(_drop(2), _weight(3, 3))))),
-    ]
-
-
-def _each_pool(*changes: Callable[[PoolLayout], None]) -> Callable[[PoolLayout], None]:
-    def change(pool: PoolLayout) -> None:
-        for one in changes:
-            one(pool)
-
-    return change
-
-
-def worker_layout(sock_dir: str) -> Layout:
-    """The start of :func:`worker_steps`: mpool on a unix socket, which ``--workers`` opens before
-    forking (a unix listen cannot be added by a reload there, only left)."""
-    return initial_layout(mpool_listen=os.path.join(sock_dir, "m.sock"))
-
-
-def worker_steps(port: int) -> List[Step]:
-    """Eight reloads for ``--workers``: the same kinds of change, fewer of them.  rpool's listen
-    moves from ``127.0.0.1:0`` to ``127.0.0.1:port`` and back; mpool's from its unix socket to TCP."""
-    tcp = f"{LOOPBACK}:0"
-    return [
-        ("add a server to each pool", _each(_pool("rpool", lambda p: p.servers.append(Server(3))),
-                                            _pool("mpool", lambda p: p.servers.append(Server(3))))),
-        ("re-weight and rename", _each(_pool("rpool", _each_pool(_weight(0, 3), _names("ra", "rb", "rc", "rd"))),
-                                       _pool("mpool", _each_pool(_weight(1, 2), _names("ma", "mb", "mc", "md"))))),
-        ("hash and distribution", _each(_pool("rpool", _set(hash="murmur", distribution="modula")),
-                                        _pool("mpool", _set(hash="md5", hash_tag='"{}"')))),
-        ("add a third pool", _add_pool("xpool", PoolLayout(tcp, True, [Server(0), Server(1)]))),
-        ("move rpool to another port; mpool from its unix socket to TCP", _each(
-            _pool("rpool", _listen(f"{LOOPBACK}:{port}")), _pool("mpool", _listen(tcp)))),
-        ("remove a server from each pool; re-address one", _each(
-            _pool("rpool", _each_pool(_drop(1), _readdress("ra", 1))), _pool("mpool", _drop(0)))),
-        ("remove the third pool", _remove_pool("xpool")),
-        ("move rpool back; ketama", _pool("rpool", _each_pool(_listen(tcp), _set(distribution="ketama")))),
-    ]
-
-
 def load_through_reloads(driver: ReloadDriver, layouts: Sequence[Tuple[str, Layout]], redis_backends,
                          memcache_backends, clients: int = 4, seconds: float = 100.0,
                          batches_between: int = 20) -> Dict[str, int]:
@@ -851,3 +469,8 @@ def load_through_reloads(driver: ReloadDriver, layouts: Sequence[Tuple[str, Layo
         summary[f"{pool}_absent"] = verdict.absent
     assert problems == [], f"{len(problems)} misplaced or lost writes, first: {problems[:10]}"
     return summary
+
+
+__all__ = ["Load", "MemcacheLoad", "RedisLoad", "ReloadDriver", "Timeline", "Verdict", "Write", "check_addresses",
+           "check_misses", "check_writes", "load_through_reloads", "memcache_locations", "progress",
+           "redis_locations"]

@@ -42,6 +42,10 @@ from twinproxy.request import Request
 from twinproxy.sockets import direct_socket, write_now
 
 TIMED_OUT = os.strerror(errno.ETIMEDOUT)
+# What ``link.intercept(request, how)`` is told about a failed request.
+ERROR_REPLY = 0   # the server answered an error (in ``request.reply``)
+LOST = 1          # the connection failed with the request written: its outcome is unknown
+NEVER_SENT = 2    # the connection failed before it was made: the request was never written
 # How a connection ended, for the server's counters.
 EOF_ = "eof"
 ERR = "err"
@@ -290,7 +294,7 @@ class BackendConnection(Protocol):
             observe(now - request.sent_at)
             request.reply = reply
             if (intercept is None or reply[:1] != b"-" or request.owner.__class__ is _Handshake
-                    or not intercept(request, False)):
+                    or not intercept(request, ERROR_REPLY)):
                 try:
                     request.owner.request_done(request)
                 except Exception:  # noqa: BLE001 - one request's bug must not drop a shared connection
@@ -376,10 +380,11 @@ class BackendConnection(Protocol):
         reply = self.codec.error_reply(text)
         failed = 0
         intercept = self.link.intercept
+        how = LOST if self.connected_at is not None else NEVER_SENT
         for request in awaiting:
             request.reply = reply
             if not isinstance(request.owner, _Handshake):
-                if intercept is not None and intercept(request, True):
+                if intercept is not None and intercept(request, how):
                     continue
                 failed += 1
             _complete(request, self)

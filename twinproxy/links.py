@@ -68,9 +68,10 @@ class ServerLink:
         # topology source (Sentinel) says otherwise; None: nowhere yet.
         self.target: Any = server.spec
         # Set by a topology source that wants a look at failures first:
-        # ``intercept(request, connection_failed) -> True`` when it took the
-        # request over (a retry elsewhere), called for error replies and for
-        # requests failed by a lost connection; ``on_lost(connection)`` when
+        # ``intercept(request, how) -> True`` when it took the request over (a
+        # retry elsewhere), called for error replies and for requests failed
+        # by a connection (``how``: backend.ERROR_REPLY, LOST or NEVER_SENT;
+        # ``request.reply`` holds the error); ``on_lost(connection)`` when
         # a connection closed or failed that the link did not close itself.
         self.intercept: Any = None
         self.on_lost: Any = None

@@ -55,7 +55,7 @@ class PoolRuntime:
         self.outbox = Outbox(reactor) if outbox == "turns" else outbox
         self._links: Dict[str, ServerLink] = {}
         # Sentinel mode: each server is a shard whose master the sentinels place.
-        self.sentinel = (SentinelShards(config, self.pool, self.codec, reactor, self.outbox)
+        self.sentinel = (SentinelShards(config, self.pool, reactor, self.outbox)
                          if config.sentinel_mode else None)
         for server in self.pool.servers:
             self._add_link(server)
@@ -79,7 +79,7 @@ class PoolRuntime:
 
     def _add_link(self, server: Server) -> ServerLink:
         if self.sentinel is not None:
-            link = self.sentinel.add(server)
+            link = self.sentinel.add(server, self.codec, self.config)
             self._links[server.name] = link
             return link
         link = ServerLink(server, self.pool, self.codec, self.config, self._reactor)

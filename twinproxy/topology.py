@@ -24,7 +24,7 @@ HANDSHAKE_KEYS = ("redis_auth", "redis_db")
 # Keys handled apart from "settings".
 _STRUCTURAL = frozenset(("name", "listen", "servers", "redis", *RING_KEYS))
 # Never shown in a change description.
-_SECRET = frozenset(("redis_auth",))
+_SECRET = frozenset(("redis_auth", "sentinel_auth"))
 
 
 @dataclass(frozen=True)

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable, List, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import pytest
 
-from tests.conftest import spawn_proxy
-from tests.reload_load import redis_client, write_atomically
+from tests.conftest import spawn_proxy, stop_proxy
+from tests.proxy_clients import redis_client, write_atomically
+from tests.sentinel_load import stop_leftover_loads
 from tests.sentinel_servers import Topology, pool_text
 from tests.servers import LOOPBACK, Process
 
 BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(autouse=True)
+def _stop_loads():
+    """A test that fails half-way must not leave its load threads (tests/sentinel_load.py) running
+    into the next one."""
+    yield
+    stop_leftover_loads()
 
 
 @pytest.fixture
@@ -40,9 +49,10 @@ def sentinel_topology(make_topology) -> Topology:
 
 @pytest.fixture
 def sentinel_proxy(tmp_path: Path) -> Callable[..., Tuple[Process, Callable]]:
-    """``sentinel_proxy(topology, names=None, guesses=None, sentinels=None, wait=True, **keys)``
-    writes a Sentinel pool file (``pool_text``) and starts ``twinproxy -c`` on it, with the stats
-    port and the HTTP endpoint on system-picked loopback ports.
+    """``sentinel_proxy(topology, names=None, guesses=None, sentinels=None, wait=True, extra_args=(),
+    **keys)`` writes a Sentinel pool file (``pool_text``) and starts ``twinproxy -c`` on it, with the
+    stats port and the HTTP endpoint on system-picked loopback ports, and ``extra_args`` last (with
+    ``--workers``, which refuses ``--http-port``, there is no HTTP endpoint).
 
     Returns (process, client): ``client(**kwargs)`` is a new redis-py client of pool ``alpha``
     (no retries, counts its connects); the process also has ``config_path``, ``text`` and
@@ -52,15 +62,16 @@ def sentinel_proxy(tmp_path: Path) -> Callable[..., Tuple[Process, Callable]]:
     processes: List[Process] = []
 
     def start(topology: Topology, names=None, guesses=None, sentinels=None, wait: bool = True,
-              **keys) -> Tuple[Process, Callable]:
+              extra_args: Sequence[str] = (), **keys) -> Tuple[Process, Callable]:
         number = len(processes)
         text = pool_text(topology, names=names, guesses=guesses, sentinels=sentinels, **keys)
         config = tmp_path / f"sentinel-pools{number}.yml"
         write_atomically(config, text)
         bound_path = tmp_path / f"sentinel-proxy{number}.bound.json"
+        http = [] if any(arg.startswith("--workers") for arg in extra_args) else ["--http-port", "0"]
         process = spawn_proxy([str(BIN / "twinproxy"), "-c", str(config), "--stats-port", "0",
-                               "--stats-addr", LOOPBACK, "--http-port", "0", "--bound-addresses",
-                               str(bound_path)], tmp_path / f"sentinel-proxy{number}.log", processes, bound_path)
+                               "--stats-addr", LOOPBACK, *http, "--bound-addresses", str(bound_path),
+                               *extra_args], tmp_path / f"sentinel-proxy{number}.log", processes, bound_path)
         process.config_path = config
         process.text = text
         if not wait:
@@ -75,4 +86,4 @@ def sentinel_proxy(tmp_path: Path) -> Callable[..., Tuple[Process, Callable]]:
 
     yield start
     for process in processes:
-        process.stop()
+        stop_proxy(process)

@@ -22,16 +22,8 @@ from typing import List, Sequence, Tuple
 
 import pytest
 
-from tests.reload_load import (
-    Layout,
-    PoolLayout,
-    ReloadDriver,
-    Server,
-    apply_steps,
-    full_steps,
+from tests.proxy_clients import (
     http,
-    initial_layout,
-    load_through_reloads,
     memcache_client,
     metric,
     read_bound,
@@ -40,6 +32,8 @@ from tests.reload_load import (
     wait_for_generation,
     write_atomically,
 )
+from tests.reload_layouts import Layout, PoolLayout, Server, apply_steps, full_steps, initial_layout
+from tests.reload_load import ReloadDriver, load_through_reloads
 from tests.servers import LOOPBACK, require, wait_until
 from twinproxy.config import load_file
 

@@ -12,17 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import spawn_proxy
-from tests.reload_load import (
-    ReloadDriver,
-    apply_steps,
-    load_through_reloads,
-    read_stats,
-    wait_for_generation,
-    worker_layout,
-    worker_steps,
-    write_atomically,
-)
+from tests.conftest import spawn_proxy, stop_proxy
+from tests.proxy_clients import read_stats, wait_for_generation, write_atomically
+from tests.reload_layouts import apply_steps, worker_layout, worker_steps
+from tests.reload_load import ReloadDriver, load_through_reloads
 from tests.servers import LOOPBACK, Process, free_port
 
 
@@ -47,13 +40,7 @@ def twinproxy_command(tmp_path: Path):
 
     yield start
     for process in processes:
-        process.stop()
-        # Workers the master could not stop in time must not outlive the test: they are in the
-        # session start_new_session made for this master, whose group id is the master's pid.
-        try:
-            os.killpg(process.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        stop_proxy(process)
 
 
 @pytest.mark.slow

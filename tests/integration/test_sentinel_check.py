@@ -1,6 +1,7 @@
-"""The blocking sentinel probe against real processes: a redis-server master
-and replica followed by three redis-sentinel processes, started and judged
-ready as the shared reference on Sentinel (§1) measured."""
+"""The blocking sentinel probe against real processes: a one-shard
+:class:`~tests.sentinel_servers.Topology` (s1: a redis-server master and its
+replica, then three redis-sentinel processes), started and judged ready as
+the shared reference on Sentinel (§1) measured."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from typing import List, Optional, Tuple
 
 import pytest
 
-from tests.sentinel_check_servers import SentinelServer
-from tests.servers import LOOPBACK, Process, RedisServer, wait_until
+from tests.sentinel_servers import ShardServer, Topology
+from tests.servers import LOOPBACK, RedisServer, wait_until
 from twinproxy.sentinel.check import (
     Client,
     auth_command,
@@ -24,16 +25,9 @@ from twinproxy.sentinel.check import (
     probe_pool,
     unmonitored_names,
 )
-from twinproxy.sentinel.replies import ReplyError, parse_replication
+from twinproxy.sentinel.replies import ReplyError
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@dataclass
-class Topology:
-    master: RedisServer
-    replica: RedisServer
-    sentinels: List[SentinelServer]
 
 
 @dataclass(frozen=True)
@@ -53,8 +47,23 @@ class PoolConfig:
 
 
 def pool_config(topology: Topology, *names: str, sentinel_auth: Optional[str] = None) -> PoolConfig:
-    return PoolConfig("alpha", tuple(s.address for s in topology.sentinels), [Server(n) for n in names],
+    return PoolConfig("alpha", tuple(_address(s) for s in topology.sentinels), [Server(n) for n in names],
                       sentinel_auth=sentinel_auth)
+
+
+def _address(server: RedisServer) -> Tuple[str, int]:
+    """A server's or a sentinel's address as the probe takes it."""
+    return (LOOPBACK, server.port)
+
+
+def _master(topology: Topology) -> ShardServer:
+    """s1's master as started (nothing here fails s1 over)."""
+    return topology.shards["s1"].servers[0]
+
+
+def _replica(topology: Topology) -> ShardServer:
+    (replica,) = topology.shards["s1"].servers[1:]
+    return replica
 
 
 def _command(address: Tuple[str, int], *args: str):
@@ -62,71 +71,23 @@ def _command(address: Tuple[str, int], *args: str):
         return client.command(*args)
 
 
-def _as_dict(words: list) -> dict:
-    return dict(zip(words[::2], words[1::2]))
-
-
-def _sentinel_ready(sentinel: SentinelServer, replica_port: int) -> bool:
-    """§1 "ready": CKQUORUM OK, the replica listed as plain slave with link ok, and both peers known."""
-    quorum = _command(sentinel.address, "SENTINEL", "CKQUORUM", "s1")
-    if isinstance(quorum, ReplyError) or not quorum.startswith("OK 3 "):
-        return False
-    replicas = [_as_dict(entry) for entry in _command(sentinel.address, "SENTINEL", "REPLICAS", "s1")]
-    if not any(r[b"port"] == str(replica_port).encode() and r[b"flags"] == b"slave"
-               and r[b"master-link-status"] == b"ok" for r in replicas):
-        return False
-    return len(_command(sentinel.address, "SENTINEL", "SENTINELS", "s1")) == 2
-
-
-def build_topology(directory: Path, processes: List[Process]) -> Topology:
-    master = RedisServer(directory / "master")
-    processes.append(master)
-    master.start()
-    # The 7.0 default diskless-sync delay is 5 s; nothing here needs to wait for it.
-    _command((LOOPBACK, master.port), "CONFIG", "SET", "repl-diskless-sync-delay", "0")
-    replica = RedisServer(directory / "replica")
-    processes.append(replica)
-    replica.start()
-    assert _command((LOOPBACK, replica.port), "REPLICAOF", LOOPBACK, str(master.port)) == "OK"
-    # Sentinels started before the link is up may only see the replica at their next INFO, 10 s later.
-    wait_until(lambda: parse_replication(_command((LOOPBACK, replica.port), "INFO", "replication")).link_up,
-               timeout=15, interval=0.05, what="the replica's master link")
-    sentinels = []
-    for index in range(3):
-        sentinel = SentinelServer(directory / f"sentinel{index}", [("s1", master.port)])
-        processes.append(sentinel)
-        sentinels.append(sentinel.start())
-    try:
-        wait_until(lambda: all(_sentinel_ready(s, replica.port) for s in sentinels), timeout=25, interval=0.1,
-                   what="three sentinels to agree on s1 and its replica")
-    except AssertionError as err:
-        raise AssertionError(f"{err}\n" + "\n".join(s.output() for s in sentinels)) from None
-    return Topology(master, replica, sentinels)
-
-
-def _teardown(processes: List[Process]) -> None:
-    # Process.kill continues a frozen process before the SIGKILL.
-    for process in reversed(processes):
-        process.kill()
-
-
 @pytest.fixture(scope="module")
 def topology(tmp_path_factory: pytest.TempPathFactory):
-    processes: List[Process] = []
+    topology = Topology(tmp_path_factory.mktemp("sentinel-check"), names=("s1",))
     try:
-        yield build_topology(tmp_path_factory.mktemp("sentinel-check"), processes)
+        yield topology.start()
     finally:
-        _teardown(processes)
+        topology.stop()
 
 
 @pytest.fixture
 def fresh_topology(tmp_path: Path):
     """A topology of its own, for a test that stops or freezes sentinels."""
-    processes: List[Process] = []
+    topology = Topology(tmp_path / "topology", names=("s1",))
     try:
-        yield build_topology(tmp_path, processes)
+        yield topology.start()
     finally:
-        _teardown(processes)
+        topology.stop()
 
 
 def _run_id(port: int) -> str:
@@ -141,19 +102,19 @@ def test_probe_finds_master_epoch_replica_and_quorum(topology: Topology) -> None
     assert all(s.answered and not s.error for s in report.sentinels)
     (server,) = report.servers
     assert server.choice is not None, server.reason
-    assert server.choice.address == (LOOPBACK, topology.master.port)
+    assert server.choice.address == (LOOPBACK, _master(topology).port)
     assert (server.choice.epoch, server.choice.agreeing, server.choice.answered) == (0, 3, 3)
-    assert server.choice.run_id == _run_id(topology.master.port)
+    assert server.choice.run_id == _run_id(_master(topology).port)
     assert server.role == "master" and server.role_error == ""
     assert server.quorum.startswith("OK 3 usable Sentinels")
     (replica,) = server.replicas
-    assert replica.address == (LOOPBACK, topology.replica.port)
+    assert replica.address == (LOOPBACK, _replica(topology).port)
     assert replica.usable and replica.link_ok
-    assert (replica.master_host, replica.master_port) == (LOOPBACK, topology.master.port)
+    assert (replica.master_host, replica.master_port) == (LOOPBACK, _master(topology).port)
     assert fatal_problems(report) == [] and unmonitored_names(report) == []
     text = format_report(report)
-    assert (f"server s1: master 127.0.0.1:{topology.master.port} epoch 0 (3/3 sentinels agree), role master, "
-            f"replicas 127.0.0.1:{topology.replica.port} (slave, link ok), quorum: OK 3 usable Sentinels") in text
+    assert (f"server s1: master 127.0.0.1:{_master(topology).port} epoch 0 (3/3 sentinels agree), role master, "
+            f"replicas 127.0.0.1:{_replica(topology).port} (slave, link ok), quorum: OK 3 usable Sentinels") in text
     assert "no problems" in text
 
 
@@ -171,7 +132,7 @@ def test_name_no_sentinel_monitors_is_fatal(topology: Topology) -> None:
 
 def test_sentinel_auth(topology: Topology) -> None:
     for sentinel in topology.sentinels:
-        assert _command(sentinel.address, "ACL", "SETUSER", "probe", "on", ">secret", "~*", "&*", "+@all") == "OK"
+        assert _command(_address(sentinel), "ACL", "SETUSER", "probe", "on", ">secret", "~*", "&*", "+@all") == "OK"
     report = probe_pool(pool_config(topology, "s1", sentinel_auth="probe secret"))
     assert report.problems == [], format_report(report)
     refused = probe_pool(pool_config(topology, "s1", sentinel_auth="probe wrong"))
@@ -189,7 +150,7 @@ def test_dead_and_frozen_sentinels_are_reported_not_fatal(fresh_topology: Topolo
     assert (report.sentinels[0].answered, report.sentinels[0].error) == (False, "connection refused")
     assert any(f"sentinel 127.0.0.1:{dead.port} did not answer: connection refused" == p for p in report.problems)
     (server,) = report.servers
-    assert server.choice is not None and server.choice.address == (LOOPBACK, fresh_topology.master.port)
+    assert server.choice is not None and server.choice.address == (LOOPBACK, _master(fresh_topology).port)
     assert (server.choice.agreeing, server.choice.answered) == (2, 2)
     assert server.role == "master"
     assert fatal_problems(report) == []
@@ -317,7 +278,7 @@ def test_chosen_address_that_is_not_a_master_is_a_problem(topology: Topology) ->
     # Sentinels told to watch the replica as a master "s2": they agree on its address, and
     # ROLE there says slave, as it would mid-failover.
     for sentinel in topology.sentinels:
-        assert _command(sentinel.address, "SENTINEL", "MONITOR", "s2", LOOPBACK, str(topology.replica.port),
+        assert _command(_address(sentinel), "SENTINEL", "MONITOR", "s2", LOOPBACK, str(_replica(topology).port),
                         "2") == "OK"
     try:
         # Until the hellos (every 2 s) the new entry shows no peers and counts as isolated.
@@ -327,11 +288,11 @@ def test_chosen_address_that_is_not_a_master_is_a_problem(topology: Topology) ->
 
         report = wait_until(chosen, timeout=15, interval=0.2, what="a majority choice for s2")
         (server,) = report.servers
-        assert server.choice.address == (LOOPBACK, topology.replica.port)
+        assert server.choice.address == (LOOPBACK, _replica(topology).port)
         assert server.role == "slave"
-        where = f"127.0.0.1:{topology.replica.port}"
+        where = f"127.0.0.1:{_replica(topology).port}"
         assert f"server s2: {where} reports role slave, not master" in report.problems
         assert fatal_problems(report) == []
     finally:
         for sentinel in topology.sentinels:
-            _command(sentinel.address, "SENTINEL", "REMOVE", "s2")
+            _command(_address(sentinel), "SENTINEL", "REMOVE", "s2")

@@ -1,4 +1,5 @@
-"""The Sentinel fixture library itself (tests/sentinel_servers.py), against real processes.
+"""The Sentinel fixture library itself (tests/sentinel_servers.py, sentinel_events.py and
+resp_client.py), against real processes.
 
 No proxy here: a topology becomes ready, a manual failover is seen by
 ``wait_switch`` and the SwitchWatcher, and a SentinelRelay forwards queries
@@ -11,7 +12,8 @@ import time
 
 import pytest
 
-from tests.sentinel_servers import Resp, RespError, SentinelRelay
+from tests.resp_client import Resp, RespError
+from tests.sentinel_events import SentinelRelay
 from tests.servers import wait_until
 
 

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from twinproxy.backend import ERROR_REPLY
 from twinproxy.config import PoolConfig, ServerSpec
 from twinproxy.links import ServerLink
 from twinproxy.pool import Server
@@ -45,7 +46,7 @@ class ReplicaCounters:
 class ReplicaNode:
     """One replica: its link, its health and why."""
 
-    def __init__(self, address: Tuple[str, int], link: ServerLink, client: CommandClient) -> None:
+    def __init__(self, address: Tuple[str, int], link: ServerLink, client: Any) -> None:
         self.address = address
         self.label = show_address(address)
         self.link = link
@@ -78,6 +79,9 @@ class ReplicaSet:
         self._check_call: Any = None
         self._checking = False
         self._stopped = False
+        self._next_early_check = 0.0
+        # Links of replicas no longer listed, still draining (closed by stop()).
+        self._draining: List[ServerLink] = []
 
     @property
     def reads(self) -> bool:
@@ -89,10 +93,17 @@ class ReplicaSet:
         return len(self._healthy)
 
     def reconfigure(self, codec: Any, config: PoolConfig, handshake_changed: bool) -> None:
+        new_auth = config.redis_auth != self.config.redis_auth
         self._codec = codec
         self.config = config
         for node in self.nodes:
             node.link.reconfigure(codec, config, handshake_changed)
+            if new_auth:   # the checks log in with the pool's password too
+                node.client.close()
+                node.client = self._check_client(node)
+        if new_auth and self._master_client is not None:
+            self._master_client.close()
+            self._master_client = None
         self._schedule(0)
 
     # -- picking --------------------------------------------------------------
@@ -110,6 +121,8 @@ class ReplicaSet:
 
     def set_candidates(self, addresses: Sequence[Tuple[str, int]]) -> None:
         """The replicas a sentinel lists for the current master (already filtered)."""
+        if self._stopped:
+            return
         wanted = [address for address in addresses if address != self._master]
         known = {node.address: node for node in self.nodes}
         nodes = []
@@ -129,6 +142,8 @@ class ReplicaSet:
 
     def master_moved(self, address: Tuple[str, int]) -> None:
         """Every replica is suspect until checked against the new master; the new master is none."""
+        if self._stopped:
+            return
         self._master = address
         if self._master_client is not None:
             self._master_client.close()
@@ -156,20 +171,35 @@ class ReplicaSet:
         spec = ServerSpec(name=f"{self._shard.name}/{label}", weight=1, host=host, port=port,
                           label=f"{self._shard.name}/{label}")
         link = ServerLink(Server(spec, -1), self._pool, self._codec, self.config, self._reactor)
-        # Sentinel's promotion of a replica kills its clients: a check at once
-        # sees the promotion before Sentinel announces it (about 1 s later).
-        client = CommandClient(self._reactor, address, self.config.redis_auth, timeout=CHECK_EVERY,
-                               on_lost=lambda: self._schedule(0))
-        node = ReplicaNode(address, link, client)
-        link.intercept = lambda request, connection_failed: self._read_failed(node, request, connection_failed)
+        node = ReplicaNode(address, link, None)
+        node.client = self._check_client(node)
+        link.intercept = lambda request, how: self._read_failed(node, request, how)
         link.on_lost = lambda connection: self._lost(node)
         link.outbox = self._shard.master.outbox
         return node
 
+    def _check_client(self, node: ReplicaNode) -> CommandClient:
+        return CommandClient(self._reactor, node.address, self.config.redis_auth, timeout=CHECK_EVERY,
+                             on_lost=lambda: self._check_lost(node))
+
+    def _check_lost(self, node: ReplicaNode) -> None:
+        # Sentinel's promotion of a replica kills its clients: a check at once
+        # sees the promotion before Sentinel announces it (a second later).
+        # Only for a replica that was fine, and once a period: one that
+        # accepts and closes (maxclients, protected mode) must not spin.
+        now = self._reactor.seconds()
+        if (node.healthy or node.was_slave) and now >= self._next_early_check:
+            self._next_early_check = now + CHECK_EVERY
+            self._schedule(0)
+
     def _drop(self, node: ReplicaNode) -> None:
         node.client.close()
         node.healthy = False
-        node.link.drain()
+        drained = node.link.drain()
+        if not drained.called:
+            link = node.link
+            self._draining.append(link)
+            drained.addBoth(lambda _: self._draining.remove(link) if link in self._draining else None)
 
     def _take_out(self, node: ReplicaNode, reason: str, cut: bool) -> None:
         if node.healthy:
@@ -185,22 +215,26 @@ class ReplicaSet:
     def _refresh(self) -> None:
         self._healthy = [node for node in self.nodes if node.healthy]
 
-    def _read_failed(self, node: ReplicaNode, request: Request, connection_failed: bool) -> bool:
-        if not connection_failed:
-            reply = request.reply
+    def _read_failed(self, node: ReplicaNode, request: Request, how: int) -> bool:
+        reply = request.reply
+        if how == ERROR_REPLY:
             if not reply.startswith(UNFIT_REPLIES):
                 return False
             reason = reply[1:].split(b" ", 1)[0].decode("latin-1")
         else:
-            reason = request.reply[1:].strip().decode("latin-1", "replace") or "connection failed"
+            reason = reply[1:].strip().decode("latin-1", "replace") or "connection failed"
+        retry = not getattr(request, "retried", False)
+        if retry:
+            # Cleared first: taking the replica out fails the other reads on
+            # it, and the frontend counts a request with a reply as answered.
+            request.retried = True
+            request.reply = None
         if node.healthy:
             self._take_out(node, reason, cut=True)
             self._refresh()
-        if getattr(request, "retried", False):
+        if not retry:
             return False
-        request.retried = True
-        request.reply = None   # not answered yet: the frontend sends replies in order as they are set
-        self._shard.send_to_master(request)
+        self._shard.read_again(request)   # a read is safe to repeat
         return True
 
     def _lost(self, node: ReplicaNode) -> None:
@@ -248,6 +282,7 @@ class ReplicaSet:
             if node not in self.nodes or master is None:
                 continue
             problem, info = _problem(ok, value, node, master, master_info, self.config.max_replica_lag)
+            unreachable = not ok
             if info is not None:
                 if info.role == "master" and node.was_slave:
                     self._shard.fence(f"replica {node.label} says it is a master now (promoted)")
@@ -260,7 +295,9 @@ class ReplicaSet:
                 node.healthy = True
                 node.reason = ""
             elif problem is not None and node.healthy:
-                self._take_out(node, problem, cut=False)
+                # Unreachable: reads in flight there may never be answered
+                # (a frozen replica, a pool without timeout): retried elsewhere.
+                self._take_out(node, problem, cut=unreachable)
             elif problem is not None:
                 node.reason = problem
         self._refresh()
@@ -281,7 +318,8 @@ class ReplicaSet:
         self._check_call = None
         if self._master_client is not None:
             self._master_client.close()
-        closing = []
+        closing = [link.stop() for link in self._draining]
+        self._draining = []
         for node in self.nodes:
             node.client.close()
             closing.append(node.link.stop())

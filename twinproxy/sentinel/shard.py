@@ -29,6 +29,7 @@ from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 from twisted.logger import Logger
 
+from twinproxy.backend import ERROR_REPLY, LOST
 from twinproxy.config import PoolConfig, ServerSpec
 from twinproxy.links import ServerLink
 from twinproxy.protocols import resp
@@ -39,8 +40,10 @@ from twinproxy.sentinel.replies import show_address
 # Replies that mean the node did not execute the command because it is not
 # (or not yet) a writable master: safe to send again elsewhere.
 NOT_EXECUTED = (b"-READONLY", b"-MASTERDOWN", b"-LOADING")
-# How much of failover_hold a promoted replica fences its old master for.
-FENCE_SHARE = 0.75
+# A promoted replica fences its old master for this long at least, and after
+# that while a sentinel still reports the failover under way, up to the limit.
+FENCE_GRACE = 0.5
+FENCE_LIMIT = 10.0
 
 
 class SentinelShard:
@@ -72,8 +75,11 @@ class SentinelShard:
         self.last_switch = 0.0
         self._held: Deque[Tuple[float, Request]] = deque()
         self._hold_call: Any = None
-        # (address, until): that master is not confirmed again before then (see fence).
+        # (address, since): that master is not confirmed again for now (see fence).
         self._fenced: Tuple[Optional[Tuple[str, int]], float] = (None, 0.0)
+        # Moves on at every suspicion: a ROLE answer asked for before it is stale.
+        self.generation = 0
+        self.removed = False
         self._configure(config)
 
     def _configure(self, config: PoolConfig) -> None:
@@ -108,7 +114,7 @@ class SentinelShard:
 
     def _send_read(self, request: Request) -> None:
         policy = self._policy
-        if policy == "prefer-master" and self.confirmed and self.server.up:
+        if policy == "prefer-master" and self.confirmed:
             self.master.send(request)
             return
         node = self.replicas.pick(include_master=policy == "any" and self.confirmed)
@@ -122,12 +128,9 @@ class SentinelShard:
         else:
             self._hold_request(request)
 
-    def send_to_master(self, request: Request) -> None:
-        """A replica could not serve ``request``: the master's turn (held while there is none)."""
-        if self.confirmed:
-            self.master.send(request)
-        else:
-            self._hold_request(request)
+    def read_again(self, request: Request) -> None:
+        """A replica could not serve a read: another healthy replica, or the master, as the policy says."""
+        self._send_read(request)
 
     # -- holding --------------------------------------------------------------
 
@@ -187,6 +190,7 @@ class SentinelShard:
         elif old is None:
             self.master.target = _target(self.server, address)
         if address != self.address:
+            self.generation += 1
             self.run_id = run_id   # even empty: the old node's id must not stick to the new address
         elif run_id:
             self.run_id = run_id
@@ -214,28 +218,36 @@ class SentinelShard:
         self.run_id = run_id or self.run_id
         self.confirmed = True
         self.replicas.master_confirmed(address)
+        if self.config.preconnect:
+            self.master.preconnect(self.master.codec.default_dialect)
         self._release()
 
     def fence(self, reason: str) -> None:
         """A replica of this master was promoted: its writes would be lost, so hold them.
 
-        Sentinel promotes first and announces about a second later; until
-        a majority names the new master (or three quarters of
-        ``failover_hold`` pass, for a promotion that was no failover) the old
-        master is not confirmed again.
+        Sentinel promotes first and announces one to three seconds later;
+        meanwhile the old master still answers ROLE as a master.  It is not
+        confirmed again while a sentinel reports the failover under way
+        (after a short grace, for the flag to show): a promotion that was no
+        failover (an operator's ``REPLICAOF NO ONE``) costs only the grace.
         """
-        # Shorter than the hold, so that after a promotion that was no failover
-        # (an operator's REPLICAOF NO ONE) the waiting requests still reach the
-        # old master instead of timing out; Sentinel announces within ~1.1 s.
-        self._fenced = (self.address, self._reactor.seconds() + FENCE_SHARE * self._hold)
+        self._fenced = (self.address, self._reactor.seconds())
         self.suspect(reason)
 
-    def may_confirm(self, address: Tuple[str, int]) -> bool:
-        fenced, until = self._fenced
-        return address != fenced or self._reactor.seconds() >= until
+    def may_confirm(self, address: Tuple[str, int], failover_running: bool) -> bool:
+        """May ``address`` be confirmed as this shard's master now (see :meth:`fence`)?"""
+        fenced, since = self._fenced
+        if address != fenced:
+            return True
+        elapsed = self._reactor.seconds() - since
+        if elapsed < FENCE_GRACE or (failover_running and elapsed < FENCE_LIMIT):
+            return False
+        self._fenced = (None, 0.0)
+        return True
 
     def suspect(self, reason: str) -> None:
         """The master said it is not writable: hold new requests until the watcher confirms one."""
+        self.generation += 1
         if self.confirmed:
             self._log.info("pool {pool}: shard {shard}: master {address} {reason}; looking again",
                            pool=self._pool.name, shard=self.name, address=show_address(self.address), reason=reason)
@@ -244,14 +256,19 @@ class SentinelShard:
 
     # -- what the links report ------------------------------------------------
 
-    def _master_failed(self, request: Request, connection_failed: bool) -> bool:
-        if connection_failed:
+    def _master_failed(self, request: Request, how: int) -> bool:
+        if how == LOST:
             return False   # the outcome is unknown: never sent again
         reply = request.reply
-        if not reply.startswith(NOT_EXECUTED):
-            return False
-        word = reply[1:reply.find(b" ")].decode("latin-1") if b" " in reply else "an error"
-        self.suspect(f"answered {word}")
+        if how == ERROR_REPLY:
+            if not reply.startswith(NOT_EXECUTED):
+                return False
+            word = reply[1:reply.find(b" ")].decode("latin-1") if b" " in reply else "an error"
+            reason = f"answered {word}"
+        else:   # never written: the master could not be reached (down, or moving)
+            reason = f"unreachable ({reply[1:].strip().decode('latin-1', 'replace')})"
+        if self.confirmed or how == ERROR_REPLY:
+            self.suspect(reason)
         if getattr(request, "retried", False):
             return False
         request.retried = True
@@ -282,11 +299,18 @@ class SentinelShard:
 
     def drain(self) -> Any:
         """The shard left the pool: answer what is held, then drain the links."""
+        self.removed = True
+        self.confirmed = False
+        if self._hold_call is not None and self._hold_call.active():
+            self._hold_call.cancel()
+        self._hold_call = None
         held, self._held = self._held, deque()
+        gone = resp.error(f"ERR shard '{self.name}' left the pool (reload) before its request was sent")
         for _, request in held:
-            self._answer(request, self._tryagain)
+            self._answer(request, gone)
+        drained = [self.master.drain()]
         self.replicas.stop()
-        return self.master.drain()
+        return drained[0]
 
     def stats(self) -> Dict[str, Any]:
         return {

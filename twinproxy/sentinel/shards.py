@@ -26,9 +26,8 @@ from twinproxy.sentinel.watcher import SentinelWatcher
 class SentinelShards:
     """The shards of one Sentinel pool and the watcher that places their masters."""
 
-    def __init__(self, config: PoolConfig, pool: Any, codec: Any, reactor: Any, outbox: Any) -> None:
+    def __init__(self, config: PoolConfig, pool: Any, reactor: Any, outbox: Any) -> None:
         self._pool = pool
-        self._codec = codec
         self._reactor = reactor
         self._outbox = outbox
         self.config = config
@@ -36,9 +35,9 @@ class SentinelShards:
         self.watcher = SentinelWatcher(config, reactor, self.shards)
         self._retiring: List[defer.Deferred] = []
 
-    def add(self, server: Any) -> ServerLink:
-        """A shard for ``server``: its master link is the server's link."""
-        shard = SentinelShard(server, self._pool, self._codec, self.config, self._reactor, self.watcher.trigger)
+    def add(self, server: Any, codec: Any, config: PoolConfig) -> ServerLink:
+        """A shard for ``server``, made with the pool's settings as of now (a reload's new ones)."""
+        shard = SentinelShard(server, self._pool, codec, config, self._reactor, self.watcher.trigger)
         shard.master.outbox = self._outbox
         self.shards[server.name] = shard
         self.watcher.trigger(f"shard {server.name} added")
@@ -49,7 +48,6 @@ class SentinelShards:
         return shard.drain()
 
     def reconfigure(self, codec: Any, config: PoolConfig, handshake_changed: bool, added: set) -> None:
-        self._codec = codec
         self.config = config
         for name, shard in self.shards.items():
             if name not in added:

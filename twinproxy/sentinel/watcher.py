@@ -3,15 +3,16 @@
 Owns: :class:`SentinelWatcher` — a query connection and an event
 subscription per configured sentinel, and discovery: ``SENTINEL MASTERS``
 to every sentinel at once, :func:`~twinproxy.sentinel.decide.choose_master`
-per shard (a majority agreeing on the highest epoch *with* its address),
-then ``ROLE`` on the chosen node before the shard routes there.  Events
-(``+switch-master`` and the others) only trigger a discovery; so do a
-shard's own signs (``-READONLY``, a lost master connection), an event link
-coming back (what it missed is lost), and a timer: every 5 s, and every
-0.2 s while some shard has no confirmed master.  With fewer than a
-majority answering the watcher keeps what it has and says so once.
-``+sdown``/``+odown`` never move anything: sentinels briefly flag even a
-fresh master after a switch.
+per shard (a majority agreeing on the highest epoch *with* its address,
+decided as soon as the answers in allow it: a frozen sentinel costs no
+wait), then ``ROLE`` on the chosen node before the shard routes there.
+Events (``+switch-master`` and the others) only trigger a discovery; so
+do a shard's own signs (``-READONLY``, a lost or refused master
+connection), an event link coming back (what it missed is lost), and a
+timer: every 5 s, and every 0.2 s while some shard has no confirmed master.
+With fewer than a majority answering the watcher keeps what it has and says
+so once.  ``+sdown``/``+odown`` never move anything: sentinels briefly flag
+even a fresh master after a switch.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from twisted.logger import Logger
 
 from twinproxy.config import PoolConfig
 from twinproxy.sentinel.client import CommandClient, EventSubscriber
-from twinproxy.sentinel.decide import Choice, choose_master
-from twinproxy.sentinel.replies import parse_event, parse_masters, parse_replicas, parse_role, show_address
+from twinproxy.sentinel.decide import Choice, choose_master, majority
+from twinproxy.sentinel.replies import ReplyError, parse_event, parse_masters, parse_replicas, parse_role, show_address
 
 EVENTS = (b"+switch-master", b"+odown", b"-odown", b"+sdown", b"-sdown", b"+convert-to-slave", b"+slave",
-          b"+failover-end", b"-failover-abort-no-good-slave", b"+tilt", b"-tilt")
+          b"+failover-end", b"-failover-abort-no-good-slave")
 RECONCILE_EVERY = 5.0
 RETRY_UNCONFIRMED = 0.2
 # Between two discoveries at least: a burst of triggers is one look.
@@ -53,8 +54,10 @@ class SentinelWatcher:
         self._call: Any = None
         self._last_run = -1.0
         self._problem: Optional[str] = None
-        self._last_note: Optional[str] = None
-        self._last_event: Any = None
+        self._notes: Dict[str, str] = {}
+        self._last_events: Dict[str, Any] = {}
+        # Moves on when the sentinel connections are replaced: answers from before are dropped.
+        self._link_generation = 0
         self.discoveries = 0
 
     # -- life -----------------------------------------------------------------
@@ -75,6 +78,10 @@ class SentinelWatcher:
         """New keys; new sentinels or credentials mean new connections (and a look at once)."""
         old = self.config
         self.config = config
+        if old.sentinels != config.sentinels:
+            # Another sentinel set counts its epochs from its own start.
+            for shard in self.shards.values():
+                shard.epoch = -1
         if (old.sentinels, old.sentinel_auth, old.redis_auth) != (config.sentinels, config.sentinel_auth,
                                                                   config.redis_auth):
             self._disconnect()
@@ -93,11 +100,13 @@ class SentinelWatcher:
             subscriber.start()
 
     def _disconnect(self) -> None:
-        for client in (*self._queries, *self._nodes.values()):
-            client.close()
-        for subscriber in self._events:
-            subscriber.stop()
+        self._link_generation += 1
+        queries, nodes, events = self._queries, self._nodes, self._events
         self._queries, self._events, self._nodes = [], [], {}
+        for client in (*queries, *nodes.values()):
+            client.close()
+        for subscriber in events:
+            subscriber.stop()
 
     # -- triggers -------------------------------------------------------------
 
@@ -126,10 +135,10 @@ class SentinelWatcher:
         if shard is None:
             return
         kind = event.kind
-        if kind in ("+sdown", "+odown", "-sdown", "-odown", "+tilt", "-tilt"):
-            seen = (kind, event.role, event.name, event.host, event.port)
-            if event.role == "master" and seen != self._last_event:   # every sentinel sends it
-                self._last_event = seen
+        if kind in ("+sdown", "+odown", "-sdown", "-odown"):
+            seen = (kind, event.role, event.host, event.port)
+            if event.role == "master" and seen != self._last_events.get(event.name):   # every sentinel sends it
+                self._last_events[event.name] = seen
                 self._log.info("pool {pool}: sentinel event {event} for {shard} (noted; it moves nothing)",
                                pool=self.config.name, event=kind, shard=event.name)
             elif kind == "+sdown" and event.role == "slave":
@@ -153,35 +162,64 @@ class SentinelWatcher:
         self._again = False
         self._last_run = self._reactor.seconds()
         self.discoveries += 1
-        asked = [client.command(b"SENTINEL", b"MASTERS") for client in self._queries]
-        done = defer.DeferredList(asked, consumeErrors=True)
-        done.addCallback(self._answered)
+        done = self._ask_masters()
+        done.addCallback(self._answered, self._link_generation)
         done.addErrback(self._crashed)
         done.addBoth(self._finished)
 
-    def _answered(self, results: List[Tuple[bool, Any]]) -> defer.Deferred:
-        answers: List[Optional[Dict[str, Any]]] = []
-        for ok, value in results:
-            if ok and isinstance(value, list):
+    def _ask_masters(self) -> defer.Deferred:
+        """Fires with one answer per sentinel (a parsed SENTINEL MASTERS, or None), as soon as
+        every shard has a majority behind one choice or every sentinel has answered."""
+        queries = list(self._queries)
+        answers: List[Optional[Dict[str, Any]]] = [None] * len(queries)
+        waiting = [len(queries)]
+        result: defer.Deferred = defer.Deferred()
+        need = majority(len(queries))
+
+        def settled() -> bool:
+            for name in self.shards:
+                choice, _ = choose_master(name, answers, len(queries))
+                if choice is None or choice.agreeing < need:
+                    return False
+            return True
+
+        def one(value: Any, index: int) -> None:
+            waiting[0] -= 1
+            if isinstance(value, list):
                 try:
-                    answers.append(parse_masters(value))
-                    continue
+                    answers[index] = parse_masters(value)
                 except (ValueError, TypeError, KeyError):
                     pass
-            answers.append(None)
-        count = len(self._queries)
+            if not result.called and (waiting[0] == 0 or settled()):
+                result.callback(list(answers))
+
+        for index, client in enumerate(queries):
+            asked = client.command(b"SENTINEL", b"MASTERS")
+            asked.addErrback(lambda failure: None)   # no answer: counted as None
+            asked.addCallback(one, index)
+        if not queries:
+            result.callback([])
+        return result
+
+    def _answered(self, answers: List[Any], link_generation: int) -> Any:
+        if not self._running or link_generation != self._link_generation:
+            return None   # stopped, or other sentinels now: these answers say nothing
+        count = len(answers)
         steps = []
         problems = []
-        for name, shard in self.shards.items():
+        for name, shard in list(self.shards.items()):
             choice, reason = choose_master(name, answers, count, floor_epoch=max(shard.epoch, -1))
             if choice is None:
                 problems.append(f"{name}: {reason}")
                 continue
-            steps.append(self._follow(shard, choice, answers))
+            running = any(answer is not None and name in answer and answer[name].failover_in_progress
+                          for answer in answers)
+            steps.append(self._follow(shard, choice, answers, running))
         self._report(problems)
+        self._prune_nodes()
         return defer.DeferredList(steps, consumeErrors=True)
 
-    def _follow(self, shard: Any, choice: Choice, answers: List[Any]) -> defer.Deferred:
+    def _follow(self, shard: Any, choice: Choice, answers: List[Any], failover_running: bool) -> defer.Deferred:
         address = choice.address
         if shard.confirmed and address != shard.address and choice.run_id and choice.run_id == shard.run_id:
             return defer.succeed(None)   # the same node under another address: not a switch
@@ -192,14 +230,28 @@ class SentinelWatcher:
             return self._refresh_replicas(shard, choice, answers)
         if address != shard.address:
             shard.moving(address, choice.epoch, choice.run_id)
+        generation = shard.generation
         asked = self._node(address).command(b"ROLE")
-        asked.addCallback(self._role_answered, shard, choice, answers)
-        asked.addErrback(self._role_failed, shard, choice)
+        asked.addCallbacks(self._role_answered, self._role_failed,
+                           callbackArgs=(shard, choice, answers, generation, failover_running),
+                           errbackArgs=(shard, choice))
+        asked.addErrback(self._crashed)
         return asked
 
-    def _role_answered(self, value: Any, shard: Any, choice: Choice, answers: List[Any]) -> Any:
-        if shard.address != choice.address:
-            return None   # moved on meanwhile
+    def _current(self, shard: Any, choice: Choice, generation: int) -> bool:
+        """Is the shard still the one asked about, at the address asked about, with nothing new since?"""
+        return (self.shards.get(shard.name) is shard and not shard.removed and shard.address == choice.address
+                and shard.generation == generation)
+
+    def _role_answered(self, value: Any, shard: Any, choice: Choice, answers: List[Any], generation: int,
+                       failover_running: bool) -> Any:
+        if not self._current(shard, choice, generation):
+            self.trigger(f"shard {shard.name} changed while its ROLE was asked")
+            return None
+        where = f"{shard.name}: {show_address(choice.address)} (epoch {choice.epoch})"
+        if isinstance(value, ReplyError):
+            self._note(shard.name, f"{where} refuses ROLE: {value.message}")
+            return None
         role = None
         if isinstance(value, list):
             try:
@@ -207,19 +259,20 @@ class SentinelWatcher:
             except (ValueError, TypeError, IndexError):
                 role = None
         if role is None or role.kind != "master":
-            shown = "an error" if role is None else role.kind
-            self._note(f"{shard.name}: {show_address(choice.address)} (epoch {choice.epoch}) answers ROLE with "
-                       f"{shown}, not master: a failover is under way")
+            shown = "something unreadable" if role is None else role.kind
+            self._note(shard.name, f"{where} answers ROLE with {shown}, not master: a failover is under way")
             return None
-        if not shard.may_confirm(choice.address):
-            self._note(f"{shard.name}: {show_address(choice.address)} is still master, but a replica of it "
-                       "was promoted: waiting for the sentinels to announce the switch")
+        if not shard.may_confirm(choice.address, failover_running):
+            self._note(shard.name, f"{where} is still master, but a replica of it was promoted: waiting for "
+                       "the sentinels to announce the switch")
             return None
+        self._notes.pop(shard.name, None)
         shard.confirm(choice.address, choice.epoch, choice.run_id)
         return self._refresh_replicas(shard, choice, answers)
 
     def _role_failed(self, failure: Any, shard: Any, choice: Choice) -> None:
-        self._note(f"{shard.name}: cannot ask {show_address(choice.address)} its role: {failure.getErrorMessage()}")
+        self._note(shard.name, f"{shard.name}: cannot ask {show_address(choice.address)} its role: "
+                   f"{failure.getErrorMessage()}")
 
     def _refresh_replicas(self, shard: Any, choice: Choice, answers: List[Any]) -> Any:
         # Ask a sentinel that agreed with the choice.
@@ -233,7 +286,7 @@ class SentinelWatcher:
         return None
 
     def _replicas_answered(self, value: Any, shard: Any, choice: Choice) -> None:
-        if not isinstance(value, list) or shard.address != choice.address:
+        if not isinstance(value, list) or shard.address != choice.address or self.shards.get(shard.name) is not shard:
             return
         try:
             replicas = parse_replicas(value)
@@ -263,6 +316,12 @@ class SentinelWatcher:
                                                           timeout=QUERY_TIMEOUT)
         return client
 
+    def _prune_nodes(self) -> None:
+        """Close the ROLE clients of nodes no shard routes to (each holds a connection to that node)."""
+        wanted = {shard.address for shard in self.shards.values()}
+        for address in [address for address in self._nodes if address not in wanted]:
+            self._nodes.pop(address).close()
+
     # -- telling --------------------------------------------------------------
 
     def _report(self, problems: List[str]) -> None:
@@ -275,14 +334,12 @@ class SentinelWatcher:
                 self._log.info("pool {pool}: Sentinel: a majority agrees again", pool=self.config.name)
         self._problem = text
 
-    def _note(self, text: str) -> None:
-        # Said once: while a failover runs this is true at every retry.
-        if text != self._last_note:
-            self._last_note = text
+    def _note(self, shard: str, text: str) -> None:
+        # Said once per shard: while a failover runs this is true at every retry.
+        if self._notes.get(shard) != text:
+            self._notes[shard] = text
             self._log.info("pool {pool}: Sentinel: {text}", pool=self.config.name, text=text)
 
     @property
     def problem(self) -> Optional[str]:
         return self._problem
-
-

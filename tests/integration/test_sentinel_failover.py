@@ -1,6 +1,10 @@
-"""Sentinel mode through real processes: ``twinproxy -c`` over a fresh topology per test
-(tests/sentinel_servers.py: per shard a master and a replica, three sentinels at
-down-after 1000 ms / failover-timeout 3000 ms).
+"""Sentinel mode through real processes, following the masters: ``twinproxy -c`` over
+a fresh topology per test (tests/sentinel_servers.py: per shard a master and a
+replica, three sentinels at down-after 1000 ms / failover-timeout 3000 ms):
+discovery, SENTINEL FAILOVER, SIGKILL and SIGSTOP of a master, the event
+connections cut, a sentinel lost, reload, ``--check-sentinels`` and ``--workers``.
+The reads from replicas are in test_sentinel_replicas.py, the load and its
+helpers in tests/sentinel_load.py.
 
 Every time comes from the topology (the SwitchWatcher's ``+switch-master``, the
 moment a fault was injected) or from the load threads' own call records, and every
@@ -18,238 +22,31 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set
+from typing import List, Optional
 
 import pytest
-import redis
 
-from tests.reload_load import http, read_stats, write_atomically
-from tests.sentinel_servers import (
-    Resp,
-    ShardServer,
-    cmdstat_calls,
-    dead_address,
-    keys_on,
-    parse_info,
-    pool_text,
-    query,
+from tests.proxy_clients import http, write_atomically
+from tests.sentinel_load import (
+    HOLD,
+    NO_HANG,
+    holding,
+    shard_stats,
+    start_loads,
+    stats_of,
+    stop_all,
+    summary,
+    wait_for_ack,
+    wait_reached,
+    writers,
 )
+from tests.sentinel_servers import dead_address, keys_on, pool_text
 from tests.servers import LOOPBACK, wait_until
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
-
-# The pool's defaults in these tests (pool_text): timeout 1000 ms, failover_hold 2000 ms.
-TIMEOUT = 1.0
-HOLD = 2.0
-NO_HANG = TIMEOUT + HOLD + 1.0  # no client call may take longer (seconds)
-
-
-# -- load: one client per thread, every call recorded ---------------------------------------
-
-
-@dataclass(frozen=True)
-class Call:
-    key: str
-    sent: float  # time.monotonic() just before the call
-    done: float  # just after its reply (or error)
-    outcome: str  # "ok", "error" (an exception) or "wrong" (a read with another value)
-    detail: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.outcome == "ok"
-
-    @property
-    def seconds(self) -> float:
-        return self.done - self.sent
-
-
-_LOADS: List["Load"] = []  # every Load of the running test, stopped at its teardown
-
-
-@pytest.fixture(autouse=True)
-def _stop_loads():
-    """A test that fails half-way must not leave its load threads running into the next one."""
-    yield
-    while _LOADS:
-        load = _LOADS.pop()
-        if load.is_alive():
-            load.stop()
-
-
-class Load(threading.Thread):
-    """SETs of unique keys (value = key) or GETs of keys whose value is the key itself, one at a
-    time through one client, paced by ``interval``; bounded by the number of keys (writes),
-    ``max_seconds`` and ``stop()``."""
-
-    def __init__(self, make_client: Callable, keys: Sequence[str], read: bool = False, interval: float = 0.005,
-                 max_seconds: float = 60.0, name: str = "load") -> None:
-        super().__init__(name=name, daemon=True)
-        self._client = make_client()
-        self._keys = list(keys)
-        self._read = read
-        self._interval = interval
-        self._max_seconds = max_seconds
-        self._stopping = threading.Event()
-        self._lock = threading.Lock()
-        self._calls: List[Call] = []
-        _LOADS.append(self)
-
-    def run(self) -> None:
-        deadline = time.monotonic() + self._max_seconds
-        number = 0
-        try:
-            while not self._stopping.is_set() and time.monotonic() < deadline:
-                if not self._read and number >= len(self._keys):
-                    break
-                key = self._keys[number % len(self._keys)]
-                number += 1
-                sent = time.monotonic()
-                try:
-                    if self._read:
-                        value = self._client.get(key)
-                        outcome, detail = ("ok", "") if value == key.encode() else ("wrong", repr(value))
-                    else:
-                        reply = self._client.set(key, key)
-                        outcome, detail = ("ok", "") if reply is True else ("wrong", repr(reply))
-                except redis.RedisError as err:
-                    outcome, detail = "error", f"{type(err).__name__}: {err}"
-                call = Call(key, sent, time.monotonic(), outcome, detail)
-                with self._lock:
-                    self._calls.append(call)
-                self._stopping.wait(self._interval)
-        finally:
-            self._client.close()
-
-    def stop(self) -> List[Call]:
-        self._stopping.set()
-        self.join(30)
-        assert not self.is_alive(), f"{self.name} did not stop"
-        return self.calls
-
-    @property
-    def calls(self) -> List[Call]:
-        with self._lock:
-            return list(self._calls)
-
-    def acked(self) -> int:
-        return sum(call.ok for call in self.calls)
-
-    def reached(self, moment: float) -> bool:
-        """Whether a call sent at or after ``moment`` has completed."""
-        with self._lock:
-            return bool(self._calls) and self._calls[-1].sent >= moment
-
-
-def start_loads(loads: Iterable[Load], at_least: int = 20, timeout: float = 30.0) -> List[Load]:
-    """Start the loads and wait until each has ``at_least`` acknowledged calls."""
-    loads = list(loads)
-    for load in loads:
-        load.start()
-    try:
-        wait_until(lambda: all(load.acked() >= at_least for load in loads), timeout=timeout,
-                   what=f"{at_least} acknowledged calls per load")
-    except AssertionError as err:
-        raise AssertionError(f"{err}; the last calls: {[summary(load.calls[-2:]) for load in loads]}") from None
-    return loads
-
-
-def wait_reached(loads: Sequence[Load], moment: float, timeout: float, what: str) -> None:
-    wait_until(lambda: all(load.reached(moment) or not load.is_alive() for load in loads), timeout=timeout,
-               interval=0.02, what=what)
-
-
-def all_calls(loads: Iterable[Load]) -> List[Call]:
-    return sorted((call for load in loads for call in load.calls), key=lambda call: call.sent)
-
-
-def _stop_all(loads: Sequence[Load]) -> List[Call]:
-    for load in loads:
-        load.stop()
-    return all_calls(loads)
-
-
-def first_ack(calls: Iterable[Call], sent_after: float) -> Optional[Call]:
-    """The acknowledged call sent at or after ``sent_after`` that completed first."""
-    return min((call for call in calls if call.ok and call.sent >= sent_after), key=lambda call: call.done,
-               default=None)
-
-
-def wait_for_ack(loads: Sequence[Load], after: float, timeout: float, process) -> float:
-    """When the first write sent at or after ``after`` was acknowledged (waiting up to ``timeout``)."""
-    try:
-        call = wait_until(lambda: first_ack(all_calls(loads), after), timeout=timeout, interval=0.02,
-                          what="a write to be acknowledged")
-    except AssertionError as err:
-        raise AssertionError(f"{err}; the last calls: {summary(all_calls(loads)[-3:])}\n"
-                             f"proxy log:\n{process.output()}") from None
-    return call.done
-
-
-def holding(server: ShardServer, keys: Iterable[str]) -> Set[str]:
-    """Which of ``keys`` ``server`` holds with their own name as value (MGET, read directly)."""
-    keys = sorted(set(keys))
-    found: Set[str] = set()
-    client = server.client()
-    try:
-        for start in range(0, len(keys), 500):
-            chunk = keys[start:start + 500]
-            found.update(key for key, value in zip(chunk, client.mget(chunk)) if value == key.encode())
-    finally:
-        client.close()
-    return found
-
-
-def summary(calls: Sequence[Call], limit: int = 5) -> str:
-    return "; ".join(f"{call.key} +{call.seconds:.2f}s {call.outcome} {call.detail}" for call in calls[:limit])
-
-
-# -- the proxy's reports -------------------------------------------------------------------------
-
-
-def stats_of(process) -> dict:
-    return read_stats(process.bound_doc["stats"])
-
-
-def shard_stats(process, name: str) -> dict:
-    return stats_of(process)["alpha"][name]
-
-
-def writers(client: Callable, text: str, count: int, prefix: str, per_writer: int = 8000,
-            max_seconds: float = 60.0) -> List[Load]:
-    """``count`` write loads over unique keys that the pool of ``text`` places on s1."""
-    keys = keys_on(text, "s1", per_writer * count, prefix)
-    return [Load(client, keys[number::count], max_seconds=max_seconds, name=f"{prefix}{number}")
-            for number in range(count)]
-
-
-def populate(client: Callable, text: str, name: str, count: int, prefix: str) -> List[str]:
-    """``count`` keys of shard ``name`` written through the proxy (value = key)."""
-    keys = keys_on(text, name, count, prefix)
-    connection = client()
-    try:
-        for key in keys:
-            assert connection.set(key, key) is True
-    finally:
-        connection.close()
-    return keys
-
-
-def wait_reads_reach(server: ShardServer, client: Callable, key: str, timeout: float = 10.0) -> None:
-    """GET ``key`` through the proxy until ``server`` counts a GET (the proxy's replica checks may
-    take a moment after start-up)."""
-    connection = client()
-    base = server.calls("get")
-    try:
-        wait_until(lambda: connection.get(key) == key.encode() and server.calls("get") > base, timeout=timeout,
-                   interval=0.05, what=f"a GET through the proxy to reach {server}")
-    finally:
-        connection.close()
 
 
 # -- 1. discovery ------------------------------------------------------------------------------------
@@ -353,7 +150,7 @@ def test_killed_master_writes_resume_within_5s_on_the_new_master_without_hangs(
     event = topology.watcher.wait("s1", timeout=5, after=killed)
     assert event.new_address == new.address
     wait_reached(loads, recovered + 2.0, timeout=15, what="the writers to run 2 s past the recovery")
-    calls = _stop_all(loads)
+    calls = stop_all(loads)
 
     assert recovered - killed <= 5.0, f"writes resumed {recovered - killed:.2f}s after the kill"
     after = [call for call in calls if call.ok and (call.sent >= killed or call.done >= recovered)]
@@ -401,7 +198,7 @@ def test_frozen_master_fails_in_flight_requests_and_no_write_goes_to_the_zombie(
 
     wait_until(demoted, timeout=25, interval=0.05, what=f"{old} to become a linked replica")
     demoted_at = time.monotonic()
-    calls = _stop_all(loads)
+    calls = stop_all(loads)
 
     for load in loads:
         mine = [call for call in load.calls if call.sent >= frozen]
@@ -452,7 +249,7 @@ def test_with_event_connections_cut_a_killed_master_is_still_followed(sentinel_t
     assert event.new_address == new.address
     recovered = wait_for_ack(loads, killed, 15, process)
     wait_reached(loads, recovered + 1.0, timeout=10, what="the writer to run 1 s past the recovery")
-    calls = _stop_all(loads)
+    calls = stop_all(loads)
 
     assert recovered - killed <= 10.0, f"writes resumed {recovered - killed:.2f}s after the kill"
     assert sum(relay.dropped_bytes for relay in relays) > 0, "the cut withheld nothing from the proxy"
@@ -499,212 +296,7 @@ def test_with_event_connections_cut_a_manual_failover_is_still_followed(sentinel
     print(f"\nwrites reached the new master {reached - switch:.2f}s after the switch (events cut)")
 
 
-# -- 6. reads from replicas --------------------------------------------------------------------------
-
-
-@pytest.mark.timeout(60)
-def test_prefer_replica_reads_the_replica_then_the_master_when_it_dies(sentinel_topology, sentinel_proxy) -> None:
-    """read_policy prefer-replica: GETs go to the replica (its cmdstat_get grows, the master's
-    does not); SIGKILL the replica: every read keeps succeeding and reads reach the master within
-    2 s."""
-    topology = sentinel_topology
-    process, client = sentinel_proxy(topology, read_policy="prefer-replica", max_replica_lag="5000")
-    keys = populate(client, process.text, "s1", 50, "replica-")
-    master, replica = topology.master("s1"), topology.replica("s1")
-    wait_until(lambda: holding(replica, keys) == set(keys), timeout=10, what="the replica to have the keys")
-    wait_reads_reach(replica, client, keys[0])
-
-    before = (master.calls("get"), replica.calls("get"))
-    connection = client()
-    for key in keys:
-        assert connection.get(key) == key.encode(), key
-    connection.close()
-    after = (master.calls("get"), replica.calls("get"))
-    assert (after[0] - before[0], after[1] - before[1]) == (0, len(keys)), (before, after)
-
-    (reader,) = start_loads([Load(client, keys, read=True, max_seconds=40, name="reader")])
-    base = master.calls("get")
-    killed = topology.kill(replica)
-    wait_until(lambda: master.calls("get") > base, timeout=10, interval=0.02,
-               what="a read through the proxy to reach the master")
-    moved = time.monotonic()
-    wait_reached([reader], moved + 1.0, timeout=10, what="the reader to run 1 s past the move")
-    calls = reader.stop()
-    failed = [call for call in calls if not call.ok]
-    assert failed == [], f"{len(failed)} reads failed: {summary(failed)}"
-    assert moved - killed <= 2.0, f"reads reached the master {moved - killed:.2f}s after the replica died"
-    slowest = max(calls, key=lambda call: call.seconds)
-    assert slowest.seconds <= NO_HANG, summary([slowest])
-
-
-@pytest.mark.timeout(60)
-def test_prefer_replica_stops_reading_a_frozen_replica(sentinel_topology, sentinel_proxy) -> None:
-    """SIGSTOP the replica: every read still succeeds (those in flight may take up to timeout + 1 s);
-    from ~2 s on (2.5 s here: a 1 s check and a 1 s timeout) reads are fast and served by the master."""
-    topology = sentinel_topology
-    process, client = sentinel_proxy(topology, read_policy="prefer-replica", max_replica_lag="5000")
-    keys = populate(client, process.text, "s1", 50, "frozen-replica-")
-    master, replica = topology.master("s1"), topology.replica("s1")
-    wait_until(lambda: holding(replica, keys) == set(keys), timeout=10, what="the replica to have the keys")
-    wait_reads_reach(replica, client, keys[0])
-
-    (reader,) = start_loads([Load(client, keys, read=True, max_seconds=40, name="reader")])
-    frozen = topology.freeze(replica)
-    try:
-        wait_reached([reader], frozen + 2.5, timeout=10, what="the reader to run 2.5 s past the freeze")
-        base = master.calls("get")
-        settled = time.monotonic()
-        wait_reached([reader], settled + 2.0, timeout=10, what="the reader to run 2 s more")
-        measured = time.monotonic()
-        served = master.calls("get") - base
-        calls = reader.stop()
-    finally:
-        topology.thaw(replica)
-    failed = [call for call in calls if not call.ok]
-    assert failed == [], f"{len(failed)} reads failed: {summary(failed)}"
-    slowest = max(calls, key=lambda call: call.seconds)
-    assert slowest.seconds <= TIMEOUT + 1.0, summary([slowest])
-    late = [call for call in calls if call.sent >= frozen + 2.5]
-    slow = [call for call in late if call.seconds >= TIMEOUT]
-    assert late and slow == [], f"reads sent 2.5 s after the freeze still waited on the replica: {summary(slow)}"
-    expected = [call for call in calls if call.sent >= settled and call.done <= measured]
-    assert expected and served >= len(expected), f"the master served {served} of {len(expected)} reads"
-
-
-@pytest.mark.timeout(60)
-def test_prefer_replica_stops_reading_a_replica_that_left_its_master(sentinel_topology, sentinel_proxy) -> None:
-    """REPLICAOF NO ONE on the replica: sentinel still lists it as a healthy replica for up to 10 s
-    (its INFO period), so only the proxy's own check can see it: from 2.5 s on it is not read from
-    any more (its cmdstat_get stays put, the master serves the reads).
-
-    To the proxy a replica turning master looks like a promotion, so it may hold the shard's
-    master requests for failover_hold while it asks the sentinels: reads sent within 1 s + hold
-    of the detach may answer TRYAGAIN, nothing else may fail, and every read after that succeeds."""
-    topology = sentinel_topology
-    process, client = sentinel_proxy(topology, read_policy="prefer-replica", max_replica_lag="5000")
-    keys = populate(client, process.text, "s1", 50, "detached-")
-    master, replica = topology.master("s1"), topology.replica("s1")
-    wait_until(lambda: holding(replica, keys) == set(keys), timeout=10, what="the replica to have the keys")
-    wait_reads_reach(replica, client, keys[0])
-
-    (reader,) = start_loads([Load(client, keys, read=True, max_seconds=40, name="reader")])
-    assert query(replica.port, "REPLICAOF", "NO", "ONE") == "OK"
-    detached = time.monotonic()
-    fenced_until = detached + 1.0 + HOLD
-    wait_reached([reader], detached + 2.5, timeout=10, what="the reader to run 2.5 s past the detach")
-    before = (master.calls("get"), replica.calls("get"))
-    settled = time.monotonic()
-    wait_reached([reader], fenced_until + 2.0, timeout=10, what="the reader to run 2 s past the hold")
-    measured = time.monotonic()
-    after = (master.calls("get"), replica.calls("get"))
-    calls = reader.stop()
-    listed = [entry["flags"] for entry in topology.sentinels[0].replicas_info("s1")
-              if entry["port"] == str(replica.port)]
-
-    assert after[1] == before[1], f"the detached replica served {after[1] - before[1]} reads 2.5 s after it left"
-    served = [call for call in calls if call.ok and call.sent >= settled and call.done <= measured]
-    assert after[0] - before[0] >= len(served), f"the master served {after[0] - before[0]} of {len(served)} reads"
-    failed = [call for call in calls if not call.ok]
-    unexpected = [call for call in failed if not ("TRYAGAIN" in call.detail.upper() and call.sent <= fenced_until)]
-    assert unexpected == [], f"{len(unexpected)} reads failed: {summary(unexpected)}"
-    assert [call for call in calls if call.ok and call.sent > fenced_until], "no read succeeded after the hold"
-    slowest = max(calls, key=lambda call: call.seconds)
-    assert slowest.seconds <= NO_HANG, summary([slowest])
-    print(f"\n{len(failed)} reads answered TRYAGAIN; sentinel's flags for the detached replica at the end: {listed}")
-
-
-@pytest.mark.timeout(90)
-def test_prefer_replica_never_reads_a_returning_old_master_before_its_link_is_up(
-        sentinel_topology, sentinel_proxy) -> None:
-    """After a SIGKILL failover, restart the old master: it is back as an (empty) master for ~10 s
-    while sentinel lists it as a replica. No read may go to it before its master_link_status is up:
-    its cmdstat_get is 0 when the test first sees the link up, and no read returns a wrong value."""
-    topology = sentinel_topology
-    process, client = sentinel_proxy(topology, read_policy="prefer-replica", max_replica_lag="5000")
-    keys = populate(client, process.text, "s1", 50, "returning-")
-    old, new = topology.master("s1"), topology.replica("s1")
-    wait_until(lambda: holding(new, keys) == set(keys), timeout=10, what="the replica to have the keys")
-    killed = topology.kill(old)
-    event = topology.watcher.wait("s1", timeout=15, after=killed)
-    assert event.new_address == new.address
-    wait_until(lambda: new.role() == "master", timeout=5, what=f"{new} to report role:master")
-
-    (reader,) = start_loads([Load(client, keys, read=True, max_seconds=60, name="reader")], at_least=5,
-                            timeout=15)
-    topology.restart(old)
-    restarted = time.monotonic()
-    snapshot: Dict[str, str] = {}
-    watch: List[Resp] = []
-
-    def linked() -> bool:
-        # One INFO for both sections: the role, the link and the GET count of the same moment.
-        # The connection is killed at the conversion (CLIENT KILL TYPE normal): then a new one.
-        if not watch:
-            watch.append(Resp(old.port, timeout=1))
-        try:
-            reply = watch[0].call("INFO", "replication", "commandstats")
-        except OSError:
-            watch.pop().close()
-            raise
-        if not isinstance(reply, str):  # an error reply (LOADING...)
-            return False
-        info = parse_info(reply)
-        if info.get("role") == "slave" and info.get("master_link_status") == "up":
-            snapshot.update(info)
-            return True
-        return False
-
-    try:
-        wait_until(linked, timeout=30, interval=0.005, what=f"{old} to come back as a linked replica")
-    finally:
-        for connection in watch:
-            connection.close()
-    linked_at = time.monotonic()
-    calls = reader.stop()
-
-    assert cmdstat_calls(snapshot, "get") == 0, \
-        f"{old} served {cmdstat_calls(snapshot, 'get')} GETs before its link to the master was up"
-    after = [call for call in calls if call.sent >= restarted]
-    bad = [call for call in after if not call.ok]
-    assert after and bad == [], f"{len(bad)} of {len(after)} reads since the restart failed: {summary(bad)}"
-    print(f"\nold master linked as a replica {linked_at - restarted:.2f}s after its restart; {len(after)} reads")
-
-
-@pytest.mark.timeout(60)
-def test_replica_policy_answers_an_error_when_no_replica_is_left(sentinel_topology, sentinel_proxy) -> None:
-    """read_policy replica with the replica SIGKILLed: every read answers an error reply, within
-    timeout + failover_hold + 1 s, and none goes to the master."""
-    topology = sentinel_topology
-    process, client = sentinel_proxy(topology, read_policy="replica", max_replica_lag="5000")
-    keys = populate(client, process.text, "s1", 20, "replica-only-")
-    master, replica = topology.master("s1"), topology.replica("s1")
-    wait_until(lambda: holding(replica, keys) == set(keys), timeout=10, what="the replica to have the keys")
-    wait_reads_reach(replica, client, keys[0])
-
-    base = master.calls("get")
-    topology.kill(replica)
-    connection = client()
-    results = []
-    try:
-        for key in keys:
-            sent = time.monotonic()
-            try:
-                outcome = repr(connection.get(key))
-            except redis.ResponseError as err:
-                outcome = f"error reply: {err}"
-            except redis.RedisError as err:
-                outcome = f"{type(err).__name__}: {err}"
-            results.append((key, time.monotonic() - sent, outcome))
-    finally:
-        connection.close()
-    not_errors = [result for result in results if not result[2].startswith("error reply")]
-    assert not_errors == [], f"reads with the replica dead: {not_errors}"
-    slowest = max(results, key=lambda result: result[1])
-    assert slowest[1] <= NO_HANG, f"a read took {slowest[1]:.2f}s: {slowest}"
-    assert master.calls("get") == base, "read_policy replica read from the master"
-
-
-# -- 7. one sentinel lost ----------------------------------------------------------------------
+# -- 6. one sentinel lost ----------------------------------------------------------------------
 
 
 @pytest.mark.timeout(60)
@@ -735,7 +327,7 @@ def test_with_one_sentinel_dead_a_kill_is_followed_once_and_nothing_flaps(sentin
         return all(load.reached(recovered + 5.0) for load in loads)
 
     wait_until(five_seconds_on, timeout=15, interval=0.1, what="5 s of writing after the recovery")
-    calls = _stop_all(loads)
+    calls = stop_all(loads)
     assert wrong == [] and len(seen) >= 10, f"s1 flapped: {wrong[:5]}"
     stats = stats_of(process)["alpha"]
     assert (stats["s1"]["switches"], stats["s1"]["address"]) == (1, new.address), stats["s1"]
@@ -746,7 +338,7 @@ def test_with_one_sentinel_dead_a_kill_is_followed_once_and_nothing_flaps(sentin
     assert failed == [], f"writes failed after the recovery: {summary(failed)}"
 
 
-# -- 8. reload -----------------------------------------------------------------------------------------
+# -- 7. reload -----------------------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(60)
@@ -791,7 +383,7 @@ def test_reload_adds_a_shard_found_through_sentinel_and_refuses_an_unmonitored_o
     connection.close()
 
 
-# -- 9. --check-sentinels and the start-up check ---------------------------------------------------
+# -- 8. --check-sentinels and the start-up check ---------------------------------------------------
 
 
 def run_to_exit(argv: List[str], cwd: Path, timeout: float = 30.0) -> subprocess.CompletedProcess:
@@ -836,3 +428,48 @@ def test_check_sentinels_reports_the_masters_and_unmonitored_names_stop_a_start(
     lines = [line for line in output.splitlines() if "no sentinel monitors 's9'" in line]
     assert len(lines) == 1, output
     assert "Traceback" not in output, output
+
+
+# -- 9. --workers --------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_two_workers_follow_a_manual_failover(sentinel_topology, sentinel_proxy) -> None:
+    """``--workers 2`` (each worker follows the sentinels itself) under 8 writers, so both workers
+    have clients: after SENTINEL FAILOVER s1 every writer's writes reach the new master within 3 s
+    of the switch and every write sent later succeeds there; the stats port (the workers' documents
+    merged) shows s1 at the new master after exactly 1 switch."""
+    topology = sentinel_topology
+    process, client = sentinel_proxy(topology, extra_args=["--workers", "2"])
+    loads = start_loads(writers(client, process.text, 8, "workers-", per_writer=4000))
+    old, new = topology.master("s1"), topology.replica("s1")
+    asked = topology.failover("s1")
+    event = topology.watcher.wait("s1", timeout=15, after=asked)
+    assert (event.old_address, event.new_address) == (old.address, new.address)
+    switch = event.at
+    wait_reached(loads, switch + 4.0, timeout=15, what="the writers to run 4 s past the switch")
+
+    def followed() -> Optional[dict]:
+        stats = shard_stats(process, "s1")
+        return stats if stats["address"] == new.address else None
+
+    stats = wait_until(followed, timeout=5, interval=0.1, what=f"the merged stats to show s1 at {new.address}")
+    calls = stop_all(loads)
+    # Checked well before the old master's conversion (~11 s after the failover) wipes it.
+    assert old.role() == "master", "the old master was converted before the check"
+    assert (stats["address"], stats["switches"]) == (new.address, 1), stats
+
+    on_new = holding(new, (call.key for call in calls if call.ok and call.sent >= switch))
+    for load in loads:
+        after_switch = [call for call in load.calls if call.sent >= switch]
+        reached = min((call.done for call in after_switch if call.ok and call.key in on_new), default=None)
+        assert reached is not None, f"{load.name}: no write after the switch reached {new}: {summary(after_switch)}"
+        assert reached - switch <= 3.0, \
+            f"{load.name}: writes reached the new master {reached - switch:.2f}s after the switch"
+        late = [call for call in after_switch if call.sent >= switch + 3.0]
+        bad = [call for call in late if not (call.ok and call.key in on_new)]
+        assert late and bad == [], (f"{load.name}: {len(bad)} of {len(late)} writes sent 3 s after the switch "
+                                    f"failed or are not on the new master: {summary(bad)}")
+    failed = sum(not call.ok for call in calls)
+    print(f"\n8 writers over 2 workers: {sum(call.ok for call in calls)} writes acknowledged, {failed} failed; "
+          f"switch {switch - asked:.2f}s after SENTINEL FAILOVER")
