@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import pytest
+import redis
 
 from tests.proxy_clients import http, write_atomically
 from tests.sentinel_load import (
@@ -473,3 +474,45 @@ def test_two_workers_follow_a_manual_failover(sentinel_topology, sentinel_proxy)
     failed = sum(not call.ok for call in calls)
     print(f"\n8 writers over 2 workers: {sum(call.ok for call in calls)} writes acknowledged, {failed} failed; "
           f"switch {switch - asked:.2f}s after SENTINEL FAILOVER")
+
+
+# -- a shard with nowhere to go: /health and /metrics say so ----------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_shard_with_no_master_left_is_unhealthy_and_its_requests_fail_without_hanging(
+        sentinel_topology, sentinel_proxy) -> None:
+    """SIGKILL both nodes of s1: there is nothing to fail over to.  A write for s1 gets an error
+    within failover_hold + 1 s (no hang); /health answers 503 naming s1; /metrics shows s1's master
+    unconfirmed; s2 keeps serving."""
+    topology = sentinel_topology
+    process, client = sentinel_proxy(topology)
+    (s1_key,) = keys_on(process.text, "s1", 1, "orphan-")
+    (s2_key,) = keys_on(process.text, "s2", 1, "fine-")
+    connection = client()
+    assert connection.set(s1_key, "1") is True
+    status, _ = http(process.bound_doc["http"], "/health")
+    assert status == 200
+    topology.kill(topology.replica("s1"))
+    topology.kill(topology.master("s1"))
+    started = time.monotonic()
+    with pytest.raises(redis.ResponseError) as refused:
+        connection.set(s1_key, "2")
+    assert time.monotonic() - started <= HOLD + 1.0
+    # Held for failover_hold (no master to retry on), then TRYAGAIN; redis-py names it TryAgainError.
+    assert isinstance(refused.value, redis.exceptions.TryAgainError), repr(refused.value)
+    assert "no confirmed master for shard 's1'" in str(refused.value)
+    assert connection.set(s2_key, "1") is True
+
+    def unhealthy():
+        status, body = http(process.bound_doc["http"], "/health")
+        return (status, body) if status == 503 else None
+
+    status, body = wait_until(unhealthy, timeout=10, what="/health to answer 503")
+    assert "shard s1 has no confirmed master" in body, body
+    assert "s2" not in body.replace("s1", ""), body
+    _, page = http(process.bound_doc["http"], "/metrics")
+    assert 'role="unconfirmed"' in page and 'server="s1"' in page, page[-2000:]
+    assert shard_stats(process, "s1")["role"] == "unconfirmed"
+    assert shard_stats(process, "s2")["role"] == "master"
+    connection.close()

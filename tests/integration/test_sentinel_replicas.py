@@ -232,3 +232,44 @@ def test_replica_policy_answers_an_error_when_no_replica_is_left(sentinel_topolo
     slowest = max(results, key=lambda result: result[1])
     assert slowest[1] <= NO_HANG, f"a read took {slowest[1]:.2f}s: {slowest}"
     assert master.calls("get") == base, "read_policy replica read from the master"
+
+
+@pytest.mark.timeout(90)
+def test_prefer_replica_never_reads_a_replica_while_it_resyncs(sentinel_topology, sentinel_proxy) -> None:
+    """Restart the replica (no persistence: it comes back empty) over a master holding 1M keys (its
+    load outlasts the proxy's 1 s cool-down): while it connects, takes the full sync and loads it, it
+    is not read from — every read through the proxy returns the value, never the empty replica's
+    nil — and once in sync it is read from again."""
+    topology = sentinel_topology
+    process, client = sentinel_proxy(topology, read_policy="prefer-replica", max_replica_lag="5000")
+    keys = populate(client, process.text, "s1", 50, "marker-")
+    master, replica = topology.master("s1"), topology.replica("s1")
+    # Bulk for the full sync to take a while, written in short MSETs: one long script would block
+    # the master past down-after-milliseconds and make the sentinels fail it over.
+    filler = master.client()
+    try:
+        for start in range(0, 1_000_000, 10_000):
+            filler.mset({f"filler:{number}": "x" * 32 for number in range(start, start + 10_000)})
+    finally:
+        filler.close()
+    wait_until(lambda: holding(replica, keys) == set(keys), timeout=20, what="the replica to have the keys")
+    wait_reads_reach(replica, client, keys[0], timeout=20)
+
+    (reader,) = start_loads([Load(client, keys, read=True, interval=0.001, max_seconds=60, name="reader")])
+    topology.restart(replica)
+    restarted = time.monotonic()
+
+    def in_sync_and_read() -> bool:
+        info = replica.info("replication", timeout=2)
+        return info.get("master_link_status") == "up" and info.get("master_sync_in_progress") == "0"
+
+    wait_until(in_sync_and_read, timeout=30, interval=0.05, what=f"{replica} to finish its full sync")
+    base = replica.calls("get")
+    wait_until(lambda: replica.calls("get") > base, timeout=10, interval=0.05,
+               what="reads through the proxy to reach the resynced replica")
+    calls = reader.stop()
+    during = [call for call in calls if call.sent >= restarted]
+    assert during, "no read after the restart"
+    wrong = [call for call in during if not call.ok]
+    assert wrong == [], f"{len(wrong)} of {len(during)} reads after the restart failed or saw stale data: " \
+                        f"{summary(wrong)}"

@@ -311,18 +311,19 @@ class ReplicaSet:
 
     # -- life -----------------------------------------------------------------
 
-    def stop(self) -> list:
+    def stop(self, drain: bool = False) -> List[defer.Deferred]:
+        """End the checks and close every replica link (``drain``: after what was sent is answered)."""
         self._stopped = True
         if self._check_call is not None and self._check_call.active():
             self._check_call.cancel()
         self._check_call = None
         if self._master_client is not None:
             self._master_client.close()
-        closing = [link.stop() for link in self._draining]
+        closing = [link.drain() if drain else link.stop() for link in self._draining]
         self._draining = []
         for node in self.nodes:
             node.client.close()
-            closing.append(node.link.stop())
+            closing.append(node.link.drain() if drain else node.link.stop())
         self._healthy = []
         return closing
 

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from twinproxy.backend import ERROR_REPLY, LOST
@@ -285,32 +286,26 @@ class SentinelShard:
     def links(self) -> Dict[str, ServerLink]:
         return {node.label: node.link for node in self.replicas.nodes if node.link is not None}
 
-    def stop(self) -> list:
+    def stop(self) -> List[defer.Deferred]:
         """Close everything: the master link, the replica links and their checks; fail what is held."""
-        if self._hold_call is not None and self._hold_call.active():
-            self._hold_call.cancel()
-        self._hold_call = None
-        held, self._held = self._held, deque()
-        closing = self.replicas.stop()
-        for _, request in held:
-            self._answer(request, resp.error("ERR server connection closed by the proxy"))
-        closing.append(self.master.stop())
-        return closing
+        self._answer_held(resp.error("ERR server connection closed by the proxy"))
+        return [*self.replicas.stop(), self.master.stop()]
 
-    def drain(self) -> Any:
-        """The shard left the pool: answer what is held, then drain the links."""
+    def drain(self) -> defer.Deferred:
+        """The shard left the pool: answer what is held; what was sent gets its reply, then all closes."""
         self.removed = True
         self.confirmed = False
+        self._answer_held(resp.error(f"ERR shard '{self.name}' left the pool (reload) before its request "
+                                     "was sent"))
+        return defer.gatherResults([*self.replicas.stop(drain=True), self.master.drain()])
+
+    def _answer_held(self, reply: bytes) -> None:
         if self._hold_call is not None and self._hold_call.active():
             self._hold_call.cancel()
         self._hold_call = None
         held, self._held = self._held, deque()
-        gone = resp.error(f"ERR shard '{self.name}' left the pool (reload) before its request was sent")
         for _, request in held:
-            self._answer(request, gone)
-        drained = [self.master.drain()]
-        self.replicas.stop()
-        return drained[0]
+            self._answer(request, reply)
 
     def stats(self) -> Dict[str, Any]:
         return {
