@@ -7,7 +7,8 @@ one client's requests down one socket for as long as the slot count
 stands; and the runtime changes of a server: :meth:`ServerLink.retarget`
 (a new address under the same name), :meth:`ServerLink.reconfigure` (new
 settings; a new handshake or slot count replaces the connections after
-draining), :meth:`ServerLink.drain` (the server left the pool) and
+draining), :meth:`ServerLink.drain` (the server left the pool),
+:meth:`ServerLink.cut_over` (a master switch: drop everything now) and
 :meth:`ServerLink.stop` (shutdown).  Never routes and never parses.
 
 ::

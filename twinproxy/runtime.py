@@ -18,7 +18,11 @@ How a change reaches running traffic:
   its reply (or the pool's timeout passes), then its connections close;
 - new settings reach new connections; a new handshake (``redis_auth``,
   ``redis_db``) or slot count replaces the backend connections behind a
-  barrier; clients keep the codec they were accepted with.
+  barrier; clients keep the codec they were accepted with;
+- in Sentinel mode each server is a shard
+  (:class:`~twinproxy.sentinel.shards.SentinelShards`): its address comes
+  from the sentinels, not the file, and a master switch is the shard's own
+  change, applied between reloads.
 """
 
 from __future__ import annotations
