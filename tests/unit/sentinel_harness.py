@@ -97,6 +97,8 @@ class Peer:
         self.protocol = protocol
         self.transport = transport
         self._read = 0
+        self.received: List[List[bytes]] = []     # every command read so far
+        self.unanswered: List[List[bytes]] = []   # for a test that answers later
 
     def written(self) -> bytes:
         return self.transport.value()
@@ -104,7 +106,9 @@ class Peer:
     def new_commands(self) -> List[List[bytes]]:
         data = self.transport.value()
         fresh, self._read = data[self._read:], len(data)
-        return parse_commands(fresh)
+        commands = parse_commands(fresh)
+        self.received += commands
+        return commands
 
     def reply(self, data: bytes) -> None:
         self.protocol.dataReceived(data)

@@ -13,13 +13,11 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 import pytest
-from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.python.failure import Failure
 
+from tests.unit.sentinel_harness import Peer, cmd
 from twinproxy.backend import ConnectorFactory
 from twinproxy.config import load_text
-from twinproxy.protocols.resp import encode_command
 from twinproxy.runtime import PoolRuntime
 from twinproxy.sentinel import watcher as watcher_module
 from twinproxy.sentinel.client import CommandClient, EventSubscriber
@@ -47,10 +45,6 @@ alpha:
 """
 
 
-def cmd(*args: bytes) -> bytes:
-    return encode_command(list(args))
-
-
 def bulk(value) -> bytes:
     data = value if isinstance(value, bytes) else str(value).encode()
     return b"$%d\r\n%s\r\n" % (len(data), data)
@@ -73,48 +67,6 @@ def master_entry(name: str, address: Address, epoch: int, run_id: str = "", flag
 
 def message(channel: bytes, payload: bytes) -> bytes:
     return array(bulk(b"message"), bulk(channel), bulk(payload))
-
-
-def parse_commands(data: bytes) -> List[List[bytes]]:
-    commands = []
-    pos = 0
-    while pos < len(data):
-        assert data[pos:pos + 1] == b"*", data[pos:]
-        end = data.index(b"\r\n", pos)
-        count = int(data[pos + 1:end])
-        pos = end + 2
-        args = []
-        for _ in range(count):
-            end = data.index(b"\r\n", pos)
-            size = int(data[pos + 1:end])
-            pos = end + 2
-            args.append(data[pos:pos + size])
-            pos += size + 2
-        commands.append(args)
-    return commands
-
-
-class Peer:
-    def __init__(self, address: Address, protocol, transport: StringTransport) -> None:
-        self.address = address
-        self.protocol = protocol
-        self.transport = transport
-        self._read = 0
-        self.received: List[List[bytes]] = []
-        self.unanswered: List[List[bytes]] = []
-
-    def new_commands(self) -> List[List[bytes]]:
-        data = self.transport.value()
-        fresh, self._read = data[self._read:], len(data)
-        commands = parse_commands(fresh)
-        self.received += commands
-        return commands
-
-    def reply(self, data: bytes) -> None:
-        self.protocol.dataReceived(data)
-
-    def lose(self) -> None:
-        self.protocol.connectionLost(Failure(ConnectionDone()))
 
 
 class FakeSentinel:
