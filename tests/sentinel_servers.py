@@ -49,7 +49,50 @@ def _write_config(path: Path, lines: Iterable[str]) -> None:
     path.write_text("".join(f"{line}\n" for line in lines))
 
 
-class ShardServer(RedisServer):
+class _ConfigFileServer(RedisServer):
+    """A redis-server or redis-sentinel started from a config file in its own directory.
+
+    The file is written at the first start (``config_lines``); a ``restart``
+    reuses the port and the file as it is then, which the process itself
+    (sentinel's ``CONFIG REWRITE``, a sentinel's own state) may have rewritten.
+    """
+
+    program = "redis-server"
+    config_path: Path
+
+    def config_lines(self) -> List[str]:
+        raise NotImplementedError
+
+    def start(self, port: Optional[int] = None) -> "_ConfigFileServer":
+        require(self.program)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        restart = port is not None and self.config_path.exists()
+        for _ in range(3):
+            if not restart:
+                self.port = port or free_port()
+                _write_config(self.config_path, self.config_lines())
+            self.argv = [self.program, str(self.config_path)]
+            self.spawn()
+            try:
+                # The port was free when probed: what answers must be this very process.
+                wait_until(lambda: not self.alive or redis_pid(self.port, self.password) == self.proc.pid,
+                           timeout=10, what=f"{self.program} pid {self.proc.pid} on port {self.port}")
+            except AssertionError:
+                self.kill()
+                raise AssertionError(f"{self.program} did not start:\n{self.output()}") from None
+            if self.alive:
+                return self
+            if restart or port:
+                break
+        raise AssertionError(f"{self.program} did not start:\n{self.output()}")
+
+    def restart(self) -> "_ConfigFileServer":
+        """Start again on the same port from the same (possibly rewritten) file."""
+        self.kill()
+        return self.start(self.port)
+
+
+class ShardServer(_ConfigFileServer):
     """A redis-server started from a config file in its own directory.
 
     The file is written once, at the first start; a ``restart`` reuses the
@@ -72,33 +115,6 @@ class ShardServer(RedisServer):
             lines.append(f"replicaof {LOOPBACK} {self.master_port}")
         return lines
 
-    def start(self, port: Optional[int] = None) -> "ShardServer":
-        require("redis-server")
-        self.directory.mkdir(parents=True, exist_ok=True)
-        restart = port is not None and self.config_path.exists()
-        for _ in range(3):
-            if not restart:
-                self.port = port or free_port()
-                _write_config(self.config_path, self.config_lines())
-            self.argv = ["redis-server", str(self.config_path)]
-            self.spawn()
-            try:
-                # The port was free when probed: what answers must be this very process.
-                wait_until(lambda: not self.alive or redis_pid(self.port) == self.proc.pid, timeout=10,
-                           what=f"redis-server pid {self.proc.pid} on port {self.port}")
-            except AssertionError:
-                self.kill()
-                raise AssertionError(f"redis-server did not start:\n{self.output()}") from None
-            if self.alive:
-                return self
-            if restart or port:
-                break
-        raise AssertionError(f"redis-server did not start:\n{self.output()}")
-
-    def restart(self) -> "ShardServer":
-        """Start again on the same port from the same (possibly rewritten) file."""
-        self.kill()
-        return self.start(self.port)
 
     def info(self, *sections: str, timeout: float = 2.0) -> Dict[str, str]:
         reply = query(self.port, "INFO", *sections, timeout=timeout)
@@ -123,7 +139,7 @@ class ShardServer(RedisServer):
         return f"<ShardServer {self.shard} {self.address}>"
 
 
-class SentinelServer(RedisServer):
+class SentinelServer(_ConfigFileServer):
     """One redis-sentinel, from a fresh config file of its own (no ``myid``).
 
     ``masters`` is [(name, master port), ...]; ``password`` sets
@@ -138,6 +154,7 @@ class SentinelServer(RedisServer):
         self.down_after = down_after
         self.failover_timeout = failover_timeout
         self.config_path = directory / "sentinel.conf"
+        self.program = "redis-sentinel"   # it keeps its myid and epochs in its file across restarts
 
     def config_lines(self) -> List[str]:
         lines = [f"port {self.port}", f"bind {LOOPBACK}", "daemonize no", f'dir "{self.directory}"',
@@ -151,32 +168,6 @@ class SentinelServer(RedisServer):
                       f"sentinel parallel-syncs {name} 1"]
         return lines
 
-    def start(self, port: Optional[int] = None) -> "SentinelServer":
-        require("redis-sentinel")
-        self.directory.mkdir(parents=True, exist_ok=True)
-        restart = port is not None and self.config_path.exists()
-        for _ in range(3):
-            if not restart:
-                self.port = port or free_port()
-                _write_config(self.config_path, self.config_lines())
-            self.argv = ["redis-sentinel", str(self.config_path)]
-            self.spawn()
-            try:
-                wait_until(lambda: not self.alive or redis_pid(self.port, self.password) == self.proc.pid,
-                           timeout=10, what=f"redis-sentinel pid {self.proc.pid} on port {self.port}")
-            except AssertionError:
-                self.kill()
-                raise AssertionError(f"redis-sentinel did not start:\n{self.output()}") from None
-            if self.alive:
-                return self
-            if restart or port:
-                break
-        raise AssertionError(f"redis-sentinel did not start:\n{self.output()}")
-
-    def restart(self) -> "SentinelServer":
-        """Start again on the same port from its own (rewritten) file: it keeps its myid and epochs."""
-        self.kill()
-        return self.start(self.port)
 
     def call(self, *args: Union[str, int], timeout: float = 2.0) -> RespValue:
         return query(self.port, *args, password=self.password, timeout=timeout)

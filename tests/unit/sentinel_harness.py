@@ -117,6 +117,18 @@ class Peer:
         self.protocol.connectionLost(Failure(ConnectionDone()))
 
 
+def connect_pending(reactor: MemoryReactorClock) -> List[Tuple[object, Peer]]:
+    """Complete every connection attempt waiting in ``reactor``: (its factory, the peer playing the far end)."""
+    made = []
+    while reactor.tcpClients:
+        host, port, factory, _, _ = reactor.tcpClients.pop(0)
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        made.append((factory, Peer((host, port), protocol, transport)))
+    return made
+
+
 class Wire:
     """One Sentinel pool (shard ``s1``) over a MemoryReactorClock; the watcher is not started."""
 
@@ -139,15 +151,10 @@ class Wire:
 
     def accept(self) -> None:
         """Complete every pending connection attempt."""
-        while self.reactor.tcpClients:
-            host, port, factory, _, _ = self.reactor.tcpClients.pop(0)
-            address = (host, port)
-            self.attempts.append(address)
-            protocol = factory.buildProtocol(None)
-            transport = StringTransport()
-            protocol.makeConnection(transport)
+        for factory, peer in connect_pending(self.reactor):
+            self.attempts.append(peer.address)
             kind = self.data if isinstance(factory, ConnectorFactory) else self.checks
-            kind.setdefault(address, []).append(Peer(address, protocol, transport))
+            kind.setdefault(peer.address, []).append(peer)
 
     def refuse(self, address: Address) -> None:
         """Fail the pending connection attempt to ``address`` (connection refused)."""

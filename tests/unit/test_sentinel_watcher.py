@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from tests.unit.sentinel_harness import Peer, cmd
+from tests.unit.sentinel_harness import Peer, cmd, connect_pending
 from twinproxy.backend import ConnectorFactory
 from twinproxy.config import load_text
 from twinproxy.runtime import PoolRuntime
@@ -111,14 +111,9 @@ class Net:
             sentinel.say(address, epoch, run_id)
 
     def accept(self) -> None:
-        while self.reactor.tcpClients:
-            host, port, factory, _, _ = self.reactor.tcpClients.pop(0)
-            address = (host, port)
+        for factory, peer in connect_pending(self.reactor):
+            address = peer.address
             self.attempts.append(address)
-            protocol = factory.buildProtocol(None)
-            transport = StringTransport()
-            protocol.makeConnection(transport)
-            peer = Peer(address, protocol, transport)
             if isinstance(factory, ConnectorFactory):
                 self.data.setdefault(address, []).append(peer)
             elif isinstance(factory.client, EventSubscriber):
