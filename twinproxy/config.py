@@ -153,6 +153,13 @@ class PoolConfig:
         return bool(self.sentinels)
 
     @property
+    def ejects(self) -> bool:
+        """Failing servers leave the ring: ``auto_eject_hosts``, except in a Sentinel
+        pool, where a shard's keys must not move to another shard (Sentinel
+        replaces its master instead)."""
+        return self.auto_eject_hosts and not self.sentinel_mode
+
+    @property
     def protocol(self) -> str:
         return "redis" if self.redis else "memcache"
 

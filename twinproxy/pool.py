@@ -188,7 +188,7 @@ class ServerPool:
             else:
                 server.spec = spec
                 server.index = index
-            if not config.auto_eject_hosts or config.sentinel_mode:
+            if not config.ejects:
                 server.ejected_until = 0.0
             servers.append(server)
         self.servers = servers
@@ -234,9 +234,7 @@ class ServerPool:
         """Count a failure; eject the server at ``server_failure_limit`` when auto-eject is on."""
         server.failure_count += 1
         config = self.config
-        # A Sentinel pool never ejects: a shard's keys must not move to another
-        # shard; its master is replaced by Sentinel instead.
-        if not config.auto_eject_hosts or server.ejected_until or config.sentinel_mode:
+        if not config.ejects or server.ejected_until:
             return
         if server.failure_count < config.server_failure_limit:
             return

@@ -84,11 +84,6 @@ class ReplicaSet:
         self._draining: List[ServerLink] = []
 
     @property
-    def reads(self) -> bool:
-        """Reads may go to replicas (else they are only watched, for a promotion)."""
-        return self.config.read_policy != "master"
-
-    @property
     def healthy_count(self) -> int:
         return len(self._healthy)
 
@@ -328,7 +323,9 @@ class ReplicaSet:
         return closing
 
     def describe(self) -> Dict[str, str]:
+        """Each replica and whether reads may go to it (or why not)."""
         return {node.label: ("healthy" if node.healthy else node.reason) for node in self.nodes}
+
 
 
 def _replication_or_none(value: Any) -> Any:

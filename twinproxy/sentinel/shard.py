@@ -283,9 +283,6 @@ class SentinelShard:
 
     # -- life -----------------------------------------------------------------
 
-    def links(self) -> Dict[str, ServerLink]:
-        return {node.label: node.link for node in self.replicas.nodes if node.link is not None}
-
     def stop(self) -> List[defer.Deferred]:
         """Close everything: the master link, the replica links and their checks; fail what is held."""
         self._answer_held(resp.error("ERR server connection closed by the proxy"))

@@ -77,6 +77,3 @@ class SentinelShards:
                 why = f" ({problem})" if problem else ""
                 lines.append(f"shard {name} has no confirmed master{why}")
         return lines
-
-    def replica_links(self) -> List[ServerLink]:
-        return [link for shard in self.shards.values() for link in shard.links().values()]

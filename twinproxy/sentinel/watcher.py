@@ -58,7 +58,6 @@ class SentinelWatcher:
         self._last_events: Dict[str, Any] = {}
         # Moves on when the sentinel connections are replaced: answers from before are dropped.
         self._link_generation = 0
-        self.discoveries = 0
 
     # -- life -----------------------------------------------------------------
 
@@ -161,7 +160,6 @@ class SentinelWatcher:
         self._busy = True
         self._again = False
         self._last_run = self._reactor.seconds()
-        self.discoveries += 1
         done = self._ask_masters()
         done.addCallback(self._answered, self._link_generation)
         done.addErrback(self._crashed)
