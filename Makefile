@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: run run-sentinel test lint deps venv clean bench bench-quick pypy pypy-venv
+.PHONY: run run-sentinel cluster test lint deps venv clean bench bench-quick pypy pypy-venv
 
 run: deps venv
 	scripts/run-demo.sh
@@ -11,6 +11,10 @@ run: deps venv
 # A second demo: a Sentinel pool over two shards and three sentinels; fail one over and watch.
 run-sentinel: deps venv
 	scripts/run-sentinel-demo.sh
+
+# A small local cluster: file coordinator, dashboard, two groups, one proxy; drive it with twinproxy-admin.
+cluster: deps venv
+	scripts/run-cluster-demo.sh
 
 test: deps venv
 	$(VENV)/bin/ruff check twinproxy twisted tests bench

@@ -7,7 +7,9 @@ pools in nutcracker (when installed) and in twinproxy (CPython from this
 venv; PyPy from .venv-pypy when it exists), and drives every target with the
 same load, interleaving rounds (A B C A B C ...) and reporting medians:
 requests/s, the ratio to nutcracker, the proxy's CPU seconds per 100k
-requests, its peak RSS, and p50/p99 latency where the load tool gives them.
+requests, its peak RSS, and p50/p99 latency where the load tool gives them;
+then the CPU of one route in a cluster pool's slot table against a ketama
+ring (bench/routing.py).
 Load loops are bounded in count; everything binds to 127.0.0.1.
 """
 
@@ -337,6 +339,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                     print(f"  {workload.name:<22} {target.name:<18} {outcome['rps']:>10,.0f} req/s", flush=True)
         report = summarize(results, targets)
         print_table(report, targets)
+        # A cluster pool routes by slot table, a nutcracker pool by ring: CPU per route, side by side.
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import routing
+
+        report["route_ns_per_key"] = routing.main(["--rounds", "3" if args.quick else "5"])
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1))
         print(f"\nresults written to {args.json}")

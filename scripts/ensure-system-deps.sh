@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make sure the system programs twinproxy's demo and tests need are present:
-# a Python with venv, redis-server/redis-sentinel/redis-cli/redis-benchmark, memcached and
+# a Python with venv, redis-server/redis-sentinel/redis-cli/redis-benchmark, memcached,
+# ZooKeeper and etcd (cluster mode's coordinators) and
 # libmemcached's tools.  Installs them with apt-get when running as root on
 # Debian; otherwise says exactly what to install and fails.  A C compiler and
 # the Python headers (for twinproxy's optional C scanners) are installed too
@@ -24,6 +25,10 @@ command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v redis-benchmark >/dev/null 2>&1 || missing+=(redis-tools)
 command -v memcached >/dev/null 2>&1 || missing+=(memcached)
 command -v memccapable >/dev/null 2>&1 || missing+=(libmemcached-tools)
+# Cluster mode's tests run real coordinators: ZooKeeper 3.8 (on a headless JRE) and etcd 3.4.
+[ -f /usr/share/java/zookeeper.jar ] || missing+=(zookeeper)
+command -v java >/dev/null 2>&1 || missing+=(default-jre-headless)
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
     missing+=(python3 python3-venv)
 elif ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
@@ -60,7 +65,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     # shellcheck disable=SC2086
     apt-get install -y -qq --no-install-recommends $packages >/dev/null
     # Debian starts the packaged daemons; the demo and tests run their own.
-    for unit in redis-server redis-sentinel memcached; do
+    for unit in redis-server redis-sentinel memcached etcd zookeeper; do
         if command -v systemctl >/dev/null 2>&1; then systemctl stop "$unit" >/dev/null 2>&1 || true; fi
         service "$unit" stop >/dev/null 2>&1 || true
     done

@@ -15,6 +15,7 @@ from typing import Callable, List, Optional
 
 import pytest
 
+from tests.coordinator_servers import coordinator_url, etcd, zookeeper  # noqa: F401
 from tests.servers import LOOPBACK, MemcachedServer, Process, RedisServer, free_port, wait_until
 
 REPO = Path(__file__).resolve().parent.parent

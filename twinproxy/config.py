@@ -13,6 +13,7 @@ an error rather than silently the last one.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -36,8 +37,16 @@ EXTENSION_KEYS = ("client_max_pending", "client_max_pending_bytes", "max_request
                   "client_output_soft_limit", "client_output_hard_limit")
 # Sentinel mode (twinproxy's too): the pool follows the masters Sentinel names.
 SENTINEL_KEYS = ("sentinels", "sentinel_auth", "read_policy", "max_replica_lag", "failover_hold")
+# Cluster mode (twinproxy's too): the servers and slots come from a coordinator
+# instead of ``servers:``; held slots make requests wait this many ms at most.
+CLUSTER_KEYS = ("cluster", "coordinator", "slot_hold")
+# What a cluster pool cannot have: its topology is the dashboard's.
+_NOT_IN_CLUSTER = ("servers", "hash", "hash_tag", "distribution", "auto_eject_hosts", "sentinels", "sentinel_auth",
+                   "read_policy", "max_replica_lag")
 # Envoy's names for where reads go.
 READ_POLICIES = ("master", "prefer-master", "replica", "prefer-replica", "any")
+# Codis's rule for a product (cluster) name.
+_CLUSTER_NAME = re.compile(r"^\w[\w.\-]*$")
 
 
 class ConfigError(Exception):
@@ -147,17 +156,29 @@ class PoolConfig:
     read_policy: str = "master"
     max_replica_lag: int = 1000
     failover_hold: int = 2000
+    # Cluster mode: the cluster's name and its coordinator's URL (both None:
+    # a nutcracker pool), how long (ms) a request waits for a held slot, and
+    # the slot table as last applied (None: not loaded yet; filled in by
+    # twinproxy.cluster.pools, never read from the file).
+    cluster: Optional[str] = None
+    coordinator: Optional[str] = field(default=None, repr=False)
+    slot_hold: int = 5000
+    slots: Any = field(default=None, repr=False, compare=True)
 
     @property
     def sentinel_mode(self) -> bool:
         return bool(self.sentinels)
 
     @property
+    def cluster_mode(self) -> bool:
+        return self.cluster is not None
+
+    @property
     def ejects(self) -> bool:
         """Failing servers leave the ring: ``auto_eject_hosts``, except in a Sentinel
         pool, where a shard's keys must not move to another shard (Sentinel
         replaces its master instead)."""
-        return self.auto_eject_hosts and not self.sentinel_mode
+        return self.auto_eject_hosts and not self.sentinel_mode and self.cluster is None
 
     @property
     def protocol(self) -> str:
@@ -235,7 +256,8 @@ def _parse_pool(path: str, name: str, body: Any) -> PoolConfig:
         return ConfigError(path, reason, name, key, value)
 
     for key in body:
-        if key not in POOL_KEYS and key not in EXTENSION_KEYS and key not in SENTINEL_KEYS:
+        if key not in POOL_KEYS and key not in EXTENSION_KEYS and key not in SENTINEL_KEYS \
+                and key not in CLUSTER_KEYS:
             raise fail(key, None, "unknown key")
     values: Dict[str, Any] = {}
     for key, raw in body.items():
@@ -249,6 +271,10 @@ def _parse_pool(path: str, name: str, body: Any) -> PoolConfig:
         values[key] = _CONVERTERS[key](raw, lambda reason, k=key, v=raw: fail(k, v, reason))
     if "listen" not in values:
         raise fail("listen", None, "is required")
+    if "cluster" in values or "coordinator" in values:
+        return _cluster_pool(name, body, values, fail)
+    if "slot_hold" in values:
+        raise fail("slot_hold", None, "needs 'cluster' and 'coordinator' (it only applies to a cluster pool)")
     servers = body.get("servers")
     if servers is None:
         raise fail("servers", None, "is required")
@@ -270,6 +296,33 @@ def _parse_pool(path: str, name: str, body: Any) -> PoolConfig:
         specs.append(spec)
     _check_sentinel_keys(values, servers, fail)
     return PoolConfig(name=name, servers=tuple(specs), **values)
+
+
+def _cluster_pool(name: str, body: Dict[str, Any], values: Dict[str, Any], fail) -> PoolConfig:
+    """A pool whose servers and slots a cluster's dashboard decides (``cluster:`` and ``coordinator:``)."""
+    for key in ("cluster", "coordinator"):
+        if key not in values:
+            other = "coordinator" if key == "cluster" else "cluster"
+            raise fail(key, None, f"is required with '{other}' (a cluster pool names both)")
+    for key in _NOT_IN_CLUSTER:
+        if key in body:
+            raise fail(key, None, "cannot be set in a cluster pool: the cluster's dashboard places servers and "
+                       "slots (keys go to slots by crc32 of their {tag} % 1024, as in Codis)")
+    return PoolConfig(name=name, servers=(), **values)
+
+
+def _cluster_name(raw: str, fail) -> str:
+    if not _CLUSTER_NAME.match(raw):
+        raise fail("is not a valid cluster name (letters, digits, '_', then also '.' and '-')")
+    return raw
+
+
+def _coordinator_url(raw: str, fail) -> str:
+    scheme = raw.partition("://")[0]
+    if scheme not in ("zookeeper", "etcd", "file") or "://" not in raw:
+        raise fail("is not a coordinator URL (expected zookeeper://host:port/root, etcd://host:port/prefix or "
+                   "file:///path)")
+    return raw
 
 
 def _sentinels(raw: Any, fail) -> Tuple[Tuple[str, int], ...]:
@@ -458,4 +511,7 @@ _CONVERTERS = {
     "read_policy": _read_policy,
     "max_replica_lag": _number,
     "failover_hold": _number,
+    "cluster": _cluster_name,
+    "coordinator": _coordinator_url,
+    "slot_hold": _number,
 }

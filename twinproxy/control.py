@@ -204,6 +204,10 @@ class ProxyService(MultiService):
         stopping = list(self.stopping.values())
         return defer.gatherResults([defer.maybeDeferred(super().stopService), *stopping])
 
+    def settled(self) -> defer.Deferred:
+        """Fires once every slot hold applied so far has drained what was in flight (cluster pools)."""
+        return defer.gatherResults([service.runtime.settled() for service in self.pools])
+
     def reconfigure(self, pools: Sequence[PoolConfig]) -> List[str]:
         """Prepare and commit in one go (one process); raises ListenError with nothing changed."""
         return self.prepare(pools).commit()

@@ -250,6 +250,20 @@ class ServerLink:
         if handshake_changed or resized:
             self._retire(barrier=True)
 
+    def settle(self) -> defer.Deferred:
+        """Fires once every request sent so far is answered (a slot hold's ack).
+
+        The open connections drain, and new ones wait behind a barrier for
+        them, so nothing sent before this call is still unanswered when the
+        Deferred fires and no client's requests are reordered.
+        """
+        self._retire(barrier=True)
+        if not self._draining:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self._drained_waiters.append(waiter)
+        return waiter
+
     def drain(self) -> defer.Deferred:
         """The server left the pool: finish what was sent, open nothing; fires when every connection is gone."""
         self._stopped = True

@@ -19,7 +19,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from twinproxy.stats import LATENCY_BUCKETS, Histogram, merged_latency
+from twinproxy.stats import LATENCY_BUCKETS, Histogram, cluster_fields, merged_latency
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -154,6 +154,34 @@ class ProxyCollector:
         yield from server_gauges.values()
         yield server_latency
         yield from _sentinel_metrics(services)
+        yield from _cluster_metrics(services)
+
+
+def _cluster_metrics(services: Sequence[Any]) -> Iterator[Metric]:
+    """Per cluster pool: the generation applied, the coordinator session, slots per group."""
+    generation = GaugeMetricFamily("twinproxy_cluster_generation", "The cluster topology generation applied",
+                                   labels=["pool", "cluster"])
+    session = GaugeMetricFamily("twinproxy_cluster_coordinator_session", "1 for the coordinator session's state",
+                                labels=["pool", "cluster", "state"])
+    slots = GaugeMetricFamily("twinproxy_cluster_slots", "Slots served per group (group 'offline': by none), "
+                              "and held", labels=["pool", "cluster", "group", "state"])
+    found = False
+    for service in services:
+        config = service.config
+        if not config.cluster_mode:
+            continue
+        found = True
+        fields = cluster_fields(config)
+        names = [service.name, config.cluster]
+        generation.add_metric(names, fields["cluster_generation"])
+        session.add_metric([*names, fields["coordinator_session"]], 1)
+        table = config.slots
+        if table is not None:
+            for group, count in sorted(table.slots_per_group().items()):
+                slots.add_metric([*names, group, "serving"], count)
+            slots.add_metric([*names, "all", "held"], len(table.held))
+    if found:
+        yield from (generation, session, slots)
 
 
 def _sentinel_metrics(services: Sequence[Any]) -> Iterator[Metric]:

@@ -20,6 +20,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from twisted.logger import Logger
 
+from twinproxy.cluster.slots import slot_of
+from twinproxy.cluster.targets import SlotRouting
 from twinproxy.config import PoolConfig, ServerSpec
 from twinproxy.distribution import Continuum, KetamaContinuum, build_continuum
 from twinproxy.hashing import HASH_FUNCTIONS, hash_tag_extractor
@@ -37,6 +39,10 @@ CACHE_PYTHON_HASHES = platform.python_implementation() == "CPython"
 
 def _not_wired(request: Request) -> None:
     raise RuntimeError("server has no backend connections wired to it")
+
+
+def _not_wired_error(request: Request, text: str, code: str = "ERR") -> None:
+    raise RuntimeError(f"pool has no error replies wired to it ({text})")
 
 
 class Server:
@@ -94,6 +100,13 @@ class ServerPool:
         self._routes: Dict[bytes, Server] = {}
         self.unavailable = UnavailableServer("-", _not_wired)
         self.counters = PoolCounters()
+        # Cluster mode: the slot table's targets; ``reply_error(request, text)``
+        # (set by the runtime, which knows the codec) answers for stand-ins.
+        self.reply_error: Callable[..., None] = _not_wired_error
+        self.slots: Optional[SlotRouting] = (SlotRouting(config.cluster, clock, self._reply_error)
+                                             if config.cluster_mode else None)
+        # The slot of a key, for the codecs' one-slot checks; None outside cluster mode.
+        self.slot_of: Optional[Callable[[bytes], int]] = slot_of if config.cluster_mode else None
         self.install(config)
 
     # -- routing --------------------------------------------------------------
@@ -122,6 +135,10 @@ class ServerPool:
             routes[key] = server
         return server
 
+    def _reply_error(self, request: Request, text: str, code: str = "ERR") -> None:
+        self.counters.forward_error += 1
+        self.reply_error(request, text, code)
+
     def _make_route(self) -> Callable[[bytes], Any]:
         """The fastest key -> server function for the ring as it is now.
 
@@ -130,6 +147,12 @@ class ServerPool:
         in cache, where a route cache of many keys is not (measured on PyPy:
         MGET 23% less CPU without it).  A hash CPython interprets is remembered.
         """
+        if self.slots is not None:
+            table = self.config.slots
+            if table is None:
+                return self.slots.not_ready()
+            return self.slots.install(table, {server.name: server for server in self.servers},
+                                      self.config.slot_hold / 1000.0)
         live = self._live
         if not live:
             unavailable = self.unavailable
@@ -205,8 +228,9 @@ class ServerPool:
         live = [s for s in self.servers if not s.ejected_until]
         self._live = live
         self._routes = {}
+        # A cluster pool routes by its slot table, never by a ring.
         self._continuum = build_continuum(
-            self.config.distribution, [(s.name, s.spec.weight) for s in live]) if live else None
+            self.config.distribution, [(s.name, s.spec.weight) for s in live]) if live and self.slots is None else None
         # ``server_for_key`` as a plain function, rebuilt with the ring: the
         # frontend calls it once per request.
         self.route: Callable[[bytes], Any] = self._make_route()
@@ -257,6 +281,8 @@ class ServerPool:
 
     def stop(self) -> None:
         """Cancel the pending retry timer; the pool routes nothing after this."""
+        if self.slots is not None:
+            self.slots.stop()
         if self._retry_call is not None and self._retry_call.active():
             self._retry_call.cancel()
         self._retry_call = None

@@ -54,6 +54,7 @@ class PoolRuntime:
         self.codec = codec_for(config)
         self.pool = ServerPool(config, reactor)
         self.pool.unavailable.send = self._no_live_server
+        self.pool.reply_error = self._answer_error
         self._no_server_reply = self.codec.error_reply(f"no live server in pool '{config.name}'")
         # "turns": one write per reactor turn; None (unit tests): write at once.
         self.outbox = Outbox(reactor) if outbox == "turns" else outbox
@@ -67,6 +68,8 @@ class PoolRuntime:
                                     requires_auth=_requires_auth(config), outbox=self.outbox, clock=reactor)
         # Links of removed servers, still draining.
         self._retiring: Dict[ServerLink, defer.Deferred] = {}
+        # Cluster mode: fires once what was in flight on newly held slots is answered.
+        self._settling: List[defer.Deferred] = []
 
     @property
     def name(self) -> str:
@@ -90,6 +93,10 @@ class PoolRuntime:
         link.outbox = self.outbox
         self._links[server.name] = link
         return link
+
+    def _answer_error(self, request: Request, text: str, code: str = "ERR") -> None:
+        request.reply = self.codec.error_reply(text, code)
+        request.owner.request_done(request)
 
     def _no_live_server(self, request: Request) -> None:
         self.pool.counters.forward_error += 1
@@ -129,7 +136,34 @@ class PoolRuntime:
             factory.requires_auth = _requires_auth(new)
         for server in gone:
             self._retire(self._links.pop(server.name), server.name)
+        if diff.old.slots is not new.slots and new.slots is not None:
+            self._settle_held(diff.old.slots, new.slots)
+        if self.pool.slots is not None:
+            # Last: a released slot's requests must go to its owner's new address (a promote).
+            self.pool.slots.release_held()
         return diff.describe()
+
+    def _settle_held(self, old: Any, new: Any) -> None:
+        """The barrier's second half: newly held slots are acknowledged only once
+        every request already sent for them is answered.
+
+        A server's connections cannot tell one slot's requests from another's,
+        so each server owning a newly held slot settles whole (its other slots'
+        requests wait behind the barrier a moment, in order).
+        """
+        newly = new.held - (old.held if old is not None else frozenset())
+        names = {new.owners[slot] for slot in newly} - {None}
+        for name in names:
+            link = self._links.get(name)
+            if link is not None:
+                self._settling.append(link.settle())
+
+    def settled(self) -> defer.Deferred:
+        """Fires once every hold applied so far has drained its requests in flight."""
+        settling, self._settling = [d for d in self._settling if not d.called], []
+        if not settling:
+            return defer.succeed(None)
+        return defer.gatherResults(settling)
 
     def _retire(self, link: ServerLink, name: str) -> None:
         drained = self.sentinel.remove(name) if self.sentinel is not None else link.drain()

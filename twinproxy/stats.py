@@ -177,9 +177,26 @@ def pool_document(service: Any) -> Dict[str, Any]:
         "fragments": counters.fragments,
         "client_output_limit_closed": counters.client_output_limit_closed,
     }
+    table = service.config.slots if service.config.cluster_mode else None
+    if service.config.cluster_mode:
+        document.update(cluster_fields(service.config))
     for link in service.links:
-        document[link.server.spec.stats_name] = server_document(link.server, link)
+        server = server_document(link.server, link)
+        if table is not None:
+            server["slots"] = sum(1 for owner in table.owners if owner == link.server.name)
+        document[link.server.spec.stats_name] = server
     return document
+
+
+def cluster_fields(config: Any) -> Dict[str, Any]:
+    """A cluster pool's own fields: which cluster, the generation applied, the session, the slots."""
+    table = config.slots
+    if table is None:
+        return {"cluster": config.cluster, "cluster_generation": 0, "coordinator_session": "not loaded",
+                "slots_offline": 1024, "slots_held": 0}
+    return {"cluster": config.cluster, "cluster_generation": table.generation,
+            "coordinator_session": table.session, "slots_offline": 1024 - table.online,
+            "slots_held": len(table.held)}
 
 
 def connection_counts(services: Sequence[Any]) -> Tuple[int, int]:
@@ -234,7 +251,8 @@ _NOT_SUMMED = frozenset(("service", "source", "version", "uptime", "timestamp", 
 
 
 # The latest of the workers' values: each worker follows Sentinel itself.
-_LATEST = frozenset(("server_ejected_at", "sentinel_epoch", "last_switch", "switches", "replicas_healthy"))
+_LATEST = frozenset(("server_ejected_at", "sentinel_epoch", "last_switch", "switches", "replicas_healthy",
+                     "cluster_generation", "slots_offline", "slots_held", "slots"))
 
 
 def merge_documents(documents: Sequence[Dict[str, Any]]) -> Dict[str, Any]:

@@ -228,6 +228,7 @@ def build(options: Options, reactor: Any, log_control: Optional[LogControl] = No
     """
     from twinproxy.admin import HttpService, StatsPortService
     from twinproxy.bound import BoundAddressesService
+    from twinproxy.cluster.follower import Applier, ClusterSources
     from twinproxy.control import ProxyService
     from twinproxy.reload import HangupService, Reloader, apply_in_process
     from twinproxy.service import PoolService
@@ -255,14 +256,23 @@ def build(options: Options, reactor: Any, log_control: Optional[LogControl] = No
     def current_pools() -> list:
         return proxy.pools
 
-    reloader = Reloader(options["conf-file"], apply_in_process(proxy), proxy.counters, reactor)
     hangup = [log_control.reopen] if log_control is not None else []
     if worker is not None:
+        # A worker's topology (cluster pools included) comes from its master.
+        reloader = Reloader(options["conf-file"], apply_in_process(proxy), proxy.counters, reactor)
         worker.serve(top, proxy, current_pools, started, reactor, log_control)
     else:
         stats = StatsPortService(current_pools, started, reactor, options["stats-addr"], options["stats-port"],
                                  counters=proxy.counters)
         stats.setServiceParent(top)
+        # Cluster pools: their servers and slots follow the coordinator, applied
+        # the way a reload is; the reloader goes through them too.
+        sources = ClusterSources(options.pools, Applier(apply_in_process(proxy), proxy.settled), reactor,
+                                 address_of=lambda config: _pool_address(proxy, config),
+                                 admin_address=lambda: stats.bound)
+        sources.setServiceParent(top)
+        top.sources = sources
+        reloader = Reloader(options["conf-file"], sources.apply_file, proxy.counters, reactor)
         http = None
         if options["http-port"] is not None:
             http = HttpService(current_pools, started, reactor, options["http-addr"], options["http-port"],
@@ -279,6 +289,13 @@ def build(options: Options, reactor: Any, log_control: Optional[LogControl] = No
     top.reloader = reloader
     top.proxy = proxy
     return top
+
+
+def _pool_address(proxy: Any, config: Any) -> str:
+    """Where clients reach pool ``config`` (its bound address once listening)."""
+    service = proxy.pool(config.name)
+    bound = service.bound if service is not None else None
+    return bound or str(config.listen)
 
 
 def bound_document(proxy: Any, stats: Any, http: Any) -> dict:

@@ -22,7 +22,7 @@ RING_KEYS = ("hash", "hash_tag", "distribution")
 # Keys that are sent when a backend connection opens: a change replaces the connections.
 HANDSHAKE_KEYS = ("redis_auth", "redis_db")
 # Keys handled apart from "settings".
-_STRUCTURAL = frozenset(("name", "listen", "servers", "redis", *RING_KEYS))
+_STRUCTURAL = frozenset(("name", "listen", "servers", "redis", "slots", *RING_KEYS))
 # Never shown in a change description.
 _SECRET = frozenset(("redis_auth", "sentinel_auth"))
 
@@ -70,6 +70,9 @@ class PoolDiff:
             before, after = getattr(self.old, key), getattr(self.new, key)
             if before != after:
                 lines.append(f"{pool}: {key} {before} -> {after}")
+        if self.old.slots != self.new.slots:
+            lines.append(f"{pool}: " + (self.new.slots.describe_change(self.old.slots) if self.new.slots is not None
+                                        else "slots unloaded"))
         if self.ring_changed and not lines:
             lines.append(f"{pool}: server order changed")
         if self.listen_changed:
@@ -100,7 +103,7 @@ def diff_pool(old: PoolConfig, new: PoolConfig) -> PoolDiff:
             readdressed.append((previous, spec))
         if previous.weight != spec.weight:
             reweighted.append((previous, spec))
-    ring_changed = (any(getattr(old, key) != getattr(new, key) for key in RING_KEYS)
+    ring_changed = (any(getattr(old, key) != getattr(new, key) for key in RING_KEYS) or old.slots != new.slots
                     or [(s.name, s.weight) for s in old.servers] != [(s.name, s.weight) for s in new.servers])
     settings = tuple(f.name for f in dataclasses.fields(PoolConfig)
                      if f.name not in _STRUCTURAL and getattr(old, f.name) != getattr(new, f.name))
@@ -145,7 +148,8 @@ def diff_pools(old: Sequence[PoolConfig], new: Sequence[PoolConfig]) -> ProxyDif
         previous = before.get(config.name)
         if previous is None:
             continue
-        if previous.redis != config.redis or previous.sentinel_mode != config.sentinel_mode:
+        if previous.redis != config.redis or previous.sentinel_mode != config.sentinel_mode \
+                or (previous.cluster, previous.coordinator) != (config.cluster, config.coordinator):
             replaced.append((previous, config))
             continue
         diff = diff_pool(previous, config)
@@ -155,4 +159,5 @@ def diff_pools(old: Sequence[PoolConfig], new: Sequence[PoolConfig]) -> ProxyDif
 
 
 def _mode(config: PoolConfig) -> str:
-    return config.protocol + (" with sentinels" if config.sentinel_mode else "")
+    mode = config.protocol + (" with sentinels" if config.sentinel_mode else "")
+    return mode + (f" in cluster {config.cluster}" if config.cluster_mode else "")

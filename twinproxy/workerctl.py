@@ -44,11 +44,22 @@ class _WorkerEnd(Int32StringReceiver):
     def stringReceived(self, data: bytes) -> None:
         try:
             message = pickle.loads(data)
+            if message.get("op") == "settle":
+                # Asynchronous: the answer waits for the holds to drain.
+                self._service.proxy.settled().addCallbacks(
+                    lambda _: self._reply({"ok": True}),
+                    lambda failure: self._reply({"ok": False, "error": f"worker {os.getpid()}: "
+                                                                      f"{failure.getErrorMessage()}"}))
+                return
             reply = self._handle(message)
         except Exception as err:  # noqa: BLE001 - the master is told, and so is the log
             self._log.failure("worker control: {op} failed", op=locals().get("message", {}).get("op", "?"))
             reply = {"ok": False, "error": f"worker {os.getpid()}: {err}"}
-        self.sendString(pickle.dumps(reply))
+        self._reply(reply)
+
+    def _reply(self, reply: Dict[str, Any]) -> None:
+        if self.transport is not None and self.connected:
+            self.sendString(pickle.dumps(reply))
 
     def _handle(self, message: Dict[str, Any]) -> Dict[str, Any]:
         service = self._service
@@ -242,6 +253,16 @@ def apply_everywhere(reactor: Any, paths: Sequence[str], pools: List[Any]) -> An
         for end in ends:
             if end.transport is not None:
                 end.transport.loseConnection()
+
+
+@defer.inlineCallbacks
+def settle_everywhere(reactor: Any, paths: Sequence[str]) -> Any:
+    """Every worker's slot holds have drained what was in flight; RuntimeError naming one that did not."""
+    results = yield defer.DeferredList([ask(reactor, path, {"op": "settle"}) for path in paths],
+                                       consumeErrors=True)
+    refusal = _first_refusal(results)
+    if refusal is not None:
+        raise RuntimeError(refusal)
 
 
 def _ask_all(reactor: Any, ends: Sequence[_MasterEnd], message: Dict[str, Any], what: str) -> defer.Deferred:

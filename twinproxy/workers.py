@@ -268,6 +268,17 @@ class Master:
         counters.last_reload_at = self._reactor.seconds()
         return changes
 
+    def _settle(self) -> Any:
+        from twinproxy.workerctl import settle_everywhere
+
+        return settle_everywhere(self._reactor, self._serving_paths())
+
+    def _pool_address(self, config: PoolConfig) -> str:
+        for resolved in self._resolved:
+            if resolved.name == config.name:
+                return str(resolved.listen)
+        return str(config.listen)
+
     def _serving_paths(self) -> List[str]:
         """The control sockets of the workers still alive: a dead one must not block every reload."""
         return [path for pid, path in zip(self._children, self._paths) if pid in self._alive]
@@ -293,6 +304,7 @@ class Master:
 
         from twinproxy.admin import StatsPortService
         from twinproxy.bound import BoundAddressesService
+        from twinproxy.cluster.follower import Applier, ClusterSources
         from twinproxy.reload import HangupService, Reloader
 
         reactor = self._reactor
@@ -300,12 +312,18 @@ class Master:
         stats_service = StatsPortService(lambda: [], reactor.seconds(), reactor, options["stats-addr"],
                                          options["stats-port"], document=self.document)
         services: List[Any] = [stats_service]
-        reloader = Reloader(options["conf-file"], self.apply, self.counters, reactor)
+        # Cluster pools follow their coordinator here, once for every worker: a
+        # generation is acknowledged after every worker has applied it.
+        sources = ClusterSources(self._file_pools, Applier(self.apply, self._settle, workers=len(self._paths)),
+                                 reactor, address_of=self._pool_address, admin_address=lambda: stats_service.bound)
+        self.sources = sources
+        reloader = Reloader(options["conf-file"], sources.apply_file, self.counters, reactor)
         hangup = HangupService(reactor, [self._log_control_reopen, self.reopen_workers_logs,
                                          lambda: reloader.reload().addErrback(
                                              lambda failure: self._log.failure("reload", failure=failure))])
         services.append(hangup)
         self.reloader = reloader
+        services.append(sources)
         for service in services:
             service.startService()
         if options["bound-addresses"]:

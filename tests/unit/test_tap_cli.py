@@ -48,7 +48,7 @@ def test_build_one_named_child_per_pool_and_the_stats_port(good: Path, tmp_path:
     options = tap.Options()
     options.parseOptions(["--config", str(good), "-p", str(tmp_path / "tp.pid")])
     top = tap.build(options, MemoryReactorClock())
-    assert [s.name for s in top] == ["pidfile", "pools", "stats", "hangup"]
+    assert [s.name for s in top] == ["pidfile", "pools", "stats", "cluster-sources", "hangup"]
     pools = top.getServiceNamed("pools")
     assert [s.name for s in pools] == ["alpha", "beta"]
     assert pools.getServiceNamed("alpha").config.redis is True
@@ -56,7 +56,7 @@ def test_build_one_named_child_per_pool_and_the_stats_port(good: Path, tmp_path:
     options.parseOptions(["-c", str(good), "--http-port", "0", "-o", str(tmp_path / "tp.log"), "-v", "7",
                           "--bound-addresses", str(tmp_path / "bound.json")])
     assert [s.name for s in tap.build(options, MemoryReactorClock())] == [
-        "log", "pools", "stats", "http", "bound-addresses", "hangup"]
+        "log", "pools", "stats", "cluster-sources", "http", "bound-addresses", "hangup"]
 
 
 def test_nutcracker_options_parse(good: Path) -> None:

@@ -87,7 +87,7 @@ class Codec(Protocol):
 
     def coalesce(self, request: "Request") -> bytes: ...
 
-    def error_reply(self, message: str) -> bytes:
+    def error_reply(self, message: str, code: str = "ERR") -> bytes:
         """The reply for a request the proxy could not get answered (server down, ...)."""
 
     def protocol_error_reply(self, err: ProtocolError) -> bytes:

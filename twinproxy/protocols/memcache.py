@@ -85,7 +85,8 @@ class MemcacheCodec:
     def reply_framer(self) -> MemcacheReplyFramer:
         return MemcacheReplyFramer()
 
-    def error_reply(self, message: str) -> bytes:
+    def error_reply(self, message: str, code: str = "ERR") -> bytes:
+        # memcached has one error line for the server's side; ``code`` is Redis's.
         return b"SERVER_ERROR " + message.replace("\r", " ").replace("\n", " ").encode("utf-8", "replace") + CRLF
 
     def protocol_error_reply(self, err: ProtocolError) -> bytes:

@@ -168,6 +168,17 @@ def _words(text: str) -> List[bytes]:
     return [word.encode() for word in text.split()]
 
 
+def cross_slot_error(keys: List[bytes], slot_of: Any) -> Optional[str]:
+    """The CROSSSLOT error for ``keys`` in more than one slot, naming the slots; None if they share one."""
+    slots: Dict[int, bytes] = {}
+    for key in keys:
+        slots.setdefault(slot_of(key), key)
+    if len(slots) == 1:
+        return None
+    shown = ", ".join(f"'{key.decode('utf-8', 'replace')[:40]}' in slot {slot}" for slot, key in slots.items())
+    return f"CROSSSLOT keys in request don't hash to the same slot ({shown}); use a {{tag}} to keep them together"
+
+
 def _wrong_arity(name: bytes) -> bytes:
     return resp.error(f"ERR wrong number of arguments for '{name.decode('latin-1')}' command")
 
@@ -246,8 +257,8 @@ class RedisCodec:
     def reply_framer(self) -> resp.RespReplyFramer:
         return resp.RespReplyFramer()
 
-    def error_reply(self, message: str) -> bytes:
-        return resp.error("ERR " + message)
+    def error_reply(self, message: str, code: str = "ERR") -> bytes:
+        return resp.error(f"{code} {message}")
 
     def protocol_error_reply(self, err: ProtocolError) -> bytes:
         return resp.error("ERR " + str(err))
@@ -314,7 +325,15 @@ class RedisCodec:
         if positions is None:
             return []
         args = request.args
-        servers = router.servers_for_keys([args[position] for position in positions])
+        keys = [args[position] for position in positions]
+        if spec.layout is not SPLIT and getattr(router, "slot_of", None) is not None and len(keys) > 1:
+            # A cluster: keys that must be on one node must be in one slot (a slot
+            # moves alone), not merely on one server today.
+            crossed = cross_slot_error(keys, router.slot_of)
+            if crossed is not None:
+                self._answer(request, resp.error(crossed))
+                return []
+        servers = router.servers_for_keys(keys)
         first = servers[0]
         if servers.count(first) == len(servers):
             request.kind = FORWARD

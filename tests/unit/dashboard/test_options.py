@@ -1,0 +1,76 @@
+"""The options of ``twinproxy-dashboard`` (dashboard/cli.py) and ``twistd twinproxy-dashboard``
+(dashboard/tap.py): the same settings from the same words, the same refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from twinproxy.dashboard import cli, tap
+from twinproxy.dashboard.service import Settings, SettingsError, lock_held_message, parse_listen, read_token
+
+
+def test_both_entry_points_make_the_same_settings(tmp_path: Path):
+    token = tmp_path / "token"
+    token.write_text("  s3cret \n")
+    words = ["--coordinator", "file:///tmp/x", "--cluster", "shop.eu-1", "--protocol", "memcache", "--listen",
+             "127.0.0.1:0", "--token-file", str(token), "--ack-timeout", "2.5", "--wait"]
+    settings, log = cli.parse([*words, "--log", "d.log"])
+    assert settings == Settings("file:///tmp/x", "shop.eu-1", "memcache", ("127.0.0.1", 0), b"s3cret", 2.5, True)
+    assert log == "d.log"
+    options = tap.Options()
+    options.parseOptions(words)
+    assert options.settings == settings
+
+
+def test_defaults():
+    settings, log = cli.parse(["--coordinator", "file:///tmp/x", "--cluster", "shop"])
+    assert (settings.protocol, settings.listen_text, settings.token, settings.ack_timeout, settings.wait, log) == \
+        ("redis", "127.0.0.1:18080", None, 10.0, False, None)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--cluster", "-bad"], None), (["--cluster", "a b"], "cluster name"), (["--listen", "18080"], "HOST:PORT"),
+    (["--listen", "h:99999"], "HOST:PORT"), (["--ack-timeout", "0"], "--ack-timeout"),
+])
+def test_bad_values(extra, words, capsys):
+    argv = ["--coordinator", "file:///tmp/x", "--cluster", "shop", *extra]
+    if words is None:                    # argparse's own refusal: a usage error
+        with pytest.raises(SystemExit) as stop:
+            cli.parse(argv)
+        assert stop.value.code == 2
+        return
+    with pytest.raises(SettingsError, match=words):
+        cli.parse(argv)
+    with pytest.raises(SystemExit) as stop:
+        tap.Options().parseOptions(argv)
+    assert stop.value.code == 1 and words in capsys.readouterr().err
+
+
+def test_main_says_why_in_one_line(tmp_path: Path, capsys):
+    assert cli.main(["--coordinator", "file:///tmp/x", "--cluster", "shop", "--token-file",
+                     str(tmp_path / "missing")]) == 1
+    assert capsys.readouterr().err.startswith("twinproxy-dashboard: cannot read the token file")
+    assert cli.main(["--coordinator", "zookeeper://", "--cluster", "shop"]) == 1
+    assert "empty host" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        tap.Options().parseOptions(["--cluster", "shop"])
+    assert stop.value.code == 2 and "--coordinator is required" in capsys.readouterr().err
+
+
+def test_token_file_rules(tmp_path: Path):
+    path = tmp_path / "token"
+    path.write_text("\n\n")
+    with pytest.raises(SettingsError, match="empty"):
+        read_token(str(path))
+    path.write_text("two words\n")
+    with pytest.raises(SettingsError, match="printable ASCII"):
+        read_token(str(path))
+    assert parse_listen("[::1]:18080") == ("::1", 18080)
+
+
+def test_lock_held_message():
+    text = lock_held_message("shop", {"addr": "127.0.0.1:18080", "pid": 123, "host": "h"}, 10.0)
+    assert text.startswith("cluster 'shop' already has a dashboard at 127.0.0.1:18080 (pid 123 on host h); ")
+    assert "--wait" in text

@@ -1,0 +1,485 @@
+"""The dashboard's HTTP JSON API (contract §5): routing, bodies, the write token, error answers.
+
+Owns :func:`make_site` (the twisted.web Site: ``/api/...``, ``/metrics``
+and ``/``, kept for the web UI), :class:`ApiState` (what the API answers
+from: the controller once it has started, else why not) and the request
+side of every write: the bearer-token check (``hmac.compare_digest``), the
+JSON body (at most :data:`MAX_BODY` bytes, an object with exactly the
+documented fields, each checked with the topology model's own rules) and
+the answer: 200 ``{"ok": true, "generation": N, ...}`` or
+``{"error": "<one line>", ...}`` with 400/401/403/404/405/409/413/5xx.
+What an operation does is the controller's; a refusal the API makes itself
+(token, body, route) is logged here, one line per failed write, while the
+controller logs the failures of the operations it runs.  Nothing here
+blocks: the operations' Deferreds answer when they fire.
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import json
+import re
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from twinproxy.cluster.model import TopologyError, check_address, check_group_id
+from twinproxy.cluster.slots import SLOT_COUNT
+
+MAX_BODY = 64 * 1024
+WRITE_METHODS = ("POST", "PUT", "DELETE")
+NO_TOKEN = "writes are disabled: the dashboard was started without --token-file"
+_DIGITS = re.compile(r"^[0-9]{1,9}$")
+_log = Logger()
+
+
+class ApiError(Exception):
+    """A refusal made by the API itself: HTTP ``status``, one-line ``message``, extra headers."""
+
+    def __init__(self, status: int, message: str, headers: Optional[Dict[str, str]] = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+class ApiState:
+    """What the API serves from: ``controller`` once ``ready``; until then 503 with ``reason``."""
+
+    def __init__(self, cluster: str, token: Optional[bytes]) -> None:
+        self.cluster = cluster
+        self.token = token
+        self.controller: Any = None
+        self.ready = False
+        self.reason = "the dashboard is starting"
+
+    def live(self) -> Any:
+        """The started controller, or ApiError 503 saying why there is none."""
+        if not self.ready or self.controller is None:
+            raise ApiError(503, self.reason)
+        return self.controller
+
+
+# -- request bodies and parameters -------------------------------------------------
+
+
+class _BoundedBody(io.BytesIO):
+    """A request body kept in memory up to ``limit`` bytes; past that only ``too_large`` is remembered."""
+
+    def __init__(self, limit: int, declared: Optional[int]) -> None:
+        super().__init__()
+        self.limit = limit
+        self.too_large = declared is not None and declared > limit
+
+    def write(self, data: Any) -> int:
+        if not self.too_large and self.tell() + len(data) > self.limit:
+            self.too_large = True
+        if self.too_large:
+            return len(data)   # dropped: the answer is 413 whatever the rest says
+        return super().write(data)
+
+
+def read_body(request: Any) -> Dict[str, Any]:
+    """The request's JSON object ({} for an empty body); ApiError 400/413 otherwise."""
+    content = getattr(request, "content", None)
+    if content is None:
+        return {}
+    if getattr(content, "too_large", False):
+        raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
+    content.seek(0)
+    data = content.read(MAX_BODY + 1)
+    if len(data) > MAX_BODY:
+        raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
+    if not data.strip():
+        return {}
+    try:
+        document = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ApiError(400, f"the request body is not JSON: {err}")
+    if not isinstance(document, dict):
+        raise ApiError(400, f"the request body must be a JSON object, not {type(document).__name__}")
+    return document
+
+
+def _check(check: Callable[[Any], Any], value: Any, what: str) -> Any:
+    try:
+        return check(value)
+    except TopologyError as err:
+        raise ApiError(400, f"{what}: {err.message}")
+
+
+def _slot(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SLOT_COUNT:
+        raise TopologyError(f"a slot is an integer from 0 to {SLOT_COUNT - 1}, not {value!r}")
+    return value
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TopologyError(f"must be true or false, not {value!r}")
+    return value
+
+
+def _group_or_null(value: Any) -> Optional[int]:
+    return None if value is None else check_group_id(value)
+
+
+# field name -> (required, check)
+_FIELDS: Dict[str, Dict[str, Tuple[bool, Callable[[Any], Any]]]] = {
+    "add_group": {"id": (True, check_group_id)},
+    "add_server": {"addr": (True, check_address)},
+    "promote": {"addr": (True, check_address)},
+    "assign_slots": {"first": (True, _slot), "last": (True, _slot), "group": (True, _group_or_null),
+                     "force": (False, _flag)},
+    "rebalance": {"dry_run": (False, _flag)},
+    "add_sentinel": {"addr": (True, check_address)},
+}
+
+
+def body_fields(request: Any, operation: str) -> Dict[str, Any]:
+    """The body of ``operation``'s request, checked: exactly its fields, each valid; ApiError 400."""
+    document = read_body(request)
+    fields = _FIELDS[operation]
+    unknown = sorted(set(document) - set(fields))
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r} in the request body (expected: {', '.join(fields)})")
+    values: Dict[str, Any] = {}
+    for name, (required, check) in fields.items():
+        if name not in document:
+            if required:
+                raise ApiError(400, f"the request body needs the field {name!r} (fields: {', '.join(fields)})")
+            continue
+        values[name] = _check(check, document[name], f"field {name!r}")
+    return values
+
+
+def path_group(text: str) -> int:
+    """A group id from the path; ApiError 400 unless it is one."""
+    if not _DIGITS.match(text):
+        raise ApiError(400, f"group id {text!r} in the path is not a number")
+    return _check(check_group_id, int(text), "the path")
+
+
+def path_address(text: str) -> str:
+    return _check(check_address, text, "the path")
+
+
+def query_args(request: Any, known: Tuple[str, ...]) -> Dict[str, str]:
+    """The query parameters (the last value of each, decoded); ApiError 400 for one not in ``known``."""
+    values: Dict[str, str] = {}
+    for raw, items in (getattr(request, "args", None) or {}).items():
+        name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        if name not in known:
+            raise ApiError(400, f"unknown query parameter {name!r}"
+                           + (f" (known: {', '.join(known)})" if known else " (this request takes none)"))
+        value = items[-1] if items else b""
+        values[name] = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return values
+
+
+def query_int(values: Dict[str, str], name: str, default: int) -> int:
+    text = values.get(name)
+    if text is None:
+        return default
+    if not re.match(r"^-?[0-9]{1,9}$", text):
+        raise ApiError(400, f"query parameter {name} must be an integer, not {text!r}")
+    return int(text)
+
+
+def query_flag(values: Dict[str, str], name: str) -> bool:
+    text = values.get(name, "0").lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    raise ApiError(400, f"query parameter {name} must be 1 or 0, not {text!r}")
+
+
+# -- routes --------------------------------------------------------------------
+
+# (path pattern, {method: handler name}); "{...}" matches one path segment.
+ROUTES: List[Tuple[Tuple[str, ...], Dict[str, str]]] = [
+    (("status",), {"GET": "get_status"}),
+    (("slots",), {"GET": "get_slots"}),
+    (("topology",), {"GET": "get_topology"}),
+    (("proxies",), {"GET": "get_proxies"}),
+    (("groups",), {"POST": "add_group"}),
+    (("groups", "{gid}"), {"DELETE": "remove_group"}),
+    (("groups", "{gid}", "servers"), {"POST": "add_server"}),
+    (("groups", "{gid}", "servers", "{addr}"), {"DELETE": "remove_server"}),
+    (("groups", "{gid}", "promote"), {"POST": "promote"}),
+    (("slots", "assign"), {"POST": "assign_slots"}),
+    (("slots", "rebalance"), {"POST": "rebalance"}),
+    (("proxies", "{id}"), {"DELETE": "remove_proxy"}),
+    (("sentinels",), {"POST": "add_sentinel"}),
+    (("sentinels", "{addr}"), {"DELETE": "remove_sentinel"}),
+]
+
+
+def route(segments: List[str]) -> Tuple[Dict[str, str], List[str]]:
+    """The methods of the route ``segments`` match and the segments its placeholders took; ApiError 404."""
+    for pattern, methods in ROUTES:
+        if len(pattern) == len(segments) and all(p.startswith("{") or p == s for p, s in zip(pattern, segments)):
+            return methods, [s for p, s in zip(pattern, segments) if p.startswith("{")]
+    shown = "/api/" + "/".join(segments)
+    raise ApiError(404, f"no such API path {shown!r} (see GET /api/status)")
+
+
+class _Handlers:
+    """One method per route: reads answer a document, writes a Deferred from the controller."""
+
+    def __init__(self, state: ApiState) -> None:
+        self.state = state
+
+    def get_status(self, request: Any) -> Any:
+        query_args(request, ())
+        return self.state.live().status()
+
+    def get_slots(self, request: Any) -> Any:
+        values = query_args(request, ("first", "last"))
+        first = query_int(values, "first", 0)
+        last = query_int(values, "last", SLOT_COUNT - 1)
+        return self.state.live().slots(first, last)
+
+    def get_topology(self, request: Any) -> Any:
+        query_args(request, ())
+        topology = self.state.live().topology
+        if topology is None:
+            raise ApiError(503, "the dashboard has not loaded the topology yet")
+        return topology.to_dict()
+
+    def get_proxies(self, request: Any) -> Any:
+        query_args(request, ())
+        return {"proxies": self.state.live().proxies()}
+
+    def add_group(self, request: Any) -> Any:
+        fields = body_fields(request, "add_group")
+        return self.state.live().add_group(fields["id"])
+
+    def remove_group(self, request: Any, gid: str) -> Any:
+        return self.state.live().remove_group(path_group(gid))
+
+    def add_server(self, request: Any, gid: str) -> Any:
+        group = path_group(gid)
+        return self.state.live().add_server(group, body_fields(request, "add_server")["addr"])
+
+    def remove_server(self, request: Any, gid: str, addr: str) -> Any:
+        return self.state.live().remove_server(path_group(gid), path_address(addr))
+
+    def promote(self, request: Any, gid: str) -> Any:
+        group = path_group(gid)
+        return self.state.live().promote(group, body_fields(request, "promote")["addr"])
+
+    def assign_slots(self, request: Any) -> Any:
+        fields = body_fields(request, "assign_slots")
+        if fields["first"] > fields["last"]:
+            raise ApiError(400, f"slot range {fields['first']}-{fields['last']}: the first slot is after the last")
+        return self.state.live().assign_slots(fields["first"], fields["last"], fields["group"],
+                                              fields.get("force", False))
+
+    def rebalance(self, request: Any) -> Any:
+        return self.state.live().rebalance(body_fields(request, "rebalance").get("dry_run", False))
+
+    def remove_proxy(self, request: Any, proxy_id: str) -> Any:
+        force = query_flag(query_args(request, ("force",)), "force")
+        if not proxy_id:
+            raise ApiError(400, "the proxy id in the path is empty")
+        return self.state.live().remove_proxy(proxy_id, force)
+
+    def add_sentinel(self, request: Any) -> Any:
+        return self.state.live().add_sentinel(body_fields(request, "add_sentinel")["addr"])
+
+    def remove_sentinel(self, request: Any, addr: str) -> Any:
+        return self.state.live().remove_sentinel(path_address(addr))
+
+
+def check_token(request: Any, token: Optional[bytes]) -> None:
+    """ApiError 403 without a token file or for a wrong token, 401 without a bearer token."""
+    if token is None:
+        raise ApiError(403, NO_TOKEN)
+    challenge = {"WWW-Authenticate": 'Bearer realm="twinproxy-dashboard"'}
+    header = request.getHeader(b"authorization")
+    if header is None:
+        raise ApiError(401, "writes need 'Authorization: Bearer <token>', the token being the content of the "
+                       "dashboard's --token-file", challenge)
+    if isinstance(header, str):
+        header = header.encode("latin-1", "replace")
+    scheme, _, given = header.strip().partition(b" ")
+    if scheme.lower() != b"bearer" or not given.strip():
+        raise ApiError(401, "the Authorization header must be 'Bearer <token>'", challenge)
+    if not hmac.compare_digest(given.strip(), token):
+        raise ApiError(403, "wrong token: it is not the content of the dashboard's --token-file")
+
+
+class ApiResource(Resource):
+    """``/api/...``: every path below it, routed by :data:`ROUTES`."""
+
+    isLeaf = True
+
+    def __init__(self, state: ApiState) -> None:
+        super().__init__()
+        self.state = state
+        self.handlers = _Handlers(state)
+
+    def render(self, request: Any) -> Any:
+        method = _text(request.method).upper()
+        shown = f"{method} {_text(getattr(request, 'path', b'/api'))}"
+        write = method in WRITE_METHODS
+        try:
+            segments = [_segment(part) for part in request.postpath]
+            while segments and segments[-1] == "":
+                segments.pop()           # /api/status/ is /api/status
+            methods, params = route(segments)
+            allowed = sorted({*methods, *(["HEAD"] if "GET" in methods else [])})
+            handler_name = methods.get("GET" if method == "HEAD" else method)
+            if handler_name is None:
+                raise ApiError(405, f"{shown} is not allowed here (allowed: {', '.join(allowed)})",
+                               {"Allow": ", ".join(allowed)})
+            if write:
+                check_token(request, self.state.token)
+            result = getattr(self.handlers, handler_name)(request, *params)
+        except ApiError as err:
+            if write:
+                _log.warn("cluster {cluster}: {request} from {client} refused ({status}): {reason}",
+                          cluster=self.state.cluster, request=shown, client=_client(request), status=err.status,
+                          reason=err.message)
+            return _answer(request, err.status, {"error": err.message}, err.headers)
+        except Exception as err:  # noqa: BLE001 - OperationError from a read, or a bug: answered all the same
+            return _answer(request, *_failure_answer(Failure(err), shown, logged=False))
+        if not hasattr(result, "addCallbacks"):
+            return _answer(request, 200, result)
+        return _deferred_answer(request, result, shown, self.state.cluster)
+
+
+def _deferred_answer(request: Any, result: Any, shown: str, cluster: str) -> Any:
+    gone: List[Any] = []
+    request.notifyFinish().addErrback(gone.append)   # the client hung up: the operation goes on
+
+    def send(status: int, document: Dict[str, Any]) -> None:
+        if not gone:
+            request.write(_answer(request, status, document))
+            request.finish()
+
+    def done(document: Any) -> None:
+        generation = document.get("generation") if isinstance(document, dict) else None
+        _log.info("cluster {cluster}: {request} from {client} done (generation {generation})", cluster=cluster,
+                  request=shown, client=_client(request), generation=generation)
+        send(200, document)
+
+    def failed(failure: Failure) -> None:
+        # The controller logged an operation's failure already (one line per failed write).
+        send(*_failure_answer(failure, shown, logged=True))
+
+    result.addCallbacks(done, failed)
+    return NOT_DONE_YET
+
+
+def _failure_answer(failure: Failure, shown: str, logged: bool) -> Tuple[int, Dict[str, Any]]:
+    """(status, body) for an error from the controller: its own status when it has one, else 500."""
+    error = failure.value
+    status = getattr(error, "status", None)
+    message = getattr(error, "message", None)
+    if isinstance(status, int) and 400 <= status <= 599 and isinstance(message, str):
+        body = error.body() if hasattr(error, "body") else {"error": message}
+        return status, body
+    if isinstance(error, ApiError):
+        return error.status, {"error": error.message}
+    if not logged or not isinstance(status, int):
+        _log.failure("{request}: unexpected error", failure, request=shown)
+    return 500, {"error": f"internal error: {failure.getErrorMessage()}"}
+
+
+def _answer(request: Any, status: int, document: Any, headers: Optional[Dict[str, str]] = None) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json; charset=utf-8")
+    request.setHeader(b"cache-control", b"no-store")
+    for name, value in (headers or {}).items():
+        request.setHeader(name.encode(), value.encode())
+    return json.dumps(document).encode() + b"\n"
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _segment(part: Any) -> str:
+    try:
+        return part.decode("utf-8") if isinstance(part, bytes) else str(part)
+    except UnicodeDecodeError:
+        raise ApiError(400, f"path segment {part!r} is not UTF-8")
+
+
+def _client(request: Any) -> str:
+    address = request.getClientAddress()
+    host = getattr(address, "host", None)
+    return f"{host}:{address.port}" if host is not None else str(address)
+
+
+class _Page(Resource):
+    """A GET-only page rendered by ``render_page(request) -> bytes``."""
+
+    isLeaf = True
+
+    def __init__(self, render_page: Callable[[Any], bytes]) -> None:
+        super().__init__()
+        self._render_page = render_page
+
+    def render_GET(self, request: Any) -> bytes:
+        return self._render_page(request)
+
+
+class _Root(Resource):
+    """``/``: kept for the web UI (a later issue); until then it points at the API."""
+
+    def __init__(self, state: ApiState) -> None:
+        super().__init__()
+        self.state = state
+
+    def getChild(self, path: bytes, request: Any) -> Resource:
+        if path == b"":
+            return self
+        return _NotFound()
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return (f"twinproxy dashboard of cluster '{self.state.cluster}'. The web UI is not built yet; the JSON API "
+                "is at /api/status (twinproxy-admin drives it), metrics at /metrics.\n").encode()
+
+
+class _NotFound(Resource):
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        path = _text(getattr(request, "path", b""))
+        return _answer(request, 404, {"error": f"no such path {path!r} (the API is under /api/)"})
+
+
+class DashboardSite(Site):
+    """A Site with bounded request bodies and no access log (every write is logged by the API)."""
+
+    noisy = False
+    displayTracebacks = False
+
+    def getContentFile(self, length: Optional[int]) -> Any:
+        return _BoundedBody(MAX_BODY, length)
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+def make_site(state: ApiState, metrics: Optional[Callable[[], bytes]] = None,
+              metrics_type: str = "text/plain; version=0.0.4; charset=utf-8") -> DashboardSite:
+    """The dashboard's Site: ``/api/...`` from ``state``, ``/metrics`` from ``metrics()``, ``/``."""
+    root = _Root(state)
+    root.putChild(b"api", ApiResource(state))
+    if metrics is not None:
+        def page(request: Any) -> bytes:
+            request.setHeader(b"content-type", metrics_type.encode())
+            return metrics()
+
+        root.putChild(b"metrics", _Page(page))
+    return DashboardSite(root)

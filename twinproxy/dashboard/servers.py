@@ -1,0 +1,325 @@
+"""The dashboard's view of the data servers: admin commands and health polling.
+
+Owns :class:`ServerAdmin` (one :class:`~twinproxy.sentinel.client.CommandClient`
+per Redis address, each command with its deadline; errors as
+:class:`ServerError` naming the server), :func:`memcache_version` (a one-shot
+``version`` probe), :func:`resolve` (a host to the IP Sentinel and REPLICAOF
+need) and :class:`HealthPoller`, which asks every server once a second
+whether it is up and, for Redis, what it really is (``INFO replication``).
+Everything runs in the reactor and never blocks it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+from twisted.internet import defer
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from twinproxy.sentinel.client import CommandClient, CommandError
+from twinproxy.sentinel.replies import Replication, ReplyError, parse_replication
+
+Address = Tuple[str, int]
+
+
+class ServerError(Exception):
+    """A server did not answer, or answered with an error; the message names it."""
+
+
+class ServerUnreachable(ServerError):
+    """No reply: the connection failed, closed or the deadline passed."""
+
+
+class ServerRefused(ServerError):
+    """The server answered with an error reply."""
+
+
+def split_address(address: str) -> Address:
+    """``"host:port"`` (``"[v6]:port"``) -> (host, port)."""
+    host, _, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def resolve(reactor: Any, host: str) -> defer.Deferred:
+    """The IP address of ``host`` (itself when it is one already)."""
+    try:
+        ipaddress.ip_address(host)
+        return defer.succeed(host)
+    except ValueError:
+        pass
+
+    def failed(failure: Failure) -> None:
+        raise ServerUnreachable(f"cannot resolve {host}: {failure.getErrorMessage()}")
+
+    return reactor.resolve(host).addErrback(failed)
+
+
+class ServerAdmin:
+    """Commands to Redis servers (and sentinels) by ``host:port``, one connection each."""
+
+    def __init__(self, reactor: Any, timeout: float) -> None:
+        self._reactor = reactor
+        self.timeout = timeout
+        self._clients: Dict[str, CommandClient] = {}
+
+    def command(self, address: str, *args: bytes) -> defer.Deferred:
+        """The decoded reply; ServerError when there is none in time or it is an error reply."""
+        client = self._clients.get(address)
+        if client is None:
+            client = self._clients[address] = CommandClient(self._reactor, split_address(address),
+                                                             timeout=self.timeout)
+        name = b" ".join(args[:2]).decode("utf-8", "replace")
+
+        def answered(value: Any) -> Any:
+            if isinstance(value, ReplyError):
+                raise ServerRefused(f"{address} refused {name}: {value.message}")
+            return value
+
+        def failed(failure: Failure) -> None:
+            failure.trap(CommandError)
+            raise ServerUnreachable(f"{address} did not answer {name}: {failure.getErrorMessage()}")
+
+        return client.command(*args).addCallbacks(answered, failed)
+
+    def replication(self, address: str) -> defer.Deferred:
+        """``INFO replication`` of ``address`` as a :class:`Replication`."""
+        return self.command(address, b"INFO", b"replication").addCallback(
+            lambda text: parse_replication(text if isinstance(text, (bytes, str)) else b""))
+
+    @defer.inlineCallbacks
+    def replicate(self, address: str, master: Optional[str]) -> Any:
+        """``REPLICAOF <master's ip> <port>`` on ``address``, or ``REPLICAOF NO ONE`` for None."""
+        if master is None:
+            yield self.command(address, b"REPLICAOF", b"NO", b"ONE")
+            return
+        host, port = split_address(master)
+        ip = yield resolve(self._reactor, host)
+        yield self.command(address, b"REPLICAOF", ip.encode(), str(port).encode())
+
+    def forget(self, keep: Iterable[str]) -> None:
+        """Close the connections to every address not in ``keep``."""
+        keep = set(keep)
+        for address in [a for a in self._clients if a not in keep]:
+            self._clients.pop(address).close()
+
+    def close(self) -> None:
+        self.forget(())
+
+
+class _VersionProtocol(Protocol):
+    def __init__(self, result: defer.Deferred) -> None:
+        self.result = result
+        self.buffer = b""
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"version\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        if b"\r\n" in self.buffer and not self.result.called:
+            self.result.callback(self.buffer.split(b"\r\n", 1)[0].decode("utf-8", "replace"))
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        if not self.result.called:
+            self.result.errback(ServerError("connection closed before the version reply"))
+
+
+class _VersionFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, result: defer.Deferred) -> None:
+        self.result = result
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return _VersionProtocol(self.result)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        if not self.result.called:
+            self.result.errback(ServerError(reason.getErrorMessage()))
+
+
+def memcache_version(reactor: Any, address: str, timeout: float) -> defer.Deferred:
+    """The first line a memcached answers to ``version`` (ServerError naming it otherwise)."""
+    result: defer.Deferred = defer.Deferred()
+    host, port = split_address(address)
+    connector = reactor.connectTCP(host, port, _VersionFactory(result), timeout=timeout)
+
+    def overdue() -> None:
+        if not result.called:
+            result.errback(ServerError(f"no reply within {timeout:g}s"))
+            connector.disconnect()
+
+    call = reactor.callLater(timeout, overdue)
+
+    def done(value: Any) -> Any:
+        if call.active():
+            call.cancel()
+        if isinstance(value, Failure):
+            raise ServerError(f"{address}: {value.getErrorMessage()}")
+        return value
+
+    return result.addBoth(done)
+
+
+@dataclass(frozen=True)
+class Health:
+    """What the last poll of one server found.  ``role`` is what the server says it is."""
+
+    up: bool
+    role: Optional[str] = None          # "master" | "replica" | None (not known, or memcached)
+    master: Optional[Address] = None    # whom a replica replicates
+    link_up: bool = False
+    offset: int = 0
+    error: Optional[str] = None
+    checked: float = 0.0
+
+
+class HealthPoller:
+    """Polls every address ``addresses()`` names, every ``period`` seconds; ``health[addr]`` is the latest."""
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any, protocol: str, addresses: Callable[[], Iterable[str]],
+                 timeout: float, period: float = 1.0, on_change: Optional[Callable[[str, Health], None]] = None
+                 ) -> None:
+        self._reactor = reactor
+        self._protocol = protocol
+        self._addresses = addresses
+        self._timeout = timeout
+        self._period = period
+        self._on_change = on_change
+        self._admin = ServerAdmin(reactor, timeout)
+        self._polling: Dict[str, defer.Deferred] = {}
+        self._loop: Optional[LoopingCall] = None
+        self._stopped = False
+        self.health: Dict[str, Health] = {}
+
+    def start(self) -> None:
+        self._stopped = False
+        # Not waiting for a round: a server that times out must not slow the polls of the others.
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = self._reactor
+        self._loop.start(self._period, now=True)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        self._stopped = True
+        # Fails the commands in flight (their polls then end); a memcached probe ends at its deadline.
+        self._admin.close()
+
+    def _tick(self) -> None:
+        self.poll()
+
+    def poll(self) -> defer.Deferred:
+        """One round over every address (one poll in flight per address at most); fires when all answered."""
+        addresses = set(self._addresses())
+        for gone in [a for a in self.health if a not in addresses]:
+            del self.health[gone]
+        self._admin.forget(addresses)
+        rounds: List[defer.Deferred] = []
+        for address in sorted(addresses):
+            pending = self._polling.get(address)
+            if pending is None:
+                pending = self._poll_one(address)
+                if not pending.called:
+                    self._polling[address] = pending
+            rounds.append(pending)
+        return defer.DeferredList(rounds, consumeErrors=True)
+
+    @defer.inlineCallbacks
+    def _poll_one(self, address: str) -> Any:
+        try:
+            if self._protocol == "memcache":
+                yield memcache_version(self._reactor, address, self._timeout)
+                health = Health(up=True, checked=self._reactor.seconds())
+            else:
+                yield self._admin.command(address, b"PING")
+                replication: Replication = yield self._admin.replication(address)
+                role = {"master": "master", "slave": "replica"}.get(replication.role)
+                health = Health(up=True, role=role, master=replication.master, link_up=replication.link_up,
+                                offset=replication.offset, checked=self._reactor.seconds())
+        except (ServerError, ValueError) as err:
+            health = Health(up=False, error=str(err), checked=self._reactor.seconds())
+        finally:
+            self._polling.pop(address, None)
+        if self._stopped:
+            return
+        before = self.health.get(address)
+        if address in set(self._addresses()):
+            self.health[address] = health
+        if before is None or before.up != health.up or before.role != health.role:
+            if before is not None or not health.up:
+                self._log.info("server {server}: {state}", server=address,
+                               state=("up as " + (health.role or "server")) if health.up
+                               else f"down ({health.error})")
+            if self._on_change is not None:
+                self._on_change(address, health)
+
+
+@defer.inlineCallbacks
+def same_server(reactor: Any, one: Address, other: Address) -> Any:
+    """Whether two (host, port) name the same server: equal ports and hosts resolving to the same IP."""
+    if one[1] != other[1]:
+        return False
+    if one[0] == other[0]:
+        return True
+    try:
+        first = yield resolve(reactor, one[0])
+        second = yield resolve(reactor, other[0])
+    except ServerError:
+        return False
+    return first == second
+
+
+@defer.inlineCallbacks
+def answers(reactor: Any, protocol: str, address: str, timeout: float) -> Any:
+    """None when something answers a PING (Redis, any reply) or ``version`` (memcache) there, else why not."""
+    if protocol == "memcache":
+        try:
+            yield memcache_version(reactor, address, timeout)
+            return None
+        except ServerError as err:
+            return str(err)
+    client = CommandClient(reactor, split_address(address), timeout=timeout)
+    try:
+        yield client.command(b"PING")     # an error reply is an answer too
+        return None
+    except CommandError as err:
+        return str(err)
+    finally:
+        client.close()
+
+
+@defer.inlineCallbacks
+def replicates(admin: ServerAdmin, replica: str, seen: Replication, master: str,
+               master_seen: Optional[Replication] = None) -> Any:
+    """Whether ``replica`` (whose INFO is ``seen``) replicates ``master``.
+
+    Yes when the replica names the master, or when the master lists the
+    replica among its own (which also holds through NAT or a relay).
+    """
+    if seen.role != "slave":
+        return False
+    reactor = admin._reactor
+    if seen.master is not None and (yield same_server(reactor, seen.master, split_address(master))):
+        return True
+    if master_seen is None:
+        try:
+            master_seen = yield admin.replication(master)
+        except ServerError:
+            return False
+    host, port = split_address(replica)
+    for link in master_seen.replicas:
+        if link.port == port and (yield same_server(reactor, (link.host, link.port), (host, port))):
+            return True
+    return False
