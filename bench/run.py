@@ -4,7 +4,9 @@
 
 Starts 2 redis-servers and 2 memcacheds on free loopback ports, the same two
 pools in nutcracker (when installed) and in twinproxy (CPython from this
-venv; PyPy from .venv-pypy when it exists), and drives every target with the
+venv; PyPy from .venv-pypy when it exists) — ketama pools, and the same
+backends as two cluster pools (``-slots``: two groups each, file
+coordinator, two dashboards) — and drives every target with the
 same load, interleaving rounds (A B C A B C ...) and reporting medians:
 requests/s, the ratio to nutcracker, the proxy's CPU seconds per 100k
 requests, its peak RSS, and p50/p99 latency where the load tool gives them;
@@ -35,6 +37,7 @@ sys.path.insert(0, str(REPO))
 from tests.servers import LOOPBACK, MemcachedServer, Process, RedisServer, free_port, wait_until  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+BIN = Path(sys.executable).parent
 
 
 # -- processes ---------------------------------------------------------------
@@ -113,6 +116,63 @@ def start_proxy(name: str, argv: List[str], workdir: Path, redis_port: int, memc
 
     wait_until(ready, timeout=60, what=f"{name} to listen")
     return Target(name, redis_port, memcache_port, process)
+
+
+class BenchClusters:
+    """A Redis and a memcached cluster over the benchmark's backends (file coordinator, two dashboards)."""
+
+    def __init__(self, workdir: Path, redis_backends, caches, started: List[Process]) -> None:
+        self.workdir = workdir
+        self.url = f"file://{workdir / 'coordinator'}"
+        self.token = workdir / "token"
+        self.token.write_text("bench\n")
+        self.dashboards = {}
+        for cluster, protocol, servers in (("bench_redis", "redis", redis_backends),
+                                           ("bench_memcache", "memcache", caches)):
+            port = free_port()
+            process = Process([str(BIN / "twinproxy-dashboard"), "--coordinator", self.url, "--cluster", cluster,
+                               "--protocol", protocol, "--listen", f"{LOOPBACK}:{port}",
+                               "--token-file", str(self.token)], workdir / f"dashboard-{cluster}.log")
+            process.spawn()
+            started.append(process)
+            address = f"{LOOPBACK}:{port}"
+            wait_until(lambda a=address: self._admin(a, "status").returncode == 0, timeout=30,
+                       what=f"the {cluster} dashboard")
+            for command in (("group", "add", "1"), ("server", "add", "1", servers[0].address),
+                            ("group", "add", "2"), ("server", "add", "2", servers[1].address),
+                            ("slots", "assign", "0-511", "1"), ("slots", "assign", "512-1023", "2")):
+                done = self._admin(address, *command)
+                if done.returncode != 0:
+                    raise AssertionError(f"twinproxy-admin {' '.join(command)}: {done.stderr}")
+        self.started = started
+
+    def _admin(self, address: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "twinproxy-admin"), "--dashboard", address, "--token-file",
+                               str(self.token), *args], capture_output=True, text=True, timeout=60)
+
+    def proxy(self, name: str, binary: Path) -> Target:
+        redis_port, memcache_port = free_port(), free_port()
+        config = self.workdir / f"{name}.yml"
+        config.write_text("".join(
+            f"{cluster}:\n  listen: {LOOPBACK}:{port}\n  redis: {redis}\n  timeout: 2000\n  preconnect: true\n"
+            f"  cluster: {cluster}\n  coordinator: {self.url}\n"
+            for cluster, port, redis in (("bench_redis", redis_port, "true"),
+                                         ("bench_memcache", memcache_port, "false"))))
+        target = start_proxy(name, [str(binary), "-c", str(config), "-s", str(free_port()), "-a", LOOPBACK, "-v", "4"],
+                             self.workdir, redis_port, memcache_port)
+        self.started.append(target.process)
+
+        def serving() -> bool:   # listening is not enough: the topology must be loaded
+            with socket.create_connection((LOOPBACK, redis_port), timeout=2) as sock:
+                sock.sendall(b"SET bench:ready 1\r\n")
+                if not sock.recv(100).startswith(b"+OK"):
+                    return False
+            with socket.create_connection((LOOPBACK, memcache_port), timeout=2) as sock:
+                sock.sendall(b"set bench:ready 0 0 1\r\n1\r\n")
+                return sock.recv(100).startswith(b"STORED")
+
+        wait_until(serving, timeout=30, what=f"{name} to serve its clusters")
+        return target
 
 
 # -- load --------------------------------------------------------------------
@@ -315,6 +375,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         for name, binary in interpreters:
             proxy(name, lambda conf, stats, b=binary: [str(b), "-c", str(conf), "-s", str(stats), "-a", LOOPBACK,
                                                        "-v", "4"])
+        # The same backends as a cluster: slots 0-511 on the first of each, 512-1023 on the second.
+        clusters = BenchClusters(workdir, redis_backends, caches, started)
+        for name, binary in interpreters:
+            targets.append(clusters.proxy(f"{name}-slots", binary))
         if args.workers > 1:
             for name, binary in interpreters:
                 proxy(f"{name}-{args.workers}w",
@@ -389,17 +453,18 @@ def _cell_cpu(row: Dict[str, float]) -> str:
 
 def print_table(report, targets) -> None:
     names = [t.name for t in targets]
+    width = max(23, *(len(name) + 2 for name in names))
     for title, cell in (("requests/s (ratio to nutcracker)", _cell_rps), ("latency p50/p99 ms", _cell_latency),
                         ("proxy CPU s per 100k requests", _cell_cpu)):
         print()
-        header = f"{title:<34}" + "".join(f"{name:>23}" for name in names)
+        header = f"{title:<34}" + "".join(f"{name:>{width}}" for name in names)
         print(header)
         print("-" * len(header))
         for workload, rows in report["workloads"].items():
             line = f"{workload:<34}"
             for name in names:
                 row = rows.get(name)
-                line += f"{(cell(row) if row else '-'):>23}"
+                line += f"{(cell(row) if row else '-'):>{width}}"
             print(line)
     print()
     print("peak RSS MiB: " + ", ".join(f"{k} {v}" for k, v in report["peak_rss_mib"].items()))

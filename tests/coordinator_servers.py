@@ -28,7 +28,7 @@ import sys
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import pytest
 
@@ -173,7 +173,7 @@ class EtcdServer(_Server):
         return etcd_healthy(self.port)
 
 
-def _server(tmp_path_factory: pytest.TempPathFactory, kind: type) -> Optional[_Server]:
+def _server(tmp_path_factory: pytest.TempPathFactory, kind: type) -> _Server:
     server = kind(tmp_path_factory.mktemp(kind.name))
     return server.start()
 
