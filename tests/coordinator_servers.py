@@ -5,8 +5,9 @@ zoo.cfg, tickTime 200 ms so sessions may be 0.4-4 s), ready once it accepts
 a real session; ``EtcdServer`` runs etcd 3.4 as a single member with 10/100
 ms raft timings, ready once ``/health`` says so.  Both take free loopback
 ports (retrying on a port race), stop with SIGCONT + SIGTERM (SIGKILL after
-5 s), remove their directory, and ``freeze``/``thaw`` (SIGSTOP/SIGCONT) for
-liveness tests.  A missing program fails the test, naming the Debian package.
+5 s), remove their directory, and ``freeze``/``thaw`` (SIGSTOP/SIGCONT) and
+``down``/``up`` (stopped, then started again on the same ports) for liveness
+tests.  A missing program fails the test, naming the Debian package.
 
 ``EphemeralHolder`` is a child process holding ephemerals through the
 Twisted API (``python -m tests.coordinator_servers hold URL PATH VALUE ...``),
@@ -99,7 +100,15 @@ class _Server(Process):
 
     def restart(self) -> "_Server":
         """Stop (SIGTERM) and start again on the same ports with the same data."""
+        return self.down().up()
+
+    def down(self) -> "_Server":
+        """Stop the process (SIGTERM), keeping its ports and data for ``up``."""
         Process.stop(self)
+        return self
+
+    def up(self) -> "_Server":
+        """Start again after ``down``, on the same ports with the same data."""
         self.spawn()
         wait_until(lambda: not self.alive or self._ready(), timeout=30, what=f"{self.name} again on {self.port}")
         if not self.alive:

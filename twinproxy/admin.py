@@ -152,7 +152,9 @@ class StatsPortService(_Listening):
         return _StatsFactory(self._document)
 
 
-class _Page(Resource):
+class Page(Resource):
+    """A GET-only page rendered by ``render_page(request) -> bytes`` (the proxy's and the dashboard's)."""
+
     isLeaf = True
 
     def __init__(self, render_page: Callable[[Any], bytes]) -> None:
@@ -235,9 +237,9 @@ class HttpService(_Listening):
 
     def factory(self) -> Factory:
         root = Resource()
-        root.putChild(b"metrics", _Page(self._metrics))
-        root.putChild(b"stats", _Page(self._stats))
-        root.putChild(b"health", _Page(self._health))
+        root.putChild(b"metrics", Page(self._metrics))
+        root.putChild(b"stats", Page(self._stats))
+        root.putChild(b"health", Page(self._health))
         if self._reload is not None:
             root.putChild(b"reload", _Reload(self._reload))
         return _QuietSite(root)

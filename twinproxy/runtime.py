@@ -116,12 +116,22 @@ class PoolRuntime:
             self.codec = codec_for(new)
             self._no_server_reply = self.codec.error_reply(f"no live server in pool '{new.name}'")
         self.config = new
+        switched = new.sentinel_mode != diff.old.sentinel_mode   # a cluster pool's sentinels added or removed
+        if switched:
+            self._leave_sentinel_mode_or_plain(new)
         gone = self.pool.install(new)
         for server in self.pool.servers:
             if server.name not in self._links:
                 self._add_link(server)
-        for old_spec, _ in diff.readdressed:
-            self._links[old_spec.name].retarget()   # to its new server.spec
+        if switched and self.sentinel is not None:
+            self.sentinel.start()
+        for old_spec, new_spec in diff.readdressed:
+            if self.sentinel is not None:
+                # A cluster's promote: the dashboard has the sentinels name the new
+                # master; the shard holds its requests until it confirms it.
+                self.sentinel.master_moved(old_spec.name, new_spec.address)
+            else:
+                self._links[old_spec.name].retarget()   # to its new server.spec
         if diff.settings:
             added = {spec.name for spec in diff.added}   # their links were made with the new settings
             if self.sentinel is not None:
@@ -159,14 +169,34 @@ class PoolRuntime:
                 self._settling.append(link.settle())
 
     def settled(self) -> defer.Deferred:
-        """Fires once every hold applied so far has drained its requests in flight."""
-        settling, self._settling = [d for d in self._settling if not d.called], []
-        if not settling:
+        """Fires once every hold applied so far has drained its requests in flight.
+
+        A hold stays pending until it has drained, so asking again (after a
+        control-channel timeout) waits for it again rather than passing.
+        """
+        self._settling = [d for d in self._settling if not d.called]
+        if not self._settling:
             return defer.succeed(None)
-        return defer.gatherResults(settling)
+        return defer.gatherResults(list(self._settling))
+
+    def _leave_sentinel_mode_or_plain(self, new: PoolConfig) -> None:
+        """A cluster pool gains (or loses) sentinels: same servers, other followers.
+
+        Every current link drains (what was sent is answered) and new ones are
+        made for the new mode, so the pool keeps its listener and its clients.
+        """
+        old_links, old_shards = self._links, self.sentinel
+        self._links = {}
+        self.sentinel = SentinelShards(new, self.pool, self._reactor, self.outbox) if new.sentinel_mode else None
+        for name, link in old_links.items():
+            self._track_retiring(link, old_shards.remove(name) if old_shards is not None else link.drain())
+        if old_shards is not None:
+            old_shards.watcher.stop()
 
     def _retire(self, link: ServerLink, name: str) -> None:
-        drained = self.sentinel.remove(name) if self.sentinel is not None else link.drain()
+        self._track_retiring(link, self.sentinel.remove(name) if self.sentinel is not None else link.drain())
+
+    def _track_retiring(self, link: ServerLink, drained: defer.Deferred) -> None:
         if drained.called:
             return
         self._retiring[link] = drained

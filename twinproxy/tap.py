@@ -228,7 +228,7 @@ def build(options: Options, reactor: Any, log_control: Optional[LogControl] = No
     """
     from twinproxy.admin import HttpService, StatsPortService
     from twinproxy.bound import BoundAddressesService
-    from twinproxy.cluster.follower import Applier, ClusterSources
+    from twinproxy.cluster.sources import Applier, ClusterSources
     from twinproxy.control import ProxyService
     from twinproxy.reload import HangupService, Reloader, apply_in_process
     from twinproxy.service import PoolService

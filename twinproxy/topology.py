@@ -97,9 +97,10 @@ def diff_pool(old: PoolConfig, new: PoolConfig) -> PoolDiff:
         previous = before.get(spec.name)
         if previous is None:
             continue
-        # In Sentinel mode the address is only a first guess: the sentinels place the master.
+        # In Sentinel mode the address is only a first guess: the sentinels place the
+        # master (but in a cluster the dashboard's promote moves it: the shard looks again).
         if (previous.host, previous.port, previous.path) != (spec.host, spec.port, spec.path) \
-                and not new.sentinel_mode:
+                and (not new.sentinel_mode or new.cluster_mode):
             readdressed.append((previous, spec))
         if previous.weight != spec.weight:
             reweighted.append((previous, spec))
@@ -148,7 +149,9 @@ def diff_pools(old: Sequence[PoolConfig], new: Sequence[PoolConfig]) -> ProxyDif
         previous = before.get(config.name)
         if previous is None:
             continue
-        if previous.redis != config.redis or previous.sentinel_mode != config.sentinel_mode \
+        # A cluster pool changes Sentinel mode in place (its dashboard added sentinels).
+        if previous.redis != config.redis \
+                or (previous.sentinel_mode != config.sentinel_mode and not config.cluster_mode) \
                 or (previous.cluster, previous.coordinator) != (config.cluster, config.coordinator):
             replaced.append((previous, config))
             continue

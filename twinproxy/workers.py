@@ -228,8 +228,12 @@ class Master:
 
     # -- reload ---------------------------------------------------------------
 
+    def _apply_everywhere(self, pools: List[PoolConfig]) -> Any:
+        """``apply`` for cluster mode: a commit some worker did not confirm is a failure (tried again)."""
+        return self.apply(pools, partial_is_failure=True)
+
     @defer.inlineCallbacks
-    def apply(self, pools: List[PoolConfig]) -> Any:
+    def apply(self, pools: List[PoolConfig], partial_is_failure: bool = False) -> Any:
         """The Reloader's apply: every worker prepares, then every worker commits."""
         from twinproxy.workerctl import PartialCommitError, apply_everywhere
 
@@ -249,11 +253,13 @@ class Master:
         except OSError as err:
             self._reservations.keep_only(self._file_pools)
             raise ApplyError(f"cannot reserve a port: {err}") from None
+        failed_partially: Optional[str] = None
         try:
             changes = yield apply_everywhere(self._reactor, self._serving_paths(), resolved)
         except PartialCommitError as partial:
             self._log.error("reload applied, but not confirmed by every worker: {why}", why=str(partial))
             changes = partial.changes
+            failed_partially = str(partial)
         except RuntimeError as err:
             self._reservations.keep_only(self._file_pools)
             raise ApplyError(str(err)) from None
@@ -266,6 +272,8 @@ class Master:
         counters.generation += 1
         counters.reloads += 1
         counters.last_reload_at = self._reactor.seconds()
+        if failed_partially is not None and partial_is_failure:
+            raise ApplyError(f"applied, but not confirmed by every worker: {failed_partially}")
         return changes
 
     def _settle(self) -> Any:
@@ -304,7 +312,7 @@ class Master:
 
         from twinproxy.admin import StatsPortService
         from twinproxy.bound import BoundAddressesService
-        from twinproxy.cluster.follower import Applier, ClusterSources
+        from twinproxy.cluster.sources import Applier, ClusterSources
         from twinproxy.reload import HangupService, Reloader
 
         reactor = self._reactor
@@ -314,7 +322,8 @@ class Master:
         services: List[Any] = [stats_service]
         # Cluster pools follow their coordinator here, once for every worker: a
         # generation is acknowledged after every worker has applied it.
-        sources = ClusterSources(self._file_pools, Applier(self.apply, self._settle, workers=len(self._paths)),
+        sources = ClusterSources(self._file_pools, Applier(self._apply_everywhere, self._settle,
+                                                           workers=len(self._paths)),
                                  reactor, address_of=self._pool_address, admin_address=lambda: stats_service.bound)
         self.sources = sources
         reloader = Reloader(options["conf-file"], sources.apply_file, self.counters, reactor)

@@ -9,6 +9,10 @@
   ``/clusters/<c>/proxies``, in a session of its own, as a real proxy has)
   that the test acknowledges by hand (``ack``) or that acknowledges every
   generation it sees (``auto``), remembering what it saw.
+- :class:`Faults`: the seam for injected faults: chosen calls of one method
+  (a controller's ``coordinator.set`` / ``get``, its ``admin.command``) fail
+  as a passed deadline would, before or after doing what they were asked;
+  ``writing``, ``coordinator_timeout`` and ``server_timeout`` build the rules.
 """
 
 from __future__ import annotations
@@ -253,3 +257,60 @@ class Relay:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+class Faults:
+    """Wraps ``target.name`` (a method returning a Deferred) so that chosen calls fail; records every call.
+
+    ``fail(when, error, landed=False)``: the next call whose positional
+    arguments satisfy ``when(*args)`` fails with ``error()`` — before doing
+    anything, or (``landed``) after the real call succeeded, as when a
+    reply is lost past its deadline.  ``calls`` lists every call's
+    arguments, ``failed`` those that were made to fail.  Set the rules
+    before starting what makes the calls (they are read in the reactor).
+    """
+
+    def __init__(self, target: Any, name: str) -> None:
+        self._real = getattr(target, name)
+        self._rules: List[Any] = []
+        self.calls: List[tuple] = []
+        self.failed: List[tuple] = []
+        setattr(target, name, self._call)
+
+    def fail(self, when: Callable[..., bool], error: Callable[[], Exception], landed: bool = False) -> None:
+        self._rules.append((when, error, landed))
+
+    def _call(self, *args: Any, **kwargs: Any) -> defer.Deferred:
+        self.calls.append(args)
+        rule = next((rule for rule in self._rules if rule[0](*args)), None)
+        if rule is None:
+            return self._real(*args, **kwargs)
+        self._rules.remove(rule)
+        self.failed.append(args)
+        _, error, landed = rule
+        if not landed:
+            return defer.fail(error())
+
+        def lost(_: Any) -> None:
+            raise error()
+
+        return defer.maybeDeferred(self._real, *args, **kwargs).addCallback(lost)
+
+
+def writing(predicate: Callable[[Topology], bool]) -> Callable[..., bool]:
+    """A ``Faults`` rule for ``coordinator.set``: a topology write whose new document satisfies ``predicate``."""
+    return lambda path, value=b"", *rest: path.endswith("/topology") and predicate(Topology.from_json(value))
+
+
+def coordinator_timeout() -> Exception:
+    from twinproxy.coordinator import Unavailable
+
+    return Unavailable("file:///test", "set", "/clusters/shop/topology", "no answer within 5s (injected)")
+
+
+def server_timeout(address: str) -> Callable[[], Exception]:
+    def error() -> Exception:
+        from twinproxy.dashboard.servers import ServerUnreachable
+
+        return ServerUnreachable(f"{address} did not answer: no reply within 0.5s (injected)", "timeout")
+    return error

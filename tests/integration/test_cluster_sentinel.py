@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tests.cluster_harness import ClusterProxy, Dashboard, admin, admin_ok, proxies_at, wait_for_status
 from tests.sentinel_servers import SentinelServer, ShardServer
@@ -40,25 +42,39 @@ def test_sentinel_add_then_a_failover_is_followed(tmp_path: Path, processes) -> 
     for command in (("group", "add", "1"), ("server", "add", "1", master.address),
                     ("server", "add", "1", replica.address), ("slots", "assign", "0-1023", "1")):
         admin_ok(dashboard, *command)
+    proxy = ClusterProxy(tmp_path / "proxy", url, "shop", processes=processes).start()
+    wait_for_status(dashboard, lambda s: proxies_at(s, 1), what="the proxy at the generation")
+    # One client connection, made before the sentinels are added, used throughout.
+    client = redis.Redis(host=LOOPBACK, port=proxy.port, socket_timeout=5, protocol=2,
+                         retry=Retry(NoBackoff(), 0), single_connection_client=True)
+    assert client.set("before", b"1")
     for sentinel in sentinels:
         admin_ok(dashboard, "sentinel", "add", sentinel.address)
     for sentinel in sentinels:
         assert sentinel.master_address("shop-1") == master.address
-    proxy = ClusterProxy(tmp_path / "proxy", url, "shop", processes=processes).start()
-    wait_for_status(dashboard, lambda s: proxies_at(s, 1), what="the proxy at the generation")
-    client = redis.Redis(host=LOOPBACK, port=proxy.port, socket_timeout=5, protocol=2)
-    wait_until(lambda: client.set("before", b"1"), timeout=20, what="the proxy to serve through Sentinel mode")
-    assert redis.Redis(host=LOOPBACK, port=master.port).get("before") == b"1"
+    wait_for_status(dashboard, lambda s: proxies_at(s, 1), what="the proxy at the sentinels' generation")
+    wait_until(lambda: proxy.stats()["shop"]["shop-1"].get("role") == "master", timeout=20,
+               what="the proxy to follow the sentinels' master")
+    assert client.set("with-sentinels", b"1")   # the same connection: the pool was not replaced
+    assert redis.Redis(host=LOOPBACK, port=master.port).get("with-sentinels") == b"1"
 
+    # A promote by the dashboard while the sentinels watch: the proxy follows it, no error.
+    admin_ok(dashboard, "server", "promote", "1", replica.address)
+    assert replica.role() == "master"
+    assert client.set("promoted", b"1")
+    assert redis.Redis(host=LOOPBACK, port=replica.port).get("promoted") == b"1"
+
+    # A failover by Sentinel itself: followed too (the new master is the old one).
+    wait_until(master.linked, timeout=20, what="the old master to replicate the new one")
     sentinels[0].call("SENTINEL", "FAILOVER", "shop-1")
-    wait_until(lambda: replica.role() == "master", timeout=30, what="the replica to be promoted by Sentinel")
+    wait_until(lambda: master.role() == "master", timeout=30, what="Sentinel to fail over back")
 
     def written_on_new_master() -> bool:
         try:
             client.set("after", b"2")
         except redis.RedisError:
             return False
-        return redis.Redis(host=LOOPBACK, port=replica.port).get("after") == b"2"
+        return redis.Redis(host=LOOPBACK, port=master.port).get("after") == b"2"
 
     wait_until(written_on_new_master, timeout=30, what="writes through the proxy to reach the new master")
     refused = admin(dashboard, "sentinel", "remove", "127.0.0.1:1")

@@ -250,3 +250,57 @@ def test_ephemeral_conflict_names_the_holder_path_for_each_backend(reactor, sess
     raises(reactor, Conflict, second.ephemeral, "/persistent", b"")  # a persistent node is in the way too
     call(reactor, first.delete, "/persistent")
     call(reactor, second.ephemeral, "/persistent", b"")
+
+
+def test_ephemeral_adopts_what_a_create_that_timed_out_made(reactor, session):
+    owner, other = session(), session()
+    # A create whose answer never came back (its deadline passed) and which landed all the same:
+    call(reactor, owner._create, "/shop/dashboard", b"old", True)
+    raises(reactor, Conflict, other.ephemeral, "/shop/dashboard", b"theirs")  # another session's: refused
+    held = call(reactor, owner.ephemeral, "/shop/dashboard", b"new")  # this session's: adopted
+    assert held.held and held.node.value == b"new"
+    assert call(reactor, other.get, "/shop/dashboard") == held.node
+    raises(reactor, Conflict, owner.ephemeral, "/shop/dashboard", b"twice")
+    call(reactor, owner.stop)  # still bound to the session
+    assert call(reactor, other.get, "/shop/dashboard") is None
+
+
+def test_rapid_updates_end_at_the_last_value(reactor, session):
+    owner, reader = session(), session()
+    ephemeral = call(reactor, owner.ephemeral, "/shop/proxies/p1", b"0")
+
+    def burst():  # none waits for the one before
+        return defer.gatherResults([ephemeral.update(str(i).encode()) for i in range(1, 41)])
+
+    nodes = call(reactor, burst)
+    # Each caller hears of a write of its value or a later one; the last write is the last value.
+    assert all(int(node.value) >= i for i, node in enumerate(nodes, 1)), [node.value for node in nodes]
+    assert nodes[-1].value == b"40" and ephemeral.node == nodes[-1] and ephemeral.value == b"40"
+    assert call(reactor, reader.get, "/shop/proxies/p1") == nodes[-1]
+    with pytest.raises(TypeError):
+        ephemeral.update("text")
+    assert ephemeral.value == b"40"
+
+    def burst_then_remove():
+        updates = [ephemeral.update(str(i).encode()) for i in range(41, 61)]
+        return defer.DeferredList([*updates, ephemeral.remove()], consumeErrors=True)
+
+    results = call(reactor, burst_then_remove)
+    for ok, result in results[:-1]:
+        assert ok or result.check(NotFound), result  # written before the removal, or refused after it
+    assert results[-1] == (True, None)
+    assert call(reactor, reader.get, "/shop/proxies/p1") is None  # no update landed after the delete
+
+
+def test_ephemeral_made_again_right_after_remove(reactor, session):
+    owner, reader = session(), session()
+    first = call(reactor, owner.ephemeral, "/e", b"1")
+
+    def churn():
+        first.update(b"2")  # in flight ...
+        first.remove()  # ... the delete queued behind it ...
+        return owner.ephemeral("/e", b"3")  # ... which this must wait for, not adopt the node it deletes
+
+    second = call(reactor, churn)
+    assert second.held and not first.held
+    assert call(reactor, reader.get, "/e") == second.node and second.node.value == b"3"

@@ -213,7 +213,51 @@ def test_start_without_a_server_fails_within_the_deadline(reactor, coordinators,
         in_reactor(reactor, c.start)
     assert time.monotonic() - started < 2.5
     assert "start" in str(caught.value) and f"{kind}://127.0.0.1" in str(caught.value)
-    assert c.state == "stopped"
+    assert c.state == "connecting"  # not stopped: it may be started again (and fails again, as quickly)
+    started = time.monotonic()
+    with pytest.raises(Unavailable) as caught:
+        in_reactor(reactor, c.start)
+    assert time.monotonic() - started < 2.5 and "already started" not in str(caught.value)
+
+
+@pytest.mark.parametrize("kind", ["etcd", "zookeeper"])
+def test_a_start_that_failed_is_retried_once_the_server_is_up(reactor, own_server, coordinators, kind):
+    server = own_server(kind).down()  # its port is known, nobody listens on it
+    url = url_of(kind, server)
+    c = coordinators(url, start=False)
+    states: List[str] = []
+    c.on_state(states.append)
+    seen: List[object] = []
+    in_reactor(reactor, c.watch, "/k", seen.append)  # made before the start: kept through the failures
+    for _ in range(2):
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            in_reactor(reactor, c.start)
+        assert time.monotonic() - started < 2.5
+        assert c.state == "connecting"
+    server.up()
+    in_reactor(reactor, c.start)
+    assert c.state == "connected" and states == ["connected"]
+    wait_until(lambda: seen == [None], timeout=5, what="the watch's first delivery")
+    held = in_reactor(reactor, c.ephemeral, "/e", b"me")
+    node = in_reactor(reactor, coordinators(url).create, "/k", b"v")
+    wait_until(lambda: seen[-1] == node, timeout=5, what="the watch after the late start")
+    with BlockingDirectory(url) as directory:
+        assert directory.children("/") == {"e": b"me", "k": b"v"}
+    assert held.held
+
+
+def test_file_start_that_failed_is_retried(reactor, coordinators, tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")  # a file where the store's directory should go: the start cannot make it
+    c = coordinators(f"file://{blocker}/coordinator?timeout=1", start=False)
+    with pytest.raises(Unavailable) as caught:
+        in_reactor(reactor, c.start)
+    assert "start" in str(caught.value) and c.state == "connecting"
+    blocker.unlink()
+    in_reactor(reactor, c.start)
+    assert c.state == "connected"
+    assert in_reactor(reactor, c.ephemeral, "/e", b"me").node.value == b"me"
 
 
 def test_etcd_fails_over_to_the_next_endpoint(reactor, coordinators, etcd):
@@ -273,3 +317,86 @@ def test_etcd_restart_ends_the_watch_stream_which_comes_back(reactor, own_server
     assert held.held
     wait_until(lambda: in_reactor(reactor, writer.get, "/registration") is not None, timeout=8,
                what="the ephemeral (its lease kept, or made again)")
+
+
+def etcd_post(server, api: str, body: dict) -> dict:
+    request = urllib.request.Request(f"http://{server.address}/v3/{api}", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def etcd_metric(server, name: str) -> float:
+    with urllib.request.urlopen(f"http://{server.address}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"no metric {name}")
+
+
+def test_etcd_watch_stream_that_goes_silent_is_noticed(reactor, etcd, coordinators):
+    url = url_of("etcd", etcd)  # a 2 s session: the watches read again every second
+    watcher, writer = coordinators(url), coordinators(url)
+    seen: List[object] = []
+    in_reactor(reactor, watcher.watch, "/k", seen.append)
+    wait_until(lambda: seen == [None], timeout=5, what="the first delivery")
+    wait_until(lambda: watcher._stream is not None and watcher._stream.revision > 0, timeout=5,
+               what="the stream's creation")
+    silent = watcher._stream
+    # Half-open, as after a lost connection nobody told us of: up, yet nothing comes through it.
+    in_reactor(reactor, silent.transport.pauseProducing)
+
+    node = in_reactor(reactor, writer.create, "/k", b"1")
+    wait_until(lambda: seen[-1] == node, timeout=5, what="the change, read by the safety net")
+    wait_until(lambda: watcher._stream is not None and watcher._stream is not silent, timeout=5,
+               what="the silent stream to be replaced")
+    assert silent._closed
+    node = in_reactor(reactor, writer.set, "/k", b"2")
+    wait_until(lambda: seen[-1] == node, timeout=5, what="the next change")
+
+
+def test_etcd_stop_while_the_watch_stream_is_being_opened(reactor, own_server, coordinators):
+    server = own_server("etcd")
+    c = coordinators(url_of("etcd", server))
+
+    def watch_then_stop():
+        c.watch("/k", lambda node: None)  # starts opening the stream ...
+        return c.stop()  # ... which the stop must not leave behind
+
+    in_reactor(reactor, watch_then_stop)
+    assert c._stream is None and c._stream_opening is None
+    after(1.0)  # time for a stream that survived to reach the server
+    assert etcd_metric(server, "etcd_debugging_mvcc_watcher_total") == 0
+    assert c._stream is None
+
+
+def test_etcd_watches_read_again_before_connected_after_a_lost_session(reactor, etcd, coordinators):
+    url = url_of("etcd", etcd)
+    c, writer = coordinators(url), coordinators(url)
+    held = in_reactor(reactor, c.ephemeral, "/registration", b"me")
+    seen: List[object] = []
+    in_reactor(reactor, c.watch, "/k", seen.append)
+    wait_until(lambda: seen == [None], timeout=5, what="the first delivery")
+    wait_until(lambda: c._stream is not None, timeout=5, what="the watch stream")
+    states: List[str] = []
+    at_connected: List[object] = []
+
+    def on_state(state: str) -> None:
+        states.append(state)
+        if state == "connected":
+            at_connected.append(seen[-1])
+
+    c.on_state(on_state)
+
+    def blind() -> None:  # the watch learns nothing by itself now: a silent stream, no safety net
+        c._stream.transport.pauseProducing()
+        c._resync.stop()
+
+    in_reactor(reactor, blind)
+    node = in_reactor(reactor, writer.create, "/k", b"while blind")
+    etcd_post(etcd, "lease/revoke", {"ID": c._lease})  # the session ends behind its back
+    wait_until(lambda: at_connected, timeout=10, what=f"connected again (states: {states})")
+    assert states == ["lost", "connected"]
+    assert at_connected == [node]  # the re-read was delivered before "connected" was
+    assert held.held
+    assert in_reactor(reactor, writer.get, "/registration").value == b"me"

@@ -1,38 +1,37 @@
-"""A proxy's side of cluster mode: follow each cluster pool's topology and acknowledge it.
+"""One cluster pool's topology, coordinator session and registration, as a proxy follows them.
 
-Owns: :class:`ClusterFollower` (one cluster pool: its coordinator session,
-the watch on ``/clusters/<name>/topology``, the proxy's registration under
-``/clusters/<name>/proxies/<id>`` and its acknowledgements) and
-:class:`ClusterSources` (every cluster pool of the file: it turns the
-file's pools plus the latest topologies into the pools to run, hands them
-to the same apply a reload uses — one process, or every worker — waits for
-the holds to settle, and only then writes the generation into each
-registration: the dashboard's barrier counts those writes).
+Owns: :class:`ClusterFollower` — the session with the pool's coordinator
+(a new one for every failed start), the watch on
+``/clusters/<name>/topology``, and the proxy's registration under
+``/clusters/<name>/proxies/<id>``, whose ``generation`` field is the
+acknowledgement the dashboard's barrier counts.  The order matters for the
+barrier: the registration is made *before* the topology is first read, so
+a dashboard that stops waiting for acknowledgements has either seen this
+proxy or written its change before this proxy read anything.
 
 The coordinator going away does not stop traffic: the last applied
-topology keeps serving.  A session that is not trusted ("suspended",
-"lost") fences the pool's held slots (they fail at once instead of
-waiting on a state this proxy cannot know) until the session is back and
-the topology re-read.
+topology keeps serving.  While the session is not trusted ("suspended",
+"lost", or back but not yet re-read) the pool's held slots are fenced:
+they fail at once instead of waiting on a state this proxy cannot know.
+:class:`~twinproxy.cluster.sources.ClusterSources` applies what this
+class knows; this class never touches a pool.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional
 
-from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from twinproxy import __version__
 from twinproxy.cluster.pools import CONNECTED, cluster_pool, not_ready
 from twinproxy.config import PoolConfig
 
 RETRY_SECONDS = 1.0
+# The session is back but the topology not yet re-read: held slots stay fenced.
+RESYNCING = "resyncing"
 
 
 def topology_path(cluster: str) -> str:
@@ -43,36 +42,30 @@ def proxies_path(cluster: str) -> str:
     return f"/clusters/{cluster}/proxies"
 
 
-class Applier:
-    """How the pools reach traffic: ``apply(pools)`` then ``settle()`` (both Deferreds)."""
-
-    def __init__(self, apply: Callable[[List[PoolConfig]], defer.Deferred],
-                 settle: Callable[[], defer.Deferred], workers: int = 1) -> None:
-        self.apply = apply
-        self.settle = settle
-        self.workers = workers
-
-
 class ClusterFollower:
     """One cluster pool's topology, session and registration."""
 
     _log = Logger()
 
     def __init__(self, base: PoolConfig, reactor: Any, changed: Callable[[], None],
+                 info: Callable[["ClusterFollower"], Dict[str, Any]],
                  connect: Optional[Callable[[str, Any], Any]] = None) -> None:
         self.base = base
         self.reactor = reactor
         self._changed = changed
+        self._info = info
         self._connect = connect
         self.coordinator: Any = None
         self.topology: Any = None
         self.session = "connecting"
+        self._resyncing = False
         self.acked: Optional[int] = None
+        self._sent: Optional[bytes] = None      # the registration's value as last written
         self._registration: Any = None
         self._registering = False
         self._watch: Any = None
         self._stopped = False
-        self._retry: Any = None
+        self._calls: list = []
         self._last_problem: Optional[str] = None
 
     @property
@@ -83,56 +76,93 @@ class ClusterFollower:
     def cluster(self) -> str:
         return self.base.cluster or ""
 
-    def config(self) -> PoolConfig:
-        """The pool to run now: the last topology read, or "not ready"."""
+    def same_cluster(self, config: PoolConfig) -> bool:
+        """Whether ``config`` follows the same cluster, coordinator and protocol (a reload keeps the session)."""
+        return (config.cluster, config.coordinator, config.redis) == (self.base.cluster, self.base.coordinator,
+                                                                       self.base.redis)
+
+    @property
+    def trusted(self) -> bool:
+        """The session is up and the topology was read on it."""
+        return self.session == CONNECTED and not self._resyncing
+
+    def config(self, base: Optional[PoolConfig] = None) -> PoolConfig:
+        """The pool to run now (with ``base``'s settings): the last topology read, or "not ready"."""
+        base = base or self.base
         if self.topology is None:
-            return not_ready(self.base)
-        return cluster_pool(self.base, self.topology, self.session)
+            return not_ready(base)
+        return cluster_pool(base, self.topology, CONNECTED if self.trusted else (
+            RESYNCING if self.session == CONNECTED else self.session))
 
     # -- session --------------------------------------------------------------
 
     def start(self) -> None:
+        if self.coordinator is not None:
+            raise RuntimeError(f"cluster pool {self.name}: follower already started")
         if self._connect is None:
             from twinproxy.coordinator import connect
             self._connect = connect
-        self.coordinator = self._connect(self.base.coordinator, self.reactor)
-        self.coordinator.on_state(self._on_state)
         self._begin()
 
     def _begin(self) -> None:
-        self._retry = None
         if self._stopped:
             return
-        started = self.coordinator.start()
-        started.addCallbacks(self._connected, self._start_failed)
+        # A new session object for every attempt: a failed start leaves nothing behind.
+        self.coordinator = self._connect(self.base.coordinator, self.reactor)
+        self.coordinator.on_state(lambda state, c=self.coordinator: self._on_state(c, state))
+        self.coordinator.start().addCallbacks(self._connected, self._start_failed)
 
     def _start_failed(self, failure: Any) -> None:
         self._problem(f"cannot reach coordinator: {failure.getErrorMessage()}; serving "
                       + ("the last topology" if self.topology is not None else "nothing yet ('not ready')")
                       + f", retrying every {RETRY_SECONDS:g}s")
-        if not self._stopped:
-            self._retry = self.reactor.callLater(RETRY_SECONDS, self._begin)
+        coordinator, self.coordinator = self.coordinator, None
+        if coordinator is not None:
+            coordinator.stop().addErrback(lambda _: None)
+        self._later(self._begin)
 
     def _connected(self, _: Any) -> None:
         if self._stopped:
             return
-        self.session = self.coordinator.state if self.coordinator.state != "connecting" else CONNECTED
-        if self._watch is None:
-            self._watch = self.coordinator.watch(topology_path(self.cluster), self._on_topology)
+        self.session = CONNECTED
+        self._register()
 
-    def _on_state(self, state: str) -> None:
-        if state == self.session or self._stopped:
+    def _on_state(self, coordinator: Any, state: str) -> None:
+        if coordinator is not self.coordinator or self._stopped or state == self.session:
             return
         self._log.info("cluster pool {pool}: coordinator session {old} -> {new}", pool=self.name,
                        old=self.session, new=state)
         self.session = state
+        if state == CONNECTED and self._watch is not None:
+            # Back (the topology was being read before): read it again before
+            # trusting held slots (the watch may lag).  Before the first
+            # registration the start's own path reads it, after registering.
+            self._resyncing = True
+            self._reread()
         self._changed()
 
-    def _on_topology(self, node: Any) -> None:
+    def _reread(self) -> None:
+        path = topology_path(self.cluster)
+        coordinator = self.coordinator
+
+        def read(node: Any) -> None:
+            if coordinator is self.coordinator and not self._stopped:
+                self._resyncing = False
+                self._on_topology(node, force=True)
+
+        def failed(failure: Any) -> None:
+            self._problem(f"cannot read the topology again: {failure.getErrorMessage()}")
+            self._later(self._reread)
+
+        coordinator.get(path).addCallbacks(read, failed)
+
+    def _on_topology(self, node: Any, force: bool = False) -> None:
         if self._stopped:
             return
         if node is None:
             self._problem(f"cluster '{self.cluster}' has no topology in the coordinator yet (start its dashboard)")
+            if force:
+                self._changed()
             return
         from twinproxy.cluster.model import Topology, TopologyError
 
@@ -145,6 +175,8 @@ class ClusterFollower:
             self._problem(f"cluster '{self.cluster}' is a {topology.protocol} cluster but this pool speaks "
                           f"{self.base.protocol}; not serving it")
             return
+        if self.topology is not None and topology.generation < self.topology.generation and not force:
+            return   # an older read delivered late
         self._last_problem = None
         self.topology = topology
         self._changed()
@@ -160,53 +192,95 @@ class ClusterFollower:
     def registered(self) -> bool:
         return self._registration is not None
 
-    def acknowledge(self, generation: int, info: Dict[str, Any]) -> None:
+    def _value(self, generation: int) -> bytes:
+        document = dict(self._info(self), generation=generation, session=self.session, updated=time.time())
+        return json.dumps(document, sort_keys=True).encode()
+
+    def _register(self) -> None:
+        """Make the registration (generation 0 until one is applied), then start reading the topology."""
+        if self._registering or self._registration is not None or self._stopped:
+            return
+        self._registering = True
+        info = self._info(self)
+        path = f"{proxies_path(self.cluster)}/{info['id']}"
+        generation = self.acked or 0
+        value = self._value(generation)
+        coordinator = self.coordinator
+
+        def registered(ephemeral: Any) -> None:
+            self._registering = False
+            if coordinator is not self.coordinator or self._stopped:
+                ephemeral.remove().addErrback(lambda _: None)
+                return
+            self._registration = ephemeral
+            self._sent = value
+            self._log.info("cluster pool {pool}: registered as {path}", pool=self.name, path=path)
+            if self._watch is None:
+                self._watch = coordinator.watch(topology_path(self.cluster), self._on_topology)
+            self._changed()
+
+        def failed(failure: Any) -> None:
+            self._registering = False
+            self._problem(f"cannot register in the coordinator: {failure.getErrorMessage()}; "
+                          f"trying again in {RETRY_SECONDS:g}s")
+            self._later(self._register)
+
+        coordinator.ephemeral(path, value, on_lost=self._registration_lost).addCallbacks(registered, failed)
+
+    def acknowledge(self, generation: int) -> None:
         """Every process applied ``generation`` and its holds settled: say so to the dashboard."""
-        if self._stopped or self.session != CONNECTED:
+        if self._stopped or not self.trusted or self._registration is None:
             return
-        document = dict(info, generation=generation, session=self.session, updated=time.time())
-        value = json.dumps(document, sort_keys=True).encode()
-        if self._registration is not None:
-            d = self._registration.update(value)
-        elif not self._registering:
-            self._registering = True
-            path = f"{proxies_path(self.cluster)}/{info['id']}"
-            d = self.coordinator.ephemeral(path, value, on_lost=self._registration_lost)
+        value = self._value(generation)
+        registration = self._registration
 
-            def registered(ephemeral: Any) -> None:
-                self._registration = ephemeral
-                self._log.info("cluster pool {pool}: registered as {path}", pool=self.name, path=path)
-                self._changed()   # a generation applied meanwhile is acknowledged now
+        def written(_: Any) -> None:
+            if registration is self._registration:
+                self.acked = generation
+                self._sent = value
 
-            d.addCallback(registered)
-            d.addBoth(self._registered_or_not)
-        else:
-            return
-        d.addCallbacks(lambda _: setattr(self, "acked", generation), self._ack_failed)
+        def failed(failure: Any) -> None:
+            from twinproxy.coordinator import NotFound
 
-    def _registered_or_not(self, result: Any) -> Any:
-        self._registering = False
-        return result
+            if failure.check(NotFound) and registration is self._registration:
+                # Removed by the dashboard (proxy remove --force) while this proxy lives: register again.
+                self._problem("registration removed from the coordinator; registering again")
+                self._registration = None
+                self._later(self._register)
+                return
+            self._problem(f"cannot acknowledge in the coordinator: {failure.getErrorMessage()}; "
+                          f"trying again in {RETRY_SECONDS:g}s")
+            self._later(self._changed)
 
-    def _ack_failed(self, failure: Any) -> None:
-        self._problem(f"cannot acknowledge in the coordinator: {failure.getErrorMessage()}; "
-                      f"trying again in {RETRY_SECONDS:g}s")
-        self._later(self._changed)
+        registration.update(value).addCallbacks(written, failed)
+
+    def needs_acknowledging(self, generation: Optional[int]) -> bool:
+        """Whether the registration lags ``generation`` or says something else than it would now."""
+        if self._registration is None or not self.trusted:
+            return False
+        if generation is not None and generation != self.acked:
+            return True
+        current = json.loads(self._value(self.acked or 0))
+        sent = json.loads(self._sent) if self._sent else {}
+        return any(current.get(key) != sent.get(key) for key in ("addr", "admin", "id", "workers"))
 
     def _registration_lost(self, reason: str) -> None:
         self._problem(f"registration lost: {reason}; registering again in {RETRY_SECONDS:g}s")
         self._registration = None
-        self._later(self._changed)
+        self._later(self._register)
 
     def _later(self, call: Callable[[], None]) -> None:
-        if not self._stopped:
-            self.reactor.callLater(RETRY_SECONDS, lambda: None if self._stopped else call())
+        if self._stopped:
+            return
+        self._calls = [c for c in self._calls if c.active()]
+        self._calls.append(self.reactor.callLater(RETRY_SECONDS, lambda: None if self._stopped else call()))
 
     def stop(self) -> defer.Deferred:
         """Leave: the registration goes first (clients stop picking this proxy), then the session."""
         self._stopped = True
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
+        for call in self._calls:
+            if call.active():
+                call.cancel()
         if self._watch is not None:
             self._watch.cancel()
         coordinator = self.coordinator
@@ -218,141 +292,3 @@ class ClusterFollower:
         d.addErrback(lambda failure: self._log.warn("cluster pool {pool}: coordinator stop: {why}",
                                                     pool=self.name, why=failure.getErrorMessage()))
         return d
-
-
-class ClusterSources(Service):
-    """Every cluster pool of the file, applied with the rest of the file."""
-
-    _log = Logger()
-
-    def __init__(self, file_pools: Sequence[PoolConfig], applier: Applier, reactor: Any,
-                 address_of: Callable[[PoolConfig], str], admin_address: Callable[[], Optional[str]],
-                 connect: Optional[Callable[[str, Any], Any]] = None) -> None:
-        self.setName("cluster-sources")
-        self._file_pools = list(file_pools)
-        self._applier = applier
-        self._reactor = reactor
-        self._address_of = address_of
-        self._admin_address = admin_address
-        self._connect = connect
-        self.followers: Dict[str, ClusterFollower] = {}
-        self._running = False     # a pass of apply + settle + acknowledge is under way
-        self._again = False
-        self._pass_call: Any = None
-        self._started_at = time.time()
-
-    # -- the pools to run -----------------------------------------------------
-
-    def resolve(self, pools: Optional[Sequence[PoolConfig]] = None) -> List[PoolConfig]:
-        """The file's pools with every cluster pool filled in from its latest topology."""
-        resolved = []
-        for config in (self._file_pools if pools is None else pools):
-            follower = self.followers.get(config.name)
-            if config.cluster_mode and follower is not None and follower.base == config:
-                resolved.append(follower.config())
-            elif config.cluster_mode:
-                resolved.append(not_ready(config))
-            else:
-                resolved.append(config)
-        return resolved
-
-    def apply_file(self, pools: List[PoolConfig]) -> defer.Deferred:
-        """The Reloader's apply: a new file, its cluster pools followed from now on."""
-        self._file_pools = list(pools)
-        self._follow(pools)
-        return self._applier.apply(self.resolve())
-
-    def _follow(self, pools: Sequence[PoolConfig]) -> None:
-        wanted = {config.name: config for config in pools if config.cluster_mode}
-        for name, follower in list(self.followers.items()):
-            config = wanted.get(name)
-            if config is not None and (config.cluster, config.coordinator) == (follower.base.cluster,
-                                                                               follower.base.coordinator):
-                follower.base = config   # new settings, same cluster: the session stays
-            elif config != follower.base:
-                del self.followers[name]
-                follower.stop()
-        for name, config in wanted.items():
-            if name not in self.followers:
-                follower = ClusterFollower(config, self._reactor, self._schedule, self._connect)
-                self.followers[name] = follower
-                if self.running:
-                    follower.start()
-
-    # -- one pass: apply, settle, acknowledge ----------------------------------
-
-    def _schedule(self) -> None:
-        if not self.running:
-            return
-        if self._running:
-            self._again = True
-            return
-        if self._pass_call is None:
-            # Changes that arrive together (a session and a topology) make one pass.
-            self._pass_call = self._reactor.callLater(0, self._pass)
-
-    @defer.inlineCallbacks
-    def _pass(self) -> Any:
-        self._pass_call = None
-        self._running = True
-        self._again = False
-        try:
-            pools = self.resolve()
-            generations = {name: f.topology.generation for name, f in self.followers.items()
-                           if f.topology is not None and f.session == CONNECTED}
-            try:
-                changes = yield self._applier.apply(pools)
-                yield self._applier.settle()
-            except Exception as err:  # noqa: BLE001 - logged; the next change tries again
-                self._log.error("cluster: applying the topology failed, keeping the running one: {error}",
-                                error=str(err))
-                self._again = True
-                yield _later(self._reactor, RETRY_SECONDS)
-                return
-            if changes:
-                self._log.info("cluster: applied: {summary}", summary="; ".join(changes))
-            for name, generation in generations.items():
-                follower = self.followers.get(name)
-                if follower is not None and (follower.acked != generation or not follower.registered):
-                    follower.acknowledge(generation, self._registration_info(follower))
-        finally:
-            self._running = False
-            if self._again and self.running:
-                self._schedule()
-
-    def _registration_info(self, follower: ClusterFollower) -> Dict[str, Any]:
-        address = self._address_of(follower.base)
-        return {"id": f"{address}-{os.getpid()}", "addr": address, "admin": self._admin_address(),
-                "pid": os.getpid(), "host": socket.gethostname(), "start": self._started_at,
-                "version": __version__, "protocol": follower.base.protocol, "pool": follower.name,
-                "workers": self._applier.workers}
-
-    # -- lifetime -------------------------------------------------------------
-
-    def startService(self) -> None:
-        super().startService()
-        self._follow(self._file_pools)
-        for follower in self.followers.values():
-            follower.start()
-
-    def stopService(self) -> defer.Deferred:
-        super().stopService()
-        if self._pass_call is not None and self._pass_call.active():
-            self._pass_call.cancel()
-        self._pass_call = None
-        followers, self.followers = list(self.followers.values()), {}
-        return defer.gatherResults([f.stop() for f in followers])
-
-    def document(self, name: str) -> Optional[Dict[str, Any]]:
-        """What the stats show for cluster pool ``name`` (None: not a cluster pool)."""
-        follower = self.followers.get(name)
-        if follower is None:
-            return None
-        return {"cluster": follower.cluster, "coordinator_session": follower.session,
-                "generation_acknowledged": follower.acked}
-
-
-def _later(reactor: Any, seconds: float) -> defer.Deferred:
-    d = defer.Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    return d

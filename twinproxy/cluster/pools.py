@@ -26,6 +26,7 @@ from zlib import crc32
 from twinproxy.config import PoolConfig, ServerSpec
 
 HELD = "held"
+MIGRATING = "migrating"
 CONNECTED = "connected"
 
 
@@ -40,6 +41,8 @@ class SlotTable:
     # "connected" means held slots cannot be trusted, so they fail at once.
     session: str = CONNECTED
     groups: Tuple[Tuple[str, int], ...] = ()   # server name -> group id
+    # Slots moving to their owner: (slot, the source's server name), Redis only.
+    migrating: Tuple[Tuple[int, str], ...] = ()
 
     @property
     def fenced(self) -> bool:
@@ -106,15 +109,26 @@ def cluster_pool(base: PoolConfig, topology: Any, session: str = CONNECTED) -> P
             slot_server[group.id] = _rendezvous(names)
     owners: List[Optional[str]] = []
     held = []
+    migrating = []
+    migrating_from = getattr(topology, "migrating_from", None)
     for slot, (gid, state) in enumerate(topology.slots):
         chooser = slot_server.get(gid) if gid is not None else None
         owners.append(chooser(slot) if chooser is not None else None)
         if state == HELD:
             held.append(slot)
+        elif state == MIGRATING and base.redis and migrating_from is not None:
+            # memcached cannot move items: its migrating slots go to the new owner (cold misses).
+            source = migrating_from(slot)
+            if source is not None and source in slot_server and chooser is not None:
+                migrating.append((slot, slot_server[source](slot)))
     table = SlotTable(generation=topology.generation, owners=tuple(owners), held=frozenset(held),
-                      session=session, groups=tuple(groups))
+                      session=session, groups=tuple(groups), migrating=tuple(migrating))
     sentinels = tuple(_address(text) for text in topology.sentinels) if base.redis else ()
-    return dataclasses.replace(base, servers=tuple(specs), slots=table, sentinels=sentinels)
+    # With sentinels, a group's requests also wait for its master to be confirmed
+    # (after a promote, re-monitored sentinels take ~2 s to find each other): as
+    # long as for a held slot.
+    return dataclasses.replace(base, servers=tuple(specs), slots=table, sentinels=sentinels,
+                               failover_hold=base.slot_hold)
 
 
 def not_ready(base: PoolConfig) -> PoolConfig:

@@ -18,6 +18,7 @@ from collections import deque
 from typing import Any, Callable, Dict, List
 from zlib import crc32
 
+from twinproxy.cluster.migrating import MigratingSlot
 from twinproxy.cluster.slots import SLOT_COUNT
 from twinproxy.request import Request
 
@@ -113,6 +114,7 @@ class SlotRouting:
         self._table: List[Any] = []
         self._held: Dict[int, HeldSlot] = {}
         self._released: List[HeldSlot] = []
+        self._migrating: Dict[int, MigratingSlot] = {}
 
     def not_ready(self) -> Callable[[bytes], Any]:
         text = f"cluster '{self.cluster}' not ready: its topology is not loaded yet"
@@ -128,15 +130,30 @@ class SlotRouting:
         target = _NotReady()
         return lambda key: target
 
-    def install(self, table: Any, servers: Dict[str, Any], hold_seconds: float) -> Callable[[bytes], Any]:
+    def install(self, table: Any, servers: Dict[str, Any], hold_seconds: float,
+                config: Any = None) -> Callable[[bytes], Any]:
         """Route by ``table`` (a SlotTable) over ``servers`` (name -> Server) from now on."""
         answer = self._answer
         held_before = self._held
         held_now: Dict[int, HeldSlot] = {}
+        migrating_before = self._migrating
+        migrating_now: Dict[int, MigratingSlot] = {}
+        sources = dict(table.migrating)
         targets: List[Any] = []
         for slot in range(SLOT_COUNT):
             owner = table.owners[slot]
-            if slot in table.held:
+            source = sources.get(slot)
+            if source is not None and owner is not None and table.fenced:
+                # A migrating slot's state cannot be trusted without the session: like a held one.
+                target = HeldSlot(slot, self.cluster, self._clock, hold_seconds, answer)
+                target.fenced = True
+            elif source is not None and owner is not None:
+                target = migrating_before.get(slot)
+                if target is None or not target.same_move(servers[source], servers[owner]):
+                    target = MigratingSlot(slot, servers[source], servers[owner], config.redis_db if config else 0,
+                                           config.redis_auth if config else None, answer)
+                migrating_now[slot] = target
+            elif slot in table.held:
                 target = held_before.pop(slot, None) or HeldSlot(slot, self.cluster, self._clock, hold_seconds,
                                                                  answer)
                 target.fenced = table.fenced
@@ -148,6 +165,7 @@ class SlotRouting:
             targets.append(target)
         self._table = targets
         self._held = held_now
+        self._migrating = migrating_now
         for target in held_now.values():
             if target.fenced:
                 target.fence()
@@ -177,6 +195,10 @@ class SlotRouting:
 
     def target_for_slot(self, slot: int) -> Any:
         return self._table[slot]
+
+    @property
+    def migrating(self) -> Dict[int, MigratingSlot]:
+        return self._migrating
 
     @property
     def waiting(self) -> int:

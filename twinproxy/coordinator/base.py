@@ -1,120 +1,46 @@
 """What every coordinator backend shares: the API, states, deadlines, watches and held ephemerals.
 
-Owns: :class:`Coordinator` (the public methods, each checked, bounded by the
-per-operation deadline and failing only with CoordinatorError subclasses;
-the state machine and ``on_state``; the ephemerals this session holds and
-their re-creation after a lost session), :class:`Watch` (one read at a time,
-coalescing the triggers that arrive meanwhile, delivering only what differs
-from the last delivery, retrying after errors) and :class:`Ephemeral`.
+Owns :class:`Coordinator`: the public methods (checked, bounded by the
+deadline, failing only with CoordinatorError subclasses), the state machine
+and ``on_state``, the ephemerals this session holds, how they are made or
+adopted, and their re-creation after a lost session (``handles.py`` has
+:class:`Watch` and :class:`Ephemeral`).
 
 A backend implements ``_start``, ``_stop``, ``_get``, ``_children``,
-``_create`` (optionally bound to the session), ``_set``, ``_delete`` and
-``_snapshot`` (one read for a watch, arming whatever tells it of the next
-change), and calls ``_set_state`` and ``_session_renewed``.  All of it runs in
-the reactor thread; backends with threads hop in before touching anything.
+``_create`` (optionally bound to the session), ``_set``, ``_delete``,
+``_is_mine`` and ``_snapshot`` (one read for a watch, arming whatever tells
+it of the next change), and calls ``_set_state`` and ``_session_renewed``.
+All of it runs in the reactor thread; backends with threads hop in before
+touching anything.
+
+Life: a failed ``start()`` cleans up what it began and leaves the
+coordinator "connecting": a later ``start()`` tries afresh.  ``stop()`` is final.
+
+Order after a reconnect ("suspended", or "lost" and the ephemerals made
+again): every watch reads again, and "connected" is announced once those
+reads are delivered (or after the deadline; a failed read is retried), so a
+consumer hearing "connected" has seen each watch's value as of then.  On the
+first connection "connected" comes first, the first deliveries follow.
+
+A create that timed out may have landed: an ephemeral whose creation hits
+Conflict on a node of this very session (``_is_mine``) is adopted, with the
+latest value written over it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Set
 
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twinproxy.coordinator import Conflict, CoordinatorError, CoordinatorURL, Node, NotFound, Unavailable, check_path
+from twinproxy.coordinator import Conflict, CoordinatorError, CoordinatorURL, Node, Unavailable, check_path
+from twinproxy.coordinator.handles import RETRY_DELAY, Ephemeral, Watch, as_bytes, claim, describe, shielded
 
 STATES = ("connecting", "connected", "suspended", "lost", "stopped")
-# After a failed watch read or ephemeral re-creation: soon, yet not a busy loop against a dead server.
-RETRY_DELAY = 0.5
-_UNSET = object()
 _BUGS = (TypeError, AttributeError, NameError, KeyError, IndexError, AssertionError)
-
-
-class Watch:
-    """A data or children watch; ``cancel()`` ends the deliveries."""
-
-    _log = Logger()
-
-    def __init__(self, coordinator: "Coordinator", path: str, callback: Callable[[Any], None], kind: str) -> None:
-        self.coordinator = coordinator
-        self.path = path
-        self.kind = kind  # "data" or "children"
-        self._callback = callback
-        self._busy = False
-        self._dirty = False
-        self._retry: Any = None
-        self._last: Any = _UNSET
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        if self.cancelled:
-            return
-        self.cancelled = True
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self.coordinator._drop_watch(self)
-
-    def changed(self) -> None:
-        """Something this watch covers may have changed: read it again (once, however many calls)."""
-        if self.cancelled:
-            return
-        self._dirty = True
-        if not self._busy:
-            self._read()
-
-    def _read(self) -> None:
-        self._busy = True
-        self._dirty = False
-        coordinator = self.coordinator
-        d = coordinator._bounded(defer.maybeDeferred(coordinator._snapshot, self), "watch", self.path)
-        d.addCallbacks(self._got, self._failed)
-
-    def _got(self, value: Any) -> None:
-        self._busy = False
-        if self.cancelled:
-            return
-        if value != self._last:
-            self._last = value
-            try:
-                self._callback(value)
-            except Exception:  # noqa: BLE001 - the application's bug must not end the watch
-                self._log.failure("coordinator watch callback for {path} failed", path=self.path)
-        if self._dirty:  # a change came in during the read: the value read may be older than it
-            self._read()
-
-    def _failed(self, failure: Failure) -> None:
-        self._busy = False
-        if self.cancelled or self.coordinator.state == "stopped":
-            return
-        self._log.debug("coordinator watch read failed, retrying: {error}", error=failure.getErrorMessage())
-        self._retry = self.coordinator._reactor.callLater(RETRY_DELAY, self.changed)
-
-
-class Ephemeral:
-    """A node that lives as long as the session; re-created with its latest value after a lost session."""
-
-    def __init__(self, coordinator: "Coordinator", path: str, value: bytes,
-                 on_lost: Optional[Callable[[str], None]]) -> None:
-        self.coordinator = coordinator
-        self.path = path
-        self.value = value
-        self.on_lost = on_lost
-        self.node: Optional[Node] = None
-
-    @property
-    def held(self) -> bool:
-        return self.coordinator._ephemerals.get(self.path) is self
-
-    def update(self, value: bytes) -> "Deferred[Node]":
-        """Write a new value (remembered first, so a re-creation uses it)."""
-        self.value = value
-        return self.coordinator._update_ephemeral(self, value)
-
-    def remove(self) -> "Deferred[None]":
-        """Delete the node and stop holding it (a node already gone is fine)."""
-        return self.coordinator._remove_ephemeral(self)
 
 
 class Coordinator:
@@ -128,11 +54,17 @@ class Coordinator:
         self.session_timeout = parsed.session_timeout
         self.timeout = parsed.timeout
         self.state = "connecting"
+        # Where the backend says the state is heading: "connected" is announced (``state``) only once
+        # the watches have read again after a reconnect; until then the two differ.
+        self._target_state = "connecting"
+        self._transition: object = None
         self._reactor = reactor
         self._started = False
         self._state_callbacks: List[Callable[[str], None]] = []
         self._watches: List[Watch] = []
         self._ephemerals: Dict[str, Ephemeral] = {}
+        self._claiming: Set[str] = set()  # paths ephemeral() is making right now
+        self._removing: Dict[str, Deferred] = {}  # path -> its queued delete, which a new claim waits for
         self._restore_call: Any = None
         self._stop_waiters: List[Deferred] = []
 
@@ -142,19 +74,40 @@ class Coordinator:
     # -- life ---------------------------------------------------------------
 
     def start(self) -> "Deferred[None]":
-        """Establish the session; Unavailable if that does not happen within the deadline."""
+        """Establish the session; Unavailable if that does not happen within the deadline.
+
+        A start that failed leaves the coordinator "connecting": call ``start()`` again to retry.
+        """
+        if self.state == "stopped":
+            return defer.fail(Unavailable(self.url, "start", "/", "stopped"))
         if self._started:
             return defer.fail(Unavailable(self.url, "start", "/", "already started"))
         self._started = True
         d = self._bounded(defer.maybeDeferred(self._start), "start", "/")
 
-        def failed(failure: Failure) -> "Deferred[None]":
-            # A session that did not come up must not linger (threads, timers, a lease).
-            stopped = self._bounded(defer.maybeDeferred(self._stop), "stop", "/")
-            stopped.addBoth(lambda _: self._finish_stop())
-            return stopped.addCallback(lambda _: failure)
+        def started(_: Any) -> Any:
+            if self.state != "stopped":
+                return None
+            # stop() ran while the session was coming up: whatever came up after its cleanup goes too.
+            cleanup = self._bounded(defer.maybeDeferred(self._stop), "stop", "/")
+            return cleanup.addBoth(lambda _: defer.fail(Unavailable(self.url, "start", "/", "stopped meanwhile")))
 
-        return d.addErrback(failed)
+        def failed(failure: Failure) -> Any:
+            if self.state == "stopped":
+                return failure  # stop() ran meanwhile and cleaned up
+            # A session that did not come up must not linger (threads, timers, a lease) ...
+            cleanup = self._bounded(defer.maybeDeferred(self._stop), "stop", "/")
+
+            def startable(_: Any) -> Failure:
+                # ... yet the coordinator stays usable: a later start() (the server is back) tries afresh.
+                if self.state != "stopped":
+                    self._started = False
+                    self._set_state("connecting")
+                return failure
+
+            return cleanup.addBoth(startable)
+
+        return d.addCallbacks(started, failed)
 
     def stop(self) -> "Deferred[None]":
         """End the session (its ephemerals vanish) and every watch; never fails, never hangs."""
@@ -190,6 +143,30 @@ class Coordinator:
         self._state_callbacks.append(callback)
 
     def _set_state(self, state: str) -> None:
+        """The backend's word on the state; "connected" again after a reconnect waits for the watches."""
+        if state == self._target_state or self.state == "stopped":
+            return
+        self._target_state = state
+        self._transition = transition = object()
+        if state != "connected" or self.state == "connecting" or not self._watches:
+            self._announce(state)
+            if state == "connected":
+                for watch in list(self._watches):  # the first connection: every watch's first read
+                    watch.changed()
+            return
+        # Whatever was missed while the link was down is read again, and delivered before "connected".
+        reads = defer.DeferredList([watch.refresh() for watch in list(self._watches)])
+
+        def announce(_: Any = None) -> None:
+            if timer.active():
+                timer.cancel()
+            if self._transition is transition:  # nothing newer happened meanwhile
+                self._announce(state)
+
+        timer = self._reactor.callLater(self.timeout, announce)  # a read that hangs must not hold it back
+        reads.addCallback(announce)
+
+    def _announce(self, state: str) -> None:
         if state == self.state or self.state == "stopped":
             return
         self._log.info("{url}: coordinator {old} -> {new}", url=self.url, old=self.state, new=state)
@@ -199,10 +176,6 @@ class Coordinator:
                 callback(state)
             except Exception:  # noqa: BLE001 - one listener's bug must not starve the others
                 self._log.failure("coordinator state callback failed")
-        if state == "connected":
-            # Whatever was missed while the link was down is read again.
-            for watch in list(self._watches):
-                watch.changed()
 
     def _session_renewed(self) -> None:
         """The backend has a new session after a lost one: re-create the ephemerals, then say connected."""
@@ -213,21 +186,18 @@ class Coordinator:
         again: List[Ephemeral] = []
 
         def one(ephemeral: Ephemeral) -> "Deferred[None]":
-            d = self._bounded(defer.maybeDeferred(self._create, ephemeral.path, ephemeral.value, True),
-                              "ephemeral", ephemeral.path)
-            return d.addCallbacks(lambda node: setattr(ephemeral, "node", node), failed, errbackArgs=(ephemeral,))
+            # Behind any update in flight, and with the value latest when it is sent.
+            d = ephemeral.serially(ephemeral.write, Ephemeral.recreate)
+            return d.addCallbacks(lambda _: None, failed, errbackArgs=(ephemeral,))
 
-        def failed(failure: Failure, ephemeral: Ephemeral) -> Any:
+        def failed(failure: Failure, ephemeral: Ephemeral) -> None:
             if not ephemeral.held:
-                return None
-            if failure.check(Conflict):
-                # Ours after all (an earlier attempt that timed out did make it), or someone else's?
-                d = self._bounded(defer.maybeDeferred(self._is_mine, ephemeral.path), "ephemeral", ephemeral.path)
-                return d.addCallbacks(lambda mine: None if mine else taken(ephemeral),
-                                      lambda _: again.append(ephemeral))
+                return
+            if failure.check(Conflict):  # not ours (claim adopts what is): someone else took it
+                taken(ephemeral)
+                return
             self._log.warn("{url}: re-creating ephemeral: {error}", url=self.url, error=failure.getErrorMessage())
             again.append(ephemeral)
-            return None
 
         def taken(ephemeral: Ephemeral) -> None:
             del self._ephemerals[ephemeral.path]
@@ -247,7 +217,7 @@ class Coordinator:
 
     def _restore_again(self, ephemerals: List[Ephemeral]) -> None:
         held = [ephemeral for ephemeral in ephemerals if ephemeral.held]
-        if self.state in ("lost", "stopped"):
+        if self._target_state in ("lost", "stopped"):
             return  # a session lost again re-creates them all anyway
         self._restore(held)
 
@@ -263,11 +233,11 @@ class Coordinator:
 
     def create(self, path: str, value: bytes) -> "Deferred[Node]":
         """A new persistent node; Conflict if ``path`` exists."""
-        return self._operation("create", check_path(path), self._create, path, _bytes(value), False)
+        return self._operation("create", check_path(path), self._create, path, as_bytes(value), False)
 
     def set(self, path: str, value: bytes, version: Optional[int] = None) -> "Deferred[Node]":
         """Write ``value``; with ``version``, only if the node is still at it (else Conflict); NotFound if absent."""
-        return self._operation("set", check_path(path), self._set, path, _bytes(value), version)
+        return self._operation("set", check_path(path), self._set, path, as_bytes(value), version)
 
     def delete(self, path: str, version: Optional[int] = None) -> "Deferred[None]":
         """Delete the node (only at ``version``, if given: else Conflict); NotFound if absent."""
@@ -283,11 +253,17 @@ class Coordinator:
 
     def ephemeral(self, path: str, value: bytes,
                   on_lost: Optional[Callable[[str], None]] = None) -> "Deferred[Ephemeral]":
-        """A node that lives as long as the session; Conflict if ``path`` exists (the lock)."""
+        """A node that lives as long as the session; Conflict if ``path`` exists (the lock).
+
+        A node at ``path`` that this very session made (an earlier call timed out, yet its create
+        landed) is adopted, with ``value`` written over it.
+        """
         check_path(path)
         if path in self._ephemerals:
             return defer.fail(Conflict(self.url, "ephemeral", path, "this session already holds it"))
-        ephemeral = Ephemeral(self, path, _bytes(value), on_lost)
+        if path in self._claiming:
+            return defer.fail(Conflict(self.url, "ephemeral", path, "this session is making it already"))
+        ephemeral = Ephemeral(self, path, as_bytes(value), on_lost)
 
         def created(node: Node) -> Ephemeral:
             ephemeral.node = node
@@ -295,33 +271,16 @@ class Coordinator:
                 self._ephemerals[path] = ephemeral
             return ephemeral
 
-        d = self._operation("ephemeral", path, self._create, path, ephemeral.value, True)
+        removing = self._removing.get(path)  # adopting the node a queued delete then deletes: no
+
+        def make(_: Any = None) -> "Deferred[Node]":
+            return claim(self, path, ephemeral.value)
+
+        d = self._operation("ephemeral", path, make if removing is None else lambda: shielded(removing).addBoth(make))
+        if not d.called:
+            self._claiming.add(path)
+            d.addBoth(lambda result: self._claiming.discard(path) or result)
         return d.addCallback(created)
-
-    def _update_ephemeral(self, ephemeral: Ephemeral, value: bytes) -> "Deferred[Node]":
-        if not ephemeral.held:
-            return defer.fail(NotFound(self.url, "update", ephemeral.path, "this session no longer holds it"))
-        d = self._operation("update", ephemeral.path, self._set, ephemeral.path, _bytes(value), None)
-
-        def written(node: Node) -> Node:
-            ephemeral.node = node
-            return node
-
-        def failed(failure: Failure) -> Failure:
-            if failure.check(NotFound) and ephemeral.held and self.state != "connected":
-                # Gone with the lost session; still held, so made again with this value.
-                raise Unavailable(self.url, "update", ephemeral.path,
-                                  f"the session is {self.state}: written when the ephemeral is made again")
-            return failure
-
-        return d.addCallbacks(written, failed)
-
-    def _remove_ephemeral(self, ephemeral: Ephemeral) -> "Deferred[None]":
-        if not ephemeral.held:
-            return defer.succeed(None)
-        del self._ephemerals[ephemeral.path]  # first: a re-creation racing the delete must not revive it
-        d = self._operation("remove", ephemeral.path, self._delete, ephemeral.path, None)
-        return d.addErrback(lambda failure: None if failure.check(NotFound) else failure)
 
     def _operation(self, operation: str, path: str, function: Callable[..., Any], *args: Any) -> "Deferred[Any]":
         if not self._started or self.state == "stopped":
@@ -381,7 +340,7 @@ class Coordinator:
             return watch
         self._watches.append(watch)
         self._watch_added(watch)
-        if self._started and self.state not in ("connecting", "lost"):
+        if self._started and self._target_state not in ("connecting", "lost"):
             # Soon, not now: the first delivery must not run before watch() has returned.
             self._reactor.callLater(0, watch.changed)
         return watch
@@ -400,7 +359,7 @@ class Coordinator:
     def _changed(self, path: str) -> None:
         """Tell the watches covering ``path`` that it changed (backends with change events)."""
         for watch in list(self._watches):
-            if covers(watch, path):
+            if watch.covers(path):
                 watch.changed()
 
     # -- the backend's part -----------------------------------------------------
@@ -435,23 +394,4 @@ class Coordinator:
         return self._get(watch.path) if watch.kind == "data" else self._children(watch.path)
 
 
-def covers(watch: Watch, path: str) -> bool:
-    """Whether a change of ``path`` can change what ``watch`` reports."""
-    if watch.kind == "data":
-        return path == watch.path
-    prefix = "/" if watch.path == "/" else watch.path + "/"
-    return path.startswith(prefix)  # deeper paths too: they make implied children appear
-
-
-def describe(error: BaseException) -> str:
-    """A short, one-line description of an exception."""
-    text = str(error) or type(error).__name__
-    if type(error).__name__ not in text:
-        text = f"{type(error).__name__}: {text}"
-    return " ".join(text.split())
-
-
-def _bytes(value: Any) -> bytes:
-    if not isinstance(value, bytes):
-        raise TypeError(f"coordinator values are bytes, not {type(value).__name__}")
-    return value
+__all__ = ["STATES", "Coordinator", "Ephemeral", "Watch", "describe", "RETRY_DELAY"]

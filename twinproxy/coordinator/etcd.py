@@ -15,9 +15,17 @@ again under it and the state is "connected".
 
 Watches share one watch stream over the whole prefix (a pool of its own);
 an event on a key tells the watches covering it to read again.  The stream
-is opened again when it ends and whenever the session recovers (a silent
-stream cannot be told from an idle one), and every watch reads again once
-it is back, so nothing missed meanwhile stays missed.
+is opened again when it ends and whenever the session recovers, and every
+watch reads again once it is back, so nothing missed meanwhile stays missed.
+
+A stream can also die without a word (a half-open connection) while the
+lease's keepalives still get through.  So every watch also reads again
+every few seconds (``resync``: one range per watch), which bounds how long
+a change can go unseen; and a stream is taken for dead, closed and opened
+again, when such a read found a change the stream has not reported one
+resync later (its messages carry the store revision), or when it has been
+silent for twice etcd's progress-notification interval (progress
+notifications are asked for).
 """
 
 from __future__ import annotations
@@ -43,6 +51,10 @@ from twinproxy.coordinator.etcd_keys import b64, prefix_end, unb64
 
 STREAM_RETRY_MIN = 0.1
 STREAM_RETRY_MAX = 1.0
+# Every watch reads again this often at most (less with a short session: TTL / 2, at least 1 s).
+RESYNC_MAX = 5.0
+# etcd's default --experimental-watch-progress-notify-interval: an idle stream hears at least this often.
+PROGRESS_INTERVAL = 600.0
 # etcd's gRPC code for "requested lease not found".
 _NOT_FOUND = 5
 
@@ -63,7 +75,9 @@ class EtcdCoordinator(Coordinator):
         self._stream: Optional[WatchStream] = None
         self._stream_retry = STREAM_RETRY_MIN
         self._stream_call: Any = None
-        self._stream_opening = False
+        self._stream_opening: Optional[defer.Deferred] = None
+        self._resync: Optional[task.LoopingCall] = None
+        self._running = False  # between _start and _stop: a stream opened after that is closed at once
 
     def _key(self, path: str) -> bytes:
         return self._prefix + path.encode()
@@ -81,6 +95,7 @@ class EtcdCoordinator(Coordinator):
     # -- the session (a lease) --------------------------------------------------
 
     def _start(self) -> "defer.Deferred[None]":
+        self._running = True
         return self._grant().addCallback(lambda _: self._begin())
 
     def _grant(self) -> "defer.Deferred[None]":
@@ -101,6 +116,10 @@ class EtcdCoordinator(Coordinator):
             self._keepalive = task.LoopingCall(self._send_keepalive)
             self._keepalive.clock = self._reactor
             self._keepalive.start(self._ttl / 3.0, now=False)
+        if self._resync is None:
+            self._resync = task.LoopingCall(self._resync_watches)
+            self._resync.clock = self._reactor
+            self._resync.start(self.resync_interval, now=False)
         self._set_state("connected")
         self._restart_stream()
 
@@ -110,8 +129,12 @@ class EtcdCoordinator(Coordinator):
             self._suspend_call.cancel()
         self._suspend_call = self._reactor.callLater(self._ttl * 2.0 / 3.0, self._suspend)
 
+    @property
+    def resync_interval(self) -> float:
+        return min(RESYNC_MAX, max(1.0, self._ttl / 2.0))
+
     def _suspend(self) -> None:
-        if self.state == "connected":
+        if self._target_state == "connected":
             self._set_state("suspended")
 
     def _send_keepalive(self) -> None:
@@ -129,7 +152,7 @@ class EtcdCoordinator(Coordinator):
             result = answer.get("result", answer)
             if int(result.get("TTL", 0)) > 0:
                 self._alive()
-                if self.state == "suspended":
+                if self._target_state == "suspended":
                     self._set_state("connected")
                     self._restart_stream()  # the old stream may be dead without a word
             else:
@@ -174,12 +197,17 @@ class EtcdCoordinator(Coordinator):
         d.addCallbacks(granted, failed)
 
     def _stop(self) -> "defer.Deferred[None]":
-        if self._keepalive is not None and self._keepalive.running:
-            self._keepalive.stop()
+        self._running = False
+        for loop in (self._keepalive, self._resync):
+            if loop is not None and loop.running:
+                loop.stop()
+        self._keepalive = self._resync = None  # a start after a failed one makes them anew
         for call in (self._suspend_call, self._stream_call):
             if call is not None and call.active():
                 call.cancel()
         self._close_stream()
+        if self._stream_opening is not None:
+            self._stream_opening.cancel()  # a stream still being opened must not outlive the session
         lease, self._lease = self._lease, None
         if lease is None:
             return self._http.close()
@@ -284,17 +312,19 @@ class EtcdCoordinator(Coordinator):
             stream.close("replaced")
 
     def _open_stream(self) -> None:
-        if not self._watches or self.state == "stopped" or self._stream is not None or self._stream_opening:
+        if not self._wanted_stream() or self._stream is not None or self._stream_opening is not None:
             return
         prefix = self._prefix + b"/"
         stream = WatchStream(lambda: self._stream_created(stream), self._stream_events,
-                             lambda reason: self._stream_closed(stream, reason))
-        body = {"create_request": {"key": b64(prefix), "range_end": b64(prefix_end(prefix))}}
-        self._stream_opening = True
-        d = self._bounded(self._http.stream("watch", body, stream), "watch", "/")
+                             lambda reason: self._stream_closed(stream, reason), self._reactor.seconds)
+        body = {"create_request": {"key": b64(prefix), "range_end": b64(prefix_end(prefix)),
+                                   "progress_notify": True}}
+        d = self._stream_opening = self._bounded(self._http.stream("watch", body, stream), "watch", "/")
 
         def opened(_: Any) -> None:
-            if stream._closed:  # ended already, before anyone looked
+            if not self._wanted_stream():  # stopped (or the last watch went) while it was being opened
+                stream.close("not wanted any more")
+            elif stream._closed:  # ended already, before anyone looked
                 self._stream_again()
             else:
                 self._stream = stream
@@ -303,8 +333,11 @@ class EtcdCoordinator(Coordinator):
             self._log.info("{url}: watch stream: {error}", url=self.url, error=failure.getErrorMessage())
             self._stream_again()
 
-        d.addBoth(lambda result: setattr(self, "_stream_opening", False) or result)
+        d.addBoth(lambda result: setattr(self, "_stream_opening", None) or result)
         d.addCallbacks(opened, failed)
+
+    def _wanted_stream(self) -> bool:
+        return self._running and bool(self._watches) and self.state != "stopped"
 
     def _stream_created(self, stream: WatchStream) -> None:
         self._stream_retry = STREAM_RETRY_MIN
@@ -324,8 +357,46 @@ class EtcdCoordinator(Coordinator):
         self._log.info("{url}: watch stream ended: {reason}", url=self.url, reason=reason)
         self._stream_again()
 
+    def _snapshot(self, watch: Watch) -> "defer.Deferred[Any]":
+        return defer.maybeDeferred(super()._snapshot, watch).addCallback(self._compare_with_stream)
+
+    def _compare_with_stream(self, value: Any) -> Any:
+        """Remember when a read saw a change (a mod_revision) the stream has not reported yet."""
+        stream = self._stream
+        nodes = [value] if isinstance(value, Node) else list(value.values()) if value else []
+        newest = max((node.version for node in nodes), default=0)
+        if stream is not None and newest > stream.revision:
+            since = stream.lag[1] if stream.lag is not None else self._reactor.seconds()
+            stream.lag = (max(newest, stream.lag[0] if stream.lag is not None else 0), since)
+        return value
+
+    def _resync_watches(self) -> None:
+        """The safety net: every watch reads again; a stream that fell silent is replaced."""
+        if not self._watches or self.state == "stopped":
+            return
+        stream = self._stream
+        dead = self._stream_silence(stream) if stream is not None else None
+        if dead is not None:
+            self._log.warn("{url}: watch stream {reason}: opening it again", url=self.url, reason=dead)
+            self._restart_stream()  # once it is created, every watch reads again
+            return
+        for watch in list(self._watches):
+            watch.changed()
+
+    def _stream_silence(self, stream: WatchStream) -> Optional[str]:
+        now = self._reactor.seconds()
+        if stream.lag is not None:
+            revision, since = stream.lag
+            if stream.revision >= revision:
+                stream.lag = None  # it did report the change: only a little late
+            elif now - since >= self.resync_interval:
+                return f"has not reported revision {revision}, read {now - since:.1f} s ago"
+        if now - stream.last_message > 2 * PROGRESS_INTERVAL:
+            return f"has been silent for {now - stream.last_message:.0f} s"
+        return None
+
     def _stream_again(self) -> None:
-        if self.state == "stopped" or not self._watches:
+        if not self._wanted_stream():
             return
         if self._stream_call is None or not self._stream_call.active():
             self._stream_call = self._reactor.callLater(self._stream_retry, self._open_stream)

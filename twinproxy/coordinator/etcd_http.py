@@ -192,15 +192,25 @@ def _raise_error(data: bytes, status: int) -> None:
 
 
 class WatchStream(Protocol):
-    """One watch stream: ``on_created()``, then ``on_events([(type, key)])``; ``on_closed(reason)`` once."""
+    """One watch stream: ``on_created()``, then ``on_events([(type, key)])``; ``on_closed(reason)`` once.
+
+    ``revision`` is the newest store revision the stream has reported (every message's header has
+    one: the creation, events, progress notifications) and ``last_message`` when (``clock()``) the
+    last message came: what tells a stream that went silent without a word.
+    """
 
     def __init__(self, on_created: Callable[[], None], on_events: Callable[[List[Tuple[str, bytes]]], None],
-                 on_closed: Callable[[str], None]) -> None:
+                 on_closed: Callable[[str], None], clock: Callable[[], float]) -> None:
         self._on_created = on_created
         self._on_events = on_events
         self._on_closed = on_closed
+        self._clock = clock
         self._buffer = b""
         self._closed = False
+        self.revision = 0
+        self.last_message = clock()
+        # (revision, since): a read saw a change of that revision the stream had not reported yet.
+        self.lag: Optional[Tuple[int, float]] = None
 
     def dataReceived(self, data: bytes) -> None:
         self._buffer += data
@@ -218,7 +228,12 @@ class WatchStream(Protocol):
         if "error" in message:
             self.close(f"watch error: {message['error']}")
             return
+        self.last_message = self._clock()
         result = message.get("result", {})
+        try:
+            self.revision = max(self.revision, int(result.get("header", {}).get("revision", 0)))
+        except (TypeError, ValueError):
+            pass
         if result.get("created"):
             self._on_created()
         if result.get("canceled"):

@@ -4,7 +4,9 @@ Owns: :class:`ZooKeeperCoordinator`.  kazoo runs its own threads (socket I/O,
 watch callbacks, completions): every kazoo callback only hops into the
 reactor with ``callFromThread``, and only kazoo's ``*_async`` calls are made
 from the reactor thread (``start``'s connection is ``start_async``; its
-``stop``/``close`` run in a daemon thread).  kazoo's state listener gives
+``stop``/``close`` run in a daemon thread).  Each ``start`` makes its own
+client: a failed start's client is closed and whatever it reports later is
+ignored, so a start retried once the server is up begins afresh.  kazoo's state listener gives
 the states as they are: SUSPENDED (no contact for 2/3 of the session
 timeout), LOST (the session expired, which a partitioned client learns only
 when it reaches a server again; kazoo then makes a new session, whereupon
@@ -54,7 +56,6 @@ class ZooKeeperCoordinator(Coordinator):
         self._client: Any = None
         self._connected: Optional[defer.Deferred] = None
         self._was_lost = False
-        self._stopping = False
 
     # -- life ------------------------------------------------------------------
 
@@ -64,19 +65,22 @@ class ZooKeeperCoordinator(Coordinator):
         auth = []
         if self.parsed.username:
             auth.append(("digest", f"{self.parsed.username}:{self.parsed.password}"))
-        self._client = KazooClient(hosts=self.parsed.host_list, timeout=self.session_timeout, auth_data=auth,
-                                   connection_retry=dict(_CONNECTION_RETRY))
-        self._client.add_listener(self._listener)
+        # A client per start (a failed start's client is closed): its states count only while it is ours.
+        client = KazooClient(hosts=self.parsed.host_list, timeout=self.session_timeout, auth_data=auth,
+                             connection_retry=dict(_CONNECTION_RETRY))
+        self._client = client
+        self._was_lost = False
+        # kazoo's connection thread: hop, nothing more.
+        client.add_listener(lambda state: self._reactor.callFromThread(self._kazoo_state, client, state))
         self._connected = defer.Deferred()
-        self._client.start_async()  # returns at once: the connection thread does the rest
+        client.start_async()  # returns at once: the connection thread does the rest
         d = self._connected
         if self._root:
-            d.addCallback(lambda _: self._kazoo(self._client.ensure_path_async(self._root)))
+            d.addCallback(lambda _: self._kazoo(client.ensure_path_async(self._root)))
         return d.addCallback(lambda _: self._set_state("connected"))
 
     def _stop(self) -> "defer.Deferred[None]":
-        self._stopping = True
-        client, self._client = self._client, None
+        client, self._client = self._client, None  # from now on its states are ignored
         if client is None:
             return defer.succeed(None)
 
@@ -105,12 +109,8 @@ class ZooKeeperCoordinator(Coordinator):
         threading.Thread(target=stop_and_close, name="kazoo-stop", daemon=True).start()
         return d
 
-    def _listener(self, state: str) -> None:
-        """kazoo's connection thread: hop, nothing more."""
-        self._reactor.callFromThread(self._kazoo_state, state)
-
-    def _kazoo_state(self, state: str) -> None:
-        if self._stopping or self.state == "stopped":
+    def _kazoo_state(self, client: Any, state: str) -> None:
+        if client is not self._client or self.state == "stopped":
             return
         if state == "CONNECTED":
             if self._connected is not None and not self._connected.called:

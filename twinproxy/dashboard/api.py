@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from twinproxy.admin import Page
 from twinproxy.cluster.model import TopologyError, check_address, check_group_id
 from twinproxy.cluster.slots import SLOT_COUNT
 
@@ -419,19 +420,6 @@ def _client(request: Any) -> str:
     return f"{host}:{address.port}" if host is not None else str(address)
 
 
-class _Page(Resource):
-    """A GET-only page rendered by ``render_page(request) -> bytes``."""
-
-    isLeaf = True
-
-    def __init__(self, render_page: Callable[[Any], bytes]) -> None:
-        super().__init__()
-        self._render_page = render_page
-
-    def render_GET(self, request: Any) -> bytes:
-        return self._render_page(request)
-
-
 class _Root(Resource):
     """``/``: kept for the web UI (a later issue); until then it points at the API."""
 
@@ -481,5 +469,5 @@ def make_site(state: ApiState, metrics: Optional[Callable[[], bytes]] = None,
             request.setHeader(b"content-type", metrics_type.encode())
             return metrics()
 
-        root.putChild(b"metrics", _Page(page))
+        root.putChild(b"metrics", Page(page))
     return DashboardSite(root)

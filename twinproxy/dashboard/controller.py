@@ -21,7 +21,7 @@ Public API (every Deferred fires in the reactor thread; call everything from it)
         # Takes /clusters/<c>/dashboard (LockHeld naming the holder; wait=True: until it is free),
         # creates the topology (generation 0) if absent (ControllerError: invalid document, other
         # protocol or cluster, coordinator unavailable), watches the proxies and the topology, polls
-        # the servers; finishes a promote a previous dashboard left half done.
+        # the servers; finishes a promote a previous dashboard left half done (see promote.Recovery).
     .stop() -> Deferred[None]              # stops polling and waits (they fail 503), releases the lock
     .status() -> dict                      # GET /api/status (contract §5) plus extra fields (status.py)
     .topology -> Optional[Topology]        # the latest document (GET /api/topology: .topology.to_dict())
@@ -36,7 +36,8 @@ Public API (every Deferred fires in the reactor thread; call everything from it)
     .remove_group(gid)               -> {..., "group", "problems"}
     .add_server(gid, addr)           -> {..., "group", "addr", "role", "notes", "problems"}
     .remove_server(gid, addr)        -> {..., "group", "addr", "problems"}
-    .promote(gid, addr)              -> {..., "group", "master", "old_master", "repointed", "catch_up", "problems"}
+    .promote(gid, addr)              -> {..., "group", "master", "old_master", "repointed", "catch_up",
+                                             "sentinels" (those naming the new master), "problems"}
     .assign_slots(first, last, gid_or_None, force=False)  -> {..., "slots": runs of first..last}
     .rebalance(dry_run=False)        -> {..., "plan", "placements", "moves", "applied"[, "note"]}
                                         # plan/placements/moves: [{"first","last","group"}]; only the
@@ -57,9 +58,15 @@ Statuses: 400 bad input, 404 unknown group/server/proxy/sentinel, 409
 refused by state, 502 a Redis server or sentinel refused or did not answer,
 503 no lock / coordinator unavailable, 504 proxies did not acknowledge.
 Every failure is logged once (twisted.logger) with its reason.  A promote
-interrupted after its hold was written (the dashboard died, or could not
-write the last step) is finished by running it again, by this dashboard
-when it regains its lock, or by the next dashboard's start().
+left in the topology after its hold was written (the dashboard died; a
+write, the release or the last step failed; the lock was lost midway) is
+finished — or, if this dashboard abandoned it before the switch, released —
+without anyone asking, by ``promote.Recovery``: whenever the controller sees
+a pending promote and no operation running (start, the lock regained, an
+operation's end, a topology change) it re-reads the topology and acts,
+trying again with a backoff (0.2 s doubling to 5 s) while that fails; it
+runs as an operation ("recover the promote of ..."), so others get 409
+meanwhile.  Running the same promote again finishes it too.
 """
 
 from __future__ import annotations
@@ -117,6 +124,7 @@ class Controller:
                                        sentinel_failover_timeout_ms)
         self.health = HealthPoller(reactor, protocol, self._polled_addresses, command_timeout, poll_period)
         self._lock = DashboardLock(coordinator, cluster, self.dashboard, reactor, self._lock_changed)
+        self.recovery = promoting.Recovery(self)
         self._watches: List[Any] = []
         self._started = False
         self.busy: Optional[str] = None
@@ -166,7 +174,7 @@ class Controller:
         self.health.start()
         self._log.info("cluster {cluster}: dashboard started at generation {generation} ({proxies} proxies)",
                        cluster=self.cluster, generation=self.topology.generation, proxies=len(self.acks.proxies))
-        self._resume_change()
+        self.recovery.check()
 
     @defer.inlineCallbacks
     def stop(self) -> Any:
@@ -176,6 +184,7 @@ class Controller:
 
     @defer.inlineCallbacks
     def _stop_parts(self) -> Any:
+        self.recovery.stop()
         for watch in self._watches:
             watch.cancel()
         self._watches = []
@@ -230,29 +239,24 @@ class Controller:
                 self._log.warn("cluster {cluster}: the topology was changed outside this dashboard "
                                "(generation {generation})", cluster=self.cluster, generation=topology.generation)
             self.topology, self._version = topology, node.version
+            if self.busy is None and self._started:
+                self.recovery.check()
 
     def _lock_changed(self, problem: Optional[str]) -> None:
         if problem is None and self._started:
             # Someone may have written while the lock was not ours: read again, then finish any change.
-            def reloaded(_: Any) -> None:
-                self._resume_change()
+            def failed(failure: Any) -> None:
+                self._log.error("cluster {cluster}: {reason}", cluster=self.cluster, reason=failure.getErrorMessage())
+                self.recovery.unsure = True
+                self.recovery.check()
 
-            self._load().addCallbacks(reloaded, lambda failure: self._log.error(
-                "cluster {cluster}: {reason}", cluster=self.cluster, reason=failure.getErrorMessage()))
+            self._load().addCallbacks(lambda _: self.recovery.check(), failed)
 
     def _polled_addresses(self) -> List[str]:
         if self.topology is None:
             return []
         servers = [server for group in self.topology.groups for server in group.servers]
         return servers + list(self.topology.sentinels)
-
-    def _resume_change(self) -> None:
-        change = self.topology.change if self.topology else None
-        if change and change.get("op") == "promote" and self.busy is None:
-            self._log.warn("cluster {cluster}: finishing an interrupted promote ({change})",
-                           cluster=self.cluster, change=change)
-            self._operation(f"resume promote of {change.get('server')} in group {change.get('group')}",
-                            promoting.run, self, change["group"], change["server"], True).addErrback(lambda f: None)
 
     # -- reads -----------------------------------------------------------------
 
@@ -315,7 +319,7 @@ class Controller:
                 if attempt == 2:
                     raise OperationError(409, "the topology changed in the coordinator while the dashboard was "
                                          "writing it, twice: is something else writing it?")
-                yield self._reread()
+                yield self.reread()
                 continue
             except NotFound:
                 raise OperationError(503, f"the topology document {self.topology_path} is gone from the "
@@ -326,7 +330,8 @@ class Controller:
             return new
 
     @defer.inlineCallbacks
-    def _reread(self) -> Any:
+    def reread(self) -> Any:
+        """Load the topology from the coordinator again; OperationError 503 when it cannot."""
         try:
             yield self._load()
         except ControllerError as err:
@@ -363,10 +368,12 @@ class Controller:
 
         def done(value: Any) -> Any:
             self.busy = None
+            self.recovery.check()
             return value
 
         def failed(failure: Any) -> Any:
             self.busy = None
+            self.recovery.check()
             if failure.check(OperationError):
                 error = failure.value
             else:

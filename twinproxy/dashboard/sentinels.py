@@ -4,7 +4,9 @@ Owns :class:`SentinelAdmin`: ``SENTINEL MONITOR`` (after a ``REMOVE`` of
 the same name, so a sentinel never keeps an old master under it) with
 ``SET`` of the failure-detection settings, ``REMOVE`` of one group or of
 all this cluster's names on a sentinel, the quorum (a majority of the
-cluster's sentinel list) and ``FLUSHCONFIG``.  The ``*_all`` helpers go over
+cluster's sentinel list), ``FLUSHCONFIG`` and ``naming`` (which sentinels
+name a given master for a group: a promote checks a majority agrees before
+releasing its slots).  The ``*_all`` helpers go over
 every sentinel and report what failed instead of stopping at the first.
 The proxies follow switches themselves (the Sentinel follower); nothing
 here routes traffic.
@@ -12,13 +14,15 @@ here routes traffic.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from twisted.internet import defer
 
 from twinproxy.cluster.model import Topology
 from twinproxy.dashboard.servers import ServerAdmin, ServerError, resolve, split_address
 from twinproxy.sentinel.replies import parse_masters
+
+Check = Optional[Callable[[], None]]
 
 
 def quorum(sentinels: Sequence[str]) -> int:
@@ -94,10 +98,15 @@ class SentinelAdmin:
         yield self.flush(sentinel)
 
     @defer.inlineCallbacks
-    def monitor_all(self, topology: Topology, gid: Optional[int] = None) -> Any:
-        """(Re)monitor the masters of ``gid`` (or of every group) on every listed sentinel; the problems."""
+    def monitor_all(self, topology: Topology, gid: Optional[int] = None, before: Check = None) -> Any:
+        """(Re)monitor the masters of ``gid`` (or of every group) on every listed sentinel; the problems.
+
+        ``before()`` runs before each sentinel is told (what it raises ends the loop: a lost lock).
+        """
         problems: List[str] = []
         for sentinel in topology.sentinels:
+            if before is not None:
+                before()
             try:
                 for group in topology.groups:
                     if gid is not None and group.id != gid:
@@ -112,16 +121,39 @@ class SentinelAdmin:
         return problems
 
     @defer.inlineCallbacks
-    def unmonitor_all(self, sentinels: Sequence[str], gid: int) -> Any:
-        """``SENTINEL REMOVE`` the group's name on every sentinel; the problems."""
+    def unmonitor_all(self, sentinels: Sequence[str], gid: int, before: Check = None) -> Any:
+        """``SENTINEL REMOVE`` the group's name on every sentinel; the problems (``before`` as in monitor_all)."""
         problems: List[str] = []
         for sentinel in sentinels:
+            if before is not None:
+                before()
             try:
                 yield self.unmonitor(sentinel, gid)
                 yield self.flush(sentinel)
             except ServerError as err:
                 problems.append(f"sentinel {sentinel}: {err}")
         return problems
+
+    @defer.inlineCallbacks
+    def naming(self, sentinels: Sequence[str], gid: int, master: str) -> Any:
+        """Which sentinels name ``master`` for the group (``GET-MASTER-ADDR-BY-NAME``); (them, what the others said)."""
+        host, port = split_address(master)
+        ip = yield resolve(self._reactor, host)
+        agreeing: List[str] = []
+        problems: List[str] = []
+        for sentinel in sentinels:
+            try:
+                reply = yield self._command(sentinel, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name(gid))
+            except ServerError as err:
+                problems.append(f"sentinel {sentinel}: {err}")
+                continue
+            named = _address(reply)
+            if named == (ip, port):
+                agreeing.append(sentinel)
+            else:
+                shown = f"{named[0]}:{named[1]}" if named else "no master"
+                problems.append(f"sentinel {sentinel} names {shown} for {self.name(gid)}, not {master}")
+        return agreeing, problems
 
     @defer.inlineCallbacks
     def set_quorum_all(self, topology: Topology) -> Any:
@@ -137,3 +169,11 @@ class SentinelAdmin:
             except ServerError as err:
                 problems.append(f"sentinel {sentinel}: {err}")
         return problems
+
+
+def _address(reply: Any) -> Optional[Tuple[str, int]]:
+    """``GET-MASTER-ADDR-BY-NAME``'s [ip, port] as (ip, port); None for a nil or anything else."""
+    if not isinstance(reply, list) or len(reply) != 2:
+        return None
+    host, port = (item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item) for item in reply)
+    return (host, int(port)) if port.isdigit() else None

@@ -2,7 +2,11 @@
 
 Owns :class:`ServerAdmin` (one :class:`~twinproxy.sentinel.client.CommandClient`
 per Redis address, each command with its deadline; errors as
-:class:`ServerError` naming the server), :func:`memcache_version` (a one-shot
+:class:`ServerError` naming the server: :class:`ServerRefused` for an error
+reply, :class:`ServerUnreachable` for none, :class:`ServerDown` — one of
+those — only when the server refused the connection or reset it before
+answering anything, i.e. nothing runs there; a deadline that passed is never
+that, since a slow live server may still have writes), :func:`memcache_version` (a one-shot
 ``version`` probe), :func:`resolve` (a host to the IP Sentinel and REPLICAOF
 need) and :class:`HealthPoller`, which asks every server once a second
 whether it is up and, for Redis, what it really is (``INFO replication``).
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from twisted.internet import defer
+from twisted.internet import error as net_error
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -32,7 +37,15 @@ class ServerError(Exception):
 
 
 class ServerUnreachable(ServerError):
-    """No reply: the connection failed, closed or the deadline passed."""
+    """No reply: the connection failed, closed or the deadline passed (``why`` says which, see _AdminClient)."""
+
+    def __init__(self, message: str, why: str = "timeout") -> None:
+        super().__init__(message)
+        self.why = why
+
+
+class ServerDown(ServerUnreachable):
+    """Nothing listens there: the connection was refused, or reset before the server answered anything."""
 
 
 class ServerRefused(ServerError):
@@ -61,6 +74,65 @@ def resolve(reactor: Any, host: str) -> defer.Deferred:
     return reactor.resolve(host).addErrback(failed)
 
 
+class _AdminFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, client: "_AdminClient") -> None:
+        self.client = client
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self.client._protocol()
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.client._connect_failed_with(reason)
+
+
+class _AdminClient(CommandClient):
+    """A CommandClient that also says why its commands got no reply, in ``why`` (read by ServerAdmin).
+
+    "refused": the connection was refused; "reset": it closed before the
+    server answered anything on it; "lost": it closed after answers (the
+    server may just have dropped an idle connection); "timeout": a deadline
+    passed (connecting or waiting for a reply); "closed": closed by us.
+    The errbacks run inside the failure that set it, so it is the reason of
+    the command failing at that moment.
+    """
+
+    why = "timeout"
+    _answered = False
+
+    def _connect(self) -> None:
+        self._connecting = True
+        host, port = self.address
+        self._reactor.connectTCP(host, port, _AdminFactory(self), timeout=max(self.timeout, 0.1))
+
+    def _connect_failed_with(self, reason: Failure) -> None:
+        self.why = "refused" if reason.check(net_error.ConnectionRefusedError) else "timeout"
+        self._connect_failed(reason.getErrorMessage())
+
+    def _connected(self, protocol: Any) -> None:
+        self._answered = False
+        super()._connected(protocol)
+
+    def _reply(self, protocol: Any, raw: bytes) -> None:
+        if protocol is self._protocol_now:
+            self._answered = True
+        super()._reply(protocol, raw)
+
+    def _overdue(self) -> None:
+        self.why = "timeout"
+        super()._overdue()
+
+    def _lost(self, protocol: Any, text: str) -> None:
+        if protocol is self._protocol_now:
+            self.why = "lost" if self._answered else "reset"
+        super()._lost(protocol, text)
+
+    def close(self) -> None:
+        self.why = "closed"
+        super().close()
+
+
 class ServerAdmin:
     """Commands to Redis servers (and sentinels) by ``host:port``, one connection each."""
 
@@ -73,8 +145,8 @@ class ServerAdmin:
         """The decoded reply; ServerError when there is none in time or it is an error reply."""
         client = self._clients.get(address)
         if client is None:
-            client = self._clients[address] = CommandClient(self._reactor, split_address(address),
-                                                             timeout=self.timeout)
+            client = self._clients[address] = _AdminClient(self._reactor, split_address(address),
+                                                            timeout=self.timeout)
         name = b" ".join(args[:2]).decode("utf-8", "replace")
 
         def answered(value: Any) -> Any:
@@ -84,14 +156,29 @@ class ServerAdmin:
 
         def failed(failure: Failure) -> None:
             failure.trap(CommandError)
-            raise ServerUnreachable(f"{address} did not answer {name}: {failure.getErrorMessage()}")
+            why = client.why
+            if why in ("refused", "reset"):
+                raise ServerDown(f"{address} refuses connections ({name} not answered: "
+                                 f"{failure.getErrorMessage()})", why)
+            raise ServerUnreachable(f"{address} did not answer {name}: {failure.getErrorMessage()}", why)
 
         return client.command(*args).addCallbacks(answered, failed)
 
-    def replication(self, address: str) -> defer.Deferred:
-        """``INFO replication`` of ``address`` as a :class:`Replication`."""
-        return self.command(address, b"INFO", b"replication").addCallback(
-            lambda text: parse_replication(text if isinstance(text, (bytes, str)) else b""))
+    @defer.inlineCallbacks
+    def replication(self, address: str) -> Any:
+        """``INFO replication`` of ``address`` as a :class:`Replication`.
+
+        Asked again once, on a new connection, when the connection closed
+        under it after earlier answers (a server dropping an idle client):
+        that says nothing about the server yet.
+        """
+        try:
+            text = yield self.command(address, b"INFO", b"replication")
+        except ServerUnreachable as err:
+            if err.why != "lost":
+                raise
+            text = yield self.command(address, b"INFO", b"replication")
+        return parse_replication(text if isinstance(text, (bytes, str)) else b"")
 
     @defer.inlineCallbacks
     def replicate(self, address: str, master: Optional[str]) -> Any:

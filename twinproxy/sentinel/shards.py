@@ -47,6 +47,12 @@ class SentinelShards:
         shard = self.shards.pop(name)
         return shard.drain()
 
+    def master_moved(self, name: str, address: str) -> None:
+        """A cluster's dashboard promoted ``address`` in shard ``name``: look again now, holding its requests."""
+        shard = self.shards.get(name)
+        if shard is not None:
+            shard.suspect(f"the cluster topology names {address} as its master")
+
     def reconfigure(self, codec: Any, config: PoolConfig, handshake_changed: bool, added: set) -> None:
         self.config = config
         for name, shard in self.shards.items():

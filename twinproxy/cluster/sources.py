@@ -1,0 +1,172 @@
+"""Every cluster pool of the pool file, applied with the rest of the file.
+
+Owns: :class:`ClusterSources` — it turns the file's pools plus each
+:class:`~twinproxy.cluster.follower.ClusterFollower`'s latest topology into
+the pools to run, hands them to the same apply a reload uses (one process,
+or every worker through their two-phase change), waits for the slot holds
+to settle, and only then has each follower write its generation into its
+registration: the dashboard's barrier counts those writes.  Reloads (the
+file) and topology changes (the coordinator) take turns through one lock,
+so no two applies ever interleave; a reload that fails leaves the file,
+the followers and the running pools as they were.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from twinproxy import __version__
+from twinproxy.cluster.follower import RETRY_SECONDS, ClusterFollower
+from twinproxy.cluster.pools import not_ready
+from twinproxy.config import PoolConfig
+
+
+class Applier:
+    """How the pools reach traffic: ``apply(pools)`` then ``settle()`` (both Deferreds).
+
+    ``apply`` must fail unless every process applied the pools (a partial
+    commit under ``--workers`` is a failure here: the pass is tried again).
+    """
+
+    def __init__(self, apply: Callable[[List[PoolConfig]], defer.Deferred],
+                 settle: Callable[[], defer.Deferred], workers: int = 1) -> None:
+        self.apply = apply
+        self.settle = settle
+        self.workers = workers
+
+
+class ClusterSources(Service):
+    """Every cluster pool of the file, applied with the rest of the file."""
+
+    _log = Logger()
+
+    def __init__(self, file_pools: Sequence[PoolConfig], applier: Applier, reactor: Any,
+                 address_of: Callable[[PoolConfig], str], admin_address: Callable[[], Optional[str]],
+                 connect: Optional[Callable[[str, Any], Any]] = None) -> None:
+        self.setName("cluster-sources")
+        self._file_pools = list(file_pools)
+        self._applier = applier
+        self._reactor = reactor
+        self._address_of = address_of
+        self._admin_address = admin_address
+        self._connect = connect
+        self.followers: Dict[str, ClusterFollower] = {}
+        self._lock = defer.DeferredLock()   # one apply at a time: a pass or a reload
+        self._pass_call: Any = None
+        self._queued = False                # a pass is waiting for the lock
+        self._started_at = time.time()
+        self._applied: Optional[List[PoolConfig]] = None   # what the last apply installed
+
+    # -- the pools to run -----------------------------------------------------
+
+    def resolve(self, pools: Optional[Sequence[PoolConfig]] = None) -> List[PoolConfig]:
+        """``pools`` (default: the file's) with every cluster pool filled in from its latest topology."""
+        resolved = []
+        for config in (self._file_pools if pools is None else pools):
+            follower = self.followers.get(config.name)
+            if config.cluster_mode and follower is not None and follower.same_cluster(config):
+                resolved.append(follower.config(config))
+            elif config.cluster_mode:
+                resolved.append(not_ready(config))
+            else:
+                resolved.append(config)
+        return resolved
+
+    def apply_file(self, pools: List[PoolConfig]) -> defer.Deferred:
+        """The Reloader's apply: a new file, its cluster pools followed once it is applied."""
+        return self._lock.run(self._apply_file, list(pools))
+
+    @defer.inlineCallbacks
+    def _apply_file(self, pools: List[PoolConfig]) -> Any:
+        resolved = self.resolve(pools)
+        changes = yield self._applier.apply(resolved)   # failing: nothing changes here either
+        self._applied = resolved
+        self._file_pools = pools
+        self._follow(pools)
+        if self.followers:
+            self._schedule()   # new cluster pools: registered, then filled in by a pass
+        return changes
+
+    def _follow(self, pools: Sequence[PoolConfig]) -> None:
+        wanted = {config.name: config for config in pools if config.cluster_mode}
+        for name, follower in list(self.followers.items()):
+            config = wanted.get(name)
+            if config is not None and follower.same_cluster(config):
+                follower.base = config   # new settings, same cluster: the session stays
+            else:
+                del self.followers[name]
+                follower.stop()
+        for name, config in wanted.items():
+            if name not in self.followers:
+                follower = ClusterFollower(config, self._reactor, self._schedule, self._registration_info,
+                                           self._connect)
+                self.followers[name] = follower
+                if self.running:
+                    follower.start()
+
+    # -- one pass: apply, settle, acknowledge ----------------------------------
+
+    def _schedule(self) -> None:
+        if not self.running or self._pass_call is not None or self._queued:
+            return
+        # Changes that arrive together (a session and a topology) make one pass.
+        self._pass_call = self._reactor.callLater(0, self._start_pass)
+
+    def _start_pass(self) -> None:
+        self._pass_call = None
+        self._queued = True
+        self._lock.run(self._pass)
+
+    @defer.inlineCallbacks
+    def _pass(self) -> Any:
+        self._queued = False    # what changes from now on needs a pass of its own
+        if not self.running:
+            return
+        generations = {name: f.topology.generation for name, f in self.followers.items()
+                       if f.topology is not None and f.trusted}
+        try:
+            pools = self.resolve()
+            changes: List[str] = []
+            if pools != self._applied:   # a pass for an acknowledgement alone applies nothing
+                changes = yield self._applier.apply(pools)
+                self._applied = pools
+            yield self._applier.settle()
+        except Exception as err:  # noqa: BLE001 - logged; tried again
+            self._log.error("cluster: applying the topology failed, keeping the running one; trying again in "
+                            "{seconds}s: {error}", seconds=RETRY_SECONDS, error=str(err))
+            self._reactor.callLater(RETRY_SECONDS, self._schedule)
+            return
+        if changes:
+            self._log.info("cluster: applied: {summary}", summary="; ".join(changes))
+        for name, follower in self.followers.items():
+            generation = generations.get(name)
+            if follower.needs_acknowledging(generation):
+                follower.acknowledge(generation if generation is not None else (follower.acked or 0))
+
+    def _registration_info(self, follower: ClusterFollower) -> Dict[str, Any]:
+        address = self._address_of(follower.base)
+        return {"id": f"{address}-{os.getpid()}", "addr": address, "admin": self._admin_address(),
+                "pid": os.getpid(), "host": socket.gethostname(), "start": self._started_at,
+                "version": __version__, "protocol": follower.base.protocol, "pool": follower.name,
+                "workers": self._applier.workers}
+
+    # -- lifetime -------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._follow(self._file_pools)   # starts each follower (the service is running now)
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        if self._pass_call is not None and self._pass_call.active():
+            self._pass_call.cancel()
+        self._pass_call = None
+        followers, self.followers = list(self.followers.values()), {}
+        return defer.gatherResults([f.stop() for f in followers])
