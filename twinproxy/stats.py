@@ -193,10 +193,10 @@ def cluster_fields(config: Any) -> Dict[str, Any]:
     table = config.slots
     if table is None:
         return {"cluster": config.cluster, "cluster_generation": 0, "coordinator_session": "not loaded",
-                "slots_offline": 1024, "slots_held": 0}
+                "slots_offline": 1024, "slots_held": 0, "slots_migrating": 0}
     return {"cluster": config.cluster, "cluster_generation": table.generation,
             "coordinator_session": table.session, "slots_offline": 1024 - table.online,
-            "slots_held": len(table.held)}
+            "slots_held": len(table.held), "slots_migrating": len(table.migrating)}
 
 
 def connection_counts(services: Sequence[Any]) -> Tuple[int, int]:
@@ -252,7 +252,7 @@ _NOT_SUMMED = frozenset(("service", "source", "version", "uptime", "timestamp", 
 
 # The latest of the workers' values: each worker follows Sentinel itself.
 _LATEST = frozenset(("server_ejected_at", "sentinel_epoch", "last_switch", "switches", "replicas_healthy",
-                     "cluster_generation", "slots_offline", "slots_held", "slots"))
+                     "cluster_generation", "slots_offline", "slots_held", "slots_migrating", "slots"))
 
 
 def merge_documents(documents: Sequence[Dict[str, Any]]) -> Dict[str, Any]:

@@ -18,7 +18,7 @@ import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from twinproxy import __version__
-from twinproxy.admin_cli import render
+from twinproxy.admin_cli import migrations, render
 from twinproxy.admin_cli.http import DashboardClient, Refused, Unreachable, segment
 
 PROG = "twinproxy-admin"
@@ -56,6 +56,12 @@ def _address(text: str) -> str:
     if not sep or not host or not port.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
     return text
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
 
 
 def _positive(text: str) -> float:
@@ -124,6 +130,20 @@ def parser() -> argparse.ArgumentParser:
                                                                           metavar="FIRST-LAST")
     verb(slots, "rebalance", "spread the slots evenly (for now: place offline slots)").add_argument(
         "--dry-run", action="store_true", help="print the plan, change nothing")
+    migrate = verb(slots, "migrate", "move slots FIRST-LAST, with their keys, to group GID (online; queued)")
+    migrate.add_argument("range", type=_range, metavar="FIRST-LAST")
+    migrate.add_argument("gid", type=_gid, metavar="GID")
+    migrate.add_argument("--keys-per-second", type=_count, metavar="N", help="move at most N keys a second")
+    migrate.add_argument("--parallel", type=_count, metavar="N", help="MIGRATE batches in flight at once")
+
+    migration = nouns("migration", "follow, pause, resume or cancel slot migrations")
+    verb(migration, "status", "every migration: state, keys moved and left, rate, ETA, last error")
+    for action, text in (("pause", "stop moving keys (requests still move the keys they touch)"),
+                         ("resume", "go on moving keys"),
+                         ("cancel", "stop; a migration already moving keys moves them back first"),
+                         ("wait", "wait until the migrations end (exit 0: all finished)")):
+        command = verb(migration, action, text + " (ID, or every migration not ended)")
+        command.add_argument("id", type=_count, nargs="?", metavar="ID")
 
     proxy = nouns("proxy", "list or remove proxies")
     verb(proxy, "list", "the registered proxies")
@@ -171,7 +191,17 @@ def request_for(args: argparse.Namespace) -> Tuple[Request, Callable[[Dict[str, 
         if action == "show":
             query = None if args.range is None else {"first": args.range[0], "last": args.range[1]}
             return ("GET", "/api/slots", None, query), render.slots_text
+        if action == "migrate":
+            first, last = args.range
+            body = {"first": first, "last": last, "group": args.gid, "keys_per_second": args.keys_per_second,
+                    "parallel": args.parallel}
+            return ("POST", "/api/slots/migrate", body, None), migrations.created_text
         return ("POST", "/api/slots/rebalance", {"dry_run": bool(args.dry_run)}, None), render.plan_text
+    if verb == "migration":
+        if action in ("status", "wait"):
+            return ("GET", "/api/migrations", None, None), migrations.status_text
+        path = "/api/migrations" + (f"/{args.id}" if args.id is not None else "") + f"/{action}"
+        return ("POST", path, None, None), migrations.action_text(action)
     if verb == "proxy":
         if action == "list":
             return ("GET", "/api/proxies", None, None), render.proxies_text
@@ -214,6 +244,9 @@ def main(argv: Optional[List[str]] = None, out: Any = None, err: Any = None) -> 
         print(f"{PROG}: {problem}", file=err)
         return EXIT_USAGE
     try:
+        if args.verb == "migration" and getattr(args, "action", None) == "wait":
+            return migrations.wait(client, args.id, out, err, args.json, unreachable=Unreachable,
+                                   patience=args.timeout)
         result = client.request(method, path, body, query)
     except Unreachable as problem:
         print(f"{PROG}: {problem}", file=err)
@@ -228,7 +261,9 @@ def main(argv: Optional[List[str]] = None, out: Any = None, err: Any = None) -> 
             print(f"{PROG}: {line}", file=err)
         return EXIT_FAILED
     if args.json:
-        out.write(json.dumps(result, indent=2) + "\n")
+        shown = (result.get("migrations", []) if (args.verb, getattr(args, "action", None)) == ("migration", "status")
+                 else result)
+        out.write(json.dumps(shown, indent=2) + "\n")
     else:
         out.write(show(result))
     for warning in render.problems(result):

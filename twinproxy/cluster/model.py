@@ -11,8 +11,13 @@ refused by state).  Invariants kept by the edits and checked on load:
   group's master, the rest its replicas (memcache: every server serves);
 - an address belongs to one group only, cluster-wide;
 - slots run 0..1023 exactly; a slot is owned by a group (or None: offline)
-  and has a state, ``stable`` or ``held`` (the promote barrier);
-- a group that owns slots has at least one server.
+  and has a state, ``stable``, ``held`` (a barrier: a promote's, or a
+  migration's first phase) or ``migrating`` (owned by the migration's
+  target, its keys still moving from the source: :meth:`Topology.migrating_from`);
+- a group that owns slots has at least one server;
+- ``migrations`` (optional in the document, written when there are any):
+  the slot migrations, ordered by id: :class:`~twinproxy.cluster.migrations.Migration`
+  (their rules and edits are in :mod:`twinproxy.cluster.migrations`).
 
 No Twisted, no I/O.
 """
@@ -23,15 +28,19 @@ import ipaddress
 import json
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from twinproxy.cluster.slots import SLOT_COUNT, runs
 
 PROTOCOLS = ("redis", "memcache")
-STATES = ("stable", "held")
+STATES = ("stable", "held", "migrating")
 MAX_GROUP = 9999
 CLUSTER_NAME = re.compile(r"^\w[\w.\-]*$", re.ASCII)   # Codis's product-name rule
-_TOP_KEYS = ("cluster", "protocol", "generation", "groups", "slots", "sentinels", "change")
+_TOP_KEYS = ("cluster", "protocol", "generation", "groups", "slots", "sentinels", "change", "migrations")
+_OPTIONAL_TOP_KEYS = ("migrations",)   # a document written before migrations existed has none
+
+if TYPE_CHECKING:
+    from twinproxy.cluster.migrations import Migration
 
 Slot = Tuple[Optional[int], str]
 
@@ -122,6 +131,7 @@ class Topology:
     slots: Tuple[Slot, ...] = field(default_factory=_empty_slots)
     sentinels: Tuple[str, ...] = ()
     change: Optional[Dict[str, Any]] = field(default=None, hash=False)
+    migrations: Tuple["Migration", ...] = ()
 
     # -- construction and the document -------------------------------------------
 
@@ -133,9 +143,12 @@ class Topology:
         return topology
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"cluster": self.cluster, "protocol": self.protocol, "generation": self.generation,
-                "groups": [group.to_dict() for group in self.groups], "slots": self.runs(),
-                "sentinels": list(self.sentinels), "change": self.change}
+        document = {"cluster": self.cluster, "protocol": self.protocol, "generation": self.generation,
+                    "groups": [group.to_dict() for group in self.groups], "slots": self.runs(),
+                    "sentinels": list(self.sentinels), "change": self.change}
+        if self.migrations:
+            document["migrations"] = [migration.to_dict() for migration in self.migrations]
+        return document
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), separators=(",", ":")).encode("utf-8")
@@ -154,7 +167,7 @@ class Topology:
         """Like :meth:`from_json`, from the decoded document."""
         if not isinstance(document, dict):
             raise TopologyError("the topology must be a JSON object")
-        _exact_keys(document, _TOP_KEYS, "the topology")
+        _exact_keys(document, _TOP_KEYS, "the topology", _OPTIONAL_TOP_KEYS)
         generation = document["generation"]
         if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
             raise TopologyError(f"generation must be a non-negative integer, not {generation!r}")
@@ -170,9 +183,12 @@ class Topology:
         change = document["change"]
         if change is not None and not (isinstance(change, dict) and isinstance(change.get("op"), str)):
             raise TopologyError(f"change must be null or an object with an 'op', not {change!r}")
+        from twinproxy.cluster.migrations import parse_migrations
+
         topology = cls(cluster=document["cluster"], protocol=document["protocol"], generation=generation,
                        groups=groups, slots=_slots_from(document["slots"]),
-                       sentinels=tuple(check_address(item, "sentinel") for item in sentinels), change=change)
+                       sentinels=tuple(check_address(item, "sentinel") for item in sentinels), change=change,
+                       migrations=parse_migrations(document.get("migrations", [])))
         topology._validate()
         return topology
 
@@ -202,6 +218,9 @@ class Topology:
             group = self.group(self.change.get("group"))
             if group is None or self.change.get("server") not in group.servers:
                 raise TopologyError(f"the promote in progress names no server of its group: {self.change}")
+        from twinproxy.cluster.migrations import check_migrations
+
+        check_migrations(self)
 
     # -- queries ---------------------------------------------------------------
 
@@ -222,6 +241,24 @@ class Topology:
 
     def slots_of(self, gid: int) -> List[int]:
         return [slot for slot, (owner, _) in enumerate(self.slots) if owner == gid]
+
+    def migration(self, mid: Any) -> Optional["Migration"]:
+        return next((migration for migration in self.migrations if migration.id == mid), None)
+
+    def migration_of(self, slot: int) -> Optional["Migration"]:
+        """The migration (not ended) whose range covers ``slot``, or None."""
+        return next((m for m in self.migrations if not m.ended and m.covers(slot)), None)
+
+    def migrating_from(self, slot: int) -> Optional[int]:
+        """The group a ``migrating`` slot's keys move from (its owner is where they go), else None."""
+        for migration in self.migrations:
+            if migration.state == "migrating" and migration.covers(slot):
+                return migration.source
+        return None
+
+    def migrations_of(self, gid: int) -> List["Migration"]:
+        """The migrations (not ended) group ``gid`` takes part in."""
+        return [m for m in self.migrations if not m.ended and gid in (m.from_group, m.to_group)]
 
     @property
     def offline_slots(self) -> int:
@@ -251,6 +288,12 @@ class Topology:
             raise TopologyError(f"cannot {doing}: group {gid} has a change in progress ({_show_change(self.change)})",
                                 409)
 
+    def _not_migrating(self, gid: int, doing: str) -> None:
+        migrations = self.migrations_of(gid)
+        if migrations:
+            raise TopologyError(f"cannot {doing}: group {gid} takes part in migration "
+                                f"{_show_migration(migrations[0])}: wait for it to end or cancel it", 409)
+
     def _with_group(self, group: Group) -> Tuple[Group, ...]:
         return tuple(sorted([g for g in self.groups if g.id != group.id] + [group], key=lambda g: g.id))
 
@@ -262,6 +305,7 @@ class Topology:
     def remove_group(self, gid: int) -> "Topology":
         self._known_group(gid)
         self._not_changing(gid, f"remove group {gid}")
+        self._not_migrating(gid, f"remove group {gid}")
         owned = self.slots_of(gid)
         if owned:
             raise TopologyError(f"group {gid} owns {len(owned)} slots ({show_slots(owned)}): "
@@ -289,6 +333,9 @@ class Topology:
         if owned and self.protocol == "redis" and address == group.master:
             raise TopologyError(f"{address} is the master of group {gid}, which owns {owned} slots: "
                                 "promote a replica first", 409)
+        if address == group.master or len(group.servers) == 1:
+            # The keys move master to master: a migration's groups keep theirs.
+            self._not_migrating(gid, f"remove {address}, the master of group {gid}")
         return self._next(groups=self._with_group(Group(gid, tuple(s for s in group.servers if s != address))))
 
     def assign_slots(self, first: int, last: int, gid: Optional[int], force: bool = False) -> "Topology":
@@ -306,6 +353,7 @@ class Topology:
         if held:
             raise TopologyError(f"slots {show_slots(held)} are {self.slots[held[0]][1]} by a change in progress "
                                 f"({_show_change(self.change)})", 409)
+        self._not_in_migration(range(first, last + 1), "assign them")
         if not force:
             taken: Dict[int, List[int]] = {}
             for slot in range(first, last + 1):
@@ -322,6 +370,7 @@ class Topology:
 
     def place(self, plan: Dict[int, Optional[int]]) -> "Topology":
         """Set each planned slot's owner in one generation (a rebalance); held slots are refused (409)."""
+        self._not_in_migration(plan, "place them")
         table = list(self.slots)
         for slot, gid in sorted(plan.items()):
             check_slot_range(slot, slot)
@@ -337,13 +386,22 @@ class Topology:
         self._known_group(gid)
         if self.change is not None:
             raise TopologyError(f"another change is in progress ({_show_change(self.change)})", 409)
+        active = [m for m in self.migrations_of(gid) if m.active]
+        if active:
+            raise TopologyError(f"group {gid} takes part in migration {_show_migration(active[0])}, which is "
+                                f"{active[0].state}: wait for it to end (or cancel it) first", 409)
         table = tuple((owner, "held") if owner == gid else (owner, state) for owner, state in self.slots)
         return self._next(slots=table, change=dict(change))
 
+    def _barrier_free(self, gid: Optional[int]) -> Tuple[Slot, ...]:
+        """The table with the promote barrier's held slots (of ``gid``, or all) stable; migrations' kept."""
+        kept = {slot for m in self.migrations if m.active for slot in m.slot_range}
+        return tuple((owner, "stable") if state == "held" and slot not in kept and gid in (None, owner)
+                     else (owner, state) for slot, (owner, state) in enumerate(self.slots))
+
     def release(self) -> "Topology":
-        """End a barrier as it is: every held slot stable again, no change."""
-        table = tuple((owner, "stable") for owner, _ in self.slots)
-        return self._next(slots=table, change=None)
+        """End a barrier as it is: every held slot stable again (a migration's stay), no change."""
+        return self._next(slots=self._barrier_free(None), change=None)
 
     def promote(self, gid: int, address: str) -> "Topology":
         """``address`` becomes the master: first, the old master last, others in order.
@@ -362,8 +420,7 @@ class Topology:
             raise TopologyError(f"another change is in progress ({_show_change(self.change)})", 409)
         others = tuple(s for s in group.replicas if s != address)
         groups = self._with_group(Group(gid, (address,) + others + (group.servers[0],)))
-        table = tuple((owner, "stable") if owner == gid else (owner, state) for owner, state in self.slots)
-        return self._next(groups=groups, slots=table, change=None)
+        return self._next(groups=groups, slots=self._barrier_free(gid), change=None)
 
     def add_sentinel(self, address: str) -> "Topology":
         check_address(address, "sentinel address")
@@ -379,14 +436,57 @@ class Topology:
         return self._next(sentinels=tuple(s for s in self.sentinels if s != address))
 
 
+    def _not_in_migration(self, slots: Any, doing: str) -> None:
+        moving = [slot for slot in slots if self.migration_of(slot) is not None]
+        if moving:
+            raise TopologyError(f"cannot {doing}: slots {show_slots(moving)} are in migration "
+                                f"{_show_migration(self.migration_of(moving[0]))}: wait for it to end or "
+                                "cancel it", 409)
+
+    # -- migrations (the rules, and what each edit does: twinproxy.cluster.migrations) --------
+
+    def create_migration(self, first: int, last: int, gid: int, keys_per_second: Optional[int] = None,
+                         parallel: Optional[int] = None) -> "Topology":
+        from twinproxy.cluster import migrations
+
+        return migrations.create(self, first, last, gid, keys_per_second, parallel)
+
+    def advance_migration(self, mid: int) -> "Topology":
+        from twinproxy.cluster import migrations
+
+        return migrations.advance(self, mid)
+
+    def cancel_migration(self, mid: int) -> "Topology":
+        from twinproxy.cluster import migrations
+
+        return migrations.cancel(self, mid)
+
+    def fail_migration(self, mid: int, reason: str) -> "Topology":
+        from twinproxy.cluster import migrations
+
+        return migrations.fail(self, mid, reason)
+
+    def unprepare_migration(self, mid: int, reason: str) -> "Topology":
+        from twinproxy.cluster import migrations
+
+        return migrations.unprepare(self, mid, reason)
+
+
+def _show_migration(migration: Optional["Migration"]) -> str:
+    if migration is None:
+        return "none"
+    return (f"{migration.id} (slots {migration.first}-{migration.last}, group {migration.from_group} to "
+            f"{migration.to_group}{', being cancelled' if migration.cancelling else ''})")
+
+
 def _show_change(change: Optional[Dict[str, Any]]) -> str:
     if not change:
         return "none"
     return " ".join(f"{key}={value}" for key, value in change.items())
 
 
-def _exact_keys(item: Dict[str, Any], keys: Tuple[str, ...], what: str) -> None:
-    missing = [key for key in keys if key not in item]
+def _exact_keys(item: Dict[str, Any], keys: Tuple[str, ...], what: str, optional: Tuple[str, ...] = ()) -> None:
+    missing = [key for key in keys if key not in item and key not in optional]
     unknown = sorted(key for key in item if key not in keys)
     if missing or unknown:
         parts = ([f"missing {', '.join(missing)}"] if missing else []) + (

@@ -11,7 +11,10 @@ the answer: 200 ``{"ok": true, "generation": N, ...}`` or
 What an operation does is the controller's; a refusal the API makes itself
 (token, body, route) is logged here, one line per failed write, while the
 controller logs the failures of the operations it runs.  Nothing here
-blocks: the operations' Deferreds answer when they fire.
+blocks: the operations' Deferreds answer when they fire.  Slot migrations:
+``POST /api/slots/migrate``, ``GET /api/migrations`` and ``POST
+/api/migrations[/<id>]/pause|resume|cancel`` (without an id: every
+migration that has not ended).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from twinproxy.admin import Page
+from twinproxy.cluster.migrations import check_parallel, check_rate
 from twinproxy.cluster.model import TopologyError, check_address, check_group_id
 from twinproxy.cluster.slots import SLOT_COUNT
 
@@ -138,6 +142,9 @@ _FIELDS: Dict[str, Dict[str, Tuple[bool, Callable[[Any], Any]]]] = {
                      "force": (False, _flag)},
     "rebalance": {"dry_run": (False, _flag)},
     "add_sentinel": {"addr": (True, check_address)},
+    "migrate": {"first": (True, _slot), "last": (True, _slot), "group": (True, check_group_id),
+                "keys_per_second": (False, check_rate), "parallel": (False, check_parallel)},
+    "migration_action": {},
 }
 
 
@@ -163,6 +170,13 @@ def path_group(text: str) -> int:
     if not _DIGITS.match(text):
         raise ApiError(400, f"group id {text!r} in the path is not a number")
     return _check(check_group_id, int(text), "the path")
+
+
+def path_migration(text: str) -> int:
+    """A migration id from the path; ApiError 400 unless it is one."""
+    if not _DIGITS.match(text) or int(text) < 1:
+        raise ApiError(400, f"migration id {text!r} in the path is not a positive number")
+    return int(text)
 
 
 def path_address(text: str) -> str:
@@ -218,6 +232,15 @@ ROUTES: List[Tuple[Tuple[str, ...], Dict[str, str]]] = [
     (("proxies", "{id}"), {"DELETE": "remove_proxy"}),
     (("sentinels",), {"POST": "add_sentinel"}),
     (("sentinels", "{addr}"), {"DELETE": "remove_sentinel"}),
+    (("slots", "migrate"), {"POST": "migrate"}),
+    (("migrations",), {"GET": "get_migrations"}),
+    # The literal routes before the one with an id: /api/migrations/pause is "every migration".
+    (("migrations", "pause"), {"POST": "pause_all"}),
+    (("migrations", "resume"), {"POST": "resume_all"}),
+    (("migrations", "cancel"), {"POST": "cancel_all"}),
+    (("migrations", "{id}", "pause"), {"POST": "pause"}),
+    (("migrations", "{id}", "resume"), {"POST": "resume"}),
+    (("migrations", "{id}", "cancel"), {"POST": "cancel"}),
 ]
 
 
@@ -296,6 +319,40 @@ class _Handlers:
 
     def remove_sentinel(self, request: Any, addr: str) -> Any:
         return self.state.live().remove_sentinel(path_address(addr))
+
+    def migrate(self, request: Any) -> Any:
+        fields = body_fields(request, "migrate")
+        if fields["first"] > fields["last"]:
+            raise ApiError(400, f"slot range {fields['first']}-{fields['last']}: the first slot is after the last")
+        return self.state.live().migrate(fields["first"], fields["last"], fields["group"],
+                                         fields.get("keys_per_second"), fields.get("parallel"))
+
+    def get_migrations(self, request: Any) -> Any:
+        query_args(request, ())
+        return self.state.live().migrations()
+
+    def _migration_action(self, request: Any, action: str, mid: Optional[str]) -> Any:
+        body_fields(request, "migration_action")
+        query_args(request, ())
+        return getattr(self.state.live(), action)(None if mid is None else path_migration(mid))
+
+    def pause_all(self, request: Any) -> Any:
+        return self._migration_action(request, "pause", None)
+
+    def resume_all(self, request: Any) -> Any:
+        return self._migration_action(request, "resume", None)
+
+    def cancel_all(self, request: Any) -> Any:
+        return self._migration_action(request, "cancel", None)
+
+    def pause(self, request: Any, mid: str) -> Any:
+        return self._migration_action(request, "pause", mid)
+
+    def resume(self, request: Any, mid: str) -> Any:
+        return self._migration_action(request, "resume", mid)
+
+    def cancel(self, request: Any, mid: str) -> Any:
+        return self._migration_action(request, "cancel", mid)
 
 
 def check_token(request: Any, token: Optional[bytes]) -> None:

@@ -4,7 +4,8 @@ Owns :class:`Controller`; the HTTP API, the dashboard command and the admin
 CLI sit on top of it.  Its helpers live beside it: ``lock`` (the lock in
 the coordinator), ``barrier`` (the proxies' acknowledgements), ``servers``
 (Redis/memcached admin commands and health polls), ``sentinels`` (Sentinel
-configuration), ``promote`` (the two-phase promote), ``status`` (the status
+configuration), ``promote`` (the two-phase promote), ``migration`` (slot
+migrations: their queue, state machine and mover), ``status`` (the status
 document).  Everything runs in the reactor thread and never blocks it.
 
 Public API (every Deferred fires in the reactor thread; call everything from it)::
@@ -43,6 +44,12 @@ Public API (every Deferred fires in the reactor thread; call everything from it)
                                         # plan/placements/moves: [{"first","last","group"}]; only the
                                         # placements (offline slots) are applied until data can move
     .remove_proxy(proxy_id, force=False) -> {..., "removed"}   # generation unchanged (no topology write)
+    .migrate(first, last, gid, keys_per_second=None, parallel=None) -> {..., "migration"}   # queued (pending)
+    .migrations()                    -> {"migrations": [entry + progress + "owner"]}      # a read (dict)
+    .pause(mid=None) / .resume(mid=None) -> {..., "paused"|"resumed": [ids], "migrations"}  # dicts, no write
+    .cancel(mid=None)                -> {..., "migration", "owner", "note"} (one) or {..., "cancelled", "owners"}
+    # A migration's own steps run as operations too (twinproxy.dashboard.migration); migrate waits for
+    # the one in progress instead of being refused, the others get 409 while a step writes.
     .add_sentinel(addr)              -> {..., "addr", "monitored", "problems"}
     .remove_sentinel(addr)           -> {..., "addr", "unmonitored", "problems"}
     # "problems": what failed on the side (a sentinel not answering...) without failing the operation.
@@ -86,6 +93,7 @@ from twinproxy.dashboard import promote as promoting
 from twinproxy.dashboard.barrier import AcksMissing, ProxyAcks
 from twinproxy.dashboard.errors import ControllerError, LockHeld, OperationError
 from twinproxy.dashboard.lock import DashboardLock
+from twinproxy.dashboard.migration import Migrations
 from twinproxy.dashboard.sentinels import SentinelAdmin
 from twinproxy.dashboard.servers import HealthPoller, ServerAdmin
 from twinproxy.dashboard.status import status_document
@@ -125,6 +133,7 @@ class Controller:
         self.health = HealthPoller(reactor, protocol, self._polled_addresses, command_timeout, poll_period)
         self._lock = DashboardLock(coordinator, cluster, self.dashboard, reactor, self._lock_changed)
         self.recovery = promoting.Recovery(self)
+        self.migrator = Migrations(self)
         self._watches: List[Any] = []
         self._started = False
         self.busy: Optional[str] = None
@@ -147,6 +156,7 @@ class Controller:
             raise error
         try:
             yield self._load()
+            yield self.migrator.load()
             proxies_seen: defer.Deferred = defer.Deferred()
 
             def proxies_changed(children: Dict[str, Any]) -> None:
@@ -172,6 +182,7 @@ class Controller:
             raise
         self._started = True
         self.health.start()
+        self.migrator.start()
         self._log.info("cluster {cluster}: dashboard started at generation {generation} ({proxies} proxies)",
                        cluster=self.cluster, generation=self.topology.generation, proxies=len(self.acks.proxies))
         self.recovery.check()
@@ -185,11 +196,13 @@ class Controller:
     @defer.inlineCallbacks
     def _stop_parts(self) -> Any:
         self.recovery.stop()
+        self.migrator.halt()
         for watch in self._watches:
             watch.cancel()
         self._watches = []
         self.health.stop()
         self.acks.fail_all(OperationError(503, "the dashboard is stopping"))
+        yield self.migrator.stopped()
         self.admin.close()
         yield self._lock.release()
 
@@ -241,8 +254,11 @@ class Controller:
             self.topology, self._version = topology, node.version
             if self.busy is None and self._started:
                 self.recovery.check()
+            self.migrator.check()
 
     def _lock_changed(self, problem: Optional[str]) -> None:
+        if problem is not None:
+            self.migrator.unsure = True     # no sweep until the topology is read again with the lock
         if problem is None and self._started:
             # Someone may have written while the lock was not ours: read again, then finish any change.
             def failed(failure: Any) -> None:
@@ -250,7 +266,12 @@ class Controller:
                 self.recovery.unsure = True
                 self.recovery.check()
 
-            self._load().addCallbacks(lambda _: self.recovery.check(), failed)
+            def loaded(_: Any) -> None:
+                self.migrator.unsure = False
+                self.recovery.check()
+                self.migrator.check()
+
+            self._load().addCallbacks(loaded, failed)
 
     def _polled_addresses(self) -> List[str]:
         if self.topology is None:
@@ -369,11 +390,13 @@ class Controller:
         def done(value: Any) -> Any:
             self.busy = None
             self.recovery.check()
+            self.migrator.check()
             return value
 
         def failed(failure: Any) -> Any:
             self.busy = None
             self.recovery.check()
+            self.migrator.check()
             if failure.check(OperationError):
                 error = failure.value
             else:
@@ -454,3 +477,19 @@ class Controller:
 
     def remove_sentinel(self, addr: str) -> defer.Deferred:
         return self._operation(f"remove sentinel {addr}", actions.remove_sentinel, self, addr)
+
+    def migrate(self, first: int, last: int, gid: int, keys_per_second: Optional[int] = None,
+                parallel: Optional[int] = None) -> defer.Deferred:
+        return defer.maybeDeferred(self.migrator.migrate, first, last, gid, keys_per_second, parallel)
+
+    def migrations(self) -> Dict[str, Any]:
+        return self.migrator.listing()
+
+    def pause(self, mid: Optional[int] = None) -> Dict[str, Any]:
+        return self.migrator.pause(mid)
+
+    def resume(self, mid: Optional[int] = None) -> Dict[str, Any]:
+        return self.migrator.resume(mid)
+
+    def cancel(self, mid: Optional[int] = None) -> defer.Deferred:
+        return defer.maybeDeferred(self.migrator.cancel, mid)

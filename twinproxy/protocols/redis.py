@@ -338,6 +338,7 @@ class RedisCodec:
         if servers.count(first) == len(servers):
             request.kind = FORWARD
             request.key = args[positions[0]]
+            request.positions = positions   # every key it touches (a migrating slot moves them all first)
             return [(first, request)]
         if spec.layout is not SPLIT:
             self._answer(request, resp.error(

@@ -1,0 +1,153 @@
+"""A migrating slot on in-memory transports: MIGRATE the keys a request touches on the source, then
+serve it from the target; keys known moved go straight to the target; a failed move is an error."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from twinproxy.cluster.pools import cluster_pool, not_ready
+from twinproxy.cluster.slots import slot_of
+from twinproxy.config import load_text
+from twinproxy.protocols.resp import encode_command
+from twinproxy.runtime import PoolRuntime
+from twinproxy.topology import diff_pool
+
+POOL = """\
+shop:
+  listen: 127.0.0.1:19000
+  redis: true
+  timeout: 400
+  cluster: shop
+  coordinator: file:///tmp/nowhere
+"""
+SOURCE, TARGET = "10.0.0.1:6379", "10.0.0.2:6379"
+
+
+def cmd(*args: bytes) -> bytes:
+    return encode_command(list(args))
+
+
+def migrate(*keys: bytes) -> bytes:
+    return cmd(b"MIGRATE", b"10.0.0.2", b"6379", b"", b"0", b"5000", b"REPLACE", b"KEYS", *keys)
+
+
+def topology(generation: int, moving=frozenset(), fenced_state: str = "migrating"):
+    """Slots 0-511 on group 1, 512-1023 on group 2; the slots in ``moving`` migrate from 1 to 2."""
+    groups = [SimpleNamespace(id=1, servers=(SOURCE,)), SimpleNamespace(id=2, servers=(TARGET,))]
+    slots = tuple((2, "migrating") if slot in moving else (1 if slot < 512 else 2, "stable") for slot in range(1024))
+    return SimpleNamespace(cluster="shop", protocol="redis", generation=generation, groups=groups, slots=slots,
+                           sentinels=(), migrating_from=lambda slot: 1 if slot in moving else None)
+
+
+def key_in(slot: int, start: int = 0) -> bytes:
+    return next(b"k%d" % i for i in range(start, 100000) if slot_of(b"k%d" % i) == slot)
+
+
+class Wire:
+    def __init__(self) -> None:
+        (self.base,) = load_text(POOL)
+        self.reactor = MemoryReactorClock()
+        self.runtime = PoolRuntime(not_ready(self.base), self.reactor, outbox=None)
+        self.backends = {}
+
+    def serve(self, topo, session: str = "connected") -> None:
+        self.runtime.apply(diff_pool(self.runtime.config, cluster_pool(self.base, topo, session)))
+
+    def client(self):
+        protocol = self.runtime.factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def backend(self, address: str):
+        while self.reactor.tcpClients:
+            host, port, factory, _, _ = self.reactor.tcpClients.pop(0)
+            protocol = factory.buildProtocol(None)
+            transport = StringTransport()
+            protocol.makeConnection(transport)
+            self.backends.setdefault(f"{host}:{port}", []).append((protocol, transport))
+        return self.backends[address][0]
+
+
+class MigratingSlotTests(SynchronousTestCase):
+    def test_keys_are_moved_then_the_request_is_served_by_the_target(self) -> None:
+        w = Wire()
+        w.serve(topology(1, moving={7}))
+        client, out = w.client()
+        key = key_in(7)
+        client.dataReceived(cmd(b"SET", key, b"v"))
+        source, source_wire = w.backend(SOURCE)
+        self.assertEqual(source_wire.value(), migrate(key))
+        self.assertNotIn(TARGET, w.backends)
+        source.dataReceived(b"+OK\r\n")
+        target, target_wire = w.backend(TARGET)
+        self.assertEqual(target_wire.value(), cmd(b"SET", key, b"v"))
+        target.dataReceived(b"+OK\r\n")
+        self.assertEqual(out.value(), b"+OK\r\n")
+        # Known moved: straight to the target now.
+        client.dataReceived(cmd(b"GET", key))
+        self.assertEqual(source_wire.value(), migrate(key))
+        self.assertEqual(target_wire.value(), cmd(b"SET", key, b"v") + cmd(b"GET", key))
+
+    def test_nokey_means_nothing_to_move(self) -> None:
+        w = Wire()
+        w.serve(topology(1, moving={7}))
+        client, out = w.client()
+        client.dataReceived(cmd(b"GET", key_in(7)))
+        source, _ = w.backend(SOURCE)
+        source.dataReceived(b"+NOKEY\r\n")
+        target, target_wire = w.backend(TARGET)
+        self.assertEqual(target_wire.value(), cmd(b"GET", key_in(7)))
+
+    def test_every_key_of_a_one_slot_command_is_moved_together(self) -> None:
+        tag = next(b"t%d" % i for i in range(1000) if slot_of(b"t%d" % i) < 512)
+        a, b = b"{" + tag + b"}a", b"{" + tag + b"}b"
+        w = Wire()
+        w.serve(topology(1, moving={slot_of(a)}))
+        client, out = w.client()
+        client.dataReceived(cmd(b"RENAME", a, b))
+        _, source_wire = w.backend(SOURCE)
+        self.assertEqual(source_wire.value(), migrate(a, b))
+
+    def test_a_split_command_moves_each_fragment_s_keys(self) -> None:
+        w = Wire()
+        k1, k2 = key_in(7), key_in(8)
+        w.serve(topology(1, moving={7}))
+        client, out = w.client()
+        client.dataReceived(cmd(b"MGET", k1, k2))
+        source, source_wire = w.backend(SOURCE)
+        # Slot 8 is stable on the source: its fragment goes there; slot 7's keys are moved first.
+        self.assertIn(migrate(k1), source_wire.value())
+        self.assertIn(cmd(b"MGET", k2), source_wire.value())
+
+    def test_a_failed_move_is_an_error_and_nothing_is_served(self) -> None:
+        w = Wire()
+        w.serve(topology(1, moving={7}))
+        client, out = w.client()
+        client.dataReceived(cmd(b"SET", key_in(7), b"v"))
+        source, _ = w.backend(SOURCE)
+        source.dataReceived(b"-IOERR error or timeout reading to target instance\r\n")
+        self.assertTrue(out.value().startswith(b"-TRYAGAIN slot 7 is migrating"), out.value())
+        self.assertNotIn(TARGET, w.backends)
+
+    def test_a_lost_session_fences_migrating_slots(self) -> None:
+        w = Wire()
+        w.serve(topology(1, moving={7}), session="suspended")
+        client, out = w.client()
+        client.dataReceived(cmd(b"GET", key_in(7)))
+        self.assertIn(b"lost its coordinator session", out.value())
+
+    def test_the_moved_memory_survives_a_new_generation(self) -> None:
+        w = Wire()
+        w.serve(topology(1, moving={7}))
+        client, out = w.client()
+        key = key_in(7)
+        client.dataReceived(cmd(b"GET", key))
+        source, source_wire = w.backend(SOURCE)
+        source.dataReceived(b"+OK\r\n")
+        w.serve(topology(2, moving={7, 9}))
+        client.dataReceived(cmd(b"GET", key))
+        self.assertEqual(source_wire.value(), migrate(key))   # no second MIGRATE

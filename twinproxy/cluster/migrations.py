@@ -1,0 +1,343 @@
+"""Slot migrations in the topology: the entries, their rules, and the pure edits that drive them.
+
+Owns :class:`Migration` (one entry of the document's ``migrations`` list),
+:func:`parse_migrations` / :func:`check_migrations` (the document's rules,
+called by :class:`~twinproxy.cluster.model.Topology` on load and after each
+edit) and the edits, each a new Topology at generation + 1 or a
+:class:`~twinproxy.cluster.model.TopologyError` (400/404/409):
+
+- :func:`create` — ``pending``: queued, the slots unchanged.  The range's
+  slots must all be owned by one other group, stable, and in no migration
+  that has not ended;
+- :func:`advance` — ``pending`` (or ``preparing``) -> ``prepared``: the
+  range ``held`` at the source (phase one of the barrier); -> ``migrating``:
+  owned by the target, state ``migrating`` (proxies move each key they touch
+  from the source first); -> ``finished``: stable at the target.  A group
+  takes part in one migration past pending at a time;
+- :func:`cancel` — pending: ``cancelled``; prepared: released at the source,
+  ``cancelled``; migrating: ``cancelling`` is set and the range moves back
+  with the same states (held at the old target, then migrating to
+  ``from_group``), ending ``cancelled`` with the slots owned by
+  ``from_group``;
+- :func:`fail` — a pending or prepared migration ``failed`` (the hold
+  released); :func:`unprepare` — prepared back to pending (the hold's
+  acknowledgements did not come: nothing moved yet).
+
+Ended entries beyond the last :data:`KEEP_ENDED` are pruned by every edit
+here.  ``preparing`` (Codis's store-only step) is accepted on load and
+treated as pending; this dashboard does not write it.  No Twisted, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Collection, Dict, List, Optional, Tuple
+
+from twinproxy.cluster.model import Topology, TopologyError, check_group_id, check_slot_range, show_slots
+
+# A migration's states, in order; the last three end it.
+MIGRATION_STATES = ("pending", "preparing", "prepared", "migrating", "finished", "cancelled", "failed")
+ENDED = ("finished", "cancelled", "failed")
+ACTIVE = ("preparing", "prepared", "migrating")   # past pending: its groups take part in no other
+KEEP_ENDED = 50
+MAX_PARALLEL = 64
+MAX_RATE = 10 ** 9
+_KEYS = ("id", "first", "last", "from_group", "to_group", "state")
+_OPTIONAL = ("keys_per_second", "parallel", "cancelling", "error")
+
+
+@dataclass(frozen=True)
+class Migration:
+    """Slots ``first..last`` moving from group ``from_group`` to group ``to_group``.
+
+    ``cancelling``: cancelled while its keys moved, so the range moves back
+    with the same states (``source`` and ``target`` swapped) and ends
+    ``cancelled`` with the slots owned by ``from_group``.
+    ``keys_per_second`` / ``parallel`` tune the dashboard's mover (None: as
+    fast as it goes / one batch in flight); ``error`` says why it failed or
+    was put back to pending.
+    """
+
+    id: int
+    first: int
+    last: int
+    from_group: int
+    to_group: int
+    state: str = "pending"
+    keys_per_second: Optional[int] = None
+    parallel: Optional[int] = None
+    cancelling: bool = False
+    error: Optional[str] = None
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED
+
+    @property
+    def active(self) -> bool:
+        """Past pending and not ended: its groups take part in no other migration meanwhile."""
+        return self.state in ACTIVE
+
+    @property
+    def source(self) -> int:
+        """The group the keys move from now (``to_group`` while cancelling)."""
+        return self.to_group if self.cancelling else self.from_group
+
+    @property
+    def target(self) -> int:
+        return self.from_group if self.cancelling else self.to_group
+
+    @property
+    def slot_range(self) -> range:
+        return range(self.first, self.last + 1)
+
+    def covers(self, slot: int) -> bool:
+        return self.first <= slot <= self.last
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"id": self.id, "first": self.first, "last": self.last, "from_group": self.from_group,
+                "to_group": self.to_group, "state": self.state, "keys_per_second": self.keys_per_second,
+                "parallel": self.parallel, "cancelling": self.cancelling, "error": self.error}
+
+    def describe(self) -> str:
+        back = ", being moved back" if self.cancelling else ""
+        return f"{self.id} (slots {self.first}-{self.last}, group {self.from_group} to {self.to_group}{back})"
+
+
+# -- the document ------------------------------------------------------------------
+
+
+def check_rate(value: Any) -> Optional[int]:
+    """keys per second: None or 1..10**9; TopologyError (400) otherwise."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_RATE):
+        raise TopologyError(f"keys_per_second must be null or an integer from 1 to {MAX_RATE}, not {value!r}")
+    return value
+
+
+def check_parallel(value: Any) -> Optional[int]:
+    """batches in flight: None or 1..64; TopologyError (400) otherwise."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or not 0 < value <= MAX_PARALLEL):
+        raise TopologyError(f"parallel must be null or an integer from 1 to {MAX_PARALLEL}, not {value!r}")
+    return value
+
+
+def parse_migrations(items: Any) -> Tuple[Migration, ...]:
+    """The document's ``migrations`` list; TopologyError (400) names what is wrong."""
+    if not isinstance(items, list):
+        raise TopologyError("migrations must be a list")
+    found = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise TopologyError(f"a migration must be an object, not {item!r}")
+        what = f"migration {item.get('id')!r}"
+        missing = [key for key in _KEYS if key not in item]
+        unknown = sorted(str(key) for key in item if key not in _KEYS + _OPTIONAL)
+        if missing or unknown:
+            raise TopologyError(f"{what}: " + "; ".join(
+                ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(unknown)}"]
+                                                                          if unknown else [])))
+        mid = item["id"]
+        if isinstance(mid, bool) or not isinstance(mid, int) or mid < 1:
+            raise TopologyError(f"{what}: id must be a positive integer")
+        first, last = check_slot_range(item["first"], item["last"])
+        if item["state"] not in MIGRATION_STATES:
+            raise TopologyError(f"{what}: unknown state {item['state']!r} (known: {', '.join(MIGRATION_STATES)})")
+        cancelling = item.get("cancelling", False)
+        error = item.get("error")
+        if not isinstance(cancelling, bool) or not (error is None or isinstance(error, str)):
+            raise TopologyError(f"{what}: cancelling must be true or false and error null or a string")
+        found.append(Migration(mid, first, last, check_group_id(item["from_group"]), check_group_id(item["to_group"]),
+                               item["state"], check_rate(item.get("keys_per_second")),
+                               check_parallel(item.get("parallel")), cancelling, error))
+    return tuple(found)
+
+
+def check_migrations(topology: Topology) -> None:
+    """The rules between the migrations and the slot table; TopologyError (400) for the first broken."""
+    ids = [m.id for m in topology.migrations]
+    if ids != sorted(set(ids)):
+        raise TopologyError(f"migrations must be ordered by id with no duplicates, not {ids}")
+    owner: Dict[int, Migration] = {}      # slot -> its migration (not ended)
+    busy: Dict[int, Migration] = {}       # group -> its migration past pending
+    for m in topology.migrations:
+        if m.ended:
+            continue
+        if m.from_group == m.to_group:
+            raise TopologyError(f"migration {m.id} moves slots from group {m.from_group} to itself")
+        for gid in (m.from_group, m.to_group):
+            if topology.group(gid) is None:
+                raise TopologyError(f"migration {m.describe()} names group {gid}, which does not exist")
+            if m.active:
+                if gid in busy:
+                    raise TopologyError(f"group {gid} takes part in migrations {busy[gid].id} and {m.id} at once")
+                busy[gid] = m
+        if m.cancelling and m.state not in ("prepared", "migrating"):
+            raise TopologyError(f"migration {m.id} is {m.state}: only a prepared or migrating one moves back")
+        expected = _expected_slot(m)
+        for slot in m.slot_range:
+            if slot in owner:
+                raise TopologyError(f"slot {slot} is in migrations {owner[slot].id} and {m.id}")
+            owner[slot] = m
+            gid, state = topology.slots[slot]
+            # A pending migration's slots may be held by a promote of their group meanwhile.
+            if gid != expected[0] or state != expected[1] and not (expected[1] == "stable" and state == "held"):
+                raise TopologyError(f"migration {m.describe()} is {m.state}, so slot {slot} must be "
+                                    f"{expected[1]} in group {expected[0]}, not {state} in group {gid}")
+    stray = [slot for slot, (_, state) in enumerate(topology.slots) if state == "migrating" and slot not in owner]
+    if stray:
+        raise TopologyError(f"slots {show_slots(stray)} are migrating but no migration covers them")
+
+
+def _expected_slot(m: Migration) -> Tuple[int, str]:
+    if m.state in ("pending", "preparing"):
+        return m.from_group, "stable"
+    if m.state == "prepared":
+        return m.source, "held"
+    return m.target, "migrating"
+
+
+# -- edits ----------------------------------------------------------------------------
+
+
+def _find(topology: Topology, mid: Any) -> Migration:
+    migration = topology.migration(mid)
+    if migration is None:
+        raise TopologyError(f"there is no migration {mid}", 404)
+    return migration
+
+
+def _write(topology: Topology, migration: Migration, slots: Optional[Tuple[int, str]] = None) -> Topology:
+    """``migration`` replacing its entry (or appended), its range set to ``slots``, ended entries pruned."""
+    entries = [m for m in topology.migrations if m.id != migration.id] + [migration]
+    entries.sort(key=lambda m: m.id)
+    ended = [m for m in entries if m.ended]
+    drop = {m.id for m in ended[:max(0, len(ended) - KEEP_ENDED)]}
+    changes: Dict[str, Any] = {"migrations": tuple(m for m in entries if m.id not in drop)}
+    if slots is not None:
+        table = list(topology.slots)
+        table[migration.first:migration.last + 1] = [slots] * (migration.last - migration.first + 1)
+        changes["slots"] = tuple(table)
+    return topology._next(**changes)
+
+
+def create(topology: Topology, first: int, last: int, gid: int, keys_per_second: Optional[int] = None,
+           parallel: Optional[int] = None) -> Topology:
+    """Queue moving slots ``first..last`` to group ``gid``: a pending migration, the slots unchanged."""
+    first, last = check_slot_range(first, last)
+    check_rate(keys_per_second)
+    check_parallel(parallel)
+    target = topology._known_group(gid)
+    if topology.protocol != "redis":
+        raise TopologyError("moving a memcache cluster's slots is not available yet: assign them with force "
+                            "(the new owner's cache fills again)", 409)
+    if not target.servers:
+        raise TopologyError(f"group {gid} has no servers: add one before moving slots to it", 409)
+    slots = range(first, last + 1)
+    busy = [slot for slot in slots if topology.slots[slot][1] != "stable"]
+    if busy:
+        raise TopologyError(f"slots {show_slots(busy)} are {topology.slots[busy[0]][1]} by a change in progress: "
+                            "wait for it to end", 409)
+    queued = [slot for slot in slots if topology.migration_of(slot) is not None]
+    if queued:
+        raise TopologyError(f"slots {show_slots(queued)} are in migration "
+                            f"{topology.migration_of(queued[0]).describe()} already", 409)
+    owners: Dict[Optional[int], List[int]] = {}
+    for slot in slots:
+        owners.setdefault(topology.slots[slot][0], []).append(slot)
+    if gid in owners:
+        raise TopologyError(f"group {gid} owns slots {show_slots(owners[gid])} already: migrate only slots "
+                            "another group owns")
+    if None in owners:
+        raise TopologyError(f"slots {show_slots(owners[None])} are offline: there is nothing to move, assign "
+                            "them instead", 409)
+    if len(owners) > 1:
+        shown = "; ".join(f"group {owner} owns {show_slots(owned)}" for owner, owned in sorted(owners.items()))
+        raise TopologyError(f"slots {first}-{last} belong to more than one group ({shown}): migrate one group's "
+                            "slots at a time", 409)
+    source = next(iter(owners))
+    mid = max((m.id for m in topology.migrations), default=0) + 1
+    return _write(topology, Migration(mid, first, last, source, gid, "pending", keys_per_second, parallel))
+
+
+def startable(topology: Topology, skip: Collection[int] = ()) -> List[int]:
+    """Ids of the pending migrations that may start now, in order.
+
+    Per group, first come first served: a pending migration starts when
+    neither of its groups takes part in a migration past pending, in an
+    earlier pending one (except those in ``skip``: paused) or in a promote.
+    """
+    claimed = {gid for m in topology.migrations if m.active for gid in (m.from_group, m.to_group)}
+    change = topology.change or {}
+    if change.get("group") is not None:
+        claimed.add(change["group"])
+    found = []
+    for m in topology.migrations:
+        if m.state not in ("pending", "preparing") or m.id in skip:
+            continue
+        groups = {m.from_group, m.to_group}
+        if not groups & claimed:
+            found.append(m.id)
+        claimed |= groups
+    return found
+
+
+def advance(topology: Topology, mid: int) -> Topology:
+    """The migration's next state (see the module docstring); 409 when it cannot go on."""
+    m = _find(topology, mid)
+    if m.ended:
+        raise TopologyError(f"migration {m.describe()} has ended ({m.state})", 409)
+    if m.state in ("pending", "preparing"):
+        for gid in (m.from_group, m.to_group):
+            group = topology._known_group(gid)
+            if not group.servers:
+                raise TopologyError(f"migration {m.describe()} cannot start: group {gid} has no servers", 409)
+            change = topology.change or {}
+            if change.get("group") == gid:
+                raise TopologyError(f"migration {m.describe()} cannot start: group {gid} has a {change.get('op')} "
+                                    "in progress", 409)
+            others = [other for other in topology.migrations_of(gid) if other.active and other.id != m.id]
+            if others:
+                raise TopologyError(f"migration {m.describe()} cannot start: group {gid} takes part in migration "
+                                    f"{others[0].describe()}", 409)
+        return _write(topology, replace(m, state="prepared", error=None), (m.source, "held"))
+    if m.state == "prepared":
+        return _write(topology, replace(m, state="migrating"), (m.target, "migrating"))
+    return _write(topology, replace(m, state="cancelled" if m.cancelling else "finished"), (m.target, "stable"))
+
+
+def cancel(topology: Topology, mid: int) -> Topology:
+    """Cancel the migration (see the module docstring); 409 when it has ended or is moving back already."""
+    m = _find(topology, mid)
+    if m.ended:
+        raise TopologyError(f"migration {m.describe()} has ended ({m.state})", 409)
+    if m.cancelling:
+        raise TopologyError(f"migration {m.describe()} is being cancelled already", 409)
+    if m.state in ("pending", "preparing"):
+        return _write(topology, replace(m, state="cancelled"))
+    if m.state == "prepared":
+        return _write(topology, replace(m, state="cancelled"), (m.from_group, "stable"))
+    # Migrating: some keys are on each side.  Phase one of moving them back: hold at the new owner.
+    return _write(topology, replace(m, state="prepared", cancelling=True), (m.to_group, "held"))
+
+
+def fail(topology: Topology, mid: int, reason: str) -> Topology:
+    """A pending or prepared migration ends failed (its hold released at the source); 409 otherwise."""
+    m = _find(topology, mid)
+    if m.state not in ("pending", "preparing", "prepared") or m.cancelling:
+        raise TopologyError(f"migration {m.describe()} is {m.state}: only one whose keys have not started moving "
+                            "can fail (cancel it instead)", 409)
+    slots = (m.from_group, "stable") if m.state == "prepared" else None
+    return _write(topology, replace(m, state="failed", error=reason), slots)
+
+
+def unprepare(topology: Topology, mid: int, reason: str) -> Topology:
+    """A prepared migration (not moving back) pending again, its hold released; 409 otherwise."""
+    m = _find(topology, mid)
+    if m.state != "prepared" or m.cancelling:
+        raise TopologyError(f"migration {m.describe()} is {m.state}: only a prepared one goes back to pending", 409)
+    return _write(topology, replace(m, state="pending", error=reason), (m.from_group, "stable"))
+
+
+__all__ = ["ACTIVE", "ENDED", "KEEP_ENDED", "MIGRATION_STATES", "Migration", "advance", "cancel", "check_migrations",
+           "check_parallel", "check_rate", "create", "fail", "parse_migrations", "startable", "unprepare"]

@@ -1,0 +1,223 @@
+"""The background mover of one migrating slot range: SCAN the source, MIGRATE the range's keys.
+
+Owns :class:`Sweep` (codis.md §6.3, "Background mover") and
+:class:`Throttle`.  A sweep walks the source master's whole keyspace (db
+0) with ``SCAN cursor COUNT 1000``, keeps the keys whose slot
+(:func:`~twinproxy.cluster.slots.slot_of`) is in the range, and sends them
+in batches of at most 100 as ``MIGRATE <target host> <port> "" 0 <timeout>
+REPLACE KEYS k1..kn`` — atomic on the source, TTLs kept, ``+NOKEY`` when a
+proxy moved them all already.  ``parallel`` batches are in flight at once
+(pipelined on one connection), and with ``keys_per_second`` the batches
+are spaced so that no more leave per second.
+
+It is done after one complete SCAN pass finds none of the range's keys,
+followed by a verification pass that finds none either: after the
+barrier no proxy writes the range's keys to the source, so a key found
+nowhere in a full pass cannot come back (SCAN returns every key present
+for the whole pass).  ``REPLACE`` makes a retried batch harmless (an
+IOERR may leave a key on both sides; the source's copy is the one that
+counts until MIGRATE says OK).  A refused or unanswered command is
+retried after a delay doubling from 0.2 s to 5 s, its reason in the
+progress' ``error``; the sweep never gives up by itself (pause, cancel or
+stop it).  Runs in the reactor and never blocks it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional
+
+from twisted.internet import defer
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from twinproxy.cluster.slots import slot_of
+from twinproxy.dashboard.progress import Progress
+from twinproxy.dashboard.servers import ServerAdmin, ServerError, split_address
+
+SCAN_COUNT = 1000
+BATCH = 100
+MIGRATE_TIMEOUT_MS = 5000
+BACKOFF_FIRST, BACKOFF_LONGEST = 0.2, 5.0
+WAIT_POLL = 0.2      # seconds between two looks while paused or not allowed to go on
+CLEAN_PASSES = 2     # a pass that finds none, then the verification pass
+
+
+class Throttle:
+    """Spaces sends so that at most ``rate`` keys leave per second (None: no limit)."""
+
+    def __init__(self, reactor: Any, rate: Optional[int]) -> None:
+        self._reactor = reactor
+        self.rate = rate
+        self._next = 0.0
+
+    def delay(self, keys: int) -> float:
+        """Seconds to wait before sending ``keys`` keys (and books them)."""
+        if not self.rate:
+            return 0.0
+        now = self._reactor.seconds()
+        start = max(now, self._next)
+        self._next = start + keys / self.rate
+        return start - now
+
+
+class Stopped(Exception):
+    """The sweep was stopped before the range was empty."""
+
+
+class Sweep:
+    """Moves every key of slots ``first..last`` from ``source`` to ``target`` (both ``host:port`` masters).
+
+    ``run()`` fires True once the range is empty on the source, False when
+    ``stop()`` ended it first (after the batches in flight answered).
+    ``may_go()`` is asked before each command: False makes the sweep wait
+    (the lock lost, the migration changed) — like ``pause()`` until
+    ``resume()``.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any, source: str, target: str, first: int, last: int, progress: Progress,
+                 keys_per_second: Optional[int] = None, parallel: Optional[int] = None,
+                 may_go: Optional[Callable[[], bool]] = None, timeout_ms: int = MIGRATE_TIMEOUT_MS,
+                 command_timeout: float = 2.0, label: str = "") -> None:
+        self._reactor = reactor
+        self.source = source
+        self.target = target
+        self.first = first
+        self.last = last
+        self.progress = progress
+        self.parallel = parallel or 1
+        self.throttle = Throttle(reactor, keys_per_second)
+        self.batch = min(BATCH, max(1, keys_per_second // 10)) if keys_per_second else BATCH
+        self._may_go = may_go or (lambda: True)
+        self._timeout_ms = timeout_ms
+        # Pipelined batches wait for the ones before them: the deadline covers them all.
+        self._admin = ServerAdmin(reactor, timeout_ms / 1000.0 * self.parallel + command_timeout)
+        host, port = split_address(target)
+        self._migrate = [b"MIGRATE", host.encode(), str(port).encode(), b"", b"0", str(timeout_ms).encode(),
+                         b"REPLACE", b"KEYS"]
+        self.label = label or f"slots {first}-{last}"
+        self.paused = False
+        self.stopped = False
+        self.passes = 0
+        self._delay = BACKOFF_FIRST
+
+    # -- control ---------------------------------------------------------------
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    # -- the sweep ---------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def run(self) -> Any:
+        try:
+            clean = 0
+            while clean < CLEAN_PASSES:
+                found = yield self._pass()
+                self.passes += 1
+                clean = clean + 1 if found == 0 else 0
+            self.progress.keys_left = 0
+            return True
+        except Stopped:
+            return False
+        finally:
+            self._admin.close()
+
+    @defer.inlineCallbacks
+    def _gate(self) -> Any:
+        """Returns when the sweep may send its next command; Stopped when it was stopped."""
+        while True:
+            if self.stopped:
+                raise Stopped()
+            if not self.paused and self._may_go():
+                return
+            yield deferLater(self._reactor, WAIT_POLL, lambda: None)
+
+    @defer.inlineCallbacks
+    def _command(self, *args: bytes) -> Any:
+        """The command's reply, asked again (after a growing delay) until the source answers it."""
+        while True:
+            yield self._gate()
+            try:
+                reply = yield self._admin.command(self.source, *args)
+                return reply
+            except ServerError as err:
+                yield self._trouble(f"{args[0].decode()} on the source {self.source}: {err}")
+
+    @defer.inlineCallbacks
+    def _trouble(self, reason: str) -> Any:
+        if self.progress.error != reason:
+            self._log.warn("{label}: {reason}; trying again in {delay:g}s", label=self.label, reason=reason,
+                           delay=self._delay)
+        self.progress.error = reason
+        yield deferLater(self._reactor, self._delay, lambda: None)
+        self._delay = min(self._delay * 2, BACKOFF_LONGEST)
+
+    def _well(self) -> None:
+        self._delay = BACKOFF_FIRST
+        self.progress.error = None
+
+    @defer.inlineCallbacks
+    def _pass(self) -> Any:
+        """One complete SCAN pass, moving what it finds; the number of the range's keys it found."""
+        size = yield self._command(b"DBSIZE")
+        total = size if isinstance(size, int) else 0
+        cursor, scanned, found, moved_before = b"0", 0, 0, self.progress.keys_moved
+        while True:
+            reply = yield self._command(b"SCAN", cursor, b"COUNT", str(SCAN_COUNT).encode())
+            try:
+                cursor, keys = bytes(reply[0]), [bytes(key) for key in reply[1]]
+            except (TypeError, IndexError, ValueError):
+                yield self._trouble(f"SCAN on the source {self.source} answered {str(reply)[:100]}")
+                continue
+            self._well()
+            matched = [key for key in keys if self.first <= slot_of(key) <= self.last]
+            scanned += len(keys)
+            found += len(matched)
+            if scanned and total:
+                # The range's share of what was scanned, of what the source held when the pass began.
+                estimate = round(found * total / scanned)
+                self.progress.keys_left = max(0, estimate - (self.progress.keys_moved - moved_before))
+            yield self._move(matched)
+            if cursor == b"0":
+                break
+        if found == 0:
+            self.progress.keys_left = 0
+        return found
+
+    @defer.inlineCallbacks
+    def _move(self, keys: List[bytes]) -> Any:
+        """MIGRATE ``keys`` in batches, ``parallel`` at a time, each until it is answered OK or NOKEY."""
+        batches = [keys[i:i + self.batch] for i in range(0, len(keys), self.batch)]
+        while batches:
+            wave, batches = batches[:self.parallel], batches[self.parallel:]
+            while wave:
+                yield self._gate()
+                wait = self.throttle.delay(sum(len(batch) for batch in wave))
+                if wait > 0:
+                    yield deferLater(self._reactor, wait, lambda: None)
+                    yield self._gate()
+                results = yield defer.DeferredList(
+                    [self._admin.command(self.source, *self._migrate, *batch) for batch in wave],
+                    consumeErrors=True)
+                again, problem = [], None
+                for batch, (ok, value) in zip(wave, results):
+                    if ok and value == "OK":
+                        self.progress.keys_moved += len(batch)
+                    elif ok and value == "NOKEY":
+                        pass
+                    else:
+                        again.append(batch)
+                        problem = value.getErrorMessage() if not ok else f"unexpected reply {value!r}"
+                wave = again
+                if problem is not None:
+                    yield self._trouble(f"MIGRATE from {self.source} to {self.target}: {problem}")
+                else:
+                    self._well()

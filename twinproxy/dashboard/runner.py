@@ -1,0 +1,310 @@
+"""One slot migration driven through its states by the dashboard (see ``migration`` for the whole story).
+
+Owns :class:`Runner`: a loop per migration that has not ended, which reads
+the migration's state from the controller's topology, takes the next step
+as one of the controller's operations (hold, migrating, finish, cancel;
+each a topology write waiting for every proxy), runs the
+:class:`~twinproxy.dashboard.mover.Sweep` while the range is migrating, and
+tries again after a delay doubling from 1 s to 30 s when a step fails (its
+reason in the progress' ``error``).  Cancels asked for meanwhile are
+answered by the loop once their write is made.  Runs in the reactor.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from twinproxy.cluster.migrations import Migration, startable
+from twinproxy.dashboard.errors import OperationError
+from twinproxy.dashboard.mover import Sweep
+from twinproxy.dashboard.progress import Progress
+from twinproxy.dashboard.servers import ServerError
+
+if TYPE_CHECKING:
+    from twinproxy.cluster.model import Topology
+    from twinproxy.dashboard.migration import Migrations
+
+POLL = 0.25                      # seconds a runner waits before looking again (woken sooner by changes)
+RETRY_FIRST, RETRY_LONGEST = 1.0, 30.0
+
+
+def _version(info: Any) -> Optional[tuple]:
+    text = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        if line.startswith("redis_version:"):
+            try:
+                return tuple(int(part) for part in line.split(":", 1)[1].strip().split("."))
+            except ValueError:
+                return None
+    return None
+
+
+class Runner:
+    """Drives one migration through its states until it ends (or the dashboard stops)."""
+
+    _log = Logger()
+
+    def __init__(self, manager: "Migrations", mid: int) -> None:
+        self.manager = manager
+        self.ctl = manager.ctl
+        self.id = mid
+        self.sweep: Optional[Sweep] = None
+        self.cancels: List[defer.Deferred] = []
+        self.stopped = False
+        self._wake: Optional[defer.Deferred] = None
+        self._delay = RETRY_FIRST
+        self.done: Optional[defer.Deferred] = None
+
+    @property
+    def progress(self) -> Progress:
+        return self.manager.book.get(self.id)
+
+    def start(self) -> None:
+        self.done = self._loop()
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.sweep is not None:
+            self.sweep.stop()
+        self.wake()
+
+    def wake(self) -> None:
+        if self._wake is not None and not self._wake.called:
+            self._wake.callback(None)
+
+    def cancel(self) -> defer.Deferred:
+        """Fires with the cancel's answer once it is written (or fails with why it cannot be)."""
+        answer: defer.Deferred = defer.Deferred()
+        self.cancels.append(answer)
+        if self.sweep is not None:
+            self.sweep.stop()      # its batches in flight answer first
+        self.wake()
+        return answer
+
+    def _sleep(self, seconds: float) -> defer.Deferred:
+        woken: defer.Deferred = defer.Deferred()
+        self._wake = woken
+        timer = self.ctl.reactor.callLater(seconds, lambda: woken.called or woken.callback(None))
+
+        def done(value: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return value
+
+        return woken.addBoth(done)
+
+    def _entry(self) -> Optional[Migration]:
+        topology = self.ctl.topology
+        return topology.migration(self.id) if topology is not None else None
+
+    def _answer_cancels(self, result: Any = None, error: Optional[OperationError] = None) -> None:
+        answers, self.cancels = self.cancels, []
+        for answer in answers:
+            if error is not None:
+                answer.errback(error)
+            else:
+                answer.callback(result)
+
+    @defer.inlineCallbacks
+    def _loop(self) -> Any:
+        try:
+            while not self.stopped:
+                m = self._entry()
+                if m is None or m.ended:
+                    if self.cancels:
+                        shown = f"has ended ({m.state})" if m is not None else "is gone from the topology"
+                        self._answer_cancels(error=OperationError(409, f"migration {self.id} {shown}"))
+                    return
+                if self.cancels and m.cancelling:
+                    self._answer_cancels(self.manager.cancelled(m, "it is being moved back already"))
+                if not self.ctl.writable:
+                    yield self._sleep(POLL)
+                    continue
+                if self.manager.unsure:
+                    try:
+                        yield self.ctl.reread()
+                        self.manager.unsure = False
+                    except OperationError:
+                        yield self._sleep(POLL)
+                    continue
+                try:
+                    acted = yield self._act(m)
+                except Exception as err:  # noqa: BLE001 - a runner must outlive any one failed step
+                    if self.stopped:
+                        return
+                    if not isinstance(err, OperationError):
+                        self._log.failure("cluster {cluster}: migration {id}: unexpected error",
+                                          cluster=self.ctl.cluster, id=self.id)
+                    self.progress.error = getattr(err, "message", None) or f"internal error: {err}"
+                    try:
+                        yield self.ctl.reread()      # a write that failed may have landed
+                    except OperationError:
+                        pass
+                    yield self._sleep(self._delay)
+                    self._delay = min(self._delay * 2, RETRY_LONGEST)
+                    continue
+                self._delay = RETRY_FIRST
+                if not acted:
+                    yield self._sleep(POLL)
+        finally:
+            if self.cancels:
+                self._answer_cancels(error=OperationError(503, "the dashboard is stopping"))
+            self.manager.runner_done(self)
+
+    @defer.inlineCallbacks
+    def _act(self, m: Migration) -> Any:
+        """One step of ``m``; False when it has to wait (its turn, a pause)."""
+        cancel = bool(self.cancels) and not m.cancelling
+        what = f"migration {m.id} (slots {m.first}-{m.last})"
+        if cancel:
+            yield self._step(f"cancel {what}", self._cancel)
+            return True
+        if m.state in ("pending", "preparing"):
+            topology = self.ctl.current()
+            if self.manager.paused(m.id) or m.id not in startable(topology, self.manager.paused_ids()):
+                return False
+            yield self._step(f"{what}: hold the slots on group {m.source}", self._prepare)
+        elif m.state == "prepared":
+            yield self._step(f"{what}: migrating to group {m.target}", self._start_moving)
+        else:
+            done = yield self._sweep(m)
+            if done and not self.stopped and not self.cancels:
+                yield self._step(f"{what}: finish", self._finish)
+        return True
+
+    @defer.inlineCallbacks
+    def _step(self, name: str, body: Callable[[], Any]) -> Any:
+        yield self.manager.idle(lambda: self.stopped)
+        if self.stopped:
+            raise OperationError(503, "the dashboard is stopping")
+        self.progress.error = None       # what this step finds worth noting is noted again
+        result = yield self.ctl._operation(name, body)
+        m = self._entry()
+        if m is not None:
+            self._log.info("cluster {cluster}: {step}: done, migration {id} is {state} (generation {generation})",
+                           cluster=self.ctl.cluster, step=name, id=self.id, state=m.state,
+                           generation=self.ctl.current().generation)
+        return result
+
+    @defer.inlineCallbacks
+    def _prepare(self) -> Any:
+        ctl = self.ctl
+        ctl.check_writable()
+        m = self._entry()
+        current = ctl.current()
+        ctl.dry(lambda: current.advance_migration(self.id))
+        versions = []
+        for gid in (m.source, m.target):
+            master = current.group(gid).master
+            try:
+                versions.append(_version((yield ctl.admin.command(master, b"INFO", b"server"))))
+            except ServerError as err:
+                raise OperationError(502, f"migration {m.id} cannot start: group {gid}'s master does not "
+                                     f"answer: {err}")
+        if None not in versions and versions[1] < versions[0]:
+            reason = (f"the target group {m.target} runs Redis {'.'.join(map(str, versions[1]))}, older than the "
+                      f"source's {'.'.join(map(str, versions[0]))}: its keys would not load there")
+            yield ctl.commit(lambda t: t.fail_migration(self.id, reason), f"migration {m.id} failed")
+            return {"failed": reason}
+        held = yield ctl.write(lambda t: t.advance_migration(self.id))
+        try:
+            yield ctl.wait_acks(held, f"the hold of slots {m.first}-{m.last} (migration {m.id})")
+        except OperationError as err:
+            if err.status == 504:
+                # Nothing has moved yet: release the hold rather than keep requests waiting.
+                reason = err.message
+                yield ctl.write(lambda t: t.unprepare_migration(self.id, reason))
+            raise
+        return ctl.ok(held)
+
+    @defer.inlineCallbacks
+    def _start_moving(self) -> Any:
+        ctl = self.ctl
+        ctl.check_writable()
+        m = self._entry()
+        try:
+            yield ctl.wait_acks(ctl.current(), f"the hold of slots {m.first}-{m.last} (migration {m.id})")
+        except OperationError as err:
+            if err.status == 504 and not m.cancelling:
+                reason = err.message
+                yield ctl.write(lambda t: t.unprepare_migration(self.id, reason))
+            raise      # moving back: keys on both sides, so the hold stays until everyone has it
+        moving = yield ctl.write(lambda t: t.advance_migration(self.id))
+        yield self._acks_noted(moving, f"slots {m.first}-{m.last} migrating to group {m.target}")
+        return ctl.ok(moving)
+
+    @defer.inlineCallbacks
+    def _finish(self) -> Any:
+        m = self._entry()
+        ended = yield self.ctl.write(lambda t: t.advance_migration(self.id))
+        yield self._acks_noted(ended, f"slots {m.first}-{m.last} stable at group {m.target}")
+        return self.ctl.ok(ended)
+
+    @defer.inlineCallbacks
+    def _cancel(self) -> Any:
+        ctl = self.ctl
+        m = self._entry()
+        try:
+            ctl.check_writable()
+            new = yield ctl.write(lambda t: t.cancel_migration(self.id))
+        except OperationError as err:
+            self._answer_cancels(error=err)
+            raise
+        after = new.migration(self.id)
+        note = ("nothing had moved: the slots stay with group {0}" if after.state == "cancelled" else
+                "its keys move back to group {0}, which owns the slots again when that ends").format(m.from_group)
+        self._answer_cancels(self.manager.cancelled(after, note, new.generation))
+        yield self._acks_noted(new, f"the cancel of migration {m.id}")
+        return ctl.ok(new)
+
+    @defer.inlineCallbacks
+    def _acks_noted(self, topology: "Topology", what: str) -> Any:
+        """Wait for the acknowledgements; missing ones are noted in the progress (the proxies catch up)."""
+        try:
+            yield self.ctl.wait_acks(topology, what)
+        except OperationError as err:
+            if err.status != 504:
+                raise
+            self.progress.error = err.message
+
+    @defer.inlineCallbacks
+    def _sweep(self, m: Migration) -> Any:
+        topology = self.ctl.current()
+        source, target = topology.group(m.source).master, topology.group(m.target).master
+        sweep = Sweep(self.ctl.reactor, source, target, m.first, m.last, self.progress, m.keys_per_second,
+                      m.parallel, may_go=lambda: self._may_sweep(m, source, target),
+                      command_timeout=self.ctl.command_timeout, label=f"migration {m.id}")
+        if self.manager.paused(m.id):
+            sweep.pause()
+        self.sweep = sweep
+        try:
+            done = yield sweep.run()
+        finally:
+            self.sweep = None
+        return done
+
+    def _may_sweep(self, m: Migration, source: str, target: str) -> bool:
+        """Whether the sweep may send its next command; a migration changed under it stops it."""
+        if not self.ctl.writable:
+            return False      # the lock is not ours: whoever holds it may move the migration on
+        if self.manager.unsure:
+            # It was not ours for a while: stop, so that the loop reads the topology before going on.
+            if self.sweep is not None:
+                self.sweep.stop()
+            return False
+        now = self._entry()
+        topology = self.ctl.topology
+
+        def master(gid: int) -> Optional[str]:
+            group = topology.group(gid)
+            return group.master if group is not None else None
+
+        if (now is None or now.state != "migrating" or now.cancelling != m.cancelling
+                or master(m.source) != source or master(m.target) != target):
+            if self.sweep is not None:
+                self.sweep.stop()
+            return False
+        return True
