@@ -42,7 +42,7 @@ SENTINEL_KEYS = ("sentinels", "sentinel_auth", "read_policy", "max_replica_lag",
 CLUSTER_KEYS = ("cluster", "coordinator", "slot_hold")
 # What a cluster pool cannot have: its topology is the dashboard's.
 _NOT_IN_CLUSTER = ("servers", "hash", "hash_tag", "distribution", "auto_eject_hosts", "sentinels", "sentinel_auth",
-                   "read_policy", "max_replica_lag")
+                   "read_policy", "max_replica_lag", "redis_db")
 # Envoy's names for where reads go.
 READ_POLICIES = ("master", "prefer-master", "replica", "prefer-replica", "any")
 # Codis's rule for a product (cluster) name.
@@ -306,6 +306,9 @@ def _cluster_pool(name: str, body: Dict[str, Any], values: Dict[str, Any], fail)
             raise fail(key, None, f"is required with '{other}' (a cluster pool names both)")
     for key in _NOT_IN_CLUSTER:
         if key in body:
+            if key == "redis_db":
+                raise fail(key, None, "cannot be set in a cluster pool: a cluster lives in database 0 (the "
+                           "dashboard's migrations move database 0)")
             raise fail(key, None, "cannot be set in a cluster pool: the cluster's dashboard places servers and "
                        "slots (keys go to slots by crc32 of their {tag} % 1024, as in Codis)")
     return PoolConfig(name=name, servers=(), **values)

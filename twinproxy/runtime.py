@@ -163,6 +163,10 @@ class PoolRuntime:
         """
         newly = new.held - (old.held if old is not None else frozenset())
         names = {new.owners[slot] for slot in newly} - {None}
+        # A slot held after migrating (a cancel's way back): its MIGRATEs still in
+        # flight on the source must be answered first too.
+        if old is not None:
+            names |= {source for slot, source in old.migrating if slot in newly}
         for name in names:
             link = self._links.get(name)
             if link is not None:

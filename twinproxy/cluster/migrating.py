@@ -55,18 +55,26 @@ class _ThenForward:
 class MigratingSlot:
     """One slot moving from ``source`` to ``target`` (both Servers of the pool)."""
 
-    __slots__ = ("name", "slot", "source", "target", "_prefix", "_moved", "_answer", "moves", "failures")
+    __slots__ = ("name", "slot", "source", "target", "_prefix", "_moved", "_answer", "_route", "moves",
+                 "failures")
 
     def __init__(self, slot: int, source: Any, target: Any, db: int, auth: Optional[str],
-                 answer: Callable[..., None], timeout_ms: int = MIGRATE_TIMEOUT_MS) -> None:
+                 answer: Callable[..., None], route: Optional[Callable[[int], Any]] = None,
+                 timeout_ms: int = MIGRATE_TIMEOUT_MS) -> None:
         self.name = f"slot-{slot}"
         self.slot = slot
         self.source = source
         self.target = target
         self._answer = answer
+        # Where the slot goes *now*: a MIGRATE answered after the next table (a
+        # hold, a cancel's way back, the finish) sends its request there.
+        self._route = route
         self._moved: Set[bytes] = set()
         self.moves = 0       # MIGRATEs sent
         self.failures = 0    # MIGRATEs that failed (the request got an error)
+        if target.spec.host is None:
+            raise ValueError(f"slot {slot}: a migration needs the target's TCP address (MIGRATE), not "
+                             f"{target.spec.address}")
         self._prefix = migrate_prefix(target.spec.host, target.spec.port, db, timeout_ms, auth)
 
     def same_move(self, source: Any, target: Any) -> bool:
@@ -93,7 +101,8 @@ class MigratingSlot:
             if len(moved) >= MOVED_MEMORY:
                 moved.clear()
             moved.update(keys)
-            self.target.send(request)
+            now = self._route(self.slot) if self._route is not None else self
+            (self.target if now is self else now).send(request)
             return
         self.failures += 1
         shown = reply.strip().decode("utf-8", "replace")[:200] or "no reply"

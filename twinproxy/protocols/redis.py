@@ -38,12 +38,14 @@ class CommandSpec:
     """Where a command's keys are, as Redis's own (first, last, step) key specs."""
 
     __slots__ = ("name", "label", "layout", "first", "last", "step", "merge", "handler", "reason",
-                 "arity", "subcommands", "readonly")
+                 "arity", "subcommands", "readonly", "destination")
 
     def __init__(self, name: bytes, layout: str, first: int = 1, last: int = 1, step: int = 1,
                  merge: Optional[str] = None, handler: Optional[Callable] = None,
-                 reason: Optional[str] = None) -> None:
+                 reason: Optional[str] = None, destination: int = 0) -> None:
         self.name = name
+        # A numkeys command that also writes a key before its count (ZUNIONSTORE's destination).
+        self.destination = destination
         self.label = name.decode("ascii")
         self.layout = layout
         self.first = first
@@ -86,7 +88,9 @@ _TWO_KEYS = "rename renamenx rpoplpush smove lmove copy lcs zrangestore geosearc
 _ALL_KEYS = "sdiff sdiffstore sinter sinterstore sunion sunionstore pfcount pfmerge"
 # A key count, then the keys.
 _NUMKEYS_AT_1 = "zunion zinter zdiff zintercard sintercard lmpop zmpop"
-_NUMKEYS_AT_2 = "zunionstore zinterstore zdiffstore eval evalsha eval_ro evalsha_ro fcall fcall_ro"
+_NUMKEYS_AT_2 = "eval evalsha eval_ro evalsha_ro fcall fcall_ro"
+# The same after a destination key: it must be with the others, and is moved with them.
+_NUMKEYS_AFTER_DESTINATION = "zunionstore zinterstore zdiffstore"
 
 # Read-only to Redis, yet for the master: scripts (their keys and effects are
 # their own), and TOUCH (its point is the master's access times).
@@ -229,6 +233,7 @@ class RedisCodec:
         add("msetnx", SAME_SERVER, first=1, last=-1, step=2)
         add(_NUMKEYS_AT_1, NUMKEYS, first=1)
         add(_NUMKEYS_AT_2, NUMKEYS, first=2)
+        add(_NUMKEYS_AFTER_DESTINATION, NUMKEYS, first=2, destination=1)
         add("mget", SPLIT, first=1, last=-1, merge="array")
         add("mset", SPLIT, first=1, last=-1, step=2, merge="ok")
         add("del unlink exists touch", SPLIT, first=1, last=-1, merge="sum")
@@ -440,7 +445,10 @@ class RedisCodec:
                 self._answer(request, resp.error(
                     f"ERR {shown} with no keys cannot be routed by twinproxy: pass the keys it uses (numkeys >= 1)"))
                 return None
-            return list(range(spec.first + 1, spec.first + 1 + count))
+            positions = list(range(spec.first + 1, spec.first + 1 + count))
+            if spec.destination:
+                positions.insert(0, spec.destination)
+            return positions
         last = len(args) - 1 if spec.last < 0 else spec.last
         if last >= len(args) or (spec.step > 1 and (len(args) - spec.first) % spec.step):
             self._answer(request, _wrong_arity(args[0].lower()))

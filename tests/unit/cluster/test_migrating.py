@@ -151,3 +151,44 @@ class MigratingSlotTests(SynchronousTestCase):
         w.serve(topology(2, moving={7, 9}))
         client.dataReceived(cmd(b"GET", key))
         self.assertEqual(source_wire.value(), migrate(key))   # no second MIGRATE
+
+
+class AfterTheMoveTests(SynchronousTestCase):
+    def test_a_move_answered_after_a_new_hold_waits_in_it(self) -> None:
+        """A cancel's hold arrives while a MIGRATE is in flight: the request must wait, not go to the target."""
+        w = Wire()
+        w.serve(topology(1, moving={7}))
+        client, out = w.client()
+        key = key_in(7)
+        client.dataReceived(cmd(b"SET", key, b"v"))
+        source, source_wire = w.backend(SOURCE)
+        held = topology(2)
+        held.slots = tuple((2, "held") if slot == 7 else entry for slot, entry in enumerate(held.slots))
+        w.serve(held)
+        settled = w.runtime.settled()
+        self.assertFalse(settled.called)            # the MIGRATE on the source is still in flight
+        source.dataReceived(b"+OK\r\n")
+        self.assertTrue(settled.called)
+        self.assertNotIn(TARGET, w.backends)        # held: nothing sent to the target yet
+        w.serve(topology(3))                        # cancelled: slot 7 is group 1's again
+        w.backend(SOURCE)                           # (the hold settled the old connection: a new one)
+        _, new_wire = w.backends[SOURCE][-1]
+        self.assertEqual(new_wire.value(), cmd(b"SET", key, b"v"))
+        self.assertNotIn(TARGET, w.backends)
+
+    def test_a_destination_in_another_slot_is_refused(self) -> None:
+        w = Wire()
+        w.serve(topology(1))
+        client, out = w.client()
+        client.dataReceived(cmd(b"ZUNIONSTORE", key_in(1), b"1", key_in(2)))
+        self.assertIn(b"CROSSSLOT", out.value())
+
+    def test_a_destination_is_moved_with_the_sources(self) -> None:
+        tag = next(b"t%d" % i for i in range(1000) if slot_of(b"t%d" % i) < 512)
+        dst, src = b"{" + tag + b"}d", b"{" + tag + b"}s"
+        w = Wire()
+        w.serve(topology(1, moving={slot_of(dst)}))
+        client, out = w.client()
+        client.dataReceived(cmd(b"ZUNIONSTORE", dst, b"1", src))
+        _, source_wire = w.backend(SOURCE)
+        self.assertEqual(source_wire.value(), migrate(dst, src))
