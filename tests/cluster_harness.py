@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -192,6 +193,16 @@ def proxies_at(status: Dict[str, Any], count: int) -> bool:
     """``count`` proxies registered, every one at the cluster's generation."""
     proxies = status.get("proxies", [])
     return len(proxies) == count and all(p.get("generation") == status.get("generation") for p in proxies)
+
+
+def independent_slot(key: bytes) -> int:
+    """Codis's slot of ``key``, computed here apart from twinproxy's own code (zlib, the tag rule)."""
+    start = key.find(b"{")
+    if start >= 0:
+        end = key.find(b"}", start + 1)
+        if end >= 0:
+            key = key[start + 1:end]
+    return zlib.crc32(key) % 1024
 
 
 def _env() -> Dict[str, str]:

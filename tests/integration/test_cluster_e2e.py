@@ -10,24 +10,23 @@ from __future__ import annotations
 
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.cluster_harness import ClusterProxy, Dashboard, admin, admin_ok, proxies_at, status_json, wait_for_status
+from tests.cluster_harness import (
+    ClusterProxy,
+    Dashboard,
+    admin,
+    admin_ok,
+    independent_slot,
+    proxies_at,
+    status_json,
+    wait_for_status,
+)
 from tests.coordinator_servers import coordinator_url_for
 from tests.servers import LOOPBACK, wait_until
-
-
-def independent_slot(key: bytes) -> int:
-    start = key.find(b"{")
-    if start >= 0:
-        end = key.find(b"}", start + 1)
-        if end >= 0:
-            key = key[start + 1:end]
-    return zlib.crc32(key) % 1024
 
 
 def direct(server) -> redis.Redis:

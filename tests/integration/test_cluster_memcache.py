@@ -5,7 +5,6 @@ topology (not ready, offline slots) and a Redis cluster through ``twinproxy.clie
 from __future__ import annotations
 
 import threading
-import zlib
 from pathlib import Path
 
 import pytest
@@ -13,16 +12,8 @@ import redis
 from pymemcache.client.base import Client as MemcacheClient
 
 from tests.cluster_harness import ClusterProxy, Dashboard, admin_ok, proxies_at, status_json, wait_for_status
+from tests.cluster_harness import independent_slot as slot
 from tests.servers import LOOPBACK, wait_until
-
-
-def slot(key: bytes) -> int:
-    start = key.find(b"{")
-    if start >= 0:
-        end = key.find(b"}", start + 1)
-        if end >= 0:
-            key = key[start + 1:end]
-    return zlib.crc32(key) % 1024
 
 
 @pytest.fixture

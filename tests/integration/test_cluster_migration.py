@@ -6,25 +6,16 @@ from __future__ import annotations
 
 import json
 import time
-import zlib
 from pathlib import Path
 
 import pytest
 import redis
 
 from tests.cluster_harness import ClusterProxy, Dashboard, admin, admin_ok, proxies_at, wait_for_status
+from tests.cluster_harness import independent_slot as slot
 from tests.coordinator_servers import coordinator_url_for
 from tests.history import RegisterLoad, check
 from tests.servers import LOOPBACK, wait_until
-
-
-def slot(key: bytes) -> int:
-    start = key.find(b"{")
-    if start >= 0:
-        end = key.find(b"}", start + 1)
-        if end >= 0:
-            key = key[start + 1:end]
-    return zlib.crc32(key) % 1024
 
 
 def keys_in(first: int, last: int, count: int, prefix: str) -> list:
