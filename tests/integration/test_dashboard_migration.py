@@ -267,6 +267,18 @@ def test_cancel_mid_migration_moves_the_keys_back(harness, redis_servers) -> Non
     assert cancelled["owners"] == {"2": 1} and listing(harness, controller)[2]["state"] == "cancelled"
 
 
+def test_cancel_of_a_paused_migration_moves_the_keys_back(harness, redis_servers) -> None:
+    controller, one, two = build(harness, redis_servers)
+    data = fill(one)
+    harness.launch(controller.migrate, 0, LAST, 2, 500).wait()
+    wait_until(lambda: listing(harness, controller)[1]["keys_moved"] >= 500, timeout=30, what="keys to move")
+    harness.launch(controller.pause, 1).wait()
+    harness.launch(controller.cancel, 1).wait()
+    done = wait_state(harness, controller, 1, "cancelled")
+    assert done["paused"] is False
+    assert keys_on(two) == set() and keys_on(one) == set(data["keys"])
+
+
 @pytest.mark.timeout(180)
 def test_a_dashboard_killed_mid_migration_finishes_it_after_a_restart(tmp_path, redis_servers, processes) -> None:
     one, two = redis_servers(2)

@@ -223,6 +223,12 @@ class Migrations:
             runner = self.runners.get(m.id)
             if runner is None:
                 raise OperationError(503, f"migration {m.id} has no runner (the dashboard is stopping)")
+            # A paused migration is cancelled too: its way back must not stay paused.
+            progress = self.book.get(m.id)
+            if progress.paused:
+                progress.paused = False
+                if runner.sweep is not None:
+                    runner.sweep.resume()
             answers.append(runner.cancel())
         results = yield defer.DeferredList(answers, consumeErrors=True)
         done, problems = [], []
