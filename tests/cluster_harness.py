@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from tests.conftest import spawn_proxy, stop_proxy
+from tests.proxy_clients import read_stats
 from tests.servers import LOOPBACK, Process, free_port, wait_until
 
 BIN = Path(sys.executable).parent
@@ -148,16 +149,7 @@ class ClusterProxy:
         return True
 
     def stats(self) -> Dict[str, Any]:
-        import socket
-
-        with socket.create_connection((LOOPBACK, self.stats_port), timeout=5) as sock:
-            data = b""
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        return json.loads(data)
+        return read_stats(f"{LOOPBACK}:{self.stats_port}")
 
     def stop(self) -> None:
         if self.process is not None:

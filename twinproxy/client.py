@@ -35,6 +35,7 @@ import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
+from twinproxy.cluster.paths import proxies_path
 from twinproxy.coordinator import CoordinatorError
 from twinproxy.coordinator.blocking import BlockingDirectory
 
@@ -51,7 +52,7 @@ class ProxyDirectory:
         if not cluster or "/" in cluster:
             raise ValueError(f"bad cluster name {cluster!r}")
         self.cluster = cluster
-        self.path = f"/clusters/{cluster}/proxies"
+        self.path = proxies_path(cluster)
         self._directory = BlockingDirectory(coordinator_url)
         self.url = self._directory.url
         self.poll_interval = poll_interval

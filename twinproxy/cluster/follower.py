@@ -26,20 +26,13 @@ from typing import Any, Callable, Dict, Optional
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from twinproxy.cluster.paths import proxies_path, topology_path
 from twinproxy.cluster.pools import CONNECTED, cluster_pool, not_ready
 from twinproxy.config import PoolConfig
 
 RETRY_SECONDS = 1.0
 # The session is back but the topology not yet re-read: held slots stay fenced.
 RESYNCING = "resyncing"
-
-
-def topology_path(cluster: str) -> str:
-    return f"/clusters/{cluster}/topology"
-
-
-def proxies_path(cluster: str) -> str:
-    return f"/clusters/{cluster}/proxies"
 
 
 class ClusterFollower:

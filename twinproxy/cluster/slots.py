@@ -16,16 +16,6 @@ SLOT_COUNT = 1024
 SLOT_MASK = SLOT_COUNT - 1
 
 
-def hash_tag(key: bytes) -> bytes:
-    """The part of ``key`` its slot is computed from."""
-    start = key.find(b"{")
-    if start >= 0:
-        end = key.find(b"}", start + 1)
-        if end >= 0:
-            return key[start + 1:end]
-    return key
-
-
 def slot_of(key: bytes) -> int:
     """The slot Codis puts ``key`` in."""
     if 123 in key:   # b"{": a memchr, cheaper than find() for the keys with no tag

@@ -87,6 +87,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twinproxy.cluster.model import CLUSTER_NAME, PROTOCOLS, Topology, TopologyError, check_slot_range
+from twinproxy.cluster.paths import proxies_path, topology_path
 from twinproxy.coordinator import Conflict, CoordinatorError, NotFound
 from twinproxy.dashboard import actions
 from twinproxy.dashboard import promote as promoting
@@ -121,8 +122,8 @@ class Controller:
         self.ack_timeout = ack_timeout
         self.command_timeout = command_timeout
         self.catchup_timeout = catchup_timeout
-        self.topology_path = f"/clusters/{cluster}/topology"
-        self.proxies_path = f"/clusters/{cluster}/proxies"
+        self.topology_path = topology_path(cluster)
+        self.proxies_path = proxies_path(cluster)
         self.dashboard = {"addr": addr, "pid": os.getpid(), "host": socket.gethostname(), "start": time.time()}
         self.topology: Optional[Topology] = None
         self._version: Optional[int] = None

@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from twinproxy.cluster.paths import dashboard_path
 from twinproxy.coordinator import Conflict, CoordinatorError
 from twinproxy.dashboard.errors import LockHeld
 
@@ -31,7 +32,7 @@ class DashboardLock:
                  on_change: Callable[[Optional[str]], None], retry: float = 0.5) -> None:
         self._coordinator = coordinator
         self._cluster = cluster
-        self.path = f"/clusters/{cluster}/dashboard"
+        self.path = dashboard_path(cluster)
         self.value = value
         self._reactor = reactor
         self._on_change = on_change      # called with the new ``problem`` (None: writable again)

@@ -22,6 +22,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from twinproxy.cluster.paths import progress_path
 from twinproxy.coordinator import Conflict, CoordinatorError, NotFound
 
 RATE_WINDOW = 5.0    # seconds the rate is measured over
@@ -88,7 +89,7 @@ class ProgressBook:
         self._coordinator = coordinator
         self._reactor = reactor
         self._period = period
-        self.path = f"/clusters/{cluster}/migration-progress"
+        self.path = progress_path(cluster)
         self.entries: Dict[int, Progress] = {}
         self._written: Optional[Dict[str, Any]] = None
         self._writing: Optional[defer.Deferred] = None

@@ -26,6 +26,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from twinproxy.cluster.model import CLUSTER_NAME, PROTOCOLS
+from twinproxy.cluster.paths import dashboard_path
 from twinproxy.dashboard.api import ApiState, make_site
 from twinproxy.dashboard.metrics import CONTENT_TYPE, StatsPoller, render
 
@@ -190,7 +191,7 @@ class DashboardService(MultiService):
         from twinproxy.coordinator import CoordinatorError
 
         try:
-            node = yield self.coordinator.get(f"/clusters/{self.settings.cluster}/dashboard")
+            node = yield self.coordinator.get(dashboard_path(self.settings.cluster))
         except CoordinatorError:
             return None
         if node is None:
