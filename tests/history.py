@@ -92,7 +92,7 @@ class RegisterLoad(threading.Thread):
                     ok = bool(self.client.set(key, value))
                 except redis.RedisError as err:
                     ok = False
-                    self.errors.append(f"set {key!r}: {err!r}")
+                    self.errors.append(f"set {key!r}: {type(err).__name__}: {err} @{time.time():.3f}")
                 self.history.append(Op(self.label, "write", key, value, start, time.monotonic(), ok))
             else:
                 start = time.monotonic()
@@ -101,7 +101,7 @@ class RegisterLoad(threading.Thread):
                     ok = True
                 except redis.RedisError as err:
                     got, ok = None, False
-                    self.errors.append(f"get {key!r}: {err!r}")
+                    self.errors.append(f"get {key!r}: {type(err).__name__}: {err} @{time.time():.3f}")
                 self.history.append(Op(self.label, "read", key, got, start, time.monotonic(), ok))
             number += 1
             self.count = number

@@ -208,6 +208,13 @@ class ProxyService(MultiService):
         """Fires once every slot hold applied so far has drained what was in flight (cluster pools)."""
         return defer.gatherResults([service.runtime.settled() for service in self.pools])
 
+    def renew_leases(self, until: float) -> None:
+        """Cluster pools may route by their slot tables until ``until`` (see cluster.targets' lease)."""
+        for service in self.pools:
+            slots = service.runtime.pool.slots
+            if slots is not None:
+                slots.renew(until)
+
     def reconfigure(self, pools: Sequence[PoolConfig]) -> List[str]:
         """Prepare and commit in one go (one process); raises ListenError with nothing changed."""
         return self.prepare(pools).commit()

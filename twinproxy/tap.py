@@ -267,7 +267,8 @@ def build(options: Options, reactor: Any, log_control: Optional[LogControl] = No
         stats.setServiceParent(top)
         # Cluster pools: their servers and slots follow the coordinator, applied
         # the way a reload is; the reloader goes through them too.
-        sources = ClusterSources(options.pools, Applier(apply_in_process(proxy), proxy.settled), reactor,
+        sources = ClusterSources(options.pools, Applier(apply_in_process(proxy), proxy.settled,
+                                                        renew=proxy.renew_leases), reactor,
                                  address_of=lambda config: _pool_address(proxy, config),
                                  admin_address=lambda: stats.bound)
         sources.setServiceParent(top)

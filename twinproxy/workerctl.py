@@ -86,6 +86,9 @@ class _WorkerEnd(Int32StringReceiver):
         if op == "reopen":
             service.reopen_log()
             return {"ok": True}
+        if op == "lease":
+            service.proxy.renew_leases(float(message["until"]))
+            return {"ok": True}
         return {"ok": False, "error": f"unknown operation {op!r}"}
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -253,6 +256,13 @@ def apply_everywhere(reactor: Any, paths: Sequence[str], pools: List[Any]) -> An
         for end in ends:
             if end.transport is not None:
                 end.transport.loseConnection()
+
+
+def renew_everywhere(reactor: Any, paths: Sequence[str], until: float) -> defer.Deferred:
+    """Every worker's cluster pools may route until ``until``; fires with the paths that did not answer."""
+    d = defer.DeferredList([ask(reactor, path, {"op": "lease", "until": until}) for path in paths],
+                           consumeErrors=True)
+    return d.addCallback(lambda results: [path for path, (ok, _) in zip(paths, results) if not ok])
 
 
 @defer.inlineCallbacks

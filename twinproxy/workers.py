@@ -281,6 +281,11 @@ class Master:
 
         return settle_everywhere(self._reactor, self._serving_paths())
 
+    def _renew(self, until: float) -> Any:
+        from twinproxy.workerctl import renew_everywhere
+
+        return renew_everywhere(self._reactor, self._serving_paths(), until)
+
     def _pool_address(self, config: PoolConfig) -> str:
         for resolved in self._resolved:
             if resolved.name == config.name:
@@ -323,7 +328,7 @@ class Master:
         # Cluster pools follow their coordinator here, once for every worker: a
         # generation is acknowledged after every worker has applied it.
         sources = ClusterSources(self._file_pools, Applier(self._apply_everywhere, self._settle,
-                                                           workers=len(self._paths)),
+                                                           workers=len(self._paths), renew=self._renew),
                                  reactor, address_of=self._pool_address, admin_address=lambda: stats_service.bound)
         self.sources = sources
         reloader = Reloader(options["conf-file"], sources.apply_file, self.counters, reactor)

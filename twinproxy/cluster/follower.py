@@ -31,6 +31,7 @@ from twinproxy.cluster.pools import CONNECTED, cluster_pool, not_ready
 from twinproxy.config import PoolConfig
 
 RETRY_SECONDS = 1.0
+CONFIRM_RETRY_SECONDS = 0.2
 # The session is back but the topology not yet re-read: held slots stay fenced.
 RESYNCING = "resyncing"
 
@@ -60,6 +61,7 @@ class ClusterFollower:
         self._stopped = False
         self._calls: list = []
         self._last_problem: Optional[str] = None
+        self._confirms: list = []               # Deferreds waiting for ``confirm``
 
     @property
     def name(self) -> str:
@@ -179,6 +181,62 @@ class ClusterFollower:
             self._log.warn("cluster pool {pool}: {problem}", pool=self.name, problem=text)
             self._last_problem = text
 
+    # -- confirming the session after a stall ----------------------------------
+
+    def confirm(self) -> defer.Deferred:
+        """Fires once the session is shown alive and the topology read on it again.
+
+        Alive: the registration (an ephemeral node of this session) was
+        written — a dashboard that dropped this proxy saw that node go, so a
+        write to it that succeeds means nobody went on without this proxy.
+        A lost registration is made again first (a new session, read
+        afterwards, as at start-up).  Tried until it works or the follower stops.
+        """
+        d: defer.Deferred = defer.Deferred()
+        self._confirms.append(d)
+        if len(self._confirms) == 1:
+            self._try_confirm()
+        return d
+
+    def _confirmed(self) -> None:
+        waiting, self._confirms = self._confirms, []
+        for d in waiting:
+            d.callback(None)
+
+    def _try_confirm(self) -> None:
+        if self._stopped:
+            self._confirmed()
+            return
+        registration, coordinator = self._registration, self.coordinator
+        if registration is None or coordinator is None or self.session != CONNECTED:
+            self._later(self._try_confirm, CONFIRM_RETRY_SECONDS)   # re-registering, or reconnecting
+            return
+
+        def read(_: Any) -> Any:
+            return coordinator.get(topology_path(self.cluster))
+
+        def done(node: Any) -> None:
+            if registration is not self._registration or coordinator is not self.coordinator:
+                self._later(self._try_confirm, CONFIRM_RETRY_SECONDS)
+                return
+            self._resyncing = False
+            self._on_topology(node, force=True)
+            self._confirmed()
+
+        def failed(failure: Any) -> None:
+            from twinproxy.coordinator import NotFound
+
+            if failure.check(NotFound) and registration is self._registration:
+                self._problem("registration gone from the coordinator; registering again")
+                self._registration = None
+                self._later(self._register)
+            else:
+                self._problem(f"cannot confirm the coordinator session: {failure.getErrorMessage()}")
+            self._later(self._try_confirm, CONFIRM_RETRY_SECONDS)
+
+        registration.update(self._sent or self._value(self.acked or 0)).addCallback(read).addCallbacks(
+            done, failed)
+
     # -- registration ---------------------------------------------------------
 
     @property
@@ -262,11 +320,11 @@ class ClusterFollower:
         self._registration = None
         self._later(self._register)
 
-    def _later(self, call: Callable[[], None]) -> None:
+    def _later(self, call: Callable[[], None], seconds: float = RETRY_SECONDS) -> None:
         if self._stopped:
             return
         self._calls = [c for c in self._calls if c.active()]
-        self._calls.append(self.reactor.callLater(RETRY_SECONDS, lambda: None if self._stopped else call()))
+        self._calls.append(self.reactor.callLater(seconds, lambda: None if self._stopped else call()))
 
     def stop(self) -> defer.Deferred:
         """Leave: the registration goes first (clients stop picking this proxy), then the session."""
@@ -274,6 +332,7 @@ class ClusterFollower:
         for call in self._calls:
             if call.active():
                 call.cancel()
+        self._confirmed()
         if self._watch is not None:
             self._watch.cancel()
         coordinator = self.coordinator

@@ -9,6 +9,15 @@ registration: the dashboard's barrier counts those writes.  Reloads (the
 file) and topology changes (the coordinator) take turns through one lock,
 so no two applies ever interleave; a reload that fails leaves the file,
 the followers and the running pools as they were.
+
+It also keeps the pools' slot **lease** (:mod:`twinproxy.cluster.targets`):
+every :data:`TICK` it renews it to now + :data:`LEASE` in every process.  A
+tick that finds the lease run out means this process did not run for that
+long (stopped, or starved): its coordinator sessions may have expired and
+the dashboard may have gone on without it, so the lease is renewed only
+once every follower has confirmed its session and read the topology again
+(:meth:`~twinproxy.cluster.follower.ClusterFollower.confirm`) and a pass has
+applied what it read.
 """
 
 from __future__ import annotations
@@ -20,12 +29,17 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from twinproxy import __version__
 from twinproxy.cluster.follower import RETRY_SECONDS, ClusterFollower
 from twinproxy.cluster.pools import not_ready
+from twinproxy.cluster.targets import LEASE_SECONDS
 from twinproxy.config import PoolConfig
+
+TICK = 0.25     # seconds between two lease renewals
+LEASE = LEASE_SECONDS
 
 
 class Applier:
@@ -33,13 +47,16 @@ class Applier:
 
     ``apply`` must fail unless every process applied the pools (a partial
     commit under ``--workers`` is a failure here: the pass is tried again).
+    ``renew(until)`` hands the slot lease to every process (None: no lease).
     """
 
     def __init__(self, apply: Callable[[List[PoolConfig]], defer.Deferred],
-                 settle: Callable[[], defer.Deferred], workers: int = 1) -> None:
+                 settle: Callable[[], defer.Deferred], workers: int = 1,
+                 renew: Optional[Callable[[float], Any]] = None) -> None:
         self.apply = apply
         self.settle = settle
         self.workers = workers
+        self.renew = renew
 
 
 class ClusterSources(Service):
@@ -63,6 +80,10 @@ class ClusterSources(Service):
         self._queued = False                # a pass is waiting for the lock
         self._started_at = time.time()
         self._applied: Optional[List[PoolConfig]] = None   # what the last apply installed
+        self._ticker: Optional[LoopingCall] = None
+        self._lease_until: Optional[float] = None
+        self._confirming = False
+        self.stalls = 0
 
     # -- the pools to run -----------------------------------------------------
 
@@ -150,6 +171,49 @@ class ClusterSources(Service):
             if follower.needs_acknowledging(generation):
                 follower.acknowledge(generation if generation is not None else (follower.acked or 0))
 
+    # -- the slot lease ----------------------------------------------------------
+
+    def _tick(self) -> None:
+        if self._confirming or not self.followers or self._applier.renew is None:
+            return
+        now = self._reactor.seconds()
+        if self._lease_until is not None and now > self._lease_until:
+            self._confirm(now - self._lease_until + LEASE)
+            return
+        self._renew(now)
+
+    def _renew(self, now: float) -> None:
+        self._lease_until = now + LEASE
+        renewed = self._applier.renew(self._lease_until)
+        if isinstance(renewed, defer.Deferred):
+            renewed.addErrback(lambda failure: self._log.warn("cluster: renewing the slot lease failed: {why}",
+                                                              why=failure.getErrorMessage()))
+
+    def _confirm(self, gap: float) -> None:
+        self._confirming = True
+        self.stalls += 1
+        self._log.warn("cluster: this process did not run for {gap:.1f}s (stopped or starved): cluster requests "
+                       "wait until every coordinator session is confirmed and the topology read again",
+                       gap=gap)
+        followers = list(self.followers.values())
+        began = self._reactor.seconds()
+
+        def confirmed(_: Any) -> Any:
+            return self._lock.run(self._pass)
+
+        def done(result: Any) -> None:
+            self._confirming = False
+            if not self.running:
+                return
+            self._log.info("cluster: sessions confirmed in {seconds:.2f}s; serving cluster slots again",
+                           seconds=self._reactor.seconds() - began)
+            self._renew(self._reactor.seconds())
+
+        d = defer.gatherResults([follower.confirm() for follower in followers], consumeErrors=True)
+        d.addCallback(confirmed)
+        d.addErrback(lambda failure: self._log.failure("cluster: confirming the sessions", failure=failure))
+        d.addBoth(done)
+
     def _registration_info(self, follower: ClusterFollower) -> Dict[str, Any]:
         address = self._address_of(follower.base)
         return {"id": f"{address}-{os.getpid()}", "addr": address, "admin": self._admin_address(),
@@ -162,9 +226,16 @@ class ClusterSources(Service):
     def startService(self) -> None:
         super().startService()
         self._follow(self._file_pools)   # starts each follower (the service is running now)
+        if self._applier.renew is not None:
+            self._ticker = LoopingCall(self._tick)
+            self._ticker.clock = self._reactor
+            self._ticker.start(TICK, now=True)
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
+        self._ticker = None
         if self._pass_call is not None and self._pass_call.active():
             self._pass_call.cancel()
         self._pass_call = None

@@ -10,19 +10,35 @@ the coordinator session is not trusted) and the pool-wide "not ready"
 answer before any topology is loaded.  Everything here is "something
 with ``send(request)``", so codecs and frontends need no cluster case.
 The clock is injected; nothing here opens a socket.
+
+The table is also fenced by a **lease**: once :meth:`SlotRouting.renew`
+has been called, a request routed after the lease ran out (the process
+was stopped, or starved, for longer than the lease: its coordinator
+session may have expired meanwhile, and the dashboard may have moved slots
+without waiting for it) waits on a hold of its slot until the next renewal
+— which comes only once the session is confirmed and the topology read
+again (:class:`~twinproxy.cluster.sources.ClusterSources`).  The check is
+made per route, not by a timer, because after a SIGSTOP/SIGCONT the
+reactor reads its clients before it runs any timer.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 from zlib import crc32
+
+from twisted.logger import Logger
 
 from twinproxy.cluster.migrating import MigratingSlot
 from twinproxy.cluster.slots import SLOT_COUNT
 from twinproxy.request import Request
 
 Answer = Callable[..., None]   # answer(request, text, code="ERR"): the reply in the pool's protocol
+# Seconds a renewal (or the first table) lets a cluster pool route by its table:
+# shorter than two thirds of any session timeout worth using (ZooKeeper's
+# least is 2 x tickTime = 4 s by default).
+LEASE_SECONDS = 1.0
 
 
 class OfflineSlot:
@@ -43,13 +59,15 @@ class OfflineSlot:
 class HeldSlot:
     """A slot on hold: its requests wait here until the next table releases it."""
 
-    __slots__ = ("name", "slot", "cluster", "fenced", "_queue", "_clock", "_limit", "_answer", "_timer")
+    __slots__ = ("name", "slot", "cluster", "fenced", "why", "_queue", "_clock", "_limit", "_answer", "_timer")
 
-    def __init__(self, slot: int, cluster: str, clock: Any, limit: float, answer: Answer) -> None:
+    def __init__(self, slot: int, cluster: str, clock: Any, limit: float, answer: Answer,
+                 why: str = "held for a topology change") -> None:
         self.name = f"slot-{slot}"
         self.slot = slot
         self.cluster = cluster
         self.fenced = False
+        self.why = why
         self._queue: deque = deque()    # (request, deadline)
         self._clock = clock
         self._limit = limit
@@ -78,8 +96,8 @@ class HeldSlot:
         queue = self._queue
         while queue and queue[0][1] <= now + 1e-9:
             request, _ = queue.popleft()
-            self._answer(request, f"slot {self.slot} of cluster '{self.cluster}' is held for a topology "
-                                  f"change for longer than {self._limit * 1000:.0f} ms", "TRYAGAIN")
+            self._answer(request, f"slot {self.slot} of cluster '{self.cluster}' is {self.why} for longer "
+                                  f"than {self._limit * 1000:.0f} ms", "TRYAGAIN")
         if queue:
             self._timer = self._clock.callLater(max(0.0, queue[0][1] - now), self._expire)
 
@@ -107,7 +125,10 @@ class HeldSlot:
 class SlotRouting:
     """The key -> target function of one cluster pool, and the stand-ins it keeps between tables."""
 
-    def __init__(self, cluster: str, clock: Any, answer: Answer) -> None:
+    _log = Logger()
+
+    def __init__(self, cluster: str, clock: Any, answer: Answer,
+                 lease_seconds: Optional[float] = LEASE_SECONDS) -> None:
         self.cluster = cluster
         self._clock = clock
         self._answer = answer
@@ -115,6 +136,15 @@ class SlotRouting:
         self._held: Dict[int, HeldSlot] = {}
         self._released: List[HeldSlot] = []
         self._migrating: Dict[int, MigratingSlot] = {}
+        # The lease (see the module's docstring): routes made after ``_lease[0]``
+        # wait in ``_stall_holds`` until ``renew``.  The first table is good for
+        # ``lease_seconds`` (it was just read); None: no lease until a renewal.
+        self._lease = [float("inf")]
+        self._first_lease = lease_seconds
+        self._real: List[Any] = []            # the table's targets while the stall holds stand in
+        self._stall_holds: Dict[int, HeldSlot] = {}
+        self._hold_seconds = 5.0
+        self.stalls = 0                       # times the lease ran out (stats)
 
     def not_ready(self) -> Callable[[bytes], Any]:
         text = f"cluster '{self.cluster}' not ready: its topology is not loaded yet"
@@ -163,6 +193,14 @@ class SlotRouting:
             else:
                 target = servers[owner]
             targets.append(target)
+        self._hold_seconds = hold_seconds
+        self._real = targets
+        if self._first_lease is not None and not self._stall_holds and self._lease[0] == float("inf"):
+            self._lease[0] = self._clock.seconds() + self._first_lease
+            self._first_lease = None
+        if self._stall_holds:
+            # Stalled: the new table waits behind the stall holds until the lease is renewed.
+            targets = [self._stall_holds[slot] for slot in range(SLOT_COUNT)]
         self._table = targets
         self._held = held_now
         self._migrating = migrating_now
@@ -173,11 +211,16 @@ class SlotRouting:
         # the caller has moved every link to its new address (release_held).
         self._released.extend(held_before.values())
         table_list = targets
+        lease = self._lease
+        stalled = self._stalled
 
         # slot_of, inlined: this runs once per request.  ``123 in key`` (is there a
         # "{"?) is a memchr, a quarter of a method call's cost, and most keys have
         # no tag (measured: bench/routing.py).
-        def slot_route(key: bytes, crc32: Any = crc32, table: List[Any] = table_list) -> Any:
+        def slot_route(key: bytes, crc32: Any = crc32, table: List[Any] = table_list,
+                       now: Callable[[], float] = self._clock.seconds) -> Any:
+            if now() > lease[0]:
+                stalled()         # the table's entries become stall holds, in place
             if 123 in key:
                 start = key.find(b"{")
                 end = key.find(b"}", start + 1)
@@ -186,6 +229,44 @@ class SlotRouting:
             return table[crc32(key) & 1023]
 
         return slot_route
+
+    # -- the lease --------------------------------------------------------------
+
+    def renew(self, until: float) -> None:
+        """Route by the table until ``until`` (the clock's seconds); release the stall holds.
+
+        A renewal that is already over (sent before this process stopped, read
+        after) changes nothing: the next route finds the lease run out.
+        """
+        if until <= self._clock.seconds():
+            return
+        self._lease[0] = until
+        holds, self._stall_holds = self._stall_holds, {}
+        if not holds:
+            return
+        self._table[:] = self._real
+        for slot in range(SLOT_COUNT):
+            holds[slot].release(self.target_for_slot)
+
+    @property
+    def stalled(self) -> bool:
+        return bool(self._stall_holds)
+
+    def _stalled(self) -> None:
+        """The lease ran out: every slot waits (in order, for at most ``slot_hold``) for the next renewal."""
+        if self._stall_holds or not self._table:
+            self._lease[0] = float("inf")
+            return
+        self.stalls += 1
+        self._lease[0] = float("inf")   # latched: the holds stand until ``renew``
+        self._log.warn("cluster '{cluster}': the slot lease ran out (this process did not run for a while): "
+                       "requests wait until the coordinator session is confirmed", cluster=self.cluster)
+        why = "waiting for this proxy to confirm its coordinator session (it did not run for a while)"
+        holds = {slot: HeldSlot(slot, self.cluster, self._clock, self._hold_seconds, self._answer, why)
+                 for slot in range(SLOT_COUNT)}
+        self._stall_holds = holds
+        self._real = list(self._table)
+        self._table[:] = [holds[slot] for slot in range(SLOT_COUNT)]
 
     def release_held(self) -> None:
         """Send what waited on the slots the last table released (after the links are retargeted)."""
@@ -202,14 +283,16 @@ class SlotRouting:
 
     @property
     def waiting(self) -> int:
-        """Requests waiting on held slots."""
-        return sum(target.waiting for target in self._held.values())
+        """Requests waiting on held slots (and on the stall holds)."""
+        return (sum(target.waiting for target in self._held.values())
+                + sum(target.waiting for target in self._stall_holds.values()))
 
     def stop(self) -> None:
         """The pool stops: what waits on held slots fails."""
         held, self._held = self._held, {}
         held.update({target.slot: target for target in self._released})
         self._released = []
-        for target in held.values():
+        stall, self._stall_holds = list(self._stall_holds.values()), {}
+        for target in [*held.values(), *stall]:
             target.fenced = True
             target.fence()

@@ -216,3 +216,90 @@ class MemcacheClusterTests(SynchronousTestCase):
         client, out = w.client()
         client.dataReceived(b"get a\r\n")
         self.assertTrue(out.value().startswith(b"SERVER_ERROR slot 579 is offline"), out.value())
+
+
+class LeaseTests(SynchronousTestCase):
+    """The slot lease: a route made after it ran out waits until the next renewal (a stopped process)."""
+
+    def renewed(self) -> Wire:
+        w = Wire()
+        w.serve(topology())
+        w.runtime.pool.slots.renew(w.reactor.seconds() + 1.0)
+        return w
+
+    def test_the_first_table_is_good_for_one_lease(self) -> None:
+        w = Wire()
+        w.serve(topology())
+        client, out = w.client()
+        w.reactor.advance(0.9)
+        client.dataReceived(cmd(b"GET", key_in(3)))
+        self.assertIn("10.0.0.1:6379", w.connect_pending())
+        w.reactor.advance(0.2)                      # never renewed: the proxy may have been stopped
+        client.dataReceived(cmd(b"GET", key_in(600)))
+        self.assertEqual(w.connect_pending().get("10.0.0.2:6379"), None)
+        self.assertTrue(w.runtime.pool.slots.stalled)
+
+    def test_routes_wait_after_the_lease_and_go_on_in_order_when_renewed(self) -> None:
+        w = self.renewed()
+        client, out = w.client()
+        w.reactor.advance(1.5)                      # stopped past the lease
+        client.dataReceived(cmd(b"SET", key_in(3), b"1") + cmd(b"GET", key_in(600)) + cmd(b"GET", key_in(3)))
+        self.assertEqual(w.connect_pending(), {})
+        slots = w.runtime.pool.slots
+        self.assertTrue(slots.stalled)
+        self.assertEqual((slots.stalls, slots.waiting), (1, 3))
+        slots.renew(w.reactor.seconds() + 1.0)
+        backends = w.connect_pending()
+        self.assertEqual(backends["10.0.0.1:6379"][0][1].value(), cmd(b"SET", key_in(3), b"1") +
+                         cmd(b"GET", key_in(3)))
+        self.assertEqual(backends["10.0.0.2:6379"][0][1].value(), cmd(b"GET", key_in(600)))
+        self.assertFalse(slots.stalled)
+
+    def test_a_renewal_already_over_releases_nothing(self) -> None:
+        w = self.renewed()
+        client, out = w.client()
+        w.reactor.advance(3)
+        client.dataReceived(cmd(b"GET", key_in(3)))
+        w.runtime.pool.slots.renew(w.reactor.seconds() - 1.0)   # sent before the stop, read after
+        self.assertEqual(w.connect_pending(), {})
+        self.assertTrue(w.runtime.pool.slots.stalled)
+
+    def test_a_table_installed_while_stalled_waits_behind_the_holds(self) -> None:
+        w = self.renewed()
+        client, out = w.client()
+        w.reactor.advance(2)
+        client.dataReceived(cmd(b"GET", key_in(3)))
+        owners = [2] * 1024                         # meanwhile every slot moved to group 2
+        w.serve(topology(generation=2, owners=owners))
+        client.dataReceived(cmd(b"GET", key_in(4)))
+        self.assertEqual(w.connect_pending(), {})
+        w.runtime.pool.slots.renew(w.reactor.seconds() + 1.0)
+        backends = w.connect_pending()
+        self.assertEqual(list(backends), ["10.0.0.2:6379"])
+        self.assertEqual(backends["10.0.0.2:6379"][0][1].value(), cmd(b"GET", key_in(3)) + cmd(b"GET", key_in(4)))
+
+    def test_a_stall_hold_gives_up_after_slot_hold(self) -> None:
+        w = self.renewed()
+        client, out = w.client()
+        w.reactor.advance(2)
+        client.dataReceived(cmd(b"GET", key_in(3)))
+        w.reactor.advance(1.001)
+        self.assertTrue(out.value().startswith(b"-TRYAGAIN slot 3 of cluster 'shop' is waiting for this proxy "
+                                               b"to confirm its coordinator session"), out.value())
+
+    def test_a_held_slot_released_while_stalled_waits_for_the_renewal(self) -> None:
+        w = Wire()
+        w.serve(topology(held={3}))
+        w.runtime.pool.slots.renew(w.reactor.seconds() + 1.0)
+        client, out = w.client()
+        client.dataReceived(cmd(b"GET", key_in(3)))          # waits on the real hold
+        w.reactor.advance(0.9)
+        w.runtime.pool.slots.renew(w.reactor.seconds() + 0.05)
+        w.reactor.advance(0.06)                               # now stalled, latched by the next route
+        client.dataReceived(cmd(b"GET", key_in(600)))
+        w.serve(topology(generation=2))                       # the hold ends while stalled
+        self.assertEqual(w.connect_pending(), {})
+        w.runtime.pool.slots.renew(w.reactor.seconds() + 1.0)
+        backends = w.connect_pending()
+        self.assertEqual(backends["10.0.0.1:6379"][0][1].value(), cmd(b"GET", key_in(3)))
+        self.assertEqual(backends["10.0.0.2:6379"][0][1].value(), cmd(b"GET", key_in(600)))

@@ -352,3 +352,62 @@ def test_stopping_removes_registrations_before_ending_sessions() -> None:
     coordinator.set_state("suspended")
     h.clock.advance(30)
     assert len(h.applier.applied) == applies
+
+
+# -- 7. the slot lease ----------------------------------------------------------------------------------------
+
+
+class LeaseHarness(Harness):
+    def __init__(self) -> None:
+        super().__init__()
+        self.renewals: List[float] = []
+        self.sources._applier.renew = self.renewals.append
+
+
+def test_the_lease_is_renewed_every_tick() -> None:
+    from twinproxy.cluster.sources import LEASE, TICK
+
+    h = LeaseHarness().start(layout(5))
+    first = len(h.renewals)
+    for _ in range(4):
+        h.clock.advance(TICK)
+    assert len(h.renewals) == first + 4
+    assert h.renewals[-1] == h.clock.seconds() + LEASE
+
+
+def test_a_stall_past_the_lease_renews_only_after_the_session_is_confirmed_and_re_read() -> None:
+    from twinproxy.cluster.sources import LEASE, TICK
+
+    h = LeaseHarness().start(layout(5))
+    coordinator = h.coordinator()
+    h.clock.advance(TICK)
+    renewed = len(h.renewals)
+    applies = len(h.applier.applied)
+    coordinator.set_topology(layout(6), notify=False)    # written while this process was stopped
+    coordinator.hold("update")
+    h.clock.advance(LEASE + 3)                          # one late tick: the lease ran out
+    assert len(h.renewals) == renewed and h.sources.stalls == 1
+    h.clock.advance(TICK * 4)
+    assert len(h.renewals) == renewed                   # the registration write has not answered
+    coordinator.release("update")
+    h.clock.advance(0)
+    assert h.applier.last().slots.generation == 6       # read again and applied first
+    assert len(h.applier.applied) > applies
+    assert h.renewals[renewed:] == [h.clock.seconds() + LEASE]
+    assert [ack["generation"] for ack in h.acks()][-1] == 6
+
+
+def test_a_lost_registration_is_made_again_before_the_lease_is_renewed() -> None:
+    from twinproxy.cluster.follower import CONFIRM_RETRY_SECONDS
+    from twinproxy.cluster.sources import LEASE
+
+    h = LeaseHarness().start(layout(5))
+    coordinator = h.coordinator()
+    renewed = len(h.renewals)
+    coordinator.fail("update", not_found())             # the session expired while stopped
+    h.clock.advance(LEASE + 2)
+    assert len(h.renewals) == renewed
+    h.clock.advance(RETRY_SECONDS + CONFIRM_RETRY_SECONDS * 2)
+    assert len(coordinator.calls("ephemeral")) == 2     # registered again
+    h.clock.advance(CONFIRM_RETRY_SECONDS * 2)
+    assert len(h.renewals) > renewed
