@@ -242,7 +242,7 @@ def test_adding_an_unreachable_replica_is_refused_with_502(harness, redis_server
     assert harness.stored().group(1).servers == (master.address,)
 
 
-def test_rebalance_places_offline_slots_and_reports_the_moves(harness, redis_servers) -> None:
+def test_rebalance_places_offline_slots_and_queues_the_moves(harness, redis_servers) -> None:
     one, two, three = fast_sync(redis_servers(3))
     controller = harness.controller()
     run = lambda function, *args, **kwargs: harness.launch(function, *args, **kwargs).wait()  # noqa: E731
@@ -250,17 +250,22 @@ def test_rebalance_places_offline_slots_and_reports_the_moves(harness, redis_ser
         run(controller.add_group, gid)
         run(controller.add_server, gid, server.address)
     run(controller.assign_slots, 0, 699, 1)
+    assert harness.fail(controller.rebalance, keys_per_second=0).status == 400
     dry = run(controller.rebalance, dry_run=True)
-    assert dry["applied"] is False and dry["generation"] == harness.stored().generation
+    assert dry["applied"] is False and dry["generation"] == harness.stored().generation and dry["migrations"] == []
     assert dry["placements"] == [{"first": 700, "last": 1023, "group": 2}]
-    assert dry["moves"] == [{"first": 512, "last": 699, "group": 2}] and "note" in dry
-    done = run(controller.rebalance)
-    assert done["applied"] is True and done["generation"] == dry["generation"] + 1
-    assert harness.stored().slot_counts() == {1: 700, 2: 324}
+    assert dry["moves"] == [{"first": 512, "last": 699, "from_group": 1, "group": 2}] and "notes" not in dry
+    done = run(controller.rebalance, keys_per_second=1000)
+    assert done["applied"] is True and done["generation"] == dry["generation"] + 2      # placed, then queued
+    (m,) = done["migrations"]
+    assert (m["id"], m["first"], m["last"], m["from_group"], m["to_group"], m["state"], m["keys_per_second"]) == (
+        1, 512, 699, 1, 2, "pending", 1000)
+    wait_until(lambda: harness.stored().migration(1).state == "finished", timeout=30, what="the migration to end")
+    assert harness.stored().slot_counts() == {1: 512, 2: 512}
     again = run(controller.rebalance)
-    assert again["applied"] is False and again["placements"] == [] and again["moves"]
+    assert again["applied"] is False and again["plan"] == [] and again["migrations"] == []
     run(controller.add_group, 3)      # no server: it takes no part
-    assert run(controller.rebalance)["moves"] == again["moves"]
+    assert run(controller.rebalance)["plan"] == []
 
 
 def test_memcache_cluster(harness, memcached_servers) -> None:
@@ -275,3 +280,19 @@ def test_memcache_cluster(harness, memcached_servers) -> None:
     run(controller.remove_server, 1, first.address)     # another server is left to serve
     wait_until(lambda: all(s["up"] for s in controller.status()["groups"][0]["servers"]), timeout=10,
                what="memcached to be seen up")
+
+
+def test_a_memcache_rebalance_places_only_the_offline_slots(harness, memcached_servers) -> None:
+    first, second = memcached_servers(2)
+    controller = harness.controller(protocol="memcache")
+    run = lambda function, *args, **kwargs: harness.launch(function, *args, **kwargs).wait()  # noqa: E731
+    for gid, server in ((1, first), (2, second)):
+        run(controller.add_group, gid)
+        run(controller.add_server, gid, server.address)
+    run(controller.assign_slots, 0, 767, 1)
+    done = run(controller.rebalance)
+    assert done["applied"] is True and done["migrations"] == []
+    assert done["placements"] == [{"first": 768, "last": 1023, "group": 2}]
+    assert done["moves"] == [{"first": 512, "last": 767, "from_group": 1, "group": 2}]
+    assert "slots cannot be migrated" in done["notes"][0]
+    assert harness.stored().slot_counts() == {1: 768, 2: 256} and harness.stored().migrations == ()

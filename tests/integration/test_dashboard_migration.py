@@ -6,7 +6,9 @@ acknowledges every generation) or a real ``twinproxy-dashboard`` process
 (tests/cluster_harness.py) moves slots 0-511 to group 2 with its SCAN/MIGRATE
 sweep.  Checked on the servers themselves: where every key is, its TTL, its
 value for every data type; pause, resume, cancel mid-move, and a dashboard
-killed mid-move and started again.
+killed mid-move and started again.  Last, ``slots rebalance`` queueing the
+migrations of Codis's plan when a third group joins, and a rebalance stopped
+midway by a coordinator write that fails.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Any, Dict, List
 
 import pytest
 
-from tests.cluster_harness import BIN, Dashboard, _env, admin, admin_ok
-from tests.integration.dashboard_harness import Harness
+from tests.cluster_harness import BIN, Dashboard, _env, admin, admin_ok, independent_slot
+from tests.integration.dashboard_harness import Faults, Harness, coordinator_timeout, writing
 from tests.servers import wait_until
 from twinproxy.cluster.slots import slot_of
 
@@ -389,3 +391,87 @@ def test_a_dashboard_that_loses_its_lock_stops_moving_keys(harness, redis_server
     wait_state(harness, first, 1, "cancelled", timeout=10)
     stays(lambda: not keys_on(two), 1.0, "no key moved by the dashboard that lost its lock")
     assert first.migrator.runners == {}
+
+
+# -- rebalance -----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_rebalance_onto_a_new_group_moves_every_key_to_its_slots_new_owner(tmp_path, redis_servers,
+                                                                            processes) -> None:
+    servers = dict(zip((1, 2, 3), redis_servers(3)))
+    dashboard = Dashboard(tmp_path / "dashboard", f"file://{tmp_path / 'coordinator'}", "shop").start()
+    processes.append(dashboard)
+    for command in (("group", "add", "1"), ("server", "add", "1", servers[1].address), ("group", "add", "2"),
+                    ("server", "add", "2", servers[2].address), ("slots", "assign", "0-511", "1"),
+                    ("slots", "assign", "512-1023", "2")):
+        admin_ok(dashboard, *command)
+    keys = [f"r{i}".encode() for i in range(600)]
+    for gid, first, last in ((1, 0, 511), (2, 512, 1023)):
+        with servers[gid].client().pipeline(transaction=False) as pipe:
+            for key in keys:
+                if first <= independent_slot(key) <= last:
+                    pipe.set(key, b"v" + key)
+            pipe.execute()
+    admin_ok(dashboard, "group", "add", "3")
+    admin_ok(dashboard, "server", "add", "3", servers[3].address)
+    dry = json.loads(admin_ok(dashboard, "slots", "rebalance", "--dry-run", "--json"))
+    runs = [{"first": 342, "last": 511, "from_group": 1, "group": 3},
+            {"first": 853, "last": 1023, "from_group": 2, "group": 3}]
+    assert (dry["applied"], dry["placements"], dry["moves"], dry["migrations"]) == (False, [], runs, [])
+    # Throttled so that both are still queued or moving when the rebalance is asked again.
+    text = admin_ok(dashboard, "slots", "rebalance", "--keys-per-second", "50", "--parallel", "2")
+    assert "migrations queued (2):" in text and "follow them with: twinproxy-admin migration wait" in text
+    assert "#1  slots 342-511   group 1 -> 3" in text and "#2  slots 853-1023  group 2 -> 3" in text
+    again = json.loads(admin_ok(dashboard, "slots", "rebalance", "--json"))
+    assert (again["applied"], again["plan"], again["migrations"]) == (False, [], [])
+    assert again["notes"][0].startswith("migrations 1, 2 have not ended")
+    waited = admin(dashboard, "migration", "wait", timeout=60)
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    status = json.loads(admin_ok(dashboard, "status", "--json"))
+    assert status["slots_per_group"] == {"1": 342, "2": 341, "3": 341}
+    owner = {}
+    for run in status["slots"]:
+        assert run["state"] == "stable"
+        owner.update({slot: run["group"] for slot in range(run["first"], run["last"] + 1)})
+    where = {gid: keys_on(server) for gid, server in servers.items()}
+    for key in keys:
+        assert [gid for gid in where if key in where[gid]] == [owner[independent_slot(key)]], key
+    for gid, server in servers.items():
+        mine = [key for key in keys if owner[independent_slot(key)] == gid]
+        assert len(mine) > 50 and server.client().mget(mine) == [b"v" + key for key in mine]
+    listed = json.loads(admin_ok(dashboard, "migration", "status", "--json"))
+    assert [(m["id"], m["state"], m["keys_per_second"], m["parallel"]) for m in listed] == [
+        (1, "finished", 50, 2), (2, "finished", 50, 2)]
+    assert json.loads(admin_ok(dashboard, "slots", "rebalance", "--json"))["plan"] == []
+
+
+@pytest.mark.timeout(60)
+def test_a_rebalance_stopped_midway_keeps_what_it_queued_and_names_what_is_left(harness, redis_servers) -> None:
+    servers = redis_servers(3)
+    controller = harness.controller()
+    for gid, server in zip((1, 2, 3), servers):
+        harness.launch(controller.add_group, gid).wait()
+        harness.launch(controller.add_server, gid, server.address).wait()
+    harness.launch(controller.assign_slots, 0, 511, 1).wait()
+    harness.launch(controller.assign_slots, 512, 1023, 2).wait()
+    writes = Faults(controller.coordinator, "set")
+    writes.fail(writing(lambda t: len(t.migrations) == 2), coordinator_timeout)
+    error = harness.fail(controller.rebalance)
+    assert error.status == 503
+    assert error.message.startswith("rebalance stopped: migration 1 queued; queueing migration 2 of 2 (slots "
+                                    "853-1023 from group 2 to group 3) failed: coordinator unavailable"), error.message
+    assert "run the rebalance again" in error.message
+    assert [m["id"] for m in error.extra["migrations"]] == [1] and error.extra["not_queued"] == []
+    assert error.extra["failed"]["first"] == 853 and error.extra["applied"] is True
+    assert [(m.id, m.first, m.last, m.to_group) for m in harness.stored().migrations] == [(1, 342, 511, 3)]
+    # Asked again, it queues only the rest; this time the write lands but its answer is lost.
+    writes.fail(writing(lambda t: any(m.first == 853 for m in t.migrations)), coordinator_timeout, landed=True)
+    error = harness.fail(controller.rebalance)
+    assert error.status == 503 and error.message.startswith(
+        "rebalance stopped: migration 1 of 1 (slots 853-1023 from group 2 to group 3) was queued as migration 2, "
+        "but: coordinator unavailable"), error.message
+    assert [m["id"] for m in error.extra["migrations"]] == [2]
+    for mid in (1, 2):
+        wait_state(harness, controller, mid, "finished")
+    assert harness.stored().slot_counts() == {1: 342, 2: 341, 3: 341}

@@ -111,6 +111,8 @@ def run(dashboard: Optional[StandIn], *args: str, address: Optional[str] = None)
     (["slots", "show", "10-20"], ("GET", "/api/slots", None, {"first": 10, "last": 20})),
     (["slots", "rebalance", "--dry-run"], ("POST", "/api/slots/rebalance", {"dry_run": True}, None)),
     (["slots", "rebalance"], ("POST", "/api/slots/rebalance", {"dry_run": False}, None)),
+    (["slots", "rebalance", "--keys-per-second", "500", "--parallel", "2"],
+     ("POST", "/api/slots/rebalance", {"dry_run": False, "keys_per_second": 500, "parallel": 2}, None)),
     (["proxy", "list"], ("GET", "/api/proxies", None, None)),
     (["proxy", "remove", "127.0.0.1:19000-42", "--force"], ("DELETE", "/api/proxies/127.0.0.1:19000-42", None,
                                                            {"force": 1})),
@@ -241,7 +243,48 @@ def test_ago(seconds, text):
 
 def test_plan_and_slots_text():
     plan = {"ok": True, "generation": 3, "applied": False, "plan": [{"first": 0, "last": 511, "group": 1}],
-            "placements": [], "moves": [], "note": "moving data is not available yet"}
+            "placements": [], "moves": [], "note": "an older dashboard's note"}
     text = render.plan_text(plan)
     assert text.startswith("not applied, generation 3") and "0-511  group 1" in text and "(none)" in text
+    assert "note: an older dashboard's note" in text and "migration wait" not in text
     assert render.slots_text({"slots": [{"first": 5, "last": 5, "group": None, "state": "stable"}]}) == "5  offline\n"
+
+
+REBALANCED = {
+    "ok": True, "generation": 9, "applied": True,
+    "plan": [{"first": 342, "last": 511, "group": 3}, {"first": 853, "last": 1023, "group": 3}], "placements": [],
+    "moves": [{"first": 342, "last": 511, "from_group": 1, "group": 3},
+              {"first": 853, "last": 1023, "from_group": 2, "group": 3}],
+    "migrations": [{"id": 4, "first": 342, "last": 511, "from_group": 1, "to_group": 3, "state": "pending"},
+                   {"id": 5, "first": 853, "last": 1023, "from_group": 2, "to_group": 3, "state": "pending"}],
+    "notes": ["migration 2 has not ended: its slots count for the group it ends at and are not planned again"],
+}
+
+
+def test_plan_text_names_the_queued_migrations_and_how_to_follow_them():
+    text = render.plan_text(REBALANCED)
+    lines = text.splitlines()
+    assert lines[0] == "applied, generation 9"
+    assert "owned slots moving, a migration each:" in lines
+    assert "  342-511   group 1 -> group 3" in lines and "  853-1023  group 2 -> group 3" in lines
+    assert "migrations queued (2):" in lines
+    assert "  #4  slots 342-511   group 1 -> 3  pending" in lines
+    assert "follow them with: twinproxy-admin migration wait" in lines
+    assert lines[-1].startswith("note: migration 2 has not ended")
+    dry = dict(REBALANCED, applied=False, migrations=[], notes=[])
+    text = render.plan_text(dry)
+    assert "owned slots that would move:" in text and "group 1 -> group 3" in text and "migration wait" not in text
+
+
+def test_a_rebalance_stopped_midway_names_what_it_queued(dashboard, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    body = {"error": "rebalance stopped: migration 4 queued; queueing migration 2 of 2 (...) failed: coordinator "
+                     "unavailable", "migrations": [REBALANCED["migrations"][0]], "failed": REBALANCED["moves"][1],
+            "not_queued": []}
+    dashboard.answers[("POST", "/api/slots/rebalance")] = (503, body)
+    code, out, err = run(dashboard, "--token-file", str(token), "slots", "rebalance", "--parallel", "2")
+    assert code == 1 and out == "" and dashboard.seen[0]["body"] == {"dry_run": False, "parallel": 2}
+    assert err.splitlines() == [f"twinproxy-admin: {body['error']}",
+                                "twinproxy-admin: migrations queued: #4 (follow them with: twinproxy-admin migration "
+                                "wait)"]

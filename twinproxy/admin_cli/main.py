@@ -128,8 +128,12 @@ def parser() -> argparse.ArgumentParser:
     assign.add_argument("--force", action="store_true", help="also take slots another group owns")
     verb(slots, "show", "the slot runs (all, or FIRST-LAST)").add_argument("range", type=_range, nargs="?",
                                                                           metavar="FIRST-LAST")
-    verb(slots, "rebalance", "spread the slots evenly (for now: place offline slots)").add_argument(
-        "--dry-run", action="store_true", help="print the plan, change nothing")
+    rebalance = verb(slots, "rebalance", "spread the slots evenly: place the offline ones, queue a migration "
+                     "(with its keys, online) for each range that moves")
+    rebalance.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    rebalance.add_argument("--keys-per-second", type=_count, metavar="N",
+                           help="each migration moves at most N keys a second")
+    rebalance.add_argument("--parallel", type=_count, metavar="N", help="MIGRATE batches in flight at once")
     migrate = verb(slots, "migrate", "move slots FIRST-LAST, with their keys, to group GID (online; queued)")
     migrate.add_argument("range", type=_range, metavar="FIRST-LAST")
     migrate.add_argument("gid", type=_gid, metavar="GID")
@@ -196,7 +200,11 @@ def request_for(args: argparse.Namespace) -> Tuple[Request, Callable[[Dict[str, 
             body = {"first": first, "last": last, "group": args.gid, "keys_per_second": args.keys_per_second,
                     "parallel": args.parallel}
             return ("POST", "/api/slots/migrate", body, None), migrations.created_text
-        return ("POST", "/api/slots/rebalance", {"dry_run": bool(args.dry_run)}, None), render.plan_text
+        body = {"dry_run": bool(args.dry_run)}
+        for name in ("keys_per_second", "parallel"):
+            if getattr(args, name) is not None:
+                body[name] = getattr(args, name)
+        return ("POST", "/api/slots/rebalance", body, None), render.plan_text
     if verb == "migration":
         if action in ("status", "wait"):
             return ("GET", "/api/migrations", None, None), migrations.status_text

@@ -154,19 +154,29 @@ def slots_text(document: Dict[str, Any]) -> str:
 
 
 def plan_text(result: Dict[str, Any]) -> str:
-    """``slots rebalance``: the plan, what is placed now, what would move."""
+    """``slots rebalance``: the plan, the offline slots placed, the moves and the migrations queued for them."""
     applied = result.get("applied")
+    queued = result.get("migrations") or []
     lines = [("applied" if applied else "not applied") + f", generation {result.get('generation')}"]
     for key, title in (("plan", "plan (the even spread)"), ("placements", "offline slots placed" if applied
-                                                                        else "offline slots to place"),
-                       ("moves", "owned slots that would move")):
+                                                                        else "offline slots to place")):
         runs = result.get(key)
         if runs is None:
             continue
         lines.append(f"{title}:")
         lines += slot_lines(runs) or ["  (none)"]
-    if result.get("note"):
-        lines.append(f"note: {result['note']}")
+    moves = result.get("moves")
+    if moves is not None:
+        lines.append("owned slots moving, a migration each:" if queued else "owned slots that would move:")
+        lines += table([(slot_range(run), f"group {run['from_group']} -> group {run.get('group')}"
+                         if run.get("from_group") is not None else owner(run)) for run in moves]) or ["  (none)"]
+    if queued:
+        lines.append(f"migrations queued ({len(queued)}):")
+        lines += table([(f"#{m.get('id')}", f"slots {m.get('first')}-{m.get('last')}",
+                         f"group {m.get('from_group')} -> {m.get('to_group')}", m.get("state")) for m in queued])
+        lines.append("follow them with: twinproxy-admin migration wait")
+    for note in list(result.get("notes") or []) + ([result["note"]] if result.get("note") else []):
+        lines.append(f"note: {note}")
     return "\n".join(lines) + "\n"
 
 
@@ -194,4 +204,8 @@ def error_lines(error: Any) -> List[str]:
     lagging = body.get("lagging")
     if lagging:
         lines.append("lagging proxies: " + ", ".join(str(item) for item in lagging))
+    queued = [m for m in body.get("migrations") or [] if isinstance(m, dict)]
+    if queued:      # a rebalance stopped midway: what it queued stays queued
+        lines.append("migrations queued: " + ", ".join(f"#{m.get('id')}" for m in queued)
+                     + " (follow them with: twinproxy-admin migration wait)")
     return lines

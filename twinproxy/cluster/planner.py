@@ -7,10 +7,14 @@ and what does not.  Pure: no Twisted, no I/O.
 The algorithm, with ``n`` groups that have servers:
 
 1. ``lower = 1024 // n``, ``upper = ceil(1024 / n)``.
-2. Slots in a change (state other than ``stable``) stay where they are and
-   count toward their owner.
-3. Walking the stable slots in order, a group keeps each slot while it has
-   fewer than ``lower``; the rest of its slots may be given away.
+2. Slots in a change stay where they are: those of a migration that has not
+   ended (pending ones too, whose slots are still stable) count toward the
+   group the migration ends at, as Codis counts a slot with an action for
+   its target; other slots whose state is not ``stable`` (held by a
+   promote) count toward their owner.  So a rebalance asked again while its
+   migrations are queued or running plans nothing twice.
+3. Walking the other stable slots in order, a group keeps each slot while it
+   has fewer than ``lower``; the rest of its slots may be given away.
 4. Each offline slot goes to the currently smallest group (size, then id).
 5. Then one slot at a time moves from the largest group (size, then id) to
    the smallest, until the sizes differ by at most one, the largest is at
@@ -21,9 +25,10 @@ The algorithm, with ``n`` groups that have servers:
    receiving groups in id order, each taking as many as it gains.
 
 The result maps each slot that changes owner to its new group.  A slot that
-was offline needs no data moved (:func:`placements`); one that had an owner
-does (:func:`moves`): that is the migration issue's, so today's dashboard
-applies only the placements.
+was offline needs no data moved (:func:`placements`: the dashboard assigns
+them in one generation); one that had an owner does (:func:`moves`):
+:func:`move_runs` cuts those into the ranges of one source and one target
+group, one slot migration each.
 """
 
 from __future__ import annotations
@@ -52,14 +57,24 @@ def rebalance_plan(topology: Topology) -> Dict[int, int]:
     def size(gid: int) -> int:
         return kept[gid] + len(spare[gid]) - net[gid]
 
+    # Where each slot of a migration that has not ended goes: it is in a change even while pending.
+    ends_at: Dict[int, int] = {}
+    for m in topology.migrations:
+        if not m.ended:
+            for slot in m.slot_range:
+                ends_at[slot] = m.target
     for slot, (owner, state) in enumerate(topology.slots):
         if owner is not None and owner not in kept:
             # Impossible for a valid topology (an owner has servers); never plan around it.
             raise TopologyError(f"slot {slot} belongs to group {owner}, which has no servers", 409)
-        if owner is not None and state != "stable":
+        if slot in ends_at:
+            # Counted for where it ends up (its owner, should that group have lost its servers meanwhile).
+            target = ends_at[slot]
+            kept[target if target in kept else owner] += 1
+        elif owner is not None and state != "stable":
             kept[owner] += 1           # in a change: counted first, never moved
     for slot, (owner, state) in enumerate(topology.slots):
-        if state != "stable":
+        if state != "stable" or slot in ends_at:
             continue
         if owner is None:
             offline.append(slot)
@@ -110,6 +125,23 @@ def moves(topology: Topology, plan: Dict[int, int]) -> Dict[int, int]:
     return {slot: gid for slot, gid in plan.items() if topology.slots[slot][0] is not None}
 
 
+def move_runs(topology: Topology, plan: Dict[int, int]) -> List[Dict[str, Any]]:
+    """The owned slots of ``plan`` as runs ``{"first", "last", "from_group", "group"}``: one migration each.
+
+    A run is consecutive slots with the same owner now and the same new
+    group; in slot order.
+    """
+    found: List[Dict[str, Any]] = []
+    for slot in sorted(moves(topology, plan)):
+        source, target = topology.slots[slot][0], plan[slot]
+        last = found[-1] if found else None
+        if last is not None and last["last"] == slot - 1 and (last["from_group"], last["group"]) == (source, target):
+            last["last"] = slot
+        else:
+            found.append({"first": slot, "last": slot, "from_group": source, "group": target})
+    return found
+
+
 def plan_runs(plan: Dict[int, int]) -> List[Dict[str, Any]]:
     """A plan as runs ``{"first", "last", "group"}`` of consecutive slots going to the same group."""
     ordered = sorted(plan)
@@ -122,4 +154,4 @@ def plan_runs(plan: Dict[int, int]) -> List[Dict[str, Any]]:
     return found
 
 
-__all__ = ["moves", "placements", "plan_runs", "rebalance_plan"]
+__all__ = ["move_runs", "moves", "placements", "plan_runs", "rebalance_plan"]

@@ -140,7 +140,8 @@ _FIELDS: Dict[str, Dict[str, Tuple[bool, Callable[[Any], Any]]]] = {
     "promote": {"addr": (True, check_address)},
     "assign_slots": {"first": (True, _slot), "last": (True, _slot), "group": (True, _group_or_null),
                      "force": (False, _flag)},
-    "rebalance": {"dry_run": (False, _flag)},
+    "rebalance": {"dry_run": (False, _flag), "keys_per_second": (False, check_rate),
+                  "parallel": (False, check_parallel)},
     "add_sentinel": {"addr": (True, check_address)},
     "migrate": {"first": (True, _slot), "last": (True, _slot), "group": (True, check_group_id),
                 "keys_per_second": (False, check_rate), "parallel": (False, check_parallel)},
@@ -306,7 +307,9 @@ class _Handlers:
                                               fields.get("force", False))
 
     def rebalance(self, request: Any) -> Any:
-        return self.state.live().rebalance(body_fields(request, "rebalance").get("dry_run", False))
+        fields = body_fields(request, "rebalance")
+        return self.state.live().rebalance(fields.get("dry_run", False), fields.get("keys_per_second"),
+                                           fields.get("parallel"))
 
     def remove_proxy(self, request: Any, proxy_id: str) -> Any:
         force = query_flag(query_args(request, ("force",)), "force")

@@ -40,15 +40,18 @@ Public API (every Deferred fires in the reactor thread; call everything from it)
     .promote(gid, addr)              -> {..., "group", "master", "old_master", "repointed", "catch_up",
                                              "sentinels" (those naming the new master), "problems"}
     .assign_slots(first, last, gid_or_None, force=False)  -> {..., "slots": runs of first..last}
-    .rebalance(dry_run=False)        -> {..., "plan", "placements", "moves", "applied"[, "note"]}
-                                        # plan/placements/moves: [{"first","last","group"}]; only the
-                                        # placements (offline slots) are applied until data can move
+    .rebalance(dry_run=False, keys_per_second=None, parallel=None)
+                                     -> {..., "plan", "placements", "moves", "applied", "migrations"[, "notes"]}
+                                        # plan/placements: [{"first","last","group"}]; moves: the same plus
+                                        # "from_group", one migration each; the placements written in one
+                                        # generation, then each move queued as a migration (entries as in
+                                        # migrations()); planned around migrations not ended (actions.py)
     .remove_proxy(proxy_id, force=False) -> {..., "removed"}   # generation unchanged (no topology write)
     .migrate(first, last, gid, keys_per_second=None, parallel=None) -> {..., "migration"}   # queued (pending)
     .migrations()                    -> {"migrations": [entry + progress + "owner"]}      # a read (dict)
     .pause(mid=None) / .resume(mid=None) -> {..., "paused"|"resumed": [ids], "migrations"}  # dicts, no write
     .cancel(mid=None)                -> {..., "migration", "owner", "note"} (one) or {..., "cancelled", "owners"}
-    # A migration's own steps run as operations too (twinproxy.dashboard.migration); migrate waits for
+    # A migration's own steps run as operations too (twinproxy.dashboard.migration); migrate and rebalance wait for
     # the one in progress instead of being refused, the others get 409 while a step writes.
     .add_sentinel(addr)              -> {..., "addr", "monitored", "problems"}
     .remove_sentinel(addr)           -> {..., "addr", "unmonitored", "problems"}
@@ -465,9 +468,9 @@ class Controller:
                                 f"slots {first}-{last} assigned")
         return self.ok(new, slots=new.runs(first, last))
 
-    def rebalance(self, dry_run: bool = False) -> defer.Deferred:
-        return self._operation("rebalance" + (" (dry run)" if dry_run else ""), actions.rebalance, self,
-                               bool(dry_run))
+    def rebalance(self, dry_run: bool = False, keys_per_second: Optional[int] = None,
+                  parallel: Optional[int] = None) -> defer.Deferred:
+        return defer.maybeDeferred(actions.rebalance, self, bool(dry_run), keys_per_second, parallel)
 
     def remove_proxy(self, proxy_id: str, force: bool = False) -> defer.Deferred:
         return self._operation(f"remove proxy {proxy_id}" + (" (forced)" if force else ""), actions.remove_proxy,

@@ -181,16 +181,23 @@ class Migrations:
         ctl.dry(lambda: ctl.current().create_migration(first, last, gid, keys_per_second, parallel))
         # Queued behind a runner's step rather than refused: those are short.
         yield self.idle(lambda: False, timeout=ctl.ack_timeout * 2 + 5)
-
-        @defer.inlineCallbacks
-        def create() -> Any:
-            new = yield ctl.commit(lambda t: t.create_migration(first, last, gid, keys_per_second, parallel),
-                                   f"migration of slots {first}-{last} to group {gid} queued")
-            return new
-
-        new = yield ctl._operation(f"migrate slots {first}-{last} to group {gid}", create)
+        new = yield ctl._operation(f"migrate slots {first}-{last} to group {gid}", self.queue, first, last, gid,
+                                   keys_per_second, parallel)
         m = new.migrations[-1]
         return ctl.ok(new, migration=self.merged(m))
+
+    @defer.inlineCallbacks
+    def queue(self, first: int, last: int, gid: int, keys_per_second: Optional[int],
+              parallel: Optional[int]) -> Any:
+        """Write one pending migration and wait for the proxies; the new Topology (its last migration).
+
+        Runs inside one of the controller's operations (``migrate``'s, or a
+        rebalance's); fails as ``commit`` does (504: written, not
+        acknowledged by every proxy).
+        """
+        new = yield self.ctl.commit(lambda t: t.create_migration(first, last, gid, keys_per_second, parallel),
+                                    f"migration of slots {first}-{last} to group {gid} queued")
+        return new
 
     def pause(self, mid: Optional[int]) -> Dict[str, Any]:
         return self._pause(mid, True)

@@ -182,8 +182,9 @@ def test_without_a_token_file_every_write_is_403(api):
     ("POST", "/api/slots/assign", {"first": 0, "last": 511, "group": 1}, None, ("assign_slots", (0, 511, 1, False))),
     ("POST", "/api/slots/assign", {"first": 5, "last": 5, "group": None, "force": True}, None,
      ("assign_slots", (5, 5, None, True))),
-    ("POST", "/api/slots/rebalance", {"dry_run": True}, None, ("rebalance", (True,))),
-    ("POST", "/api/slots/rebalance", None, None, ("rebalance", (False,))),
+    ("POST", "/api/slots/rebalance", {"dry_run": True}, None, ("rebalance", (True, None, None))),
+    ("POST", "/api/slots/rebalance", None, None, ("rebalance", (False, None, None))),
+    ("POST", "/api/slots/rebalance", {"keys_per_second": 500, "parallel": 2}, None, ("rebalance", (False, 500, 2))),
     ("DELETE", "/api/proxies/127.0.0.1:19000-42", None, {"force": "1"}, ("remove_proxy", ("127.0.0.1:19000-42", True))),
     ("DELETE", "/api/proxies/127.0.0.1:19000-42", None, None, ("remove_proxy", ("127.0.0.1:19000-42", False))),
     ("POST", "/api/sentinels", {"addr": "127.0.0.1:26379"}, None, ("add_sentinel", ("127.0.0.1:26379",))),
@@ -212,6 +213,9 @@ def test_each_write_reaches_its_operation(api, method, path, body, args, call):
     ("/api/slots/assign", {"first": 0, "last": 3}, "needs the field 'group'"),
     ("/api/slots/assign", {"first": 0, "last": 3, "group": 1, "force": "yes"}, "true or false"),
     ("/api/slots/rebalance", {"dry_run": 1}, "true or false"),
+    ("/api/slots/rebalance", {"keys_per_second": 0}, "keys_per_second"),
+    ("/api/slots/rebalance", {"parallel": 65}, "parallel"),
+    ("/api/slots/rebalance", {"speed": 1}, "unknown field 'speed'"),
 ])
 def test_bad_bodies_are_400_with_a_reason(api, path, body, words):
     _, controller, root = api
