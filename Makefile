@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: run run-sentinel cluster test lint deps venv clean bench bench-quick pypy pypy-venv
+.PHONY: run run-sentinel cluster test lint deps venv clean bench bench-quick bench-migration pypy pypy-venv
 
 run: deps venv
 	scripts/run-demo.sh
@@ -23,12 +23,19 @@ test: deps venv
 lint: venv
 	$(VENV)/bin/ruff check twinproxy twisted tests bench
 
-# The side-by-side benchmark (bench/run.py): nutcracker and PyPy are used when present.
+# The side-by-side benchmark (bench/run.py): nutcracker and PyPy are used when present;
+# then the migration benchmark (bench/migration.py).
 bench: deps venv pypy-venv
 	$(VENV)/bin/python bench/run.py
+	$(VENV)/bin/python bench/migration.py
 
 bench-quick: deps venv pypy-venv
 	$(VENV)/bin/python bench/run.py --quick
+	$(VENV)/bin/python bench/migration.py --quick
+
+# Online slot migration alone: 1M keys of 100 B, 2 -> 3 groups, under a client load through the proxy.
+bench-migration: deps venv
+	$(VENV)/bin/python bench/migration.py
 
 # twinproxy and its whole test suite on PyPy 3.9 (Debian's pypy3), in .venv-pypy.
 pypy: deps pypy-venv
