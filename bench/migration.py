@@ -54,8 +54,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
 import migration_report as report  # noqa: E402
-from run import cpu_seconds  # noqa: E402
 
+from run import cpu_seconds  # noqa: E402
 from tests.cluster_harness import TOKEN, Dashboard  # noqa: E402
 from tests.servers import LOOPBACK, Process, RedisServer, free_port, wait_until  # noqa: E402
 from twinproxy.cluster.slots import SLOT_COUNT, slot_of  # noqa: E402

@@ -470,3 +470,24 @@ def test_unparseable_events_are_none(channel: bytes, payload: bytes) -> None:
 def test_parse_event_never_raises(channel, payload) -> None:
     result = parse_event(channel, payload)
     assert result is None or isinstance(result, Event)
+
+
+def _scan_reply(cursor: bytes, keys: list) -> bytes:
+    return b"*2\r\n$%d\r\n%s\r\n*%d\r\n" % (len(cursor), cursor, len(keys)) + b"".join(
+        b"$%d\r\n%s\r\n" % (len(key), key) for key in keys)
+
+
+def test_scan_shaped_replies_decode_like_the_general_decoder_even_with_crlf_in_keys() -> None:
+    import random
+
+    from twinproxy.sentinel.replies import decode_prefix
+
+    rng = random.Random(7)
+    cases = [(b"0", []), (b"17", [b"a", b"bb"]), (b"5", [b"x\r\ny"]), (b"7", [b"", b"\r\n"]), (b"9", [b"$3\r\nabc"])]
+    cases += [(bytes(rng.choice(b"01\r\n") for _ in range(rng.randint(1, 3))),
+               [bytes(rng.choice(b"ab\r\n$*:") for _ in range(rng.randint(0, 6))) for _ in range(rng.randint(0, 6))])
+              for _ in range(2000)]
+    for cursor, keys in cases:
+        reply = _scan_reply(cursor, keys)
+        assert decode(reply) == [cursor, keys] == decode_prefix(reply)[0]
+    assert decode(b"*2\r\n$1\r\na\r\n:5\r\n") == [b"a", 5]
