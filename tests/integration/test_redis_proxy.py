@@ -110,6 +110,14 @@ def test_same_server_commands_and_hash_tags(redis_servers, proxy) -> None:
     spread = [key_on(service, 0, "s"), key_on(service, 1, "s")]
     with pytest.raises(redis.ResponseError, match="don't hash to the same server"):
         c.sinter(*spread)
+    # SORT ... STORE and GEORADIUS ... STORE write a second key: it must be on the same server.
+    c.rpush("{u1}:l", 3, 1, 2)
+    assert c.sort("{u1}:l", store="{u1}:sorted") == 3
+    assert c.lrange("{u1}:sorted", 0, -1) == [b"1", b"2", b"3"]
+    assert backends[owner(backends, "{u1}:l")].client().lrange("{u1}:sorted", 0, -1) == [b"1", b"2", b"3"]
+    c.rpush(spread[0], 2, 1)
+    with pytest.raises(redis.ResponseError, match="don't hash to the same server"):
+        c.sort(spread[0], store=spread[1])
 
 
 def test_unsupported_commands_error_and_connection_stays(redis_servers, proxy) -> None:

@@ -38,14 +38,18 @@ class CommandSpec:
     """Where a command's keys are, as Redis's own (first, last, step) key specs."""
 
     __slots__ = ("name", "label", "layout", "first", "last", "step", "merge", "handler", "reason",
-                 "arity", "subcommands", "readonly", "destination")
+                 "arity", "subcommands", "readonly", "destination", "options")
 
     def __init__(self, name: bytes, layout: str, first: int = 1, last: int = 1, step: int = 1,
                  merge: Optional[str] = None, handler: Optional[Callable] = None,
-                 reason: Optional[str] = None, destination: int = 0) -> None:
+                 reason: Optional[str] = None, destination: int = 0,
+                 options: Optional[Tuple[int, Dict[bytes, int]]] = None) -> None:
         self.name = name
         # A numkeys command that also writes a key before its count (ZUNIONSTORE's destination).
         self.destination = destination
+        # Options from this argument on, with how many values each takes; a
+        # STORE/STOREDIST option's value is a key (SORT ... STORE d).
+        self.options = options
         self.label = name.decode("ascii")
         self.layout = layout
         self.first = first
@@ -72,14 +76,20 @@ hgetall hgetdel hgetex hincrby hincrbyfloat hkeys hlen hmget hmset hpersist hpex
 hpexpireat hpexpiretime hpttl hrandfield hscan hset hsetex hsetnx hstrlen httl hvals incr
 incrby incrbyfloat lindex linsert llen lpop lpos lpush lpushx lrange lrem lset ltrim
 persist pexpire pexpireat pexpiretime pfadd psetex pttl restore rpop rpush rpushx sadd
-scard set setbit setex setnx setrange sismember smembers smismember sort sort_ro spop
+scard set setbit setex setnx setrange sismember smembers smismember sort_ro spop
 srandmember srem sscan strlen substr ttl type xack xadd xautoclaim xclaim xdel xlen
 xpending xrange xrevrange xsetid xtrim zadd zcard zcount zincrby zlexcount zmscore zpopmax
 zpopmin zrandmember zrange zrangebylex zrangebyscore zrank zrem zremrangebylex
 zremrangebyrank zremrangebyscore zrevrange zrevrangebylex zrevrangebyscore zrevrank zscan
-zscore geoadd geodist geohash geopos georadius georadius_ro georadiusbymember
-georadiusbymember_ro geosearch
+zscore geoadd geodist geohash geopos georadius_ro georadiusbymember_ro geosearch
 """
+# A key, then options of which STORE (and STOREDIST) name a key to write:
+# (the first option's argument index, {option: the values it takes}).
+_STORE_OPTIONS = {
+    "sort": (2, {b"by": 1, b"limit": 2, b"get": 1, b"store": 1}),
+    "georadius": (6, {b"count": 1, b"store": 1, b"storedist": 1}),
+    "georadiusbymember": (5, {b"count": 1, b"store": 1, b"storedist": 1}),
+}
 # Subcommand first, key second: OBJECT ENCODING k, MEMORY USAGE k, XINFO STREAM k, ...
 _KEY_SECOND = "object memory xinfo xgroup"
 # Two keys, both on one server.
@@ -206,6 +216,19 @@ def _long_long(text: bytes) -> Optional[int]:
     return value
 
 
+def _stored_keys(args: List[bytes], start: int, takes: Dict[bytes, int]) -> List[int]:
+    """The positions of the keys STORE/STOREDIST options name (a malformed rest: Redis says so)."""
+    found = []
+    index = start
+    while index < len(args):
+        option = args[index].lower()
+        count = takes.get(option, 0)
+        if option in (b"store", b"storedist") and index + 1 < len(args):
+            found.append(index + 1)
+        index += 1 + count
+    return found
+
+
 class RedisCodec:
     """Codec for pools with ``redis: true``; one instance per pool."""
 
@@ -230,6 +253,8 @@ class RedisCodec:
         add(_TWO_KEYS, SAME_SERVER, first=1, last=2)
         add(_ALL_KEYS, SAME_SERVER, first=1, last=-1)
         add("bitop", SAME_SERVER, first=2, last=-1)
+        for name, options in _STORE_OPTIONS.items():
+            add(name, SAME_SERVER, first=1, last=1, options=options)
         add("msetnx", SAME_SERVER, first=1, last=-1, step=2)
         add(_NUMKEYS_AT_1, NUMKEYS, first=1)
         add(_NUMKEYS_AT_2, NUMKEYS, first=2)
@@ -453,7 +478,10 @@ class RedisCodec:
         if last >= len(args) or (spec.step > 1 and (len(args) - spec.first) % spec.step):
             self._answer(request, _wrong_arity(args[0].lower()))
             return None
-        return list(range(spec.first, last + 1, spec.step))
+        positions = list(range(spec.first, last + 1, spec.step))
+        if spec.options is not None:
+            positions += _stored_keys(args, *spec.options)
+        return positions
 
     # -- commands answered by the proxy --------------------------------------
 

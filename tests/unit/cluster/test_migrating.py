@@ -183,6 +183,27 @@ class AfterTheMoveTests(SynchronousTestCase):
         client.dataReceived(cmd(b"ZUNIONSTORE", key_in(1), b"1", key_in(2)))
         self.assertIn(b"CROSSSLOT", out.value())
 
+    def test_a_store_option_names_a_key_checked_for_its_slot(self) -> None:
+        w = Wire()
+        w.serve(topology(1))
+        client, out = w.client()
+        client.dataReceived(cmd(b"SORT", key_in(1), b"LIMIT", b"0", b"5", b"STORE", key_in(2)))
+        client.dataReceived(cmd(b"GEORADIUS", key_in(1), b"15", b"37", b"200", b"km", b"COUNT", b"5",
+                                b"STOREDIST", key_in(3)))
+        self.assertEqual(out.value().count(b"-CROSSSLOT"), 2)
+        client.dataReceived(cmd(b"SORT", key_in(1), b"GET", b"store", b"ALPHA"))   # a pattern, not the option
+        self.assertEqual(out.value().count(b"-CROSSSLOT"), 2)
+
+    def test_a_store_destination_is_moved_with_the_source(self) -> None:
+        tag = next(b"t%d" % i for i in range(1000) if slot_of(b"t%d" % i) < 512)
+        dst, src = b"{" + tag + b"}d", b"{" + tag + b"}s"
+        w = Wire()
+        w.serve(topology(1, moving={slot_of(dst)}))
+        client, out = w.client()
+        client.dataReceived(cmd(b"GEORADIUSBYMEMBER", src, b"m", b"10", b"km", b"store", dst))
+        _, source_wire = w.backend(SOURCE)
+        self.assertEqual(source_wire.value(), migrate(src, dst))
+
     def test_a_destination_is_moved_with_the_sources(self) -> None:
         tag = next(b"t%d" % i for i in range(1000) if slot_of(b"t%d" % i) < 512)
         dst, src = b"{" + tag + b"}d", b"{" + tag + b"}s"
