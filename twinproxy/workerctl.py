@@ -258,13 +258,6 @@ def apply_everywhere(reactor: Any, paths: Sequence[str], pools: List[Any]) -> An
                 end.transport.loseConnection()
 
 
-def renew_everywhere(reactor: Any, paths: Sequence[str], until: float) -> defer.Deferred:
-    """Every worker's cluster pools may route until ``until``; fires with the paths that did not answer."""
-    d = defer.DeferredList([ask(reactor, path, {"op": "lease", "until": until}) for path in paths],
-                           consumeErrors=True)
-    return d.addCallback(lambda results: [path for path, (ok, _) in zip(paths, results) if not ok])
-
-
 @defer.inlineCallbacks
 def settle_everywhere(reactor: Any, paths: Sequence[str]) -> Any:
     """Every worker's slot holds have drained what was in flight; RuntimeError naming one that did not."""

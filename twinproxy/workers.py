@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twinproxy import stats
 from twinproxy.config import ListenSpec, PoolConfig
@@ -166,6 +167,8 @@ class Master:
         self.counters = ReloadCounters()
         self._last: Dict[str, Dict[str, Any]] = {}
         self._silent: Set[str] = set()
+        self._renewing: Set[str] = set()     # workers with a slot lease renewal in flight
+        self._unrenewed: Set[str] = set()    # workers whose last renewal failed (logged once)
         self.workers_answered = 0
         self._log_control = log_control
         self._resolved: List[PoolConfig] = list(options.pools)   # the pools as the workers serve them
@@ -281,10 +284,27 @@ class Master:
 
         return settle_everywhere(self._reactor, self._serving_paths())
 
-    def _renew(self, until: float) -> Any:
-        from twinproxy.workerctl import renew_everywhere
+    def _renew(self, until: float) -> None:
+        """Every worker's slot lease; at most one renewal in flight per worker (a hung one is skipped)."""
+        from twinproxy.workerctl import ask
 
-        return renew_everywhere(self._reactor, self._serving_paths(), until)
+        for path in self._serving_paths():
+            if path in self._renewing:
+                continue
+            self._renewing.add(path)
+
+            def answered(result: Any, path: str = path) -> None:
+                self._renewing.discard(path)
+                late = isinstance(result, Failure) or not result.get("ok")
+                if late and path not in self._unrenewed:
+                    self._unrenewed.add(path)
+                    why = result.getErrorMessage() if isinstance(result, Failure) else result.get("error")
+                    self._log.warn("worker at {path}: its slot lease was not renewed: {why}", path=path, why=why)
+                elif not late and path in self._unrenewed:
+                    self._unrenewed.discard(path)
+                    self._log.info("worker at {path}: its slot lease is renewed again", path=path)
+
+            ask(self._reactor, path, {"op": "lease", "until": until}).addBoth(answered)
 
     def _pool_address(self, config: PoolConfig) -> str:
         for resolved in self._resolved:

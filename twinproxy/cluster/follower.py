@@ -234,8 +234,10 @@ class ClusterFollower:
                 self._problem(f"cannot confirm the coordinator session: {failure.getErrorMessage()}")
             self._later(self._try_confirm, CONFIRM_RETRY_SECONDS)
 
-        registration.update(self._sent or self._value(self.acked or 0)).addCallback(read).addCallbacks(
-            done, failed)
+        # The newest value given (an acknowledgement in flight included): writes coalesce, so an older one
+        # written now would land after it and take the acknowledgement back.
+        latest = getattr(registration, "value", None) or self._sent or self._value(self.acked or 0)
+        registration.update(latest).addCallback(read).addCallbacks(done, failed)
 
     # -- registration ---------------------------------------------------------
 

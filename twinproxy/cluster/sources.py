@@ -11,7 +11,7 @@ so no two applies ever interleave; a reload that fails leaves the file,
 the followers and the running pools as they were.
 
 It also keeps the pools' slot **lease** (:mod:`twinproxy.cluster.targets`):
-every :data:`TICK` it renews it to now + :data:`LEASE` in every process.  A
+every :data:`TICK` it renews it to now + :meth:`ClusterSources.lease_seconds` in every process.  A
 tick that finds the lease run out means this process did not run for that
 long (stopped, or starved): its coordinator sessions may have expired and
 the dashboard may have gone on without it, so the lease is renewed only
@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from twinproxy import __version__
@@ -147,9 +147,10 @@ class ClusterSources(Service):
 
     @defer.inlineCallbacks
     def _pass(self) -> Any:
+        """Apply what the followers know, settle, acknowledge; True when it applied and settled."""
         self._queued = False    # what changes from now on needs a pass of its own
         if not self.running:
-            return
+            return False
         generations = {name: f.topology.generation for name, f in self.followers.items()
                        if f.topology is not None and f.trusted}
         try:
@@ -163,56 +164,75 @@ class ClusterSources(Service):
             self._log.error("cluster: applying the topology failed, keeping the running one; trying again in "
                             "{seconds}s: {error}", seconds=RETRY_SECONDS, error=str(err))
             self._reactor.callLater(RETRY_SECONDS, self._schedule)
-            return
+            return False
         if changes:
             self._log.info("cluster: applied: {summary}", summary="; ".join(changes))
         for name, follower in self.followers.items():
             generation = generations.get(name)
             if follower.needs_acknowledging(generation):
                 follower.acknowledge(generation if generation is not None else (follower.acked or 0))
+        return True
 
     # -- the slot lease ----------------------------------------------------------
 
+    def lease_seconds(self) -> float:
+        """A third of the shortest session timeout, at least :data:`LEASE`: a stall that short cannot
+        have outlived a session (a false stall costs every cluster request a wait)."""
+        timeouts = [getattr(f.coordinator, "session_timeout", None) for f in self.followers.values()]
+        timeouts = [t for t in timeouts if isinstance(t, (int, float)) and t > 0]
+        return max(LEASE, min(timeouts) / 3.0) if timeouts else LEASE
+
     def _tick(self) -> None:
-        if self._confirming or not self.followers or self._applier.renew is None:
-            return
-        now = self._reactor.seconds()
-        if self._lease_until is not None and now > self._lease_until:
-            self._confirm(now - self._lease_until + LEASE)
-            return
-        self._renew(now)
+        try:
+            if self._applier.renew is None or self._confirming:
+                return
+            if not self.followers:
+                self._lease_until = None     # no cluster pool: nothing to renew, nothing to have missed
+                return
+            now = self._reactor.seconds()
+            if self._lease_until is not None and now > self._lease_until:
+                self._confirm(now - self._lease_until + self.lease_seconds())
+                return
+            self._renew(now)
+        except Exception:  # noqa: BLE001 - the ticker must go on (a LoopingCall stops on an exception)
+            self._log.failure("cluster: renewing the slot lease")
 
     def _renew(self, now: float) -> None:
-        self._lease_until = now + LEASE
-        renewed = self._applier.renew(self._lease_until)
-        if isinstance(renewed, defer.Deferred):
-            renewed.addErrback(lambda failure: self._log.warn("cluster: renewing the slot lease failed: {why}",
-                                                              why=failure.getErrorMessage()))
+        self._lease_until = now + self.lease_seconds()
+        self._applier.renew(self._lease_until)
 
-    def _confirm(self, gap: float) -> None:
+    @defer.inlineCallbacks
+    def _confirm(self, gap: float) -> Any:
+        """Confirm every session, read and apply, and only then renew; until it works, the lease stays out."""
         self._confirming = True
         self.stalls += 1
         self._log.warn("cluster: this process did not run for {gap:.1f}s (stopped or starved): cluster requests "
-                       "wait until every coordinator session is confirmed and the topology read again",
-                       gap=gap)
-        followers = list(self.followers.values())
+                       "wait until every coordinator session is confirmed and the topology read again", gap=gap)
         began = self._reactor.seconds()
-
-        def confirmed(_: Any) -> Any:
-            return self._lock.run(self._pass)
-
-        def done(result: Any) -> None:
-            self._confirming = False
-            if not self.running:
+        try:
+            while self.running:
+                yield defer.gatherResults([follower.confirm() for follower in list(self.followers.values())],
+                                          consumeErrors=True)
+                read_at = self._reactor.seconds()
+                applied = yield self._lock.run(self._pass)
+                if not self.running:
+                    return
+                now = self._reactor.seconds()
+                if not applied:
+                    yield deferLater(self._reactor, RETRY_SECONDS, lambda: None)
+                    continue
+                if now - read_at > self.lease_seconds():
+                    self._log.warn("cluster: stopped again while confirming ({seconds:.1f}s): confirming again",
+                                   seconds=now - read_at)
+                    continue
+                self._log.info("cluster: sessions confirmed in {seconds:.2f}s; serving cluster slots again",
+                               seconds=now - began)
+                self._renew(now)
                 return
-            self._log.info("cluster: sessions confirmed in {seconds:.2f}s; serving cluster slots again",
-                           seconds=self._reactor.seconds() - began)
-            self._renew(self._reactor.seconds())
-
-        d = defer.gatherResults([follower.confirm() for follower in followers], consumeErrors=True)
-        d.addCallback(confirmed)
-        d.addErrback(lambda failure: self._log.failure("cluster: confirming the sessions", failure=failure))
-        d.addBoth(done)
+        except Exception:  # noqa: BLE001 - the next tick finds the lease still out and confirms again
+            self._log.failure("cluster: confirming the coordinator sessions")
+        finally:
+            self._confirming = False
 
     def _registration_info(self, follower: ClusterFollower) -> Dict[str, Any]:
         address = self._address_of(follower.base)

@@ -59,7 +59,8 @@ class OfflineSlot:
 class HeldSlot:
     """A slot on hold: its requests wait here until the next table releases it."""
 
-    __slots__ = ("name", "slot", "cluster", "fenced", "why", "_queue", "_clock", "_limit", "_answer", "_timer")
+    __slots__ = ("name", "slot", "cluster", "fenced", "why", "_queue", "_early", "_clock", "_limit", "_answer",
+                 "_timer")
 
     def __init__(self, slot: int, cluster: str, clock: Any, limit: float, answer: Answer,
                  why: str = "held for a topology change") -> None:
@@ -69,6 +70,7 @@ class HeldSlot:
         self.fenced = False
         self.why = why
         self._queue: deque = deque()    # (request, deadline)
+        self._early = 0                 # the first this many came from before the hold: they go first
         self._clock = clock
         self._limit = limit
         self._answer = answer
@@ -79,6 +81,16 @@ class HeldSlot:
             self._answer(request, self._fenced_text(), "TRYAGAIN")
             return
         self._queue.append((request, self._clock.seconds() + self._limit))
+        if self._timer is None:
+            self._timer = self._clock.callLater(self._limit, self._expire)
+
+    def send_early(self, request: Request) -> None:
+        """``send``, but ahead of what came since the hold began (a request released by an older hold)."""
+        if self.fenced:
+            self._answer(request, self._fenced_text(), "TRYAGAIN")
+            return
+        self._queue.insert(self._early, (request, self._clock.seconds() + self._limit))
+        self._early += 1
         if self._timer is None:
             self._timer = self._clock.callLater(self._limit, self._expire)
 
@@ -96,6 +108,7 @@ class HeldSlot:
         queue = self._queue
         while queue and queue[0][1] <= now + 1e-9:
             request, _ = queue.popleft()
+            self._early = max(0, self._early - 1)
             self._answer(request, f"slot {self.slot} of cluster '{self.cluster}' is {self.why} for longer "
                                   f"than {self._limit * 1000:.0f} ms", "TRYAGAIN")
         if queue:
@@ -105,14 +118,14 @@ class HeldSlot:
         """The session is not trusted: what waits fails now, what comes fails at once."""
         self.fenced = True
         self._cancel_timer()
-        queue, self._queue = self._queue, deque()
+        queue, self._queue, self._early = self._queue, deque(), 0
         for request, _ in queue:
             self._answer(request, self._fenced_text(), "TRYAGAIN")
 
     def release(self, route: Callable[[int], Any]) -> None:
         """The slot is free: send what waited, in arrival order, where the slot now goes."""
         self._cancel_timer()
-        queue, self._queue = self._queue, deque()
+        queue, self._queue, self._early = self._queue, deque(), 0
         for request, _ in queue:
             route(self.slot).send(request)
 
@@ -120,6 +133,15 @@ class HeldSlot:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+
+class _Early:
+    """A stall hold's front door, for requests that were waiting (or moving keys) before the stall."""
+
+    __slots__ = ("send",)
+
+    def __init__(self, hold: HeldSlot) -> None:
+        self.send = hold.send_early
 
 
 class SlotRouting:
@@ -163,6 +185,7 @@ class SlotRouting:
     def install(self, table: Any, servers: Dict[str, Any], hold_seconds: float,
                 config: Any = None) -> Callable[[bytes], Any]:
         """Route by ``table`` (a SlotTable) over ``servers`` (name -> Server) from now on."""
+        self._check_lease()     # a table that comes after the lease ran out stays behind the stall holds
         answer = self._answer
         held_before = self._held
         held_now: Dict[int, HeldSlot] = {}
@@ -275,7 +298,15 @@ class SlotRouting:
             target.release(self.target_for_slot)
 
     def target_for_slot(self, slot: int) -> Any:
+        """Where a request released by a hold or a MIGRATE goes now: during a stall, ahead of newer ones."""
+        self._check_lease()
+        if self._stall_holds:
+            return _Early(self._stall_holds[slot])
         return self._table[slot]
+
+    def _check_lease(self) -> None:
+        if self._clock.seconds() > self._lease[0]:
+            self._stalled()
 
     @property
     def migrating(self) -> Dict[int, MigratingSlot]:

@@ -217,15 +217,14 @@ def _long_long(text: bytes) -> Optional[int]:
 
 
 def _stored_keys(args: List[bytes], start: int, takes: Dict[bytes, int]) -> List[int]:
-    """The positions of the keys STORE/STOREDIST options name (a malformed rest: Redis says so)."""
-    found = []
+    """The position of the key a STORE/STOREDIST option names (the last one: Redis writes that one)."""
+    found: List[int] = []
     index = start
     while index < len(args):
         option = args[index].lower()
-        count = takes.get(option, 0)
         if option in (b"store", b"storedist") and index + 1 < len(args):
-            found.append(index + 1)
-        index += 1 + count
+            found = [index + 1]
+        index += 1 + takes.get(option, 0)
     return found
 
 

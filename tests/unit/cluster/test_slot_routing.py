@@ -303,3 +303,28 @@ class LeaseTests(SynchronousTestCase):
         backends = w.connect_pending()
         self.assertEqual(backends["10.0.0.1:6379"][0][1].value(), cmd(b"GET", key_in(3)))
         self.assertEqual(backends["10.0.0.2:6379"][0][1].value(), cmd(b"GET", key_in(600)))
+
+    def test_a_request_released_by_a_hold_during_a_stall_keeps_its_place(self) -> None:
+        w = Wire()
+        w.serve(topology(held={3}))
+        slots = w.runtime.pool.slots
+        slots.renew(w.reactor.seconds() + 0.5)
+        client, out = w.client()
+        client.dataReceived(cmd(b"SET", key_in(3), b"1"))     # waits on the real hold (1 s at most)
+        w.reactor.advance(0.6)
+        client.dataReceived(cmd(b"SET", key_in(3), b"2"))     # after the stall: behind it
+        w.serve(topology(generation=2))                       # the hold ends while stalled
+        slots.renew(w.reactor.seconds() + 1.0)
+        self.assertEqual(w.connect_pending()["10.0.0.1:6379"][0][1].value(),
+                         cmd(b"SET", key_in(3), b"1") + cmd(b"SET", key_in(3), b"2"))
+
+    def test_a_table_after_the_lease_releases_nothing_even_before_any_route(self) -> None:
+        w = Wire()
+        w.serve(topology(held={3}))
+        w.runtime.pool.slots.renew(w.reactor.seconds() + 1.0)
+        client, out = w.client()
+        client.dataReceived(cmd(b"GET", key_in(3)))
+        w.reactor.advance(1.5)                                # no route since the lease ran out
+        w.serve(topology(generation=2))
+        self.assertEqual(w.connect_pending(), {})
+        self.assertTrue(w.runtime.pool.slots.stalled)

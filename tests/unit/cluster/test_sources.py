@@ -364,19 +364,20 @@ class LeaseHarness(Harness):
         self.sources._applier.renew = self.renewals.append
 
 
-def test_the_lease_is_renewed_every_tick() -> None:
-    from twinproxy.cluster.sources import LEASE, TICK
+def test_the_lease_is_renewed_every_tick_for_a_third_of_the_session() -> None:
+    from twinproxy.cluster.sources import TICK
 
     h = LeaseHarness().start(layout(5))
+    assert h.sources.lease_seconds() == pytest.approx(10.0 / 3)      # the stub's session: 10 s
     first = len(h.renewals)
     for _ in range(4):
         h.clock.advance(TICK)
     assert len(h.renewals) == first + 4
-    assert h.renewals[-1] == h.clock.seconds() + LEASE
+    assert h.renewals[-1] == h.clock.seconds() + h.sources.lease_seconds()
 
 
 def test_a_stall_past_the_lease_renews_only_after_the_session_is_confirmed_and_re_read() -> None:
-    from twinproxy.cluster.sources import LEASE, TICK
+    from twinproxy.cluster.sources import TICK
 
     h = LeaseHarness().start(layout(5))
     coordinator = h.coordinator()
@@ -385,7 +386,7 @@ def test_a_stall_past_the_lease_renews_only_after_the_session_is_confirmed_and_r
     applies = len(h.applier.applied)
     coordinator.set_topology(layout(6), notify=False)    # written while this process was stopped
     coordinator.hold("update")
-    h.clock.advance(LEASE + 3)                          # one late tick: the lease ran out
+    h.clock.advance(h.sources.lease_seconds() + 3)      # one late tick: the lease ran out
     assert len(h.renewals) == renewed and h.sources.stalls == 1
     h.clock.advance(TICK * 4)
     assert len(h.renewals) == renewed                   # the registration write has not answered
@@ -393,21 +394,58 @@ def test_a_stall_past_the_lease_renews_only_after_the_session_is_confirmed_and_r
     h.clock.advance(0)
     assert h.applier.last().slots.generation == 6       # read again and applied first
     assert len(h.applier.applied) > applies
-    assert h.renewals[renewed:] == [h.clock.seconds() + LEASE]
+    assert h.renewals[renewed:] == [h.clock.seconds() + h.sources.lease_seconds()]
     assert [ack["generation"] for ack in h.acks()][-1] == 6
+
+
+def test_after_a_stall_no_renewal_until_a_pass_applied_what_was_read() -> None:
+    h = LeaseHarness().start(layout(5))
+    coordinator = h.coordinator()
+    renewed = len(h.renewals)
+    coordinator.set_topology(layout(6), notify=False)
+    h.applier.failures.extend([RuntimeError("worker 2 unreachable")] * 3)
+    h.clock.advance(h.sources.lease_seconds() + 1)
+    for _ in range(40):
+        h.clock.advance(0.25)
+        if len(h.renewals) > renewed:
+            break
+        assert h.applier.failures or h.sources._confirming
+    assert len(h.renewals) == renewed + 1
+    assert h.applier.failures == [] and h.applier.last().slots.generation == 6
+
+
+def test_confirming_never_takes_an_acknowledgement_back() -> None:
+    h = LeaseHarness().start(layout(5))
+    coordinator = h.coordinator()
+    coordinator.hold("update")
+    coordinator.set_topology(layout(6))
+    h.clock.advance(0)                                  # the ack of 6 is in flight
+    h.clock.advance(h.sources.lease_seconds() + 1)      # and the process stalls: confirm writes too
+    coordinator.release("update")
+    h.clock.advance(0)
+    coordinator.release("update")
+    h.clock.advance(1)
+    assert [ack["generation"] for ack in h.acks()][-1] == 6
+    assert h.sources.followers["shop"].acked == 6
 
 
 def test_a_lost_registration_is_made_again_before_the_lease_is_renewed() -> None:
     from twinproxy.cluster.follower import CONFIRM_RETRY_SECONDS
-    from twinproxy.cluster.sources import LEASE
 
     h = LeaseHarness().start(layout(5))
     coordinator = h.coordinator()
     renewed = len(h.renewals)
     coordinator.fail("update", not_found())             # the session expired while stopped
-    h.clock.advance(LEASE + 2)
+    h.clock.advance(h.sources.lease_seconds() + 2)
     assert len(h.renewals) == renewed
     h.clock.advance(RETRY_SECONDS + CONFIRM_RETRY_SECONDS * 2)
     assert len(coordinator.calls("ephemeral")) == 2     # registered again
     h.clock.advance(CONFIRM_RETRY_SECONDS * 2)
     assert len(h.renewals) > renewed
+
+
+def test_no_cluster_pool_no_lease_to_have_missed() -> None:
+    h = LeaseHarness().start(layout(5))
+    h.sources.followers.clear()
+    h.clock.advance(3600)
+    assert h.sources._lease_until is None and h.sources.stalls == 0
