@@ -2,31 +2,119 @@
 
 Owns: :class:`MigratingSlot` — the target of a slot whose keys are moving
 from a source group to a target group on stock Redis (Codis's "sync" mode
-without its forked server).  For each request it first sends the source
-master ``MIGRATE <target> "" <db> <timeout> REPLACE [AUTH ...] KEYS <every
-key the request touches>`` — atomic on the single-threaded source, TTLs
-kept, ``+NOKEY`` when none is there any more — and only when that answers
-sends the request itself to the target.  After the barrier no proxy
-writes a migrating slot's keys to the source, so a key moved once never
-comes back: keys known moved skip the MIGRATE (a bounded set per slot).
+without its forked server) — and the names and script of the big-key claim
+protocol (codis.md §6.5) as the proxy sees it: :func:`claim_of`,
+:data:`CLAIMS` and :data:`ENSURE_MOVED`.
 
-Order: the MIGRATE goes on the client's own connection to the source and
-the request, from the MIGRATE's completion, on its own connection to the
-target, so a client's requests for one key stay in order.  :func:`keys_of`
-says which keys a request touches (its key, its fragment's keys, or every
-key position of a one-slot multi-key command).
+For each request the source master is first sent ``EVAL ENSURE_MOVED``
+with every key the request touches, their claim keys and the claims
+registry as KEYS.  The script answers ``[WAIT, i]`` when the ``i``-th key
+is claimed (a big key the dashboard is copying in chunks), claims any key
+over :data:`BIG_KEY_BYTES` itself (``RENAMENX`` to its claim, registered
+in :data:`CLAIMS` for the dashboard to copy) and answers ``WAIT`` for it,
+and otherwise runs ``MIGRATE <target> "" <db> <timeout> REPLACE [AUTH ...]
+KEYS <keys>`` — atomic on the single-threaded source, TTLs kept,
+``+NOKEY`` when none is there any more — and answers what MIGRATE did.
+Only after ``+OK``/``+NOKEY`` is the request sent to the target.  After
+the barrier no proxy writes a migrating slot's keys to the source, so a
+key moved once never comes back: keys known moved skip the script (a
+bounded set per slot).
+
+A request answered ``WAIT`` is asked again after 0 ms (5 times), then
+``loop`` ms (loops 5-19), then every 20 ms (Codis's schedule), and fails
+with ``-TRYAGAIN`` naming the key once it has waited ``wait_limit``
+seconds (the pool's ``slot_hold``).
+
+Order: a client's requests for one slot go through a *line* (per client,
+per slot) while any of them is on its way: the scripts go on the client's
+own connection to the source, so they are answered in order, and a request
+is sent to the target only when every earlier request of the line was.  A
+waiting request therefore holds back the *same client's* later requests
+for *this slot* — even for keys known moved — and nothing else: other
+clients, and the client's other slots, go on.  (The client's replies come
+in request order anyway.)  :func:`keys_of` says which keys a request
+touches (its key, its fragment's keys, or every key position of a one-slot
+multi-key command).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Set, Tuple
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from twinproxy.request import Request
 
 # Keys remembered as moved per slot before the set starts over (then a key
-# may be sent a MIGRATE again, which answers NOKEY: correct, one round trip).
+# may be sent the script again, which answers NOKEY: correct, one round trip).
 MOVED_MEMORY = 65536
 MIGRATE_TIMEOUT_MS = 5000
+WAIT_LIMIT = 5.0      # seconds a request waits for a claimed key (the pool's slot_hold, when given)
+
+# The claim protocol's names, reserved: never a client's keys, never swept as keys.
+RESERVED_PREFIX = b"__twinproxy:"
+CLAIM_PREFIX = b"__twinproxy:mig:"
+CLAIMS = b"__twinproxy:claims"       # a set on the source: the keys K whose claim(K) exists
+# A key whose MEMORY USAGE (5 samples: microseconds even for a 200 MiB hash)
+# is above this is claimed, not MIGRATEd: MIGRATE would block both servers
+# for the whole copy (measured: 1.96 s for a 214 MB hash).
+BIG_KEY_BYTES = 4 * 1024 * 1024
+
+ENSURE_MOVED = b"""\
+local n = (#KEYS - 1) / 2
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[n + i]) == 1 then return {'WAIT', i} end
+end
+local limit = tonumber(ARGV[1])
+if limit > 0 then
+  local claimed = 0
+  for i = 1, n do
+    local size = redis.call('MEMORY', 'USAGE', KEYS[i])
+    if size and size > limit and redis.call('RENAMENX', KEYS[i], KEYS[n + i]) == 1 then
+      redis.call('SADD', KEYS[#KEYS], KEYS[i])
+      if claimed == 0 then claimed = i end
+    end
+  end
+  if claimed > 0 then return {'WAIT', claimed} end
+end
+local args = {'MIGRATE', ARGV[2], ARGV[3], '', ARGV[4], ARGV[5], 'REPLACE'}
+for i = 6, #ARGV do args[#args + 1] = ARGV[i] end
+args[#args + 1] = 'KEYS'
+for i = 1, n do args[#args + 1] = KEYS[i] end
+return redis.pcall(unpack(args))
+"""
+
+# What the script's reply means.
+MOVED, WAIT, FAILED = 0, 1, 2
+_WAIT_HEAD = b"*2\r\n$4\r\nWAIT\r\n:"
+
+# A step's state in its line.
+_IN_FLIGHT, _READY, _WAITING, _FAILED = 0, 1, 2, 3
+
+
+def claim_of(key: bytes) -> bytes:
+    """The name a big key has on the source while it is copied (its slot is not the key's: never swept)."""
+    return CLAIM_PREFIX + key
+
+
+def classify(reply: bytes) -> Tuple[int, int]:
+    """(MOVED, 0), (WAIT, index of the claimed key, 1-based) or (FAILED, 0) for the script's reply."""
+    if reply.startswith((b"+OK\r", b"+NOKEY\r")):
+        return MOVED, 0
+    if reply.startswith(_WAIT_HEAD) and reply.endswith(b"\r\n"):
+        try:
+            return WAIT, int(reply[len(_WAIT_HEAD):-2])
+        except ValueError:
+            pass
+    return FAILED, 0
+
+
+def retry_delay(loop: int) -> float:
+    """Seconds before asking again after the ``loop``-th WAIT (0-based): Codis's 0 / loop ms / 20 ms."""
+    if loop < 5:
+        return 0.0
+    if loop < 20:
+        return loop / 1000.0
+    return 0.02
 
 
 def keys_of(request: Request) -> List[bytes]:
@@ -38,86 +126,210 @@ def keys_of(request: Request) -> List[bytes]:
     return [request.key] if request.key is not None else []
 
 
-class _ThenForward:
-    """The MIGRATE's owner: on its reply, send the client's request to the target (or answer it)."""
+def show_key(key: bytes) -> str:
+    text = key.decode("utf-8", "replace")
+    return repr(text if len(text) <= 100 else text[:100] + "...")
 
-    __slots__ = ("slot", "request", "keys")
 
-    def __init__(self, slot: "MigratingSlot", request: Request, keys: List[bytes]) -> None:
+class _Step:
+    """One request of a line: its script's owner, then the line's record of where it stands."""
+
+    __slots__ = ("slot", "request", "keys", "line", "state", "loops", "deadline", "timer", "waited_for", "reply")
+
+    def __init__(self, slot: "MigratingSlot", request: Request, keys: List[bytes], line: Deque["_Step"],
+                 state: int) -> None:
         self.slot = slot
         self.request = request
         self.keys = keys
+        self.line = line
+        self.state = state
+        self.loops = 0
+        self.deadline = 0.0
+        self.timer: Any = None
+        self.waited_for = b""      # the claimed key
+        self.reply = b""
 
     def request_done(self, step: Request) -> None:
-        self.slot.moved(self.request, self.keys, step.reply or b"")
+        self.slot._answered(self, step.reply or b"")
 
 
 class MigratingSlot:
-    """One slot moving from ``source`` to ``target`` (both Servers of the pool)."""
+    """One slot moving from ``source`` to ``target`` (both Servers of the pool).
 
-    __slots__ = ("name", "slot", "source", "target", "_prefix", "_moved", "_answer", "_route", "moves",
-                 "failures")
+    ``clock`` (``seconds``, ``callLater``) times the retries of requests
+    waiting for a claimed key, for at most ``wait_limit`` seconds each.
+    """
+
+    __slots__ = ("name", "slot", "source", "target", "_head", "_tail", "_moved", "_answer", "_route", "_lines",
+                 "_clock", "_wait_limit", "moves", "failures", "waits")
 
     def __init__(self, slot: int, source: Any, target: Any, db: int, auth: Optional[str],
                  answer: Callable[..., None], route: Optional[Callable[[int], Any]] = None,
-                 timeout_ms: int = MIGRATE_TIMEOUT_MS) -> None:
+                 timeout_ms: int = MIGRATE_TIMEOUT_MS, *, clock: Any = None,
+                 wait_limit: Optional[float] = None, big_key_bytes: int = BIG_KEY_BYTES) -> None:
         self.name = f"slot-{slot}"
         self.slot = slot
         self.source = source
         self.target = target
         self._answer = answer
-        # Where the slot goes *now*: a MIGRATE answered after the next table (a
+        # Where the slot goes *now*: a script answered after the next table (a
         # hold, a cancel's way back, the finish) sends its request there.
         self._route = route
         self._moved: Set[bytes] = set()
-        self.moves = 0       # MIGRATEs sent
-        self.failures = 0    # MIGRATEs that failed (the request got an error)
+        # client -> its requests of this slot still on the way, in arrival order.
+        self._lines: Dict[Any, Deque[_Step]] = {}
+        self._clock = clock
+        self._wait_limit = WAIT_LIMIT if wait_limit is None else wait_limit
+        self.moves = 0       # scripts sent
+        self.failures = 0    # scripts that failed (the request got an error)
+        self.waits = 0       # WAIT answers (a claimed key)
         if target.spec.host is None:
             raise ValueError(f"slot {slot}: a migration needs the target's TCP address (MIGRATE), not "
                              f"{target.spec.address}")
-        self._prefix = migrate_prefix(target.spec.host, target.spec.port, db, timeout_ms, auth)
+        self._head, self._tail = ensure_moved_parts(target.spec.host, target.spec.port, db, timeout_ms, auth,
+                                                    big_key_bytes)
 
     def same_move(self, source: Any, target: Any) -> bool:
         return source is self.source and target is self.target
 
     def send(self, request: Request) -> None:
         keys = keys_of(request)
+        lines = self._lines
+        if lines:
+            line = lines.get(request.client)
+            if line is not None:
+                self._join(line, request, keys)
+                return
         moved = self._moved
         if not keys or all(key in moved for key in keys):
             self.target.send(request)
             return
-        count, head = self._prefix
-        step = Request(b"*%d\r\n" % (count + len(keys)) + head + _bulks(keys))
-        step.owner = _ThenForward(self, request, keys)
-        step.client = request.client      # the client's connection: its requests stay in order
-        step.dialect = request.dialect
-        step.name = "migrate"
-        self.moves += 1
-        self.source.send(step)
+        line = lines[request.client] = deque()
+        self._join(line, request, keys)
 
-    def moved(self, request: Request, keys: List[bytes], reply: bytes) -> None:
-        if reply.startswith((b"+OK", b"+NOKEY")):
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a claimed key."""
+        return sum(1 for line in self._lines.values() for step in line if step.state == _WAITING)
+
+    # -- internals ----------------------------------------------------------------
+
+    def _join(self, line: Deque[_Step], request: Request, keys: List[bytes]) -> None:
+        moved = self._moved
+        if not keys or all(key in moved for key in keys):
+            line.append(_Step(self, request, keys, line, _READY))     # behind the line, no script needed
+            return
+        step = _Step(self, request, keys, line, _IN_FLIGHT)
+        line.append(step)
+        self._ask(step)
+
+    def _ask(self, step: _Step) -> None:
+        keys = step.keys
+        count, head = self._head
+        tail_count, tail = self._tail
+        claims = [claim_of(key) for key in keys]
+        ask = Request(b"*%d\r\n" % (count + 2 * len(keys) + 2 + tail_count) + head
+                      + _bulk(b"%d" % (2 * len(keys) + 1)) + _bulks(keys) + _bulks(claims) + _bulk(CLAIMS) + tail)
+        request = step.request
+        ask.owner = step
+        ask.client = request.client      # the client's connection: its scripts are answered in order
+        ask.dialect = request.dialect
+        ask.name = "migrate"
+        self.moves += 1
+        self.source.send(ask)
+
+    def _answered(self, step: _Step, reply: bytes) -> None:
+        kind, index = classify(reply)
+        if kind == MOVED:
             moved = self._moved
             if len(moved) >= MOVED_MEMORY:
                 moved.clear()
-            moved.update(keys)
-            now = self._route(self.slot) if self._route is not None else self
-            (self.target if now is self else now).send(request)
+            moved.update(step.keys)
+            step.state = _READY
+        elif kind == WAIT:
+            self.waits += 1
+            keys = step.keys
+            step.waited_for = keys[index - 1] if 0 < index <= len(keys) else (keys[0] if keys else b"")
+            if step.loops == 0:
+                step.deadline = self._seconds(step) + self._wait_limit
+            step.state = _WAITING
+        else:
+            self.failures += 1
+            step.state = _FAILED
+            step.reply = reply
+        self._drain(step.line, step.request.client)
+
+    def _drain(self, line: Deque[_Step], client: Any) -> None:
+        """Send what the line's head allows, in order; schedule the head's next look when it waits."""
+        while line:
+            step = line[0]
+            state = step.state
+            if state == _IN_FLIGHT:
+                break
+            if state == _WAITING:
+                now = self._seconds(step)
+                if now < step.deadline and self._clock_of(step) is not None:
+                    if step.timer is None:
+                        step.timer = self._clock_of(step).callLater(retry_delay(step.loops), self._retry, step)
+                    break
+                line.popleft()
+                self.failures += 1
+                self._answer(step.request, f"key {show_key(step.waited_for)} of slot {self.slot} is being moved "
+                                           f"to the new owner (a big key, copied in chunks) for longer than "
+                                           f"{self._wait_limit * 1000:.0f} ms; try again", "TRYAGAIN")
+                continue
+            line.popleft()
+            if state == _READY:
+                self._where().send(step.request)
+            else:
+                shown = step.reply.strip().decode("utf-8", "replace")[:200] or "no reply"
+                self._answer(step.request, f"slot {self.slot} is migrating and moving its keys to the new owner "
+                                           f"failed ({shown}); nothing was done, try again", "TRYAGAIN")
+        if not line and self._lines.get(client) is line:
+            del self._lines[client]
+
+    def _retry(self, step: _Step) -> None:
+        step.timer = None
+        step.loops += 1
+        if self._route is not None and self._route(self.slot) is not self:
+            # The slot changed meanwhile (held, moving back, finished): it goes where the slot goes now.
+            step.state = _READY
+            self._drain(step.line, step.request.client)
             return
-        self.failures += 1
-        shown = reply.strip().decode("utf-8", "replace")[:200] or "no reply"
-        self._answer(request, f"slot {self.slot} is migrating and moving its keys to the new owner failed "
-                              f"({shown}); nothing was done, try again", "TRYAGAIN")
+        if self._seconds(step) >= step.deadline:
+            self._drain(step.line, step.request.client)      # still waiting: it fails now
+            return
+        step.state = _IN_FLIGHT
+        self._ask(step)
+
+    def _where(self) -> Any:
+        now = self._route(self.slot) if self._route is not None else self
+        return self.target if now is self else now
+
+    def _clock_of(self, step: _Step) -> Any:
+        # Until the routing table passes its clock in (targets.py), the client's factory has the reactor.
+        if self._clock is None:
+            factory = getattr(step.request.client, "factory", None)
+            self._clock = getattr(factory, "clock", None)
+        return self._clock
+
+    def _seconds(self, step: _Step) -> float:
+        clock = self._clock_of(step)
+        return clock.seconds() if clock is not None else 0.0
 
 
-def migrate_prefix(host: str, port: int, db: int, timeout_ms: int, auth: Optional[str]) -> Tuple[int, bytes]:
-    """``MIGRATE host port "" db timeout REPLACE [AUTH ...] KEYS``: (its argument count, its bulk strings)."""
-    args = [b"MIGRATE", host.encode(), b"%d" % port, b"", b"%d" % db, b"%d" % timeout_ms, b"REPLACE"]
+def ensure_moved_parts(host: str, port: int, db: int, timeout_ms: int, auth: Optional[str],
+                       big_key_bytes: int = BIG_KEY_BYTES) -> Tuple[Tuple[int, bytes], Tuple[int, bytes]]:
+    """The script call around its keys: (count, bulks) of ``EVAL <script>`` and of its ARGV."""
+    argv = [b"%d" % big_key_bytes, host.encode(), b"%d" % port, b"%d" % db, b"%d" % timeout_ms]
     if auth:
         user, _, password = auth.partition(" ")
-        args += [b"AUTH2", user.encode(), password.encode()] if password else [b"AUTH", auth.encode()]
-    args.append(b"KEYS")
-    return len(args), _bulks(args)
+        argv += [b"AUTH2", user.encode(), password.encode()] if password else [b"AUTH", auth.encode()]
+    return (2, _bulks([b"EVAL", ENSURE_MOVED])), (len(argv), _bulks(argv))
+
+
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
 def _bulks(values: List[bytes]) -> bytes:

@@ -24,6 +24,7 @@ from twinproxy.dashboard.service import (
     check_cluster,
     check_protocol,
     parse_listen,
+    parse_size,
     read_token,
 )
 
@@ -49,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="how long a write waits for every proxy to acknowledge it (default: 10)")
     parser.add_argument("--wait", action="store_true", help="if another dashboard holds the cluster's lock, wait "
                         "for it to be free instead of refusing to start")
+    parser.add_argument("--big-key-bytes", default="4MiB", metavar="SIZE",
+                        help="a key of a migrating slot over this size (MEMORY USAGE) is copied in chunks under a "
+                        "claim instead of MIGRATEd whole, which blocks both servers (default: 4MiB; 0: never)")
     parser.add_argument("--log", metavar="FILE", help="log to FILE (default: stderr)")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return parser
@@ -60,7 +64,8 @@ def parse(argv: List[str]) -> Any:
     token = read_token(options.token_file) if options.token_file is not None else None
     settings = Settings(coordinator=options.coordinator, cluster=check_cluster(options.cluster),
                         protocol=check_protocol(options.protocol), listen=parse_listen(options.listen), token=token,
-                        ack_timeout=check_ack_timeout(options.ack_timeout), wait=options.wait)
+                        ack_timeout=check_ack_timeout(options.ack_timeout), wait=options.wait,
+                        big_key_bytes=parse_size(options.big_key_bytes))
     return settings, options.log
 
 

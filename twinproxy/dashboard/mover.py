@@ -4,17 +4,27 @@ Owns :class:`Sweep` (codis.md §6.3, "Background mover") and
 :class:`Throttle`.  A sweep walks the source master's whole keyspace (db
 0) with ``SCAN cursor COUNT 1000``, keeps the keys whose slot
 (:func:`~twinproxy.cluster.slots.slot_of`) is in the range, and sends them
-in batches of at most 100 as ``MIGRATE <target host> <port> "" 0 <timeout>
-REPLACE KEYS k1..kn`` — atomic on the source, TTLs kept, ``+NOKEY`` when a
-proxy moved them all already.  ``parallel`` batches are in flight at once
-(pipelined on one connection), and with ``keys_per_second`` the batches
-are spaced so that no more leave per second.
+in batches of at most 100 to the source's ``EVAL SWEEP_BATCH``
+(``bigkeys``), which claims the batch's big keys (``MEMORY USAGE`` over
+``big_key_bytes``, default 4 MiB) and moves the others with ``MIGRATE
+<target host> <port> "" 0 <timeout> REPLACE KEYS k1..kn`` — atomic on the
+source, TTLs kept, ``+NOKEY`` when a proxy moved them all already.  The
+claimed keys are then copied in chunks by a
+:class:`~twinproxy.dashboard.bigkeys.BigKeyMover`, as are the keys proxies
+claimed (the registry on the source, looked at after every SCAN step, at
+the start of every pass — a killed dashboard's claims — and while paused:
+clients wait for them) and any claim key a SCAN finds.  Names of the claim
+protocol (``__twinproxy:...``) are never keys of a slot: a tagged key's
+claim hashes to its slot, an untagged one's anywhere.  ``parallel``
+batches are in flight at once (pipelined on one connection), and with
+``keys_per_second`` the batches are spaced so that no more leave per
+second (a big key counts as one).
 
-It is done after one complete SCAN pass finds none of the range's keys,
-followed by a verification pass that finds none either: after the
-barrier no proxy writes the range's keys to the source, so a key found
-nowhere in a full pass cannot come back (SCAN returns every key present
-for the whole pass).  ``REPLACE`` makes a retried batch harmless (an
+It is done after one complete SCAN pass finds none of the range's keys
+(nor a claim of one), followed by a verification pass that finds none
+either: after the barrier no proxy writes the range's keys to the
+source, so a key found nowhere in a full pass cannot come back (SCAN
+returns every key present for the whole pass).  ``REPLACE`` makes a retried batch harmless (an
 IOERR may leave a key on both sides; the source's copy is the one that
 counts until MIGRATE says OK).  A refused or unanswered command is
 retried after a delay doubling from 0.2 s to 5 s, its reason in the
@@ -24,13 +34,24 @@ stop it).  Runs in the reactor and never blocks it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
 from twisted.internet import defer
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from twinproxy.cluster.migrating import RESERVED_PREFIX
 from twinproxy.cluster.slots import slot_of
+from twinproxy.dashboard.bigkeys import (
+    DEFAULT_BIG_KEY_BYTES,
+    Abandoned,
+    BigKeyMover,
+    Links,
+    Stopped,
+    batch_command,
+    batch_reply,
+    claimed_key,
+)
 from twinproxy.dashboard.progress import Progress
 from twinproxy.dashboard.servers import ServerAdmin, ServerError, split_address
 
@@ -60,10 +81,6 @@ class Throttle:
         return start - now
 
 
-class Stopped(Exception):
-    """The sweep was stopped before the range was empty."""
-
-
 class Sweep:
     """Moves every key of slots ``first..last`` from ``source`` to ``target`` (both ``host:port`` masters).
 
@@ -79,7 +96,7 @@ class Sweep:
     def __init__(self, reactor: Any, source: str, target: str, first: int, last: int, progress: Progress,
                  keys_per_second: Optional[int] = None, parallel: Optional[int] = None,
                  may_go: Optional[Callable[[], bool]] = None, timeout_ms: int = MIGRATE_TIMEOUT_MS,
-                 command_timeout: float = 2.0, label: str = "") -> None:
+                 command_timeout: float = 2.0, label: str = "", big_key_bytes: Optional[int] = None) -> None:
         self._reactor = reactor
         self.source = source
         self.target = target
@@ -94,9 +111,14 @@ class Sweep:
         # Pipelined batches wait for the ones before them: the deadline covers them all.
         self._admin = ServerAdmin(reactor, timeout_ms / 1000.0 * self.parallel + command_timeout)
         host, port = split_address(target)
-        self._migrate = [b"MIGRATE", host.encode(), str(port).encode(), b"", b"0", str(timeout_ms).encode(),
-                         b"REPLACE", b"KEYS"]
+        self.big_key_bytes = DEFAULT_BIG_KEY_BYTES if big_key_bytes is None else big_key_bytes
+        migrate = [host.encode(), str(port).encode(), b"0", str(timeout_ms).encode()]
+        self._batch_head = [b"%d" % self.big_key_bytes, *migrate]
         self.label = label or f"slots {first}-{last}"
+        self._links = Links(reactor, command_timeout)
+        self.big = BigKeyMover(reactor, self._links, source, target, self._in_range, progress, migrate,
+                               may_go=lambda: self._may_go(), stopped=lambda: self.stopped, trouble=self._trouble,
+                               well=self._well, label=self.label)
         self.paused = False
         self.stopped = False
         self.passes = 0
@@ -115,6 +137,9 @@ class Sweep:
 
     # -- the sweep ---------------------------------------------------------------
 
+    def _in_range(self, key: bytes) -> bool:
+        return self.first <= slot_of(key) <= self.last
+
     @defer.inlineCallbacks
     def run(self) -> Any:
         try:
@@ -129,6 +154,7 @@ class Sweep:
             return False
         finally:
             self._admin.close()
+            self._links.close()
 
     @defer.inlineCallbacks
     def _gate(self) -> Any:
@@ -138,7 +164,21 @@ class Sweep:
                 raise Stopped()
             if not self.paused and self._may_go():
                 return
+            if self._may_go():
+                yield self._serve_claims()      # paused: a claimed key's clients still wait for it
             yield deferLater(self._reactor, WAIT_POLL, lambda: None)
+
+    @defer.inlineCallbacks
+    def _serve_claims(self, extra: Sequence[bytes] = ()) -> Any:
+        """Copy the range's claimed keys; how many there were (one left behind counts too)."""
+        try:
+            served = yield self.big.serve(extra)
+        except Abandoned:
+            return max(1, len(extra))
+        except ServerError as err:
+            yield self._trouble(f"the claims registry on the source {self.source}: {err}")
+            return max(1, len(extra))
+        return served
 
     @defer.inlineCallbacks
     def _command(self, *args: bytes) -> Any:
@@ -170,6 +210,8 @@ class Sweep:
         size = yield self._command(b"DBSIZE")
         total = size if isinstance(size, int) else 0
         cursor, scanned, found, moved_before = b"0", 0, 0, self.progress.keys_moved
+        yield self._gate()
+        found += yield self._serve_claims()      # a killed dashboard's, or proxies'
         while True:
             reply = yield self._command(b"SCAN", cursor, b"COUNT", str(SCAN_COUNT).encode())
             try:
@@ -178,14 +220,24 @@ class Sweep:
                 yield self._trouble(f"SCAN on the source {self.source} answered {str(reply)[:100]}")
                 continue
             self._well()
-            matched = [key for key in keys if self.first <= slot_of(key) <= self.last]
+            matched, claims = [], []
+            for key in keys:
+                if key.startswith(RESERVED_PREFIX):
+                    named = claimed_key(key)
+                    if named is not None and self._in_range(named):
+                        claims.append(named)
+                elif self._in_range(key):
+                    matched.append(key)
             scanned += len(keys)
             found += len(matched)
             if scanned and total:
                 # The range's share of what was scanned, of what the source held when the pass began.
                 estimate = round(found * total / scanned)
                 self.progress.keys_left = max(0, estimate - (self.progress.keys_moved - moved_before))
-            yield self._move(matched)
+            claimed = yield self._move(matched)
+            yield self._gate()
+            served = yield self._serve_claims(claims + claimed)
+            found += max(0, served - len(claimed))       # the claimed ones were counted as matched
             if cursor == b"0":
                 break
         if found == 0:
@@ -194,7 +246,8 @@ class Sweep:
 
     @defer.inlineCallbacks
     def _move(self, keys: List[bytes]) -> Any:
-        """MIGRATE ``keys`` in batches, ``parallel`` at a time, each until it is answered OK or NOKEY."""
+        """Move ``keys`` in batches, ``parallel`` at a time, each until it is answered; the keys it claimed."""
+        claimed: List[bytes] = []
         batches = [keys[i:i + self.batch] for i in range(0, len(keys), self.batch)]
         while batches:
             wave, batches = batches[:self.parallel], batches[self.parallel:]
@@ -205,19 +258,22 @@ class Sweep:
                     yield deferLater(self._reactor, wait, lambda: None)
                     yield self._gate()
                 results = yield defer.DeferredList(
-                    [self._admin.command(self.source, *self._migrate, *batch) for batch in wave],
+                    [self._admin.command(self.source, *batch_command(self._batch_head, batch)) for batch in wave],
                     consumeErrors=True)
                 again, problem = [], None
                 for batch, (ok, value) in zip(wave, results):
-                    if ok and value == "OK":
-                        self.progress.keys_moved += len(batch)
-                    elif ok and value == "NOKEY":
-                        pass
+                    answer = batch_reply(value) if ok else None
+                    if answer is not None:
+                        moved, big = answer
+                        if moved:
+                            self.progress.keys_moved += len(batch) - len(big)
+                        claimed += big
                     else:
                         again.append(batch)
-                        problem = value.getErrorMessage() if not ok else f"unexpected reply {value!r}"
+                        problem = value.getErrorMessage() if not ok else f"unexpected reply {str(value)[:100]}"
                 wave = again
                 if problem is not None:
                     yield self._trouble(f"MIGRATE from {self.source} to {self.target}: {problem}")
                 else:
                     self._well()
+        return claimed

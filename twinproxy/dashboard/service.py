@@ -31,6 +31,9 @@ from twinproxy.dashboard.api import ApiState, make_site
 from twinproxy.dashboard.metrics import CONTENT_TYPE, StatsPoller, render
 
 DEFAULT_LISTEN = "127.0.0.1:18080"
+DEFAULT_BIG_KEY_BYTES = 4 * 1024 * 1024      # the same as twinproxy.dashboard.bigkeys (a test says so)
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2, "mb": 1024 ** 2, "mib": 1024 ** 2,
+          "g": 1024 ** 3, "gb": 1024 ** 3, "gib": 1024 ** 3}
 
 
 class SettingsError(Exception):
@@ -48,6 +51,7 @@ class Settings:
     token: Optional[bytes] = None
     ack_timeout: float = 10.0
     wait: bool = False
+    big_key_bytes: int = DEFAULT_BIG_KEY_BYTES
 
     @property
     def listen_text(self) -> str:
@@ -90,6 +94,16 @@ def read_token(path: str) -> bytes:
     if any(byte <= 32 or byte >= 127 for byte in token):
         raise SettingsError(f"the token in {path} must be printable ASCII without spaces (one line)")
     return token
+
+
+def parse_size(text: str) -> int:
+    """``--big-key-bytes``: bytes, or with a binary unit (``512k``, ``4MiB``, ``1g``); 0 turns chunked copies off."""
+    raw = str(text).strip().lower()
+    digits = raw.rstrip("abcdefghijklmnopqrstuvwxyz ")
+    unit = raw[len(digits):].strip()
+    if not digits.isdigit() or unit not in _UNITS:
+        raise SettingsError(f"--big-key-bytes {text!r} is not a size (bytes, or e.g. 512k, 4MiB, 1g)")
+    return int(digits) * _UNITS[unit]
 
 
 def check_ack_timeout(value: float) -> float:
@@ -144,6 +158,8 @@ class DashboardService(MultiService):
         address = self.bound
         self.controller = Controller(self.coordinator, settings.cluster, settings.protocol, self._reactor,
                                      ack_timeout=settings.ack_timeout, addr=address)
+        # Read by the migration runner for each sweep (Runner._sweep passes it as Sweep(big_key_bytes=...)).
+        self.controller.big_key_bytes = settings.big_key_bytes
         self.state.controller = self.controller
         if settings.wait:
             holder = yield self._holder()

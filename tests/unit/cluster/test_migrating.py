@@ -1,5 +1,6 @@
-"""A migrating slot on in-memory transports: MIGRATE the keys a request touches on the source, then
-serve it from the target; keys known moved go straight to the target; a failed move is an error."""
+"""A migrating slot on in-memory transports: the ensure-moved script (MIGRATE unless a key is claimed) for the
+keys a request touches on the source, then serve it from the target; keys known moved go straight to the target;
+a failed move is an error."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from types import SimpleNamespace
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
+from twinproxy.cluster.migrating import BIG_KEY_BYTES, CLAIMS, ENSURE_MOVED, claim_of
 from twinproxy.cluster.pools import cluster_pool, not_ready
 from twinproxy.cluster.slots import slot_of
 from twinproxy.config import load_text
@@ -31,7 +33,9 @@ def cmd(*args: bytes) -> bytes:
 
 
 def migrate(*keys: bytes) -> bytes:
-    return cmd(b"MIGRATE", b"10.0.0.2", b"6379", b"", b"0", b"5000", b"REPLACE", b"KEYS", *keys)
+    """The ensure-moved script the source is sent for ``keys``."""
+    return cmd(b"EVAL", ENSURE_MOVED, b"%d" % (2 * len(keys) + 1), *keys, *[claim_of(key) for key in keys], CLAIMS,
+               b"%d" % BIG_KEY_BYTES, b"10.0.0.2", b"6379", b"0", b"5000")
 
 
 def topology(generation: int, moving=frozenset(), fenced_state: str = "migrating"):

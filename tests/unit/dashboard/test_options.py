@@ -8,16 +8,25 @@ from pathlib import Path
 import pytest
 
 from twinproxy.dashboard import cli, tap
-from twinproxy.dashboard.service import Settings, SettingsError, lock_held_message, parse_listen, read_token
+from twinproxy.dashboard.bigkeys import DEFAULT_BIG_KEY_BYTES
+from twinproxy.dashboard.service import (
+    Settings,
+    SettingsError,
+    lock_held_message,
+    parse_listen,
+    parse_size,
+    read_token,
+)
 
 
 def test_both_entry_points_make_the_same_settings(tmp_path: Path):
     token = tmp_path / "token"
     token.write_text("  s3cret \n")
     words = ["--coordinator", "file:///tmp/x", "--cluster", "shop.eu-1", "--protocol", "memcache", "--listen",
-             "127.0.0.1:0", "--token-file", str(token), "--ack-timeout", "2.5", "--wait"]
+             "127.0.0.1:0", "--token-file", str(token), "--ack-timeout", "2.5", "--wait", "--big-key-bytes", "512k"]
     settings, log = cli.parse([*words, "--log", "d.log"])
-    assert settings == Settings("file:///tmp/x", "shop.eu-1", "memcache", ("127.0.0.1", 0), b"s3cret", 2.5, True)
+    assert settings == Settings("file:///tmp/x", "shop.eu-1", "memcache", ("127.0.0.1", 0), b"s3cret", 2.5, True,
+                                512 * 1024)
     assert log == "d.log"
     options = tap.Options()
     options.parseOptions(words)
@@ -28,11 +37,13 @@ def test_defaults():
     settings, log = cli.parse(["--coordinator", "file:///tmp/x", "--cluster", "shop"])
     assert (settings.protocol, settings.listen_text, settings.token, settings.ack_timeout, settings.wait, log) == \
         ("redis", "127.0.0.1:18080", None, 10.0, False, None)
+    assert settings.big_key_bytes == DEFAULT_BIG_KEY_BYTES == 4 * 1024 * 1024
 
 
 @pytest.mark.parametrize("extra, words", [
     (["--cluster", "-bad"], None), (["--cluster", "a b"], "cluster name"), (["--listen", "18080"], "HOST:PORT"),
     (["--listen", "h:99999"], "HOST:PORT"), (["--ack-timeout", "0"], "--ack-timeout"),
+    (["--big-key-bytes", "4x"], "--big-key-bytes"), (["--big-key-bytes", "-1"], "--big-key-bytes"),
 ])
 def test_bad_values(extra, words, capsys):
     argv = ["--coordinator", "file:///tmp/x", "--cluster", "shop", *extra]
@@ -74,3 +85,9 @@ def test_lock_held_message():
     text = lock_held_message("shop", {"addr": "127.0.0.1:18080", "pid": 123, "host": "h"}, 10.0)
     assert text.startswith("cluster 'shop' already has a dashboard at 127.0.0.1:18080 (pid 123 on host h); ")
     assert "--wait" in text
+
+
+def test_sizes():
+    """--big-key-bytes takes bytes or a binary unit; 0 is allowed (no chunked copies)."""
+    assert [parse_size(text) for text in ("0", "4096", "512k", "4MiB", "4 mb", "1G")] == [
+        0, 4096, 512 * 1024, 4 * 1024 ** 2, 4 * 1024 ** 2, 1024 ** 3]
