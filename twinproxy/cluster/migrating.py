@@ -194,6 +194,12 @@ class MigratingSlot:
 
     def send(self, request: Request) -> None:
         keys = keys_of(request)
+        for key in keys:
+            if key.startswith(RESERVED_PREFIX):
+                # The migration's own claims and temporary copies: a client must not touch them.
+                self._answer(request, f"keys starting with '{RESERVED_PREFIX.decode()}' are reserved for "
+                                      "twinproxy's slot migration")
+                return
         lines = self._lines
         if lines:
             line = lines.get(request.client)

@@ -204,7 +204,8 @@ class SlotRouting:
                 target = migrating_before.get(slot)
                 if target is None or not target.same_move(servers[source], servers[owner]):
                     target = MigratingSlot(slot, servers[source], servers[owner], config.redis_db if config else 0,
-                                           config.redis_auth if config else None, answer, self.target_for_slot)
+                                           config.redis_auth if config else None, answer, self.target_for_slot,
+                                           clock=self._clock, wait_limit=hold_seconds)
                 migrating_now[slot] = target
             elif slot in table.held:
                 target = held_before.pop(slot, None) or HeldSlot(slot, self.cluster, self._clock, hold_seconds,

@@ -27,6 +27,12 @@ if TYPE_CHECKING:
     from twinproxy.cluster.model import Topology
     from twinproxy.dashboard.migration import Migrations
 
+def big_keys(ctl: Any) -> dict:
+    """The sweep's big-key threshold when the dashboard was given one (``--big-key-bytes``)."""
+    value = getattr(ctl, "big_key_bytes", None)
+    return {} if value is None else {"big_key_bytes": value}
+
+
 POLL = 0.25                      # seconds a runner waits before looking again (woken sooner by changes)
 RETRY_FIRST, RETRY_LONGEST = 1.0, 30.0
 
@@ -276,7 +282,8 @@ class Runner:
         source, target = topology.group(m.source).master, topology.group(m.target).master
         sweep = Sweep(self.ctl.reactor, source, target, m.first, m.last, self.progress, m.keys_per_second,
                       m.parallel, may_go=lambda: self._may_sweep(m, source, target),
-                      command_timeout=self.ctl.command_timeout, label=f"migration {m.id}")
+                      command_timeout=self.ctl.command_timeout, label=f"migration {m.id}",
+                      **big_keys(self.ctl))
         if self.manager.paused(m.id):
             sweep.pause()
         self.sweep = sweep

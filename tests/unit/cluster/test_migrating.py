@@ -217,3 +217,13 @@ class AfterTheMoveTests(SynchronousTestCase):
         client.dataReceived(cmd(b"ZUNIONSTORE", dst, b"1", src))
         _, source_wire = w.backend(SOURCE)
         self.assertEqual(source_wire.value(), migrate(dst, src))
+
+
+class ReservedKeyTests(SynchronousTestCase):
+    def test_the_migrations_own_keys_are_refused_in_a_migrating_slot(self) -> None:
+        key = next(b"__twinproxy:mig:x%d" % i for i in range(10000) if slot_of(b"__twinproxy:mig:x%d" % i) == 7)
+        w = Wire()
+        w.serve(topology(1, moving={7}))
+        client, out = w.client()
+        client.dataReceived(cmd(b"GET", key))
+        self.assertIn(b"reserved for twinproxy's slot migration", out.value())

@@ -120,6 +120,7 @@ class WaitTests(SynchronousTestCase):
         asked = 1
         while not out.value():
             self.w.reactor.advance(0.02)
+            self.w.runtime.pool.slots.renew(self.w.reactor.seconds() + 1.0)   # the proxy keeps running
             if source.pending:
                 source.dataReceived(WAITING)
                 asked += 1
