@@ -46,7 +46,6 @@ from twinproxy.dashboard.bigkeys import (
     DEFAULT_BIG_KEY_BYTES,
     Abandoned,
     BigKeyMover,
-    Links,
     Stopped,
     batch_command,
     batch_reply,
@@ -115,7 +114,7 @@ class Sweep:
         migrate = [host.encode(), str(port).encode(), b"0", str(timeout_ms).encode()]
         self._batch_head = [b"%d" % self.big_key_bytes, *migrate]
         self.label = label or f"slots {first}-{last}"
-        self._links = Links(reactor, command_timeout)
+        self._links = ServerAdmin(reactor, command_timeout)
         self.big = BigKeyMover(reactor, self._links, source, target, self._in_range, progress, migrate,
                                may_go=lambda: self._may_go(), stopped=lambda: self.stopped, trouble=self._trouble,
                                well=self._well, label=self.label)

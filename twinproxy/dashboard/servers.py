@@ -112,6 +112,11 @@ class _AdminClient(CommandClient):
 
     def _connected(self, protocol: Any) -> None:
         self._answered = False
+        # Nagle off: a small command after a big write (a big key's chunk, then its PEXPIRE) otherwise
+        # waits for a delayed ACK (measured: a 204 MiB hash copied in 26.8 s instead of 3.3 s).
+        transport = getattr(protocol, "transport", None)
+        if transport is not None and hasattr(transport, "setTcpNoDelay"):
+            transport.setTcpNoDelay(True)
         super()._connected(protocol)
 
     def _reply(self, protocol: Any, raw: bytes) -> None:
