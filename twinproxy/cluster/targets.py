@@ -20,6 +20,7 @@ from zlib import crc32
 
 from twinproxy.cluster.migrating import MigratingSlot
 from twinproxy.cluster.slots import SLOT_COUNT
+from twinproxy.cluster.warmup import WarmingSlot
 from twinproxy.request import Request
 
 Answer = Callable[..., None]   # answer(request, text, code="ERR"): the reply in the pool's protocol
@@ -150,8 +151,13 @@ class SlotRouting:
             elif source is not None and owner is not None:
                 target = migrating_before.get(slot)
                 if target is None or not target.same_move(servers[source], servers[owner]):
-                    target = MigratingSlot(slot, servers[source], servers[owner], config.redis_db if config else 0,
-                                           config.redis_auth if config else None, answer, self.target_for_slot)
+                    if config is not None and not config.redis:   # memcached: warmed up, not moved
+                        target = WarmingSlot(slot, servers[source], servers[owner], answer, self.target_for_slot,
+                                             self._clock)
+                    else:
+                        target = MigratingSlot(slot, servers[source], servers[owner],
+                                               config.redis_db if config else 0,
+                                               config.redis_auth if config else None, answer, self.target_for_slot)
                 migrating_now[slot] = target
             elif slot in table.held:
                 target = held_before.pop(slot, None) or HeldSlot(slot, self.cluster, self._clock, hold_seconds,
