@@ -282,7 +282,7 @@ def test_memcache_cluster(harness, memcached_servers) -> None:
                what="memcached to be seen up")
 
 
-def test_a_memcache_rebalance_places_only_the_offline_slots(harness, memcached_servers) -> None:
+def test_a_memcache_rebalance_places_the_offline_slots_and_queues_warm_ups(harness, memcached_servers) -> None:
     first, second = memcached_servers(2)
     controller = harness.controller(protocol="memcache")
     run = lambda function, *args, **kwargs: harness.launch(function, *args, **kwargs).wait()  # noqa: E731
@@ -291,8 +291,8 @@ def test_a_memcache_rebalance_places_only_the_offline_slots(harness, memcached_s
         run(controller.add_server, gid, server.address)
     run(controller.assign_slots, 0, 767, 1)
     done = run(controller.rebalance)
-    assert done["applied"] is True and done["migrations"] == []
+    assert done["applied"] is True
     assert done["placements"] == [{"first": 768, "last": 1023, "group": 2}]
     assert done["moves"] == [{"first": 512, "last": 767, "from_group": 1, "group": 2}]
-    assert "slots cannot be migrated" in done["notes"][0]
-    assert harness.stored().slot_counts() == {1: 768, 2: 256} and harness.stored().migrations == ()
+    (queued,) = done["migrations"]
+    assert (queued["first"], queued["last"], queued["to_group"], queued["warmup_seconds"]) == (512, 767, 2, 60)

@@ -36,6 +36,9 @@ def dashboard():
     (["slots", "migrate", "7", "3", "--keys-per-second", "500", "--parallel", "4"],
      ("POST", "/api/slots/migrate", {"first": 7, "last": 7, "group": 3, "keys_per_second": 500, "parallel": 4},
       None)),
+    (["slots", "migrate", "0-9", "2", "--warmup-seconds", "3"],
+     ("POST", "/api/slots/migrate", {"first": 0, "last": 9, "group": 2, "keys_per_second": None, "parallel": None,
+                                     "warmup_seconds": 3}, None)),
     (["migration", "status"], ("GET", "/api/migrations", None, None)),
     (["migration", "pause"], ("POST", "/api/migrations/pause", None, None)),
     (["migration", "pause", "3"], ("POST", "/api/migrations/3/pause", None, None)),
@@ -49,7 +52,8 @@ def test_each_migration_verb_makes_its_request(argv, expected):
 
 @pytest.mark.parametrize("argv", [["slots", "migrate", "0-511"], ["slots", "migrate", "0-511", "2",
                                                                    "--keys-per-second", "0"],
-                                  ["migration", "pause", "x"], ["migration", "frob"]])
+                                  ["migration", "pause", "x"], ["migration", "frob"],
+                                  ["slots", "migrate", "0-9", "2", "--warmup-seconds", "-1"]])
 def test_usage_errors_exit_2(argv, capsys):
     from twinproxy.admin_cli.main import main
 
@@ -126,3 +130,13 @@ def test_wait_with_nothing_to_wait_for_and_an_unreachable_dashboard():
     assert code == 0 and "no migration in progress" in out
     code, _, err = waited([[ENTRY], Unreachable("cannot reach the dashboard")], patience=0.0)
     assert code == 3 and "cannot reach" in err
+
+
+def test_a_memcache_migration_shows_its_warm_up_not_keys_moved():
+    """A migration with warmup_seconds: its line and status row say how much warm-up is left."""
+    warming = dict(ENTRY, keys_moved=0, keys_left=None, warmup_seconds=60, warmup_left=12.0, warmed=False)
+    text = migrations.line(warming)
+    assert "warming up, 12s of 1m 0s left" in text and "keys moved" not in text
+    assert "warmed up, finishing" in migrations.line(dict(warming, warmed=True))
+    status = migrations.status_text({"migrations": [warming, dict(warming, id=4, state="pending")]})
+    assert "warming up, 12s of 1m 0s left" in status and "warm-up 1m 0s" in status

@@ -64,6 +64,12 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _seconds(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds")
+    return int(text)
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -134,11 +140,14 @@ def parser() -> argparse.ArgumentParser:
     rebalance.add_argument("--keys-per-second", type=_count, metavar="N",
                            help="each migration moves at most N keys a second")
     rebalance.add_argument("--parallel", type=_count, metavar="N", help="MIGRATE batches in flight at once")
-    migrate = verb(slots, "migrate", "move slots FIRST-LAST, with their keys, to group GID (online; queued)")
+    migrate = verb(slots, "migrate", "move slots FIRST-LAST, with their keys, to group GID (online; queued; a "
+                                     "memcache cluster's warm up there instead)")
     migrate.add_argument("range", type=_range, metavar="FIRST-LAST")
     migrate.add_argument("gid", type=_gid, metavar="GID")
     migrate.add_argument("--keys-per-second", type=_count, metavar="N", help="move at most N keys a second")
     migrate.add_argument("--parallel", type=_count, metavar="N", help="MIGRATE batches in flight at once")
+    migrate.add_argument("--warmup-seconds", type=_seconds, metavar="N",
+                         help="memcache clusters: warm the slots up on the new group for N seconds (default 60)")
 
     migration = nouns("migration", "follow, pause, resume or cancel slot migrations")
     verb(migration, "status", "every migration: state, keys moved and left, rate, ETA, last error")
@@ -199,6 +208,8 @@ def request_for(args: argparse.Namespace) -> Tuple[Request, Callable[[Dict[str, 
             first, last = args.range
             body = {"first": first, "last": last, "group": args.gid, "keys_per_second": args.keys_per_second,
                     "parallel": args.parallel}
+            if args.warmup_seconds is not None:
+                body["warmup_seconds"] = args.warmup_seconds
             return ("POST", "/api/slots/migrate", body, None), migrations.created_text
         body = {"dry_run": bool(args.dry_run)}
         for name in ("keys_per_second", "parallel"):

@@ -1,7 +1,8 @@
 """The admin CLI's migration verbs: their text, and ``migration wait``.
 
 Owns the human output of ``slots migrate``, ``migration status`` and
-``pause|resume|cancel`` (pure functions of the API's documents, fields read
+``pause|resume|cancel`` (a memcache cluster's migration shows its warm-up
+instead of keys moved; pure functions of the API's documents, fields read
 defensively) and :func:`wait`, which polls ``GET /api/migrations`` once a
 second, prints a progress line per migration whose line changed, and ends
 with 0 when every migration it waited for ended ``finished``, 1 when any
@@ -43,12 +44,24 @@ def describe(m: Dict[str, Any]) -> str:
             f"{m.get('to_group')}{back})")
 
 
+def _warming(m: Dict[str, Any]) -> str:
+    """A memcache migration's progress: ``warming up, 12s of 60s left``."""
+    left = m.get("warmup_left")
+    if m.get("warmed"):
+        return "warmed up, finishing"
+    return f"warming up, {_eta(left)} of {_eta(m.get('warmup_seconds'))} left"
+
+
 def line(m: Dict[str, Any]) -> str:
     """One migration's state and progress on one line."""
     state = m.get("state")
     parts = [f"{describe(m)}: {state}" + (" (paused)" if m.get("paused") and state not in ENDED else "")]
-    parts.append(f"{_number(m.get('keys_moved'))} keys moved")
-    if state not in ENDED:
+    if m.get("warmup_seconds") is not None:      # a memcache cluster's: warmed up, no keys moved
+        if state == "migrating":
+            parts.append(_warming(m))
+    else:
+        parts.append(f"{_number(m.get('keys_moved'))} keys moved")
+    if m.get("warmup_seconds") is None and state not in ENDED:
         if m.get("keys_left") is not None:
             parts.append(f"~{_number(m.get('keys_left'))} left")
         parts.append(f"{_number(m.get('rate'))} keys/s")
@@ -70,7 +83,9 @@ def status_text(document: Dict[str, Any]) -> str:
     rows = []
     for m in migrations:
         progress = f"{_number(m.get('keys_moved'))} moved"
-        if m.get("state") not in ENDED:
+        if m.get("warmup_seconds") is not None:
+            progress = _warming(m) if m.get("state") == "migrating" else f"warm-up {_eta(m['warmup_seconds'])}"
+        elif m.get("state") not in ENDED:
             if m.get("keys_left") is not None:
                 progress += f", ~{_number(m.get('keys_left'))} left"
             progress += f", {_number(m.get('rate'))} keys/s"

@@ -23,6 +23,21 @@ edit) and the edits, each a new Topology at generation + 1 or a
   released); :func:`unprepare` — prepared back to pending (the hold's
   acknowledgements did not come: nothing moved yet).
 
+A memcache cluster's items cannot be moved, so its migrations warm up
+instead (the proxies read a miss through from the source: see
+:mod:`twinproxy.cluster.warmup`): ``warmup_seconds`` (default
+:data:`DEFAULT_WARMUP`) says how long the range stays ``migrating``;
+``warmup_until`` (the wall-clock end, while it counts) or ``warmup_left``
+(the seconds left, while paused) record where it is, so a restarted
+dashboard goes on (:func:`time_warmup` writes them).  Its warm-up over,
+:func:`advance` first holds the range at the target (``warmed``: every
+proxy stops reading the source and drains what it sent, so no proxy still
+warms from the source once another serves the target alone), then makes
+it stable there.  Its cancel holds the range at the target the same way
+and then gives it back to the source directly (no way back to warm up:
+the source never had a stale item, since every write through a warming
+proxy deleted the source's copy first).
+
 Ended entries beyond the last :data:`KEEP_ENDED` are pruned by every edit
 here.  ``preparing`` (Codis's store-only step) is accepted on load and
 treated as pending; this dashboard does not write it.  No Twisted, no I/O.
@@ -43,7 +58,10 @@ KEEP_ENDED = 50
 MAX_PARALLEL = 64
 MAX_RATE = 10 ** 9
 _KEYS = ("id", "first", "last", "from_group", "to_group", "state")
-_OPTIONAL = ("keys_per_second", "parallel", "cancelling", "error")
+_OPTIONAL = ("keys_per_second", "parallel", "cancelling", "error", "warmup_seconds", "warmup_until", "warmup_left",
+             "warmed")
+DEFAULT_WARMUP = 60
+MAX_WARMUP = 7 * 86400
 
 
 @dataclass(frozen=True)
@@ -55,7 +73,9 @@ class Migration:
     ``cancelled`` with the slots owned by ``from_group``.
     ``keys_per_second`` / ``parallel`` tune the dashboard's mover (None: as
     fast as it goes / one batch in flight); ``error`` says why it failed or
-    was put back to pending.
+    was put back to pending.  ``warmup_seconds`` (memcache clusters only,
+    None for Redis) and its clock ``warmup_until`` / ``warmup_left`` and
+    ``warmed``: see the module docstring.
     """
 
     id: int
@@ -68,6 +88,15 @@ class Migration:
     parallel: Optional[int] = None
     cancelling: bool = False
     error: Optional[str] = None
+    warmup_seconds: Optional[int] = None
+    warmup_until: Optional[float] = None
+    warmup_left: Optional[float] = None
+    warmed: bool = False
+
+    @property
+    def warms(self) -> bool:
+        """A memcache cluster's migration: its range warms up rather than moves."""
+        return self.warmup_seconds is not None
 
     @property
     def ended(self) -> bool:
@@ -95,9 +124,13 @@ class Migration:
         return self.first <= slot <= self.last
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"id": self.id, "first": self.first, "last": self.last, "from_group": self.from_group,
-                "to_group": self.to_group, "state": self.state, "keys_per_second": self.keys_per_second,
-                "parallel": self.parallel, "cancelling": self.cancelling, "error": self.error}
+        document = {"id": self.id, "first": self.first, "last": self.last, "from_group": self.from_group,
+                    "to_group": self.to_group, "state": self.state, "keys_per_second": self.keys_per_second,
+                    "parallel": self.parallel, "cancelling": self.cancelling, "error": self.error}
+        if self.warms:      # a Redis migration's document stays as it was
+            document.update(warmup_seconds=self.warmup_seconds, warmup_until=self.warmup_until,
+                            warmup_left=self.warmup_left, warmed=self.warmed)
+        return document
 
     def describe(self) -> str:
         back = ", being moved back" if self.cancelling else ""
@@ -120,6 +153,20 @@ def check_parallel(value: Any) -> Optional[int]:
                               or not 0 < value <= MAX_PARALLEL):
         raise TopologyError(f"parallel must be null or an integer from 1 to {MAX_PARALLEL}, not {value!r}")
     return value
+
+
+def check_warmup(value: Any) -> Optional[int]:
+    """warm-up seconds: None or 0..MAX_WARMUP; TopologyError (400) otherwise."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or not 0 <= value <= MAX_WARMUP):
+        raise TopologyError(f"warmup_seconds must be null or an integer from 0 to {MAX_WARMUP}, not {value!r}")
+    return value
+
+
+def _seconds(value: Any, what: str) -> Optional[float]:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+        raise TopologyError(f"{what} must be null or a number of seconds, not {value!r}")
+    return None if value is None else float(value)
 
 
 def parse_migrations(items: Any) -> Tuple[Migration, ...]:
@@ -147,9 +194,17 @@ def parse_migrations(items: Any) -> Tuple[Migration, ...]:
         error = item.get("error")
         if not isinstance(cancelling, bool) or not (error is None or isinstance(error, str)):
             raise TopologyError(f"{what}: cancelling must be true or false and error null or a string")
+        warmed = item.get("warmed", False)
+        if not isinstance(warmed, bool):
+            raise TopologyError(f"{what}: warmed must be true or false")
+        try:
+            warm = (check_warmup(item.get("warmup_seconds")), _seconds(item.get("warmup_until"), "warmup_until"),
+                    _seconds(item.get("warmup_left"), "warmup_left"), warmed)
+        except TopologyError as err:
+            raise TopologyError(f"{what}: {err.message}") from None
         found.append(Migration(mid, first, last, check_group_id(item["from_group"]), check_group_id(item["to_group"]),
                                item["state"], check_rate(item.get("keys_per_second")),
-                               check_parallel(item.get("parallel")), cancelling, error))
+                               check_parallel(item.get("parallel")), cancelling, error, *warm))
     return tuple(found)
 
 
@@ -174,6 +229,11 @@ def check_migrations(topology: Topology) -> None:
                 busy[gid] = m
         if m.cancelling and m.state not in ("prepared", "migrating"):
             raise TopologyError(f"migration {m.id} is {m.state}: only a prepared or migrating one moves back")
+        if m.warms != (topology.protocol != "redis"):
+            raise TopologyError(f"migration {m.id}: warmup_seconds is set for memcache clusters' migrations "
+                                "(and only for theirs)")
+        if m.warmed and (m.state != "migrating" or m.cancelling):
+            raise TopologyError(f"migration {m.id} is {m.state}: only a migrating one has warmed up")
         expected = _expected_slot(m)
         for slot in m.slot_range:
             if slot in owner:
@@ -194,6 +254,8 @@ def _expected_slot(m: Migration) -> Tuple[int, str]:
         return m.from_group, "stable"
     if m.state == "prepared":
         return m.source, "held"
+    if m.warmed:
+        return m.target, "held"
     return m.target, "migrating"
 
 
@@ -222,15 +284,25 @@ def _write(topology: Topology, migration: Migration, slots: Optional[Tuple[int, 
 
 
 def create(topology: Topology, first: int, last: int, gid: int, keys_per_second: Optional[int] = None,
-           parallel: Optional[int] = None) -> Topology:
-    """Queue moving slots ``first..last`` to group ``gid``: a pending migration, the slots unchanged."""
+           parallel: Optional[int] = None, warmup_seconds: Optional[int] = None) -> Topology:
+    """Queue moving slots ``first..last`` to group ``gid``: a pending migration, the slots unchanged.
+
+    ``warmup_seconds`` is a memcache cluster's (default :data:`DEFAULT_WARMUP`);
+    ``keys_per_second`` and ``parallel`` a Redis cluster's.
+    """
     first, last = check_slot_range(first, last)
     check_rate(keys_per_second)
     check_parallel(parallel)
+    check_warmup(warmup_seconds)
+    if topology.protocol == "redis" and warmup_seconds is not None:
+        raise TopologyError("warmup_seconds is for memcache clusters: a Redis cluster's keys are moved, not "
+                            "warmed up (tune its sweep with keys_per_second and parallel)")
     target = topology._known_group(gid)
     if topology.protocol != "redis":
-        raise TopologyError("moving a memcache cluster's slots is not available yet: assign them with force "
-                            "(the new owner's cache fills again)", 409)
+        if keys_per_second is not None or parallel is not None:
+            raise TopologyError("keys_per_second and parallel tune a Redis cluster's sweep: a memcache cluster's "
+                                "slots warm up instead (warmup_seconds)")
+        warmup_seconds = DEFAULT_WARMUP if warmup_seconds is None else warmup_seconds
     if not target.servers:
         raise TopologyError(f"group {gid} has no servers: add one before moving slots to it", 409)
     slots = range(first, last + 1)
@@ -257,7 +329,8 @@ def create(topology: Topology, first: int, last: int, gid: int, keys_per_second:
                             "slots at a time", 409)
     source = next(iter(owners))
     mid = max((m.id for m in topology.migrations), default=0) + 1
-    return _write(topology, Migration(mid, first, last, source, gid, "pending", keys_per_second, parallel))
+    return _write(topology, Migration(mid, first, last, source, gid, "pending", keys_per_second, parallel,
+                                      warmup_seconds=warmup_seconds))
 
 
 def startable(topology: Topology, skip: Collection[int] = ()) -> List[int]:
@@ -282,8 +355,12 @@ def startable(topology: Topology, skip: Collection[int] = ()) -> List[int]:
     return found
 
 
-def advance(topology: Topology, mid: int) -> Topology:
-    """The migration's next state (see the module docstring); 409 when it cannot go on."""
+def advance(topology: Topology, mid: int, now: Optional[float] = None) -> Topology:
+    """The migration's next state (see the module docstring); 409 when it cannot go on.
+
+    ``now`` (wall-clock seconds): a memcache migration going ``migrating``
+    records when its warm-up ends (without it, :func:`time_warmup` does later).
+    """
     m = _find(topology, mid)
     if m.ended:
         raise TopologyError(f"migration {m.describe()} has ended ({m.state})", 409)
@@ -301,9 +378,28 @@ def advance(topology: Topology, mid: int) -> Topology:
                 raise TopologyError(f"migration {m.describe()} cannot start: group {gid} takes part in migration "
                                     f"{others[0].describe()}", 409)
         return _write(topology, replace(m, state="prepared", error=None), (m.source, "held"))
+    if m.state == "prepared" and m.cancelling and m.warms:
+        # Held at the target (no proxy warms any more): the source serves again, as it is.
+        return _write(topology, replace(m, state="cancelled"), (m.from_group, "stable"))
     if m.state == "prepared":
-        return _write(topology, replace(m, state="migrating"), (m.target, "migrating"))
-    return _write(topology, replace(m, state="cancelled" if m.cancelling else "finished"), (m.target, "stable"))
+        until = now + m.warmup_seconds if m.warms and now is not None else None
+        return _write(topology, replace(m, state="migrating", warmup_until=until, warmup_left=None),
+                      (m.target, "migrating"))
+    if m.warms and not m.warmed:
+        return _write(topology, replace(m, warmed=True, warmup_until=None, warmup_left=None), (m.target, "held"))
+    return _write(topology, replace(m, state="cancelled" if m.cancelling else "finished", warmed=False),
+                  (m.target, "stable"))
+
+
+def time_warmup(topology: Topology, mid: int, until: Optional[float] = None,
+                left: Optional[float] = None) -> Topology:
+    """Record a memcache migration's warm-up clock: its end (counting) or the seconds left (paused); 409 else."""
+    m = _find(topology, mid)
+    if not m.warms or m.state != "migrating" or m.warmed or m.cancelling:
+        raise TopologyError(f"migration {m.describe()} is {m.state}: only a memcache migration warming up has a "
+                            "warm-up clock", 409)
+    return _write(topology, replace(m, warmup_until=_seconds(until, "warmup_until"),
+                                    warmup_left=_seconds(left, "warmup_left")))
 
 
 def cancel(topology: Topology, mid: int) -> Topology:
@@ -318,7 +414,9 @@ def cancel(topology: Topology, mid: int) -> Topology:
     if m.state == "prepared":
         return _write(topology, replace(m, state="cancelled"), (m.from_group, "stable"))
     # Migrating: some keys are on each side.  Phase one of moving them back: hold at the new owner.
-    return _write(topology, replace(m, state="prepared", cancelling=True), (m.to_group, "held"))
+    # (A memcache migration goes from that hold straight back to the source: see advance.)
+    return _write(topology, replace(m, state="prepared", cancelling=True, warmed=False, warmup_until=None,
+                                    warmup_left=None), (m.to_group, "held"))
 
 
 def fail(topology: Topology, mid: int, reason: str) -> Topology:
@@ -339,5 +437,6 @@ def unprepare(topology: Topology, mid: int, reason: str) -> Topology:
     return _write(topology, replace(m, state="pending", error=reason), (m.from_group, "stable"))
 
 
-__all__ = ["ACTIVE", "ENDED", "KEEP_ENDED", "MIGRATION_STATES", "Migration", "advance", "cancel", "check_migrations",
-           "check_parallel", "check_rate", "create", "fail", "parse_migrations", "startable", "unprepare"]
+__all__ = ["ACTIVE", "DEFAULT_WARMUP", "ENDED", "KEEP_ENDED", "MIGRATION_STATES", "Migration", "advance", "cancel",
+           "check_migrations", "check_parallel", "check_rate", "check_warmup", "create", "fail", "parse_migrations",
+           "startable", "time_warmup", "unprepare"]

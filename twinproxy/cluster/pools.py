@@ -41,7 +41,8 @@ class SlotTable:
     # "connected" means held slots cannot be trusted, so they fail at once.
     session: str = CONNECTED
     groups: Tuple[Tuple[str, int], ...] = ()   # server name -> group id
-    # Slots moving to their owner: (slot, the source's server name), Redis only.
+    # Slots moving to their owner: (slot, the source's server name).  A memcache
+    # slot's source server is the one the slot had in the source group (it warms up from it).
     migrating: Tuple[Tuple[int, str], ...] = ()
 
     @property
@@ -116,8 +117,7 @@ def cluster_pool(base: PoolConfig, topology: Any, session: str = CONNECTED) -> P
         owners.append(chooser(slot) if chooser is not None else None)
         if state == HELD:
             held.append(slot)
-        elif state == MIGRATING and base.redis and migrating_from is not None:
-            # memcached cannot move items: its migrating slots go to the new owner (cold misses).
+        elif state == MIGRATING and migrating_from is not None:
             source = migrating_from(slot)
             if source is not None and source in slot_server and chooser is not None:
                 migrating.append((slot, slot_server[source](slot)))

@@ -32,6 +32,7 @@ from twisted.logger import Logger
 
 from twinproxy.cluster.migrating import MigratingSlot
 from twinproxy.cluster.slots import SLOT_COUNT
+from twinproxy.cluster.warmup import WarmingSlot
 from twinproxy.request import Request
 
 Answer = Callable[..., None]   # answer(request, text, code="ERR"): the reply in the pool's protocol
@@ -203,9 +204,14 @@ class SlotRouting:
             elif source is not None and owner is not None:
                 target = migrating_before.get(slot)
                 if target is None or not target.same_move(servers[source], servers[owner]):
-                    target = MigratingSlot(slot, servers[source], servers[owner], config.redis_db if config else 0,
-                                           config.redis_auth if config else None, answer, self.target_for_slot,
-                                           clock=self._clock, wait_limit=hold_seconds)
+                    if config is not None and not config.redis:   # memcached: warmed up, not moved
+                        target = WarmingSlot(slot, servers[source], servers[owner], answer, self.target_for_slot,
+                                             self._clock)
+                    else:
+                        target = MigratingSlot(slot, servers[source], servers[owner],
+                                               config.redis_db if config else 0,
+                                               config.redis_auth if config else None, answer, self.target_for_slot,
+                                               clock=self._clock, wait_limit=hold_seconds)
                 migrating_now[slot] = target
             elif slot in table.held:
                 target = held_before.pop(slot, None) or HeldSlot(slot, self.cluster, self._clock, hold_seconds,

@@ -120,11 +120,6 @@ def _rebalance(ctl: "Controller", dry_run: bool, keys_per_second: Optional[int],
                      "planned again" if len(around) == 1 else
                      f"migrations {', '.join(map(str, around))} have not ended: their slots count for the group "
                      "each ends at and are not planned again")
-    if runs and ctl.protocol != "redis":
-        moved = sum(run["last"] - run["first"] + 1 for run in runs)
-        notes.append(f"{moved} owned slots would move: a memcache cluster's slots cannot be migrated, so only "
-                     "offline slots are placed (assign the others with force: the new owner's cache fills again)")
-        runs = []
     if notes:
         result["notes"] = notes
     if dry_run or not (placed or runs):

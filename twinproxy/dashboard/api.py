@@ -31,7 +31,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from twinproxy.admin import Page
-from twinproxy.cluster.migrations import check_parallel, check_rate
+from twinproxy.cluster.migrations import check_parallel, check_rate, check_warmup
 from twinproxy.cluster.model import TopologyError, check_address, check_group_id
 from twinproxy.cluster.slots import SLOT_COUNT
 
@@ -144,7 +144,8 @@ _FIELDS: Dict[str, Dict[str, Tuple[bool, Callable[[Any], Any]]]] = {
                   "parallel": (False, check_parallel)},
     "add_sentinel": {"addr": (True, check_address)},
     "migrate": {"first": (True, _slot), "last": (True, _slot), "group": (True, check_group_id),
-                "keys_per_second": (False, check_rate), "parallel": (False, check_parallel)},
+                "keys_per_second": (False, check_rate), "parallel": (False, check_parallel),
+                "warmup_seconds": (False, check_warmup)},
     "migration_action": {},
 }
 
@@ -327,8 +328,12 @@ class _Handlers:
         fields = body_fields(request, "migrate")
         if fields["first"] > fields["last"]:
             raise ApiError(400, f"slot range {fields['first']}-{fields['last']}: the first slot is after the last")
-        return self.state.live().migrate(fields["first"], fields["last"], fields["group"],
-                                         fields.get("keys_per_second"), fields.get("parallel"))
+        live = self.state.live()
+        args = (fields["first"], fields["last"], fields["group"], fields.get("keys_per_second"), fields.get("parallel"))
+        if fields.get("warmup_seconds") is None:
+            return live.migrate(*args)
+        # A memcache cluster's warm-up (a Redis cluster's migration refuses it: 400).
+        return live.migrator.migrate(*args, fields["warmup_seconds"])
 
     def get_migrations(self, request: Any) -> Any:
         query_args(request, ())

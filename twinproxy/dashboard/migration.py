@@ -24,6 +24,15 @@ bodies of the controller's ``migrate`` / ``migrations`` / ``pause`` /
 4. finished: stable at the target, acknowledgements awaited (a laggard is
    noted).  Then the next pending migration of those groups starts.
 
+A memcache cluster's migration (its items cannot move) deletes, before its
+hold, what the target's servers still hold of the range (an earlier
+migration's leftovers), compares no versions, and instead of the sweep
+warms up for ``warmup_seconds`` (its clock in the entry: pause stops it,
+resume and a restarted dashboard go on with it); then the range is held
+at the target until every proxy has acknowledged (none reads the source
+any more), and only then stable there.  Its cancel holds the range at the
+target the same way and gives it straight back to the source.
+
 Cancel: pending or prepared ones are released at the source; a migrating
 one is first stopped (its batches in flight answered), then moved back with
 the same steps (held at the target, migrating to the source, swept back),
@@ -48,6 +57,7 @@ from twisted.internet import defer
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from twinproxy.cluster import migrations
 from twinproxy.cluster.migrations import Migration
 from twinproxy.dashboard.errors import OperationError
 from twinproxy.dashboard.progress import Progress, ProgressBook
@@ -148,6 +158,11 @@ class Migrations:
                         rate=0.0 if m.ended else progress.rate, eta=None if m.ended else progress.eta,
                         error=m.error if m.ended else (progress.error or m.error), paused=progress.paused,
                         owner=owner)
+        if m.warms and m.state == "migrating":
+            # The seconds of warm-up left now (the entry keeps its end, or what was left when paused).
+            left = m.warmup_left if m.warmup_until is None else m.warmup_until - self.ctl.reactor.seconds()
+            left = 0.0 if m.warmed else (float(m.warmup_seconds) if left is None else max(0.0, round(left, 1)))
+            document.update(warmup_left=left, eta=None if progress.paused else left)
         return document
 
     def listing(self) -> Dict[str, Any]:
@@ -175,27 +190,32 @@ class Migrations:
 
     @defer.inlineCallbacks
     def migrate(self, first: int, last: int, gid: int, keys_per_second: Optional[int],
-                parallel: Optional[int]) -> Any:
+                parallel: Optional[int], warmup_seconds: Optional[int] = None) -> Any:
         ctl = self.ctl
         ctl.check_writable()
-        ctl.dry(lambda: ctl.current().create_migration(first, last, gid, keys_per_second, parallel))
+
+        def edit(topology: Any) -> Any:
+            return migrations.create(topology, first, last, gid, keys_per_second, parallel, warmup_seconds)
+
+        ctl.dry(lambda: edit(ctl.current()))
         # Queued behind a runner's step rather than refused: those are short.
         yield self.idle(lambda: False, timeout=ctl.ack_timeout * 2 + 5)
         new = yield ctl._operation(f"migrate slots {first}-{last} to group {gid}", self.queue, first, last, gid,
-                                   keys_per_second, parallel)
+                                   keys_per_second, parallel, warmup_seconds)
         m = new.migrations[-1]
         return ctl.ok(new, migration=self.merged(m))
 
     @defer.inlineCallbacks
     def queue(self, first: int, last: int, gid: int, keys_per_second: Optional[int],
-              parallel: Optional[int]) -> Any:
+              parallel: Optional[int], warmup_seconds: Optional[int] = None) -> Any:
         """Write one pending migration and wait for the proxies; the new Topology (its last migration).
 
         Runs inside one of the controller's operations (``migrate``'s, or a
         rebalance's); fails as ``commit`` does (504: written, not
         acknowledged by every proxy).
         """
-        new = yield self.ctl.commit(lambda t: t.create_migration(first, last, gid, keys_per_second, parallel),
+        new = yield self.ctl.commit(lambda t: migrations.create(t, first, last, gid, keys_per_second, parallel,
+                                                                warmup_seconds),
                                     f"migration of slots {first}-{last} to group {gid} queued")
         return new
 

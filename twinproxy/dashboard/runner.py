@@ -4,9 +4,10 @@ Owns :class:`Runner`: a loop per migration that has not ended, which reads
 the migration's state from the controller's topology, takes the next step
 as one of the controller's operations (hold, migrating, finish, cancel;
 each a topology write waiting for every proxy), runs the
-:class:`~twinproxy.dashboard.mover.Sweep` while the range is migrating, and
-tries again after a delay doubling from 1 s to 30 s when a step fails (its
-reason in the progress' ``error``).  Cancels asked for meanwhile are
+:class:`~twinproxy.dashboard.mover.Sweep` while the range is migrating
+(for a memcache cluster, whose items cannot move, its warm-up instead:
+:meth:`Runner._warm_up`), and tries again after a delay doubling from 1 s
+to 30 s when a step fails (its reason in the progress' ``error``).  Cancels asked for meanwhile are
 answered by the loop once their write is made.  Runs in the reactor.
 """
 
@@ -17,8 +18,10 @@ from typing import TYPE_CHECKING, Any, Callable, List, Optional
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from twinproxy.cluster import migrations
 from twinproxy.cluster.migrations import Migration, startable
 from twinproxy.dashboard.errors import OperationError
+from twinproxy.dashboard.leftovers import purge
 from twinproxy.dashboard.mover import Sweep
 from twinproxy.dashboard.progress import Progress
 from twinproxy.dashboard.servers import ServerError
@@ -175,6 +178,8 @@ class Runner:
             yield self._step(f"{what}: hold the slots on group {m.source}", self._prepare)
         elif m.state == "prepared":
             yield self._step(f"{what}: migrating to group {m.target}", self._start_moving)
+        elif m.warms:
+            return (yield self._warm_up(m, what))
         else:
             done = yield self._sweep(m)
             if done and not self.stopped and not self.cancels:
@@ -202,15 +207,17 @@ class Runner:
         m = self._entry()
         current = ctl.current()
         ctl.dry(lambda: current.advance_migration(self.id))
+        if m.warms:    # memcached: no versions to compare, leftover items of the range to delete
+            yield self._purge_leftovers(m)
         versions = []
-        for gid in (m.source, m.target):
+        for gid in (m.source, m.target) if not m.warms else ():
             master = current.group(gid).master
             try:
                 versions.append(_version((yield ctl.admin.command(master, b"INFO", b"server"))))
             except ServerError as err:
                 raise OperationError(502, f"migration {m.id} cannot start: group {gid}'s master does not "
                                      f"answer: {err}")
-        if None not in versions and versions[1] < versions[0]:
+        if len(versions) == 2 and None not in versions and versions[1] < versions[0]:
             reason = (f"the target group {m.target} runs Redis {'.'.join(map(str, versions[1]))}, older than the "
                       f"source's {'.'.join(map(str, versions[0]))}: its keys would not load there")
             yield ctl.commit(lambda t: t.fail_migration(self.id, reason), f"migration {m.id} failed")
@@ -238,7 +245,8 @@ class Runner:
                 reason = err.message
                 yield ctl.write(lambda t: t.unprepare_migration(self.id, reason))
             raise      # moving back: keys on both sides, so the hold stays until everyone has it
-        moving = yield ctl.write(lambda t: t.advance_migration(self.id))
+        # (A memcache migration's warm-up clock starts now; a cancelled one goes back to its source.)
+        moving = yield ctl.write(lambda t: migrations.advance(t, self.id, ctl.reactor.seconds()))
         yield self._acks_noted(moving, f"slots {m.first}-{m.last} migrating to group {m.target}")
         return ctl.ok(moving)
 
@@ -315,3 +323,76 @@ class Runner:
                 self.sweep.stop()
             return False
         return True
+
+    # -- memcache clusters: a warm-up instead of a sweep ----------------------------------
+
+    @defer.inlineCallbacks
+    def _purge_leftovers(self, m: Migration) -> Any:
+        """Delete what the target group's servers still hold of the range (see ``leftovers``)."""
+        topology = self.ctl.current()
+        timeout = max(30.0, self.ctl.command_timeout * 10)
+        for address in topology.group(m.target).servers:
+            try:
+                count = yield purge(self.ctl.reactor, address, m.first, m.last, timeout)
+            except ServerError as err:
+                raise OperationError(502, f"migration {m.id} cannot start: {err}")
+            if count:
+                self._log.info("cluster {cluster}: migration {id}: deleted {count} leftover items of slots "
+                               "{first}-{last} on {address}", cluster=self.ctl.cluster, id=m.id, count=count,
+                               first=m.first, last=m.last, address=address)
+
+    @defer.inlineCallbacks
+    def _warm_up(self, m: Migration, what: str) -> Any:
+        """One step of a migrating memcache migration: its warm-up clock, its end, or a wait (False).
+
+        The clock lives in the entry (``warmup_until`` while it counts,
+        ``warmup_left`` while paused), so a restarted dashboard goes on with it.
+        """
+        if m.warmed:
+            yield self._step(f"{what}: finish", self._finish_warmed)
+            return True
+        now = self.ctl.reactor.seconds()
+        paused = self.manager.paused(m.id)
+        if paused and m.warmup_until is not None:
+            left = max(0.0, m.warmup_until - now)
+            yield self._step(f"{what}: pause the warm-up", lambda: self._clock(None, left))
+            return True
+        if paused:
+            return False
+        if m.warmup_until is None:
+            left = float(m.warmup_seconds) if m.warmup_left is None else m.warmup_left
+            yield self._step(f"{what}: warm up for {left:g}s", lambda: self._clock(now + left, None))
+            return True
+        left = m.warmup_until - now
+        if left > 0:
+            yield self._sleep(left)      # woken sooner by a pause, a cancel or a change
+            return True
+        yield self._step(f"{what}: warm-up over, hold the slots on group {m.target}", self._hold_warmed)
+        return True
+
+    @defer.inlineCallbacks
+    def _clock(self, until: Any, left: Any) -> Any:
+        ctl = self.ctl
+        ctl.check_writable()
+        new = yield ctl.write(lambda t: migrations.time_warmup(t, self.id, until, left))
+        yield self._acks_noted(new, f"the warm-up clock of migration {self.id}")
+        return ctl.ok(new)
+
+    @defer.inlineCallbacks
+    def _hold_warmed(self) -> Any:
+        # Every proxy stops reading the source before any serves the target alone.
+        self.ctl.check_writable()
+        yield self.ctl.write(lambda t: t.advance_migration(self.id))
+        return (yield self._finish_warmed())
+
+    @defer.inlineCallbacks
+    def _finish_warmed(self) -> Any:
+        ctl = self.ctl
+        ctl.check_writable()
+        m = self._entry()
+        # A proxy that has not acknowledged the hold may still warm from the source: wait for it.
+        yield ctl.wait_acks(ctl.current(), f"the hold of slots {m.first}-{m.last} at the end of their warm-up "
+                                           f"(migration {m.id})")
+        ended = yield ctl.write(lambda t: t.advance_migration(self.id))
+        yield self._acks_noted(ended, f"slots {m.first}-{m.last} stable at group {m.target}")
+        return ctl.ok(ended)

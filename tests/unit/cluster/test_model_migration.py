@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from twinproxy.cluster import migrations
 from twinproxy.cluster.migrations import KEEP_ENDED, Migration, startable
 from twinproxy.cluster.model import Topology, TopologyError
 
@@ -63,8 +64,8 @@ def test_create_refusals() -> None:
     refused(409, lambda: queued.create_migration(50, 150, 3), "slots 50-99", "in migration 1")
     held = topology.hold_group(1, {"op": "promote", "group": 1, "server": A, "step": "held"})
     refused(409, lambda: held.create_migration(0, 9, 2), "held")
-    refused(409, lambda: Topology.empty("m", "memcache").add_group(1).add_server(1, A).add_group(2)
-            .add_server(2, B).assign_slots(0, 1023, 1).create_migration(0, 9, 2), "memcache")
+    refused(400, lambda: migrations.create(topology, 0, 9, 2, warmup_seconds=5), "warmup_seconds",
+            "memcache clusters")
 
 
 def test_the_states_in_order_and_migrating_from() -> None:

@@ -25,6 +25,20 @@ class Migrating(StandIn):
             return defer.fail(self.result)
         return defer.succeed({"ok": True, "generation": 8, "migration": {"id": 1}})
 
+    @property
+    def migrator(self) -> Any:
+        stand_in = self
+
+        class Migrator:
+            @staticmethod
+            def migrate(*args: Any) -> defer.Deferred:
+                stand_in.calls.append(("migrator.migrate", args))
+                if isinstance(stand_in.result, Exception):
+                    return defer.fail(stand_in.result)
+                return defer.succeed({"ok": True, "generation": 8, "migration": {"id": 1}})
+
+        return Migrator()
+
     def pause(self, mid: Optional[int]) -> Dict[str, Any]:
         self.calls.append(("pause", (mid,)))
         if isinstance(self.result, Exception):
@@ -55,6 +69,10 @@ def api():
      ("migrate", (3, 3, 2, 100, 4))),
     ("POST", "/api/slots/migrate", {"first": 3, "last": 3, "group": 2, "keys_per_second": None, "parallel": None},
      ("migrate", (3, 3, 2, None, None))),
+    ("POST", "/api/slots/migrate", {"first": 3, "last": 9, "group": 2, "warmup_seconds": 3},
+     ("migrator.migrate", (3, 9, 2, None, None, 3))),
+    ("POST", "/api/slots/migrate", {"first": 3, "last": 9, "group": 2, "warmup_seconds": None},
+     ("migrate", (3, 9, 2, None, None))),
     ("GET", "/api/migrations", None, ("migrations", ())),
     ("POST", "/api/migrations/pause", None, ("pause", (None,))),
     ("POST", "/api/migrations/7/pause", None, ("pause", (7,))),
@@ -77,6 +95,8 @@ def test_each_route_reaches_its_operation(api, method, path, body, call):
     ("/api/slots/migrate", {"first": 0, "last": 5, "group": 2, "keys_per_second": 0}, "keys_per_second"),
     ("/api/slots/migrate", {"first": 0, "last": 5, "group": 2, "parallel": "4"}, "parallel"),
     ("/api/slots/migrate", {"first": 0, "last": 5, "group": 2, "speed": 1}, "unknown field 'speed'"),
+    ("/api/slots/migrate", {"first": 0, "last": 5, "group": 2, "warmup_seconds": -1}, "warmup_seconds"),
+    ("/api/slots/migrate", {"first": 0, "last": 5, "group": 2, "warmup_seconds": "3"}, "warmup_seconds"),
     ("/api/migrations/x/pause", None, "not a positive number"),
     ("/api/migrations/0/cancel", None, "not a positive number"),
     ("/api/migrations/1/pause", {"now": True}, "unknown field 'now'"),
@@ -100,3 +120,13 @@ def test_writes_need_the_token_and_refusals_keep_their_status(api):
     assert (status, document) == (409, {"error": "slots 0-9 are in migration 1 already"})
     controller.result = OperationError(404, "there is no migration 5")
     assert answer(request(root, "POST", "/api/migrations/5/pause")) == (404, {"error": "there is no migration 5"})
+
+
+def test_a_warm_up_asked_of_a_redis_cluster_is_its_400(api):
+    """The model's refusal (a Redis cluster has no warm-up) comes back as the 400 it is."""
+    controller, root = api
+    controller.result = OperationError(400, "warmup_seconds is for memcache clusters: a Redis cluster's keys are "
+                                            "moved, not warmed up")
+    status, document = answer(request(root, "POST", "/api/slots/migrate",
+                                      {"first": 0, "last": 9, "group": 2, "warmup_seconds": 3}))
+    assert status == 400 and "memcache clusters" in document["error"]
