@@ -20,6 +20,7 @@ from pymemcache.client.base import Client as MemcacheClient
 
 from tests.cluster_harness import ClusterProxy, Dashboard, admin, admin_ok, proxies_at, status_json, wait_for_status
 from tests.cluster_harness import independent_slot as slot
+from tests.integration.test_cluster_migration import keys_in
 from tests.servers import LOOPBACK, wait_until
 
 MOVING = (0, 511)
@@ -31,17 +32,6 @@ def processes():
     yield started
     for process in started:
         process.stop()
-
-
-def keys_in(first: int, last: int, count: int, prefix: str) -> List[bytes]:
-    found = []
-    number = 0
-    while len(found) < count:
-        key = f"{prefix}{number}".encode()
-        if first <= slot(key) <= last:
-            found.append(key)
-        number += 1
-    return found
 
 
 def meta(port: int, line: bytes) -> bytes:

@@ -29,7 +29,7 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 
 from twinproxy.cluster.slots import slot_of
-from twinproxy.dashboard.servers import ServerError, split_address
+from twinproxy.dashboard.servers import ServerError, split_address, with_deadline
 
 DELETES_PER_WRITE = 512
 
@@ -131,19 +131,8 @@ def purge(reactor: Any, address: str, first: int, last: int, timeout: float) -> 
         host, port = split_address(address)
         connector = reactor.connectTCP(host, port, factory, timeout=timeout)
 
-    def overdue() -> None:
-        if not result.called:
-            result.errback(ServerError(f"{address}: deleting its leftover items took longer than {timeout:g}s"))
-            connector.disconnect()
-
-    call = reactor.callLater(timeout, overdue)
-
-    def done(value: Any) -> Any:
-        if call.active():
-            call.cancel()
-        return value
-
-    return result.addBoth(done)
+    return with_deadline(reactor, result, connector, timeout,
+                         f"{address}: deleting its leftover items took longer than {timeout:g}s")
 
 
 __all__ = ["purge"]

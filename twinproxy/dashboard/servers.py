@@ -238,15 +238,13 @@ class _VersionFactory(ClientFactory):
             self.result.errback(ServerError(reason.getErrorMessage()))
 
 
-def memcache_version(reactor: Any, address: str, timeout: float) -> defer.Deferred:
-    """The first line a memcached answers to ``version`` (ServerError naming it otherwise)."""
-    result: defer.Deferred = defer.Deferred()
-    host, port = split_address(address)
-    connector = reactor.connectTCP(host, port, _VersionFactory(result), timeout=timeout)
-
+def with_deadline(reactor: Any, result: defer.Deferred, connector: Any, timeout: float,
+                  overdue_text: str) -> defer.Deferred:
+    """``result`` (fired by a one-shot text exchange over ``connector``), failed with ServerError(overdue_text)
+    and the connection dropped when it has not fired within ``timeout`` seconds."""
     def overdue() -> None:
         if not result.called:
-            result.errback(ServerError(f"no reply within {timeout:g}s"))
+            result.errback(ServerError(overdue_text))
             connector.disconnect()
 
     call = reactor.callLater(timeout, overdue)
@@ -254,11 +252,23 @@ def memcache_version(reactor: Any, address: str, timeout: float) -> defer.Deferr
     def done(value: Any) -> Any:
         if call.active():
             call.cancel()
+        return value
+
+    return result.addBoth(done)
+
+
+def memcache_version(reactor: Any, address: str, timeout: float) -> defer.Deferred:
+    """The first line a memcached answers to ``version`` (ServerError naming it otherwise)."""
+    result: defer.Deferred = defer.Deferred()
+    host, port = split_address(address)
+    connector = reactor.connectTCP(host, port, _VersionFactory(result), timeout=timeout)
+
+    def named(value: Any) -> Any:
         if isinstance(value, Failure):
             raise ServerError(f"{address}: {value.getErrorMessage()}")
         return value
 
-    return result.addBoth(done)
+    return with_deadline(reactor, result, connector, timeout, f"no reply within {timeout:g}s").addBoth(named)
 
 
 @dataclass(frozen=True)
