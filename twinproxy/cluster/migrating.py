@@ -272,6 +272,11 @@ class MigratingSlot:
             state = step.state
             if state == _IN_FLIGHT:
                 break
+            if state == _WAITING and all(key in self._moved for key in step.keys):
+                state = step.state = _READY      # moved meanwhile (the request before it waited for the same key)
+                if step.timer is not None and step.timer.active():
+                    step.timer.cancel()
+                step.timer = None
             if state == _WAITING:
                 now = self._seconds(step)
                 if now < step.deadline and self._clock_of(step) is not None:
@@ -297,6 +302,14 @@ class MigratingSlot:
     def _retry(self, step: _Step) -> None:
         step.timer = None
         step.loops += 1
+        client = step.request.client
+        if getattr(client, "closed", False):
+            # Nobody to answer: stop asking the source (a client that gave up must not multiply the scripts).
+            line = step.line
+            line.clear()
+            if self._lines.get(client) is line:
+                del self._lines[client]
+            return
         if self._route is not None and self._route(self.slot) is not self:
             # The slot changed meanwhile (held, moving back, finished): it goes where the slot goes now.
             step.state = _READY

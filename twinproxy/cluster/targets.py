@@ -137,7 +137,7 @@ class HeldSlot:
 
 
 class _Early:
-    """A stall hold's front door, for requests that were waiting (or moving keys) before the stall."""
+    """A hold's front door, for requests that were waiting (or moving keys) before the hold or the stall."""
 
     __slots__ = ("send",)
 
@@ -309,7 +309,9 @@ class SlotRouting:
         self._check_lease()
         if self._stall_holds:
             return _Early(self._stall_holds[slot])
-        return self._table[slot]
+        target = self._table[slot]
+        # A hold: what comes from before it (a MIGRATE answered late) goes ahead of what arrived meanwhile.
+        return _Early(target) if isinstance(target, HeldSlot) else target
 
     def _check_lease(self) -> None:
         if self._clock.seconds() > self._lease[0]:

@@ -227,3 +227,25 @@ class ReservedKeyTests(SynchronousTestCase):
         client, out = w.client()
         client.dataReceived(cmd(b"GET", key))
         self.assertIn(b"reserved for twinproxy's slot migration", out.value())
+
+
+class HoldOrderTests(SynchronousTestCase):
+    def test_a_script_answered_after_a_hold_began_keeps_its_place_ahead_of_newer_requests(self) -> None:
+        def held(generation: int):
+            t = topology(generation)
+            t.slots = tuple((2, "held") if slot == 7 else entry for slot, entry in enumerate(t.slots))
+            return t
+
+        w = Wire()
+        w.serve(topology(1, moving={7}))
+        client, out = w.client()
+        key = key_in(7)
+        client.dataReceived(cmd(b"SET", key, b"1"))     # its MIGRATE script is on the way
+        source, _ = w.backend(SOURCE)
+        w.serve(held(2))                                 # a cancel's hold
+        client.dataReceived(cmd(b"SET", key, b"2"))     # waits on the hold
+        source.dataReceived(b"+OK\r\n")                  # the first one's script answers: ahead of the second
+        w.serve(topology(3))                             # back to group 1
+        w.backend(SOURCE)
+        _, wire = w.backends[SOURCE][-1]
+        self.assertEqual(wire.value(), cmd(b"SET", key, b"1") + cmd(b"SET", key, b"2"))
