@@ -32,6 +32,7 @@ Everything started is stopped at the end, on errors and Ctrl-C too.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -55,10 +56,13 @@ sys.path.insert(0, str(BENCH))
 
 import migration_report as report  # noqa: E402
 
-from run import cpu_seconds  # noqa: E402
 from tests.cluster_harness import TOKEN, Dashboard  # noqa: E402
 from tests.servers import LOOPBACK, Process, RedisServer, free_port, wait_until  # noqa: E402
 from twinproxy.cluster.slots import SLOT_COUNT, slot_of  # noqa: E402
+
+# bench/run.py's CPU reader; imported by name so that import sorting does not depend on whether a
+# ``run/`` directory (the benchmarks' output) exists in the checkout.
+cpu_seconds = importlib.import_module("run").cpu_seconds
 
 BIN = Path(sys.executable).parent
 VALUE_SIZE = 100
