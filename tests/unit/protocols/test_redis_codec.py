@@ -8,7 +8,7 @@ import pytest
 
 from twinproxy.config import load_text
 from twinproxy.protocols import redis as redis_codec
-from twinproxy.protocols import resp
+from twinproxy.protocols import redis_specs, resp
 from twinproxy.protocols.redis import RedisCodec
 from twinproxy.request import FORWARD, FRAGMENT, LOCAL, Request
 
@@ -138,7 +138,7 @@ def test_reset_is_refused_not_gated() -> None:
 
 def test_every_command_has_redis_arity() -> None:
     the_codec = codec()
-    assert set(redis_codec._arities(redis_codec._ARITY)) == set(the_codec.commands)
+    assert set(redis_specs.arities(redis_specs.ARITY)) == set(the_codec.commands)
     assert the_codec.commands[b"get"].arity == 2 and the_codec.commands[b"set"].arity == -3
     assert the_codec.commands[b"client"].subcommands[b"setinfo"] == 4
 

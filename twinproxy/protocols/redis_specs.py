@@ -1,0 +1,173 @@
+"""The Redis command table's facts: where each command's keys are, and Redis's own arities.
+
+Owns :class:`CommandSpec` (a command's key layout, as Redis's (first,
+last, step) key specs, plus what twinproxy needs beside them: numkeys
+destinations, STORE options, the handler or refusal reason), the lists of
+command names per layout and why some are refused, Redis 7's arity table
+(the AUTH gate answers as Redis does), and :func:`stored_keys` (the key a
+STORE/STOREDIST option names).  Pure data and pure functions: the codec
+(:mod:`twinproxy.protocols.redis`) builds its table from them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+from twinproxy.protocols.redis_commands import READ_ONLY
+
+# Key layouts.
+SINGLE = "single"          # one key at ``first``
+SAME_SERVER = "same"       # keys at first..last by step; all on one server
+NUMKEYS = "numkeys"        # a key count at ``first``, the keys right after it
+SPLIT = "split"            # keys at first..end by step, split per server and merged
+LOCAL_COMMAND = "local"
+REJECTED = "rejected"
+
+
+class CommandSpec:
+    """Where a command's keys are, as Redis's own (first, last, step) key specs."""
+
+    __slots__ = ("name", "label", "layout", "first", "last", "step", "merge", "handler", "reason",
+                 "arity", "subcommands", "readonly", "destination", "options")
+
+    def __init__(self, name: bytes, layout: str, first: int = 1, last: int = 1, step: int = 1,
+                 merge: Optional[str] = None, handler: Optional[Callable] = None,
+                 reason: Optional[str] = None, destination: int = 0,
+                 options: Optional[Tuple[int, Dict[bytes, int]]] = None) -> None:
+        self.name = name
+        # A numkeys command that also writes a key before its count (ZUNIONSTORE's destination).
+        self.destination = destination
+        # Options from this argument on, with how many values each takes; a
+        # STORE/STOREDIST option's value is a key (SORT ... STORE d).
+        self.options = options
+        self.label = name.decode("ascii")
+        self.layout = layout
+        self.first = first
+        self.last = last
+        self.step = step
+        self.merge = merge
+        self.handler = handler
+        self.reason = reason
+        # Redis's own argument count (COMMAND INFO's arity) and, for a container
+        # such as CLIENT, its subcommands' arities; only the AUTH gate reads them.
+        self.arity = -1
+        self.subcommands: Optional[Dict[bytes, int]] = None
+        # May go to a replica: Redis flags it read-only, it names its keys,
+        # and it is not kept for the master.  A container (OBJECT, XINFO, ...)
+        # stays on the master too.
+        self.readonly = (layout in (SINGLE, SAME_SERVER, NUMKEYS, SPLIT) and self.label in READ_ONLY
+                         and self.label not in MASTER_ONLY)
+
+
+SINGLE_KEY = """
+append bitcount bitfield bitfield_ro bitpos decr decrby dump expire expireat expiretime
+get getbit getdel getex getrange getset hdel hexists hexpire hexpireat hexpiretime hget
+hgetall hgetdel hgetex hincrby hincrbyfloat hkeys hlen hmget hmset hpersist hpexpire
+hpexpireat hpexpiretime hpttl hrandfield hscan hset hsetex hsetnx hstrlen httl hvals incr
+incrby incrbyfloat lindex linsert llen lpop lpos lpush lpushx lrange lrem lset ltrim
+persist pexpire pexpireat pexpiretime pfadd psetex pttl restore rpop rpush rpushx sadd
+scard set setbit setex setnx setrange sismember smembers smismember sort_ro spop
+srandmember srem sscan strlen substr ttl type xack xadd xautoclaim xclaim xdel xlen
+xpending xrange xrevrange xsetid xtrim zadd zcard zcount zincrby zlexcount zmscore zpopmax
+zpopmin zrandmember zrange zrangebylex zrangebyscore zrank zrem zremrangebylex
+zremrangebyrank zremrangebyscore zrevrange zrevrangebylex zrevrangebyscore zrevrank zscan
+zscore geoadd geodist geohash geopos georadius_ro georadiusbymember_ro geosearch
+"""
+# A key, then options of which STORE (and STOREDIST) name a key to write:
+# (the first option's argument index, {option: the values it takes}).
+STORE_OPTIONS = {
+    "sort": (2, {b"by": 1, b"limit": 2, b"get": 1, b"store": 1}),
+    "georadius": (6, {b"count": 1, b"store": 1, b"storedist": 1}),
+    "georadiusbymember": (5, {b"count": 1, b"store": 1, b"storedist": 1}),
+}
+# Subcommand first, key second: OBJECT ENCODING k, MEMORY USAGE k, XINFO STREAM k, ...
+KEY_SECOND = "object memory xinfo xgroup"
+# Two keys, both on one server.
+TWO_KEYS = "rename renamenx rpoplpush smove lmove copy lcs zrangestore geosearchstore"
+# Every argument a key, all on one server.
+ALL_KEYS = "sdiff sdiffstore sinter sinterstore sunion sunionstore pfcount pfmerge"
+# A key count, then the keys.
+NUMKEYS_AT_1 = "zunion zinter zdiff zintercard sintercard lmpop zmpop"
+NUMKEYS_AT_2 = "eval evalsha eval_ro evalsha_ro fcall fcall_ro"
+# The same after a destination key: it must be with the others, and is moved with them.
+NUMKEYS_AFTER_DESTINATION = "zunionstore zinterstore zdiffstore"
+
+# Read-only to Redis, yet for the master: scripts (their keys and effects are
+# their own), and TOUCH (its point is the master's access times).
+MASTER_ONLY = frozenset(("eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro", "touch"))
+BLOCKING = "blpop brpop brpoplpush blmove blmpop bzpopmin bzpopmax bzmpop xread xreadgroup wait waitaof"
+TRANSACTIONS = "multi exec discard watch unwatch"
+PUBSUB = "subscribe psubscribe ssubscribe unsubscribe punsubscribe sunsubscribe publish spublish pubsub"
+WHOLE_KEYSPACE = "keys scan randomkey dbsize flushdb flushall swapdb move migrate"
+SERVER_ADMIN = """
+info config save bgsave bgrewriteaof lastsave shutdown slaveof replicaof role sync psync
+debug monitor cluster readonly readwrite asking failover acl latency slowlog
+script function time lolwut module reset
+"""
+
+# Redis's arity of every command in the table, as COMMAND INFO gives it: n is
+# exactly n arguments counting the name, -n at least n.  Redis checks it (and
+# a container's subcommand) before its AUTH gate, so an unauthenticated client
+# is told about a wrong argument count rather than NOAUTH; the gate here does
+# the same.  Redis 7.0's numbers, but ZRANK/ZREVRANK as 7.2 made them
+# (WITHSCORE) and the commands 7.0 lacks as the Redis that added them.
+ARITY = """
+acl:-2 append:3 asking:1 auth:-2 bgrewriteaof:1 bgsave:-1 bitcount:-2 bitfield:-2 bitfield_ro:-2 bitop:-4
+bitpos:-3 blmove:6 blmpop:-5 blpop:-3 brpop:-3 brpoplpush:4 bzmpop:-5 bzpopmax:-3 bzpopmin:-3 client:-2
+cluster:-2 command:-1 config:-2 copy:-3 dbsize:1 debug:-2 decr:2 decrby:3 del:-2 discard:1 dump:2 echo:2
+eval:-3 eval_ro:-3 evalsha:-3 evalsha_ro:-3 exec:1 exists:-2 expire:-3 expireat:-3 expiretime:2 failover:-1
+fcall:-3 fcall_ro:-3 flushall:-1 flushdb:-1 function:-2 geoadd:-5 geodist:-4 geohash:-2 geopos:-2 georadius:-6
+georadius_ro:-6 georadiusbymember:-5 georadiusbymember_ro:-5 geosearch:-7 geosearchstore:-8 get:2 getbit:3
+getdel:2 getex:-2 getrange:4 getset:3 hdel:-3 hello:-1 hexists:3 hexpire:-6 hexpireat:-6 hexpiretime:-5 hget:3
+hgetall:2 hgetdel:-5 hgetex:-5 hincrby:4 hincrbyfloat:4 hkeys:2 hlen:2 hmget:-3 hmset:-4 hpersist:-5
+hpexpire:-6 hpexpireat:-6 hpexpiretime:-5 hpttl:-5 hrandfield:-2 hscan:-3 hset:-4 hsetex:-6 hsetnx:4 hstrlen:3
+httl:-5 hvals:2 incr:2 incrby:3 incrbyfloat:3 info:-1 keys:2 lastsave:1 latency:-2 lcs:-3 lindex:3 linsert:5
+llen:2 lmove:5 lmpop:-4 lolwut:-1 lpop:-2 lpos:-3 lpush:-3 lpushx:-3 lrange:4 lrem:4 lset:4 ltrim:4 memory:-2
+mget:-2 migrate:-6 module:-2 monitor:1 move:3 mset:-3 msetnx:-3 multi:1 object:-2 persist:2 pexpire:-3
+pexpireat:-3 pexpiretime:2 pfadd:-2 pfcount:-2 pfmerge:-2 ping:-1 psetex:4 psubscribe:-2 psync:-3 pttl:2
+publish:3 pubsub:-2 punsubscribe:-1 quit:-1 randomkey:1 readonly:1 readwrite:1 rename:3 renamenx:3 replicaof:3
+reset:1 restore:-4 role:1 rpop:-2 rpoplpush:3 rpush:-3 rpushx:-3 sadd:-3 save:1 scan:-2 scard:2 script:-2
+sdiff:-2 sdiffstore:-3 select:2 set:-3 setbit:4 setex:4 setnx:3 setrange:4 shutdown:-1 sinter:-2 sintercard:-3
+sinterstore:-3 sismember:3 slaveof:3 slowlog:-2 smembers:2 smismember:-3 smove:4 sort:-2 sort_ro:-2 spop:-2
+spublish:3 srandmember:-2 srem:-3 sscan:-3 ssubscribe:-2 strlen:2 subscribe:-2 substr:4 sunion:-2
+sunionstore:-3 sunsubscribe:-1 swapdb:3 sync:1 time:1 touch:-2 ttl:2 type:2 unlink:-2 unsubscribe:-1 unwatch:1
+wait:3 waitaof:4 watch:-2 xack:-4 xadd:-5 xautoclaim:-6 xclaim:-6 xdel:-3 xgroup:-2 xinfo:-2 xlen:2
+xpending:-3 xrange:-4 xread:-4 xreadgroup:-7 xrevrange:-4 xsetid:-3 xtrim:-4 zadd:-4 zcard:2 zcount:4 zdiff:-3
+zdiffstore:-4 zincrby:4 zinter:-3 zintercard:-3 zinterstore:-4 zlexcount:4 zmpop:-4 zmscore:-3 zpopmax:-2
+zpopmin:-2 zrandmember:-2 zrange:-4 zrangebylex:-4 zrangebyscore:-4 zrangestore:-5 zrank:-3 zrem:-3
+zremrangebylex:4 zremrangebyrank:4 zremrangebyscore:4 zrevrange:-4 zrevrangebylex:-4 zrevrangebyscore:-4
+zrevrank:-3 zscan:-3 zscore:3 zunion:-3 zunionstore:-4
+"""
+# The subcommands of the containers twinproxy routes or answers (CLIENT
+# SETINFO and NO-TOUCH are 7.2's).  The containers it refuses (CONFIG, ACL,
+# ...) have no list: before AUTH their subcommands all get NOAUTH.
+SUBCOMMAND_ARITY = {
+    "client": "caching:3 getname:2 getredir:2 help:2 id:2 info:2 kill:-3 list:-2 no-evict:3 no-touch:3 pause:-3 "
+              "reply:3 setinfo:4 setname:3 tracking:-3 trackinginfo:2 unblock:-3 unpause:2",
+    "command": "count:2 docs:-2 getkeys:-4 getkeysandflags:-4 help:2 info:-2 list:-2",
+    "object": "encoding:3 freq:3 help:2 idletime:3 refcount:3",
+    "memory": "doctor:2 help:2 malloc-stats:2 purge:2 stats:2 usage:-3",
+    "xinfo": "consumers:4 groups:3 help:2 stream:-3",
+    "xgroup": "create:-5 createconsumer:5 delconsumer:5 destroy:4 help:2 setid:-5",
+}
+
+
+def arities(text: str) -> Dict[bytes, int]:
+    pairs = (word.split(":") for word in text.split())
+    return {name.encode(): int(arity) for name, arity in pairs}
+
+
+def words(text: str) -> List[bytes]:
+    return [word.encode() for word in text.split()]
+
+
+def stored_keys(args: List[bytes], start: int, takes: Dict[bytes, int]) -> List[int]:
+    """The position of the key a STORE/STOREDIST option names (the last one: Redis writes that one)."""
+    found: List[int] = []
+    index = start
+    while index < len(args):
+        option = args[index].lower()
+        if option in (b"store", b"storedist") and index + 1 < len(args):
+            found = [index + 1]
+        index += 1 + takes.get(option, 0)
+    return found
