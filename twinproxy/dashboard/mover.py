@@ -104,7 +104,8 @@ class Sweep:
         self.progress = progress
         self.parallel = parallel or 1
         self.throttle = Throttle(reactor, keys_per_second)
-        self.batch = min(BATCH, max(1, keys_per_second // 10)) if keys_per_second else BATCH
+        self.batch = BATCH
+        self.set_rate(keys_per_second)
         self._may_go = may_go or (lambda: True)
         self._timeout_ms = timeout_ms
         # Pipelined batches wait for the ones before them: the deadline covers them all.
@@ -140,6 +141,12 @@ class Sweep:
         return self.first <= slot_of(key) <= self.last
 
     @defer.inlineCallbacks
+    def set_rate(self, keys_per_second: Optional[int]) -> None:
+        """At most ``keys_per_second`` keys a second from the next batch on (None: no limit)."""
+        self.throttle.rate = keys_per_second
+        self.throttle._next = 0.0
+        self.batch = min(BATCH, max(1, keys_per_second // 10)) if keys_per_second else BATCH
+
     def run(self) -> Any:
         try:
             clean = 0
