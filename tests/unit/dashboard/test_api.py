@@ -290,9 +290,10 @@ def test_metrics_and_the_root(api):
     req.render(getChildForRequest(root, req))
     assert b"".join(req.written) == b"metric 1\n"
     assert req.responseHeaders.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
-    req = DummyRequest([b""])
-    req.render(getChildForRequest(root, req))
-    assert b"/api/status" in b"".join(req.written)
+    for path in ([b""], [b"dashboard", b""]):
+        req = DummyRequest(path)
+        req.render(getChildForRequest(root, req))
+        assert b"app.js?v=" in b"".join(req.written)                     # the web page
 
 
 def test_one_log_line_per_failed_write(api):
