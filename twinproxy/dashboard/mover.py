@@ -140,13 +140,13 @@ class Sweep:
     def _in_range(self, key: bytes) -> bool:
         return self.first <= slot_of(key) <= self.last
 
-    @defer.inlineCallbacks
     def set_rate(self, keys_per_second: Optional[int]) -> None:
         """At most ``keys_per_second`` keys a second from the next batch on (None: no limit)."""
         self.throttle.rate = keys_per_second
         self.throttle._next = 0.0
         self.batch = min(BATCH, max(1, keys_per_second // 10)) if keys_per_second else BATCH
 
+    @defer.inlineCallbacks
     def run(self) -> Any:
         try:
             clean = 0
