@@ -25,6 +25,8 @@ them in the order it sent the requests, whichever servers answered first.
 
 from __future__ import annotations
 
+import time
+from bisect import bisect_left
 from collections import deque
 from typing import Any, Optional
 
@@ -41,6 +43,7 @@ from twinproxy.protocols import Codec, ProtocolError
 from twinproxy.replybudget import ReplyBudget
 from twinproxy.request import FORWARD, FRAGMENT, Request
 from twinproxy.sockets import direct_socket
+from twinproxy.stats import LATENCY_BUCKETS, CommandCounters
 
 # After a protocol error the proxy goes on reading, and drops, what the
 # client is still sending, for this long and up to this many bytes: closing
@@ -78,6 +81,10 @@ class FrontendProtocol(Protocol):
         self._in_order: deque = deque()
         self._counters = factory.pool.counters
         self._commands = factory.pool.counters.commands
+        # Per-command latency: from the read that brought a request to its reply queued in order.
+        self._now = factory.clock.seconds if factory.clock is not None else time.time
+        self._read_at = 0.0
+        self._error_starts = getattr(self._codec, "error_starts", frozenset())
         config = factory.pool.config
         self._max_pending = config.client_max_pending
         self._max_pending_bytes = config.client_max_pending_bytes
@@ -218,6 +225,7 @@ class FrontendProtocol(Protocol):
             return
         parser = self._parser
         parser.feed(data)
+        self._read_at = self._now()
         dispatch = self._dispatch
         held = False
         budget = self._budget
@@ -293,9 +301,13 @@ class FrontendProtocol(Protocol):
         request.client = self
         request.dialect = self.dialect
         self._codec.prepare(request, self)
-        commands = self._commands
         name = request.name
-        commands[name] = commands.get(name, 0) + 1
+        counted = self._commands.get(name)
+        if counted is None:   # once per command name and pool
+            counted = self._commands[name] = CommandCounters()
+        counted.calls += 1
+        request.counted = counted
+        request.arrived_at = self._read_at
         if not request.quiet:
             self._in_order.append(request)
             self._pending_bytes += len(request.raw)
@@ -357,15 +369,29 @@ class FrontendProtocol(Protocol):
         """Queue every reply now at the head of the order; send them as one write."""
         in_order = self._in_order
         out = self._out
+        now = 0.0
         while in_order:
             head = in_order[0]
-            if head.reply is None:
+            reply = head.reply
+            if reply is None:
                 break
             in_order.popleft()
             self._pending_bytes -= len(head.raw)
+            counted = head.counted
+            if counted is not None:
+                # The per-command counters of both protocols, here only: calls were
+                # counted at dispatch; the error replies and the latency at the reply.
+                if reply[:1] in self._error_starts and self._codec.is_error(reply):
+                    counted.errors += 1
+                if not now:
+                    now = self._now()
+                elapsed = now - head.arrived_at
+                latency = counted.latency
+                latency.counts[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
+                latency.total += elapsed
             if self.closed:
                 continue
-            out.append(head.reply)
+            out.append(reply)
             if head.close_after:
                 in_order.clear()
                 self._close_when_sent = True
@@ -480,6 +506,7 @@ class FrontendProtocol(Protocol):
         """Answer a malformed request after everything before it, then close."""
         request = Request(b"")
         request.reply = self._codec.protocol_error_reply(err)
+        request.counted = None   # no command: counted as client_err
         request.close_after = True
         self._closing = True
         self._counters.client_err += 1

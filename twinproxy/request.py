@@ -38,6 +38,10 @@ class Request:
         # Set only once a request is sent a second time (Sentinel's one retry):
         # never assigned in __init__, read with getattr(request, "retried", False).
         "retried",
+        # Set by the frontend for the requests it answers (never in __init__: the
+        # backends' own requests do without): the command's counters, and when it
+        # was read.
+        "counted", "arrived_at",
     )
 
     def __init__(self, raw: bytes, args: Optional[List[bytes]] = None) -> None:
