@@ -25,8 +25,6 @@ them in the order it sent the requests, whichever servers answered first.
 
 from __future__ import annotations
 
-import time
-from bisect import bisect_left
 from collections import deque
 from typing import Any, Optional
 
@@ -43,7 +41,7 @@ from twinproxy.protocols import Codec, ProtocolError
 from twinproxy.replybudget import ReplyBudget
 from twinproxy.request import FORWARD, FRAGMENT, Request
 from twinproxy.sockets import direct_socket
-from twinproxy.stats import LATENCY_BUCKETS, CommandCounters
+from twinproxy.stats import CommandCounters
 
 # After a protocol error the proxy goes on reading, and drops, what the
 # client is still sending, for this long and up to this many bytes: closing
@@ -81,9 +79,6 @@ class FrontendProtocol(Protocol):
         self._in_order: deque = deque()
         self._counters = factory.pool.counters
         self._commands = factory.pool.counters.commands
-        # Per-command latency: from the read that brought a request to its reply queued in order.
-        self._now = factory.clock.seconds if factory.clock is not None else time.time
-        self._read_at = 0.0
         self._error_starts = getattr(self._codec, "error_starts", frozenset())
         config = factory.pool.config
         self._max_pending = config.client_max_pending
@@ -225,7 +220,6 @@ class FrontendProtocol(Protocol):
             return
         parser = self._parser
         parser.feed(data)
-        self._read_at = self._now()
         dispatch = self._dispatch
         held = False
         budget = self._budget
@@ -306,8 +300,7 @@ class FrontendProtocol(Protocol):
         if counted is None:   # once per command name and pool
             counted = self._commands[name] = CommandCounters()
         counted.calls += 1
-        request.counted = counted
-        request.arrived_at = self._read_at
+        request.counted = counted   # the backend adds its latency, _flush its error reply
         if not request.quiet:
             self._in_order.append(request)
             self._pending_bytes += len(request.raw)
@@ -337,6 +330,7 @@ class FrontendProtocol(Protocol):
             fragment.client = self
             fragment.parent = request
             fragment.dialect = request.dialect
+            fragment.counted = request.counted
             server.send(fragment)
 
     def request_done(self, request: Request) -> None:
@@ -369,7 +363,7 @@ class FrontendProtocol(Protocol):
         """Queue every reply now at the head of the order; send them as one write."""
         in_order = self._in_order
         out = self._out
-        now = 0.0
+        error_starts = self._error_starts
         while in_order:
             head = in_order[0]
             reply = head.reply
@@ -377,18 +371,10 @@ class FrontendProtocol(Protocol):
                 break
             in_order.popleft()
             self._pending_bytes -= len(head.raw)
-            counted = head.counted
-            if counted is not None:
-                # The per-command counters of both protocols, here only: calls were
-                # counted at dispatch; the error replies and the latency at the reply.
-                if reply[:1] in self._error_starts and self._codec.is_error(reply):
-                    counted.errors += 1
-                if not now:
-                    now = self._now()
-                elapsed = now - head.arrived_at
-                latency = counted.latency
-                latency.counts[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
-                latency.total += elapsed
+            # Error replies per command, the server's and the proxy's, for both protocols
+            # (calls are counted at dispatch, latency by the backend).
+            if reply[:1] in error_starts and head.counted is not None and self._codec.is_error(reply):
+                head.counted.errors += 1
             if self.closed:
                 continue
             out.append(reply)

@@ -38,10 +38,9 @@ class Request:
         # Set only once a request is sent a second time (Sentinel's one retry):
         # never assigned in __init__, read with getattr(request, "retried", False).
         "retried",
-        # Set by the frontend for the requests it answers (never in __init__: the
-        # backends' own requests do without): the command's counters, and when it
-        # was read.
-        "counted", "arrived_at",
+        # The per-command counters (stats.CommandCounters) of a client's request and
+        # its fragments; None for the proxy's own requests (handshakes, probes).
+        "counted",
     )
 
     def __init__(self, raw: bytes, args: Optional[List[bytes]] = None) -> None:
@@ -66,6 +65,7 @@ class Request:
         # When set: the server's reply is every reply up to this one, which ends it (and is dropped).
         self.terminator: Optional[bytes] = None
         self.gathered: Optional[List[bytes]] = None
+        self.counted: Any = None
 
     def __repr__(self) -> str:
         return f"<Request {self.raw[:40]!r} reply={self.reply!r:.40}>"
