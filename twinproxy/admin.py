@@ -3,7 +3,9 @@
 Owns: :class:`StatsPortService` (a TCP listener that writes one JSON
 document and closes, as nutcracker's stats port does) and
 :class:`HttpService` (``/metrics`` in Prometheus text format, ``/stats``
-with the same JSON, ``/health``, and ``POST /reload``).  Both read the pools through a callable,
+with the same JSON, ``/health``, ``POST /reload``, and the web dashboard's
+page at ``/`` and ``/dashboard/`` with its ``/api/state``, ``/api/series``
+and ``/api/events``, whose documents ``webstate.py`` builds).  Both read the pools through a callable,
 so a later topology change needs nothing from them, and neither touches a
 counter: ``stats.py`` and ``metrics.py`` build what they serve.
 """
@@ -23,6 +25,8 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from twinproxy import metrics, stats
 from twinproxy.listeners import ListenError, bound_address, os_reason
+from twinproxy.web.resources import EventStream, PageFiles, json_body, series_answer
+from twinproxy.webstate import ProxyWebState
 
 _log = Logger()
 
@@ -209,8 +213,35 @@ class _QuietSite(Site):
         pass
 
 
+class _PageRoot(Resource):
+    """The root: its children (``/metrics``, ``/api`` ...) first, else the page's files (``/``, ``/app.js``)."""
+
+    def __init__(self, files: Resource) -> None:
+        super().__init__()
+        self._files = files
+
+    def getChild(self, path: bytes, request: Any) -> Resource:
+        # PageFiles reads the name from postpath: give it back the segment traversal took.
+        request.postpath.insert(0, request.prepath.pop())
+        return self._files
+
+
+class _Events(Resource):
+    isLeaf = True
+
+    def __init__(self, stream: EventStream) -> None:
+        super().__init__()
+        self._stream = stream
+
+    def render_GET(self, request: Any) -> Any:
+        return self._stream.render(request)
+
+
 class HttpService(_Listening):
-    """``/metrics``, ``/stats`` and ``/health`` over HTTP (twisted.web)."""
+    """``/metrics``, ``/stats``, ``/health``, ``POST /reload`` and the dashboard page over HTTP (twisted.web).
+
+    The dashboard's sampler (``web``) runs while the service does.
+    """
 
     def __init__(self, pools: PoolsSource, started: float, reactor: Any, interface: str, port: int,
                  counters: Any = None, reload: Optional[Callable[[], defer.Deferred]] = None) -> None:
@@ -220,6 +251,25 @@ class HttpService(_Listening):
         self._started = started
         self._counters = counters
         self._reload = reload
+        self.web = ProxyWebState(pools, started, reactor, counters)
+        self._events: Optional[EventStream] = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.web.start()
+
+    def stopService(self) -> defer.Deferred:
+        self.web.stop()
+        events, self._events = self._events, None
+        if events is not None:
+            events.close()   # every open stream ends; a restart makes a new one
+        return super().stopService()
+
+    def _state(self, request: Any) -> bytes:
+        return json_body(request, 200, self.web.document())
+
+    def _series(self, request: Any) -> bytes:
+        return series_answer(request, self.web.series, self._reactor.seconds(), self.web.period)
 
     def _metrics(self, request: Any) -> bytes:
         request.setHeader(b"content-type", metrics.CONTENT_TYPE.encode())
@@ -236,7 +286,16 @@ class HttpService(_Listening):
         return ("\n".join(lines) + "\n").encode()
 
     def factory(self) -> Factory:
-        root = Resource()
+        files = PageFiles()
+        root = _PageRoot(files)
+        root.putChild(b"dashboard", files)
+        api = Resource()
+        root.putChild(b"api", api)
+        api.putChild(b"state", Page(self._state))
+        api.putChild(b"series", Page(self._series))
+        if self._events is None:
+            self._events = EventStream(self.web.events, self._reactor)
+        api.putChild(b"events", _Events(self._events))
         root.putChild(b"metrics", Page(self._metrics))
         root.putChild(b"stats", Page(self._stats))
         root.putChild(b"health", Page(self._health))

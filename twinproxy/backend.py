@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import os
+from bisect import bisect_left
 from collections import deque
 from typing import Any, List, Optional
 
@@ -40,6 +41,7 @@ from twisted.python.failure import Failure
 from twinproxy.protocols import Codec, ProtocolError
 from twinproxy.request import Request
 from twinproxy.sockets import direct_socket, write_now
+from twinproxy.stats import LATENCY_BUCKETS
 
 TIMED_OUT = os.strerror(errno.ETIMEDOUT)
 # What ``link.intercept(request, how)`` is told about a failed request.
@@ -112,7 +114,7 @@ class BackendConnection(Protocol):
         self._timer: Any = None
         self._socket: Any = None
         self._counters = link.server.counters
-        self._latency = link.server.counters.latency
+        self._latency = link.server.counters.latency   # Histogram.observe in-line in _replies
         self._gated = gated
         self._ready = False    # connected and the gate open: writes go to the socket
         self.connected_at: Optional[float] = None
@@ -265,7 +267,8 @@ class BackendConnection(Protocol):
         awaiting = self._awaiting
         server = self.link.server
         counters = self._counters
-        observe = self._latency.observe
+        latency = self._latency
+        latency_counts = latency.counts
         intercept = self.link.intercept
         now = self._clock.seconds()
         while True:
@@ -291,7 +294,16 @@ class BackendConnection(Protocol):
                     continue
                 reply = b"".join(request.gathered)
             awaiting.popleft()
-            observe(now - request.sent_at)
+            # The server's latency and the command's (the same span), one bucket lookup for both.
+            elapsed = now - request.sent_at
+            bucket = bisect_left(LATENCY_BUCKETS, elapsed)
+            latency_counts[bucket] += 1
+            latency.total += elapsed
+            counted = request.counted
+            if counted is not None:
+                command_latency = counted.latency
+                command_latency.counts[bucket] += 1
+                command_latency.total += elapsed
             request.reply = reply
             if (intercept is None or reply[:1] != b"-" or request.owner.__class__ is _Handshake
                     or not intercept(request, ERROR_REPLY)):

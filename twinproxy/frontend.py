@@ -41,6 +41,7 @@ from twinproxy.protocols import Codec, ProtocolError
 from twinproxy.replybudget import ReplyBudget
 from twinproxy.request import FORWARD, FRAGMENT, Request
 from twinproxy.sockets import direct_socket
+from twinproxy.stats import CommandCounters
 
 # After a protocol error the proxy goes on reading, and drops, what the
 # client is still sending, for this long and up to this many bytes: closing
@@ -78,6 +79,7 @@ class FrontendProtocol(Protocol):
         self._in_order: deque = deque()
         self._counters = factory.pool.counters
         self._commands = factory.pool.counters.commands
+        self._error_starts = getattr(self._codec, "error_starts", frozenset())
         config = factory.pool.config
         self._max_pending = config.client_max_pending
         self._max_pending_bytes = config.client_max_pending_bytes
@@ -293,9 +295,12 @@ class FrontendProtocol(Protocol):
         request.client = self
         request.dialect = self.dialect
         self._codec.prepare(request, self)
-        commands = self._commands
         name = request.name
-        commands[name] = commands.get(name, 0) + 1
+        counted = self._commands.get(name)
+        if counted is None:   # once per command name and pool
+            counted = self._commands[name] = CommandCounters()
+        counted.calls += 1
+        request.counted = counted   # the backend adds its latency, _flush its error reply
         if not request.quiet:
             self._in_order.append(request)
             self._pending_bytes += len(request.raw)
@@ -325,6 +330,7 @@ class FrontendProtocol(Protocol):
             fragment.client = self
             fragment.parent = request
             fragment.dialect = request.dialect
+            fragment.counted = request.counted
             server.send(fragment)
 
     def request_done(self, request: Request) -> None:
@@ -357,15 +363,21 @@ class FrontendProtocol(Protocol):
         """Queue every reply now at the head of the order; send them as one write."""
         in_order = self._in_order
         out = self._out
+        error_starts = self._error_starts
         while in_order:
             head = in_order[0]
-            if head.reply is None:
+            reply = head.reply
+            if reply is None:
                 break
             in_order.popleft()
             self._pending_bytes -= len(head.raw)
+            # Error replies per command, the server's and the proxy's, for both protocols
+            # (calls are counted at dispatch, latency by the backend).
+            if reply[:1] in error_starts and head.counted is not None and self._codec.is_error(reply):
+                head.counted.errors += 1
             if self.closed:
                 continue
-            out.append(head.reply)
+            out.append(reply)
             if head.close_after:
                 in_order.clear()
                 self._close_when_sent = True
@@ -480,6 +492,7 @@ class FrontendProtocol(Protocol):
         """Answer a malformed request after everything before it, then close."""
         request = Request(b"")
         request.reply = self._codec.protocol_error_reply(err)
+        request.counted = None   # no command: counted as client_err
         request.close_after = True
         self._closing = True
         self._counters.client_err += 1

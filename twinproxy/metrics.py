@@ -84,8 +84,14 @@ class ProxyCollector:
         clients = GaugeMetricFamily("twinproxy_pool_client_connections", "Client connections open now",
                                     labels=pool_labels)
         live = GaugeMetricFamily("twinproxy_pool_live_servers", "Servers in the ring now", labels=pool_labels)
+        command_labels = ["pool", "command"]
         commands = CounterMetricFamily("twinproxy_pool_commands", "Requests received, by command",
-                                       labels=["pool", "command"])
+                                       labels=command_labels)
+        command_errors = CounterMetricFamily("twinproxy_pool_command_errors", "Error replies sent to clients "
+                                             "(the server's or the proxy's), by command", labels=command_labels)
+        command_latency = HistogramMetricFamily("twinproxy_pool_command_latency_seconds", "Time from a "
+                                                "request's arrival to its reply going to the client, by command",
+                                                labels=command_labels)
         pool_latency = HistogramMetricFamily("twinproxy_pool_request_latency_seconds", "Time from sending a "
                                              "request to a server to its reply, over the pool's servers",
                                              labels=pool_labels)
@@ -123,8 +129,11 @@ class ProxyCollector:
                 family.add_metric([name], getattr(counters, field))
             clients.add_metric([name], len(service.factory.clients))
             live.add_metric([name], len(pool.live_servers))
-            for command, count in sorted(counters.commands.items()):
-                commands.add_metric([name, command], count)
+            for command, counted in sorted(counters.commands.items()):
+                labels = [name, command]
+                commands.add_metric(labels, counted.calls)
+                command_errors.add_metric(labels, counted.errors)
+                command_latency.add_metric(labels, _buckets(counted.latency), counted.latency.total)
             histograms = []
             for link in service.links:
                 server = link.server
@@ -149,6 +158,8 @@ class ProxyCollector:
         yield clients
         yield live
         yield commands
+        yield command_errors
+        yield command_latency
         yield pool_latency
         yield from server_counters.values()
         yield from server_gauges.values()

@@ -100,6 +100,8 @@ class ServerPool:
         self._routes: Dict[bytes, Server] = {}
         self.unavailable = UnavailableServer("-", _not_wired)
         self.counters = PoolCounters()
+        # Told ``(kind, pool, server)`` of each ejection ("eject") and return to the ring ("restore").
+        self.health_listeners: List[Callable[[str, "ServerPool", Server], None]] = []
         # Cluster mode: the slot table's targets; ``reply_error(request, text)``
         # (set by the runtime, which knows the codec) answers for stand-ins.
         self.reply_error: Callable[..., None] = _not_wired_error
@@ -225,6 +227,7 @@ class ServerPool:
                 server.ejected_until = 0.0
                 self._log.info("pool {pool}: server {server} back in the ring after retry timeout",
                                pool=self.name, server=server.name)
+                self._tell("restore", server)
         live = [s for s in self.servers if not s.ejected_until]
         self._live = live
         self._routes = {}
@@ -273,6 +276,14 @@ class ServerPool:
                        "failures ({reason})", pool=self.name, server=server.name, seconds=retry,
                        limit=config.server_failure_limit, reason=reason or "error")
         self._rebuild()
+        self._tell("eject", server)
+
+    def _tell(self, kind: str, server: Server) -> None:
+        for listener in list(self.health_listeners):
+            try:
+                listener(kind, self, server)
+            except Exception:  # noqa: BLE001 - a listener's bug must not stop routing
+                self._log.failure("pool {pool}: health listener failed", pool=self.name)
 
     @property
     def healthy(self) -> bool:

@@ -60,6 +60,7 @@ class Reloader:
         self._reactor = reactor
         self._load = load or self._load_in_thread
         self._applied = list(applied)
+        self._outcomes: List[Callable[[ReloadResult], None]] = []
         self._running = False
         self._waiting: Optional[defer.Deferred] = None
 
@@ -72,6 +73,10 @@ class Reloader:
 
     def on_applied(self, callback: Callable[[], None]) -> None:
         self._applied.append(callback)
+
+    def on_outcome(self, callback: Callable[[ReloadResult], None]) -> None:
+        """Call ``callback(result)`` after every reload, applied or refused (the dashboard's events)."""
+        self._outcomes.append(callback)
 
     def reload(self) -> defer.Deferred:
         """Reload now, or once the reload under way is done; fires with a ReloadResult.
@@ -94,6 +99,12 @@ class Reloader:
 
     def _finished(self, result: Any) -> Any:
         self._running = False
+        if isinstance(result, ReloadResult):
+            for callback in self._outcomes:
+                try:
+                    callback(result)
+                except Exception:  # noqa: BLE001 - logged; the reload's outcome stands
+                    self._log.failure("after reload {generation}", generation=result.generation)
         waiting, self._waiting = self._waiting, None
         if waiting is not None:
             self._start().chainDeferred(waiting)

@@ -38,6 +38,9 @@ class Request:
         # Set only once a request is sent a second time (Sentinel's one retry):
         # never assigned in __init__, read with getattr(request, "retried", False).
         "retried",
+        # The per-command counters (stats.CommandCounters) of a client's request and
+        # its fragments; None for the proxy's own requests (handshakes, probes).
+        "counted",
     )
 
     def __init__(self, raw: bytes, args: Optional[List[bytes]] = None) -> None:
@@ -62,6 +65,7 @@ class Request:
         # When set: the server's reply is every reply up to this one, which ends it (and is dropped).
         self.terminator: Optional[bytes] = None
         self.gathered: Optional[List[bytes]] = None
+        self.counted: Any = None
 
     def __repr__(self) -> str:
         return f"<Request {self.raw[:40]!r} reply={self.reply!r:.40}>"

@@ -212,6 +212,11 @@ class PoolRuntime:
         drained.addBoth(done)
 
     @property
+    def retiring_links(self) -> List[ServerLink]:
+        """The links of removed servers whose connections are still answering (the dashboard's draining)."""
+        return list(self._retiring)
+
+    @property
     def retiring_count(self) -> int:
         """Removed servers whose connections are still answering."""
         return len(self._retiring)

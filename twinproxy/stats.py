@@ -62,6 +62,23 @@ class ServerCounters:
         self.latency = Histogram()
 
 
+class CommandCounters:
+    """One command's requests in one pool: calls, error replies the client got, and their latency.
+
+    ``latency`` runs from the request's dispatch (the read that brought it)
+    to its reply being queued for the client's socket, in order: what the
+    client waits, the proxy's time included.  The frontend bumps these
+    in-line (``FrontendProtocol._flush``) for both protocols.
+    """
+
+    __slots__ = ("calls", "errors", "latency")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.errors = 0
+        self.latency = Histogram()
+
+
 class PoolCounters:
     """What happened to one pool's clients and routing since start."""
 
@@ -75,7 +92,7 @@ class PoolCounters:
         self.forward_error = 0
         self.fragments = 0
         self.clients_accepted = 0
-        self.commands: Dict[str, int] = {}
+        self.commands: Dict[str, CommandCounters] = {}
         self.client_output_limit_closed = 0
 
 
@@ -91,6 +108,11 @@ TOP_FIELDS = (
     ("config_generation", "the pool file's configuration serving now: 1 at start, +1 per applied reload"),
     ("reloads", "reloads applied (SIGHUP, POST /reload)"),
     ("reload_failures", "reloads refused: the file did not validate or could not be applied; nothing changed"),
+    # lists, never mappings: tools that take every top-level mapping for a pool read the document as before
+    ("latency", "per server: [{pool, server, buckets}], buckets the cumulative counts of replies within each "
+     "latency bound (0.1 ms ... 5 s, then +Inf) from sending to the server to its reply"),
+    ("commands", "per command: [{pool, command, calls, errors, buckets}], errors the error replies clients got, "
+     "buckets cumulative as in latency, from the request's arrival to its reply going to the client"),
 )
 POOL_FIELDS = (
     ("client_eof", "client connections closed by the client"),
@@ -233,9 +255,65 @@ def snapshot(services: Sequence[Any], started: float, now: float, counters: Any 
         document["config_generation"] = counters.generation
         document["reloads"] = counters.reloads
         document["reload_failures"] = counters.reload_failures
+    document["latency"] = latency_rows(services)
+    document["commands"] = command_rows(services)
     for service in services:
         document[service.name] = pool_document(service)
     return document
+
+
+def cumulative(histogram: Histogram) -> List[int]:
+    """The histogram's counts as Prometheus's cumulative buckets: one per bound, then +Inf (the total)."""
+    total = 0
+    buckets = []
+    for count in histogram.counts:
+        total += count
+        buckets.append(total)
+    return buckets
+
+
+def latency_rows(services: Sequence[Any]) -> List[Dict[str, Any]]:
+    """The stats document's ``latency``: one row per (pool, server)."""
+    return [{"pool": service.name, "server": link.server.spec.stats_name,
+             "buckets": cumulative(link.server.counters.latency)}
+            for service in services for link in service.links]
+
+
+def command_rows(services: Sequence[Any]) -> List[Dict[str, Any]]:
+    """The stats document's ``commands``: one row per (pool, command), commands sorted by name."""
+    rows = []
+    for service in services:
+        for name, counted in sorted(service.pool.counters.commands.items()):
+            rows.append({"pool": service.name, "command": name, "calls": counted.calls,
+                         "errors": counted.errors, "buckets": cumulative(counted.latency)})
+    return rows
+
+
+# The top-level lists of rows, by what identifies a row; their other numbers are summed over workers.
+_ROW_KEYS = {"latency": ("pool", "server"), "commands": ("pool", "command")}
+
+
+def merge_rows(identity: Sequence[str], lists: Sequence[Any]) -> List[Dict[str, Any]]:
+    """Sum rows with the same identity over the workers' lists (numbers and bucket lists, element-wise)."""
+    merged: Dict[tuple, Dict[str, Any]] = {}
+    for rows in lists:
+        if not isinstance(rows, list):
+            continue
+        for row in rows:
+            key = tuple(row.get(name) for name in identity)
+            into = merged.get(key)
+            if into is None:
+                merged[key] = {k: (list(v) if isinstance(v, list) else v) for k, v in row.items()}
+                continue
+            for field, value in row.items():
+                if field in identity:
+                    continue
+                if isinstance(value, list) and isinstance(into.get(field), list) and \
+                        len(value) == len(into[field]):
+                    into[field] = [a + b for a, b in zip(into[field], value)]
+                elif isinstance(value, int) and isinstance(into.get(field), int):
+                    into[field] += value
+    return list(merged.values())
 
 
 def merged_latency(histograms: List[Histogram]) -> Histogram:
@@ -270,7 +348,9 @@ def merge_documents(documents: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     for key in keys:
         values = [d[key] for d in documents if key in d]
         first = values[0]
-        if isinstance(first, dict):
+        if key in _ROW_KEYS and isinstance(first, list):
+            merged[key] = merge_rows(_ROW_KEYS[key], values)
+        elif isinstance(first, dict):
             merged[key] = merge_documents([v for v in values if isinstance(v, dict)])
         elif key in _NOT_SUMMED or not isinstance(first, int):
             merged[key] = first

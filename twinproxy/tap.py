@@ -279,6 +279,7 @@ def build(options: Options, reactor: Any, log_control: Optional[LogControl] = No
             http = HttpService(current_pools, started, reactor, options["http-addr"], options["http-port"],
                                counters=proxy.counters, reload=reloader.reload)
             http.setServiceParent(top)
+            reloader.on_outcome(http.web.reload_done)   # SIGHUP's reloads too, in the dashboard's events
         hangup.append(lambda: reloader.reload().addErrback(_log_reload_error))
         if options["bound-addresses"]:
             bound = BoundAddressesService(options["bound-addresses"],

@@ -82,8 +82,17 @@ def test_stats_document_has_nutcrackers_shape_and_right_numbers(redis_servers, p
     doc = read_stats(stats_port.port_number)
     # Field by field against a document captured from nutcracker 0.5.0.
     assert list(doc)[:7] == list(SAMPLE)[:7]
+    # nutcracker's top-level fields keep their types; twinproxy's own rows are lists, never mappings,
+    # so tools that take every top-level mapping for a pool read the document as before.
+    own_rows = {"latency": list, "commands": list}
     assert {k: type(v) for k, v in doc.items() if not isinstance(v, dict)} == \
-        {k: type(v) for k, v in SAMPLE.items() if not isinstance(v, dict)}
+        {**{k: type(v) for k, v in SAMPLE.items() if not isinstance(v, dict)}, **own_rows}
+    assert [k for k, v in doc.items() if isinstance(v, dict)] == ["alpha"]
+    latency = {row["server"]: row["buckets"] for row in doc["latency"] if row["pool"] == "alpha"}
+    assert len(latency) == 2 and all(len(b) == 16 and b == sorted(b) for b in latency.values())
+    commands = {row["command"]: row for row in doc["commands"] if row["pool"] == "alpha"}
+    assert commands["set"]["calls"] == 25 and commands["set"]["errors"] == 0
+    assert commands["set"]["buckets"][-1] == 25 and commands["mget"]["buckets"][-1] == 2   # one per fragment
     pool = doc["alpha"]
     sample_pool = SAMPLE["alpha"]
     pool_fields = [k for k, v in sample_pool.items() if not isinstance(v, dict)]

@@ -76,6 +76,10 @@ class Codec(Protocol):
     """
 
     default_dialect: int
+    # The first bytes an error reply may start with (``is_error`` decides):
+    # the frontend's per-command error count tests this set first, so most
+    # replies cost no call.
+    error_starts: frozenset
 
     def request_parser(self) -> RequestParser: ...
 

@@ -55,6 +55,7 @@ class MemcacheCodec:
     """Codec for pools with ``redis: false``; one instance per pool."""
 
     default_dialect = 0
+    error_starts = frozenset((b"S", b"C", b"E"))   # SERVER_ERROR, CLIENT_ERROR, ERROR (and STORED, END...)
 
     def __init__(self, config: PoolConfig) -> None:
         self._config = config

@@ -101,6 +101,7 @@ class RedisCodec:
     """Codec for pools with ``redis: true``; one instance per pool."""
 
     default_dialect = 2
+    error_starts = frozenset((b"-", b"!"))
 
     def __init__(self, config: PoolConfig) -> None:
         self._config = config
