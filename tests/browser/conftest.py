@@ -79,6 +79,7 @@ class Page:
         self.driver = driver
         self.directory = directory
         self._allowed: List[re.Pattern] = []
+        self.finished: Optional[List[dict]] = None   # the console's SEVERE lines, once finish() ran
 
     def open(self, url: str) -> None:
         self.driver.get(url)
@@ -156,23 +157,40 @@ class Page:
             if full:
                 self.driver.set_window_size(size["width"], size["height"])
 
+    def finish(self) -> None:
+        """Once: the screenshot (page.png in the test's tmp dir), the console's errors, then about:blank so
+        that the page stops polling before the test's servers go away."""
+        if self.finished is not None:
+            return
+        try:
+            self.screenshot(self.directory / "page.png")
+        except Exception as err:  # noqa: BLE001 - a screenshot must not hide the test's own outcome
+            print(f"no screenshot: {err}")
+        self.finished = self.severe()
+        self.driver.get("about:blank")
+
     def severe(self) -> List[dict]:
         entries = self.driver.get_log("browser")
         return [e for e in entries if e.get("level") == "SEVERE"
                 and not any(p.search(e.get("message", "")) for p in self._allowed)]
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Right after the test body (before any fixture stops the servers the page polls): screenshot, console."""
+    yield
+    view = getattr(item, "funcargs", {}).get("page")
+    if isinstance(view, Page):
+        view.finish()
+
+
 @pytest.fixture
 def page(browser: Any, tmp_path: Path) -> Iterator[Page]:
-    """A fresh page (about:blank, console drained); after the test: a screenshot, then no SEVERE console line."""
+    """A fresh page (about:blank, console drained); after the test: a screenshot (page.png in the test's tmp
+    dir), then no SEVERE console line but those the test allowed."""
     browser.get("about:blank")
     browser.get_log("browser")
     view = Page(browser, tmp_path)
     yield view
-    try:
-        view.screenshot(tmp_path / "page.png")
-    except Exception as err:  # noqa: BLE001 - a screenshot must not hide the test's own outcome
-        print(f"no screenshot: {err}")
-    problems = view.severe()
-    browser.get("about:blank")
-    assert not problems, f"browser console errors: {problems}"
+    view.finish()
+    assert not view.finished, f"browser console errors: {view.finished}"

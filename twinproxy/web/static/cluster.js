@@ -39,7 +39,7 @@
       const migrating = runs.filter((r) => r.state === "migrating");
       TP.byTestId("slot-migrating").replaceChildren(...migrating.map((r) => TP.h("li", {
         "data-range": r.from + "-" + r.to, "data-target": r.target,
-        text: "slots " + r.from + "-" + r.to + ": group " + r.group + " → group " + r.target +
+        text: "slots " + r.from + "-" + r.to + " migrating to group " + r.target +
           (r.migration === null ? "" : " (migration " + r.migration + ")"),
       })));
     }
