@@ -220,17 +220,59 @@ def test_cancel_from_the_page_after_confirming(page, tmp_path, redis_servers, pr
                   and int(migration_row(page, 1).get_attribute("data-keys-moved")) > 0, 30, "the migration to move")
     page.wait_for(lambda d: page.find_all('[data-testid="slot-hatches"] rect'), what="the hatched range")
     page.screenshot(REPO / "docs" / "dashboard.png")
+    # The throttle, typed into the row: the row (and what is typed) survives the polls.
+    throttle = migration_row(page, 1).find_element("css selector", '[data-testid="migration-throttle"]')
+    throttle.send_keys("150")
+    page.wait_polls(2)
+    assert throttle.get_attribute("value") == "150"
+    migration_row(page, 1).find_element("css selector", '[data-testid="migration-throttle-set"]').click()
+    wait_until(lambda: dashboard.get("/api/migrations")["migrations"][0]["keys_per_second"] == 150,
+               what="the throttle to reach the dashboard")
+    assert page.posts() == 1
     migration_row(page, 1).find_element("css selector", '[data-testid="migration-cancel"]').click()
     confirm(page, ok=False)
-    assert page.posts() == 0 and migration_row(page, 1).get_attribute("data-state") == "migrating"
+    assert page.posts() == 1 and migration_row(page, 1).get_attribute("data-state") == "migrating"
     migration_row(page, 1).find_element("css selector", '[data-testid="migration-cancel"]').click()
     confirm(page, ok=True)
     page.wait_for(lambda d: migration_row(page, 1).get_attribute("data-state") == "cancelled", 60,
                   "the migration to be cancelled")
-    assert page.posts() == 1
+    assert page.posts() == 2
     page.wait_for(lambda d: page.find('rect[data-range="0-1023"]').get_attribute("data-group") == "1",
                   what="the slots back on group 1")
     assert [e["path"] for e in audits(dashboard) if e["path"].endswith("/cancel")] == ["/api/migrations/1/cancel"]
+
+
+@pytest.mark.timeout(120)
+def test_rebalance_preview_then_force_assign_behind_the_typed_name(page, tmp_path, redis_servers, processes) -> None:
+    dashboard = start_cluster(tmp_path, redis_servers(2), processes)
+    open_page(page, dashboard)
+    generation = dashboard.get("/api/state")["overview"]["generation"]
+    page.testid("rebalance-preview").click()
+    page.wait_for(lambda d: page.testid("rebalance-plan-box").is_displayed(), what="the rebalance plan")
+    plan = [li.get_attribute("data-range") for li in page.find_all('[data-testid="rebalance-plan"] li')]
+    assert plan == ["512-1023"] and page.posts() == 1
+    assert dashboard.get("/api/state")["overview"]["generation"] == generation     # a dry run changes nothing
+    page.testid("rebalance-discard").click()
+    # Force-assign: disabled until the cluster's name is typed; Cancel sends nothing, OK one request.
+    page.type_into("force-first", "0")
+    page.type_into("force-last", "9")
+    page.type_into("force-group", "2")
+    submit = page.testid("force-submit")
+    page.type_into("force-name", "sho")
+    assert not submit.is_enabled()
+    page.testid("force-name").send_keys("p")
+    page.wait_for(lambda d: submit.is_enabled(), what="force-assign enabled by the name")
+    submit.click()
+    confirm(page, ok=False)
+    assert page.posts() == 1
+    submit.click()
+    confirm(page, ok=True)
+    page.wait_for(lambda d: page.find('rect[data-range="0-9"]').get_attribute("data-group") == "2",
+                  what="slots 0-9 on group 2")
+    assert page.posts() == 2
+    sent = [(e["path"], e["body"]) for e in audits(dashboard) if e["path"] == "/api/slots/assign"]
+    assert sent[-1] == ("/api/slots/assign", {"first": 0, "last": 9, "group": 2, "force": True})
+    assert not submit.is_enabled()      # the name is asked again for the next one
 
 
 @pytest.mark.timeout(120)
