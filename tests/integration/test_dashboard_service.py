@@ -204,7 +204,7 @@ def test_writes_refused_without_the_token(dashboards):
     assert (done.returncode, done.stderr) == (1, "twinproxy-admin: wrong token: it is not the content of the "
                                                  "dashboard's --token-file\n")
     assert admin(dashboard, "status").returncode == 0
-    assert "refused (401)" in dashboard.output() and "refused (403)" in dashboard.output()
+    assert "refused (403): writes need" in dashboard.output() and "refused (403): wrong token" in dashboard.output()
 
     # The real Site's own answers: unknown path, wrong method, bad JSON, a body over the limit.
     assert http(dashboard.address, "GET", "/api/nothing")[0] == 404

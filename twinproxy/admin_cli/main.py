@@ -274,7 +274,7 @@ def main(argv: Optional[List[str]] = None, out: Any = None, err: Any = None) -> 
         if args.json:   # the API's error object, for scripts; the reason goes to stderr all the same
             out.write(json.dumps(refused.body, indent=2) + "\n")
         lines = render.error_lines(refused)
-        if refused.status == 401 and token is None:
+        if refused.status in (401, 403) and token is None:   # 403 since the web dashboard; 401 before
             lines[0] += " (give --token-file FILE)"
         for line in lines:
             print(f"{PROG}: {line}", file=err)

@@ -419,6 +419,16 @@ def cancel(topology: Topology, mid: int) -> Topology:
                                     warmup_left=None), (m.to_group, "held"))
 
 
+def throttle(topology: Topology, mid: int, keys_per_second: Optional[int]) -> Topology:
+    """Change a Redis migration's sweep rate (None: no limit); 409 once it has ended, 400 for a memcache one."""
+    m = _find(topology, mid)
+    if m.ended:
+        raise TopologyError(f"migration {m.describe()} has ended ({m.state}): nothing to throttle", 409)
+    if m.warms:
+        raise TopologyError(f"migration {m.describe()} warms up a memcache range: it has no sweep to throttle")
+    return _write(topology, replace(m, keys_per_second=check_rate(keys_per_second)))
+
+
 def fail(topology: Topology, mid: int, reason: str) -> Topology:
     """A pending or prepared migration ends failed (its hold released at the source); 409 otherwise."""
     m = _find(topology, mid)
@@ -439,4 +449,4 @@ def unprepare(topology: Topology, mid: int, reason: str) -> Topology:
 
 __all__ = ["ACTIVE", "DEFAULT_WARMUP", "ENDED", "KEEP_ENDED", "MIGRATION_STATES", "Migration", "advance", "cancel",
            "check_migrations", "check_parallel", "check_rate", "check_warmup", "create", "fail", "parse_migrations",
-           "startable", "time_warmup", "unprepare"]
+           "startable", "throttle", "time_warmup", "unprepare"]

@@ -1,13 +1,13 @@
 """The dashboard's HTTP JSON API (contract §5): routing, bodies, the write token, error answers.
 
 Owns :func:`make_site` (the twisted.web Site: ``/api/...``, ``/metrics``
-and ``/``, kept for the web UI), :class:`ApiState` (what the API answers
+and ``/``, the web page: docs/web-dashboard.md), :class:`ApiState` (what the API answers
 from: the controller once it has started, else why not) and the request
 side of every write: the bearer-token check (``hmac.compare_digest``), the
 JSON body (at most :data:`MAX_BODY` bytes, an object with exactly the
 documented fields, each checked with the topology model's own rules) and
 the answer: 200 ``{"ok": true, "generation": N, ...}`` or
-``{"error": "<one line>", ...}`` with 400/401/403/404/405/409/413/5xx.
+``{"error": "<one line>", ...}`` with 400/403/404/405/409/413/5xx.
 What an operation does is the controller's; a refusal the API makes itself
 (token, body, route) is logged here, one line per failed write, while the
 controller logs the failures of the operations it runs.  Nothing here
@@ -61,6 +61,8 @@ class ApiState:
         self.controller: Any = None
         self.ready = False
         self.reason = "the dashboard is starting"
+        # Told of every write request and its outcome: (method, path, client, body, status, error).
+        self.audit: Optional[Callable[..., None]] = None
 
     def live(self) -> Any:
         """The started controller, or ApiError 503 saying why there is none."""
@@ -147,6 +149,8 @@ _FIELDS: Dict[str, Dict[str, Tuple[bool, Callable[[Any], Any]]]] = {
                 "keys_per_second": (False, check_rate), "parallel": (False, check_parallel),
                 "warmup_seconds": (False, check_warmup)},
     "migration_action": {},
+    "remove_proxy": {"force": (False, _flag)},
+    "throttle": {"keys_per_second": (True, check_rate)},
 }
 
 
@@ -243,6 +247,12 @@ ROUTES: List[Tuple[Tuple[str, ...], Dict[str, str]]] = [
     (("migrations", "{id}", "pause"), {"POST": "pause"}),
     (("migrations", "{id}", "resume"), {"POST": "resume"}),
     (("migrations", "{id}", "cancel"), {"POST": "cancel"}),
+    (("migrations", "{id}", "throttle"), {"POST": "throttle"}),
+    # POST forms of the removals, for the web page (docs/web-dashboard.md).
+    (("groups", "{gid}", "remove"), {"POST": "remove_group_post"}),
+    (("groups", "{gid}", "servers", "{addr}", "remove"), {"POST": "remove_server_post"}),
+    (("proxies", "{id}", "remove"), {"POST": "remove_proxy_post"}),
+    (("sentinels", "{addr}", "remove"), {"POST": "remove_sentinel_post"}),
 ]
 
 
@@ -362,21 +372,49 @@ class _Handlers:
     def cancel(self, request: Any, mid: str) -> Any:
         return self._migration_action(request, "cancel", mid)
 
+    def throttle(self, request: Any, mid: str) -> Any:
+        query_args(request, ())
+        rate = body_fields(request, "throttle")["keys_per_second"]
+        return self.state.live().migrator.throttle(path_migration(mid), rate)
+
+    def _no_body(self, request: Any) -> None:
+        body_fields(request, "migration_action")
+        query_args(request, ())
+
+    def remove_group_post(self, request: Any, gid: str) -> Any:
+        self._no_body(request)
+        return self.remove_group(request, gid)
+
+    def remove_server_post(self, request: Any, gid: str, addr: str) -> Any:
+        self._no_body(request)
+        return self.remove_server(request, gid, addr)
+
+    def remove_proxy_post(self, request: Any, proxy_id: str) -> Any:
+        query_args(request, ())
+        force = body_fields(request, "remove_proxy").get("force", False)
+        if not proxy_id:
+            raise ApiError(400, "the proxy id in the path is empty")
+        return self.state.live().remove_proxy(proxy_id, force)
+
+    def remove_sentinel_post(self, request: Any, addr: str) -> Any:
+        self._no_body(request)
+        return self.remove_sentinel(request, addr)
+
 
 def check_token(request: Any, token: Optional[bytes]) -> None:
-    """ApiError 403 without a token file or for a wrong token, 401 without a bearer token."""
+    """ApiError 403 without a token file, without a bearer token (with the challenge) or for a wrong one."""
     if token is None:
         raise ApiError(403, NO_TOKEN)
     challenge = {"WWW-Authenticate": 'Bearer realm="twinproxy-dashboard"'}
     header = request.getHeader(b"authorization")
     if header is None:
-        raise ApiError(401, "writes need 'Authorization: Bearer <token>', the token being the content of the "
+        raise ApiError(403, "writes need 'Authorization: Bearer <token>', the token being the content of the "
                        "dashboard's --token-file", challenge)
     if isinstance(header, str):
         header = header.encode("latin-1", "replace")
     scheme, _, given = header.strip().partition(b" ")
     if scheme.lower() != b"bearer" or not given.strip():
-        raise ApiError(401, "the Authorization header must be 'Bearer <token>'", challenge)
+        raise ApiError(403, "the Authorization header must be 'Bearer <token>'", challenge)
     if not hmac.compare_digest(given.strip(), token):
         raise ApiError(403, "wrong token: it is not the content of the dashboard's --token-file")
 
@@ -413,19 +451,34 @@ class ApiResource(Resource):
                 _log.warn("cluster {cluster}: {request} from {client} refused ({status}): {reason}",
                           cluster=self.state.cluster, request=shown, client=_client(request), status=err.status,
                           reason=err.message)
+            self._audit(request, write, err.status, err.message)
             return _answer(request, err.status, {"error": err.message}, err.headers)
         except Exception as err:  # noqa: BLE001 - OperationError from a read, or a bug: answered all the same
-            return _answer(request, *_failure_answer(Failure(err), shown, logged=False))
+            status, document = _failure_answer(Failure(err), shown, logged=False)
+            self._audit(request, write, status, document.get("error"))
+            return _answer(request, status, document)
         if not hasattr(result, "addCallbacks"):
+            self._audit(request, write, 200, None)
             return _answer(request, 200, result)
-        return _deferred_answer(request, result, shown, self.state.cluster)
+        return _deferred_answer(request, result, shown, self.state.cluster,
+                                lambda status, error: self._audit(request, write, status, error))
+
+    def _audit(self, request: Any, write: bool, status: int, error: Optional[str]) -> None:
+        if write and self.state.audit is not None:
+            try:
+                self.state.audit(_text(request.method).upper(), _text(getattr(request, "path", b"/api")),
+                                 _client(request), request, status, error)
+            except Exception:  # noqa: BLE001 - the audit trail's bug must not change the answer
+                _log.failure("the audit of a write failed")
 
 
-def _deferred_answer(request: Any, result: Any, shown: str, cluster: str) -> Any:
+def _deferred_answer(request: Any, result: Any, shown: str, cluster: str,
+                     audit: Callable[[int, Optional[str]], None]) -> Any:
     gone: List[Any] = []
     request.notifyFinish().addErrback(gone.append)   # the client hung up: the operation goes on
 
     def send(status: int, document: Dict[str, Any]) -> None:
+        audit(status, document.get("error") if status >= 400 and isinstance(document, dict) else None)
         if not gone:
             request.write(_answer(request, status, document))
             request.finish()
@@ -486,29 +539,34 @@ def _client(request: Any) -> str:
 
 
 class _Root(Resource):
-    """``/``: kept for the web UI (a later issue); until then it points at the API."""
+    """``/``: the web page (``/``, ``/dashboard/`` and the page's assets), ``/api/...``, ``/metrics``."""
 
-    def __init__(self, state: ApiState) -> None:
+    def __init__(self, page: Resource) -> None:
         super().__init__()
-        self.state = state
+        self.page = page
 
     def getChild(self, path: bytes, request: Any) -> Resource:
-        if path == b"":
-            return self
-        return _NotFound()
-
-    def render_GET(self, request: Any) -> bytes:
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return (f"twinproxy dashboard of cluster '{self.state.cluster}'. The web UI is not built yet; the JSON API "
-                "is at /api/status (twinproxy-admin drives it), metrics at /metrics.\n").encode()
+        if path != b"dashboard":
+            request.postpath.insert(0, path)     # the page's file is named by this segment
+        return self.page
 
 
-class _NotFound(Resource):
-    isLeaf = True
+class _Api(Resource):
+    """``/api/``: the web page's documents (``web``: state, series, events) before the JSON API's routes."""
 
-    def render(self, request: Any) -> bytes:
-        path = _text(getattr(request, "path", b""))
-        return _answer(request, 404, {"error": f"no such path {path!r} (the API is under /api/)"})
+    def __init__(self, api: Resource, web: Dict[bytes, Resource]) -> None:
+        super().__init__()
+        self.api = api
+        self.web = web
+
+    def getChild(self, path: bytes, request: Any) -> Resource:
+        if path in self.web and not request.postpath:
+            return self.web[path]
+        request.postpath.insert(0, path)
+        return self.api
+
+    def render(self, request: Any) -> Any:
+        return self.api.render(request)
 
 
 class DashboardSite(Site):
@@ -525,10 +583,13 @@ class DashboardSite(Site):
 
 
 def make_site(state: ApiState, metrics: Optional[Callable[[], bytes]] = None,
-              metrics_type: str = "text/plain; version=0.0.4; charset=utf-8") -> DashboardSite:
-    """The dashboard's Site: ``/api/...`` from ``state``, ``/metrics`` from ``metrics()``, ``/``."""
-    root = _Root(state)
-    root.putChild(b"api", ApiResource(state))
+              metrics_type: str = "text/plain; version=0.0.4; charset=utf-8",
+              web: Optional[Dict[bytes, Resource]] = None) -> DashboardSite:
+    """The dashboard's Site: ``/api/...`` from ``state`` (and ``web``), ``/metrics`` from ``metrics()``, ``/``."""
+    from twinproxy.web.resources import PageFiles
+
+    root = _Root(PageFiles())
+    root.putChild(b"api", _Api(ApiResource(state), web or {}))
     if metrics is not None:
         def page(request: Any) -> bytes:
             request.setHeader(b"content-type", metrics_type.encode())

@@ -128,7 +128,9 @@ class Controller:
         self.topology_path = topology_path(cluster)
         self.proxies_path = proxies_path(cluster)
         self.dashboard = {"addr": addr, "pid": os.getpid(), "host": socket.gethostname(), "start": time.time()}
-        self.topology: Optional[Topology] = None
+        self._topology: Optional[Topology] = None
+        # Called with (before, after) whenever another topology document is taken (the web dashboard's events).
+        self.topology_listeners: List[Callable[[Optional[Topology], Topology], None]] = []
         self._version: Optional[int] = None
         self.acks = ProxyAcks(reactor)
         self.admin = ServerAdmin(reactor, command_timeout)
@@ -141,6 +143,20 @@ class Controller:
         self._watches: List[Any] = []
         self._started = False
         self.busy: Optional[str] = None
+
+    @property
+    def topology(self) -> Optional[Topology]:
+        return self._topology
+
+    @topology.setter
+    def topology(self, new: Optional[Topology]) -> None:
+        before, self._topology = self._topology, new
+        if new is not None and new is not before:
+            for listener in list(self.topology_listeners):
+                try:
+                    listener(before, new)
+                except Exception:  # noqa: BLE001 - a listener's bug must not break a topology write
+                    self._log.failure("topology listener failed")
 
     # -- life ------------------------------------------------------------------
 

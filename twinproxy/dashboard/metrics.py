@@ -171,6 +171,7 @@ class StatsPoller:
         self._proxies = proxies
         self.period = period
         self.documents: Dict[str, Dict[str, Any]] = {}   # proxy id -> its last good document
+        self.received: Dict[str, float] = {}             # proxy id -> when that document came (reactor seconds)
         self.up: Dict[str, bool] = {}                    # proxy id -> did its last fetch work
         self.failures: Dict[str, int] = {}
         self._busy: Dict[str, Any] = {}
@@ -203,6 +204,7 @@ class StatsPoller:
         for gone in set(self.documents) | set(self.up) | set(self.failures):
             if gone not in proxies:
                 self.documents.pop(gone, None)
+                self.received.pop(gone, None)
                 self.up.pop(gone, None)
                 self.failures.pop(gone, None)
                 self._problems.pop(gone, None)
@@ -232,6 +234,7 @@ class StatsPoller:
     def _result(self, proxy_id: str, document: Optional[Dict[str, Any]], problem: Optional[str]) -> None:
         if document is not None:
             self.documents[proxy_id] = document
+            self.received[proxy_id] = self._reactor.seconds()
             self.up[proxy_id] = True
             if self._problems.pop(proxy_id, None) is not None:
                 self._log.info("proxy {proxy}: its stats port answers again", proxy=proxy_id)

@@ -82,6 +82,8 @@ class Migrations:
         # The lock was not held for a while: someone else may have moved a migration on, so nothing
         # moves until the topology has been read again (by the controller, or by a runner).
         self.unsure = False
+        # Called with (migration id, paused) on each pause / resume (the web dashboard's events).
+        self.pause_listeners: List[Callable[[int, bool], None]] = []
 
     # -- life --------------------------------------------------------------------
 
@@ -236,9 +238,30 @@ class Migrations:
                     (runner.sweep.pause if paused else runner.sweep.resume)()
                 runner.wake()
         self.book.write()
+        for m in chosen:
+            for listener in list(self.pause_listeners):
+                listener(m.id, paused)
         key = "paused" if paused else "resumed"
         return self.ctl.ok(self.ctl.current(), **{key: [m.id for m in chosen],
                                                   "migrations": [self.merged(m) for m in chosen]})
+
+    @defer.inlineCallbacks
+    def throttle(self, mid: int, keys_per_second: Optional[int]) -> Any:
+        """Change migration ``mid``'s rate: written in its topology entry (a restarted dashboard keeps it),
+        and given to its sweep at once."""
+        ctl = self.ctl
+        ctl.check_writable()
+        self._chosen(mid, "throttle")
+        ctl.dry(lambda: migrations.throttle(ctl.current(), mid, keys_per_second))
+        yield self.idle(lambda: False, timeout=ctl.ack_timeout * 2 + 5)
+        rate = "no limit" if keys_per_second is None else f"{keys_per_second} keys/s"
+        new = yield ctl._operation(f"throttle migration {mid} to {rate}", ctl.commit,
+                                   lambda t: migrations.throttle(t, mid, keys_per_second),
+                                   f"migration {mid} throttled to {rate}")
+        runner = self.runners.get(mid)
+        if runner is not None and runner.sweep is not None:
+            runner.sweep.set_rate(keys_per_second)
+        return ctl.ok(new, migration=self.merged(new.migration(mid)))
 
     @defer.inlineCallbacks
     def cancel(self, mid: Optional[int]) -> Any:

@@ -104,7 +104,8 @@ class Sweep:
         self.progress = progress
         self.parallel = parallel or 1
         self.throttle = Throttle(reactor, keys_per_second)
-        self.batch = min(BATCH, max(1, keys_per_second // 10)) if keys_per_second else BATCH
+        self.batch = BATCH
+        self.set_rate(keys_per_second)
         self._may_go = may_go or (lambda: True)
         self._timeout_ms = timeout_ms
         # Pipelined batches wait for the ones before them: the deadline covers them all.
@@ -138,6 +139,12 @@ class Sweep:
 
     def _in_range(self, key: bytes) -> bool:
         return self.first <= slot_of(key) <= self.last
+
+    def set_rate(self, keys_per_second: Optional[int]) -> None:
+        """At most ``keys_per_second`` keys a second from the next batch on (None: no limit)."""
+        self.throttle.rate = keys_per_second
+        self.throttle._next = 0.0
+        self.batch = min(BATCH, max(1, keys_per_second // 10)) if keys_per_second else BATCH
 
     @defer.inlineCallbacks
     def run(self) -> Any:

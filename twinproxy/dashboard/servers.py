@@ -297,7 +297,7 @@ class HealthPoller:
         self._addresses = addresses
         self._timeout = timeout
         self._period = period
-        self._on_change = on_change
+        self.on_change = on_change      # (address, Health) on a change of up or role
         self._admin = ServerAdmin(reactor, timeout)
         self._polling: Dict[str, defer.Deferred] = {}
         self._loop: Optional[LoopingCall] = None
@@ -364,8 +364,8 @@ class HealthPoller:
                 self._log.info("server {server}: {state}", server=address,
                                state=("up as " + (health.role or "server")) if health.up
                                else f"down ({health.error})")
-            if self._on_change is not None:
-                self._on_change(address, health)
+            if self.on_change is not None:
+                self.on_change(address, health)
 
 
 @defer.inlineCallbacks

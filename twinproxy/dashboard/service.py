@@ -6,7 +6,7 @@ cluster name, ``--listen``, the token file) and :class:`DashboardService`,
 which starts, in this order: the coordinator session; the HTTP listener
 (first, so the lock document names the address really bound); the
 controller, which takes the cluster's lock; the stats poller of
-``/metrics``.  Until the controller has started the API answers 503 with
+``/metrics`` and the web page's sampler (webstate.py).  Until the controller has started the API answers 503 with
 the reason (waiting for the lock, ...).  A start that fails calls
 ``on_failure`` with one line (the lock held by another dashboard, the
 coordinator unreachable, the address in use, ...) and undoes what it
@@ -29,6 +29,8 @@ from twinproxy.cluster.model import CLUSTER_NAME, PROTOCOLS
 from twinproxy.cluster.paths import dashboard_path
 from twinproxy.dashboard.api import ApiState, make_site
 from twinproxy.dashboard.metrics import CONTENT_TYPE, StatsPoller, render
+from twinproxy.dashboard.sampler import PERIOD as WEB_PERIOD
+from twinproxy.dashboard.webstate import WebState
 
 DEFAULT_LISTEN = "127.0.0.1:18080"
 DEFAULT_BIG_KEY_BYTES = 4 * 1024 * 1024      # the same as twinproxy.dashboard.bigkeys (a test says so)
@@ -127,7 +129,12 @@ class DashboardService(MultiService):
         self.coordinator: Any = None
         self.controller: Any = None
         self.port: Any = None
-        self.poller = StatsPoller(reactor, self._proxies)
+        # Once a second: the web page's rates are the difference of two documents of each proxy.
+        self.poller = StatsPoller(reactor, self._proxies, period=WEB_PERIOD)
+        self.web = WebState(settings.cluster, settings.protocol, reactor, self.poller, self._proxies,
+                            admin=settings.token is not None)
+        self.web.reason = lambda: self.state.reason
+        self.state.audit = self.web.record
         self.started: Optional[defer.Deferred] = None
         self._stopping = False
 
@@ -179,6 +186,7 @@ class DashboardService(MultiService):
         self._still_starting()
         self.state.ready = True
         self.poller.start()
+        self.web.start(self.controller, self.coordinator)
         self._log.info("cluster {cluster}: dashboard serving on http://{address}/ (coordinator {url}; writes "
                        "{writes})", cluster=settings.cluster, address=address, url=self.coordinator.url,
                        writes="need the token" if settings.token is not None else "disabled: no --token-file")
@@ -191,7 +199,7 @@ class DashboardService(MultiService):
     @defer.inlineCallbacks
     def _listen(self) -> Any:
         host, port = self.settings.listen
-        site = make_site(self.state, self._metrics, CONTENT_TYPE)
+        site = make_site(self.state, self._metrics, CONTENT_TYPE, self.web.resources(lambda: self.state.ready))
         try:
             self.port = self._reactor.listenTCP(port, site, interface=host)
         except CannotListenError as err:
@@ -258,6 +266,7 @@ class DashboardService(MultiService):
         self.state.reason = "the dashboard is stopping"
         yield defer.maybeDeferred(super().stopService)
         self.poller.stop()
+        self.web.stop()
         port, self.port = self.port, None
         if port is not None:
             yield defer.maybeDeferred(port.stopListening).addErrback(self._log_stop, "stop listening")

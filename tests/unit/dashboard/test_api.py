@@ -120,7 +120,7 @@ def test_read_errors(api):
     assert status == 400 and "frist" in body["error"]
     status, body = answer(request(root, "GET", "/api/nothing"))
     assert status == 404 and "/api/nothing" in body["error"]
-    assert answer(request(root, "GET", "/nothing"))[0] == 404
+    assert request(root, "GET", "/nothing").responseCode == 404                # the page has no such file
 
 
 def test_not_ready_is_503_with_the_reason(api):
@@ -148,7 +148,7 @@ def test_writes_need_the_bearer_token(api):
     _, controller, root = api
     req = request(root, "POST", "/api/groups", {"id": 1}, token=None)
     status, body = answer(req)
-    assert status == 401 and "Bearer" in body["error"]
+    assert status == 403 and "Bearer" in body["error"]
     assert req.responseHeaders.getRawHeaders(b"www-authenticate")
     status, body = answer(request(root, "POST", "/api/groups", {"id": 1}, token=b"guess"))
     assert status == 403 and "wrong token" in body["error"]
@@ -158,7 +158,7 @@ def test_writes_need_the_bearer_token(api):
     req_basic.content = io.BytesIO(b'{"id": 1}')
     req_basic.requestHeaders.setRawHeaders(b"authorization", [b"Basic " + TOKEN])
     req_basic.render(getChildForRequest(root, req_basic))
-    assert answer(req)[0] == 401 and answer(req_basic)[0] == 401
+    assert answer(req)[0] == 403 and answer(req_basic)[0] == 403
     assert controller.calls == []                                           # nothing reached the controller
 
 
@@ -290,9 +290,10 @@ def test_metrics_and_the_root(api):
     req.render(getChildForRequest(root, req))
     assert b"".join(req.written) == b"metric 1\n"
     assert req.responseHeaders.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
-    req = DummyRequest([b""])
-    req.render(getChildForRequest(root, req))
-    assert b"/api/status" in b"".join(req.written)
+    for path in ([b""], [b"dashboard", b""]):
+        req = DummyRequest(path)
+        req.render(getChildForRequest(root, req))
+        assert b"app.js?v=" in b"".join(req.written)                     # the web page
 
 
 def test_one_log_line_per_failed_write(api):
@@ -309,5 +310,5 @@ def test_one_log_line_per_failed_write(api):
     finally:
         globalLogPublisher.removeObserver(observer)
     mine = [event for event in events if event.get("log_namespace") == "twinproxy.dashboard.api"]
-    assert [(event["status"], event["request"]) for event in mine] == [(401, "POST /api/groups"),
+    assert [(event["status"], event["request"]) for event in mine] == [(403, "POST /api/groups"),
                                                                         (400, "POST /api/groups")]

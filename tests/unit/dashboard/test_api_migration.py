@@ -110,7 +110,7 @@ def test_bad_requests_are_400(api, path, body, words):
 
 def test_writes_need_the_token_and_refusals_keep_their_status(api):
     controller, root = api
-    assert answer(request(root, "POST", "/api/migrations/pause", token=None))[0] == 401
+    assert answer(request(root, "POST", "/api/migrations/pause", token=None))[0] == 403
     assert answer(request(root, "POST", "/api/slots/migrate", {"first": 0, "last": 1, "group": 2},
                           token=b"guess"))[0] == 403
     assert answer(request(root, "GET", "/api/migrations", token=None))[0] == 200      # a read
