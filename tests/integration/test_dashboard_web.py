@@ -191,3 +191,38 @@ def test_throttle_changes_a_running_migrations_rate(tmp_path, redis_servers, pro
     assert any("running" in text for _, text in kinds) and any("finished" in text for _, text in kinds)
     assert any(e["kind"] == "audit" and e["path"].endswith("/throttle") and e["status"] == 200
                for e in events(dashboard))
+
+
+def test_state_shows_what_sentinel_names_for_each_group(tmp_path, redis_servers, processes) -> None:
+    from tests.sentinel_servers import SentinelServer
+
+    one, two = redis_servers(2)
+    url = f"file://{tmp_path / 'coordinator'}"
+    dashboard = Dashboard(tmp_path / "dashboard", url, "shop").start()
+    processes.append(dashboard)
+    sentinel = SentinelServer(tmp_path / "sentinel", masters=[]).start()
+    processes.append(sentinel)
+    for command in (("group", "add", "1"), ("server", "add", "1", one.address), ("group", "add", "2"),
+                    ("server", "add", "2", two.address), ("slots", "assign", "0-1023", "1"),
+                    ("sentinel", "add", sentinel.address)):
+        admin_ok(dashboard, *command)
+
+    def group(document: Dict[str, Any], gid: int) -> Dict[str, Any]:
+        return next(g for g in document["groups"] if g["id"] == gid)
+
+    wait_until(lambda: group(state(dashboard), 1)["sentinel"] == {"master": one.address, "epoch": 0,
+                                                                   "agrees": True}
+               and group(state(dashboard), 2)["sentinel"] == {"master": two.address, "epoch": 0, "agrees": True},
+               timeout=20, what="the sentinel's masters in the state document")
+    assert not [a for a in state(dashboard)["alerts"] if a["kind"] == "sentinel"]
+
+    # Sentinel is told another master for group 1 behind the dashboard's back: an alert and a switch-master event.
+    sentinel.call("SENTINEL", "REMOVE", "shop-1")
+    sentinel.call("SENTINEL", "MONITOR", "shop-1", LOOPBACK, two.port, 1)
+    wait_until(lambda: group(state(dashboard), 1)["sentinel"]["master"] == two.address, timeout=20,
+               what="the sentinel's new master for group 1")
+    document = state(dashboard)
+    assert group(document, 1)["sentinel"]["agrees"] is False
+    assert any(a["kind"] == "sentinel" and a["subject"] == "group 1" for a in document["alerts"]), document["alerts"]
+    switched = [e for e in events(dashboard) if e["kind"] == "switch-master" and e.get("source") == "sentinel"]
+    assert switched and switched[-1]["old"] == one.address and switched[-1]["new"] == two.address, switched

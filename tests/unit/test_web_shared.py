@@ -111,3 +111,40 @@ def test_series_answer_bounds_the_window() -> None:
     request = _request(b"", {b"seconds": [b"nonsense"]})
     document = json.loads(series_answer(request, series, 10.0, 1.0))
     assert document["points"][0]["ops_per_second"] == 5.0
+
+
+def test_event_stream_a_failing_write_ends_that_stream_only_and_the_heartbeat_goes_on() -> None:
+    clock = Clock()
+    log = EventLog(clock.seconds)
+    stream = EventStream(log, clock)
+    broken, good = _request(b""), _request(b"")
+    stream.render(broken)
+    stream.render(good)
+
+    def gone(data: bytes) -> None:
+        raise RuntimeError("Request.write called on a request after Request.finish was called.")
+    broken.write = gone
+    clock.advance(15)
+    assert good.written[-1] == b": keep-alive\n\n"
+    log.add("audit", "a", "after")
+    assert b"after" in good.written[-1]
+    clock.advance(15)
+    assert good.written[-1] == b": keep-alive\n\n" and stream._heartbeat.running
+    broken.finish = lambda: (_ for _ in ()).throw(RuntimeError("finished"))
+    stream.close()
+    assert good.finished
+
+
+def test_event_stream_refuses_beyond_max_streams() -> None:
+    from twinproxy.web import resources
+
+    clock = Clock()
+    stream = EventStream(EventLog(clock.seconds), clock)
+    for _ in range(resources.MAX_STREAMS):
+        stream.render(_request(b""))
+    request = _request(b"")
+    body = stream.render(request)
+    assert request.responseCode == 503 and b"format=json" in body
+    # The JSON fallback still answers.
+    assert json.loads(stream.render(_request(b"", {b"format": [b"json"]})))["events"] == []
+    stream.close()

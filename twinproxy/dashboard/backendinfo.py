@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterable, Optional
 from twisted.internet import defer
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twinproxy.dashboard.servers import ServerAdmin, ServerError, split_address, with_deadline
@@ -142,6 +143,8 @@ def memcache_stats(reactor: Any, address: str, timeout: float) -> defer.Deferred
 class BackendPoller:
     """``info[addr]``: the latest backend object of every address ``addresses()`` names."""
 
+    _log = Logger()
+
     def __init__(self, reactor: Any, protocol: str, addresses: Callable[[], Iterable[str]], timeout: float,
                  period: float = PERIOD) -> None:
         self._reactor = reactor
@@ -157,7 +160,7 @@ class BackendPoller:
 
     def start(self) -> None:
         self._stopped = False
-        self._loop = LoopingCall(self.poll)
+        self._loop = LoopingCall(self._tick)
         self._loop.clock = self._reactor
         self._loop.start(self._period, now=True)
 
@@ -167,6 +170,12 @@ class BackendPoller:
         self._loop = None
         self._stopped = True
         self._admin.close()
+
+    def _tick(self) -> None:
+        try:
+            self.poll()
+        except Exception:  # noqa: BLE001 - logged; a LoopingCall whose call raises stops for good
+            self._log.failure("backend INFO poll")
 
     def poll(self) -> None:
         addresses = set(self._addresses())

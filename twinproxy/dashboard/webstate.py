@@ -3,7 +3,8 @@
 Owns :class:`WebState`: the 1-second sampler (a LoopingCall on the
 reactor over the :class:`~twinproxy.dashboard.metrics.StatsPoller`'s
 documents, :class:`~twinproxy.dashboard.sampler.Sampler`), the backend
-poll (:class:`~twinproxy.dashboard.backendinfo.BackendPoller`), the event
+poll (:class:`~twinproxy.dashboard.backendinfo.BackendPoller`), Sentinel's view
+of each group's master (:class:`~twinproxy.dashboard.sentinelwatch.SentinelWatch`), the event
 log with its audit trail (:mod:`twinproxy.dashboard.audit`) and the
 Server-Sent Events stream; :meth:`WebState.document` builds the state
 document from the controller, the health poll and those; :meth:`resources`
@@ -25,6 +26,7 @@ from twinproxy import __version__
 from twinproxy.dashboard import audit as auditing
 from twinproxy.dashboard.backendinfo import BackendPoller
 from twinproxy.dashboard.sampler import PERIOD, Sampler
+from twinproxy.dashboard.sentinelwatch import SentinelWatch
 from twinproxy.web.events import EventLog
 from twinproxy.web.resources import EventStream, json_body, series_answer
 from twinproxy.web.series import Series
@@ -53,6 +55,7 @@ class WebState:
         self.controller: Any = None
         self.coordinator: Any = None
         self.backends: Optional[BackendPoller] = None
+        self.sentinel_watch: Optional[SentinelWatch] = None
         self.reason: Callable[[], str] = lambda: "the dashboard is starting"
         self._loop: Optional[LoopingCall] = None
 
@@ -65,6 +68,9 @@ class WebState:
         self.backends = BackendPoller(self._reactor, controller.protocol, self._data_servers,
                                       controller.command_timeout)
         self.backends.start()
+        self.sentinel_watch = SentinelWatch(self._reactor, self._sentinels, self._masters, controller.sentinels.name,
+                                            controller.command_timeout, self.events.add)
+        self.sentinel_watch.start()
         self._loop = LoopingCall(self._sample)
         self._loop.clock = self._reactor
         self._loop.start(PERIOD, now=False)
@@ -75,6 +81,8 @@ class WebState:
         self._loop = None
         if self.backends is not None:
             self.backends.stop()
+        if self.sentinel_watch is not None:
+            self.sentinel_watch.stop()
         self.stream.close()
 
     def _sample(self) -> None:
@@ -89,6 +97,14 @@ class WebState:
     def _data_servers(self) -> List[str]:
         topology = self.controller.topology if self.controller is not None else None
         return [] if topology is None else [address for group in topology.groups for address in group.servers]
+
+    def _sentinels(self) -> List[str]:
+        topology = self.controller.topology if self.controller is not None else None
+        return [] if topology is None or topology.protocol != "redis" else list(topology.sentinels)
+
+    def _masters(self) -> List[Tuple[int, Optional[str]]]:
+        topology = self.controller.topology if self.controller is not None else None
+        return [] if topology is None else [(group.id, group.master) for group in topology.groups]
 
     def record(self, method: str, path: str, client: str, request: Any, status: int, error: Optional[str]) -> None:
         """ApiState.audit: one write request and its outcome."""
@@ -105,7 +121,7 @@ class WebState:
         data = [row for row in servers if row["pool"] == (servers[0]["pool"] if servers else None)]
         up = sum(1 for row in data if row["state"] == "up")
         proxies = self._proxies(latest)
-        groups = self._groups(topology, health)
+        groups, sentinel_alerts = self._groups(topology, health)
         sentinels = [{"addr": a, "up": bool(health.get(a) and health[a].up),
                       "error": health[a].error if health.get(a) else None} for a in topology.sentinels]
         migrations = ctl.migrations()
@@ -117,7 +133,8 @@ class WebState:
                          "ops_per_second": latest["ops_per_second"], "requests": latest["requests"],
                          "clients": latest["clients"], "servers_up": up, "servers_total": len(data),
                          "p99_ms": latest["p99_ms"]},
-            "alerts": alerts(data, proxies, groups, sentinels, migrations, ctl.acks.lagging(topology.generation)),
+            "alerts": alerts(data, proxies, groups, sentinels, migrations, ctl.acks.lagging(topology.generation))
+            + sentinel_alerts,
             "servers": servers, "commands": latest["commands"], "proxies": proxies,
             "slots": {"runs": slot_runs(topology), "groups": self._slot_groups(topology, groups)},
             "migrations": migrations, "groups": groups, "sentinels": sentinels,
@@ -178,9 +195,12 @@ class WebState:
                          "stale": figures["stale"]})
         return rows
 
-    def _groups(self, topology: Any, health: Dict[str, Any]) -> List[Dict[str, Any]]:
+    def _groups(self, topology: Any, health: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+        """The groups' rows and the alerts of what Sentinel says of them."""
         counts = topology.slot_counts()
         groups = []
+        found: List[Dict[str, Any]] = []
+        watch = self.sentinel_watch if topology.sentinels and topology.protocol == "redis" else None
         for group in topology.groups:
             master_health = health.get(group.servers[0]) if group.servers else None
             servers = []
@@ -197,9 +217,13 @@ class WebState:
                                 "up": bool(state and state.up),
                                 "link_up": state.link_up if state is not None and state.role == "replica" else None,
                                 "lag_bytes": lag, "error": state.error if state else None})
-            # The dashboard does not follow Sentinel's view of each group between promotes: not invented here.
-            groups.append({"id": group.id, "slots": counts.get(group.id, 0), "servers": servers, "sentinel": None})
-        return groups
+            sentinel = None
+            if watch is not None:
+                sentinel, said = watch.group(group.id, group.master)
+                found.extend(said)
+            groups.append({"id": group.id, "slots": counts.get(group.id, 0), "servers": servers,
+                           "sentinel": sentinel})
+        return groups, found
 
     def _slot_groups(self, topology: Any, groups: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         backends = self.backends.info if self.backends is not None else {}
@@ -218,10 +242,19 @@ class WebState:
 
     def resources(self, ready: Callable[[], bool]) -> Dict[bytes, Resource]:
         """``state``, ``series`` and ``events`` for ``make_site``'s ``web`` (``ready()``: the controller runs)."""
-        return {b"state": _Read(lambda request: self._state_answer(request, ready)),
+        refused = self._refused
+        return {b"state": _Read(lambda request: self._state_answer(request, ready), refused),
                 b"series": _Read(lambda request: series_answer(request, self.series, self._reactor.seconds(),
-                                                                PERIOD)),
-                b"events": _Read(self.stream.render)}
+                                                                PERIOD), refused),
+                b"events": _Read(self.stream.render, refused)}
+
+    def _refused(self, request: Any, status: int, error: str) -> None:
+        """A write request to a read-only document: refused, and in the audit log like every write."""
+        address = request.getClientAddress()
+        host, port = getattr(address, "host", None), getattr(address, "port", None)
+        client = f"{host}:{port}" if host is not None else "?"
+        self.record(request.method.decode("ascii", "replace").upper(), request.path.decode("utf-8", "replace"),
+                    client, request, status, error)
 
     def _state_answer(self, request: Any, ready: Callable[[], bool]) -> bytes:
         if not ready() or self.controller is None or self.controller.topology is None:
@@ -233,17 +266,25 @@ class _Read(Resource):
     """A read-only leaf: GET (and HEAD) answered by ``answer(request)``, anything else 405."""
 
     isLeaf = True
+    _log = Logger()
 
-    def __init__(self, answer: Callable[[Any], Any]) -> None:
+    def __init__(self, answer: Callable[[Any], Any],
+                 refused: Optional[Callable[[Any, int, str], None]] = None) -> None:
         super().__init__()
         self._answer = answer
+        self._refused = refused       # told of each write refused here (the audit log)
 
     def render(self, request: Any) -> Any:
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"allow", b"GET, HEAD")
-            return json_body(request, 405, {"error": f"{request.method.decode('ascii', 'replace')} "
-                                                      f"{request.path.decode('utf-8', 'replace')} is not allowed here "
-                                                      "(allowed: GET, HEAD)"})
+            error = (f"{request.method.decode('ascii', 'replace')} {request.path.decode('utf-8', 'replace')} "
+                     "is not allowed here (allowed: GET, HEAD)")
+            if self._refused is not None:
+                try:
+                    self._refused(request, 405, error)
+                except Exception:  # noqa: BLE001 - the audit trail's bug must not change the answer
+                    self._log.failure("the audit of a refused write failed")
+            return json_body(request, 405, {"error": error})
         return self._answer(request)
 
 

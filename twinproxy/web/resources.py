@@ -25,6 +25,8 @@ from twinproxy.web.series import MAX_POINTS, Series
 
 VERSION_MARK = b"__TWINPROXY_VERSION__"
 HEARTBEAT_SECONDS = 15.0
+# Open event streams at most: each holds a connection and what its browser has not read yet.
+MAX_STREAMS = 64
 CONTENT_TYPES = {".html": b"text/html; charset=utf-8", ".js": b"text/javascript; charset=utf-8",
                  ".css": b"text/css; charset=utf-8", ".svg": b"image/svg+xml", ".png": b"image/png"}
 
@@ -87,6 +89,9 @@ class EventStream:
             return json_body(request, 200, {"events": self._log.since(since), "last_id": self._log.last_id})
         if since is None:
             since = _int(request.getHeader(b"last-event-id"))
+        if len(self._streams) >= MAX_STREAMS:
+            return json_body(request, 503, {"error": f"{MAX_STREAMS} event streams are open already: poll "
+                                                     "/api/events?format=json instead"})
         request.setHeader(b"content-type", b"text/event-stream")
         request.setHeader(b"cache-control", b"no-store")
         request.write(b"retry: 1000\n\n")
@@ -101,14 +106,22 @@ class EventStream:
             self._heartbeat.start(HEARTBEAT_SECONDS, now=False)
         return NOT_DONE_YET
 
+    def _write(self, request: Any, data: bytes) -> None:
+        # A request whose connection went away may raise here before its notifyFinish fired: it leaves
+        # the streams (an exception would otherwise stop the heartbeat's LoopingCall for good).
+        try:
+            request.write(data)
+        except Exception:  # noqa: BLE001 - any failure to write ends that stream only
+            self._streams.discard(request)
+
     def _send(self, event: Event) -> None:
         frame = _frame(event)
         for request in list(self._streams):
-            request.write(frame)
+            self._write(request, frame)
 
     def _beat(self) -> None:
         for request in list(self._streams):
-            request.write(b": keep-alive\n\n")
+            self._write(request, b": keep-alive\n\n")
 
     def close(self) -> None:
         self._unlisten()
@@ -117,7 +130,10 @@ class EventStream:
         self._heartbeat = None
         for request in list(self._streams):
             self._streams.discard(request)
-            request.finish()
+            try:
+                request.finish()
+            except Exception:  # noqa: BLE001 - already gone: nothing to end
+                pass
 
 
 def series_answer(request: Any, series: Series, now: float, period: float) -> bytes:

@@ -213,3 +213,40 @@ def test_audit_records_the_body_capped():
                                                                                "wrong token")
     big = type("R", (), {"content": io.BytesIO(b"x" * 5000)})()
     assert len(body_text(big)) == 2048 + 3
+
+
+def test_a_write_to_a_read_only_document_is_405_and_audited() -> None:
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from twinproxy.dashboard.webstate import WebState
+
+    clock = task.Clock()
+    web = WebState("shop", "redis", clock, Poller(), lambda: [], admin=True)
+    leaves = web.resources(lambda: False)
+    for name in (b"state", b"series", b"events"):
+        request = DummyRequest([])
+        request.method = b"POST"
+        request.path = b"/api/" + name
+        request.content = io.BytesIO(b'{"x": 1}')
+        body = leaves[name].render(request)
+        assert request.responseCode == 405 and b"not allowed" in body
+    audits = [e for e in web.events.since(0) if e["kind"] == "audit"]
+    assert [(e["path"], e["status"], e["body"]) for e in audits] == [
+        ("/api/state", 405, {"x": 1}), ("/api/series", 405, {"x": 1}), ("/api/events", 405, {"x": 1})]
+    web.stop()
+
+
+def test_backend_poll_that_raises_does_not_stop_its_loop() -> None:
+    from twinproxy.dashboard.backendinfo import BackendPoller
+
+    clock = task.Clock()
+    calls = []
+
+    def addresses() -> List[str]:
+        calls.append(1)
+        raise RuntimeError("topology being replaced")
+    poller = BackendPoller(clock, "redis", addresses, 1.0, period=3.0)
+    poller.start()
+    clock.advance(3.0)
+    assert len(calls) == 2 and poller._loop.running
+    poller.stop()
