@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Make sure the system programs twinproxy's demo and tests need are present:
 # a Python with venv, redis-server/redis-sentinel/redis-cli/redis-benchmark, memcached,
-# ZooKeeper and etcd (cluster mode's coordinators) and
-# libmemcached's tools.  Installs them with apt-get when running as root on
+# ZooKeeper and etcd (cluster mode's coordinators), libmemcached's tools and
+# chromium with its chromedriver (the web dashboard's browser tests).  Installs them with apt-get when running as root on
 # Debian; otherwise says exactly what to install and fails.  A C compiler and
 # the Python headers (for twinproxy's optional C scanners) are installed too
 # when root; without them the install goes on in pure Python, with a warning.
@@ -29,6 +29,11 @@ command -v memccapable >/dev/null 2>&1 || missing+=(libmemcached-tools)
 [ -f /usr/share/java/zookeeper.jar ] || missing+=(zookeeper)
 command -v java >/dev/null 2>&1 || missing+=(default-jre-headless)
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+# The web dashboard's browser tests (tests/browser/) drive Debian's chromium through its chromedriver;
+# fonts-liberation is only a Recommends of chromium, and without it the page's text renders as boxes.
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+[ -d /usr/share/fonts/truetype/liberation ] || missing+=(fonts-liberation)
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
     missing+=(python3 python3-venv)
 elif ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
