@@ -52,6 +52,7 @@ sed "s|file://./run/cluster/coordinator|$coordinator|" conf/cluster.yml >"$rundi
 cat <<MSG
 twinproxy cluster demo: dashboard 127.0.0.1:18080, groups 1 (127.0.0.1:6400 + replica :6401) and 2 (:6402 + :6403)
   through the proxy:   redis-cli -p 19000 set a b          (a is in slot 579: group 2)
+  the web dashboard:   http://127.0.0.1:18080/   (actions ask for the token in run/cluster/token)
   the cluster:         .venv/bin/twinproxy-admin --dashboard 127.0.0.1:18080 status
   a manual failover:   .venv/bin/twinproxy-admin --dashboard 127.0.0.1:18080 --token-file run/cluster/token \\
                            server promote 1 127.0.0.1:6401

@@ -43,6 +43,8 @@ cat <<'MSG'
 twinproxy demo: backends started (redis 127.0.0.1:6380 and :6381, memcached :11212 and :11213)
   redis pool:     redis-cli -p 22121 set a b
   memcached pool: .venv/bin/python -c "from pymemcache import Client; c = Client(('127.0.0.1', 22122)); c.set('a', 'b'); print(c.get('a'))"
+  web dashboard:  http://127.0.0.1:22220/   (read-only; also /metrics, /stats, /health)
 Ctrl-C stops the proxy and the demo backends.
 MSG
-"$VENV/bin/twistd" --nodaemon --pidfile= twinproxy --config conf/pools.yml --stats-addr 127.0.0.1
+"$VENV/bin/twistd" --nodaemon --pidfile= twinproxy --config conf/pools.yml --stats-addr 127.0.0.1 \
+    --http-port 22220 --http-addr 127.0.0.1

@@ -112,7 +112,7 @@ TOP_FIELDS = (
     ("latency", "per server: [{pool, server, buckets}], buckets the cumulative counts of replies within each "
      "latency bound (0.1 ms ... 5 s, then +Inf) from sending to the server to its reply"),
     ("commands", "per command: [{pool, command, calls, errors, buckets}], errors the error replies clients got, "
-     "buckets cumulative as in latency, from the request's arrival to its reply going to the client"),
+     "buckets cumulative as in latency, the same span: from sending to the server to its reply"),
 )
 POOL_FIELDS = (
     ("client_eof", "client connections closed by the client"),

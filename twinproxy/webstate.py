@@ -97,7 +97,7 @@ def _sum_counts(rows: Sequence[Sequence[int]]) -> List[int]:
 def sample_figures(before: Optional[Snapshot], after: Snapshot) -> Dict[str, Any]:
     """ops/s and p99 (ms) over the sample from ``before`` to ``after`` (no ``before``: 0 and None).
 
-    p99 is the clients' view: every command's latency, arrival to reply.
+    p99 is over every command's latency (sent to its server until the reply; proxy-made replies are not timed).
     """
     if before is None:
         return {"ops_per_second": 0.0, "p99_ms": None}

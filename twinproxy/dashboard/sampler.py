@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from twinproxy.web.series import Series, bucket_deltas, bucket_percentile, milliseconds, rate
+from twinproxy.web.series import Series, bucket_deltas, bucket_percentile, milliseconds, per_bucket, rate
 
 STALE_AFTER = 3
 PERIOD = 1.0
@@ -160,7 +160,9 @@ class Sampler:
         found = {}
         for item_key, item in after.items():
             old = before.get(item_key)
-            found[item_key] = {"item": item, "delta": bucket_deltas(old["buckets"] if old else None, item["buckets"])
+            # The document's buckets are cumulative (each counts the replies within its bound): per bucket here.
+            found[item_key] = {"item": item, "delta": per_bucket(bucket_deltas(old["buckets"] if old else None,
+                                                                               item["buckets"]))
                                if track.before is not None else None}
         return found
 

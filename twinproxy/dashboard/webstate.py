@@ -122,7 +122,8 @@ class WebState:
         up = sum(1 for row in data if row["state"] == "up")
         proxies = self._proxies(latest)
         groups, sentinel_alerts = self._groups(topology, health)
-        sentinels = [{"addr": a, "up": bool(health.get(a) and health[a].up),
+        # "up" is None until the first poll answered: not polled yet is not down.
+        sentinels = [{"addr": a, "up": health[a].up if health.get(a) else None,
                       "error": health[a].error if health.get(a) else None} for a in topology.sentinels]
         migrations = ctl.migrations()
         return {
@@ -189,7 +190,9 @@ class WebState:
             figures = latest["proxies"].get(proxy["id"]) or {"ops_per_second": 0.0, "clients": 0,
                                                              "error_rate": 0.0, "missed": 0, "stale": False}
             rows.append({"id": proxy["id"], "addr": proxy.get("addr"), "admin": proxy.get("admin"),
-                         "generation": proxy.get("generation"), "last_seen": proxy.get("last_seen"),
+                         # The last stats document received; before any, the registration's own time.
+                         "generation": proxy.get("generation"),
+                         "last_seen": figures.get("last_seen") or proxy.get("last_seen"),
                          "ops_per_second": figures["ops_per_second"], "clients": figures["clients"],
                          "error_rate": figures["error_rate"], "missed": figures["missed"],
                          "stale": figures["stale"]})
@@ -214,7 +217,7 @@ class WebState:
                 servers.append({"addr": address, "expected_role": expected,
                                 "actual_role": (state.role or ("master" if topology.protocol == "memcache"
                                                                and state.up else None)) if state else None,
-                                "up": bool(state and state.up),
+                                "up": state.up if state is not None else None,
                                 "link_up": state.link_up if state is not None and state.role == "replica" else None,
                                 "lag_bytes": lag, "error": state.error if state else None})
             sentinel = None
@@ -324,7 +327,7 @@ def alerts(servers: List[Dict[str, Any]], proxies: List[Dict[str, Any]], groups:
     down = set()
     for group in groups:
         for server in group["servers"]:
-            if not server["up"]:
+            if server["up"] is False:
                 down.add(server["addr"])
                 found.append({"kind": "down", "subject": server["addr"],
                               "text": f"server {server['addr']} of group {group['id']} is down: {server['error']}"})
@@ -346,7 +349,7 @@ def alerts(servers: List[Dict[str, Any]], proxies: List[Dict[str, Any]], groups:
             found.append({"kind": "migration_failed", "subject": f"migration {m.get('id')}",
                           "text": f"migration {m.get('id')} failed: {m.get('error')}"})
     for sentinel in sentinels:
-        if not sentinel["up"]:
+        if sentinel["up"] is False:
             found.append({"kind": "sentinel", "subject": sentinel["addr"],
                           "text": f"sentinel {sentinel['addr']} does not answer: {sentinel['error']}"})
     return found

@@ -34,6 +34,11 @@ def bucket_deltas(before: Optional[Sequence[int]], after: Sequence[int]) -> List
     return [a - b for b, a in zip(before, after)]
 
 
+def per_bucket(cumulative: Sequence[int]) -> List[int]:
+    """Prometheus-style cumulative bucket counts (the stats document's) as counts per bucket."""
+    return [count - (cumulative[index - 1] if index else 0) for index, count in enumerate(cumulative)]
+
+
 def bucket_percentile(counts: Sequence[int], quantile: float,
                       bounds: Sequence[float] = LATENCY_BUCKETS) -> Optional[float]:
     """The ``quantile`` (0..1) of a histogram, in seconds; None for an empty one.

@@ -41,10 +41,11 @@ def stats(requests: int, clients: int = 2, errors: int = 0, latency: Any = None,
 
 
 def buckets(**at: int) -> List[int]:
+    """The stats document's cumulative buckets for ``b<index>=<count in that bucket>``."""
     counts = [0] * BUCKETS
     for index, count in at.items():
         counts[int(index[1:])] = count
-    return counts
+    return [sum(counts[:index + 1]) for index in range(BUCKETS)]
 
 
 @pytest.fixture
@@ -202,6 +203,13 @@ def test_alerts():
     assert [(a["kind"], a["subject"]) for a in found] == [("down", "a:1"), ("lagging", "a:2"), ("stale", "p1"),
                                                            ("stale", "p2"), ("migration_failed", "migration 4"),
                                                            ("sentinel", "s:1")]
+
+
+def test_alerts_wait_for_a_first_poll():
+    # "up": None is "not polled yet" (the dashboard just started): no alert, it is not known to be down.
+    groups = [{"id": 1, "servers": [{"addr": "a:1", "expected_role": "master", "up": None, "link_up": None,
+                                     "error": None}]}]
+    assert alerts([], [], groups, [{"addr": "s:1", "up": None, "error": None}], {"migrations": []}, []) == []
 
 
 def test_audit_records_the_body_capped():

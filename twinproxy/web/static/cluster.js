@@ -215,7 +215,7 @@
     TP.syncRows(TP.byTestId("sentinels-rows"), state.sentinels || [], (s) => s.addr,
       (s) => TP.row(["addr", "up", "error"], { "data-sentinel": s.addr }),
       (row, s) => {
-        TP.setAttr(row, "data-up", s.up ? "true" : "false");
+        TP.setAttr(row, "data-up", s.up === null || s.up === undefined ? "unknown" : s.up ? "true" : "false");
         TP.setCells(row, { addr: s.addr, up: fmt.bool(s.up), error: s.error || "" });
       });
   };
@@ -272,8 +272,8 @@
         const mismatch = srv.actual_role !== null && srv.actual_role !== undefined && srv.actual_role !== srv.expected_role;
         TP.setAttr(row, "data-expected-role", srv.expected_role);
         TP.setAttr(row, "data-actual-role", srv.actual_role || "");
-        TP.setAttr(row, "data-up", srv.up ? "true" : "false");
-        TP.setAttr(row, "class", (srv.up ? "" : "state-down ") + (mismatch ? "mismatch" : ""));
+        TP.setAttr(row, "data-up", srv.up === null || srv.up === undefined ? "unknown" : srv.up ? "true" : "false");
+        TP.setAttr(row, "class", (srv.up === false ? "state-down " : "") + (mismatch ? "mismatch" : ""));
         TP.setCells(row, { addr: srv.addr, expected: srv.expected_role, actual: srv.actual_role || "–",
           up: fmt.bool(srv.up), link: srv.link_up === null || srv.link_up === undefined ? "–" : srv.link_up ? "up" : "down",
           lag: srv.lag_bytes === null || srv.lag_bytes === undefined ? "–" : fmt.bytes(srv.lag_bytes),
