@@ -16,12 +16,8 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Iterable, Optional
 
 from twisted.internet import defer
-from twisted.internet.protocol import ClientFactory, Protocol
-from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from twinproxy.dashboard.servers import ServerAdmin, ServerError, split_address, with_deadline
+from twinproxy.dashboard.servers import Poller, ServerAdmin, ServerError, memcache_exchange
 
 PERIOD = 3.0
 MAX_STATS = 256 * 1024
@@ -82,100 +78,40 @@ def failed_backend(error: str) -> Dict[str, Any]:
             "error": error, "repl_offset": None}
 
 
-class _StatsProtocol(Protocol):
-    def __init__(self, result: defer.Deferred) -> None:
-        self.result = result
-        self.buffer = b""
-
-    def connectionMade(self) -> None:
-        self.transport.write(b"stats\r\n")
-
-    def dataReceived(self, data: bytes) -> None:
-        self.buffer += data
-        if self.result.called:
-            return
-        if len(self.buffer) > MAX_STATS:
-            self.result.errback(ServerError(f"the stats answer is larger than {MAX_STATS} bytes"))
-        elif self.buffer.endswith(b"END\r\n") or b"ERROR" in self.buffer:
-            stats: Dict[str, str] = {}
-            for line in self.buffer.decode("utf-8", "replace").split("\r\n"):
-                parts = line.split(" ", 2)
-                if len(parts) == 3 and parts[0] == "STAT":
-                    stats[parts[1]] = parts[2]
-            self.result.callback(stats)
-        else:
-            return
-        self.transport.loseConnection()
-
-    def connectionLost(self, reason: Failure = None) -> None:
-        if not self.result.called:
-            self.result.errback(ServerError("connection closed before the stats answer ended"))
-
-
-class _StatsFactory(ClientFactory):
-    noisy = False
-
-    def __init__(self, result: defer.Deferred) -> None:
-        self.result = result
-
-    def buildProtocol(self, addr: Any) -> Protocol:
-        return _StatsProtocol(self.result)
-
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        if not self.result.called:
-            self.result.errback(ServerError(reason.getErrorMessage()))
+def parse_stats(answer: bytes) -> Optional[Dict[str, str]]:
+    """A memcached's ``stats`` answer as {name: value}; None while it is not whole."""
+    if len(answer) > MAX_STATS:
+        raise ServerError(f"the stats answer is larger than {MAX_STATS} bytes")
+    if answer.startswith((b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR")) and answer.endswith(b"\r\n"):
+        raise ServerError(answer.strip().decode("utf-8", "replace"))
+    if not answer.endswith(b"END\r\n"):
+        return None
+    stats: Dict[str, str] = {}
+    for line in answer.decode("utf-8", "replace").split("\r\n"):
+        parts = line.split(" ", 2)
+        if len(parts) == 3 and parts[0] == "STAT":
+            stats[parts[1]] = parts[2]
+    return stats
 
 
 def memcache_stats(reactor: Any, address: str, timeout: float) -> defer.Deferred:
     """A memcached's ``stats`` as {name: value} (ServerError naming it otherwise)."""
-    result: defer.Deferred = defer.Deferred()
-    host, port = split_address(address)
-    connector = reactor.connectTCP(host, port, _StatsFactory(result), timeout=timeout)
-
-    def named(value: Any) -> Any:
-        if isinstance(value, Failure):
-            raise ServerError(f"{address}: {value.getErrorMessage()}")
-        return value
-
-    return with_deadline(reactor, result, connector, timeout, f"no stats within {timeout:g}s").addBoth(named)
+    return memcache_exchange(reactor, address, b"stats\r\n", parse_stats, timeout)
 
 
-class BackendPoller:
+class BackendPoller(Poller):
     """``info[addr]``: the latest backend object of every address ``addresses()`` names."""
 
-    _log = Logger()
+    _what = "backend INFO poll"
 
     def __init__(self, reactor: Any, protocol: str, addresses: Callable[[], Iterable[str]], timeout: float,
                  period: float = PERIOD) -> None:
-        self._reactor = reactor
+        super().__init__(reactor, period, ServerAdmin(reactor, timeout))
         self._protocol = protocol
         self._addresses = addresses
         self._timeout = timeout
-        self._period = period
-        self._admin = ServerAdmin(reactor, timeout)
         self._busy: Dict[str, defer.Deferred] = {}
-        self._loop: Optional[LoopingCall] = None
-        self._stopped = False
         self.info: Dict[str, Dict[str, Any]] = {}
-
-    def start(self) -> None:
-        self._stopped = False
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = self._reactor
-        self._loop.start(self._period, now=True)
-
-    def stop(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
-        self._stopped = True
-        self._admin.close()
-
-    def _tick(self) -> None:
-        try:
-            self.poll()
-        except Exception:  # noqa: BLE001 - logged; a LoopingCall whose call raises stops for good
-            self._log.failure("backend INFO poll")
 
     def poll(self) -> None:
         addresses = set(self._addresses())

@@ -22,10 +22,8 @@ import ipaddress
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from twisted.internet import defer
-from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 
-from twinproxy.dashboard.servers import ServerAdmin, ServerError, split_address
+from twinproxy.dashboard.servers import Poller, ServerAdmin, ServerError, split_address
 from twinproxy.sentinel.replies import parse_master_fields
 
 PERIOD = 2.0
@@ -106,56 +104,33 @@ def merge(gid: int, name: str, expected: Optional[str], answers: Dict[str, Answe
     return document, found
 
 
-class SentinelWatch:
+class SentinelWatch(Poller):
     """``answers[sentinel][gid]``: what each sentinel of ``sentinels()`` last said about each group of ``groups()``.
 
     ``groups()`` gives (gid, topology master address or None) pairs; ``name(gid)`` the Sentinel name;
     ``event(kind, subject, text, **extra)`` records an event (EventLog.add).
     """
 
-    _log = Logger()
+    _what = "sentinel watch poll"
 
     def __init__(self, reactor: Any, sentinels: Callable[[], Sequence[str]],
                  groups: Callable[[], Sequence[Tuple[int, Optional[str]]]], name: Callable[[int], str],
                  timeout: float, event: Optional[Callable[..., Any]] = None, period: float = PERIOD,
                  admin: Optional[ServerAdmin] = None) -> None:
-        self._reactor = reactor
+        super().__init__(reactor, period, admin if admin is not None else ServerAdmin(reactor, timeout))
+        self._stopped = True
         self._sentinels = sentinels
         self._groups = groups
         self._name = name
         self._event = event
-        self._period = period
-        self._admin = admin if admin is not None else ServerAdmin(reactor, timeout)
         self._timeout = timeout
         self._busy: Dict[str, defer.Deferred] = {}
-        self._loop: Optional[LoopingCall] = None
-        self._stopped = True
         self._ips: Dict[str, str] = {}          # host -> its IP, for comparing with what Sentinel names
         self._resolving: Dict[str, defer.Deferred] = {}
         self._masters: Dict[int, str] = {}      # gid -> the master Sentinel named at the last merge
         self.answers: Dict[str, Dict[int, Answer]] = {}
 
     # -- life ---------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._stopped = False
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = self._reactor
-        self._loop.start(self._period, now=True)
-
-    def stop(self) -> None:
-        self._stopped = True
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
-        # Fails the commands in flight: their polls end at once.
-        self._admin.close()
-
-    def _tick(self) -> None:
-        try:
-            self.poll()
-        except Exception:  # noqa: BLE001 - logged; a LoopingCall whose call raises stops for good
-            self._log.failure("sentinel watch poll")
 
     # -- polling ------------------------------------------------------------------
 

@@ -205,33 +205,47 @@ class ServerAdmin:
         self.forget(())
 
 
-class _VersionProtocol(Protocol):
-    def __init__(self, result: defer.Deferred) -> None:
+class _Exchange(Protocol):
+    """Sends one memcached text request and fires ``result`` with ``parse(answer so far)`` once that is not None."""
+
+    def __init__(self, request: bytes, parse: Callable[[bytes], Any], result: defer.Deferred) -> None:
+        self.request = request
+        self.parse = parse
         self.result = result
         self.buffer = b""
 
     def connectionMade(self) -> None:
-        self.transport.write(b"version\r\n")
+        self.transport.write(self.request)
 
     def dataReceived(self, data: bytes) -> None:
         self.buffer += data
-        if b"\r\n" in self.buffer and not self.result.called:
-            self.result.callback(self.buffer.split(b"\r\n", 1)[0].decode("utf-8", "replace"))
-            self.transport.loseConnection()
+        if self.result.called:
+            return
+        try:
+            value = self.parse(self.buffer)
+        except ServerError as err:
+            self.result.errback(err)
+        else:
+            if value is None:
+                return
+            self.result.callback(value)
+        self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:
         if not self.result.called:
-            self.result.errback(ServerError("connection closed before the version reply"))
+            self.result.errback(ServerError("connection closed before the answer ended"))
 
 
-class _VersionFactory(ClientFactory):
+class _ExchangeFactory(ClientFactory):
     noisy = False
 
-    def __init__(self, result: defer.Deferred) -> None:
+    def __init__(self, request: bytes, parse: Callable[[bytes], Any], result: defer.Deferred) -> None:
+        self.request = request
+        self.parse = parse
         self.result = result
 
     def buildProtocol(self, addr: Any) -> Protocol:
-        return _VersionProtocol(self.result)
+        return _Exchange(self.request, self.parse, self.result)
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         if not self.result.called:
@@ -257,11 +271,16 @@ def with_deadline(reactor: Any, result: defer.Deferred, connector: Any, timeout:
     return result.addBoth(done)
 
 
-def memcache_version(reactor: Any, address: str, timeout: float) -> defer.Deferred:
-    """The first line a memcached answers to ``version`` (ServerError naming it otherwise)."""
+def memcache_exchange(reactor: Any, address: str, request: bytes, parse: Callable[[bytes], Any],
+                      timeout: float) -> defer.Deferred:
+    """One request on a connection of its own to the memcached at ``address``, bounded by ``timeout``.
+
+    ``parse(answer so far)`` answers None until the answer is whole, then its
+    value (or raises ServerError); errors name the server.
+    """
     result: defer.Deferred = defer.Deferred()
     host, port = split_address(address)
-    connector = reactor.connectTCP(host, port, _VersionFactory(result), timeout=timeout)
+    connector = reactor.connectTCP(host, port, _ExchangeFactory(request, parse, result), timeout=timeout)
 
     def named(value: Any) -> Any:
         if isinstance(value, Failure):
@@ -269,6 +288,16 @@ def memcache_version(reactor: Any, address: str, timeout: float) -> defer.Deferr
         return value
 
     return with_deadline(reactor, result, connector, timeout, f"no reply within {timeout:g}s").addBoth(named)
+
+
+def _first_line(answer: bytes) -> Optional[str]:
+    line, found, _ = answer.partition(b"\r\n")
+    return line.decode("utf-8", "replace") if found else None
+
+
+def memcache_version(reactor: Any, address: str, timeout: float) -> defer.Deferred:
+    """The first line a memcached answers to ``version`` (ServerError naming it otherwise)."""
+    return memcache_exchange(reactor, address, b"version\r\n", _first_line, timeout)
 
 
 @dataclass(frozen=True)
@@ -284,43 +313,65 @@ class Health:
     checked: float = 0.0
 
 
-class HealthPoller:
-    """Polls every address ``addresses()`` names, every ``period`` seconds; ``health[addr]`` is the latest."""
+class Poller:
+    """``poll()`` every ``period`` seconds on the reactor from :meth:`start` to :meth:`stop`.
+
+    Each tick starts a round without waiting for the last (a server that
+    times out must not slow the polls of the others); a poll that raises is
+    logged and the loop goes on (a LoopingCall whose call raises stops for
+    good).  :meth:`stop` closes ``self._admin``'s connections, failing the
+    commands in flight so their polls end; ``_stopped`` tells late answers
+    to drop themselves.
+    """
 
     _log = Logger()
+    _what = "poll"
 
-    def __init__(self, reactor: Any, protocol: str, addresses: Callable[[], Iterable[str]],
-                 timeout: float, period: float = 1.0, on_change: Optional[Callable[[str, Health], None]] = None
-                 ) -> None:
+    def __init__(self, reactor: Any, period: float, admin: "ServerAdmin") -> None:
         self._reactor = reactor
-        self._protocol = protocol
-        self._addresses = addresses
-        self._timeout = timeout
         self._period = period
-        self.on_change = on_change      # (address, Health) on a change of up or role
-        self._admin = ServerAdmin(reactor, timeout)
-        self._polling: Dict[str, defer.Deferred] = {}
+        self._admin = admin
         self._loop: Optional[LoopingCall] = None
         self._stopped = False
-        self.health: Dict[str, Health] = {}
+
+    def poll(self) -> Any:
+        raise NotImplementedError
 
     def start(self) -> None:
         self._stopped = False
-        # Not waiting for a round: a server that times out must not slow the polls of the others.
         self._loop = LoopingCall(self._tick)
         self._loop.clock = self._reactor
         self._loop.start(self._period, now=True)
 
     def stop(self) -> None:
+        self._stopped = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        self._stopped = True
-        # Fails the commands in flight (their polls then end); a memcached probe ends at its deadline.
         self._admin.close()
 
     def _tick(self) -> None:
-        self.poll()
+        try:
+            self.poll()
+        except Exception:  # noqa: BLE001 - logged: the next tick tries again
+            self._log.failure("{what} failed", what=self._what)
+
+
+class HealthPoller(Poller):
+    """Polls every address ``addresses()`` names, every ``period`` seconds; ``health[addr]`` is the latest."""
+
+    _what = "health poll"
+
+    def __init__(self, reactor: Any, protocol: str, addresses: Callable[[], Iterable[str]],
+                 timeout: float, period: float = 1.0, on_change: Optional[Callable[[str, Health], None]] = None
+                 ) -> None:
+        super().__init__(reactor, period, ServerAdmin(reactor, timeout))
+        self._protocol = protocol
+        self._addresses = addresses
+        self._timeout = timeout
+        self.on_change = on_change      # (address, Health) on a change of up or role
+        self._polling: Dict[str, defer.Deferred] = {}
+        self.health: Dict[str, Health] = {}
 
     def poll(self) -> defer.Deferred:
         """One round over every address (one poll in flight per address at most); fires when all answered."""
