@@ -8,6 +8,8 @@ stopped and started again on the same HTTP port.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -163,6 +165,11 @@ def test_a_stopped_proxy_shows_the_banner_until_it_is_back(page, redis_servers, 
     open_page(page, proxy)
     banner = page.testid("disconnected")
     assert not banner.is_displayed()
+    # A reload is event 1 of this process; the restarted one numbers its own reload 1 again.
+    os.kill(proxy.processes[-1].proc.pid, signal.SIGHUP)
+    page.wait_for(lambda d: page.find_all('[data-testid="events-rows"] tr[data-event="1"][data-kind="reload"]'),
+                  15, "the first process's reload event")
+    page.driver.execute_script('document.querySelector(\'[data-testid="events-rows"] tr\').dataset.old = "yes"')
     page.allow_console(r"ERR_CONNECTION_REFUSED|ERR_EMPTY_RESPONSE|api/(state|series|events)")
     proxy.stop()
     page.wait_for(lambda d: banner.is_displayed(), 10, "the disconnected banner")
@@ -172,3 +179,56 @@ def test_a_stopped_proxy_shows_the_banner_until_it_is_back(page, redis_servers, 
     polls = page.polls()
     page.wait_for(lambda d: page.polls() > polls + 1, 10, "polls to go on")
     assert not banner.is_displayed()
+    os.kill(proxy.processes[-1].proc.pid, signal.SIGHUP)
+    page.wait_for(lambda d: page.find_all('[data-testid="events-rows"] tr[data-event="1"]:not([data-old])'),
+                  15, "the restarted process's event 1 shown (another stream: the old log is cleared)")
+    assert page.find_all('[data-testid="events-rows"] tr[data-old]') == []
+
+
+SYNC_DUPLICATES = """
+const body = document.createElement("tbody");
+const create = (item) => TP.row(["v"]);
+const update = (row, item) => TP.setCells(row, { v: item.v });
+const items = [{ k: "a", v: 1 }, { k: "a", v: 2 }, { k: "b", v: 3 }];
+const counts = [];
+for (let i = 0; i < 5; i += 1) {
+  TP.syncRows(body, items, (x) => x.k, create, update);
+  counts.push(body.children.length);
+}
+const kept = body.children[0];
+TP.syncRows(body, [{ k: "a", v: 9 }], (x) => x.k, create, update);
+return { counts: counts, after: body.children.length, reused: body.children[0] === kept,
+         text: body.textContent };
+"""
+
+
+@pytest.mark.timeout(60)
+def test_page_helpers_rows_with_shared_keys_plans_and_addresses(page, redis_servers, proxy_of) -> None:
+    proxy = proxy_of(redis_servers(1))
+    open_page(page, proxy)
+    rows = page.driver.execute_script(SYNC_DUPLICATES)
+    assert rows == {"counts": [3, 3, 3, 3, 3], "after": 1, "reused": True, "text": "9"}
+    steps = page.driver.execute_script(
+        "return TP.rebalanceSteps(arguments[0]).map((s) => s.step + ' ' + s.first + '-' + s.last);",
+        {"plan": [{"first": 0, "last": 9, "group": 1}], "moves": [{"first": 5, "last": 9, "from_group": 2,
+                                                                   "group": 1}],
+         "placements": [{"first": 0, "last": 4, "group": 1}]})
+    assert steps == ["place 0-4", "move 5-9"]
+    only_placed = page.driver.execute_script("return TP.rebalanceSteps(arguments[0]).length;",
+                                             {"plan": [], "moves": [], "placements": [{"first": 0, "last": 1023,
+                                                                                      "group": 1}]})
+    assert only_placed == 1
+    checks = page.driver.execute_script("return arguments[0].map(TP.isServerAddress);",
+                                        ["127.0.0.1:6379", "[::1]:6379", "[2001:db8::2]:7000", "redis-a:1",
+                                         "::1:6379", "[::1]", "host:99999", "a b:1", "host"])
+    assert checks == [True, True, True, True, False, False, False, False, False]
+    # The proxy's command rows name their pool: the pool column is shown, one row per (pool, command).
+    client = redis.Redis(host=LOOPBACK, port=proxy.port, socket_timeout=2)
+    client.set("k", "v")
+    page.wait_for(lambda d: page.find_all('[data-testid="commands-rows"] tr[data-command="set"][data-pool="alpha"]'),
+                  10, "the set command's row in pool alpha")
+    assert page.testid("commands-pool-head").is_displayed()
+    cell = page.find('[data-testid="commands-rows"] tr[data-command="set"] [data-col="pool"]')
+    assert cell.text == "alpha"
+    page.wait_polls(2)
+    assert len(page.find_all('[data-testid="commands-rows"] tr[data-command="set"]')) == 1

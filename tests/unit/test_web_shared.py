@@ -61,6 +61,19 @@ def test_event_log_numbers_bounds_and_tells_listeners() -> None:
     assert len(seen) == 3
 
 
+def test_event_log_names_its_stream_in_every_event_and_an_id_from_another_log_gets_all() -> None:
+    clock = Clock()
+    log, restarted = EventLog(clock.seconds), EventLog(clock.seconds)
+    assert log.stream and restarted.stream and log.stream != restarted.stream
+    first = log.add("eject", "s1", "x")
+    assert first["stream"] == log.stream
+    restarted.add("restore", "s1", "y")
+    restarted.add("up", "s1", "z")
+    # A page still holding id 7 of the old process: the new log's ids are all below it.
+    assert [e["id"] for e in restarted.since(7)] == [1, 2]
+    assert [e["id"] for e in restarted.since(2)] == []
+
+
 def _request(path: bytes, args: dict = None) -> DummyRequest:
     request = DummyRequest([part for part in path.split(b"/") if part])
     request.args = args or {}
@@ -94,6 +107,29 @@ def test_event_stream_json_fallback() -> None:
     stream = EventStream(log, clock)
     body = json.loads(stream.render(_request(b"", {b"format": [b"json"], b"since": [b"1"]})))
     assert [e["kind"] for e in body["events"]] == ["restore"] and body["last_id"] == 2
+    assert body["stream"] == log.stream and body["events"][0]["stream"] == log.stream
+    stream.close()
+
+
+def test_event_stream_last_event_id_wins_over_since() -> None:
+    clock = Clock()
+    log = EventLog(clock.seconds)
+    for index in range(4):
+        log.add("audit", f"s{index}", "x")
+    stream = EventStream(log, clock)
+    # A browser's reconnect: its original URL (?since=1) and the id it read last (3).
+    request = _request(b"", {b"since": [b"1"]})
+    request.requestHeaders.setRawHeaders(b"last-event-id", [b"3"])
+    stream.render(request)
+    body = b"".join(request.written)
+    assert b"id: 4\n" in body and b"id: 2\n" not in body and b"id: 3\n" not in body
+    # Without the header, ?since= is used.
+    fresh = _request(b"", {b"since": [b"2"]})
+    stream.render(fresh)
+    assert b"id: 3\n" in b"".join(fresh.written) and b"id: 2\n" not in b"".join(fresh.written)
+    answer = _request(b"", {b"format": [b"json"], b"since": [b"1"]})
+    answer.requestHeaders.setRawHeaders(b"last-event-id", [b"3"])
+    assert [e["id"] for e in json.loads(stream.render(answer))["events"]] == [4]
     stream.close()
 
 

@@ -4,7 +4,7 @@ Owns :class:`PageFiles` (the page and its assets from package data, the
 version written into ``index.html`` so every asset URL changes with a new
 release), :class:`EventStream` (``GET /api/events``: Server-Sent Events, or
 JSON with ``format=json``; a reconnecting browser's ``Last-Event-ID`` gets
-what it missed), :func:`series_answer` (``GET /api/series``) and
+what it missed, and wins over ``?since=``), :func:`series_answer` (``GET /api/series``) and
 :func:`json_body`.  The documents themselves are built by the dashboard
 (``twinproxy/dashboard/webstate.py``) and by the proxy (``twinproxy/webstate.py``).
 """
@@ -84,11 +84,13 @@ class EventStream:
     def render(self, request: Any) -> Any:
         """The answer to ``request`` (SSE unless ``format=json``)."""
         args = request.args or {}
-        since = _int((args.get(b"since") or [None])[0])
-        if (args.get(b"format") or [b""])[0] == b"json":
-            return json_body(request, 200, {"events": self._log.since(since), "last_id": self._log.last_id})
+        # The header wins: a reconnecting EventSource sends it with its original URL, whose ?since= is stale.
+        since = _int(request.getHeader(b"last-event-id"))
         if since is None:
-            since = _int(request.getHeader(b"last-event-id"))
+            since = _int((args.get(b"since") or [None])[0])
+        if (args.get(b"format") or [b""])[0] == b"json":
+            return json_body(request, 200, {"events": self._log.since(since), "last_id": self._log.last_id,
+                                            "stream": self._log.stream})
         if len(self._streams) >= MAX_STREAMS:
             return json_body(request, 503, {"error": f"{MAX_STREAMS} event streams are open already: poll "
                                                      "/api/events?format=json instead"})

@@ -3,6 +3,8 @@
 // GET /api/state about every poll_seconds (paused while the tab is hidden),
 // GET /api/series for the sparklines, and one EventSource on /api/events
 // (polling /api/events?since=N&format=json whenever the stream is not open).
+// Every event and JSON answer names its log's "stream": another one (a restarted
+// server, whose ids start again at 1) empties the event panel and starts over.
 // A failed poll shows the "disconnected" banner; the next good one clears it.
 "use strict";
 
@@ -14,6 +16,7 @@
   let adminReady = false;
   let stream = null;
   let lastEventId = 0;
+  let eventStream = null;   // the server's event log (its "stream"): ids count from 1 in each one
 
   TP.currentState = () => state || {};
 
@@ -124,14 +127,42 @@
         // Last-Event-ID is sent by the browser on its own reconnects; a new stream asks with ?since=.
         stream = new EventSource("/api/events" + (lastEventId ? "?since=" + lastEventId : ""));
         stream.onmessage = (message) => {
-          try { receive([JSON.parse(message.data)]); } catch (err) { /* a malformed frame: skipped */ }
+          let event;
+          try { event = JSON.parse(message.data); } catch (err) { return; }   // a malformed frame: skipped
+          if (changedStream(event.stream)) {
+            // The browser reconnected to a restarted server with the old Last-Event-ID: ask again from the start.
+            stream.close();
+            stream = null;
+            ensureEvents();
+            return;
+          }
+          receive([event]);
         };
       }
       if (stream.readyState === EventSource.OPEN) { TP.setText(transport, "(live)"); return; }
     }
     TP.setText(transport, "(polling)");
-    getJSON("/api/events?since=" + lastEventId + "&format=json")
-      .then((answer) => receive(answer.events || []), () => { /* next poll */ });
+    pollEvents(true);
+  }
+
+  function pollEvents(again) {
+    getJSON("/api/events?since=" + lastEventId + "&format=json").then((answer) => {
+      // Another log: the answer was cut at an id of the old one, so it is asked again from the start.
+      if (changedStream(answer.stream)) { if (again) pollEvents(false); return; }
+      receive(answer.events || []);
+    }, () => { /* next poll */ });
+  }
+
+  // True (and the page's log emptied, its last id forgotten) when `stream` is not the event log known so far.
+  function changedStream(next) {
+    if (!next || next === eventStream) return false;
+    const changed = eventStream !== null;
+    eventStream = next;
+    if (changed) {
+      lastEventId = 0;
+      TP.clearEvents();
+    }
+    return changed;
   }
 
   function receive(events) {

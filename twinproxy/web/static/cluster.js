@@ -150,6 +150,20 @@
     TP.show(el, !!text);
   }
 
+  // A dry run's answer as one list in slot order: its moves (owned slots, one migration each) and its
+  // placements (offline slots, assigned without moving keys; a fresh cluster has only these).
+  TP.rebalanceSteps = function (answer) {
+    const moves = (answer.moves || []).map((m) => Object.assign({ step: "move" }, m));
+    const placed = (answer.placements || []).map((p) => Object.assign({ step: "place" }, p));
+    return moves.concat(placed).sort((a, b) => a.first - b.first);
+  };
+
+  // host:port or [IPv6]:port (what the add-server form sends).
+  TP.isServerAddress = function (text) {
+    const match = /^(?:[^\s:[\]]+|\[[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*\]):(\d{1,5})$/.exec(text);
+    return !!match && Number(match[1]) <= 65535;
+  };
+
   TP.setupMigrationForms = function (currentState) {
     const slot = document.getElementById("migration-forms");
     slot.appendChild(document.getElementById("tpl-migration-forms").content.cloneNode(true));
@@ -171,13 +185,13 @@
     TP.byTestId("rebalance-preview").addEventListener("click", () => {
       TP.post("/api/slots/rebalance", { dry_run: true }, { quiet: true }).then((answer) => {
         if (!answer) return;
-        const moves = answer.moves || answer.plan || [];
-        TP.byTestId("rebalance-plan").replaceChildren(...(moves.length ? moves.map((m) => TP.h("li", {
-          "data-range": m.first + "-" + m.last, "data-group": m.group,
-          text: "slots " + m.first + "-" + m.last + (m.from_group !== undefined ? ": group " + m.from_group : "") +
-            " → group " + m.group,
+        const steps = TP.rebalanceSteps(answer);
+        TP.byTestId("rebalance-plan").replaceChildren(...(steps.length ? steps.map((m) => TP.h("li", {
+          "data-range": m.first + "-" + m.last, "data-group": m.group, "data-step": m.step,
+          text: "slots " + m.first + "-" + m.last + (m.step === "place" ? " (offline): placed on group " + m.group :
+            (m.from_group !== undefined ? ": group " + m.from_group : "") + " → group " + m.group),
         })) : [TP.h("li", { text: "already balanced: nothing to move" })]));
-        TP.show(TP.byTestId("rebalance-apply"), moves.length > 0);
+        TP.show(TP.byTestId("rebalance-apply"), steps.length > 0);
         TP.show(planBox, true);
       });
     });
@@ -232,13 +246,16 @@
       ]),
     ]);
     if (state.admin) {
-      const input = TP.h("input", { type: "text", placeholder: "host:port", "data-testid": "add-server-addr" });
+      const input = TP.h("input", { type: "text", placeholder: "host:port or [v6]:port", "data-testid": "add-server-addr" });
       const form = TP.h("form", { class: "inline", "data-testid": "add-server-form" }, [
         input, TP.h("button", { type: "submit", "data-testid": "add-server-submit", text: "add server" })]);
       form.addEventListener("submit", (event) => {
         event.preventDefault();
         const addr = input.value.trim();
-        if (!/^[^\s:]+:\d{1,5}$/.test(addr)) { TP.report(false, "a server address is host:port, not " + JSON.stringify(addr)); return; }
+        if (!TP.isServerAddress(addr)) {
+          TP.report(false, "a server address is host:port or [IPv6]:port, not " + JSON.stringify(addr));
+          return;
+        }
         TP.post("/api/groups/" + g.id + "/servers", { addr: addr }).then((answer) => { if (answer) input.value = ""; });
       });
       card.appendChild(form);

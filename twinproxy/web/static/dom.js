@@ -59,24 +59,33 @@ window.TP = window.TP || {};
   // The rows of `tbody` made to match `items`: rows are keyed by keyOf(item);
   // create(item) builds a new row (cells named by data-col), update(row, item)
   // writes its values.  Rows keep their DOM nodes (and any input in them).
+  // Keys should be unique; if two items (or two old rows) share one, each item
+  // still takes at most one old row, and every child not reused is removed, so
+  // a duplicate never makes the table grow poll after poll.
   TP.syncRows = function (tbody, items, keyOf, create, update) {
-    const existing = new Map();
-    Array.from(tbody.children).forEach((row) => existing.set(row.dataset.key, row));
+    const existing = new Map();   // key -> the old rows with that key, in document order
+    Array.from(tbody.children).forEach((row) => {
+      const key = row.dataset.key;
+      if (!existing.has(key)) existing.set(key, []);
+      existing.get(key).push(row);
+    });
+    const kept = new Set();
     let previous = null;
     items.forEach((item) => {
       const key = String(keyOf(item));
-      let row = existing.get(key);
-      if (row) existing.delete(key);
-      else {
+      const spare = existing.get(key);
+      let row = spare && spare.length ? spare.shift() : null;
+      if (!row) {
         row = create(item);
         row.dataset.key = key;
       }
+      kept.add(row);
       update(row, item);
       const wanted = previous ? previous.nextSibling : tbody.firstChild;
       if (wanted !== row) tbody.insertBefore(row, wanted);
       previous = row;
     });
-    existing.forEach((row) => row.remove());
+    Array.from(tbody.children).forEach((row) => { if (!kept.has(row)) row.remove(); });
   };
 
   // A <tr> with one <td data-col=name> per column name.

@@ -33,7 +33,7 @@
 
   function renderAlerts(alerts) {
     const list = TP.byTestId("alerts");
-    TP.syncRows(list, alerts, (a) => a.kind + "|" + a.subject,
+    TP.syncRows(list, alerts, (a) => a.kind + "|" + a.subject + "|" + a.text,
       (a) => TP.h("li", { "data-alert": a.kind, "data-subject": a.subject, class: "alert alert-" + a.kind }),
       (li, a) => TP.setText(li, a.kind + ": " + a.text));
     TP.show(list, alerts.length > 0);
@@ -131,16 +131,31 @@
 
   // -- commands ----------------------------------------------------------------------
 
+  // Keyed by pool and command: a proxy with two pools has a "get" row in each.  The pool column is
+  // shown only when the rows name a pool.
+  const COMMAND_COLUMNS = ["pool", "command", "calls", "errors", "p50", "p99"];
+
   TP.renderCommands = function (state) {
-    TP.syncRows(TP.byTestId("commands-rows"), state.commands, (c) => c.command,
-      (c) => TP.row(["command", "calls", "errors", "p50", "p99"], { "data-command": c.command }),
-      (row, c) => TP.setCells(row, { command: c.command, calls: fmt.num(c.calls), errors: fmt.num(c.errors),
-        p50: fmt.ms(c.p50_ms), p99: fmt.ms(c.p99_ms) }));
+    const commands = state.commands || [];
+    const pooled = commands.some((c) => c.pool !== null && c.pool !== undefined && c.pool !== "");
+    TP.show(TP.byTestId("commands-pool-head"), pooled);
+    TP.syncRows(TP.byTestId("commands-rows"), commands, (c) => (c.pool || "") + "|" + c.command,
+      (c) => TP.row(COMMAND_COLUMNS, { "data-command": c.command, "data-pool": c.pool }),
+      (row, c) => {
+        TP.show(TP.cell(row, "pool"), pooled);
+        TP.setCells(row, { pool: c.pool, command: c.command, calls: fmt.num(c.calls), errors: fmt.num(c.errors),
+          p50: fmt.ms(c.p50_ms), p99: fmt.ms(c.p99_ms) });
+      });
   };
 
   // -- events (newest first, the last MAX_EVENTS) -------------------------------------
 
   const MAX_EVENTS = 300;
+
+  // The log emptied: the server's event log is another one (its process restarted, ids start again at 1).
+  TP.clearEvents = function () {
+    TP.byTestId("events-rows").replaceChildren();
+  };
 
   TP.addEvents = function (events) {
     const body = TP.byTestId("events-rows");
