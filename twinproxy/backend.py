@@ -300,6 +300,11 @@ class BackendConnection(Protocol):
             latency_counts[bucket] += 1
             latency.total += elapsed
             counted = request.counted
+            if counted is None and request.parent is not None and request.parent.pending == 1:
+                # The last fragment of a split request: the command's one observation, from this
+                # fragment's send (they all leave together) to the last reply.  Fragments carry no
+                # ``counted``, so a split command is timed once, not once per server.
+                counted = request.parent.counted
             if counted is not None:
                 command_latency = counted.latency
                 command_latency.counts[bucket] += 1

@@ -21,6 +21,7 @@ import yaml
 
 from twinproxy.distribution import DISTRIBUTIONS
 from twinproxy.hashing import HASH_FUNCTIONS
+from twinproxy.stats import TOP_FIELDS
 
 # Nutcracker leaves the port out of a server's ketama name when it is the
 # memcached default, to place keys as libmemcached does.
@@ -248,7 +249,15 @@ def load_text(text: bytes | str, path: str = "<config>") -> List[PoolConfig]:
     return pools
 
 
+# The stats document puts each pool beside its top-level fields: a pool of one of these names would replace one.
+# (``workers`` and ``workers_answered``: the --workers parent's merged document.)
+RESERVED_POOL_NAMES = frozenset([field for field, _ in TOP_FIELDS] + ["workers", "workers_answered"])
+
+
 def _parse_pool(path: str, name: str, body: Any) -> PoolConfig:
+    if name in RESERVED_POOL_NAMES:
+        raise ConfigError(path, "is not a usable pool name: the stats document has a top-level field of that "
+                          f"name ({', '.join(sorted(RESERVED_POOL_NAMES))} are reserved)", name)
     if not isinstance(body, dict):
         raise ConfigError(path, "must be a mapping of pool keys", name)
 

@@ -79,7 +79,10 @@ class FrontendProtocol(Protocol):
         self._in_order: deque = deque()
         self._counters = factory.pool.counters
         self._commands = factory.pool.counters.commands
+        # The codec's error replies begin with one of error_starts (each error_start_width bytes long):
+        # only those go on to is_error.
         self._error_starts = getattr(self._codec, "error_starts", frozenset())
+        self._error_start_width = getattr(self._codec, "error_start_width", 1)
         config = factory.pool.config
         self._max_pending = config.client_max_pending
         self._max_pending_bytes = config.client_max_pending_bytes
@@ -329,8 +332,7 @@ class FrontendProtocol(Protocol):
             fragment.owner = self
             fragment.client = self
             fragment.parent = request
-            fragment.dialect = request.dialect
-            fragment.counted = request.counted
+            fragment.dialect = request.dialect   # no ``counted``: the backend times the parent once
             server.send(fragment)
 
     def request_done(self, request: Request) -> None:
@@ -364,6 +366,7 @@ class FrontendProtocol(Protocol):
         in_order = self._in_order
         out = self._out
         error_starts = self._error_starts
+        width = self._error_start_width
         while in_order:
             head = in_order[0]
             reply = head.reply
@@ -373,7 +376,7 @@ class FrontendProtocol(Protocol):
             self._pending_bytes -= len(head.raw)
             # Error replies per command, the server's and the proxy's, for both protocols
             # (calls are counted at dispatch, latency by the backend).
-            if reply[:1] in error_starts and head.counted is not None and self._codec.is_error(reply):
+            if reply[:width] in error_starts and head.counted is not None and self._codec.is_error(reply):
                 head.counted.errors += 1
             if self.closed:
                 continue

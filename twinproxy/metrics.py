@@ -90,7 +90,8 @@ class ProxyCollector:
         command_errors = CounterMetricFamily("twinproxy_pool_command_errors", "Error replies sent to clients "
                                              "(the server's or the proxy's), by command", labels=command_labels)
         command_latency = HistogramMetricFamily("twinproxy_pool_command_latency_seconds", "Time from "
-                                                "sending a request to its server to the reply, by command",
+                                                "sending a request to its server to the reply (a split "
+                                                "request once, to its last fragment's reply), by command",
                                                 labels=command_labels)
         pool_latency = HistogramMetricFamily("twinproxy_pool_request_latency_seconds", "Time from sending a "
                                              "request to a server to its reply, over the pool's servers",

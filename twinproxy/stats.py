@@ -65,10 +65,13 @@ class ServerCounters:
 class CommandCounters:
     """One command's requests in one pool: calls, error replies the client got, and their latency.
 
-    ``latency`` runs from the request's dispatch (the read that brought it)
-    to its reply being queued for the client's socket, in order: what the
-    client waits, the proxy's time included.  The frontend bumps these
-    in-line (``FrontendProtocol._flush``) for both protocols.
+    ``calls`` (at dispatch) and ``errors`` (``FrontendProtocol._flush``,
+    the server's error replies and the proxy's) count client requests.
+    ``latency`` is bumped by the backend as it reads the reply: from
+    sending the request to its server to the reply, one observation per
+    client request answered by a server (a split request once: from its
+    fragments' send to the last fragment's reply); replies the proxy makes
+    itself are not timed.
     """
 
     __slots__ = ("calls", "errors", "latency")
@@ -112,7 +115,8 @@ TOP_FIELDS = (
     ("latency", "per server: [{pool, server, buckets}], buckets the cumulative counts of replies within each "
      "latency bound (0.1 ms ... 5 s, then +Inf) from sending to the server to its reply"),
     ("commands", "per command: [{pool, command, calls, errors, buckets}], errors the error replies clients got, "
-     "buckets cumulative as in latency, the same span: from sending to the server to its reply"),
+     "buckets cumulative as in latency, the same span: from sending to the server to its reply, "
+     "a split request once (to its last fragment's reply)"),
 )
 POOL_FIELDS = (
     ("client_eof", "client connections closed by the client"),

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 
 from twinproxy import __version__
 from twinproxy.web.events import EventLog
-from twinproxy.web.series import Series, bucket_deltas, bucket_percentile, milliseconds, rate
+from twinproxy.web.series import Series, add_counts, bucket_deltas, percentiles, rate
 
 PERIOD = 1.0
 Snapshot = Dict[str, Any]
@@ -84,16 +84,6 @@ def _by_key(rows: Sequence[Dict[str, Any]], *fields: str) -> Dict[tuple, Dict[st
     return {tuple(row[f] for f in fields): row for row in rows}
 
 
-def _sum_counts(rows: Sequence[Sequence[int]]) -> List[int]:
-    total: List[int] = []
-    for counts in rows:
-        if not total:
-            total = list(counts)
-        else:
-            total = [a + b for a, b in zip(total, counts)]
-    return total
-
-
 def sample_figures(before: Optional[Snapshot], after: Snapshot) -> Dict[str, Any]:
     """ops/s and p99 (ms) over the sample from ``before`` to ``after`` (no ``before``: 0 and None).
 
@@ -103,11 +93,11 @@ def sample_figures(before: Optional[Snapshot], after: Snapshot) -> Dict[str, Any
         return {"ops_per_second": 0.0, "p99_ms": None}
     seconds = after["time"] - before["time"]
     old = _by_key(before["commands"], "pool", "command")
-    deltas = [bucket_deltas(old[key]["latency"] if key in old else None, row["latency"])
-              for key, row in _by_key(after["commands"], "pool", "command").items()]
-    counts = _sum_counts(deltas)
+    counts: Optional[List[int]] = None
+    for key, row in _by_key(after["commands"], "pool", "command").items():
+        counts = add_counts(counts, bucket_deltas(old[key]["latency"] if key in old else None, row["latency"]))
     return {"ops_per_second": round(rate(before["requests"], after["requests"], seconds), 1),
-            "p99_ms": milliseconds(bucket_percentile(counts, 0.99)) if counts else None}
+            "p99_ms": percentiles(counts)[1]}
 
 
 def state_document(before: Optional[Snapshot], after: Snapshot, name: str, started: float) -> Dict[str, Any]:
@@ -121,6 +111,7 @@ def state_document(before: Optional[Snapshot], after: Snapshot, name: str, start
         previous = old_servers.get(key)
         delta = bucket_deltas(previous["latency"] if previous is not None else None, row["latency"]) \
             if previous is not None else [0] * len(row["latency"])
+        p50, p99 = percentiles(delta)
         subject = f"{row['pool']}/{row['name']}"
         if row["state"] == "ejected":
             alerts.append({"kind": "ejected", "subject": subject,
@@ -139,16 +130,15 @@ def state_document(before: Optional[Snapshot], after: Snapshot, name: str, start
             "requests_per_second": round(rate(previous["requests"] if previous else None, row["requests"],
                                               seconds), 1),
             "errors": row["errors"], "timeouts": row["timeouts"],
-            "p50_ms": milliseconds(bucket_percentile(delta, 0.5)),
-            "p99_ms": milliseconds(bucket_percentile(delta, 0.99)),
+            "p50_ms": p50, "p99_ms": p99,
             # INFO is not asked from a plain proxy: the cluster dashboard polls its groups' servers.
             "backend": None,
         })
-    commands = [{"pool": row["pool"], "command": row["command"], "calls": row["calls"], "errors": row["errors"],
-                 # since start, like calls and errors beside them
-                 "p50_ms": milliseconds(bucket_percentile(row["latency"], 0.5)),
-                 "p99_ms": milliseconds(bucket_percentile(row["latency"], 0.99))}
-                for row in after["commands"]]
+    commands = []
+    for row in after["commands"]:
+        p50, p99 = percentiles(row["latency"])   # since start, like calls and errors beside them
+        commands.append({"pool": row["pool"], "command": row["command"], "calls": row["calls"],
+                         "errors": row["errors"], "p50_ms": p50, "p99_ms": p99})
     figures = sample_figures(before, after)
     counted = [row for row in rows if row["state"] != "draining"]
     now = after["time"]
@@ -238,6 +228,13 @@ class ProxyWebState:
     # -- sampling -------------------------------------------------------------
 
     def sample(self) -> None:
+        """One sample, never raising: a LoopingCall whose call raises stops for good (no more samples)."""
+        try:
+            self._sample()
+        except Exception:  # noqa: BLE001 - logged; the next period samples again
+            self._log.failure("web dashboard sample")
+
+    def _sample(self) -> None:
         """Take a snapshot; the one before it stays for the rates; add a point and the events it shows."""
         services = list(self._pools())
         self._watch(services)

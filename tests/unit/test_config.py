@@ -146,6 +146,14 @@ def test_structure_errors() -> None:
     assert err.pool == "beta" and "duplicate listen" in err.reason
 
 
+@pytest.mark.parametrize("name", ["latency", "commands", "uptime", "service", "workers"])
+def test_pool_named_like_a_stats_top_level_field_is_refused(name: str) -> None:
+    # The stats document writes pools beside these fields: such a pool would replace one (or be replaced).
+    err = refused(MINIMAL.replace("alpha", name))
+    assert err.pool == name and "not a usable pool name" in err.reason and "latency" in err.reason
+    assert f"pool '{name}'" in str(err)
+
+
 def test_load_file_reports_unreadable_path(tmp_path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_file(str(tmp_path / "missing.yml"))

@@ -184,3 +184,15 @@ def test_event_stream_refuses_beyond_max_streams() -> None:
     # The JSON fallback still answers.
     assert json.loads(stream.render(_request(b"", {b"format": [b"json"]})))["events"] == []
     stream.close()
+
+
+def test_add_counts_and_percentiles_shared_by_both_pages() -> None:
+    from twinproxy.web.series import add_counts, percentiles
+
+    assert add_counts(None, [1, 2]) == [1, 2] and add_counts([1, 2], [3, 4]) == [4, 6]
+    assert add_counts([1, 2, 3], [3, 4]) == [3, 4]          # another layout: the new one alone
+    assert percentiles(None) == (None, None) and percentiles([0] * (len(LATENCY_BUCKETS) + 1)) == (None, None)
+    counts = [0, 0, 4] + [0] * (len(LATENCY_BUCKETS) - 2)
+    p50, p99 = percentiles(counts)
+    assert p50 == round(bucket_percentile(counts, 0.5) * 1000, 3)
+    assert p99 == round(bucket_percentile(counts, 0.99) * 1000, 3)

@@ -10,6 +10,7 @@ from typing import Any, Dict, List
 
 import pytest
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import Logger
 
 from twinproxy import stats
 from twinproxy.config import load_text
@@ -197,6 +198,56 @@ def test_per_command_calls_errors_and_latency_through_the_frontend() -> None:
     assert get.latency.counts[LATENCY_BUCKETS.index(0.0025)] == 2
     server_latency = runtime.pool.servers[0].counters.latency
     assert server_latency.counts == get.latency.counts   # the same span, measured once
+
+
+def test_a_split_mget_is_one_latency_observation_and_its_error_still_counts() -> None:
+    reactor, runtime, _ = harness()
+    client = runtime.factory.buildProtocol(None)
+    out = StringTransport()
+    client.makeConnection(out)
+    pool = runtime.pool
+    on_a = next(b"k%d" % i for i in range(1000) if pool.server_for_key(b"k%d" % i).name == "a")
+    on_b = next(b"k%d" % i for i in range(1000) if pool.server_for_key(b"k%d" % i).name == "b")
+    client.dataReceived(encode_command([b"MGET", on_a, on_b]) + encode_command([b"MGET", on_a, on_b]))
+    backends = {}
+    while reactor.tcpClients:
+        host, _, factory, _, _ = reactor.tcpClients.pop(0)
+        backends[host] = factory.buildProtocol(None)
+        backends[host].makeConnection(StringTransport())
+    reactor.advance(0.002)
+    backends["10.0.0.1"].dataReceived(b"*1\r\n$1\r\nx\r\n" * 2)
+    reactor.advance(0.002)
+    backends["10.0.0.2"].dataReceived(b"*1\r\n$1\r\ny\r\n-ERR from b\r\n")
+    mget = pool.counters.commands["mget"]
+    assert mget.calls == 2 and pool.counters.fragments == 4
+    assert mget.latency.count == 2                       # one per MGET, not one per fragment
+    assert mget.latency.counts[LATENCY_BUCKETS.index(0.005)] == 2   # to the last fragment's reply (4 ms)
+    assert mget.errors == 1                              # the second MGET's merged reply is an error
+    assert sum(s.counters.latency.count for s in pool.servers) == 4   # the servers time each fragment
+    assert out.value().startswith(b"*2\r\n$1\r\nx\r\n$1\r\ny\r\n")
+
+
+def test_a_sampler_error_is_logged_and_sampling_goes_on() -> None:
+    reactor, runtime, _ = harness()
+    calls = []
+
+    def pools():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("one bad sample")
+        return [FakeService(runtime)]
+
+    web = ProxyWebState(pools, 990.0, reactor, name="test")
+    logged = []
+    web._log = Logger(observer=logged.append)
+    web.start()
+    reactor.advance(1.0)                                  # the one that raises
+    assert len(logged) == 1 and logged[0]["log_failure"].check(RuntimeError)
+    reactor.advance(1.0)
+    reactor.advance(1.0)
+    assert len(calls) == 4 and web._loop.running
+    assert len(web.series.document(reactor.seconds(), 600, 1.0)["points"]) == 3
+    web.stop()
 
 
 def test_stats_rows_are_cumulative_and_summed_over_workers() -> None:

@@ -3,8 +3,9 @@
 Owns :class:`Sampler`: each ``sample()`` looks at the last document the
 :class:`~twinproxy.dashboard.metrics.StatsPoller` fetched from each
 registered proxy and computes, from the difference between that proxy's
-last two documents, its requests per second (summed over the servers of
-this cluster's pools), its error rate, each server's requests per second
+last two documents, its requests per second (the calls of the top-level
+``commands`` list, this cluster's pools only, as the proxy's own page
+counts; a document without it: the servers' requests), its error rate, each server's requests per second
 and the p50/p99 of the per-server and per-command latency buckets when the
 document carries them (``latency`` / ``commands``; otherwise null).  A
 proxy whose document did not change during a sample has missed it
@@ -19,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from twinproxy.web.series import Series, bucket_deltas, bucket_percentile, milliseconds, per_bucket, rate
+from twinproxy.web.series import Series, add_counts, bucket_deltas, per_bucket, percentiles, rate
 
 STALE_AFTER = 3
 PERIOD = 1.0
@@ -58,17 +59,22 @@ def _histograms(document: Optional[Dict[str, Any]], key: str, pools: Any, name: 
     return found
 
 
-def _add(total: Optional[List[int]], counts: List[int]) -> List[int]:
-    if total is None or len(total) != len(counts):
-        return list(counts)
-    return [a + b for a, b in zip(total, counts)]
+def command_calls(document: Optional[Dict[str, Any]], pools: Any) -> Optional[Dict[Tuple[str, str], float]]:
+    """``document["commands"]``'s calls of ``pools`` by (pool, command); None without that top-level list."""
+    items = (document or {}).get("commands")
+    if not isinstance(items, list):
+        return None
+    return {(item["pool"], item["command"]): _number(item.get("calls")) for item in items
+            if isinstance(item, dict) and item.get("pool") in pools and isinstance(item.get("command"), str)}
 
 
-def percentiles(counts: Optional[List[int]]) -> Tuple[Optional[float], Optional[float]]:
-    """(p50, p99) in milliseconds of a bucket histogram; (None, None) when there is nothing in it."""
-    if not counts:
-        return None, None
-    return milliseconds(bucket_percentile(counts, 0.5)), milliseconds(bucket_percentile(counts, 0.99))
+def calls_since(before: Optional[Dict[Tuple[str, str], float]], after: Dict[Tuple[str, str], float]) -> float:
+    """Command calls made from ``before`` to ``after``: a row new or gone down (restart) counts its calls alone."""
+    total = 0.0
+    for key, calls in after.items():
+        old = before.get(key) if before is not None else None
+        total += calls - old if old is not None and old <= calls else calls
+    return total
 
 
 @dataclass
@@ -149,6 +155,15 @@ class Sampler:
                 ops += per_second
                 requests += _number(server.get("requests"))
                 servers[(pool_name, name)] = {"requests_per_second": per_second, "document": server}
+        # ops/s and requests as the proxy's own page counts them, when the document has them: command calls
+        # (one per client request, replies the proxy made included); the servers' requests count each
+        # fragment of a split request and miss the proxy's replies.
+        calls = command_calls(track.last, after_pools)
+        if calls is not None:
+            requests = sum(calls.values())
+            ops = 0.0
+            if track.before is not None and seconds > 0:
+                ops = calls_since(command_calls(track.before, before_pools), calls) / seconds
         latency = self._deltas(track, "latency", "server", after_pools)
         commands = self._deltas(track, "commands", "command", after_pools)
         return {"ops_per_second": ops, "errors_per_second": errors, "requests": int(requests), "clients": clients,
@@ -193,7 +208,8 @@ class Sampler:
                                                   "ejected_at": 0, "address": None})
                 document = server["document"]
                 row["requests_per_second"] += server["requests_per_second"]
-                row["errors"] += int(_number(document.get("server_err")))
+                # as the proxy's page: the server's connections that failed or were closed by it
+                row["errors"] += int(_number(document.get("server_err")) + _number(document.get("server_eof")))
                 row["timeouts"] += int(_number(document.get("server_timedout")))
                 row["connections"] += int(_number(document.get("server_connections")))
                 row["in_flight"] += int(_number(document.get("out_queue")) + _number(document.get("in_queue")))
@@ -205,15 +221,15 @@ class Sampler:
                     row = per_server.setdefault(key, {"requests_per_second": 0.0, "errors": 0, "timeouts": 0,
                                                       "connections": 0, "in_flight": 0, "buckets": None,
                                                       "ejected_at": 0, "address": None})
-                    row["buckets"] = _add(row["buckets"], entry["delta"])
-                    all_buckets = _add(all_buckets, entry["delta"])
+                    row["buckets"] = add_counts(row["buckets"], entry["delta"])
+                    all_buckets = add_counts(all_buckets, entry["delta"])
             for (_, command), entry in values["commands"].items():
                 item = entry["item"]
                 row = per_command.setdefault(command, {"command": command, "calls": 0, "errors": 0, "buckets": None})
                 row["calls"] += int(_number(item.get("calls")))
                 row["errors"] += int(_number(item.get("errors")))
                 if entry["delta"] is not None:
-                    row["buckets"] = _add(row["buckets"], entry["delta"])
+                    row["buckets"] = add_counts(row["buckets"], entry["delta"])
         combined["ops_per_second"] = round(combined["ops_per_second"], 1)
         combined["p50_ms"], combined["p99_ms"] = percentiles(all_buckets)
         for row in per_server.values():

@@ -11,7 +11,9 @@ sentinels' answers about one group into the contract's ``sentinel`` object
 answered names the topology's master) and the ``sentinel`` alerts (they
 name another master than the topology's, or they disagree among
 themselves).  When the master Sentinel names for a group changes between
-two polls the watch adds a ``switch-master`` event to the log.  A sentinel
+two polls the watch adds a ``switch-master`` event to the log; a merge
+whose epoch is lower than the highest one seen for the group (its sentinel
+stopped answering) adds none.  A sentinel
 that does not answer says nothing about the groups (the health poll's
 "sentinel down" alert covers it).  Runs on the reactor, never blocking it.
 """
@@ -128,6 +130,9 @@ class SentinelWatch(Poller):
         self._ips: Dict[str, str] = {}          # host -> its IP, for comparing with what Sentinel names
         self._resolving: Dict[str, defer.Deferred] = {}
         self._masters: Dict[int, str] = {}      # gid -> the master Sentinel named at the last merge
+        # gid -> the highest config epoch a merge gave: when the sentinel that named it stops answering,
+        # a lower-epoch sentinel's older master is no switch.
+        self._epochs: Dict[int, int] = {}
         self.answers: Dict[str, Dict[int, Answer]] = {}
 
     # -- life ---------------------------------------------------------------------
@@ -144,6 +149,8 @@ class SentinelWatch(Poller):
         gids = {gid for gid, _ in groups}
         for gone in [gid for gid in self._masters if gid not in gids]:
             del self._masters[gone]
+        for gone in [gid for gid in self._epochs if gid not in gids]:
+            del self._epochs[gone]
         for _, master in groups:
             if master is not None:
                 self._resolve(split_address(master)[0])
@@ -224,6 +231,12 @@ class SentinelWatch(Poller):
             new = document["master"]
             if new is None:
                 continue
+            epoch = document["epoch"]
+            highest = self._epochs.get(gid)
+            if highest is not None and (epoch is None or epoch < highest):
+                continue   # an older configuration than one already seen: not a switch back
+            if epoch is not None:
+                self._epochs[gid] = epoch
             old = self._masters.get(gid)
             self._masters[gid] = new
             if old is not None and old != new and self._event is not None:

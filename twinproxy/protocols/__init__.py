@@ -76,10 +76,12 @@ class Codec(Protocol):
     """
 
     default_dialect: int
-    # The first bytes an error reply may start with (``is_error`` decides):
-    # the frontend's per-command error count tests this set first, so most
-    # replies cost no call.
+    # The first ``error_start_width`` bytes an error reply may start with
+    # (``is_error`` decides): the frontend's per-command error count tests
+    # ``reply[:error_start_width]`` against this set first, so most replies
+    # cost no call.
     error_starts: frozenset
+    error_start_width: int
 
     def request_parser(self) -> RequestParser: ...
 

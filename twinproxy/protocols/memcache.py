@@ -55,7 +55,10 @@ class MemcacheCodec:
     """Codec for pools with ``redis: false``; one instance per pool."""
 
     default_dialect = 0
-    error_starts = frozenset((b"S", b"C", b"E"))   # SERVER_ERROR, CLIENT_ERROR, ERROR (and STORED, END...)
+    # SERVER_ERROR, CLIENT_ERROR, ERROR by their first two bytes: one byte would also match STORED, END,
+    # EXISTS, EN (and send nearly every reply to is_error).
+    error_starts = frozenset((b"SE", b"CL", b"ER"))
+    error_start_width = 2
 
     def __init__(self, config: PoolConfig) -> None:
         self._config = config

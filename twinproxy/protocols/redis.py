@@ -101,7 +101,8 @@ class RedisCodec:
     """Codec for pools with ``redis: true``; one instance per pool."""
 
     default_dialect = 2
-    error_starts = frozenset((b"-", b"!"))
+    error_starts = frozenset((b"-", b"!"))   # every reply starting so is an error (is_error says no more)
+    error_start_width = 1
 
     def __init__(self, config: PoolConfig) -> None:
         self._config = config

@@ -4,13 +4,15 @@ Owns :class:`Series` (the last :data:`MAX_POINTS` points of ops/s and p99,
 ``GET /api/series``), :func:`rate` (a counter's change per second between
 two samples, never negative: a restarted process's counters start again at
 0) and :func:`bucket_percentile` (a percentile of the latency histogram's
-bucket counts, interpolated inside its bucket).  Pure: no reactor, no I/O.
+bucket counts, interpolated inside its bucket), :func:`percentiles` (the
+p50/p99 pair both pages show) and :func:`add_counts` (histograms summed
+bucket by bucket).  Pure: no reactor, no I/O.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Sequence
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 from twinproxy.stats import LATENCY_BUCKETS
 
@@ -66,6 +68,20 @@ def bucket_percentile(counts: Sequence[int], quantile: float,
 def milliseconds(seconds: Optional[float]) -> Optional[float]:
     """Seconds as milliseconds rounded to 3 decimals (None stays None)."""
     return None if seconds is None else round(seconds * 1000.0, 3)
+
+
+def add_counts(total: Optional[Sequence[int]], counts: Sequence[int]) -> List[int]:
+    """Two bucket histograms summed element-wise (``total`` None or of another length: ``counts`` alone)."""
+    if not total or len(total) != len(counts):
+        return list(counts)
+    return [a + b for a, b in zip(total, counts)]
+
+
+def percentiles(counts: Optional[Sequence[int]]) -> Tuple[Optional[float], Optional[float]]:
+    """(p50, p99) in milliseconds of a per-bucket histogram; (None, None) when there is nothing in it."""
+    if not counts:
+        return None, None
+    return milliseconds(bucket_percentile(counts, 0.5)), milliseconds(bucket_percentile(counts, 0.99))
 
 
 class Series:

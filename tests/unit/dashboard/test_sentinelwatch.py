@@ -187,6 +187,30 @@ def test_switch_master_event_when_sentinel_master_changes() -> None:
     world.watch.stop()
 
 
+def test_a_lower_epoch_answer_after_the_highest_sentinel_goes_is_no_switch() -> None:
+    world = World()
+    world.watch.start()                          # s:1 then s:2, every round
+    world.admin.answer(reply(port=7001, epoch=1))
+    world.admin.answer(reply(port=7001, epoch=1))
+    world.clock.advance(2.0)
+    world.admin.answer(reply(port=7002, epoch=2))   # s:1 saw the failover
+    world.admin.answer(reply(port=7001, epoch=1))   # s:2 not yet
+    assert [e["new"] for e in world.log.since(0)] == ["127.0.0.1:7002"]
+    world.clock.advance(2.0)
+    world.admin.answer(ServerUnreachable("s:1 did not answer SENTINEL MASTER: timeout"))
+    world.admin.answer(reply(port=7001, epoch=1))   # only the older configuration is left
+    assert world.watch.group(1, "127.0.0.1:7001")[0]["epoch"] == 1
+    world.clock.advance(2.0)
+    world.admin.answer(reply(port=7002, epoch=2))   # s:1 is back
+    world.admin.answer(reply(port=7002, epoch=2))
+    assert [e["new"] for e in world.log.since(0)] == ["127.0.0.1:7002"]   # no switch back and forth
+    assert world.watch._epochs == {1: 2}
+    world.groups = []
+    world.clock.advance(2.0)
+    assert world.watch._epochs == {} and world.watch._masters == {}     # a group that goes is forgotten
+    world.watch.stop()
+
+
 def test_removed_sentinels_and_groups_are_dropped() -> None:
     world = World()
     world.watch.start()

@@ -84,6 +84,34 @@ def test_rates_come_from_the_difference_of_two_documents(setup):
         [0.0, 400.0, 0.0]
 
 
+def test_ops_and_requests_are_command_calls_when_the_document_has_them(setup):
+    # As the proxy's own page counts: one per client request (a split MGET is one, a reply the proxy made
+    # counts); the servers' requests (fragments, no proxy replies) stay the per-server rates.
+    clock, fetch, sampler, _, _ = setup
+
+    def document(requests: int, commands: List[Dict[str, Any]]) -> Dict[str, Any]:
+        found = stats(requests, commands=commands)
+        found["alpha"]["shop-2"]["server_eof"] = 2
+        found["beta"] = {"cluster": "other", "shop-9": {"requests": 5000}}
+        return found
+
+    fetch("p1", document(1000, [{"pool": "alpha", "command": "get", "calls": 300, "errors": 0, "buckets": []}]))
+    first = sampler.sample()
+    assert first["requests"] == 300 and first["ops_per_second"] == 0.0
+    clock.advance(2)
+    fetch("p1", document(1400, [{"pool": "alpha", "command": "get", "calls": 500, "errors": 0, "buckets": []},
+                                {"pool": "alpha", "command": "ping", "calls": 40, "errors": 0, "buckets": []},
+                                {"pool": "beta", "command": "get", "calls": 9000, "errors": 0, "buckets": []}]))
+    latest = sampler.sample()
+    assert latest["requests"] == 540                                  # this cluster's pools only
+    assert latest["ops_per_second"] == 120.0                          # (200 more get + 40 new ping) / 2 s
+    assert latest["proxies"]["p1"]["ops_per_second"] == 120.0
+    assert latest["servers"][("alpha", "shop-1")]["requests_per_second"] == 150.0
+    # errors as the proxy's page: server_err + server_eof
+    assert latest["servers"][("alpha", "shop-1")]["errors"] == 1
+    assert latest["servers"][("alpha", "shop-2")]["errors"] == 2
+
+
 def test_other_clusters_pools_do_not_count(setup):
     clock, fetch, sampler, _, _ = setup
     fetch("p1", stats(100, cluster="other"))

@@ -329,3 +329,20 @@ def test_meta_value_replies_are_framed() -> None:
     expected = [b"VA 3 t-1 f5\r\nabc\r\n", b"HD\r\n", b"EN\r\n", b"VA 0\r\n\r\n", b"MN\r\n"]
     for cut in range(len(stream) + 1):
         assert frame([stream[:cut], stream[cut:]]) == expected
+
+
+MEMCACHE_REPLIES = [b"STORED\r\n", b"NOT_STORED\r\n", b"EXISTS\r\n", b"NOT_FOUND\r\n", b"END\r\n",
+                    b"VALUE k 0 1\r\nv\r\nEND\r\n", b"DELETED\r\n", b"TOUCHED\r\n", b"OK\r\n", b"VERSION 1.6\r\n",
+                    b"EN\r\n", b"HD\r\n", b"NS\r\n", b"EX\r\n", b"NF\r\n", b"VA 1\r\nv\r\n", b"MN\r\n", b"42\r\n",
+                    b"STAT pid 1\r\nEND\r\n", b"", b"E", b"ERROR\r\n", b"SERVER_ERROR out of memory\r\n",
+                    b"CLIENT_ERROR bad data chunk\r\n"]
+
+
+@pytest.mark.parametrize("reply", MEMCACHE_REPLIES)
+def test_error_starts_let_only_error_replies_reach_is_error(reply: bytes) -> None:
+    # The frontend's per-command error count tests reply[:error_start_width] first: STORED, END, EXISTS
+    # (one byte, S/E) no longer pass that test, the three error replies still do.
+    the_codec = codec()
+    starts_like_error = reply[:the_codec.error_start_width] in the_codec.error_starts
+    assert starts_like_error == the_codec.is_error(reply)
+    assert all(len(start) == the_codec.error_start_width for start in the_codec.error_starts)

@@ -244,3 +244,11 @@ def test_same_server_commands_refuse_spread_keys() -> None:
     assert request.reply.startswith(b"-ERR keys in request don't hash to the same server")
     request = prepared([b"EVAL", b"return 1", b"2", b"a1", b"a2", b"argv"], the_codec=the_codec)
     assert the_codec.fragment(request, Router()) == [("A", request)]
+
+
+@pytest.mark.parametrize("reply", [b"+OK\r\n", b":1\r\n", b"$1\r\nv\r\n", b"*0\r\n", b"_\r\n", b"%0\r\n",
+                                   b"-ERR wrong\r\n", b"-MOVED 1 a:1\r\n", b"!3\r\nbad\r\n"])
+def test_error_starts_match_is_error(reply: bytes) -> None:
+    the_codec = codec()
+    starts_like_error = reply[:the_codec.error_start_width] in the_codec.error_starts
+    assert starts_like_error == the_codec.is_error(reply)
