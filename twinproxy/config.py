@@ -21,7 +21,6 @@ import yaml
 
 from twinproxy.distribution import DISTRIBUTIONS
 from twinproxy.hashing import HASH_FUNCTIONS
-from twinproxy.stats import TOP_FIELDS
 
 # Nutcracker leaves the port out of a server's ketama name when it is the
 # memcached default, to place keys as libmemcached does.
@@ -249,9 +248,11 @@ def load_text(text: bytes | str, path: str = "<config>") -> List[PoolConfig]:
     return pools
 
 
-# The stats document puts each pool beside its top-level fields: a pool of one of these names would replace one.
-# (``workers`` and ``workers_answered``: the --workers parent's merged document.)
-RESERVED_POOL_NAMES = frozenset([field for field, _ in TOP_FIELDS] + ["workers", "workers_answered"])
+# The stats document puts each pool beside its top-level fields: a pool of one of twinproxy's own field names
+# would replace it (``workers`` and ``workers_answered``: the --workers parent's merged document).  nutcracker's
+# own fields (service, source, version, uptime, ...) stay usable names: nutcracker accepts them, and a file it
+# runs must run here unchanged.
+RESERVED_POOL_NAMES = frozenset(["latency", "commands", "workers", "workers_answered"])
 
 
 def _parse_pool(path: str, name: str, body: Any) -> PoolConfig:

@@ -146,12 +146,17 @@ def test_structure_errors() -> None:
     assert err.pool == "beta" and "duplicate listen" in err.reason
 
 
-@pytest.mark.parametrize("name", ["latency", "commands", "uptime", "service", "workers"])
+@pytest.mark.parametrize("name", ["latency", "commands", "workers"])
 def test_pool_named_like_a_stats_top_level_field_is_refused(name: str) -> None:
     # The stats document writes pools beside these fields: such a pool would replace one (or be replaced).
     err = refused(MINIMAL.replace("alpha", name))
     assert err.pool == name and "not a usable pool name" in err.reason and "latency" in err.reason
     assert f"pool '{name}'" in str(err)
+
+
+def test_pool_named_like_a_nutcracker_stats_field_is_accepted() -> None:
+    # nutcracker accepts these; a nutcracker file runs unchanged.
+    assert load_text(MINIMAL.replace("alpha", "uptime"))
 
 
 def test_load_file_reports_unreadable_path(tmp_path) -> None:
