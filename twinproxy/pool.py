@@ -152,7 +152,7 @@ class ServerPool:
         if self.slots is not None:
             table = self.config.slots
             if table is None:
-                return self.slots.not_ready()
+                return self.slots.not_ready(self.config.slot_hold / 1000.0)
             return self.slots.install(table, {server.name: server for server in self.servers},
                                       self.config.slot_hold / 1000.0, self.config)
         live = self._live

@@ -31,7 +31,7 @@ from zlib import crc32
 from twisted.logger import Logger
 
 from twinproxy.cluster.migrating import MigratingSlot
-from twinproxy.cluster.slots import SLOT_COUNT
+from twinproxy.cluster.slots import SLOT_COUNT, slot_of
 from twinproxy.cluster.warmup import WarmingSlot
 from twinproxy.request import Request
 
@@ -40,6 +40,8 @@ Answer = Callable[..., None]   # answer(request, text, code="ERR"): the reply in
 # shorter than two thirds of any session timeout worth using (ZooKeeper's
 # least is 2 x tickTime = 4 s by default).
 LEASE_SECONDS = 1.0
+# How long a request that came before the proxy's first topology waits for it (normally ~0.1 s away).
+STARTUP_WAIT = 1.0
 
 
 class OfflineSlot:
@@ -110,10 +112,14 @@ class HeldSlot:
         while queue and queue[0][1] <= now + 1e-9:
             request, _ = queue.popleft()
             self._early = max(0, self._early - 1)
-            self._answer(request, f"slot {self.slot} of cluster '{self.cluster}' is {self.why} for longer "
-                                  f"than {self._limit * 1000:.0f} ms", "TRYAGAIN")
+            self._answer(request, *self._expired())
         if queue:
             self._timer = self._clock.callLater(max(0.0, queue[0][1] - now), self._expire)
+
+    def _expired(self) -> "tuple[str, str]":
+        """The error (text, code) of a request that waited its limit out."""
+        return (f"slot {self.slot} of cluster '{self.cluster}' is {self.why} for longer than "
+                f"{self._limit * 1000:.0f} ms", "TRYAGAIN")
 
     def fence(self) -> None:
         """The session is not trusted: what waits fails now, what comes fails at once."""
@@ -145,6 +151,17 @@ class _Early:
         self.send = hold.send_early
 
 
+class StartupHold(HeldSlot):
+    """A slot before the proxy's first topology: a request waits a moment for it (the proxy just started
+    and is reading it), then gets the "not ready" error a cluster with no topology gives."""
+
+    __slots__ = ()
+
+    def _expired(self) -> "tuple[str, str]":
+        return (f"cluster '{self.cluster}' not ready: its topology is not loaded yet "
+                f"(waited {self._limit * 1000:.0f} ms)", "ERR")
+
+
 class SlotRouting:
     """The key -> target function of one cluster pool, and the stand-ins it keeps between tables."""
 
@@ -167,21 +184,23 @@ class SlotRouting:
         self._real: List[Any] = []            # the table's targets while the stall holds stand in
         self._stall_holds: Dict[int, HeldSlot] = {}
         self._hold_seconds = 5.0
+        self._startup_holds: List[StartupHold] = []   # requests from before the first table (not_ready)
         self.stalls = 0                       # times the lease ran out (stats)
 
-    def not_ready(self) -> Callable[[bytes], Any]:
-        text = f"cluster '{self.cluster}' not ready: its topology is not loaded yet"
-        answer = self._answer
+    def not_ready(self, hold_seconds: float) -> Callable[[bytes], Any]:
+        """Before the first table: a request waits for it (a just-started proxy is reading the topology),
+        at most ``min(hold_seconds, STARTUP_WAIT)`` — a cluster with no topology yet must not make every
+        client wait ``slot_hold`` — then fails "not ready"; the first ``install`` releases them in order."""
+        if not self._startup_holds:
+            limit = min(hold_seconds, STARTUP_WAIT)
+            self._startup_holds = [StartupHold(slot, self.cluster, self._clock, limit, self._answer)
+                                   for slot in range(SLOT_COUNT)]
+        holds = self._startup_holds
 
-        class _NotReady:
-            name = "not-ready"
+        def waiting_route(key: bytes) -> Any:
+            return holds[slot_of(key)]
 
-            @staticmethod
-            def send(request: Request) -> None:
-                answer(request, text)
-
-        target = _NotReady()
-        return lambda key: target
+        return waiting_route
 
     def install(self, table: Any, servers: Dict[str, Any], hold_seconds: float,
                 config: Any = None) -> Callable[[bytes], Any]:
@@ -240,6 +259,8 @@ class SlotRouting:
         # Slots released by this table: what waited goes where they now go, once
         # the caller has moved every link to its new address (release_held).
         self._released.extend(held_before.values())
+        startup, self._startup_holds = self._startup_holds, []
+        self._released.extend(startup)
         table_list = targets
         lease = self._lease
         stalled = self._stalled
@@ -325,7 +346,8 @@ class SlotRouting:
     def waiting(self) -> int:
         """Requests waiting on held slots (and on the stall holds)."""
         return (sum(target.waiting for target in self._held.values())
-                + sum(target.waiting for target in self._stall_holds.values()))
+                + sum(target.waiting for target in self._stall_holds.values())
+                + sum(target.waiting for target in self._startup_holds))
 
     def stop(self) -> None:
         """The pool stops: what waits on held slots fails."""
@@ -333,6 +355,8 @@ class SlotRouting:
         held.update({target.slot: target for target in self._released})
         self._released = []
         stall, self._stall_holds = list(self._stall_holds.values()), {}
+        stall.extend(self._startup_holds)
+        self._startup_holds = []
         for target in [*held.values(), *stall]:
             target.fenced = True
             target.fence()

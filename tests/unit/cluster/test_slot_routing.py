@@ -9,6 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twinproxy.cluster.pools import cluster_pool, not_ready
 from twinproxy.cluster.slots import slot_of
+from twinproxy.cluster.targets import STARTUP_WAIT
 from twinproxy.config import load_text
 from twinproxy.protocols.resp import encode_command
 from twinproxy.runtime import PoolRuntime
@@ -76,11 +77,28 @@ class Wire:
 
 
 class SlotRoutingTests(SynchronousTestCase):
-    def test_not_ready_before_a_topology(self) -> None:
+    def test_before_a_topology_requests_wait_for_it(self) -> None:
+        # A just-started proxy: what arrives before the first topology waits for it, in order.
+        w = Wire()
+        client, out = w.client()
+        client.dataReceived(cmd(b"GET", b"a") + cmd(b"GET", key_in(3)) + cmd(b"GET", b"b"))
+        self.assertEqual(out.value(), b"")
+        self.assertEqual(w.runtime.pool.slots.waiting, 3)
+        w.serve(topology())
+        backends = w.connect_pending()
+        self.assertEqual(backends["10.0.0.2:6379"][0][1].value(), cmd(b"GET", b"a") + cmd(b"GET", b"b"))
+        self.assertEqual(backends["10.0.0.1:6379"][0][1].value(), cmd(b"GET", key_in(3)))
+        self.assertEqual(w.runtime.pool.slots.waiting, 0)
+
+    def test_before_a_topology_a_request_waits_a_moment_then_is_not_ready(self) -> None:
         w = Wire()
         client, out = w.client()
         client.dataReceived(cmd(b"GET", b"a"))
-        self.assertEqual(out.value(), b"-ERR cluster 'shop' not ready: its topology is not loaded yet\r\n")
+        w.reactor.advance(STARTUP_WAIT - 0.01)
+        self.assertEqual(out.value(), b"")
+        w.reactor.advance(0.02)
+        self.assertEqual(out.value(), b"-ERR cluster 'shop' not ready: its topology is not loaded yet "
+                                      b"(waited 1000 ms)\r\n")
 
     def test_keys_go_to_the_group_their_slot_names(self) -> None:
         w = Wire()
