@@ -6,7 +6,9 @@ a :func:`take_snapshot` of the pools' counters, keeps the one before it,
 adds a point (ops/s, p99) to a :class:`~twinproxy.web.series.Series`, and
 turns what changed between the two into events (a server down or up
 again, a Sentinel master switch).  Ejections and returns come straight
-from the pool (``ServerPool.health_listeners``), reloads from the
+from the pool (``ServerPool.health_listeners``); each server's own INFO or
+stats from a :class:`~twinproxy.dashboard.backendinfo.BackendPoller` per
+protocol (the cluster dashboard's, every 3 s); reloads from the
 :class:`~twinproxy.reload.Reloader`.  :func:`state_document` builds the
 contract's ``"kind": "proxy"`` document (docs/web-dashboard.md) from two
 snapshots; it and the snapshots are plain data, so tests hand-make them.
@@ -28,10 +30,12 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from twinproxy import __version__
+from twinproxy.dashboard.backendinfo import BackendPoller
 from twinproxy.web.events import EventLog
 from twinproxy.web.series import Series, add_counts, bucket_deltas, percentiles, rate
 
 PERIOD = 1.0
+BACKEND_TIMEOUT = 1.0
 Snapshot = Dict[str, Any]
 
 
@@ -131,8 +135,7 @@ def state_document(before: Optional[Snapshot], after: Snapshot, name: str, start
                                               seconds), 1),
             "errors": row["errors"], "timeouts": row["timeouts"],
             "p50_ms": p50, "p99_ms": p99,
-            # INFO is not asked from a plain proxy: the cluster dashboard polls its groups' servers.
-            "backend": None,
+            "backend": None,        # filled in by ProxyWebState from its INFO / stats polls
         })
     commands = []
     for row in after["commands"]:
@@ -188,6 +191,21 @@ def _clock_text(seconds: Optional[float]) -> str:
     return time.strftime("%H:%M:%S", time.localtime(seconds)) if seconds else "-"
 
 
+def backend_addresses(services: Sequence[Any], snapshot: Snapshot) -> Dict[str, List[str]]:
+    """The servers' addresses of ``snapshot`` to poll, by protocol (no redis_auth pools, no unix sockets)."""
+    protocols = {}
+    for service in services:
+        config = getattr(service, "config", None)
+        if config is not None and not config.redis_auth:
+            protocols[service.name] = config.protocol
+    polled: Dict[str, List[str]] = {"redis": [], "memcache": []}
+    for row in snapshot["servers"]:
+        protocol = protocols.get(row["pool"])
+        if protocol is not None and row["addr"] and not row["addr"].startswith("/") and row["state"] != "draining":
+            polled[protocol].append(row["addr"])
+    return polled
+
+
 class ProxyWebState:
     """The sampler, the series and the event log of one proxy process's HTTP endpoint."""
 
@@ -207,10 +225,17 @@ class ProxyWebState:
         self.after: Optional[Snapshot] = None
         self._loop: Optional[LoopingCall] = None
         self._watched: List[Any] = []
+        # Each server's own INFO (Redis) or stats (memcached), every few seconds, beside the proxy's counters;
+        # not for pools with redis_auth (the poll has no credentials) nor unix-socket servers.
+        self._polled: Dict[str, List[str]] = {"redis": [], "memcache": []}
+        self.backends = [BackendPoller(reactor, protocol, lambda protocol=protocol: self._polled[protocol],
+                                       BACKEND_TIMEOUT) for protocol in ("redis", "memcache")]
 
     # -- lifetime -------------------------------------------------------------
 
     def start(self) -> None:
+        for poller in self.backends:
+            poller.start()
         self._loop = LoopingCall(self.sample)
         self._loop.clock = self._reactor
         self._loop.start(self.period, now=True).addErrback(
@@ -220,6 +245,8 @@ class ProxyWebState:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        for poller in self.backends:
+            poller.stop()
         for pool in self._watched:
             if self._health_changed in pool.health_listeners:
                 pool.health_listeners.remove(self._health_changed)
@@ -240,6 +267,7 @@ class ProxyWebState:
         self._watch(services)
         snapshot = take_snapshot(services, self._reactor.seconds(), self._counters)
         self.before, self.after = self.after, snapshot
+        self._polled = backend_addresses(services, snapshot)
         figures = sample_figures(self.before, snapshot)
         self.series.add(snapshot["time"], figures["ops_per_second"], figures["p99_ms"])
         for event in health_events(self.before, snapshot):
@@ -279,6 +307,13 @@ class ProxyWebState:
         if self.after is None:
             self.sample()
         document = state_document(self.before, self.after, self.name, self._started)
+        known: Dict[str, Dict[str, Any]] = {}
+        for poller in self.backends:
+            known.update(poller.info)
+        for row in document["servers"]:
+            info = known.get(row["addr"])
+            if info is not None:
+                row["backend"] = {k: v for k, v in info.items() if k != "repl_offset"}
         if self._counters is not None:   # a reload shows at once, not at the next sample
             document["overview"]["generation"] = self._counters.generation
         return document

@@ -105,7 +105,15 @@ def test_state_shows_traffic_then_none_and_per_command_counts(web_proxy) -> None
     assert document["kind"] == "proxy" and document["admin"] is False and document["poll_seconds"] == 1.0
     assert document["overview"]["generation"] == 1 and document["overview"]["servers_total"] == 3
     assert {(r["pool"], r["state"]) for r in document["servers"]} == {("alpha", "up"), ("beta", "up")}
-    assert all(r["backend"] is None for r in document["servers"])
+
+    def backends_known() -> bool:
+        rows = state(address)["servers"]
+        return all(r["backend"] is not None and r["backend"]["error"] is None for r in rows)
+    # Each server's own INFO (redis) / stats (memcached) beside the proxy's counters, within a poll or two.
+    wait_until(backends_known, timeout=15, what="the backends' INFO and stats in /api/state")
+    rows = {r["pool"]: r["backend"] for r in state(address)["servers"]}
+    assert rows["alpha"]["role"] == "master" and rows["alpha"]["memory"] > 0
+    assert rows["beta"]["keys"] is not None and rows["beta"]["maxmemory"] > 0
 
     def busy() -> bool:
         for index in range(200):

@@ -268,3 +268,21 @@ def test_stats_rows_are_cumulative_and_summed_over_workers() -> None:
     assert merged["commands"] == [{"pool": "p", "command": "get", "calls": 5, "errors": 1, "buckets": [3, 5]}]
     assert merged["p"] == {"client_eof": 3}
     assert "latency" in stats.describe() and "commands" in stats.describe()
+
+
+def test_backend_addresses_by_protocol_without_auth_pools_sockets_or_draining() -> None:
+    from types import SimpleNamespace
+
+    from twinproxy.webstate import backend_addresses
+
+    def service(name: str, protocol: str, auth: str = None) -> SimpleNamespace:
+        return SimpleNamespace(name=name, config=SimpleNamespace(protocol=protocol, redis_auth=auth))
+
+    services = [service("r", "redis"), service("m", "memcache"), service("secret", "redis", "pw")]
+    rows = [{"pool": "r", "addr": "127.0.0.1:6379", "state": "up"},
+            {"pool": "r", "addr": "127.0.0.1:6380", "state": "draining"},
+            {"pool": "m", "addr": "/tmp/mc.sock", "state": "up"},
+            {"pool": "m", "addr": "127.0.0.1:11211", "state": "down"},
+            {"pool": "secret", "addr": "127.0.0.1:6390", "state": "up"}]
+    assert backend_addresses(services, {"servers": rows}) == {"redis": ["127.0.0.1:6379"],
+                                                              "memcache": ["127.0.0.1:11211"]}
