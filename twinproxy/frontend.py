@@ -111,6 +111,9 @@ class FrontendProtocol(Protocol):
         self.dialect = self._codec.default_dialect
         self.authenticated = not factory.requires_auth
         self.client_name: Optional[bytes] = None
+        # The codec's prepare for this client's mode: the codec swaps it (MULTI queues).
+        self.prepare = self._codec.prepare
+        self.transaction: Any = None    # the codec's state between MULTI and EXEC
 
     def connectionMade(self) -> None:
         transport = self.transport
@@ -297,7 +300,7 @@ class FrontendProtocol(Protocol):
         request.owner = self
         request.client = self
         request.dialect = self.dialect
-        self._codec.prepare(request, self)
+        self.prepare(request, self)
         name = request.name
         counted = self._commands.get(name)
         if counted is None:   # once per command name and pool

@@ -41,6 +41,9 @@ class Session(Protocol):
     authenticated: bool
     dialect: int
     client_name: Optional[bytes]
+    # The codec's ``prepare`` for this session's mode (a codec swaps it: MULTI queues).
+    prepare: Callable[["Request", "Session"], None]
+    transaction: Any     # a codec's state between MULTI and EXEC; None outside
 
 
 class Router(Protocol):

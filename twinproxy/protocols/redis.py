@@ -42,6 +42,7 @@ from twinproxy.protocols.redis_specs import (
     SPLIT,
     STORE_OPTIONS,
     SUBCOMMAND_ARITY,
+    TRANSACTION,
     TRANSACTIONS,
     TWO_KEYS,
     WHOLE_KEYSPACE,
@@ -50,6 +51,7 @@ from twinproxy.protocols.redis_specs import (
     stored_keys,
     words,
 )
+from twinproxy.protocols.redis_tx import Transactions
 from twinproxy.request import FORWARD, FRAGMENT, LOCAL, Request
 
 WRONG_PASSWORD = "WRONGPASS invalid username-password pair or user is disabled."
@@ -84,6 +86,24 @@ def _unknown_subcommand(args: List[bytes]) -> bytes:
     return b"-ERR unknown subcommand '%s'. Try %s HELP.\r\n" % (shown, args[0].upper())
 
 
+def arity_error(args: List[bytes], name: bytes, spec: CommandSpec) -> Optional[bytes]:
+    """Redis's answer to a wrong argument count or an unknown subcommand (its order); None if neither."""
+    arity = spec.arity
+    label = name
+    subcommands = spec.subcommands
+    if subcommands is not None and len(args) > 1:
+        sub = args[1].lower()
+        sub_arity = subcommands.get(sub)
+        if sub_arity is None:
+            return _unknown_subcommand(args)
+        arity = sub_arity
+        label = name + b"|" + sub
+    count = len(args)
+    if (count != arity) if arity > 0 else (count < -arity):
+        return _wrong_arity(label)
+    return None
+
+
 def _long_long(text: bytes) -> Optional[int]:
     """``text`` as Redis's string2ll reads it: no sign but '-', no leading zero, 64-bit; else None."""
     digits = text[1:] if text[:1] == b"-" else text
@@ -107,6 +127,7 @@ class RedisCodec:
     def __init__(self, config: PoolConfig) -> None:
         self._config = config
         self._password = config.redis_auth.encode() if config.redis_auth else None
+        self._transactions = Transactions(self, CommandSpec(b"exec", TRANSACTION), arity_error)
         self.commands: Dict[bytes, CommandSpec] = self._command_table()
 
     # -- the command table ---------------------------------------------------
@@ -137,6 +158,10 @@ class RedisCodec:
             ("auth", self._auth), ("select", self._select), ("hello", self._hello),
             ("client", self._client), ("command", self._command),
         ):
+            add(name, LOCAL_COMMAND, handler=handler)
+        transactions = self._transactions
+        for name, handler in (("multi", transactions.multi), ("exec", transactions.exec_without_multi),
+                              ("discard", transactions.discard_without_multi)):
             add(name, LOCAL_COMMAND, handler=handler)
         add(BLOCKING, REJECTED, reason="blocking commands would stall a backend connection shared by many clients")
         add(TRANSACTIONS, REJECTED, reason="transactions cannot span a sharded pool")
@@ -221,6 +246,8 @@ class RedisCodec:
         error (keys spread over servers where that is not allowed).
         """
         spec = request.command
+        if spec.layout is TRANSACTION:
+            return self._transactions.route(request, router)
         positions = self._key_positions(request, spec)
         if positions is None:
             return []
@@ -291,6 +318,10 @@ class RedisCodec:
 
     # -- helpers -------------------------------------------------------------
 
+    def key_positions(self, request: Request) -> Optional[List[int]]:
+        """The argument indexes of a classified FRAGMENT request's keys; None after answering it with an error."""
+        return self._key_positions(request, request.command)
+
     def _answer(self, request: Request, reply: bytes) -> None:
         request.kind = LOCAL
         request.reply = reply
@@ -304,19 +335,9 @@ class RedisCodec:
         gated: it gets the same unknown-command error as after AUTH, as
         Redis answers unknown commands before its gate.
         """
-        arity = spec.arity
-        label = name
-        subcommands = spec.subcommands
-        if subcommands is not None and len(args) > 1:
-            sub = args[1].lower()
-            sub_arity = subcommands.get(sub)
-            if sub_arity is None:
-                return _unknown_subcommand(args)
-            arity = sub_arity
-            label = name + b"|" + sub
-        count = len(args)
-        if (count != arity) if arity > 0 else (count < -arity):
-            return _wrong_arity(label)
+        refusal = arity_error(args, name, spec)
+        if refusal is not None:
+            return refusal
         if name in _BEFORE_AUTH:
             return None
         return _NOAUTH_REPLY

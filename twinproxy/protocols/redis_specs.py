@@ -21,6 +21,7 @@ SAME_SERVER = "same"       # keys at first..last by step; all on one server
 NUMKEYS = "numkeys"        # a key count at ``first``, the keys right after it
 SPLIT = "split"            # keys at first..end by step, split per server and merged
 LOCAL_COMMAND = "local"
+TRANSACTION = "transaction"  # an EXEC carrying the queued commands: all on one server
 REJECTED = "rejected"
 
 
@@ -96,7 +97,7 @@ NUMKEYS_AFTER_DESTINATION = "zunionstore zinterstore zdiffstore"
 # their own), and TOUCH (its point is the master's access times).
 MASTER_ONLY = frozenset(("eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro", "touch"))
 BLOCKING = "blpop brpop brpoplpush blmove blmpop bzpopmin bzpopmax bzmpop xread xreadgroup wait waitaof"
-TRANSACTIONS = "multi exec discard watch unwatch"
+TRANSACTIONS = "watch unwatch"
 PUBSUB = "subscribe psubscribe ssubscribe unsubscribe punsubscribe sunsubscribe publish spublish pubsub"
 WHOLE_KEYSPACE = "keys scan randomkey dbsize flushdb flushall swapdb move migrate"
 SERVER_ADMIN = """

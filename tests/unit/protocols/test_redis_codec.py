@@ -68,7 +68,7 @@ def test_local_replies(args, reply) -> None:
 
 @pytest.mark.parametrize("args, text", [
     ([b"KEYS", b"*"], b"-ERR command 'KEYS' is not supported by twinproxy"),
-    ([b"MULTI"], b"-ERR command 'MULTI' is not supported"),
+    ([b"WAIT", b"1", b"0"], b"-ERR command 'WAIT' is not supported"),
     ([b"SUBSCRIBE", b"c"], b"-ERR command 'SUBSCRIBE' is not supported"),
     ([b"CONFIG", b"GET", b"x"], b"-ERR command 'CONFIG' is not supported"),
     ([b"NOSUCH"], b"-ERR unknown or unsupported command 'NOSUCH'"),

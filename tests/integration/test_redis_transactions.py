@@ -1,0 +1,152 @@
+"""MULTI / EXEC / DISCARD through the proxy, against real redis-servers, with Redis's exact replies."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from tests.conftest import key_on, pool_yaml
+from tests.integration.test_redis_proxy import client, raw
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def tagged(service, index: int, tag_prefix: str = "t") -> str:
+    """A hash tag whose keys the pool places on its ``index``-th server."""
+    return key_on(service, index, tag_prefix)
+
+
+@pytest.fixture
+def three(redis_servers, proxy):
+    backends = redis_servers(3)
+    service = proxy(pool_yaml(backends, hash="fnv1a_64", distribution="ketama", hash_tag='"{}"'))
+    return backends, service
+
+
+def test_redis_py_transaction_on_one_tag_matches_a_single_redis(three) -> None:
+    backends, service = three
+    c = client(service, protocol=2)
+    pipe = c.pipeline(transaction=True)
+    pipe.set("{u1}:a", "1").incr("{u1}:a").rpush("{u1}:l", "x", "y").lrange("{u1}:l", 0, -1).ping()
+    assert pipe.execute() == [True, 2, 2, [b"x", b"y"], True]
+    direct = backends[0].client()
+    expected = direct.pipeline(transaction=True)
+    expected.set("{u1}:a", "1").incr("{u1}:a").rpush("{u1}:l", "x", "y").lrange("{u1}:l", 0, -1).ping()
+    assert expected.execute() == [True, 2, 2, [b"x", b"y"], True]
+
+
+def test_resp3_client_transaction(three) -> None:
+    _, service = three
+    c = client(service, protocol=3)
+    pipe = c.pipeline(transaction=True)
+    pipe.hset("{h}:x", mapping={"f": "v"}).hgetall("{h}:x")
+    assert pipe.execute() == [1, {b"f": b"v"}]
+
+
+def test_exact_replies_of_a_transaction_on_the_wire(three) -> None:
+    _, service = three
+    got = raw(service, b"MULTI\r\nMULTI\r\nSET {a}x 1\r\nWATCH k\r\nGET {a}x\r\nEXEC\r\n", expect=8)
+    assert got == (b"+OK\r\n-ERR MULTI calls can not be nested\r\n+QUEUED\r\n"
+                   b"-ERR WATCH inside MULTI is not allowed\r\n+QUEUED\r\n*2\r\n+OK\r\n$1\r\n1\r\n")
+    assert raw(service, b"EXEC\r\nDISCARD\r\n", expect=2) == (
+        b"-ERR EXEC without MULTI\r\n-ERR DISCARD without MULTI\r\n")
+    assert raw(service, b"MULTI\r\nEXEC\r\n", expect=2) == b"+OK\r\n*0\r\n"
+    assert raw(service, b"MULTI\r\nSET {a}x 2\r\nDISCARD\r\nGET {a}x\r\n", expect=4) == (
+        b"+OK\r\n+QUEUED\r\n+OK\r\n$1\r\n1\r\n")
+
+
+def test_queue_time_errors_abort_the_transaction_as_redis_does(three) -> None:
+    backends, service = three
+    expected = raw_direct(backends[0], b"MULTI\r\nNOSUCH x\r\nSET {a}y 1\r\nEXEC\r\n", 4)
+    got = raw(service, b"MULTI\r\nNOSUCH x\r\nSET {a}y 1\r\nEXEC\r\n", expect=4)
+    assert got.split(b"\r\n")[0] == b"+OK"
+    assert got.endswith(b"+QUEUED\r\n-EXECABORT Transaction discarded because of previous errors.\r\n")
+    assert expected.endswith(b"+QUEUED\r\n-EXECABORT Transaction discarded because of previous errors.\r\n")
+    got = raw(service, b"MULTI\r\nSET {a}y\r\nEXEC\r\n", expect=3)
+    assert got == (b"+OK\r\n-ERR wrong number of arguments for 'set' command\r\n"
+                   b"-EXECABORT Transaction discarded because of previous errors.\r\n")
+    assert all(not b.client().exists("{a}y") for b in backends)
+
+
+def test_run_time_errors_are_per_element(three) -> None:
+    _, service = three
+    c = client(service, protocol=2)
+    c.set("{r}s", "text")
+    pipe = c.pipeline(transaction=True)
+    pipe.incr("{r}s").set("{r}t", "1")
+    results = pipe.execute(raise_on_error=False)
+    assert isinstance(results[0], redis.ResponseError) and results[1] is True
+    assert c.get("{r}t") == b"1"
+
+
+def test_a_transaction_across_servers_is_refused_and_writes_nothing(three) -> None:
+    backends, service = three
+    a, b = key_on(service, 0, "x"), key_on(service, 1, "y")
+    sizes = [backend.client().dbsize() for backend in backends]
+    c = client(service, protocol=2)
+    pipe = c.pipeline(transaction=True)
+    pipe.set(a, "1").set(b, "2")
+    with pytest.raises(redis.ResponseError) as caught:
+        pipe.execute()
+    text = str(caught.value)
+    assert "EXECABORT" in text or "more than one server" in text
+    assert [backend.client().dbsize() for backend in backends] == sizes
+    got = raw(service, b"MULTI\r\nSET %s 1\r\nSET %s 2\r\nEXEC\r\n" % (a.encode(), b.encode()), expect=4)
+    last = got.split(b"\r\n")[3]
+    assert last.startswith(b"-EXECABORT Transaction discarded: its keys are on more than one server")
+    assert a.encode() in last and b.encode() in last
+
+
+def test_client_commands_inside_multi_are_refused_and_spoil_it(three) -> None:
+    _, service = three
+    got = raw(service, b"MULTI\r\nSELECT 0\r\nPING\r\nEXEC\r\nPING\r\n", expect=5)
+    assert got == (b"+OK\r\n-ERR 'select' inside MULTI is not supported by twinproxy\r\n+QUEUED\r\n"
+                   b"-EXECABORT Transaction discarded because of previous errors.\r\n+PONG\r\n")
+
+
+def test_disconnect_mid_transaction_leaves_nothing(three) -> None:
+    backends, service = three
+    raw(service, b"MULTI\r\nSET {d}k 1\r\n", expect=2)
+    c = client(service, protocol=2)
+    assert c.get("{d}k") is None
+    for backend in backends:
+        listing = backend.client().client_list()
+        assert all(entry.get("multi") in ("-1", None) for entry in listing)
+
+
+def test_many_transactions_use_no_extra_connections(three) -> None:
+    backends, service = three
+    c = client(service, protocol=2)
+    c.set("{n}count", 0)    # the proxy's one connection to that server is open from here on
+    before = [len(b.client().client_list()) for b in backends]
+    for i in range(300):
+        pipe = c.pipeline(transaction=True)
+        pipe.incr("{n}count").get("{n}count")
+        assert pipe.execute() == [i + 1, str(i + 1).encode()]
+    after = [len(b.client().client_list()) for b in backends]
+    assert after == before
+
+
+def test_cluster_style_one_slot_rule(redis_servers, proxy) -> None:
+    backends = redis_servers(1)
+    service = proxy(pool_yaml(backends))
+    c = client(service, protocol=2)
+    pipe = c.pipeline(transaction=True)
+    pipe.set("a", "1").set("b", "2").mget("a", "b")
+    # One server: unrelated keys are fine (a 1-server pool, twemproxy's connection-pooling use).
+    assert pipe.execute() == [True, True, [b"1", b"2"]]
+
+
+def raw_direct(backend, data: bytes, expect: int) -> bytes:
+    import socket
+
+    host, port = backend.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(data)
+        got = b""
+        while got.count(b"\r\n") < expect:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        return got
