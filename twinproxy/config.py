@@ -34,7 +34,7 @@ POOL_KEYS = (
 )
 # twinproxy's own keys; nutcracker's files never need them.
 EXTENSION_KEYS = ("client_max_pending", "client_max_pending_bytes", "max_request_bytes", "shutdown_timeout",
-                  "client_output_soft_limit", "client_output_hard_limit")
+                  "client_output_soft_limit", "client_output_hard_limit", "redis_cross_server_transactions")
 # Sentinel mode (twinproxy's too): the pool follows the masters Sentinel names.
 SENTINEL_KEYS = ("sentinels", "sentinel_auth", "read_policy", "max_replica_lag", "failover_hold")
 # Cluster mode (twinproxy's too): the servers and slots come from a coordinator
@@ -147,6 +147,9 @@ class PoolConfig:
     # (counting replies that arrived only) it is closed.  0: no limit.
     client_output_soft_limit: int = 8 * 1024 * 1024
     client_output_hard_limit: int = 32 * 1024 * 1024
+    # A transaction whose keys are on several servers (slots) is run as one
+    # MULTI/EXEC per server instead of refused: each is atomic, the whole is not.
+    redis_cross_server_transactions: bool = False
     # Sentinel mode: the sentinels to follow ((host, port), ...; empty: off),
     # their password ("password" or "user password"), where reads go, how far
     # behind (ms) a replica may be and still be read from, and how long (ms)
@@ -520,6 +523,7 @@ _CONVERTERS = {
     "shutdown_timeout": _number,
     "client_output_soft_limit": _number,
     "client_output_hard_limit": _number,
+    "redis_cross_server_transactions": _boolean,
     "sentinel_auth": _text,
     "read_policy": _read_policy,
     "max_replica_lag": _number,

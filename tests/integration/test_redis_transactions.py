@@ -150,3 +150,35 @@ def raw_direct(backend, data: bytes, expect: int) -> bytes:
                 break
             got += chunk
         return got
+
+
+@pytest.fixture
+def three_split(redis_servers, proxy):
+    backends = redis_servers(3)
+    service = proxy(pool_yaml(backends, hash="fnv1a_64", distribution="ketama",
+                              redis_cross_server_transactions="true"))
+    return backends, service
+
+
+def test_opt_in_cross_server_transaction_runs_per_server_in_the_clients_order(three_split) -> None:
+    """Django's set_many: MULTI, MSET over every server, EXPIRE per key, EXEC."""
+    backends, service = three_split
+    keys = [key_on(service, index, f"s{index}") for index in range(3)]
+    c = client(service, protocol=2)
+    pipe = c.pipeline(transaction=True)
+    pipe.mset({key: f"v-{key}" for key in keys})
+    for key in keys:
+        pipe.expire(key, 100)
+    pipe.mget(keys).delete(keys[0], keys[2]).ping().get(keys[1])
+    assert pipe.execute() == [True, True, True, True, [f"v-{key}".encode() for key in keys], 2, True,
+                              f"v-{keys[1]}".encode()]
+    assert [b.client().dbsize() for b in backends] == [0, 1, 0]
+    assert 0 < c.ttl(keys[1]) <= 100
+
+
+def test_opt_in_cross_server_keeps_one_server_commands_whole(three_split) -> None:
+    _, service = three_split
+    a, b = key_on(service, 0, "x"), key_on(service, 1, "y")
+    got = raw(service, b"MULTI\r\nSET %s 1\r\nRENAME %s %s\r\nEXEC\r\n" % (a.encode(), a.encode(), b.encode()),
+              expect=4)
+    assert got.split(b"\r\n")[3].startswith(b"-EXECABORT Transaction discarded: RENAME needs its keys on one server")

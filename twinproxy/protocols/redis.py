@@ -127,7 +127,8 @@ class RedisCodec:
     def __init__(self, config: PoolConfig) -> None:
         self._config = config
         self._password = config.redis_auth.encode() if config.redis_auth else None
-        self._transactions = Transactions(self, CommandSpec(b"exec", TRANSACTION), arity_error)
+        self._transactions = Transactions(self, CommandSpec(b"exec", TRANSACTION), arity_error, self.merge_parts,
+                                          config.redis_cross_server_transactions)
         self.commands: Dict[bytes, CommandSpec] = self._command_table()
 
     # -- the command table ---------------------------------------------------
@@ -283,34 +284,46 @@ class RedisCodec:
 
     def coalesce(self, request: Request) -> bytes:
         """Merge the fragments' replies into the one reply a single Redis would give."""
+        if request.command.layout is TRANSACTION:
+            return self._transactions.merge(request)
         fragments = request.fragments
         for fragment in fragments:
             if self.is_error(fragment.reply):
                 return fragment.reply
-        merge = request.command.merge
+        return self.merge_parts(request.command, len(request.args),
+                                [(fragment.positions, fragment.reply) for fragment in fragments])
+
+    def merge_parts(self, spec: CommandSpec, argument_count: int, parts: List[Tuple[List[int], bytes]]) -> bytes:
+        """One reply from a split command's parts: (the key positions it carried, its reply) per server."""
+        merge = spec.merge
         if merge == "ok":
+            for _, reply in parts:
+                if self.is_error(reply):
+                    return reply
             return b"+OK\r\n"
         if merge == "sum":
             total = 0
-            for fragment in fragments:
-                reply = fragment.reply
+            for _, reply in parts:
                 if reply[:1] != b":":
+                    if self.is_error(reply):
+                        return reply
                     return self.error_reply("unexpected reply from server: " + reply[:60].decode("latin-1"))
                 total += int(reply[1:-2])
             return resp.integer(total)
-        # Key positions are argument indexes from 1 up, each in one fragment.
-        merged: List[bytes] = [b""] * (len(request.args) + 1)
+        # Key positions are argument indexes from 1 up, each in one part.
+        merged: List[bytes] = [b""] * (argument_count + 1)
         count = 0
-        for fragment in fragments:
-            elements = resp.split_bulk_array(fragment.reply)
+        for positions, reply in parts:
+            if self.is_error(reply):
+                return reply
+            elements = resp.split_bulk_array(reply)
             if elements is None:
                 try:
-                    _, elements = resp.split_aggregate(fragment.reply)
+                    _, elements = resp.split_aggregate(reply)
                 except (ProtocolError, ValueError):
                     elements = []
-            positions = fragment.positions
             if len(elements) != len(positions):
-                return self.error_reply("unexpected reply from server: " + fragment.reply[:60].decode("latin-1"))
+                return self.error_reply("unexpected reply from server: " + reply[:60].decode("latin-1"))
             for position, element in zip(positions, elements):
                 merged[position] = element
             count += len(positions)

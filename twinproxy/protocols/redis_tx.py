@@ -1,9 +1,9 @@
 """MULTI / EXEC / DISCARD: a transaction queued at the proxy, sent to one server in one write.
 
-Owns :class:`Transaction` (what a client queued since MULTI, its keys,
-whether a queue-time error spoiled it) and :class:`Transactions`, the Redis
-codec's handlers for the transaction commands and its ``prepare`` for a
-client inside MULTI.
+Owns :class:`Transaction` (what a client queued since MULTI, each command's
+keys, whether a queue-time error spoiled it) and :class:`Transactions`, the
+Redis codec's handlers for the transaction commands, its ``prepare`` for a
+client inside MULTI, EXEC's routing and the merge of a split EXEC.
 
 The proxy answers MULTI and each queued command itself (``+QUEUED``, or
 Redis's own error, which makes EXEC answer EXECABORT as Redis does), so
@@ -15,14 +15,21 @@ command can fall inside the block, and the server's EXEC reply is the
 client's.  A client that disconnects before EXEC leaves nothing on any
 server: nothing was sent.
 
+With ``redis_cross_server_transactions`` a transaction over several
+servers runs as one such block per server (a command whose keys span
+servers, such as MSET, split as outside a transaction), and the replies are
+put back in the client's order: each server's part is atomic, the whole is
+not.
+
 Sans-I/O: never touches the pool, a socket or the reactor.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
-from twinproxy.protocols import Router, Session, resp
+from twinproxy.protocols import ProtocolError, Router, Session, resp
+from twinproxy.protocols.redis_specs import SPLIT
 from twinproxy.request import FORWARD, FRAGMENT, LOCAL, Request
 
 if TYPE_CHECKING:
@@ -32,7 +39,7 @@ EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
 QUEUED = b"+QUEUED\r\n"
 _MULTI = resp.encode_command([b"MULTI"])
 _EXEC = resp.encode_command([b"EXEC"])
-# Answered by the proxy and queued as they are: the server runs them inside the transaction.
+# Answered by the proxy outside MULTI, queued as they are inside: the server runs them in the transaction.
 _QUEUED_AS_IS = frozenset((b"ping", b"echo"))
 # Answered by Redis inside MULTI without queueing, and without spoiling the transaction.
 _NOT_QUEUED = {
@@ -41,16 +48,28 @@ _NOT_QUEUED = {
 }
 
 
+class Queued:
+    """One command of a transaction: its bytes, arguments, spec and where its keys are."""
+
+    __slots__ = ("raw", "args", "spec", "positions")
+
+    def __init__(self, raw: bytes, args: List[bytes], spec: Any, positions: List[int]) -> None:
+        self.raw = raw
+        self.args = args
+        self.spec = spec
+        self.positions = positions
+
+
 class Transaction:
     """One client's commands between MULTI and EXEC."""
 
-    __slots__ = ("commands", "keys", "names", "spoiled")
+    __slots__ = ("commands", "spoiled", "parts")
 
     def __init__(self) -> None:
-        self.commands: List[bytes] = []   # each queued command's bytes, as the client sent them
-        self.keys: List[bytes] = []       # every key they touch, in order
-        self.names: List[bytes] = []      # the command each key belongs to, for the cross-server error
-        self.spoiled = False              # a queue-time error: EXEC answers EXECABORT
+        self.commands: List[Queued] = []
+        self.spoiled = False       # a queue-time error: EXEC answers EXECABORT
+        # A split EXEC: per command, [(fragment index, element index, key positions)] of its parts.
+        self.parts: List[List[Tuple[int, int, List[int]]]] = []
 
 
 def is_error(reply: Optional[bytes]) -> bool:
@@ -60,11 +79,14 @@ def is_error(reply: Optional[bytes]) -> bool:
 class Transactions:
     """The Redis codec's transaction commands; one per codec (per pool)."""
 
-    def __init__(self, codec: "RedisCodec", exec_spec: Any, arity_error: Any) -> None:
+    def __init__(self, codec: "RedisCodec", exec_spec: Any, arity_error: Callable[..., Optional[bytes]],
+                 merge_parts: Callable[..., bytes], cross_server: bool) -> None:
         self._codec = codec
         # The spec EXEC requests carry once they hold a transaction: codec.fragment routes them here.
         self._exec_spec = exec_spec
         self._arity_error = arity_error
+        self._merge_parts = merge_parts
+        self._cross_server = cross_server
 
     # -- outside MULTI -------------------------------------------------------
 
@@ -93,14 +115,14 @@ class Transactions:
         args = request.args
         name = args[0].lower()
         transaction: Transaction = session.transaction
+        spec = codec.commands.get(name)
         if name == b"exec" or name == b"discard":
-            spec = codec.commands[name]
             request.name = spec.label
             if len(args) != 1:
                 _answer(request, resp.error(f"ERR wrong number of arguments for '{name.decode()}' command"))
                 transaction.spoiled = True
                 return
-            self._leave(session)
+            self.leave(session)
             if name == b"discard":
                 _answer(request, b"+OK\r\n")
             elif transaction.spoiled:
@@ -118,106 +140,178 @@ class Transactions:
         if name == b"quit":
             codec.prepare(request, session)   # QUIT is not queued: it closes the connection
             return
-        spec = codec.commands.get(name)
-        if spec is not None and spec.handler is not None and name not in _QUEUED_AS_IS:
-            # The proxy answers it for the client's own connection (SELECT, CLIENT, HELLO, AUTH...):
-            # inside a transaction it would run on a server's connection instead.
-            request.name = spec.label
-            _answer(request, resp.error(
-                f"ERR '{name.decode('latin-1')}' inside MULTI is not supported by twinproxy"))
-            transaction.spoiled = True
-            return
         if spec is not None:
+            request.name = spec.label
+            if spec.handler is not None and name not in _QUEUED_AS_IS:
+                # The proxy answers it for the client's own connection (SELECT, CLIENT, HELLO,
+                # AUTH...): inside a transaction it would run on a server's connection instead.
+                _answer(request, resp.error(
+                    f"ERR '{name.decode('latin-1')}' inside MULTI is not supported by twinproxy"))
+                transaction.spoiled = True
+                return
             # Checked here, not left to the server: Redis refuses a wrong count at queue time.
             refusal = self._arity_error(args, name, spec)
             if refusal is not None:
-                request.name = spec.label
                 _answer(request, refusal)
                 transaction.spoiled = True
                 return
         codec.prepare(request, session)
-        keys = self._keys(request)
-        if keys is None:                       # refused or malformed: Redis's error, and EXECABORT later
+        positions = self._key_positions(request)
+        if positions is None:                  # refused or malformed: Redis's error, and EXECABORT later
             transaction.spoiled = True
             return
-        transaction.commands.append(request.raw)
-        transaction.keys.extend(keys)
-        transaction.names.extend([name] * len(keys))
+        transaction.commands.append(Queued(request.raw, args, request.command, positions))
         _answer(request, QUEUED)
 
-    def _keys(self, request: Request) -> Optional[List[bytes]]:
-        """The keys of a classified request, or None if the codec answered it with an error."""
+    def _key_positions(self, request: Request) -> Optional[List[int]]:
+        """Where a classified request's keys are, or None if the codec answered it with an error."""
         kind = request.kind
         if kind == LOCAL:
             return None if is_error(request.reply) else []
         if kind == FORWARD:
-            return [request.key]
-        positions = self._codec.key_positions(request)
-        if positions is None:
-            return None
-        args = request.args
-        return [args[position] for position in positions]
+            return [request.command.first]
+        return self._codec.key_positions(request)
 
     def _build_exec(self, request: Request, transaction: Transaction) -> None:
-        """Turn EXEC into the whole transaction: one request, its reply the server's EXEC reply."""
-        request.raw = _MULTI + b"".join(transaction.commands) + _EXEC
-        # The keys as the request's arguments: routing, the one-slot check and a migrating
+        """EXEC carries the transaction from here: codec.fragment routes it (``route``)."""
+        # Every key as the request's arguments: routing, the one-slot check and a migrating
         # slot's move-before-forward all read keys through args and positions.
-        request.args = [b"exec"] + transaction.keys
-        request.positions = list(range(1, len(transaction.keys) + 1))
+        keys = [command.args[position] for command in transaction.commands for position in command.positions]
+        request.args = [b"exec"] + keys
+        request.positions = list(range(1, len(keys) + 1))
         request.command = self._exec_spec
         request.kind = FRAGMENT
-        # +OK for MULTI, +QUEUED per command, then EXEC's reply: the client's.
-        request.terminator = len(transaction.commands) + 2
-        request.gathered = []
-        request.fragments = None
         request.transaction = transaction
 
-    def _leave(self, session: Session) -> None:
+    def leave(self, session: Session) -> None:
+        """Out of MULTI: the session's requests are prepared as usual again."""
         session.transaction = None
         session.prepare = self._codec.prepare
 
     # -- routing EXEC ----------------------------------------------------------
 
     def route(self, request: Request, router: Router) -> List[Tuple[Any, Request]]:
-        """The one server that runs the transaction, or [] after answering EXECABORT."""
+        """Where the transaction runs: [(server, request)], a split's parts, or [] after answering EXECABORT."""
+        transaction: Transaction = request.transaction
         keys = request.args[1:]
         if not keys:
             live = router.live_servers
             if not live:
                 _answer(request, resp.error("ERR no server is live to run the transaction"))
                 return []
-            request.kind = FORWARD
-            return [(live[0], request)]
+            return [(live[0], self._whole(request, transaction))]
         slot_of = getattr(router, "slot_of", None)
-        if slot_of is not None and len(keys) > 1:
-            slots = {slot_of(key) for key in keys}
-            if len(slots) > 1:
+        if slot_of is not None and len(keys) > 1 and not self._cross_server:
+            slots = [slot_of(key) for key in keys]
+            if len(set(slots)) > 1:
                 _answer(request, resp.error(
                     "EXECABORT Transaction discarded: its keys are in more than one slot "
-                    f"({_shown(request, keys, [slot_of(key) for key in keys], 'in slot')}); "
-                    "use a {tag} to keep them together"))
+                    f"({_where(transaction, slots, 'in slot')}); use a {{tag}} to keep them together"))
                 return []
         servers = router.servers_for_keys(keys)
         first = servers[0]
-        if servers.count(first) != len(servers):
+        if servers.count(first) == len(servers):
+            request.key = keys[0]
+            return [(first, self._whole(request, transaction))]
+        if not self._cross_server:
             names = [getattr(server, "name", "?") for server in servers]
             _answer(request, resp.error(
                 "EXECABORT Transaction discarded: its keys are on more than one server "
-                f"({_shown(request, keys, names, 'on')}); use a {{tag}} to keep them together"))
+                f"({_where(transaction, names, 'on')}); use a {{tag}} to keep them together"))
             return []
+        return self._split(request, transaction, servers)
+
+    def _whole(self, request: Request, transaction: Transaction) -> Request:
+        request.raw = _MULTI + b"".join(command.raw for command in transaction.commands) + _EXEC
         request.kind = FORWARD
-        request.key = keys[0]
-        return [(first, request)]
+        _gather(request, len(transaction.commands))
+        return request
+
+    def _split(self, request: Request, transaction: Transaction, servers: List[Any]) -> List[Tuple[Any, Request]]:
+        """One MULTI/EXEC per server; a command over several servers split as a SPLIT command is."""
+        blocks: Dict[Any, List[bytes]] = {}
+        block_keys: Dict[Any, List[int]] = {}
+        order: List[Any] = []
+        position = 1                  # the next key's index in request.args
+        for command in transaction.commands:
+            count = len(command.positions)
+            mine = servers[position - 1:position - 1 + count]
+            places: Dict[Any, List[int]] = {}
+            for index, server in enumerate(mine):
+                places.setdefault(server, []).append(index)
+            if len(places) > 1 and command.spec.layout is not SPLIT:
+                shown = command.args[0].decode("latin-1").upper()
+                _answer(request, resp.error(
+                    f"EXECABORT Transaction discarded: {shown} needs its keys on one server, they are on "
+                    f"{len(places)}; use a {{tag}} to keep them together"))
+                return []
+            if not places:            # keyless: with the first server the transaction touches
+                places = {servers[0]: []}
+            parts = []
+            for server, indexes in places.items():
+                if server not in blocks:
+                    blocks[server] = []
+                    block_keys[server] = []
+                    order.append(server)
+                key_positions = [command.positions[i] for i in indexes]
+                raw = command.raw if len(places) == 1 else resp.encode_fragment(
+                    command.args, key_positions, command.spec.step)
+                parts.append((order.index(server), len(blocks[server]), key_positions))
+                blocks[server].append(raw)
+                block_keys[server].extend(position + i for i in indexes)
+            transaction.parts.append(parts)
+            position += count
+        routes = []
+        for server in order:
+            fragment = Request(_MULTI + b"".join(blocks[server]) + _EXEC)
+            fragment.command = self._exec_spec
+            fragment.positions = block_keys[server]
+            _gather(fragment, len(blocks[server]))
+            routes.append((server, fragment))
+        return routes
+
+    def merge(self, request: Request) -> bytes:
+        """A split EXEC's reply: each command's element from its server's EXEC array, in the client's order."""
+        transaction: Transaction = request.transaction
+        arrays = []
+        for fragment in request.fragments:
+            reply = fragment.reply
+            if reply[:1] != b"*" or reply[:3] == b"*-1":
+                # EXECABORT or an error from one server: the others may have committed (not atomic).
+                return reply
+            try:
+                _, elements = resp.split_aggregate(reply)
+            except (ProtocolError, ValueError):
+                return self._codec.error_reply("unexpected EXEC reply from server: " + reply[:60].decode("latin-1"))
+            arrays.append(elements)
+        merged = []
+        for command, parts in zip(transaction.commands, transaction.parts):
+            if len(parts) == 1:
+                fragment_index, element_index, _ = parts[0]
+                merged.append(arrays[fragment_index][element_index])
+            else:
+                merged.append(self._merge_parts(command.spec, len(command.args), [
+                    (positions, arrays[fragment_index][element_index])
+                    for fragment_index, element_index, positions in parts]))
+        return b"*%d\r\n" % len(merged) + b"".join(merged)
 
 
-def _shown(request: Request, keys: List[bytes], places: List[Any], word: str) -> str:
-    """The first key per place, for an error that says where the keys went."""
-    names: List[bytes] = request.transaction.names
+def _gather(request: Request, commands: int) -> None:
+    # +OK for MULTI, +QUEUED per command, then EXEC's reply: the one that answers.
+    request.terminator = commands + 2
+    request.gathered = []
+
+
+def _where(transaction: Transaction, places: List[Any], word: str) -> str:
+    """The first key per place, with its command: for an error that says where the keys went."""
     seen: dict = {}
-    for index, (key, place) in enumerate(zip(keys, places)):
-        if place not in seen:
-            seen[place] = (names[index], key)
+    index = 0
+    for command in transaction.commands:
+        for position in command.positions:
+            place = places[index]
+            if place not in seen:
+                seen[place] = (command.args[0], command.args[position])
+            index += 1
     parts = []
     for place, (name, key) in seen.items():
         shown = key.decode("utf-8", "replace")[:40]
