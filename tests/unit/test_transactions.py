@@ -84,3 +84,35 @@ class TransactionWireTests(SynchronousTestCase):
         self.assertEqual(replies[:2], [b"+OK", b"+QUEUED"])
         self.assertTrue(replies[2].startswith(b"-ERR"), replies)
         self.assertEqual(replies[3], b"+PONG")
+
+
+class ClusterTransactionTests(SynchronousTestCase):
+    def test_keys_of_a_migrating_slot_move_before_the_transaction_runs_on_the_target(self) -> None:
+        from tests.unit.cluster.test_migrating import SOURCE, TARGET, Wire, key_in, migrate, topology
+
+        w = Wire()
+        w.serve(topology(1, moving={7}))
+        client, out = w.client()
+        first, second = key_in(7), key_in(7, 1000)
+        client.dataReceived(cmd(b"MULTI") + cmd(b"SET", first, b"1") + cmd(b"MGET", first, second) + cmd(b"EXEC"))
+        source, source_wire = w.backend(SOURCE)
+        self.assertEqual(source_wire.value(), migrate(first, first, second))
+        source.dataReceived(b"+OK\r\n")
+        target, target_wire = w.backend(TARGET)
+        self.assertEqual(target_wire.value(), cmd(b"MULTI") + cmd(b"SET", first, b"1") + cmd(b"MGET", first, second)
+                         + cmd(b"EXEC"))
+        target.dataReceived(b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n+OK\r\n*2\r\n$1\r\n1\r\n$-1\r\n")
+        self.assertEqual(out.value(), b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n+OK\r\n*2\r\n$1\r\n1\r\n$-1\r\n")
+
+    def test_a_transaction_over_two_slots_is_refused_naming_them(self) -> None:
+        from tests.unit.cluster.test_migrating import Wire, key_in, topology
+
+        w = Wire()
+        w.serve(topology(1))
+        client, out = w.client()
+        a, b = key_in(3), key_in(4)
+        client.dataReceived(cmd(b"MULTI") + cmd(b"SET", a, b"1") + cmd(b"SET", b, b"2") + cmd(b"EXEC"))
+        self.assertEqual(w.backends, {})
+        last = out.value().split(b"\r\n")[3]
+        self.assertEqual(last, b"-EXECABORT Transaction discarded: its keys are in more than one slot (SET '%s' in "
+                               b"slot 3, SET '%s' in slot 4); use a {tag} to keep them together" % (a, b))
