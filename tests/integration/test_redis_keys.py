@@ -19,6 +19,7 @@ from typing import Dict, List
 
 import pytest
 
+from tests.conftest import key_on, pool_yaml
 from tests.resp_client import Resp, RespError
 from tests.servers import RedisServer
 from twinproxy.protocols.redis_commands import REDIS_VERSION
@@ -316,6 +317,7 @@ watch a b
 unwatch
 migrate h 1 k 0 5
 migrate h 1 "" 0 5 KEYS a b
+migrate h 1 k 0 5 KEYS a b
 migrate h 1 "" 0 5 COPY REPLACE AUTH pw KEYS a b
 migrate h 1 "" 0 5 AUTH2 u pw KEYS a
 info server
@@ -443,3 +445,71 @@ def test_checked_in_table_is_what_the_generator_writes(server: RedisServer) -> N
     generator = subprocess.run([sys.executable, str(REPO / "scripts" / "gen-redis-commands.py"), "--check",
                                 "--port", str(server.port)], capture_output=True, text=True, timeout=30, cwd=REPO)
     assert generator.returncode == 0, generator.stdout + generator.stderr
+
+
+# -- through a proxy with 3 backends -------------------------------------------------
+
+
+def _tagged_pool(redis_servers, proxy):
+    backends = redis_servers(3)
+    service = proxy(pool_yaml(backends, hash_tag='"{}"', hash="murmur"))
+    return backends, service
+
+
+def _comparable(reply):
+    """A reply as a value == can compare (errors by their text)."""
+    return ("error", reply.text) if isinstance(reply, RespError) else reply
+
+
+def _holders(backends, key: str) -> List[int]:
+    return [i for i, backend in enumerate(backends) if backend.client().exists(key)]
+
+
+@pytest.mark.timeout(60)
+def test_zunionstore_destination_must_be_with_its_sources(redis_servers, proxy) -> None:
+    backends, service = _tagged_pool(redis_servers, proxy)
+    names = [server.name for server in service.pool.servers]
+    tagged = names.index(service.pool.server_for_key(b"t").name)
+    elsewhere = key_on(service, (tagged + 1) % 3, "d")
+    with Resp(service.port_number, timeout=5) as conn:
+        assert conn.call("ZADD", "a{t}", "1", "x") == 1
+        assert conn.call("ZADD", "b{t}", "2", "y") == 1
+        refused = conn.call("ZUNIONSTORE", elsewhere, "2", "a{t}", "b{t}")
+        assert isinstance(refused, RespError)
+        assert refused.text == ("ERR keys in request don't hash to the same server "
+                                "(use a hash tag to keep them together)")
+        assert all(_holders(backends, key) == [] for key in (elsewhere, "d{t}"))   # nothing written anywhere
+        assert conn.call("ZUNIONSTORE", "d{t}", "2", "a{t}", "b{t}") == 2
+        assert conn.call("ZRANGE", "d{t}", "0", "-1") == ["x", "y"]
+    assert _holders(backends, "d{t}") == [tagged]
+
+
+@pytest.mark.timeout(60)
+def test_xread_without_block_through_the_proxy(redis_servers, proxy) -> None:
+    backends, service = _tagged_pool(redis_servers, proxy)
+    with Resp(service.port_number, timeout=5) as conn:
+        entry = conn.call("XADD", "s{t}", "*", "f", "v")
+        assert conn.call("XREAD", "COUNT", "1", "STREAMS", "s{t}", "0") == [["s{t}", [[entry, ["f", "v"]]]]]
+        assert conn.call("XGROUP", "CREATE", "s{t}", "g", "0") == "OK"
+        assert conn.call("XREADGROUP", "GROUP", "g", "c", "COUNT", "1", "STREAMS", "s{t}", ">") == [
+            ["s{t}", [[entry, ["f", "v"]]]]]
+        blocked = conn.call("XREAD", "BLOCK", "10", "STREAMS", "s{t}", "$")
+        assert blocked.text == ("ERR command 'XREAD' is not supported by twinproxy: blocking commands would "
+                                "stall a backend connection shared by many clients")
+        assert conn.call("PING") == "PONG"
+
+
+@pytest.mark.timeout(60)
+def test_unknown_commands_and_help_as_the_server_answers(redis_servers, proxy) -> None:
+    backends, service = _tagged_pool(redis_servers, proxy)
+    asked = [("NOSUCH",), ("nosuch", "a", "b c"), ("NoSuch", "x" * 150), ("OBJECT", "NOSUCH", "k"),
+             ("OBJECT", "HELP"), ("XINFO", "HELP"), ("OBJECT", "ENCODING"), ("ZUNIONSTORE", "d", "0", "a"),
+             ("LMPOP", "0", "a", "LEFT"), ("EVAL", "return 1", "-1")]
+    with Resp(service.port_number, timeout=5) as through, Resp(backends[0].port, timeout=5) as direct:
+        for command in asked:
+            assert _comparable(through.call(*command)) == _comparable(direct.call(*command)), command
+        assert through.call("SET", "k{t}", "1") == "OK"
+        assert through.call("OBJECT", "ENCODING", "k{t}") == "int"
+        assert isinstance(through.call("MEMORY", "USAGE", "k{t}"), int)
+        refused = through.call("MEMORY", "STATS")
+        assert refused.text.startswith("ERR command 'MEMORY STATS' is not supported by twinproxy")

@@ -410,6 +410,8 @@ def xread_blocks(args: Sequence[bytes]) -> bool:
 
 def refusal_without_keys(name: str, args: Sequence[bytes]) -> bytes:
     """What a keyed command whose keys cannot be found answers (XREAD's option errors; else a syntax error)."""
+    if name == "migrate":
+        return b"ERR When using MIGRATE KEYS option, the key argument must be set to the empty string"
     if name not in ("xread", "xreadgroup"):
         return _SYNTAX
     group = name == "xreadgroup"
