@@ -1,8 +1,9 @@
 """The Redis codec: which commands route where, which the proxy answers, and merges.
 
 Owns: the command table (built from :mod:`~twinproxy.protocols.redis_specs`:
-where each command's keys are; here, how a multi-key command is split or
-checked), the commands twinproxy answers
+what twinproxy does with each command, with where its keys are from Redis's
+generated key specs; here, how a multi-key command is split or checked),
+the commands twinproxy answers
 itself (PING, ECHO, QUIT, AUTH, SELECT, HELLO, CLIENT housekeeping,
 COMMAND DOCS), the AUTH gate (Redis's own answers to a client that has not
 authenticated, hence Redis's arity table), the merge of split replies (MGET,
@@ -23,11 +24,22 @@ from typing import Any, Dict, List, Optional, Tuple
 from twinproxy import __version__
 from twinproxy.config import PoolConfig
 from twinproxy.protocols import ProtocolError, Router, Session, group_by_server, resp
+from twinproxy.protocols.redis_keys import (
+    BadInvocation,
+    long_long,
+    unknown_command,
+    unknown_subcommand,
+    wrong_arity,
+    xread_blocks,
+)
 from twinproxy.protocols.redis_specs import (
     ALL_KEYS,
     ARITY,
     BLOCKING,
+    BLOCKING_REASON,
+    INTERNAL,
     KEY_SECOND,
+    KEYLESS,
     LOCAL_COMMAND,
     NUMKEYS,
     NUMKEYS_AFTER_DESTINATION,
@@ -41,6 +53,8 @@ from twinproxy.protocols.redis_specs import (
     SINGLE_KEY,
     SPLIT,
     STORE_OPTIONS,
+    STREAM_READS,
+    SUBCOMMAND,
     SUBCOMMAND_ARITY,
     TRANSACTION,
     TRANSACTIONS,
@@ -76,14 +90,17 @@ def cross_slot_error(keys: List[bytes], slot_of: Any) -> Optional[str]:
     return f"CROSSSLOT keys in request don't hash to the same slot ({shown}); use a {{tag}} to keep them together"
 
 
+def _error(message: bytes) -> bytes:
+    """An error reply of a message from :mod:`~twinproxy.protocols.redis_keys` (one line already)."""
+    return b"-" + message + b"\r\n"
+
+
 def _wrong_arity(name: bytes) -> bytes:
-    return resp.error(f"ERR wrong number of arguments for '{name.decode('latin-1')}' command")
+    return _error(wrong_arity(name.decode("latin-1")))
 
 
-def _unknown_subcommand(args: List[bytes]) -> bytes:
-    # Redis echoes the client's bytes (at most 128), with CR and LF blanked.
-    shown = args[1][:128].replace(b"\r", b" ").replace(b"\n", b" ")
-    return b"-ERR unknown subcommand '%s'. Try %s HELP.\r\n" % (shown, args[0].upper())
+def _refusal(shown: str, reason: str) -> bytes:
+    return resp.error(f"ERR command '{shown}' is not supported by twinproxy: {reason}")
 
 
 def arity_error(args: List[bytes], name: bytes, spec: CommandSpec) -> Optional[bytes]:
@@ -95,7 +112,7 @@ def arity_error(args: List[bytes], name: bytes, spec: CommandSpec) -> Optional[b
         sub = args[1].lower()
         sub_arity = subcommands.get(sub)
         if sub_arity is None:
-            return _unknown_subcommand(args)
+            return _error(unknown_subcommand(args))
         arity = sub_arity
         label = name + b"|" + sub
     count = len(args)
@@ -104,17 +121,6 @@ def arity_error(args: List[bytes], name: bytes, spec: CommandSpec) -> Optional[b
     return None
 
 
-def _long_long(text: bytes) -> Optional[int]:
-    """``text`` as Redis's string2ll reads it: no sign but '-', no leading zero, 64-bit; else None."""
-    digits = text[1:] if text[:1] == b"-" else text
-    if text == b"0":
-        return 0
-    if not digits.isdigit() or digits[:1] == b"0":
-        return None
-    value = int(text)
-    if not -(1 << 63) <= value < (1 << 63):
-        return None
-    return value
 
 
 class RedisCodec:
@@ -140,20 +146,23 @@ class RedisCodec:
             for name in words(names):
                 table[name] = CommandSpec(name, *args, **kwargs)
 
+        # Where the keys are comes from Redis's key specs (redis_keys.TABLE);
+        # first/last/step here count only for a command newer than that table.
         add(SINGLE_KEY, SINGLE)
-        add(KEY_SECOND, SINGLE, first=2, last=2)
-        add(TWO_KEYS, SAME_SERVER, first=1, last=2)
-        add(ALL_KEYS, SAME_SERVER, first=1, last=-1)
-        add("bitop", SAME_SERVER, first=2, last=-1)
+        add(KEY_SECOND, SUBCOMMAND)
+        add(TWO_KEYS, SAME_SERVER)
+        add(ALL_KEYS, SAME_SERVER)
+        add("bitop", SAME_SERVER)
         for name, options in STORE_OPTIONS.items():
-            add(name, SAME_SERVER, first=1, last=1, options=options)
-        add("msetnx", SAME_SERVER, first=1, last=-1, step=2)
-        add(NUMKEYS_AT_1, NUMKEYS, first=1)
-        add(NUMKEYS_AT_2, NUMKEYS, first=2)
-        add(NUMKEYS_AFTER_DESTINATION, NUMKEYS, first=2, destination=1)
-        add("mget", SPLIT, first=1, last=-1, merge="array")
-        add("mset", SPLIT, first=1, last=-1, step=2, merge="ok")
-        add("del unlink exists touch", SPLIT, first=1, last=-1, merge="sum")
+            add(name, SAME_SERVER, options=options)
+        add("msetnx", SAME_SERVER)
+        add(NUMKEYS_AT_1, NUMKEYS)
+        add(NUMKEYS_AT_2, NUMKEYS)
+        add(NUMKEYS_AFTER_DESTINATION, NUMKEYS)
+        add(STREAM_READS, SAME_SERVER, blocks=xread_blocks, reason=BLOCKING_REASON)
+        add("mget", SPLIT, merge="array")
+        add("mset", SPLIT, merge="ok")
+        add("del unlink exists touch", SPLIT, merge="sum")
         for name, handler in (
             ("ping", self._ping), ("echo", self._echo), ("quit", self._quit),
             ("auth", self._auth), ("select", self._select), ("hello", self._hello),
@@ -164,11 +173,12 @@ class RedisCodec:
         for name, handler in (("multi", transactions.multi), ("exec", transactions.exec_without_multi),
                               ("discard", transactions.discard_without_multi)):
             add(name, LOCAL_COMMAND, handler=handler)
-        add(BLOCKING, REJECTED, reason="blocking commands would stall a backend connection shared by many clients")
+        add(BLOCKING, REJECTED, reason=BLOCKING_REASON)
         add(TRANSACTIONS, REJECTED, reason="transactions cannot span a sharded pool")
         add(PUBSUB, REJECTED, reason="pub/sub is not proxied")
         add(WHOLE_KEYSPACE, REJECTED, reason="it needs the whole keyspace, which is spread over many servers")
         add(SERVER_ADMIN, REJECTED, reason="it is a server administration command; ask the backends directly")
+        add(INTERNAL, REJECTED, reason="it is Redis's internal or debugging command")
         for name, arity in arities(ARITY).items():
             table[name].arity = arity
         for container, text in SUBCOMMAND_ARITY.items():
@@ -216,8 +226,7 @@ class RedisCodec:
                 self._answer(request, refusal)
                 return
         if spec is None:
-            shown = args[0].decode("latin-1")
-            self._answer(request, resp.error(f"ERR unknown or unsupported command '{shown}'"))
+            self._answer(request, _error(unknown_command(args)))
             return
         request.command = spec
         layout = spec.layout
@@ -231,10 +240,33 @@ class RedisCodec:
             request.kind = LOCAL
             request.reply = spec.handler(request, session)
         elif layout is REJECTED:
-            shown = name.decode("latin-1").upper()
-            self._answer(request, resp.error(f"ERR command '{shown}' is not supported by twinproxy: {spec.reason}"))
-        elif len(args) <= spec.first:
-            self._answer(request, _wrong_arity(name))
+            self._answer(request, _refusal(name.decode("latin-1").upper(), spec.reason))
+        elif layout is SUBCOMMAND:
+            self._prepare_subcommand(request, spec)
+        else:
+            request.kind = FRAGMENT   # the key specs are read when it is routed
+
+    def _prepare_subcommand(self, request: Request, container: CommandSpec) -> None:
+        """A container's subcommand (OBJECT ENCODING k): classified by the subcommand's own spec."""
+        args = request.args
+        if len(args) < 2:
+            self._answer(request, _wrong_arity(container.name))
+            return
+        spec = container.children.get(args[1].lower())
+        if spec is None:
+            self._answer(request, _error(unknown_subcommand(args)))
+            return
+        request.command = spec
+        layout = spec.layout
+        if layout is SINGLE:
+            if len(args) <= spec.first:
+                self._answer(request, _wrong_arity(spec.name))
+                return
+            request.key = args[spec.first]
+            request.kind = FORWARD
+        elif layout is REJECTED:
+            shown = spec.label.upper().replace("|", " ")
+            self._answer(request, _refusal(shown, spec.reason))
         else:
             request.kind = FRAGMENT
 
@@ -252,6 +284,8 @@ class RedisCodec:
         positions = self._key_positions(request, spec)
         if positions is None:
             return []
+        if not positions:
+            return self._keyless(request, spec, router)
         args = request.args
         keys = [args[position] for position in positions]
         if spec.layout is not SPLIT and getattr(router, "slot_of", None) is not None and len(keys) > 1:
@@ -356,36 +390,51 @@ class RedisCodec:
         return _NOAUTH_REPLY
 
     def _key_positions(self, request: Request, spec: CommandSpec) -> Optional[List[int]]:
+        """Where the keys of ``request`` are (Redis's key specs); None after answering it with Redis's error."""
         args = request.args
-        if spec.layout is NUMKEYS:
-            count_text = args[spec.first]
-            if not count_text.lstrip(b"-").isdigit():
-                self._answer(request, resp.error("ERR value is not an integer or out of range"))
-                return None
-            count = int(count_text)
-            if count < 0:
-                self._answer(request, resp.error("ERR Number of keys can't be negative"))
-                return None
-            if count > len(args) - spec.first - 1:
-                self._answer(request, resp.error("ERR Number of keys can't be greater than number of args"))
-                return None
-            if count == 0:
-                shown = args[0].decode("latin-1").upper()
-                self._answer(request, resp.error(
-                    f"ERR {shown} with no keys cannot be routed by twinproxy: pass the keys it uses (numkeys >= 1)"))
-                return None
-            positions = list(range(spec.first + 1, spec.first + 1 + count))
-            if spec.destination:
-                positions.insert(0, spec.destination)
-            return positions
-        last = len(args) - 1 if spec.last < 0 else spec.last
-        if last >= len(args) or (spec.step > 1 and (len(args) - spec.first) % spec.step):
+        keys = spec.keys
+        span = keys.range
+        try:
+            if span is not None:
+                # A plain range (MGET's 1..-1): what keys.positions finds, without its search.
+                count = len(args)
+                arity = keys.arity
+                if (count != arity) if arity > 0 else (count < -arity):
+                    raise BadInvocation(wrong_arity(keys.name))
+                first, last, step = span
+                positions = list(range(first, count + last + 1 if last < 0 else last + 1, step))
+            else:
+                positions = keys.positions(args)
+        except BadInvocation as refusal:
+            self._answer(request, _error(refusal.message))
+            return None
+        if spec.step > 1 and (len(args) - spec.first) % spec.step:
+            # MSET a 1 b: Redis refuses it whole; split, a part would be written.
             self._answer(request, _wrong_arity(args[0].lower()))
             return None
-        positions = list(range(spec.first, last + 1, spec.step))
         if spec.options is not None:
-            positions += stored_keys(args, *spec.options)
+            # GEORADIUS ... STORE a STORE b writes b, which Redis's key specs miss.
+            for position in stored_keys(args, *spec.options):
+                if position not in positions:
+                    positions.append(position)
+        if spec.blocks is not None and spec.blocks(args):
+            self._answer(request, _refusal(args[0].decode("latin-1").upper(), spec.reason))
+            return None
         return positions
+
+    def _keyless(self, request: Request, spec: CommandSpec, router: Router) -> List[Tuple[Any, Request]]:
+        """A request without keys: a HELP to the first live server, a script with numkeys 0 refused."""
+        if spec.layout is KEYLESS:
+            servers = router.live_servers
+            if servers:
+                request.kind = FORWARD
+                return [(servers[0], request)]
+            self._answer(request, self.error_reply(f"no live server in pool '{self._config.name}'"))
+            return []
+        shown = request.args[0].decode("latin-1").upper()
+        self._answer(request, resp.error(
+            f"ERR {shown} with no keys cannot be routed by twinproxy: pass the keys it uses (numkeys >= 1)"))
+        return []
 
     # -- commands answered by the proxy --------------------------------------
 
@@ -432,7 +481,7 @@ class RedisCodec:
         args = request.args
         if len(args) != 2:
             return _wrong_arity(b"select")
-        index = _long_long(args[1])
+        index = long_long(args[1])
         if index is None:
             return resp.error("ERR value is not an integer or out of range")
         if index != 0:
@@ -445,7 +494,7 @@ class RedisCodec:
         dialect = session.dialect
         name = None
         if len(args) >= 2:
-            version = _long_long(args[1])
+            version = long_long(args[1])
             if version is None:
                 return resp.error("ERR Protocol version is not an integer or out of range")
             if version not in (2, 3):
