@@ -34,7 +34,8 @@ POOL_KEYS = (
 )
 # twinproxy's own keys; nutcracker's files never need them.
 EXTENSION_KEYS = ("client_max_pending", "client_max_pending_bytes", "max_request_bytes", "shutdown_timeout",
-                  "client_output_soft_limit", "client_output_hard_limit", "redis_cross_server_transactions")
+                  "client_output_soft_limit", "client_output_hard_limit", "redis_cross_server_transactions",
+                  "server_leased_connections")
 # Sentinel mode (twinproxy's too): the pool follows the masters Sentinel names.
 SENTINEL_KEYS = ("sentinels", "sentinel_auth", "read_policy", "max_replica_lag", "failover_hold")
 # Cluster mode (twinproxy's too): the servers and slots come from a coordinator
@@ -150,6 +151,8 @@ class PoolConfig:
     # A transaction whose keys are on several servers (slots) is run as one
     # MULTI/EXEC per server instead of refused: each is atomic, the whole is not.
     redis_cross_server_transactions: bool = False
+    # Connections per server lent to one client each (WATCH pins one), besides the shared ones.
+    server_leased_connections: int = 32
     # Sentinel mode: the sentinels to follow ((host, port), ...; empty: off),
     # their password ("password" or "user password"), where reads go, how far
     # behind (ms) a replica may be and still be read from, and how long (ms)
@@ -524,6 +527,7 @@ _CONVERTERS = {
     "client_output_soft_limit": _number,
     "client_output_hard_limit": _number,
     "redis_cross_server_transactions": _boolean,
+    "server_leased_connections": _positive,
     "sentinel_auth": _text,
     "read_policy": _read_policy,
     "max_replica_lag": _number,

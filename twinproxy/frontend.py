@@ -37,6 +37,7 @@ from zope.interface import implementer
 
 from twinproxy.outbox import Outbox
 from twinproxy.output import ClientOutput, peer_text
+from twinproxy.pinning import Pin, PinnedRouter
 from twinproxy.protocols import Codec, ProtocolError
 from twinproxy.replybudget import ReplyBudget
 from twinproxy.request import FORWARD, FRAGMENT, Request
@@ -114,6 +115,9 @@ class FrontendProtocol(Protocol):
         # The codec's prepare for this client's mode: the codec swaps it (MULTI queues).
         self.prepare = self._codec.prepare
         self.transaction: Any = None    # the codec's state between MULTI and EXEC
+        # Where requests go: the pool, or while a WATCH pins a server, the pool with that server's pin.
+        self._router: Any = factory.pool
+        self.watch_pin: Optional[Pin] = None
 
     def connectionMade(self) -> None:
         transport = self.transport
@@ -286,6 +290,11 @@ class FrontendProtocol(Protocol):
         self.closed = True
         self._closing = True
         self._in_order.clear()
+        if self.watch_pin is not None:
+            # Its WATCH (and whatever it still had in flight there) dies with the connection.
+            pin, self.watch_pin = self.watch_pin, None
+            self._router = self._pool
+            pin.server.link.discard(pin.connection)
         if self._output is not None:
             self._output.discard()
         if self._linger_call is not None:
@@ -293,6 +302,31 @@ class FrontendProtocol(Protocol):
                 self._linger_call.cancel()
             self._linger_call = None
         self.factory.client_gone(self)
+
+    # -- WATCH: a server pinned to a connection of this client's own ------------
+
+    def pin(self, server: Any) -> Optional[Pin]:
+        """Lease a connection to ``server`` and send this client's requests for it there; None at the cap."""
+        link = getattr(server, "link", None)
+        connection = link.lease(self.dialect) if link is not None else None
+        if connection is None:
+            return None
+        pin = Pin(self, server, connection, self._pool._reply_error)
+        self.watch_pin = pin
+        self._router = PinnedRouter(self._pool, pin)
+        return pin
+
+    def unpin(self, pin: Pin) -> None:
+        """The request that ended ``pin``'s WATCH is answered: give its connection back."""
+        if self.watch_pin is pin:
+            self.watch_pin = None
+            self._router = self._pool
+            pin.server.link.release(pin.connection)
+
+    def end_watch(self) -> None:
+        """The codec answered what ends a WATCH itself (DISCARD, an aborted EXEC): unwatch on the pin."""
+        if self.watch_pin is not None:
+            self.watch_pin.end_quietly()
 
     # -- dispatch -------------------------------------------------------------
 
@@ -312,7 +346,7 @@ class FrontendProtocol(Protocol):
             self._pending_bytes += len(request.raw)
         kind = request.kind
         if kind == FORWARD:
-            self._pool.route(request.key).send(request)
+            self._router.route(request.key).send(request)
         elif kind == FRAGMENT:
             self._send_fragments(request)
         else:
@@ -321,7 +355,7 @@ class FrontendProtocol(Protocol):
             self._flush()
 
     def _send_fragments(self, request: Request) -> None:
-        routes = self._codec.fragment(request, self._pool)
+        routes = self._codec.fragment(request, self._router)
         if not routes:
             self._flush()
             return

@@ -49,7 +49,7 @@ class Server:
     """One backend of a pool: identity, health, and where to send requests."""
 
     __slots__ = ("spec", "name", "index", "failure_count", "ejected_until", "ejected_at", "ejects", "send",
-                 "counters", "up")
+                 "counters", "up", "link")
 
     def __init__(self, spec: ServerSpec, index: int) -> None:
         self.spec = spec
@@ -60,6 +60,7 @@ class Server:
         self.ejected_at = 0.0
         self.ejects = 0
         self.send: Callable[[Request], None] = _not_wired
+        self.link: Any = None     # its ServerLink, for connections outside the shared ones (leases)
         self.counters = ServerCounters()
         # False from a failed connection or timeout until a connection succeeds.
         self.up = True

@@ -30,8 +30,8 @@ def test_redis_py_transaction_on_one_tag_matches_a_single_redis(three) -> None:
     pipe.set("{u1}:a", "1").incr("{u1}:a").rpush("{u1}:l", "x", "y").lrange("{u1}:l", 0, -1).ping()
     assert pipe.execute() == [True, 2, 2, [b"x", b"y"], True]
     direct = backends[0].client()
-    expected = direct.pipeline(transaction=True)
-    expected.set("{u1}:a", "1").incr("{u1}:a").rpush("{u1}:l", "x", "y").lrange("{u1}:l", 0, -1).ping()
+    expected = direct.pipeline(transaction=True)   # the same on one Redis, on keys of its own
+    expected.set("{d1}:a", "1").incr("{d1}:a").rpush("{d1}:l", "x", "y").lrange("{d1}:l", 0, -1).ping()
     assert expected.execute() == [True, 2, 2, [b"x", b"y"], True]
 
 
@@ -182,3 +182,94 @@ def test_opt_in_cross_server_keeps_one_server_commands_whole(three_split) -> Non
     got = raw(service, b"MULTI\r\nSET %s 1\r\nRENAME %s %s\r\nEXEC\r\n" % (a.encode(), a.encode(), b.encode()),
               expect=4)
     assert got.split(b"\r\n")[3].startswith(b"-EXECABORT Transaction discarded: RENAME needs its keys on one server")
+
+
+# -- WATCH ---------------------------------------------------------------------------------------
+
+
+def test_watch_conflict_raises_watch_error_and_writes_nothing(three) -> None:
+    _, service = three
+    c = client(service, protocol=2)
+    other = client(service, protocol=2)
+    c.set("{w}balance", 10)
+    with c.pipeline(transaction=True) as pipe:
+        pipe.watch("{w}balance")
+        assert int(pipe.get("{w}balance")) == 10
+        other.set("{w}balance", 99)          # a second client changes it before EXEC
+        pipe.multi()
+        pipe.set("{w}balance", 11).set("{w}note", "x")
+        with pytest.raises(redis.WatchError):
+            pipe.execute()
+    assert c.get("{w}balance") == b"99" and c.get("{w}note") is None
+
+
+def test_watch_then_exec_commits_and_the_connection_is_reused(three) -> None:
+    backends, service = three
+    c = client(service, protocol=2)
+    c.set("{v}n", 0)
+    owner_index = next(i for i, b in enumerate(backends) if b.client().exists("{v}n"))
+    before = len(backends[owner_index].client().client_list())
+
+    def increment(pipe):
+        value = int(pipe.get("{v}n"))
+        pipe.multi()
+        pipe.set("{v}n", value + 1)
+
+    for _ in range(200):
+        c.transaction(increment, "{v}n")
+    assert c.get("{v}n") == b"200"
+    # One leased connection came and was kept for the next WATCH: not one per transaction.
+    assert len(backends[owner_index].client().client_list()) == before + 1
+
+
+def test_watch_pins_reads_and_unwatch_discard_release(three) -> None:
+    _, service = three
+    got = raw(service, b"WATCH {p}a\r\nSET {p}a 1\r\nGET {p}a\r\nUNWATCH\r\nGET {p}a\r\n", expect=5)
+    assert got == b"+OK\r\n+OK\r\n$1\r\n1\r\n+OK\r\n$1\r\n1\r\n"
+    got = raw(service, b"WATCH {p}a\r\nMULTI\r\nSET {p}a 2\r\nDISCARD\r\nGET {p}a\r\nUNWATCH\r\n", expect=6)
+    assert got == b"+OK\r\n+OK\r\n+QUEUED\r\n+OK\r\n$1\r\n1\r\n+OK\r\n"
+    assert raw(service, b"UNWATCH\r\nWATCH\r\n", expect=2) == (
+        b"+OK\r\n-ERR wrong number of arguments for 'watch' command\r\n")
+
+
+def test_pipelined_read_after_exec_sees_the_transaction(three) -> None:
+    _, service = three
+    got = raw(service, b"WATCH {q}a\r\nMULTI\r\nINCR {q}a\r\nEXEC\r\nGET {q}a\r\n", expect=6)
+    assert got == b"+OK\r\n+OK\r\n+QUEUED\r\n*1\r\n:1\r\n$1\r\n1\r\n"
+
+
+def test_watch_across_servers_and_exec_elsewhere_are_refused(three) -> None:
+    _, service = three
+    a, b = key_on(service, 0, "x"), key_on(service, 1, "y")
+    got = raw(service, b"WATCH %s %s\r\n" % (a.encode(), b.encode()))
+    assert got.startswith(b"-ERR WATCH keys on more than one server")
+    got = raw(service, b"WATCH %s\r\nMULTI\r\nSET %s 1\r\nEXEC\r\nSET %s 2\r\n" % (a.encode(), b.encode(), a.encode()),
+              expect=5)
+    lines = got.split(b"\r\n")
+    assert lines[3].startswith(b"-EXECABORT Transaction discarded: its keys are not on the server of the WATCHed")
+    assert lines[4] == b"+OK"
+
+
+def test_a_watching_client_that_disconnects_leaves_no_connection(three) -> None:
+    backends, service = three
+    c = client(service, protocol=2)
+    c.set("{z}k", 1)
+    owner_index = next(i for i, b in enumerate(backends) if b.client().exists("{z}k"))
+    before = len(backends[owner_index].client().client_list())
+    raw(service, b"WATCH {z}k\r\nGET {z}k\r\n", expect=2)     # closes without EXEC
+    from tests.servers import wait_until
+
+    wait_until(lambda: len(backends[owner_index].client().client_list()) == before, timeout=5,
+               what="the pinned connection closed")
+
+
+def test_lease_cap_gives_a_clear_error(redis_servers, proxy) -> None:
+    backends = redis_servers(1)
+    service = proxy(pool_yaml(backends, server_leased_connections=1))
+    first = client(service, protocol=2, single_connection_client=True)
+    second = client(service, protocol=2, single_connection_client=True)
+    assert first.execute_command("WATCH", "a") in (b"OK", "OK", True)
+    with pytest.raises(redis.ResponseError, match="server_leased_connections"):
+        second.execute_command("WATCH", "b")
+    first.execute_command("UNWATCH")
+    assert second.execute_command("WATCH", "b") in (b"OK", "OK", True)

@@ -57,8 +57,8 @@ from twinproxy.protocols.redis_specs import (
     SUBCOMMAND,
     SUBCOMMAND_ARITY,
     TRANSACTION,
-    TRANSACTIONS,
     TWO_KEYS,
+    WATCHING,
     WHOLE_KEYSPACE,
     CommandSpec,
     arities,
@@ -174,7 +174,7 @@ class RedisCodec:
                               ("discard", transactions.discard_without_multi)):
             add(name, LOCAL_COMMAND, handler=handler)
         add(BLOCKING, REJECTED, reason=BLOCKING_REASON)
-        add(TRANSACTIONS, REJECTED, reason="transactions cannot span a sharded pool")
+        add("watch unwatch", WATCHING)
         add(PUBSUB, REJECTED, reason="pub/sub is not proxied")
         add(WHOLE_KEYSPACE, REJECTED, reason="it needs the whole keyspace, which is spread over many servers")
         add(SERVER_ADMIN, REJECTED, reason="it is a server administration command; ask the backends directly")
@@ -281,6 +281,8 @@ class RedisCodec:
         spec = request.command
         if spec.layout is TRANSACTION:
             return self._transactions.route(request, router)
+        if spec.layout is WATCHING:
+            return self._transactions.watch(request, router)
         positions = self._key_positions(request, spec)
         if positions is None:
             return []

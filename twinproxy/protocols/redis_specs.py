@@ -27,6 +27,7 @@ SUBCOMMAND = "subcommand"  # a container (OBJECT, XINFO, ...): its subcommand sa
 KEYLESS = "keyless"        # no key, and every server answers alike (OBJECT HELP): the first live server
 LOCAL_COMMAND = "local"
 TRANSACTION = "transaction"  # an EXEC carrying the queued commands: all on one server
+WATCHING = "watching"        # WATCH / UNWATCH: the client's connection pinned to one server
 REJECTED = "rejected"
 
 
@@ -149,7 +150,6 @@ BLOCKING = "blpop brpop brpoplpush blmove blmpop bzpopmin bzpopmax bzmpop wait w
 BLOCKING_REASON = "blocking commands would stall a backend connection shared by many clients"
 # Blocking only with BLOCK: routed by their streams' keys without it.
 STREAM_READS = "xread xreadgroup"
-TRANSACTIONS = "watch unwatch"
 PUBSUB = "subscribe psubscribe ssubscribe unsubscribe punsubscribe sunsubscribe publish spublish pubsub"
 WHOLE_KEYSPACE = "keys scan randomkey dbsize flushdb flushall swapdb move migrate"
 SERVER_ADMIN = """

@@ -123,14 +123,14 @@ class Transactions:
                 transaction.spoiled = True
                 return
             self.leave(session)
+            if name == b"exec" and not transaction.spoiled and transaction.commands:
+                self._build_exec(request, transaction)
+                return
             if name == b"discard":
                 _answer(request, b"+OK\r\n")
-            elif transaction.spoiled:
-                _answer(request, EXECABORT)
-            elif not transaction.commands:
-                _answer(request, b"*0\r\n")
             else:
-                self._build_exec(request, transaction)
+                _answer(request, EXECABORT if transaction.spoiled else b"*0\r\n")
+            session.end_watch()       # both unwatch, as in Redis
             return
         refusal = _NOT_QUEUED.get(name)
         if refusal is not None:
@@ -188,14 +188,77 @@ class Transactions:
         session.transaction = None
         session.prepare = self._codec.prepare
 
+    # -- WATCH / UNWATCH --------------------------------------------------------
+
+    def watch(self, request: Request, router: Router) -> List[Tuple[Any, Request]]:
+        """WATCH pins the keys' server to a connection of the client's own; UNWATCH ends that."""
+        pin = getattr(router, "pinned", None)
+        if request.args[0].lower() == b"unwatch":
+            if pin is None:
+                _answer(request, b"+OK\r\n")
+                return []
+            return [(router.ending, request)]
+        refusal = self._arity_error(request.args, b"watch", request.command)
+        if refusal is not None:
+            _answer(request, refusal)
+            return []
+        positions = self._codec.key_positions(request)
+        if positions is None:
+            return []
+        keys = [request.args[position] for position in positions]
+        slot_of = getattr(router, "slot_of", None)
+        if slot_of is not None and len({slot_of(key) for key in keys}) > 1:
+            _answer(request, resp.error("ERR WATCH keys in more than one slot: use a {tag} to keep them together"))
+            return []
+        targets = router.servers_for_keys(keys)
+        target = targets[0]
+        if targets.count(target) != len(targets) or (pin is not None and target is not pin):
+            _answer(request, resp.error(
+                "ERR WATCH keys on more than one server are not supported by twinproxy (a transaction runs on "
+                "one server): use a {tag} to keep them together"))
+            return []
+        if pin is None:
+            if getattr(target, "link", None) is None:
+                _answer(request, resp.error(
+                    f"ERR WATCH is not available while {getattr(target, 'name', 'the slot')} is held, migrating "
+                    "or has no live server; retry"))
+                return []
+            pin = request.client.pin(target)
+            if pin is None:
+                _answer(request, resp.error(
+                    f"ERR no connection to lend for WATCH on server {target.name}: server_leased_connections "
+                    "are all in use"))
+                return []
+        pin.watched()
+        request.kind = FORWARD
+        return [(pin, request)]
+
     # -- routing EXEC ----------------------------------------------------------
 
     def route(self, request: Request, router: Router) -> List[Tuple[Any, Request]]:
         """Where the transaction runs: [(server, request)], a split's parts, or [] after answering EXECABORT."""
+        routes = self._route(request, router)
+        pin = getattr(router, "pinned", None)
+        if pin is not None:
+            # WATCHing: the transaction must run on the WATCH's connection, which it then unwatches.
+            if not routes:
+                request.client.end_watch()
+            elif len(routes) > 1 or routes[0][0] is not pin:
+                _answer(request, resp.error(
+                    "EXECABORT Transaction discarded: its keys are not on the server of the WATCHed keys "
+                    f"({pin.name}); use a {{tag}} to keep them together"))
+                request.client.end_watch()
+                return []
+            else:
+                return [(router.ending, routes[0][1])]
+        return routes
+
+    def _route(self, request: Request, router: Router) -> List[Tuple[Any, Request]]:
         transaction: Transaction = request.transaction
         keys = request.args[1:]
         if not keys:
-            live = router.live_servers
+            pin = getattr(router, "pinned", None)
+            live = [pin] if pin is not None else router.live_servers
             if not live:
                 _answer(request, resp.error("ERR no server is live to run the transaction"))
                 return []
