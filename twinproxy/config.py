@@ -34,7 +34,7 @@ POOL_KEYS = (
 )
 # twinproxy's own keys; nutcracker's files never need them.
 EXTENSION_KEYS = ("client_max_pending", "client_max_pending_bytes", "max_request_bytes", "shutdown_timeout",
-                  "client_output_soft_limit", "client_output_hard_limit")
+                  "client_output_soft_limit", "client_output_hard_limit", "redis_deny_flush")
 # Sentinel mode (twinproxy's too): the pool follows the masters Sentinel names.
 SENTINEL_KEYS = ("sentinels", "sentinel_auth", "read_policy", "max_replica_lag", "failover_hold")
 # Cluster mode (twinproxy's too): the servers and slots come from a coordinator
@@ -147,6 +147,8 @@ class PoolConfig:
     # (counting replies that arrived only) it is closed.  0: no limit.
     client_output_soft_limit: int = 8 * 1024 * 1024
     client_output_hard_limit: int = 32 * 1024 * 1024
+    # FLUSHDB and FLUSHALL, which empty every server of the pool, are refused.
+    redis_deny_flush: bool = False
     # Sentinel mode: the sentinels to follow ((host, port), ...; empty: off),
     # their password ("password" or "user password"), where reads go, how far
     # behind (ms) a replica may be and still be read from, and how long (ms)
@@ -281,6 +283,8 @@ def _parse_pool(path: str, name: str, body: Any) -> PoolConfig:
         values[key] = _CONVERTERS[key](raw, lambda reason, k=key, v=raw: fail(k, v, reason))
     if "listen" not in values:
         raise fail("listen", None, "is required")
+    if "redis_deny_flush" in values and not values.get("redis", False):
+        raise fail("redis_deny_flush", None, "needs 'redis: true' (it denies Redis's FLUSHDB and FLUSHALL)")
     if "cluster" in values or "coordinator" in values:
         return _cluster_pool(name, body, values, fail)
     if "slot_hold" in values:
@@ -520,6 +524,7 @@ _CONVERTERS = {
     "shutdown_timeout": _number,
     "client_output_soft_limit": _number,
     "client_output_hard_limit": _number,
+    "redis_deny_flush": _boolean,
     "sentinel_auth": _text,
     "read_policy": _read_policy,
     "max_replica_lag": _number,

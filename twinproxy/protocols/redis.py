@@ -3,11 +3,14 @@
 Owns: the command table (built from :mod:`~twinproxy.protocols.redis_specs`:
 where each command's keys are; here, how a multi-key command is split or
 checked), the commands twinproxy answers
-itself (PING, ECHO, QUIT, AUTH, SELECT, HELLO, CLIENT housekeeping,
-COMMAND DOCS), the AUTH gate (Redis's own answers to a client that has not
+itself (PING, ECHO, QUIT, AUTH, SELECT, HELLO, CLIENT housekeeping),
+the AUTH gate (Redis's own answers to a client that has not
 authenticated, hence Redis's arity table), the merge of split replies (MGET,
 MSET, DEL/UNLINK/EXISTS/TOUCH), error texts, and the per-connection backend
-handshake.  Never touches the pool, a socket or the reactor: routing comes
+handshake.  The commands sent to every server, or to one chosen server
+(INFO, SCAN, KEYS, SCRIPT, CONFIG GET, ...), are FANOUT commands: their
+planners and merges are in :mod:`~twinproxy.protocols.redis_fanout` and
+the family modules it names.  Never touches the pool, a socket or the reactor: routing comes
 in as a :class:`~twinproxy.protocols.Router`.
 
 RESP3 clients get their own backend connections (opened with ``HELLO 3``),
@@ -22,11 +25,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from twinproxy import __version__
 from twinproxy.config import PoolConfig
-from twinproxy.protocols import ProtocolError, Router, Session, group_by_server, resp
+from twinproxy.protocols import ProtocolError, Router, Session, group_by_server, redis_fanout, redis_scripts, resp
+from twinproxy.protocols.redis_fanout_commands import FanoutCommands
 from twinproxy.protocols.redis_specs import (
     ALL_KEYS,
     ARITY,
     BLOCKING,
+    FANOUT,
     KEY_SECOND,
     LOCAL_COMMAND,
     NUMKEYS,
@@ -47,6 +52,7 @@ from twinproxy.protocols.redis_specs import (
     WHOLE_KEYSPACE,
     CommandSpec,
     arities,
+    fits,
     stored_keys,
     words,
 )
@@ -135,9 +141,13 @@ class RedisCodec:
         for name, handler in (
             ("ping", self._ping), ("echo", self._echo), ("quit", self._quit),
             ("auth", self._auth), ("select", self._select), ("hello", self._hello),
-            ("client", self._client), ("command", self._command),
+            ("client", self._client),
         ):
             add(name, LOCAL_COMMAND, handler=handler)
+        for name, planner in FanoutCommands(self._command).planners().items():
+            add(name, FANOUT, first=0, handler=planner)
+        for name in redis_scripts.SCRIPT_CALLS:
+            table[name.encode()].handler = redis_scripts.routed
         add(BLOCKING, REJECTED, reason="blocking commands would stall a backend connection shared by many clients")
         add(TRANSACTIONS, REJECTED, reason="transactions cannot span a sharded pool")
         add(PUBSUB, REJECTED, reason="pub/sub is not proxied")
@@ -221,6 +231,8 @@ class RedisCodec:
         error (keys spread over servers where that is not allowed).
         """
         spec = request.command
+        if spec.layout is FANOUT:
+            return spec.handler(request, router)
         positions = self._key_positions(request, spec)
         if positions is None:
             return []
@@ -239,6 +251,8 @@ class RedisCodec:
             request.kind = FORWARD
             request.key = args[positions[0]]
             request.positions = positions   # every key it touches (a migrating slot moves them all first)
+            if spec.handler is not None:    # EVAL/EVALSHA: the script store sees the call
+                spec.handler(request, first, router)
             return [(first, request)]
         if spec.layout is not SPLIT:
             self._answer(request, resp.error(
@@ -256,6 +270,8 @@ class RedisCodec:
 
     def coalesce(self, request: Request) -> bytes:
         """Merge the fragments' replies into the one reply a single Redis would give."""
+        if request.command.layout is FANOUT:
+            return redis_fanout.coalesce(request)
         fragments = request.fragments
         for fragment in fragments:
             if self.is_error(fragment.reply):
@@ -264,13 +280,7 @@ class RedisCodec:
         if merge == "ok":
             return b"+OK\r\n"
         if merge == "sum":
-            total = 0
-            for fragment in fragments:
-                reply = fragment.reply
-                if reply[:1] != b":":
-                    return self.error_reply("unexpected reply from server: " + reply[:60].decode("latin-1"))
-                total += int(reply[1:-2])
-            return resp.integer(total)
+            return redis_fanout.sum_integers(fragments)
         # Key positions are argument indexes from 1 up, each in one fragment.
         merged: List[bytes] = [b""] * (len(request.args) + 1)
         count = 0
@@ -314,8 +324,7 @@ class RedisCodec:
                 return _unknown_subcommand(args)
             arity = sub_arity
             label = name + b"|" + sub
-        count = len(args)
-        if (count != arity) if arity > 0 else (count < -arity):
+        if not fits(len(args), arity):
             return _wrong_arity(label)
         if name in _BEFORE_AUTH:
             return None
@@ -475,14 +484,9 @@ class RedisCodec:
                           "(supported: SETNAME, GETNAME, SETINFO, ID)")
 
     def _command(self, request: Request, session: Session) -> bytes:
-        args = request.args
-        # redis-cli asks for COMMAND DOCS to show hints; an empty answer is
-        # what a server with no documentation gives, and costs the cli nothing.
-        if len(args) >= 2 and args[1].lower() == b"docs":
-            return resp.mapping([], session.dialect)
-        if len(args) == 2 and args[1].lower() == b"count":
-            return resp.integer(len(self.commands))
-        return resp.error("ERR COMMAND is not supported by twinproxy except COMMAND DOCS and COMMAND COUNT")
+        """COMMAND GETKEYS and GETKEYSANDFLAGS (the rest of COMMAND comes from a server: FanoutCommands)."""
+        shown = request.args[1].decode("latin-1").upper()
+        return resp.error(f"ERR COMMAND {shown} is not supported by twinproxy")
 
 
 _BAD_NAME = "ERR Client names cannot contain spaces, newlines or special characters."
