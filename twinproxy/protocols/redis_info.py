@@ -10,16 +10,19 @@ The merge keeps the first server's sections and fields in their order
 - ``redis_version``: the lowest (what every server can do: BullMQ and
   Sidekiq gate features on it); ``redis_mode:standalone``, ``role:master``
   and ``cluster_enabled:0``: what the pool is to its clients;
-- ``loading``, ``async_loading``, ``loading_eta_seconds``, peaks, maxima
-  and in-progress flags: the highest (ioredis waits while ``loading:1``);
-  uptimes, ``rdb_last_save_time``: the lowest (since when all of them);
+- ``loading``, ``async_loading``, ``loading_eta_seconds``, per-connection
+  peaks (``client_recent_max_*``), the fork's peak and in-progress flags:
+  the highest (ioredis waits while ``loading:1``); uptimes,
+  ``rdb_last_save_time``: the lowest (since when all of them);
 - identities and settings (``run_id``, ``tcp_port``, ``hz``,
   ``maxmemory_policy``, replication ids and offsets, ...): the first
   server's; ``*_status`` fields: the first that is not ``ok``;
-- other integers are counters and are summed (``maxmemory`` too: the
-  pool's capacity); ``used_cpu_*`` and ``instantaneous_*`` rates are summed,
-  other decimals (ratios) the highest; ``*_human`` fields are written again
-  from the merged number;
+- other integers are counters and are summed: ``maxmemory`` too (the
+  pool's capacity), and ``used_memory_peak`` (the sum of the peaks bounds
+  the pool's, and stays above the summed ``used_memory``); ``used_cpu_*``
+  and ``instantaneous_*`` rates are summed, other decimals (ratios) the
+  highest; ``*_human`` fields and the memory percentages are computed again
+  from the merged numbers;
 - ``k=v,...`` values (``db0``, ``cmdstat_*``, ``errorstat_*``,
   ``latency_percentiles_usec_*``): integers summed, percentiles the
   highest, ``usec_per_call`` and ``avg_ttl`` recomputed (``avg_ttl``
@@ -46,7 +49,7 @@ FIXED = {"redis_mode": "standalone", "role": "master", "cluster_enabled": "0"}
 LOWEST = frozenset(("uptime_in_seconds", "uptime_in_days", "rdb_last_save_time", "loading_start_time",
                     "loading_loaded_perc"))
 HIGHEST = frozenset((
-    "loading", "async_loading", "loading_eta_seconds", "used_memory_peak", "client_recent_max_input_buffer",
+    "loading", "async_loading", "loading_eta_seconds", "client_recent_max_input_buffer",
     "client_recent_max_output_buffer", "current_cow_peak", "rdb_bgsave_in_progress", "rdb_last_bgsave_time_sec",
     "rdb_current_bgsave_time_sec", "aof_rewrite_in_progress", "aof_rewrite_scheduled", "aof_last_rewrite_time_sec",
     "aof_current_rewrite_time_sec", "aof_enabled", "module_fork_in_progress", "active_defrag_running",
@@ -133,11 +136,28 @@ def merge_info(texts: Sequence[str]) -> List[Section]:
         lines = [(field, merge_field(field, values)) for field, values in fields.items()]
         lines += [(f"slave{number}", value) for number, value in enumerate(replicas.get(name, ()))]
         lines += [("module", value) for value in modules.get(name, {})]
-        merged_numbers = dict(lines)
-        lines = [(field, _human(merged_numbers.get(field[:-6]), value) if field.endswith("_human") else value)
-                 for field, value in lines]
-        sections.append((name, lines))
+        sections.append((name, _derived(lines)))
     return sections
+
+
+def _derived(lines: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
+    """The fields Redis computes from others, computed again from the merged ones."""
+    numbers = {field: int(value) for field, value in lines if _INTEGER.match(value)}
+
+    def percent(part: str, whole: str, less: str = "") -> Optional[str]:
+        base = numbers.get(whole, 0) - numbers.get(less, 0)
+        return f"{numbers[part] * 100 / base:.2f}%" if part in numbers and base > 0 else None
+
+    derived = {"used_memory_peak_perc": percent("used_memory", "used_memory_peak"),
+               "used_memory_dataset_perc": percent("used_memory_dataset", "used_memory", "used_memory_startup")}
+    result = []
+    for field, value in lines:
+        if field.endswith("_human"):
+            value = _human(numbers.get(field[:-6]), value)
+        elif derived.get(field) is not None:
+            value = derived[field]
+        result.append((field, value))
+    return result
 
 
 def merge_field(field: str, values: List[str]) -> str:
@@ -209,11 +229,10 @@ def _version_order(version: str) -> Tuple:
         return (float("inf"), version)
 
 
-def _human(number: Optional[str], value: str) -> str:
-    """``number`` bytes as Redis's bytesToHuman writes them; ``value`` if it is not a byte count."""
-    if number is None or not _INTEGER.match(number):
+def _human(count: Optional[int], value: str) -> str:
+    """``count`` bytes as Redis's bytesToHuman writes them; ``value`` if there is no count."""
+    if count is None:
         return value
-    count = int(number)
     if count < 1024:
         return f"{count}B"
     for power, unit in enumerate("KMGTP", start=1):
