@@ -32,7 +32,7 @@ class Router:
 
         self.counters = PoolCounters()
         self.codec_state: dict = {}
-        self.config = codec()._config
+        (self.config,) = load_text("p:\n  listen: 127.0.0.1:1\n  redis: true\n  servers:\n   - 10.0.0.1:1:1\n")
 
     def server_for_key(self, key: bytes) -> str:
         return "A" if key.startswith(b"a") else "B"
