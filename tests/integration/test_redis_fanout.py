@@ -376,8 +376,8 @@ def test_command_from_a_backend_and_cached(three) -> None:
     assert len(client(service).command()) == int(direct[0][1:-2])          # RESP3: its own cache entry
 
 
-def test_redis_cli_interactive_start_gets_docs(three) -> None:
-    """redis-cli asks COMMAND DOCS when it starts interactively; piping a command shows the reply."""
+def test_redis_cli_reads_dbsize(three) -> None:
+    """redis-cli with a command on its input (interactive, it also asks COMMAND DOCS: see above)."""
     require("redis-cli")
     backends, service = three
     result = subprocess.run(["redis-cli", "-h", LOOPBACK, "-p", str(service.port_number)], input=b"DBSIZE\n",
