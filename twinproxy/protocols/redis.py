@@ -10,8 +10,8 @@ MSET, DEL/UNLINK/EXISTS/TOUCH), error texts, and the per-connection backend
 handshake.  The commands sent to every server, or to one chosen server
 (INFO, SCAN, KEYS, SCRIPT, CONFIG GET, ...), are FANOUT commands: their
 planners and merges are in :mod:`~twinproxy.protocols.redis_fanout` and
-the family modules it names.  Never touches the pool, a socket or the reactor: routing comes
-in as a :class:`~twinproxy.protocols.Router`.
+the family modules it names.  Never touches the pool, a socket or the
+reactor: routing comes in as a :class:`~twinproxy.protocols.Router`.
 
 RESP3 clients get their own backend connections (opened with ``HELLO 3``),
 so replies pass through unchanged in either protocol; only what the proxy
