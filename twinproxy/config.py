@@ -35,7 +35,7 @@ POOL_KEYS = (
 # twinproxy's own keys; nutcracker's files never need them.
 EXTENSION_KEYS = ("client_max_pending", "client_max_pending_bytes", "max_request_bytes", "shutdown_timeout",
                   "client_output_soft_limit", "client_output_hard_limit", "redis_cross_server_transactions",
-                  "server_leased_connections")
+                  "server_leased_connections", "redis_deny_flush")
 # Sentinel mode (twinproxy's too): the pool follows the masters Sentinel names.
 SENTINEL_KEYS = ("sentinels", "sentinel_auth", "read_policy", "max_replica_lag", "failover_hold")
 # Cluster mode (twinproxy's too): the servers and slots come from a coordinator
@@ -153,6 +153,8 @@ class PoolConfig:
     redis_cross_server_transactions: bool = False
     # Connections per server lent to one client each (WATCH pins one), besides the shared ones.
     server_leased_connections: int = 32
+    # FLUSHDB and FLUSHALL, which empty every server of the pool, are refused.
+    redis_deny_flush: bool = False
     # Sentinel mode: the sentinels to follow ((host, port), ...; empty: off),
     # their password ("password" or "user password"), where reads go, how far
     # behind (ms) a replica may be and still be read from, and how long (ms)
@@ -287,6 +289,8 @@ def _parse_pool(path: str, name: str, body: Any) -> PoolConfig:
         values[key] = _CONVERTERS[key](raw, lambda reason, k=key, v=raw: fail(k, v, reason))
     if "listen" not in values:
         raise fail("listen", None, "is required")
+    if "redis_deny_flush" in values and not values.get("redis", False):
+        raise fail("redis_deny_flush", None, "needs 'redis: true' (it denies Redis's FLUSHDB and FLUSHALL)")
     if "cluster" in values or "coordinator" in values:
         return _cluster_pool(name, body, values, fail)
     if "slot_hold" in values:
@@ -528,6 +532,7 @@ _CONVERTERS = {
     "client_output_hard_limit": _number,
     "redis_cross_server_transactions": _boolean,
     "server_leased_connections": _positive,
+    "redis_deny_flush": _boolean,
     "sentinel_auth": _text,
     "read_policy": _read_policy,
     "max_replica_lag": _number,

@@ -104,6 +104,17 @@ def test_client_commands_inside_multi_are_refused_and_spoil_it(three) -> None:
                    b"-EXECABORT Transaction discarded because of previous errors.\r\n+PONG\r\n")
 
 
+def test_scripts_run_inside_a_transaction_and_whole_pool_commands_are_refused(three) -> None:
+    _, service = three
+    c = client(service, protocol=2)
+    pipe = c.pipeline(transaction=True)
+    pipe.eval("return redis.call('incr', KEYS[1])", 1, "{e}n").get("{e}n")
+    assert pipe.execute() == [1, b"1"]
+    got = raw(service, b"MULTI\r\nDBSIZE\r\nEXEC\r\n", expect=3)
+    assert got == (b"+OK\r\n-ERR 'dbsize' inside MULTI is not supported by twinproxy\r\n"
+                   b"-EXECABORT Transaction discarded because of previous errors.\r\n")
+
+
 def test_disconnect_mid_transaction_leaves_nothing(three) -> None:
     backends, service = three
     raw(service, b"MULTI\r\nSET {d}k 1\r\n", expect=2)

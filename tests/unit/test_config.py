@@ -173,3 +173,14 @@ def test_shipped_example_is_valid() -> None:
 
     pools = load_file(str(Path(__file__).resolve().parents[2] / "conf" / "pools.yml"))
     assert {p.protocol for p in pools} == {"redis", "memcache"}
+
+
+def test_redis_deny_flush() -> None:
+    (config,) = load_text(pool("  redis: true\n"))
+    assert config.redis_deny_flush is False
+    (config,) = load_text(pool("  redis: true\n  redis_deny_flush: true\n"))
+    assert config.redis_deny_flush is True
+    assert str(refused(pool("  redis: true\n  redis_deny_flush: yes\n"))) == \
+        "pools.yml: pool 'alpha': key 'redis_deny_flush': value 'yes': is not 'true' or 'false'"
+    assert str(refused(pool("  redis_deny_flush: true\n"))) == \
+        "pools.yml: pool 'alpha': key 'redis_deny_flush': needs 'redis: true' (it denies Redis's FLUSHDB and FLUSHALL)"

@@ -8,8 +8,11 @@ itself (PING, ECHO, QUIT, AUTH, SELECT, HELLO, CLIENT housekeeping,
 COMMAND DOCS), the AUTH gate (Redis's own answers to a client that has not
 authenticated, hence Redis's arity table), the merge of split replies (MGET,
 MSET, DEL/UNLINK/EXISTS/TOUCH), error texts, and the per-connection backend
-handshake.  Never touches the pool, a socket or the reactor: routing comes
-in as a :class:`~twinproxy.protocols.Router`.
+handshake.  The commands sent to every server, or to one chosen server
+(INFO, SCAN, KEYS, SCRIPT, CONFIG GET, ...), are FANOUT commands: their
+planners and merges are in :mod:`~twinproxy.protocols.redis_fanout` and
+the family modules it names.  Never touches the pool, a socket or the
+reactor: routing comes in as a :class:`~twinproxy.protocols.Router`.
 
 RESP3 clients get their own backend connections (opened with ``HELLO 3``),
 so replies pass through unchanged in either protocol; only what the proxy
@@ -23,7 +26,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from twinproxy import __version__
 from twinproxy.config import PoolConfig
-from twinproxy.protocols import ProtocolError, Router, Session, group_by_server, resp
+from twinproxy.protocols import ProtocolError, Router, Session, group_by_server, redis_fanout, redis_scripts, resp
+from twinproxy.protocols.redis_fanout_commands import FanoutCommands
 from twinproxy.protocols.redis_keys import (
     BadInvocation,
     long_long,
@@ -37,6 +41,7 @@ from twinproxy.protocols.redis_specs import (
     ARITY,
     BLOCKING,
     BLOCKING_REASON,
+    FANOUT,
     INTERNAL,
     KEY_SECOND,
     KEYLESS,
@@ -166,13 +171,17 @@ class RedisCodec:
         for name, handler in (
             ("ping", self._ping), ("echo", self._echo), ("quit", self._quit),
             ("auth", self._auth), ("select", self._select), ("hello", self._hello),
-            ("client", self._client), ("command", self._command),
+            ("client", self._client),
         ):
             add(name, LOCAL_COMMAND, handler=handler)
         transactions = self._transactions
         for name, handler in (("multi", transactions.multi), ("exec", transactions.exec_without_multi),
                               ("discard", transactions.discard_without_multi)):
             add(name, LOCAL_COMMAND, handler=handler)
+        for name, planner in FanoutCommands(self._command).planners().items():
+            add(name, FANOUT, first=0, handler=planner)
+        for name in redis_scripts.SCRIPT_CALLS:
+            table[name.encode()].handler = redis_scripts.routed
         add(BLOCKING, REJECTED, reason=BLOCKING_REASON)
         add("watch unwatch", WATCHING)
         add(PUBSUB, REJECTED, reason="pub/sub is not proxied")
@@ -279,6 +288,8 @@ class RedisCodec:
         error (keys spread over servers where that is not allowed).
         """
         spec = request.command
+        if spec.layout is FANOUT:
+            return spec.handler(request, router)
         if spec.layout is TRANSACTION:
             return self._transactions.route(request, router)
         if spec.layout is WATCHING:
@@ -303,6 +314,8 @@ class RedisCodec:
             request.kind = FORWARD
             request.key = args[positions[0]]
             request.positions = positions   # every key it touches (a migrating slot moves them all first)
+            if spec.handler is not None:    # EVAL/EVALSHA: the script store sees the call
+                spec.handler(request, first, router)
             return [(first, request)]
         if spec.layout is not SPLIT:
             self._answer(request, resp.error(
@@ -320,6 +333,8 @@ class RedisCodec:
 
     def coalesce(self, request: Request) -> bytes:
         """Merge the fragments' replies into the one reply a single Redis would give."""
+        if request.command.layout is FANOUT:
+            return redis_fanout.coalesce(request)
         if request.command.layout is TRANSACTION:
             return self._transactions.merge(request)
         fragments = request.fragments
@@ -338,14 +353,7 @@ class RedisCodec:
                     return reply
             return b"+OK\r\n"
         if merge == "sum":
-            total = 0
-            for _, reply in parts:
-                if reply[:1] != b":":
-                    if self.is_error(reply):
-                        return reply
-                    return self.error_reply("unexpected reply from server: " + reply[:60].decode("latin-1"))
-                total += int(reply[1:-2])
-            return resp.integer(total)
+            return redis_fanout.sum_integer_replies([reply for _, reply in parts])
         # Key positions are argument indexes from 1 up, each in one part.
         merged: List[bytes] = [b""] * (argument_count + 1)
         count = 0
@@ -560,14 +568,9 @@ class RedisCodec:
                           "(supported: SETNAME, GETNAME, SETINFO, ID)")
 
     def _command(self, request: Request, session: Session) -> bytes:
-        args = request.args
-        # redis-cli asks for COMMAND DOCS to show hints; an empty answer is
-        # what a server with no documentation gives, and costs the cli nothing.
-        if len(args) >= 2 and args[1].lower() == b"docs":
-            return resp.mapping([], session.dialect)
-        if len(args) == 2 and args[1].lower() == b"count":
-            return resp.integer(len(self.commands))
-        return resp.error("ERR COMMAND is not supported by twinproxy except COMMAND DOCS and COMMAND COUNT")
+        """COMMAND GETKEYS and GETKEYSANDFLAGS (the rest of COMMAND comes from a server: FanoutCommands)."""
+        shown = request.args[1].decode("latin-1").upper()
+        return resp.error(f"ERR COMMAND {shown} is not supported by twinproxy")
 
 
 _BAD_NAME = "ERR Client names cannot contain spaces, newlines or special characters."

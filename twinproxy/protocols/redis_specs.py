@@ -29,6 +29,8 @@ LOCAL_COMMAND = "local"
 TRANSACTION = "transaction"  # an EXEC carrying the queued commands: all on one server
 WATCHING = "watching"        # WATCH / UNWATCH: the client's connection pinned to one server
 REJECTED = "rejected"
+# Sent to every server, or to one chosen server, and merged (redis_fanout): INFO, SCAN, SCRIPT LOAD, ...
+FANOUT = "fanout"
 
 
 class CommandSpec:
@@ -59,6 +61,8 @@ class CommandSpec:
         self.label = name.decode("ascii")
         self.layout = layout
         self.merge = merge
+        # LOCAL_COMMAND: answers it.  FANOUT: plans it (redis_fanout: the routes, or an answer).
+        # EVAL/EVALSHA (NUMKEYS): told the route once it is known (redis_scripts remembers and heals).
         self.handler = handler
         self.reason = reason
         if keys is None:
@@ -151,11 +155,13 @@ BLOCKING_REASON = "blocking commands would stall a backend connection shared by 
 # Blocking only with BLOCK: routed by their streams' keys without it.
 STREAM_READS = "xread xreadgroup"
 PUBSUB = "subscribe psubscribe ssubscribe unsubscribe punsubscribe sunsubscribe publish spublish pubsub"
-WHOLE_KEYSPACE = "keys scan randomkey dbsize flushdb flushall swapdb move migrate"
+# KEYS, SCAN, RANDOMKEY, DBSIZE, FLUSHDB and FLUSHALL fan out (redis_keyspace).
+WHOLE_KEYSPACE = "swapdb move migrate"
+# INFO, CONFIG, LASTSAVE, TIME, SCRIPT and FUNCTION fan out (redis_fanout_commands, redis_scripts).
 SERVER_ADMIN = """
-info config save bgsave bgrewriteaof lastsave shutdown slaveof replicaof role sync psync
+save bgsave bgrewriteaof shutdown slaveof replicaof role sync psync
 debug monitor cluster readonly readwrite asking failover acl latency slowlog
-script function time lolwut module reset
+lolwut module reset
 """
 # Redis's replication, cluster and debugging internals.
 INTERNAL = "pfdebug pfselftest replconf restore-asking"
@@ -195,18 +201,26 @@ zpopmin:-2 zrandmember:-2 zrange:-4 zrangebylex:-4 zrangebyscore:-4 zrangestore:
 zremrangebylex:4 zremrangebyrank:4 zremrangebyscore:4 zrevrange:-4 zrevrangebylex:-4 zrevrangebyscore:-4
 zrevrank:-3 zscan:-3 zscore:3 zunion:-3 zunionstore:-4
 """
-# The subcommands of the containers twinproxy routes or answers (CLIENT
-# SETINFO and NO-TOUCH are 7.2's).  The containers it refuses (CONFIG, ACL,
-# ...) have no list: before AUTH their subcommands all get NOAUTH.
+# The subcommands of the containers twinproxy routes, fans out or answers
+# (CLIENT SETINFO and NO-TOUCH are 7.2's).  The containers it refuses (ACL,
+# MODULE, ...) have no list: before AUTH their subcommands all get NOAUTH.
 SUBCOMMAND_ARITY = {
     "client": "caching:3 getname:2 getredir:2 help:2 id:2 info:2 kill:-3 list:-2 no-evict:3 no-touch:3 pause:-3 "
               "reply:3 setinfo:4 setname:3 tracking:-3 trackinginfo:2 unblock:-3 unpause:2",
     "command": "count:2 docs:-2 getkeys:-4 getkeysandflags:-4 help:2 info:-2 list:-2",
+    "config": "get:-3 help:2 resetstat:2 rewrite:2 set:-4",
+    "function": "delete:3 dump:2 flush:-2 help:2 kill:2 list:-2 load:-3 restore:-3 stats:2",
+    "script": "debug:3 exists:-3 flush:-2 help:2 kill:2 load:3",
     "object": "encoding:3 freq:3 help:2 idletime:3 refcount:3",
     "memory": "doctor:2 help:2 malloc-stats:2 purge:2 stats:2 usage:-3",
     "xinfo": "consumers:4 groups:3 help:2 stream:-3",
     "xgroup": "create:-5 createconsumer:5 delconsumer:5 destroy:4 help:2 setid:-5",
 }
+
+
+def fits(count: int, arity: int) -> bool:
+    """Whether ``count`` arguments (the name included) fit Redis's ``arity`` (n: exactly n; -n: at least n)."""
+    return count == arity if arity > 0 else count >= -arity
 
 
 def arities(text: str) -> Dict[bytes, int]:

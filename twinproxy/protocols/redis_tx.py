@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from twinproxy.protocols import ProtocolError, Router, Session, resp
-from twinproxy.protocols.redis_specs import SPLIT
+from twinproxy.protocols.redis_specs import FANOUT, LOCAL_COMMAND, SPLIT
 from twinproxy.request import FORWARD, FRAGMENT, LOCAL, Request
 
 if TYPE_CHECKING:
@@ -142,9 +142,10 @@ class Transactions:
             return
         if spec is not None:
             request.name = spec.label
-            if spec.handler is not None and name not in _QUEUED_AS_IS:
+            if (spec.layout is LOCAL_COMMAND and name not in _QUEUED_AS_IS) or spec.layout is FANOUT:
                 # The proxy answers it for the client's own connection (SELECT, CLIENT, HELLO,
-                # AUTH...): inside a transaction it would run on a server's connection instead.
+                # AUTH...), or asks every server (KEYS, INFO, SCRIPT...): inside a transaction it
+                # would run on one server's connection instead.
                 _answer(request, resp.error(
                     f"ERR '{name.decode('latin-1')}' inside MULTI is not supported by twinproxy"))
                 transaction.spoiled = True

@@ -24,6 +24,14 @@ class Router:
     """Keys starting with 'a' live on server A, the rest on B."""
 
     live_servers = ("A", "B")
+    all_servers = ("A", "B")
+
+    def __init__(self) -> None:
+        from twinproxy.stats import PoolCounters
+
+        self.counters = PoolCounters()
+        self.codec_state: dict = {}
+        (self.config,) = load_text("p:\n  listen: 127.0.0.1:1\n  redis: true\n  servers:\n   - 10.0.0.1:1:1\n")
 
     def server_for_key(self, key: bytes) -> str:
         return "A" if key.startswith(b"a") else "B"
@@ -66,10 +74,12 @@ def test_local_replies(args, reply) -> None:
 
 
 @pytest.mark.parametrize("args, text", [
-    ([b"KEYS", b"*"], b"-ERR command 'KEYS' is not supported by twinproxy"),
+    ([b"SWAPDB", b"0", b"1"], b"-ERR command 'SWAPDB' is not supported by twinproxy"),
     ([b"WAIT", b"1", b"0"], b"-ERR command 'WAIT' is not supported"),
     ([b"SUBSCRIBE", b"c"], b"-ERR command 'SUBSCRIBE' is not supported"),
-    ([b"CONFIG", b"GET", b"x"], b"-ERR command 'CONFIG' is not supported"),
+    ([b"CONFIG", b"SET", b"x", b"1"], b"-ERR CONFIG SET is not supported by twinproxy"),
+    ([b"config", b"resetstat"], b"-ERR CONFIG RESETSTAT is not supported by twinproxy"),
+    ([b"SCRIPT", b"DEBUG", b"yes"], b"-ERR SCRIPT DEBUG is not supported by twinproxy"),
     ([b"NOSUCH"], b"-ERR unknown command 'NOSUCH', with args beginning with: \r\n"),
     ([b"GET"], b"-ERR wrong number of arguments for 'get' command"),
     ([b"SELECT", b"1"], b"-ERR SELECT is not allowed"),
@@ -119,7 +129,9 @@ def test_auth_gate() -> None:
     ([b"object", b"x\r\ny"], b"-ERR unknown subcommand 'x  y'. Try OBJECT HELP.\r\n"),
     ([b"OBJECT", b"ENCODING"], b"-ERR wrong number of arguments for 'object|encoding' command\r\n"),
     ([b"COMMAND"], b"-NOAUTH Authentication required.\r\n"),
-    ([b"CONFIG", b"NOSUCH"], b"-NOAUTH Authentication required.\r\n"),  # no subcommand list for refused ones
+    ([b"CONFIG", b"NOSUCH"], b"-ERR unknown subcommand 'NOSUCH'. Try CONFIG HELP.\r\n"),
+    ([b"SCRIPT", b"LOAD"], b"-ERR wrong number of arguments for 'script|load' command\r\n"),
+    ([b"ACL", b"NOSUCH"], b"-NOAUTH Authentication required.\r\n"),  # no subcommand list for refused ones
     ([b"AUTH"], b"-ERR wrong number of arguments for 'auth' command\r\n"),
     ([b"AUTH", b"a", b"b", b"c"], b"-ERR syntax error\r\n"),
     ([b"QUIT", b"now"], b"+OK\r\n"),
