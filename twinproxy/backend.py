@@ -98,9 +98,9 @@ class BackendConnection(Protocol):
 
     _log = Logger()
 
-    def __init__(self, link: Any, dialect: int, slot: int = 0, gated: bool = False) -> None:
+    def __init__(self, link: Any, profile: int, slot: int = 0, gated: bool = False) -> None:
         self.link = link
-        self.dialect = dialect
+        self.profile = profile   # the connection profile it is opened for (dialect and database)
         self.slot = slot
         self.codec: Codec = link.codec
         self._clock = link.clock
@@ -125,7 +125,7 @@ class BackendConnection(Protocol):
         self._drain_call: Any = None
         self._closing_reason: Optional[str] = None
         handshake_owner = _Handshake(self)
-        for raw in self.codec.handshake(dialect):
+        for raw in self.codec.handshake(profile):
             request = Request(raw)
             request.owner = handshake_owner
             self.send(request)

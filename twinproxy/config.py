@@ -14,7 +14,7 @@ an error rather than silently the last one.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
@@ -25,6 +25,8 @@ from twinproxy.hashing import HASH_FUNCTIONS
 # Nutcracker leaves the port out of a server's ketama name when it is the
 # memcached default, to place keys as libmemcached does.
 KETAMA_DEFAULT_PORT = 11211
+# A stock Redis has 16 databases.
+REDIS_DATABASES = 16
 
 POOL_KEYS = (
     "listen", "redis", "hash", "hash_tag", "distribution", "timeout", "backlog",
@@ -35,7 +37,7 @@ POOL_KEYS = (
 # twinproxy's own keys; nutcracker's files never need them.
 EXTENSION_KEYS = ("client_max_pending", "client_max_pending_bytes", "max_request_bytes", "shutdown_timeout",
                   "client_output_soft_limit", "client_output_hard_limit", "redis_cross_server_transactions",
-                  "server_leased_connections", "redis_deny_flush")
+                  "server_leased_connections", "redis_deny_flush", "databases")
 # Sentinel mode (twinproxy's too): the pool follows the masters Sentinel names.
 SENTINEL_KEYS = ("sentinels", "sentinel_auth", "read_policy", "max_replica_lag", "failover_hold")
 # Cluster mode (twinproxy's too): the servers and slots come from a coordinator
@@ -43,7 +45,7 @@ SENTINEL_KEYS = ("sentinels", "sentinel_auth", "read_policy", "max_replica_lag",
 CLUSTER_KEYS = ("cluster", "coordinator", "slot_hold")
 # What a cluster pool cannot have: its topology is the dashboard's.
 _NOT_IN_CLUSTER = ("servers", "hash", "hash_tag", "distribution", "auto_eject_hosts", "sentinels", "sentinel_auth",
-                   "read_policy", "max_replica_lag", "redis_db")
+                   "read_policy", "max_replica_lag", "redis_db", "databases")
 # Envoy's names for where reads go.
 READ_POLICIES = ("master", "prefer-master", "replica", "prefer-replica", "any")
 # Codis's rule for a product (cluster) name.
@@ -155,6 +157,10 @@ class PoolConfig:
     server_leased_connections: int = 32
     # FLUSHDB and FLUSHALL, which empty every server of the pool, are refused.
     redis_deny_flush: bool = False
+    # How many databases a Redis client may SELECT: 0 .. databases - 1, which are
+    # the backends' redis_db .. redis_db + databases - 1.  The loader sets it when
+    # the file does not (_database_counts); 0: not set (see database_count).
+    databases: int = 0
     # Sentinel mode: the sentinels to follow ((host, port), ...; empty: off),
     # their password ("password" or "user password"), where reads go, how far
     # behind (ms) a replica may be and still be read from, and how long (ms)
@@ -187,6 +193,11 @@ class PoolConfig:
         pool, where a shard's keys must not move to another shard (Sentinel
         replaces its master instead)."""
         return self.auto_eject_hosts and not self.sentinel_mode and self.cluster is None
+
+    @property
+    def database_count(self) -> int:
+        """How many databases a client may SELECT (a cluster pool: 16, of which it serves 0 only)."""
+        return self.databases or max(1, REDIS_DATABASES - self.redis_db)
 
     @property
     def protocol(self) -> str:
@@ -253,7 +264,38 @@ def load_text(text: bytes | str, path: str = "<config>") -> List[PoolConfig]:
             raise ConfigError(path, f"duplicate listen address, already used by pool '{listens[where]}'",
                               pool.name, "listen", where)
         listens[where] = pool.name
-    return pools
+    return _database_counts(pools, path)
+
+
+def _database_counts(pools: List[PoolConfig], path: str) -> List[PoolConfig]:
+    """Give each Redis pool its ``databases``, keeping pools that share a server apart.
+
+    nutcracker files separate pools on the same servers by ``redis_db``
+    (pool a in db 0, pool b in db 1): a client of a may never SELECT its
+    way into b's data.  Unset, a pool's count is 16 - ``redis_db`` (a stock
+    Redis's databases), cut short at the next ``redis_db`` another pool
+    uses on a server they share; set, it may not reach that one.  Pools
+    with the same ``redis_db`` share their data on purpose: no limit.
+    """
+    placed = []
+    for pool in pools:
+        if not pool.redis or pool.cluster_mode:
+            placed.append(pool)
+            continue
+        addresses = {spec.address for spec in pool.servers}
+        above = [other.redis_db for other in pools
+                 if other.redis and other.redis_db > pool.redis_db and addresses & {s.address for s in other.servers}]
+        limit = min(above) - pool.redis_db if above else None
+        if pool.databases:
+            if limit is not None and pool.databases > limit:
+                raise ConfigError(path, f"would reach database {pool.redis_db + limit}, which another pool on the "
+                                  f"same servers uses (redis_db {pool.redis_db} + at most {limit})", pool.name,
+                                  "databases", str(pool.databases))
+            placed.append(pool)
+            continue
+        count = max(1, REDIS_DATABASES - pool.redis_db)
+        placed.append(replace(pool, databases=min(count, limit) if limit is not None else count))
+    return placed
 
 
 # The stats document puts each pool beside its top-level fields: a pool of one of twinproxy's own field names
@@ -315,6 +357,8 @@ def _parse_pool(path: str, name: str, body: Any) -> PoolConfig:
         addresses[spec.address] = line
         specs.append(spec)
     _check_sentinel_keys(values, servers, fail)
+    if "databases" in values and not values.get("redis", False):
+        raise fail("databases", None, "needs 'redis: true' (memcached has no databases)")
     return PoolConfig(name=name, servers=tuple(specs), **values)
 
 
@@ -326,7 +370,7 @@ def _cluster_pool(name: str, body: Dict[str, Any], values: Dict[str, Any], fail)
             raise fail(key, None, f"is required with '{other}' (a cluster pool names both)")
     for key in _NOT_IN_CLUSTER:
         if key in body:
-            if key == "redis_db":
+            if key in ("redis_db", "databases"):
                 raise fail(key, None, "cannot be set in a cluster pool: a cluster lives in database 0 (the "
                            "dashboard's migrations move database 0)")
             raise fail(key, None, "cannot be set in a cluster pool: the cluster's dashboard places servers and "
@@ -533,6 +577,7 @@ _CONVERTERS = {
     "redis_cross_server_transactions": _boolean,
     "server_leased_connections": _positive,
     "redis_deny_flush": _boolean,
+    "databases": _positive,
     "sentinel_auth": _text,
     "read_policy": _read_policy,
     "max_replica_lag": _number,

@@ -41,6 +41,7 @@ from twinproxy.pinning import Pin, PinnedRouter
 from twinproxy.protocols import Codec, ProtocolError
 from twinproxy.replybudget import ReplyBudget
 from twinproxy.request import FORWARD, FRAGMENT, Request
+from twinproxy.session import ClientSession
 from twinproxy.sockets import direct_socket
 from twinproxy.stats import CommandCounters
 
@@ -55,8 +56,8 @@ NO_LIMIT = 1 << 62
 
 
 @implementer(IPushProducer)
-class FrontendProtocol(Protocol):
-    """One client connection; also the codec's session for that client.
+class FrontendProtocol(ClientSession, Protocol):
+    """One client connection; also the codec's session for that client (:class:`ClientSession`).
 
     Backpressure: the client is not read while ``client_max_pending``
     requests or ``client_max_pending_bytes`` bytes of them await replies,
@@ -73,9 +74,9 @@ class FrontendProtocol(Protocol):
 
     def __init__(self, factory: "ProxyFactory", client_id: int) -> None:
         self.factory = factory
-        self.client_id = client_id
         self._pool = factory.pool
         self._codec: Codec = factory.codec
+        self._start_session(factory, client_id, self._codec.default_dialect)
         self._parser = self._codec.request_parser()
         self._in_order: deque = deque()
         self._counters = factory.pool.counters
@@ -109,9 +110,6 @@ class FrontendProtocol(Protocol):
         self._linger_call: Any = None
         self._linger_left = 0
         self.closed = False
-        self.dialect = self._codec.default_dialect
-        self.authenticated = not factory.requires_auth
-        self.client_name: Optional[bytes] = None
         # The codec's prepare for this client's mode: the codec swaps it (MULTI queues).
         self.prepare = self._codec.prepare
         self.transaction: Any = None    # the codec's state between MULTI and EXEC
@@ -308,7 +306,7 @@ class FrontendProtocol(Protocol):
     def pin(self, server: Any) -> Optional[Pin]:
         """Lease a connection to ``server`` and send this client's requests for it there; None at the cap."""
         link = getattr(server, "link", None)
-        connection = link.lease(self.dialect) if link is not None else None
+        connection = link.lease(self.profile) if link is not None else None
         if connection is None:
             return None
         pin = Pin(self, server, connection, self._pool._reply_error)
@@ -333,9 +331,9 @@ class FrontendProtocol(Protocol):
     def _dispatch(self, request: Request) -> None:
         request.owner = self
         request.client = self
-        request.dialect = self.dialect
+        request.profile = self.profile   # which connections: the session's dialect and database
         self.prepare(request, self)
-        name = request.name
+        name = self.last_command = request.name
         counted = self._commands.get(name)
         if counted is None:   # once per command name and pool
             counted = self._commands[name] = CommandCounters()
@@ -369,7 +367,7 @@ class FrontendProtocol(Protocol):
             fragment.owner = self
             fragment.client = self
             fragment.parent = request
-            fragment.dialect = request.dialect   # no ``counted``: the backend times the parent once
+            fragment.profile = request.profile   # no ``counted``: the backend times the parent once
             server.send(fragment)
 
     def request_done(self, request: Request) -> None:
@@ -399,7 +397,11 @@ class FrontendProtocol(Protocol):
         self._flush()
 
     def _flush(self) -> None:
-        """Queue every reply now at the head of the order; send them as one write."""
+        """Queue every reply now at the head of the order; send them as one write.
+
+        Always called as ``self._flush()``: CLIENT REPLY shadows it on the
+        instance while a reply mode change is pending (see twinproxy.session).
+        """
         in_order = self._in_order
         out = self._out
         error_starts = self._error_starts

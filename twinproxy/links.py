@@ -1,7 +1,8 @@
 """All of the proxy's connections to one backend server.
 
-Owns: :class:`ServerLink` — a fixed array of connection slots per protocol
-dialect (``server_connections`` of them), each filled on demand and
+Owns: :class:`ServerLink` — a fixed array of connection slots per connection
+profile (protocol dialect and database, :func:`~twinproxy.request.profile_of`;
+``server_connections`` slots each), each filled on demand and
 replaced in place when its connection dies, so ``client_id % slots`` sends
 one client's requests down one socket for as long as the slot count
 stands; and the runtime changes of a server: :meth:`ServerLink.retarget`
@@ -13,7 +14,7 @@ draining), :meth:`ServerLink.drain` (the server left the pool),
 
 ::
 
-    send(request) --> slots[dialect][client_id % n] --> BackendConnection.send
+    send(request) --> slots[profile][client_id % n] --> BackendConnection.send
     retired connections: drain (no new requests; close after the last reply
     or at the drain deadline); their replacements' writes wait behind them
 """
@@ -43,7 +44,7 @@ def drain_seconds(config: PoolConfig) -> float:
 
 
 class ServerLink:
-    """The connections to one server: slots per dialect, and the retired ones draining."""
+    """The connections to one server: slots per connection profile, and the retired ones draining."""
 
     _log = Logger()
 
@@ -95,7 +96,7 @@ class ServerLink:
 
     # -- leases ---------------------------------------------------------------
 
-    def lease(self, dialect: int) -> Optional[BackendConnection]:
+    def lease(self, profile: int) -> Optional[BackendConnection]:
         """A connection for one client session alone (an idle one if there is), or None at the cap.
 
         Counted against ``server_leased_connections``; given back with
@@ -104,14 +105,14 @@ class ServerLink:
         idle = self._idle_leases
         while idle:
             connection = idle.pop()
-            if not connection.closed and not connection.draining and connection.dialect == dialect:
+            if not connection.closed and not connection.draining and connection.profile == profile:
                 return connection
             self._leased.discard(connection)
             connection.close()
         if self._stopped or self.target is None or len(self._leased) >= self._lease_limit:
             self.leases_refused += 1
             return None
-        connection = BackendConnection(self, dialect, -1)
+        connection = BackendConnection(self, profile, -1)
         self._leased.add(connection)
         self._connect(connection)
         return connection
@@ -131,6 +132,12 @@ class ServerLink:
         if not connection.closed:
             connection.close()
 
+    def retire_lease(self, connection: BackendConnection) -> None:
+        """Close a leased connection once what it was sent is answered (its session state dies with it)."""
+        if connection in self._idle_leases:
+            self._idle_leases.remove(connection)
+        connection.drain(drain_seconds(self.config))   # it leaves _leased when it is gone
+
     @property
     def leased_count(self) -> int:
         return len(self._leased) - len(self._idle_leases)
@@ -138,11 +145,12 @@ class ServerLink:
     # -- sending --------------------------------------------------------------
 
     def send(self, request: Request) -> None:
-        slots = self._slots.get(request.dialect)
+        profile = request.profile
+        slots = self._slots.get(profile)
         if slots is None:
-            # The first request of a dialect opens all its slots at once, as nutcracker does.
-            self.preconnect(request.dialect)
-            slots = self._slots[request.dialect]
+            # The first request of a profile opens all its slots at once, as nutcracker does.
+            self.preconnect(profile)
+            slots = self._slots[profile]
         if self._size == 1:  # server_connections: 1, nutcracker's default
             index = 0
         else:
@@ -152,25 +160,25 @@ class ServerLink:
             index = client.client_id % self._size if client is not None else 0
         connection = slots[index]
         if connection is None:
-            connection = self._open(request.dialect, index)
+            connection = self._open(profile, index)
         connection.send(request)
 
-    def preconnect(self, dialect: int) -> None:
-        """Fill every slot of ``dialect`` now (``preconnect: true``)."""
-        slots = self._slots.setdefault(dialect, [None] * self._size)
+    def preconnect(self, profile: int) -> None:
+        """Fill every slot of ``profile`` now (``preconnect: true``, or its first request)."""
+        slots = self._slots.setdefault(profile, [None] * self._size)
         if self.target is None:
             return
         for index, connection in enumerate(slots):
             if connection is None:
-                self._open(dialect, index)
+                self._open(profile, index)
 
-    def _open(self, dialect: int, index: int) -> BackendConnection:
-        connection = BackendConnection(self, dialect, index, gated=bool(self._barrier))
+    def _open(self, profile: int, index: int) -> BackendConnection:
+        connection = BackendConnection(self, profile, index, gated=bool(self._barrier))
         if self._stopped:
             connection.abort("server connection closed: the server left the pool or the proxy is stopping",
                              count_failure=False)
             return connection
-        self._slots[dialect][index] = connection
+        self._slots[profile][index] = connection
         if self._barrier:
             self._gated[connection] = set(self._barrier)
         self._connect(connection)
@@ -189,7 +197,7 @@ class ServerLink:
 
     def connection_gone(self, connection: BackendConnection) -> None:
         """Stop routing to ``connection``: it failed, closed or finished draining."""
-        slots = self._slots.get(connection.dialect)
+        slots = self._slots.get(connection.profile)
         if slots is not None and connection.slot < len(slots) and slots[connection.slot] is connection:
             slots[connection.slot] = None
         self._gated.pop(connection, None)
@@ -241,7 +249,7 @@ class ServerLink:
     # -- runtime changes ------------------------------------------------------
 
     def _retire(self, barrier: bool) -> None:
-        """Take every open connection out of its slot and let it drain.
+        """Take every open connection, of every profile, out of its slot and let it drain.
 
         With ``barrier``, connections opened from now on hold their writes
         until the retired ones are done: same server, so a request sent on
@@ -249,7 +257,7 @@ class ServerLink:
         client still on an old socket.
         """
         seconds = drain_seconds(self.config)
-        for dialect, slots in self._slots.items():
+        for profile, slots in self._slots.items():
             for connection in slots:
                 if connection is None:
                     continue
@@ -259,7 +267,7 @@ class ServerLink:
                     # it, and it for those before it, so the order holds over
                     # reloads in quick succession.
                     self._barrier.add(connection)
-            self._slots[dialect] = [None] * self._size
+            self._slots[profile] = [None] * self._size
         # Leased ones too: what their sessions sent is answered before a hold's ack, and
         # their sessions' later requests are refused (see pinning.Pin), never sent to a stale target.
         for connection in list(self._leased):
@@ -291,8 +299,8 @@ class ServerLink:
         self.target = target
         connections = [c for slots in self._slots.values() for c in slots if c is not None]
         connections += [c for c in self._draining | self._leased if c not in connections]
-        for dialect in self._slots:
-            self._slots[dialect] = [None] * self._size
+        for profile in self._slots:
+            self._slots[profile] = [None] * self._size
         failed = 0
         for connection in connections:
             failed += connection.pending
@@ -305,7 +313,8 @@ class ServerLink:
 
         A changed handshake (``redis_auth``, ``redis_db``) or slot count
         makes the open connections wrong for new requests: they are retired
-        and replaced, behind a barrier.
+        and replaced, behind a barrier, for every profile (each database's
+        and dialect's set).
         """
         resized = config.server_connections != self._size
         self._configure(codec, config)

@@ -65,7 +65,7 @@ class Pin:
         """End the WATCH with an UNWATCH of the proxy's own (the client's EXEC or DISCARD was answered here)."""
         request = Request(_UNWATCH)
         request.client = self.session
-        request.dialect = self.connection.dialect
+        request.profile = self.connection.profile
         request.owner = _Release(self, _QUIET, self.epoch)
         self.send(request)
 

@@ -21,6 +21,27 @@ LOCAL = 0      # the codec answered it itself; ``reply`` is set
 FORWARD = 1    # send unchanged to the server owning ``key``
 FRAGMENT = 2   # ask the codec to split it (or check its keys) against the pool
 
+# A request's connection profile: which of a server's connection sets may carry
+# it.  The low bits are the protocol dialect (RESP 2 or 3; 0 for memcached),
+# the bits above the client's database (SELECT n): ``db << 2 | dialect``.  A
+# backend connection is opened for one profile (``codec.handshake(profile)``)
+# and carries only requests of that profile.
+DIALECT_BITS = 3
+DB_SHIFT = 2
+
+
+def profile_of(dialect: int, db: int = 0) -> int:
+    """The connection profile of a client speaking ``dialect`` in database ``db``."""
+    return db << DB_SHIFT | dialect
+
+
+def profile_dialect(profile: int) -> int:
+    return profile & DIALECT_BITS
+
+
+def profile_db(profile: int) -> int:
+    return profile >> DB_SHIFT
+
 
 class Request:
     """One request and, once it arrives, its reply.
@@ -33,7 +54,7 @@ class Request:
 
     __slots__ = (
         "raw", "args", "kind", "key", "command", "owner", "client", "reply", "parent",
-        "fragments", "pending", "positions", "dialect", "sent_at",
+        "fragments", "pending", "positions", "profile", "sent_at",
         "expects_reply", "quiet", "close_after", "name", "terminator", "gathered",
         # Set only once a request is sent a second time (Sentinel's one retry):
         # never assigned in __init__, read with getattr(request, "retried", False).
@@ -58,7 +79,8 @@ class Request:
         self.fragments: Optional[List[Request]] = None
         self.pending = 0
         self.positions: Optional[List[int]] = None
-        self.dialect = 0
+        # The connection profile (see profile_of): the frontend copies its session's, one store.
+        self.profile = 0
         self.sent_at = 0.0
         self.expects_reply = True   # a backend answers it (all commands we forward)
         self.quiet = False          # the client gets no reply (memcached ``noreply``)
@@ -69,6 +91,15 @@ class Request:
         self.terminator: Optional[bytes] = None
         self.gathered: Optional[List[bytes]] = None
         self.counted: Any = None
+
+    @property
+    def dialect(self) -> int:
+        """The RESP version the client speaks (2 or 3; 0 for memcached): its replies' encoding."""
+        return self.profile & DIALECT_BITS
+
+    @dialect.setter
+    def dialect(self, dialect: int) -> None:
+        self.profile = (self.profile & ~DIALECT_BITS) | dialect
 
     def __repr__(self) -> str:
         return f"<Request {self.raw[:40]!r} reply={self.reply!r:.40}>"

@@ -1,9 +1,10 @@
-"""Writing to a connection at once, in the turn that produced the bytes.
+"""Writing to a connection at once, in the turn that produced the bytes; what the kernel knows of one.
 
 Owns :func:`direct_socket` and :func:`write_now`, shared by the client and
-the server side.  Twisted's ``transport.write`` queues every write, asks
-epoll for writability, sends on the next loop turn and then stops asking:
-two ``epoll_ctl`` calls and a loop turn per write.  When nothing is queued
+the server side, and :func:`receive_idle_ms` (CLIENT LIST's ``idle``).
+Twisted's ``transport.write`` queues every write, asks epoll for
+writability, sends on the next loop turn and then stops asking: two
+``epoll_ctl`` calls and a loop turn per write.  When nothing is queued
 on the transport, the bytes can go out at once; whatever the socket does
 not take goes through Twisted as usual, so ordering, backpressure and error
 handling stay Twisted's.
@@ -11,7 +12,14 @@ handling stay Twisted's.
 
 from __future__ import annotations
 
-from typing import Any
+import socket
+import struct
+from typing import Any, Optional
+
+# Linux's struct tcp_info: tcpi_last_data_recv (ms since data last arrived) is
+# the u32 at byte 52, after 8 one-byte fields and 11 u32s.
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+_LAST_DATA_RECV = 52
 
 
 def direct_socket(transport: Any) -> Any:
@@ -38,3 +46,16 @@ def write_now(sock: Any, transport: Any, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
+
+
+def receive_idle_ms(sock: Any) -> Optional[int]:
+    """Milliseconds since ``sock`` last received data, from the kernel (Linux TCP); None where unknown."""
+    if sock is None or _TCP_INFO is None or getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 104)
+    except OSError:
+        return None
+    if len(info) < _LAST_DATA_RECV + 4:
+        return None
+    return struct.unpack_from("I", info, _LAST_DATA_RECV)[0]

@@ -159,12 +159,13 @@ def test_auth_with_redis_auth(redis_servers, proxy) -> None:
     assert backends[where].client(db=2).get("k") == b"v"
 
 
-def test_select_zero_only(redis_servers, proxy) -> None:
-    service = proxy(pool_yaml(redis_servers(1)))
+def test_select_within_the_pools_databases(redis_servers, proxy) -> None:
+    """More in test_redis_sessions.py."""
+    service = proxy(pool_yaml(redis_servers(1), databases="2"))
     c = client(service, protocol=2, single_connection_client=True)
-    assert c.execute_command("SELECT", 0) in (True, b"OK", "OK")
-    with pytest.raises(redis.ResponseError, match="SELECT is not allowed"):
-        c.execute_command("SELECT", 1)
+    assert c.execute_command("SELECT", 1) in (True, b"OK", "OK")
+    with pytest.raises(redis.ResponseError, match="DB index is out of range"):
+        c.execute_command("SELECT", 2)
 
 
 def test_client_connections_cap(redis_servers, proxy) -> None:

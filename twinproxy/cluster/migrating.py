@@ -239,7 +239,7 @@ class MigratingSlot:
         request = step.request
         ask.owner = step
         ask.client = request.client      # the client's connection: its scripts are answered in order
-        ask.dialect = request.dialect
+        ask.profile = request.profile   # its dialect and database
         ask.name = "migrate"
         self.moves += 1
         self.source.send(ask)

@@ -182,7 +182,7 @@ class WarmingSlot:
         step = Request(raw)
         step.owner = _Step(then, chain)
         step.client = request.client      # the client's connection: its requests stay in order
-        step.dialect = request.dialect
+        step.profile = request.profile   # its dialect and database
         step.name = "warmup"
         server.send(step)
 

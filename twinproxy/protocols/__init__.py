@@ -9,7 +9,7 @@ reactor.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
 
 if TYPE_CHECKING:
     from twinproxy.config import PoolConfig
@@ -34,16 +34,61 @@ class ReplyFramer(Protocol):
         """Return the next whole reply's bytes, None until more come; raise ProtocolError."""
 
 
+# CLIENT REPLY's modes, as the codec tells the session (``set_reply_mode``).
+REPLY_ON = 0
+REPLY_OFF = 1
+REPLY_SKIP = 2
+
+
 class Session(Protocol):
-    """What a codec may read and change of the client connection it serves."""
+    """What a codec may read and change of the client connection it serves.
+
+    The frontend implements it (:class:`~twinproxy.session.ClientSession`);
+    codecs see nothing else of the client, its pool or its peers.
+    """
 
     client_id: int
     authenticated: bool
-    dialect: int
+    dialect: int                    # the RESP version its replies are encoded in (0: memcached)
+    db: int                         # the database it SELECTed (0 until it does)
+    profile: int                    # its connection profile: request.profile_of(dialect, db)
     client_name: Optional[bytes]
     # The codec's ``prepare`` for this session's mode (a codec swaps it: MULTI queues).
     prepare: Callable[["Request", "Session"], None]
     transaction: Any     # a codec's state between MULTI and EXEC; None outside
+    watch_pin: Any       # the connection a WATCH pinned (frontend.pin), or None
+    last_command: str               # the name of the command it sent last (CLIENT LIST's cmd)
+    # Set by the families that give a client such state (CLIENT LIST shows them).
+    subscriptions: int
+    pattern_subscriptions: int
+    shard_subscriptions: int
+
+    def end_watch(self) -> None:
+        """Unwatch on the WATCH's pinned connection, if there is one, and give it back."""
+
+    def drop_watch(self) -> None:
+        """Stop routing to the WATCH's pinned connection now; it closes once answered (RESET)."""
+
+    def use(self, dialect: int, db: int) -> None:
+        """Speak ``dialect`` in database ``db`` from the next request on (HELLO, SELECT)."""
+
+    def reset(self, request: "Request") -> None:
+        """RESET: back to a fresh connection's state; ``request`` (the RESET) is answered normally."""
+
+    def set_reply_mode(self, request: "Request", mode: int) -> None:
+        """CLIENT REPLY: ``mode`` (REPLY_ON/OFF/SKIP) takes effect in reply order at ``request``."""
+
+    def peers(self) -> Iterable["Session"]:
+        """The sessions of every client of this pool in this process, this one included."""
+
+    def kill(self) -> None:
+        """CLIENT KILL of another client: close its connection now, unanswered requests and all."""
+
+    def addresses(self) -> Tuple[str, str, bool]:
+        """(its address, the address it connected to, over a unix socket), as Redis writes them."""
+
+    def facts(self) -> Tuple[int, int, int, int]:
+        """(file descriptor or -1, age in seconds, idle seconds, bytes of replies it has not read)."""
 
 
 class Router(Protocol):
@@ -124,7 +169,8 @@ class Codec(Protocol):
 
     def is_error(self, reply: bytes) -> bool: ...
 
-    def handshake(self, dialect: int) -> List[bytes]: ...
+    def handshake(self, profile: int) -> List[bytes]:
+        """The commands that open a backend connection of ``profile`` (request.profile_of)."""
 
 
 def codec_for(config: "PoolConfig") -> Codec:

@@ -99,7 +99,7 @@ class MemcacheCodec:
     def is_error(self, reply: bytes) -> bool:
         return reply.startswith((b"SERVER_ERROR", b"CLIENT_ERROR", b"ERROR"))
 
-    def handshake(self, dialect: int) -> List[bytes]:
+    def handshake(self, profile: int) -> List[bytes]:
         return []
 
     def prepare(self, request: Request, session: Session) -> None:

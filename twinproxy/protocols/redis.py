@@ -4,9 +4,12 @@ Owns: the command table (built from :mod:`~twinproxy.protocols.redis_specs`:
 what twinproxy does with each command, with where its keys are from Redis's
 generated key specs; here, how a multi-key command is split or checked),
 the commands twinproxy answers
-itself (PING, ECHO, QUIT, AUTH, SELECT, HELLO, CLIENT housekeeping,
-COMMAND DOCS), the AUTH gate (Redis's own answers to a client that has not
-authenticated, hence Redis's arity table), the merge of split replies (MGET,
+itself (PING, ECHO, QUIT, AUTH, HELLO here; SELECT, MOVE's database,
+CLIENT, RESET, ROLE, READONLY and COMMAND GETKEYS in
+:mod:`~twinproxy.protocols.redis_connection`), the one entry to its key
+extraction besides routing (:meth:`RedisCodec.command_keys`), the AUTH
+gate (Redis's own answers to a client that has not authenticated, hence
+Redis's arity table), the merge of split replies (MGET,
 MSET, DEL/UNLINK/EXISTS/TOUCH), error texts, and the per-connection backend
 handshake.  The commands sent to every server, or to one chosen server
 (INFO, SCAN, KEYS, SCRIPT, CONFIG GET, ...), are FANOUT commands: their
@@ -15,8 +18,11 @@ the family modules it names.  Never touches the pool, a socket or the
 reactor: routing comes in as a :class:`~twinproxy.protocols.Router`.
 
 RESP3 clients get their own backend connections (opened with ``HELLO 3``),
-so replies pass through unchanged in either protocol; only what the proxy
-writes itself, or merges, is encoded here per dialect.
+and so does each database a client SELECTs (opened with ``SELECT
+redis_db + n``): a backend connection serves one profile
+(:func:`~twinproxy.request.profile_of`), so replies pass through unchanged
+in either protocol; only what the proxy writes itself, or merges, is
+encoded here per dialect.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from typing import Any, Dict, List, Optional, Tuple
 from twinproxy import __version__
 from twinproxy.config import PoolConfig
 from twinproxy.protocols import ProtocolError, Router, Session, group_by_server, redis_fanout, redis_scripts, resp
+from twinproxy.protocols.redis_connection import BAD_NAME as _BAD_NAME
+from twinproxy.protocols.redis_connection import RESET_REPLY, ConnectionCommands
+from twinproxy.protocols.redis_connection import valid_client_name as _valid_client_name
 from twinproxy.protocols.redis_fanout_commands import FanoutCommands
 from twinproxy.protocols.redis_keys import (
     BadInvocation,
@@ -71,7 +80,7 @@ from twinproxy.protocols.redis_specs import (
     words,
 )
 from twinproxy.protocols.redis_tx import Transactions
-from twinproxy.request import FORWARD, FRAGMENT, LOCAL, Request
+from twinproxy.request import FORWARD, FRAGMENT, LOCAL, Request, profile_db, profile_dialect
 
 WRONG_PASSWORD = "WRONGPASS invalid username-password pair or user is disabled."
 NOAUTH = "NOAUTH Authentication required."
@@ -80,9 +89,15 @@ _NOAUTH_REPLY = resp.error(NOAUTH)
 _HELLO_NOAUTH = ("NOAUTH HELLO must be called with the client already authenticated, otherwise the "
                  "HELLO AUTH <user> <pass> option can be used to authenticate the client and select "
                  "the RESP protocol version at the same time")
-# The commands Redis flags ``no_auth``: served before AUTH.  RESET is one;
-# twinproxy refuses it, and refuses it the same before AUTH.
+# The commands Redis flags ``no_auth``: served before AUTH.
 _BEFORE_AUTH = frozenset((b"auth", b"hello", b"quit", b"reset"))
+# Answered by a handler that then sends them by their key (COMMAND GETKEYS lists it).
+_LOCAL_WITH_KEY = frozenset((b"move",))
+# COMMAND GETKEYS's own errors (Redis 7.0's commandGetKeys).
+_GETKEYS_UNKNOWN = b"-ERR Invalid command specified\r\n"
+_GETKEYS_NO_KEYS = b"-ERR The command has no key arguments\r\n"
+_GETKEYS_ARITY = b"-ERR Invalid number of arguments specified for command\r\n"
+_GETKEYS_INVALID = b"-ERR Invalid arguments specified for command\r\n"
 
 def cross_slot_error(keys: List[bytes], slot_of: Any) -> Optional[str]:
     """The CROSSSLOT error for ``keys`` in more than one slot, naming the slots; None if they share one."""
@@ -126,8 +141,6 @@ def arity_error(args: List[bytes], name: bytes, spec: CommandSpec) -> Optional[b
     return None
 
 
-
-
 class RedisCodec:
     """Codec for pools with ``redis: true``; one instance per pool."""
 
@@ -140,6 +153,7 @@ class RedisCodec:
         self._password = config.redis_auth.encode() if config.redis_auth else None
         self._transactions = Transactions(self, CommandSpec(b"exec", TRANSACTION), arity_error, self.merge_parts,
                                           config.redis_cross_server_transactions)
+        self.connection = ConnectionCommands(config, self.command_keys, arity_error)
         self.commands: Dict[bytes, CommandSpec] = self._command_table()
 
     # -- the command table ---------------------------------------------------
@@ -168,17 +182,19 @@ class RedisCodec:
         add("mget", SPLIT, merge="array")
         add("mset", SPLIT, merge="ok")
         add("del unlink exists touch", SPLIT, merge="sum")
+        connection = self.connection
         for name, handler in (
             ("ping", self._ping), ("echo", self._echo), ("quit", self._quit),
-            ("auth", self._auth), ("select", self._select), ("hello", self._hello),
-            ("client", self._client),
+            ("auth", self._auth), ("hello", self._hello), ("reset", self._reset),
+            ("select", connection.select), ("move", connection.move), ("client", connection.client),
+            ("role", connection.role), ("readonly", connection.readonly), ("readwrite", connection.readonly),
         ):
             add(name, LOCAL_COMMAND, handler=handler)
         transactions = self._transactions
         for name, handler in (("multi", transactions.multi), ("exec", transactions.exec_without_multi),
                               ("discard", transactions.discard_without_multi)):
             add(name, LOCAL_COMMAND, handler=handler)
-        for name, planner in FanoutCommands(self._command).planners().items():
+        for name, planner in FanoutCommands(connection.getkeys).planners().items():
             add(name, FANOUT, first=0, handler=planner)
         for name in redis_scripts.SCRIPT_CALLS:
             table[name.encode()].handler = redis_scripts.routed
@@ -186,6 +202,8 @@ class RedisCodec:
         add("watch unwatch", WATCHING)
         add(PUBSUB, REJECTED, reason="pub/sub is not proxied")
         add(WHOLE_KEYSPACE, REJECTED, reason="it needs the whole keyspace, which is spread over many servers")
+        add("swapdb", REJECTED, reason="each server would swap its databases on its own: it cannot be atomic "
+                                       "across the pool's servers")
         add(SERVER_ADMIN, REJECTED, reason="it is a server administration command; ask the backends directly")
         add(INTERNAL, REJECTED, reason="it is Redis's internal or debugging command")
         for name, arity in arities(ARITY).items():
@@ -211,15 +229,20 @@ class RedisCodec:
     def is_error(self, reply: bytes) -> bool:
         return reply[:1] == b"-" or reply[:1] == b"!"
 
-    def handshake(self, dialect: int) -> List[bytes]:
-        """The commands that open every backend connection of ``dialect``."""
+    def handshake(self, profile: int) -> List[bytes]:
+        """The commands that open every backend connection of ``profile`` (its dialect and database).
+
+        A client's database n is the backends' ``redis_db`` + n: database 0,
+        all a client that never SELECTs uses, is ``redis_db`` as in nutcracker.
+        """
         commands = []
         if self._password is not None:
             commands.append(resp.encode_command([b"AUTH", self._password]))
-        if dialect == 3:
+        if profile_dialect(profile) == 3:
             commands.append(resp.encode_command([b"HELLO", b"3"]))
-        if self._config.redis_db:
-            commands.append(resp.encode_command([b"SELECT", str(self._config.redis_db).encode()]))
+        db = self._config.redis_db + profile_db(profile)
+        if db:
+            commands.append(resp.encode_command([b"SELECT", b"%d" % db]))
         return commands
 
     def prepare(self, request: Request, session: Session) -> None:
@@ -399,6 +422,39 @@ class RedisCodec:
             return None
         return _NOAUTH_REPLY
 
+    def command_keys(self, args: List[bytes]) -> Tuple[Optional[List[int]], Optional[bytes]]:
+        """The positions in ``args`` of the keys twinproxy routes that command by, or COMMAND GETKEYS's error.
+
+        COMMAND GETKEYS comes here, so it always agrees with the routing:
+        the spec ``prepare`` classifies by, and ``_key_positions`` for what
+        is routed at ``fragment``.  The checks run in Redis's order (its
+        commandGetKeys): an unknown command, one without keys, a wrong
+        argument count, keys that cannot be found.
+        """
+        name = args[0].lower()
+        spec = self.commands.get(name)
+        if spec is not None and spec.layout is SUBCOMMAND:
+            spec = spec.children.get(args[1].lower()) if len(args) > 1 else None
+        elif spec is not None and spec.subcommands is not None and len(args) > 1 \
+                and args[1].lower() not in spec.subcommands:
+            spec = None
+        if spec is None:
+            return None, _GETKEYS_UNKNOWN
+        layout = spec.layout
+        if layout is REJECTED:
+            return None, _refusal(spec.label.upper().replace("|", " "), spec.reason)
+        if layout is KEYLESS or layout is FANOUT or (layout is LOCAL_COMMAND and name not in _LOCAL_WITH_KEY):
+            return None, _GETKEYS_NO_KEYS
+        keys = spec.keys
+        if (len(args) != keys.arity) if keys.arity > 0 else (len(args) < -keys.arity):
+            return None, _GETKEYS_ARITY
+        if layout is SINGLE or layout is LOCAL_COMMAND:
+            return [spec.first], None
+        positions = self._key_positions(Request(b"", args), spec)
+        if positions is None:
+            return ([], None) if keys.no_mandatory_keys else (None, _GETKEYS_INVALID)
+        return positions, None
+
     def _key_positions(self, request: Request, spec: CommandSpec) -> Optional[List[int]]:
         """Where the keys of ``request`` are (Redis's key specs); None after answering it with Redis's error."""
         args = request.args
@@ -487,17 +543,18 @@ class RedisCodec:
         session.authenticated = True
         return b"+OK\r\n"
 
-    def _select(self, request: Request, session: Session) -> bytes:
-        args = request.args
-        if len(args) != 2:
-            return _wrong_arity(b"select")
-        index = long_long(args[1])
-        if index is None:
-            return resp.error("ERR value is not an integer or out of range")
-        if index != 0:
-            return resp.error("ERR SELECT is not allowed by twinproxy: clients see database 0 only "
-                              "(the pool's redis_db picks the backend database)")
-        return b"+OK\r\n"
+    def _reset(self, request: Request, session: Session) -> bytes:
+        """RESET: the session's own state (redis_connection), and out of MULTI and WATCH, as Redis's."""
+        profile = session.profile
+        reply = self.connection.reset(request, session)
+        if reply is RESET_REPLY:
+            if session.transaction is not None:
+                self._transactions.leave(session)
+            if session.profile == profile:
+                session.end_watch()    # UNWATCH on the pin, which keeps the order until it is answered
+            else:
+                session.drop_watch()   # the pin is of the old database or protocol: out of the routing now
+        return reply
 
     def _hello(self, request: Request, session: Session) -> bytes:
         args = request.args
@@ -530,7 +587,11 @@ class RedisCodec:
                     return b"-ERR Syntax error in HELLO option '%s'\r\n" % shown
         if not session.authenticated:
             return resp.error(_HELLO_NOAUTH)
-        session.dialect = dialect
+        if dialect != session.dialect and session.watch_pin is not None:
+            # The WATCH's leased connection speaks the protocol it was made with.
+            return resp.error("ERR HELLO switching the protocol while a WATCH is active is not supported by "
+                              "twinproxy: EXEC, DISCARD or UNWATCH first")
+        session.use(dialect, session.db)   # HELLO keeps the database, as in Redis
         if name is not None:
             session.client_name = name or None
         fields = [
@@ -543,38 +604,3 @@ class RedisCodec:
             (resp.bulk(b"modules"), resp.array([])),
         ]
         return resp.mapping(fields, dialect)
-
-    def _client(self, request: Request, session: Session) -> bytes:
-        args = request.args
-        if len(args) < 2:
-            return _wrong_arity(b"client")
-        sub = args[1].lower()
-        if sub == b"setname" and len(args) == 3:
-            if not _valid_client_name(args[2]):
-                return resp.error(_BAD_NAME)
-            session.client_name = args[2] or None
-            return b"+OK\r\n"
-        if sub == b"getname" and len(args) == 2:
-            return resp.bulk(session.client_name, session.dialect)
-        if sub == b"id" and len(args) == 2:
-            return resp.integer(session.client_id)
-        if sub == b"setinfo" and len(args) == 4:
-            if args[2].lower() not in (b"lib-name", b"lib-ver"):
-                return resp.error(f"ERR Unrecognized option '{args[2].decode('latin-1')}'")
-            return b"+OK\r\n"
-        if sub in (b"setname", b"getname", b"id", b"setinfo"):
-            return resp.error(f"ERR wrong number of arguments for 'client|{sub.decode('latin-1')}' command")
-        return resp.error(f"ERR CLIENT {args[1].decode('latin-1').upper()} is not supported by twinproxy "
-                          "(supported: SETNAME, GETNAME, SETINFO, ID)")
-
-    def _command(self, request: Request, session: Session) -> bytes:
-        """COMMAND GETKEYS and GETKEYSANDFLAGS (the rest of COMMAND comes from a server: FanoutCommands)."""
-        shown = request.args[1].decode("latin-1").upper()
-        return resp.error(f"ERR COMMAND {shown} is not supported by twinproxy")
-
-
-_BAD_NAME = "ERR Client names cannot contain spaces, newlines or special characters."
-
-
-def _valid_client_name(name: bytes) -> bool:
-    return all(33 <= byte <= 126 for byte in name)

@@ -32,7 +32,10 @@ _CACHED_COMMAND = frozenset((b"count", b"list", b"docs"))
 
 
 class FanoutCommands:
-    """The FANOUT planners of one codec; ``local_command(request, session)`` answers COMMAND GETKEYS."""
+    """The FANOUT planners of one codec; ``local_command(request, session)`` answers COMMAND GETKEYS.
+
+    It returns None for a GETKEYSANDFLAGS whose keys it found: a server answers that.
+    """
 
     def __init__(self, local_command: Callable) -> None:
         self._local_command = local_command
@@ -67,7 +70,11 @@ class FanoutCommands:
         args = request.args
         sub = args[1].lower() if len(args) > 1 else b""
         if sub in _LOCAL_COMMAND:
-            return answer(request, self._local_command(request, request.client))
+            reply = self._local_command(request, request.client)
+            if reply is not None:
+                return answer(request, reply)
+            # GETKEYSANDFLAGS of keys the proxy found: the flags are any server's to give.
+            return send_to(request, router, first_live(request, router), merge_one)
         if len(args) == 1 or (len(args) == 2 and sub in _CACHED_COMMAND):
             key = (request.dialect, sub)
             cached = self._command_replies.get(key)

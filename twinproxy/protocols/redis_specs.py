@@ -155,13 +155,15 @@ BLOCKING_REASON = "blocking commands would stall a backend connection shared by 
 # Blocking only with BLOCK: routed by their streams' keys without it.
 STREAM_READS = "xread xreadgroup"
 PUBSUB = "subscribe psubscribe ssubscribe unsubscribe punsubscribe sunsubscribe publish spublish pubsub"
-# KEYS, SCAN, RANDOMKEY, DBSIZE, FLUSHDB and FLUSHALL fan out (redis_keyspace).
-WHOLE_KEYSPACE = "swapdb move migrate"
-# INFO, CONFIG, LASTSAVE, TIME, SCRIPT and FUNCTION fan out (redis_fanout_commands, redis_scripts).
+# KEYS, SCAN, RANDOMKEY, DBSIZE, FLUSHDB and FLUSHALL fan out (redis_keyspace); MOVE is
+# routed by its key and SWAPDB refused (redis_connection and the codec's table).
+WHOLE_KEYSPACE = "migrate"
+# INFO, CONFIG, LASTSAVE, TIME, SCRIPT and FUNCTION fan out (redis_fanout_commands, redis_scripts);
+# ROLE, READONLY, READWRITE and RESET are answered per client (redis_connection).
 SERVER_ADMIN = """
-save bgsave bgrewriteaof shutdown slaveof replicaof role sync psync
-debug monitor cluster readonly readwrite asking failover acl latency slowlog
-lolwut module reset
+save bgsave bgrewriteaof shutdown slaveof replicaof sync psync
+debug monitor cluster asking failover acl latency slowlog
+lolwut module
 """
 # Redis's replication, cluster and debugging internals.
 INTERNAL = "pfdebug pfselftest replconf restore-asking"

@@ -137,8 +137,9 @@ class Transactions:
             request.name = name.decode()
             _answer(request, resp.error(refusal))
             return
-        if name == b"quit":
-            codec.prepare(request, session)   # QUIT is not queued: it closes the connection
+        if name == b"quit" or name == b"reset":
+            # Not queued, as in Redis: QUIT closes the connection, RESET ends the transaction.
+            codec.prepare(request, session)
             return
         if spec is not None:
             request.name = spec.label

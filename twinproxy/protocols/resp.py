@@ -526,3 +526,10 @@ def mapping(pairs: Sequence[Tuple[bytes, bytes]], dialect: int) -> bytes:
     if dialect == 3:
         return b"%%%d\r\n" % len(pairs) + body
     return b"*%d\r\n" % (2 * len(pairs)) + body
+
+
+def verbatim(text: bytes, dialect: int) -> bytes:
+    """Text as Redis sends INFO and CLIENT LIST: a verbatim string (``txt``) in RESP3, a bulk string in RESP2."""
+    if dialect == 3:
+        return b"=%d\r\ntxt:%s\r\n" % (len(text) + 4, text)
+    return b"$%d\r\n%s\r\n" % (len(text), text)

@@ -11,13 +11,7 @@ from twinproxy.protocols import redis_keys, redis_specs, resp
 from twinproxy.protocols.redis import RedisCodec
 from twinproxy.request import FORWARD, FRAGMENT, LOCAL, Request
 
-
-class Session:
-    def __init__(self, authenticated: bool = True) -> None:
-        self.client_id = 7
-        self.authenticated = authenticated
-        self.dialect = 2
-        self.client_name: Optional[bytes] = None
+from .sessions import FakeSession as Session
 
 
 class Router:
@@ -82,7 +76,8 @@ def test_local_replies(args, reply) -> None:
     ([b"SCRIPT", b"DEBUG", b"yes"], b"-ERR SCRIPT DEBUG is not supported by twinproxy"),
     ([b"NOSUCH"], b"-ERR unknown command 'NOSUCH', with args beginning with: \r\n"),
     ([b"GET"], b"-ERR wrong number of arguments for 'get' command"),
-    ([b"SELECT", b"1"], b"-ERR SELECT is not allowed"),
+    ([b"SELECT", b"16"], b"-ERR DB index is out of range"),
+    ([b"SWAPDB", b"0", b"1"], b"-ERR command 'SWAPDB' is not supported by twinproxy: each server"),
     ([b"MSET", b"a", b"1", b"b"], b"-ERR wrong number of arguments for 'mset' command"),
     ([b"EVAL", b"s", b"0"], b"-ERR EVAL with no keys cannot be routed"),
     ([b"EVAL", b"s", b"3", b"a"], b"-ERR Number of keys can't be greater than number of args"),
@@ -142,9 +137,12 @@ def test_before_auth_as_redis_orders_its_checks(args, reply) -> None:
     assert (request.kind, request.reply) == (LOCAL, reply)
 
 
-def test_reset_is_refused_not_gated() -> None:
-    request = prepared([b"RESET"], Session(authenticated=False), codec("  redis_auth: pw\n"))
-    assert request.reply.startswith(b"-ERR command 'RESET' is not supported by twinproxy")
+def test_reset_is_served_before_auth_and_logs_out() -> None:
+    session = Session(authenticated=True, requires_auth=True)
+    request = prepared([b"RESET"], session, codec("  redis_auth: pw\n"))
+    assert (request.reply, session.resets, session.authenticated) == (b"+RESET\r\n", 1, False)
+    request = prepared([b"RESET"], session, codec("  redis_auth: pw\n"))
+    assert (request.reply, session.resets) == (b"+RESET\r\n", 2)   # no_auth, as in Redis
 
 
 def test_every_command_has_redis_arity() -> None:
