@@ -184,3 +184,37 @@ def test_redis_deny_flush() -> None:
         "pools.yml: pool 'alpha': key 'redis_deny_flush': value 'yes': is not 'true' or 'false'"
     assert str(refused(pool("  redis_deny_flush: true\n"))) == \
         "pools.yml: pool 'alpha': key 'redis_deny_flush': needs 'redis: true' (it denies Redis's FLUSHDB and FLUSHALL)"
+
+
+def _redis_pool(name: str, port: int, server: str, extra: str = "") -> str:
+    return f"{name}:\n  listen: 127.0.0.1:{port}\n  redis: true\n{extra}  servers:\n   - {server}:1\n"
+
+
+def test_databases_default_to_the_rest_of_a_stock_redis_above_redis_db() -> None:
+    (plain,) = load_text(_redis_pool("a", 1, "10.0.0.1:6379"))
+    (based,) = load_text(_redis_pool("a", 1, "10.0.0.1:6379", "  redis_db: 3\n"))
+    (high,) = load_text(_redis_pool("a", 1, "10.0.0.1:6379", "  redis_db: 40\n"))
+    (wide,) = load_text(_redis_pool("a", 1, "10.0.0.1:6379", "  databases: 64\n"))
+    assert (plain.databases, based.databases, high.databases, wide.databases) == (16, 13, 1, 64)
+
+
+def test_pools_sharing_a_server_keep_their_databases_apart() -> None:
+    """nutcracker files put pools on one Redis in different redis_db: no SELECT may reach the next one."""
+    a, b, c, same = load_text(
+        _redis_pool("a", 1, "10.0.0.1:6379") + _redis_pool("b", 2, "10.0.0.1:6379", "  redis_db: 4\n")
+        + _redis_pool("c", 3, "10.0.0.2:6379", "  redis_db: 2\n") + _redis_pool("d", 4, "10.0.0.1:6379"))
+    assert (a.databases, b.databases, c.databases, same.databases) == (4, 12, 14, 4)
+    with pytest.raises(ConfigError, match="would reach database 4, which another pool on the same servers uses"):
+        load_text(_redis_pool("a", 1, "10.0.0.1:6379", "  databases: 5\n")
+                  + _redis_pool("b", 2, "10.0.0.1:6379", "  redis_db: 4\n"))
+
+
+@pytest.mark.parametrize("text, reason", [
+    (_redis_pool("a", 1, "10.0.0.1:6379", "  databases: 0\n"), "must be greater than zero"),
+    ("a:\n  listen: 127.0.0.1:1\n  databases: 4\n  servers:\n   - 10.0.0.1:11211:1\n", "needs 'redis: true'"),
+    ("a:\n  listen: 127.0.0.1:1\n  redis: true\n  cluster: c\n  coordinator: file:///x\n  databases: 4\n",
+     "cannot be set in a cluster pool"),
+])
+def test_bad_databases(text: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=reason):
+        load_text(text)
