@@ -14,6 +14,7 @@ and a server is something with ``send(request)``.
          LOCAL    : reply already set by the codec
          FORWARD  : pool.server_for_key(key).send(request)
          FRAGMENT : codec.fragment(request, pool) -> [(server, fragment)], each sent
+         SESSION  : the client's subscriptions (twinproxy.subscriber) answer it
 
     in order: [oldest, ..., newest]   (one entry per request the client wants answered)
     request_done(request) --> while in order[0].reply is set: queue it, pop it
@@ -39,7 +40,7 @@ from twinproxy.outbox import Outbox
 from twinproxy.output import ClientOutput, peer_text
 from twinproxy.protocols import Codec, ProtocolError
 from twinproxy.replybudget import ReplyBudget
-from twinproxy.request import FORWARD, FRAGMENT, Request
+from twinproxy.request import FORWARD, FRAGMENT, SESSION, Request
 from twinproxy.sockets import direct_socket
 from twinproxy.stats import CommandCounters
 
@@ -111,6 +112,10 @@ class FrontendProtocol(Protocol):
         self.dialect = self._codec.default_dialect
         self.authenticated = not factory.requires_auth
         self.client_name: Optional[bytes] = None
+        # What restricts the requests the codec accepts (pub/sub's SUBSCRIBED), or None.
+        self.mode: Optional[str] = None
+        # The client's pub/sub subscriptions (twinproxy.subscriber), made at its first SUBSCRIBE.
+        self.subscriptions: Any = None
 
     def connectionMade(self) -> None:
         transport = self.transport
@@ -285,6 +290,8 @@ class FrontendProtocol(Protocol):
         self._in_order.clear()
         if self._output is not None:
             self._output.discard()
+        if self.subscriptions is not None:
+            self.subscriptions.close()
         if self._linger_call is not None:
             if self._linger_call.active():
                 self._linger_call.cancel()
@@ -312,6 +319,8 @@ class FrontendProtocol(Protocol):
             self._pool.route(request.key).send(request)
         elif kind == FRAGMENT:
             self._send_fragments(request)
+        elif kind == SESSION:
+            self._session_request(request)
         else:
             if request.close_after:
                 self._closing = True
@@ -334,6 +343,38 @@ class FrontendProtocol(Protocol):
             fragment.parent = request
             fragment.dialect = request.dialect   # no ``counted``: the backend times the parent once
             server.send(fragment)
+
+    def _session_request(self, request: Request) -> None:
+        """SUBSCRIBE and its kin: the client's subscriptions answer (made at the first)."""
+        subscriptions = self.subscriptions
+        if subscriptions is None:
+            hub = self.factory.subscribers
+            if hub is None:
+                request.reply = self._codec.error_reply("pub/sub is not available in this pool")
+                self._flush()
+                return
+            subscriptions = self.subscriptions = hub.session(self)
+        subscriptions.handle(request)
+
+    def push(self, frame: bytes) -> None:
+        """Write a message from a subscriber connection, as a whole frame, after every reply due before it."""
+        if self.closed:
+            return
+        entry = _Pushed(frame)
+        in_order = self._in_order
+        in_order.append(entry)
+        if in_order[0] is entry:
+            self._flush()
+
+    def close_when_answered(self) -> None:
+        """Read no more; close once every request read so far is answered (a subscriber connection failed)."""
+        if self.closed or self._closing:
+            return
+        entry = _Pushed(b"")
+        entry.close_after = True
+        self._closing = True
+        self._in_order.append(entry)
+        self._flush()
 
     def request_done(self, request: Request) -> None:
         """A backend (or the proxy) answered ``request``; write what is now in order."""
@@ -504,6 +545,18 @@ class FrontendProtocol(Protocol):
         self._flush()
 
 
+class _Pushed:
+    """A message (or a closing error) in the client's order: written as soon as it reaches the head."""
+
+    __slots__ = ("reply", "raw", "counted", "close_after")
+
+    def __init__(self, frame: bytes) -> None:
+        self.reply = frame
+        self.raw = b""
+        self.counted = None
+        self.close_after = False
+
+
 class _Refused(Protocol):
     """Says why and hangs up: the pool is at ``client_connections``."""
 
@@ -531,6 +584,8 @@ class ProxyFactory(Factory):
         self.codec = codec
         self.client_limit = client_limit
         self.requires_auth = requires_auth
+        # The pool's twinproxy.subscriber.SubscriberHub (Redis pools), set by the runtime.
+        self.subscribers: Any = None
         self.clients: set = set()
         self._empty_waiters: list = []
         self._next_id = 0

@@ -20,6 +20,7 @@ from typing import Any, List, Optional
 LOCAL = 0      # the codec answered it itself; ``reply`` is set
 FORWARD = 1    # send unchanged to the server owning ``key``
 FRAGMENT = 2   # ask the codec to split it (or check its keys) against the pool
+SESSION = 3    # the client's session answers it (pub/sub: SUBSCRIBE and its kin)
 
 
 class Request:

@@ -41,6 +41,8 @@ class Session(Protocol):
     authenticated: bool
     dialect: int
     client_name: Optional[bytes]
+    # None, or the mode that restricts what the client may send (pub/sub's SUBSCRIBED).
+    mode: Optional[str]
 
 
 class Router(Protocol):

@@ -22,7 +22,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from twinproxy import __version__
 from twinproxy.config import PoolConfig
-from twinproxy.protocols import ProtocolError, Router, Session, group_by_server, resp
+from twinproxy.protocols import ProtocolError, Router, Session, group_by_server, redis_pubsub, resp
+from twinproxy.protocols.redis_pubsub import FANOUT, SUBSCRIBED, SUBSCRIBED_ALLOWED
 from twinproxy.protocols.redis_specs import (
     ALL_KEYS,
     ARITY,
@@ -138,9 +139,10 @@ class RedisCodec:
             ("client", self._client), ("command", self._command),
         ):
             add(name, LOCAL_COMMAND, handler=handler)
+        # Pub/sub: the handler classifies (forward by channel, fan out, or the client's session).
+        add(PUBSUB, LOCAL_COMMAND, handler=self._pubsub)
         add(BLOCKING, REJECTED, reason="blocking commands would stall a backend connection shared by many clients")
         add(TRANSACTIONS, REJECTED, reason="transactions cannot span a sharded pool")
-        add(PUBSUB, REJECTED, reason="pub/sub is not proxied")
         add(WHOLE_KEYSPACE, REJECTED, reason="it needs the whole keyspace, which is spread over many servers")
         add(SERVER_ADMIN, REJECTED, reason="it is a server administration command; ask the backends directly")
         for name, arity in arities(ARITY).items():
@@ -193,6 +195,11 @@ class RedisCodec:
             shown = args[0].decode("latin-1")
             self._answer(request, resp.error(f"ERR unknown or unsupported command '{shown}'"))
             return
+        if session.mode is not None:   # the one check plain commands pay for session modes
+            refusal = self._mode_gate(args, name, spec, session)
+            if refusal is not None:
+                self._answer(request, refusal)
+                return
         request.command = spec
         layout = spec.layout
         if layout is SINGLE:
@@ -221,6 +228,8 @@ class RedisCodec:
         error (keys spread over servers where that is not allowed).
         """
         spec = request.command
+        if spec.layout is FANOUT:
+            return redis_pubsub.fanout_routes(request, router)
         positions = self._key_positions(request, spec)
         if positions is None:
             return []
@@ -271,6 +280,8 @@ class RedisCodec:
                     return self.error_reply("unexpected reply from server: " + reply[:60].decode("latin-1"))
                 total += int(reply[1:-2])
             return resp.integer(total)
+        if merge != "array":
+            return redis_pubsub.merge_fanout(request)
         # Key positions are argument indexes from 1 up, each in one fragment.
         merged: List[bytes] = [b""] * (len(request.args) + 1)
         count = 0
@@ -304,6 +315,25 @@ class RedisCodec:
         gated: it gets the same unknown-command error as after AUTH, as
         Redis answers unknown commands before its gate.
         """
+        refusal = self._arity_refusal(args, name, spec)
+        if refusal is not None:
+            return refusal
+        if name in _BEFORE_AUTH:
+            return None
+        return _NOAUTH_REPLY
+
+    def _mode_gate(self, args: List[bytes], name: bytes, spec: CommandSpec, session: Session) -> Optional[bytes]:
+        """What a session in a mode refuses (RESP2 subscribed mode), in Redis's order:
+        an unknown subcommand and the argument count first, then the mode's rule.
+
+        MULTI (another family's) would be a mode too, behind the same one check in ``prepare``.
+        """
+        if session.mode is SUBSCRIBED and session.dialect == 2 and name not in SUBSCRIBED_ALLOWED:
+            return self._arity_refusal(args, name, spec) or redis_pubsub.subscribed_refusal(args)
+        return None
+
+    def _arity_refusal(self, args: List[bytes], name: bytes, spec: CommandSpec) -> Optional[bytes]:
+        """Redis's error for an unknown subcommand or a wrong argument count (COMMAND INFO's arity); else None."""
         arity = spec.arity
         label = name
         subcommands = spec.subcommands
@@ -317,9 +347,7 @@ class RedisCodec:
         count = len(args)
         if (count != arity) if arity > 0 else (count < -arity):
             return _wrong_arity(label)
-        if name in _BEFORE_AUTH:
-            return None
-        return _NOAUTH_REPLY
+        return None
 
     def _key_positions(self, request: Request, spec: CommandSpec) -> Optional[List[int]]:
         args = request.args
@@ -357,11 +385,22 @@ class RedisCodec:
 
     def _ping(self, request: Request, session: Session) -> bytes:
         args = request.args
+        if session.mode is SUBSCRIBED and session.dialect == 2 and len(args) <= 2:
+            return redis_pubsub.subscribed_pong(args)
         if len(args) == 1:
             return b"+PONG\r\n"
         if len(args) == 2:
             return resp.bulk(args[1])
         return _wrong_arity(b"ping")
+
+    def _pubsub(self, request: Request, session: Session) -> Optional[bytes]:
+        """SUBSCRIBE and its kin, PUBLISH, SPUBLISH, PUBSUB: Redis's argument checks, then classified."""
+        args = request.args
+        name = args[0].lower()
+        refusal = self._arity_refusal(args, name, self.commands[name])
+        if refusal is not None:
+            return refusal
+        return redis_pubsub.classify(request, name)
 
     def _echo(self, request: Request, session: Session) -> bytes:
         if len(request.args) != 2:

@@ -144,6 +144,7 @@ zrevrank:-3 zscan:-3 zscore:3 zunion:-3 zunionstore:-4
 SUBCOMMAND_ARITY = {
     "client": "caching:3 getname:2 getredir:2 help:2 id:2 info:2 kill:-3 list:-2 no-evict:3 no-touch:3 pause:-3 "
               "reply:3 setinfo:4 setname:3 tracking:-3 trackinginfo:2 unblock:-3 unpause:2",
+    "pubsub": "channels:-2 help:2 numpat:2 numsub:-2 shardchannels:-2 shardnumsub:-2",
     "command": "count:2 docs:-2 getkeys:-4 getkeysandflags:-4 help:2 info:-2 list:-2",
     "object": "encoding:3 freq:3 help:2 idletime:3 refcount:3",
     "memory": "doctor:2 help:2 malloc-stats:2 purge:2 stats:2 usage:-3",
