@@ -346,15 +346,9 @@ class FrontendProtocol(Protocol):
 
     def _session_request(self, request: Request) -> None:
         """SUBSCRIBE and its kin: the client's subscriptions answer (made at the first)."""
-        subscriptions = self.subscriptions
-        if subscriptions is None:
-            hub = self.factory.subscribers
-            if hub is None:
-                request.reply = self._codec.error_reply("pub/sub is not available in this pool")
-                self._flush()
-                return
-            subscriptions = self.subscriptions = hub.session(self)
-        subscriptions.handle(request)
+        if self.subscriptions is None:   # only a Redis pool's codec gives SESSION, and it has a hub
+            self.subscriptions = self.factory.subscribers.session(self)
+        self.subscriptions.handle(request)
 
     def push(self, frame: bytes) -> None:
         """Write a message from a subscriber connection, as a whole frame, after every reply due before it."""

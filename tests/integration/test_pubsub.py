@@ -424,3 +424,49 @@ def test_stats_and_metrics_count_subscribers_connections_and_messages(redis_serv
     assert 'twinproxy_pool_subscribers{pool="alpha"} 1.0' in text
     assert 'twinproxy_pool_subscriber_connections{pool="alpha"} 2.0' in text
     assert 'twinproxy_pool_messages_relayed_total{pool="alpha"} 1.0' in text
+
+
+def test_a_sentinel_master_switch_moves_the_subscriptions_to_the_new_master(sentinel_topology,
+                                                                             sentinel_proxy) -> None:
+    """SENTINEL FAILOVER: the same PubSub connection goes on receiving, from the new master."""
+    from tests.sentinel_servers import keys_on
+
+    topology = sentinel_topology
+    process, _ = sentinel_proxy(topology)
+    host, _, port = process.bound_doc["pools"]["alpha"].rpartition(":")
+
+    def make_client(protocol: int) -> redis.Redis:
+        return redis.Redis(host=host, port=int(port), protocol=protocol, socket_timeout=5, socket_connect_timeout=5)
+
+    channels = keys_on(process.text, "s1", 3, prefix="sw")
+    pubsub = make_client(protocol=3).pubsub()
+    pubsub.subscribe(*channels)
+    pubsub.psubscribe("sw*")
+    for _ in range(4):
+        ack(pubsub)
+    old, new = topology.master("s1"), topology.replica("s1")
+    asked = topology.failover("s1")
+    topology.watcher.wait("s1", timeout=15, after=asked)
+
+    def subscribed_on_new_master() -> bool:
+        entries = new.client().client_list()
+        return any(int(entry.get("sub", 0)) == 3 and int(entry.get("psub", 0)) == 1 for entry in entries)
+
+    wait_until(subscribed_on_new_master, timeout=15, what="the subscriptions on the new master")
+    publisher = make_client(protocol=2)
+    wait_until(lambda: publisher.publish(channels[0], "probe") >= 2, timeout=15,
+               what="publishes reaching the new master")
+    for channel in channels:
+        publisher.publish(channel, "after")
+    got = []
+    deadline = time.monotonic() + 10
+    while len(got) < 2 * len(channels) and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.5)
+        if message is not None and message.get("data") == b"after":
+            got.append((message["type"], message["channel"]))
+    assert sorted(got) == sorted([("message", c.encode()) for c in channels]
+                                 + [("pmessage", c.encode()) for c in channels])
+    # The old master keeps only the sentinels' own subscriptions (__sentinel__:hello).
+    wait_until(lambda: not any(int(entry.get("psub", 0)) or int(entry.get("sub", 0)) > 1
+                               for entry in old.client().client_list()),
+               what="the proxy's subscriber connection to the old master closed")

@@ -173,3 +173,14 @@ def test_shipped_example_is_valid() -> None:
 
     pools = load_file(str(Path(__file__).resolve().parents[2] / "conf" / "pools.yml"))
     assert {p.protocol for p in pools} == {"redis", "memcache"}
+
+
+def test_subscriber_connections_is_a_redis_pools_cap() -> None:
+    (config,) = load_text(pool("  redis: true\n"))
+    assert config.subscriber_connections == 1024
+    (config,) = load_text(pool("  redis: true\n  subscriber_connections: 0\n"))
+    assert config.subscriber_connections == 0   # no limit
+    err = refused(pool("  redis: true\n  subscriber_connections: many\n"))
+    assert (err.key, err.value) == ("subscriber_connections", "many") and "not a number" in str(err)
+    err = refused(pool("  subscriber_connections: 10\n"))
+    assert err.key == "subscriber_connections" and "needs 'redis: true'" in str(err)

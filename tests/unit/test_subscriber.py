@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twinproxy.config import ServerSpec, load_text
 from twinproxy.protocols.resp import encode_command
 from twinproxy.runtime import PoolRuntime
-from twinproxy.subscriber import SubscriberConnection
+from twinproxy.subscriber_connection import SubscriberConnection
 
 POOL = """\
 alpha:
@@ -378,3 +378,33 @@ class TopologyTests(SynchronousTestCase):
         self.assertEqual(h.sub("b")[1].value(), cmd(b"subscribe", b))
         self.assertTrue(wire_a.value().endswith(cmd(b"unsubscribe", b)))
         self.assertEqual(out.value(), b"")
+
+
+class ClusterTests(SynchronousTestCase):
+    def test_channels_follow_their_slots_owner(self) -> None:
+        """A cluster pool: a channel is subscribed on its slot's owner, and moves with the slot."""
+        from tests.unit.cluster.test_slot_routing import Wire, key_in, topology
+
+        wire = Wire()
+        client, out = wire.client()
+        channel = key_in(600)
+        client.dataReceived(cmd(b"SUBSCRIBE", channel))
+        self.assertEqual(out.value(), b"-ERR cluster 'shop' not ready: its topology is not loaded yet\r\n")
+        out.clear()
+        wire.serve(topology())
+        client.dataReceived(cmd(b"SUBSCRIBE", channel))
+        subscribers = [(host, factory) for host, _, factory, _, _ in wire.reactor.tcpClients
+                       if isinstance(factory.connection, SubscriberConnection)]
+        self.assertEqual([host for host, _ in subscribers], ["10.0.0.2"])
+        wire.connect_pending()
+        (conn, conn_wire), = [pair for pair in wire.backends["10.0.0.2:6379"]
+                              if isinstance(pair[0], SubscriberConnection)]
+        conn.dataReceived(ack(b"subscribe", channel, 1))
+        self.assertEqual(out.value(), ack(b"subscribe", channel, 1))
+        wire.serve(topology(generation=2, owners=[1] * 1024))
+        wire.reactor.advance(0)
+        wire.connect_pending()
+        (moved, moved_wire), = [pair for pair in wire.backends["10.0.0.1:6379"]
+                                if isinstance(pair[0], SubscriberConnection)]
+        self.assertEqual(moved_wire.value(), cmd(b"subscribe", channel))
+        self.assertTrue(conn_wire.value().endswith(cmd(b"unsubscribe", channel)))
