@@ -352,7 +352,7 @@ class FrontendProtocol(Protocol):
 
     def push(self, frame: bytes) -> None:
         """Write a message from a subscriber connection, as a whole frame, after every reply due before it."""
-        if self.closed:
+        if self.closed or self._closing:   # nothing after QUIT's +OK, as Redis
             return
         entry = _Pushed(frame)
         in_order = self._in_order
