@@ -287,12 +287,19 @@ class BackendConnection(Protocol):
             request = awaiting[0]
             terminator = request.terminator
             if terminator is not None:
-                # A reply of several parts, ended by a marker reply the codec chose
-                # (memcached quiet mode: the reply, if any, then MN).
-                if reply != terminator:
-                    request.gathered.append(reply)
-                    continue
-                reply = b"".join(request.gathered)
+                if terminator.__class__ is int:
+                    # A fixed count of replies, the last one the answer (MULTI ... EXEC).
+                    gathered = request.gathered
+                    gathered.append(reply)
+                    if len(gathered) < terminator:
+                        continue
+                else:
+                    # A reply of several parts, ended by a marker reply the codec chose
+                    # (memcached quiet mode: the reply, if any, then MN).
+                    if reply != terminator:
+                        request.gathered.append(reply)
+                        continue
+                    reply = b"".join(request.gathered)
             awaiting.popleft()
             # The server's latency and the command's (the same span), one bucket lookup for both.
             elapsed = now - request.sent_at

@@ -34,9 +34,8 @@ POOL_KEYS = (
 )
 # twinproxy's own keys; nutcracker's files never need them.
 EXTENSION_KEYS = ("client_max_pending", "client_max_pending_bytes", "max_request_bytes", "shutdown_timeout",
-                  "client_output_soft_limit", "client_output_hard_limit", "subscriber_connections")
-# Extension keys only a Redis pool has a use for.
-REDIS_ONLY_KEYS = ("subscriber_connections",)
+                  "client_output_soft_limit", "client_output_hard_limit", "redis_cross_server_transactions",
+                  "server_leased_connections", "redis_deny_flush", "server_subscriber_connections")
 # Sentinel mode (twinproxy's too): the pool follows the masters Sentinel names.
 SENTINEL_KEYS = ("sentinels", "sentinel_auth", "read_policy", "max_replica_lag", "failover_hold")
 # Cluster mode (twinproxy's too): the servers and slots come from a coordinator
@@ -151,7 +150,14 @@ class PoolConfig:
     client_output_hard_limit: int = 32 * 1024 * 1024
     # Pub/sub: subscriber connections (one per client and server it subscribes on)
     # the proxy opens to each server at most.  0: no limit.
-    subscriber_connections: int = 1024
+    server_subscriber_connections: int = 1024
+    # A transaction whose keys are on several servers (slots) is run as one
+    # MULTI/EXEC per server instead of refused: each is atomic, the whole is not.
+    redis_cross_server_transactions: bool = False
+    # Connections per server lent to one client each (WATCH pins one), besides the shared ones.
+    server_leased_connections: int = 32
+    # FLUSHDB and FLUSHALL, which empty every server of the pool, are refused.
+    redis_deny_flush: bool = False
     # Sentinel mode: the sentinels to follow ((host, port), ...; empty: off),
     # their password ("password" or "user password"), where reads go, how far
     # behind (ms) a replica may be and still be read from, and how long (ms)
@@ -286,10 +292,10 @@ def _parse_pool(path: str, name: str, body: Any) -> PoolConfig:
         values[key] = _CONVERTERS[key](raw, lambda reason, k=key, v=raw: fail(k, v, reason))
     if "listen" not in values:
         raise fail("listen", None, "is required")
-    if not values.get("redis", False):
-        for key in REDIS_ONLY_KEYS:
-            if key in values:
-                raise fail(key, None, "needs 'redis: true' (it only applies to a Redis pool)")
+    if "redis_deny_flush" in values and not values.get("redis", False):
+        raise fail("redis_deny_flush", None, "needs 'redis: true' (it denies Redis's FLUSHDB and FLUSHALL)")
+    if "server_subscriber_connections" in values and not values.get("redis", False):
+        raise fail("server_subscriber_connections", None, "needs 'redis: true' (it caps Redis pub/sub connections)")
     if "cluster" in values or "coordinator" in values:
         return _cluster_pool(name, body, values, fail)
     if "slot_hold" in values:
@@ -529,7 +535,10 @@ _CONVERTERS = {
     "shutdown_timeout": _number,
     "client_output_soft_limit": _number,
     "client_output_hard_limit": _number,
-    "subscriber_connections": _number,
+    "redis_cross_server_transactions": _boolean,
+    "server_leased_connections": _positive,
+    "redis_deny_flush": _boolean,
+    "server_subscriber_connections": _number,
     "sentinel_auth": _text,
     "read_policy": _read_policy,
     "max_replica_lag": _number,

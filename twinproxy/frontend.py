@@ -10,7 +10,7 @@ and a server is something with ``send(request)``.
 
 ::
 
-    dataReceived --> parser.next() --> codec.prepare(request, session)
+    dataReceived --> parser.next() --> session.prepare(request, session)  (the codec's, per mode)
          LOCAL    : reply already set by the codec
          FORWARD  : pool.server_for_key(key).send(request)
          FRAGMENT : codec.fragment(request, pool) -> [(server, fragment)], each sent
@@ -38,6 +38,7 @@ from zope.interface import implementer
 
 from twinproxy.outbox import Outbox
 from twinproxy.output import ClientOutput, peer_text
+from twinproxy.pinning import Pin, PinnedRouter
 from twinproxy.protocols import Codec, ProtocolError
 from twinproxy.replybudget import ReplyBudget
 from twinproxy.request import FORWARD, FRAGMENT, SESSION, Request
@@ -112,6 +113,12 @@ class FrontendProtocol(Protocol):
         self.dialect = self._codec.default_dialect
         self.authenticated = not factory.requires_auth
         self.client_name: Optional[bytes] = None
+        # The codec's prepare for this client's mode: the codec swaps it (MULTI queues).
+        self.prepare = self._codec.prepare
+        self.transaction: Any = None    # the codec's state between MULTI and EXEC
+        # Where requests go: the pool, or while a WATCH pins a server, the pool with that server's pin.
+        self._router: Any = factory.pool
+        self.watch_pin: Optional[Pin] = None
         # What restricts the requests the codec accepts (pub/sub's SUBSCRIBED), or None.
         self.mode: Optional[str] = None
         # The client's pub/sub subscriptions (twinproxy.subscriber), made at its first SUBSCRIBE.
@@ -288,6 +295,11 @@ class FrontendProtocol(Protocol):
         self.closed = True
         self._closing = True
         self._in_order.clear()
+        if self.watch_pin is not None:
+            # Its WATCH (and whatever it still had in flight there) dies with the connection.
+            pin, self.watch_pin = self.watch_pin, None
+            self._router = self._pool
+            pin.server.link.discard(pin.connection)
         if self._output is not None:
             self._output.discard()
         if self.subscriptions is not None:
@@ -298,13 +310,38 @@ class FrontendProtocol(Protocol):
             self._linger_call = None
         self.factory.client_gone(self)
 
+    # -- WATCH: a server pinned to a connection of this client's own ------------
+
+    def pin(self, server: Any) -> Optional[Pin]:
+        """Lease a connection to ``server`` and send this client's requests for it there; None at the cap."""
+        link = getattr(server, "link", None)
+        connection = link.lease(self.dialect) if link is not None else None
+        if connection is None:
+            return None
+        pin = Pin(self, server, connection, self._pool._reply_error)
+        self.watch_pin = pin
+        self._router = PinnedRouter(self._pool, pin)
+        return pin
+
+    def unpin(self, pin: Pin) -> None:
+        """The request that ended ``pin``'s WATCH is answered: give its connection back."""
+        if self.watch_pin is pin:
+            self.watch_pin = None
+            self._router = self._pool
+            pin.server.link.release(pin.connection)
+
+    def end_watch(self) -> None:
+        """The codec answered what ends a WATCH itself (DISCARD, an aborted EXEC): unwatch on the pin."""
+        if self.watch_pin is not None:
+            self.watch_pin.end_quietly()
+
     # -- dispatch -------------------------------------------------------------
 
     def _dispatch(self, request: Request) -> None:
         request.owner = self
         request.client = self
         request.dialect = self.dialect
-        self._codec.prepare(request, self)
+        self.prepare(request, self)
         name = request.name
         counted = self._commands.get(name)
         if counted is None:   # once per command name and pool
@@ -316,7 +353,7 @@ class FrontendProtocol(Protocol):
             self._pending_bytes += len(request.raw)
         kind = request.kind
         if kind == FORWARD:
-            self._pool.route(request.key).send(request)
+            self._router.route(request.key).send(request)
         elif kind == FRAGMENT:
             self._send_fragments(request)
         elif kind == SESSION:
@@ -327,7 +364,7 @@ class FrontendProtocol(Protocol):
             self._flush()
 
     def _send_fragments(self, request: Request) -> None:
-        routes = self._codec.fragment(request, self._pool)
+        routes = self._codec.fragment(request, self._router)
         if not routes:
             self._flush()
             return
@@ -349,6 +386,11 @@ class FrontendProtocol(Protocol):
         if self.subscriptions is None:   # only a Redis pool's codec gives SESSION, and it has a hub
             self.subscriptions = self.factory.subscribers.session(self)
         self.subscriptions.handle(request)
+
+    def set_mode(self, mode: Optional[str]) -> None:
+        """Pub/sub's SUBSCRIBED, or None: the codec then says how requests are prepared (RESP2's rules)."""
+        self.mode = mode
+        self._codec.mode_changed(self)
 
     def push(self, frame: bytes) -> None:
         """Write a message from a subscriber connection, as a whole frame, after every reply due before it."""

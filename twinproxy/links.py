@@ -83,12 +83,60 @@ class ServerLink:
         self.moved_listeners: List[Any] = []
         self._configure(codec, config)
         server.send = self.send
+        server.link = self
+        # Connections lent to one client session each (WATCH), apart from the shared slots.
+        self._leased: Set[BackendConnection] = set()
+        self._idle_leases: List[BackendConnection] = []
+        self.leases_refused = 0
 
     def _configure(self, codec: Codec, config: PoolConfig) -> None:
         self.codec = codec
         self.config = config
         self.timeout = config.timeout_seconds
         self._size = config.server_connections
+        self._lease_limit = config.server_leased_connections
+
+    # -- leases ---------------------------------------------------------------
+
+    def lease(self, dialect: int) -> Optional[BackendConnection]:
+        """A connection for one client session alone (an idle one if there is), or None at the cap.
+
+        Counted against ``server_leased_connections``; given back with
+        ``release`` (clean: reused) or ``discard`` (closed).
+        """
+        idle = self._idle_leases
+        while idle:
+            connection = idle.pop()
+            if not connection.closed and not connection.draining and connection.dialect == dialect:
+                return connection
+            self._leased.discard(connection)
+            connection.close()
+        if self._stopped or self.target is None or len(self._leased) >= self._lease_limit:
+            self.leases_refused += 1
+            return None
+        connection = BackendConnection(self, dialect, -1)
+        self._leased.add(connection)
+        self._connect(connection)
+        return connection
+
+    def release(self, connection: BackendConnection) -> None:
+        """``connection`` is clean (nothing pending, no session state): keep it for the next lease."""
+        if connection.closed or connection.draining or connection.pending or connection not in self._leased:
+            self.discard(connection)
+            return
+        self._idle_leases.append(connection)
+
+    def discard(self, connection: BackendConnection) -> None:
+        """Close a leased connection (its session state dies with it)."""
+        self._leased.discard(connection)
+        if connection in self._idle_leases:
+            self._idle_leases.remove(connection)
+        if not connection.closed:
+            connection.close()
+
+    @property
+    def leased_count(self) -> int:
+        return len(self._leased) - len(self._idle_leases)
 
     # -- sending --------------------------------------------------------------
 
@@ -128,6 +176,10 @@ class ServerLink:
         self._slots[dialect][index] = connection
         if self._barrier:
             self._gated[connection] = set(self._barrier)
+        self._connect(connection)
+        return connection
+
+    def _connect(self, connection: BackendConnection) -> None:
         factory = ConnectorFactory(connection)
         target = self.target
         timeout = self.timeout if self.timeout is not None else 30
@@ -135,7 +187,6 @@ class ServerLink:
             self.reactor.connectUNIX(target.path, factory, timeout=timeout)
         else:
             self.reactor.connectTCP(target.host, target.port, factory, timeout=timeout)
-        return connection
 
     # -- connection events ----------------------------------------------------
 
@@ -145,6 +196,10 @@ class ServerLink:
         if slots is not None and connection.slot < len(slots) and slots[connection.slot] is connection:
             slots[connection.slot] = None
         self._gated.pop(connection, None)
+        if connection.slot < 0:
+            self._leased.discard(connection)
+            if connection in self._idle_leases:
+                self._idle_leases.remove(connection)
         if connection in self._draining:
             self._draining.discard(connection)
             self._barrier.discard(connection)
@@ -208,6 +263,13 @@ class ServerLink:
                     # reloads in quick succession.
                     self._barrier.add(connection)
             self._slots[dialect] = [None] * self._size
+        # Leased ones too: what their sessions sent is answered before a hold's ack, and
+        # their sessions' later requests are refused (see pinning.Pin), never sent to a stale target.
+        for connection in list(self._leased):
+            self._draining.add(connection)
+            if barrier:
+                self._barrier.add(connection)
+        self._idle_leases.clear()
         for connection in list(self._draining):
             connection.drain(seconds)
 
@@ -232,7 +294,7 @@ class ServerLink:
         """
         self.target = target
         connections = [c for slots in self._slots.values() for c in slots if c is not None]
-        connections += [c for c in self._draining if c not in connections]
+        connections += [c for c in self._draining | self._leased if c not in connections]
         for dialect in self._slots:
             self._slots[dialect] = [None] * self._size
         failed = 0
@@ -292,7 +354,7 @@ class ServerLink:
         self._stopped = True
         waiting = []
         connections = [c for slots in self._slots.values() for c in slots if c is not None]
-        connections += list(self._draining)
+        connections += list(self._draining | self._leased)
         for connection in connections:
             if connection.transport is not None:
                 waiter = defer.Deferred()
@@ -306,7 +368,7 @@ class ServerLink:
 
     def _connections(self) -> List[BackendConnection]:
         open_now = [c for slots in self._slots.values() for c in slots if c is not None]
-        return open_now + [c for c in self._draining if c not in open_now]
+        return open_now + [c for c in self._draining | self._leased if c not in open_now]
 
     def queue_stats(self) -> tuple:
         """(in_queue, in_queue_bytes, out_queue, out_queue_bytes) over every connection."""

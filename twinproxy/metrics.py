@@ -19,7 +19,15 @@ from prometheus_client.core import (
     Metric,
 )
 
-from twinproxy.stats import LATENCY_BUCKETS, PUBSUB_FIELDS, Histogram, cluster_fields, merged_latency, pubsub_values
+from twinproxy.stats import (
+    LATENCY_BUCKETS,
+    PUBSUB_FIELDS,
+    REDIS_POOL_FIELDS,
+    Histogram,
+    cluster_fields,
+    merged_latency,
+    pubsub_values,
+)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -81,6 +89,9 @@ class ProxyCollector:
                 "twinproxy_pool_client_output_limit_closed", "Clients closed because their unread replies passed "
                 "client_output_hard_limit", labels=pool_labels),
         }
+        redis_families = {name: CounterMetricFamily(f"twinproxy_pool_{name}", text[0].upper() + text[1:],
+                                                    labels=pool_labels)
+                          for name, text in REDIS_POOL_FIELDS}
         clients = GaugeMetricFamily("twinproxy_pool_client_connections", "Client connections open now",
                                     labels=pool_labels)
         live = GaugeMetricFamily("twinproxy_pool_live_servers", "Servers in the ring now", labels=pool_labels)
@@ -128,6 +139,9 @@ class ProxyCollector:
             name = service.name
             for field, family in families.items():
                 family.add_metric([name], getattr(counters, field))
+            if service.config.redis:
+                for field, family in redis_families.items():
+                    family.add_metric([name], getattr(counters, field))
             clients.add_metric([name], len(service.factory.clients))
             live.add_metric([name], len(pool.live_servers))
             for command, counted in sorted(counters.commands.items()):
@@ -156,6 +170,7 @@ class ProxyCollector:
             merged = merged_latency(histograms)
             pool_latency.add_metric([name], _buckets(merged), merged.total)
         yield from families.values()
+        yield from redis_families.values()
         yield clients
         yield live
         yield commands

@@ -49,7 +49,7 @@ class Server:
     """One backend of a pool: identity, health, and where to send requests."""
 
     __slots__ = ("spec", "name", "index", "failure_count", "ejected_until", "ejected_at", "ejects", "send",
-                 "counters", "up")
+                 "counters", "up", "link")
 
     def __init__(self, spec: ServerSpec, index: int) -> None:
         self.spec = spec
@@ -60,6 +60,7 @@ class Server:
         self.ejected_at = 0.0
         self.ejects = 0
         self.send: Callable[[Request], None] = _not_wired
+        self.link: Any = None     # its ServerLink, for connections outside the shared ones (leases)
         self.counters = ServerCounters()
         # False from a failed connection or timeout until a connection succeeds.
         self.up = True
@@ -100,6 +101,8 @@ class ServerPool:
         self._routes: Dict[bytes, Server] = {}
         self.unavailable = UnavailableServer("-", _not_wired)
         self.counters = PoolCounters()
+        # What codecs keep per pool across reloads (the Router protocol's codec_state).
+        self.codec_state: Dict[str, Any] = {}
         # Told ``(kind, pool, server)`` of each ejection ("eject") and return to the ring ("restore").
         self.health_listeners: List[Callable[[str, "ServerPool", Server], None]] = []
         # Cluster mode: the slot table's targets; ``reply_error(request, text)``
@@ -116,6 +119,12 @@ class ServerPool:
     @property
     def live_servers(self) -> Sequence[Server]:
         return self._live
+
+    @property
+    def all_servers(self) -> Sequence[Server]:
+        """Every server, ejected or not, in configuration order; in a cluster pool each group's
+        master (``cluster_pool`` lists them by group id)."""
+        return self.servers
 
     def server_for_key(self, key: bytes) -> Any:
         """The live server that owns ``key``, or ``self.unavailable`` if none is live."""

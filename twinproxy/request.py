@@ -39,6 +39,8 @@ class Request:
         # Set only once a request is sent a second time (Sentinel's one retry):
         # never assigned in __init__, read with getattr(request, "retried", False).
         "retried",
+        # Set only on an EXEC that carries a transaction (protocols.redis_tx): what it queued.
+        "transaction",
         # The per-command counters (stats.CommandCounters) of a client's request and
         # its fragments; None for the proxy's own requests (handshakes, probes).
         "counted",
@@ -63,7 +65,8 @@ class Request:
         self.quiet = False          # the client gets no reply (memcached ``noreply``)
         self.close_after = False
         self.name = "unknown"       # the command, for per-command counts (a known name or "unknown")
-        # When set: the server's reply is every reply up to this one, which ends it (and is dropped).
+        # When set: the server's reply is every reply up to this one, which ends it (and is dropped);
+        # an int: the server sends that many replies and the last one is the answer (a transaction).
         self.terminator: Optional[bytes] = None
         self.gathered: Optional[List[bytes]] = None
         self.counted: Any = None

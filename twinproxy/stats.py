@@ -82,13 +82,27 @@ class CommandCounters:
         self.latency = Histogram()
 
 
+# A Redis pool's counters of the command families that are more than routing by key (fan-outs, scans,
+# scripts): this table is their only definition; PoolCounters, the stats document and /metrics all read it.
+REDIS_POOL_FIELDS = (
+    ("fanouts", "requests sent to every server, or to one chosen server, and answered from their replies "
+     "(INFO, SCAN, KEYS, DBSIZE, SCRIPT LOAD, CONFIG GET, ...)"),
+    ("scans", "SCAN requests (each step of a client's scan, one server each)"),
+    ("script_loads", "SCRIPT LOAD requests (each loaded on every live server)"),
+    ("scripts_healed", "EVALSHA calls a server answered NOSCRIPT (its script cache was empty) and the proxy "
+     "healed: it loaded the body it knew and sent the call again"),
+)
+
+
 class PoolCounters:
     """What happened to one pool's clients and routing since start."""
 
     __slots__ = ("client_eof", "client_err", "server_ejects", "forward_error", "fragments", "clients_accepted",
-                 "commands", "client_output_limit_closed")
+                 "commands", "client_output_limit_closed", *(name for name, _ in REDIS_POOL_FIELDS))
 
     def __init__(self) -> None:
+        for name, _ in REDIS_POOL_FIELDS:
+            setattr(self, name, 0)
         self.client_eof = 0
         self.client_err = 0
         self.server_ejects = 0
@@ -136,7 +150,7 @@ PUBSUB_FIELDS = (
     ("subscriber_connections", "gauge", "subscriber connections to servers open now (one per client and server "
      "it subscribes on)", "connection_count"),
     ("messages_relayed", "counter", "pub/sub messages relayed to subscribed clients", "messages"),
-    ("subscriptions_refused", "counter", "subscriptions refused: a server's subscriber_connections was reached",
+    ("subscriptions_refused", "counter", "subscriptions refused: a server's server_subscriber_connections was reached",
      "refused"),
     ("subscribers_closed", "counter", "subscribed clients closed because a subscriber connection failed (the "
      "server went away, no ack within timeout)", "lost"),
@@ -175,7 +189,8 @@ def describe() -> str:
     lines += [f"  {name:<20}\"{text}\"" for name, text in TOP_FIELDS]
     lines += ["", "pool stats:"]
     lines += [f"  {name:<20}\"{text}\"" for name, text in POOL_FIELDS]
-    lines += ["", "pool stats of a Redis pool, besides those (pub/sub):"]
+    lines += ["", "pool stats in a Redis pool, besides those:"]
+    lines += [f"  {name:<20}\"{text}\"" for name, text in REDIS_POOL_FIELDS]
     lines += [f"  {name:<20}\"{text}\"" for name, _, text, _ in PUBSUB_FIELDS]
     lines += ["", "server stats:"]
     lines += [f"  {name:<20}\"{text}\"" for name, text in SERVER_FIELDS]
@@ -218,6 +233,9 @@ def pool_document(service: Any) -> Dict[str, Any]:
         "fragments": counters.fragments,
         "client_output_limit_closed": counters.client_output_limit_closed,
     }
+    if service.config.redis:
+        for name, _ in REDIS_POOL_FIELDS:
+            document[name] = getattr(counters, name)
     document.update(pubsub_values(service))
     table = service.config.slots if service.config.cluster_mode else None
     if service.config.cluster_mode:

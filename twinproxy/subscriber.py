@@ -1,7 +1,7 @@
 """Pub/sub: each client's subscriptions and its subscriber connections, apart from the shared FIFO.
 
 Owns: :class:`SubscriberHub` (one per Redis pool: where a channel's
-subscribers live, the per-server cap ``subscriber_connections``, the
+subscribers live, the per-server cap ``server_subscriber_connections``, the
 counters, and what a topology change does to subscriptions) and
 :class:`ClientSubscriptions` (one per client that subscribed: its
 channels, patterns and shard channels in subscription order, its acks, its
@@ -110,7 +110,9 @@ class ClientSubscriptions:
             plan = self._subscribe(request, what)
         else:
             plan = self._unsubscribe(request, what)
-        self.client.mode = SUBSCRIBED if self.active else None
+        mode = SUBSCRIBED if self.active else None
+        if mode is not self.client.mode:
+            self.client.set_mode(mode)
         if plan is None:
             return
         reply, sends = plan
@@ -274,7 +276,7 @@ class SubscriberHub:
         self.sessions: Set[ClientSubscriptions] = set()
         self._open: Dict[str, int] = {}   # server name -> subscriber connections open or opening
         self.messages = 0   # messages relayed to clients
-        self.refused = 0    # subscriptions refused: a server's subscriber_connections reached
+        self.refused = 0    # subscriptions refused: a server's server_subscriber_connections reached
         self.lost = 0       # clients closed because a subscriber connection failed on its own
         self.opened = 0     # subscriber connections ever opened
         self._warned_full: Set[str] = set()
@@ -324,7 +326,7 @@ class SubscriberHub:
 
     def check_open(self, servers: List[str]) -> None:
         """Raise Unroutable unless one more subscriber connection may open to each of ``servers``."""
-        limit = self._runtime.config.subscriber_connections
+        limit = self._runtime.config.server_subscriber_connections
         for server in servers:
             link = self.link(server)
             if link is None or link.target is None:
@@ -333,11 +335,11 @@ class SubscriberHub:
                 self.refused += 1
                 if server not in self._warned_full:
                     self._warned_full.add(server)
-                    self._log.warn("pool {pool}: server {server}: subscriber_connections limit of {limit} "
+                    self._log.warn("pool {pool}: server {server}: server_subscriber_connections limit of {limit} "
                                    "reached; refusing subscriptions", pool=self._runtime.name, server=server,
                                    limit=limit)
                 raise Unroutable(f"max number of subscriber connections to server '{server}' reached "
-                                 f"(subscriber_connections: {limit})")
+                                 f"(server_subscriber_connections: {limit})")
 
     def open(self, session: ClientSubscriptions, server: str, dialect: int) -> SubscriberConnection:
         """A new subscriber connection to ``server`` in ``dialect`` (``check_open`` said it may)."""

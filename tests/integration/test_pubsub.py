@@ -369,13 +369,13 @@ def test_a_subscriber_idle_longer_than_the_pool_timeout_keeps_receiving(redis_se
 
 def test_subscriber_connections_per_server_are_capped_with_a_clear_error(redis_servers, proxy) -> None:
     backends = redis_servers(1)
-    service = proxy(pool_yaml(backends, subscriber_connections=2))
+    service = proxy(pool_yaml(backends, server_subscriber_connections=2))
     first, second = client(service).pubsub(), client(service).pubsub()
     first.subscribe("a")
     second.subscribe("b")
     ack(first), ack(second)
     raw = Raw(service.port_number)
-    want = (b"-ERR max number of subscriber connections to server '%s' reached (subscriber_connections: 2)\r\n"
+    want = (b"-ERR max number of subscriber connections to server '%s' reached (server_subscriber_connections: 2)\r\n"
             % service.pool.servers[0].name.encode())
     assert raw.ask(want, "SUBSCRIBE", "c") == want
     assert raw.ask(b"$-1\r\n", "GET", "nothing") == b"$-1\r\n"   # not subscribed: a normal client still
@@ -470,3 +470,14 @@ def test_a_sentinel_master_switch_moves_the_subscriptions_to_the_new_master(sent
     wait_until(lambda: not any(int(entry.get("psub", 0)) or int(entry.get("sub", 0)) > 1
                                for entry in old.client().client_list()),
                what="the proxy's subscriber connection to the old master closed")
+
+
+def test_pubsub_inside_multi_is_refused_and_spoils_the_transaction(redis_servers, proxy) -> None:
+    service = proxy(pool_yaml(redis_servers(2)))
+    raw = Raw(service.port_number)
+    assert raw.ask(b"+OK\r\n", "MULTI") == b"+OK\r\n"
+    refusal = b"-ERR 'subscribe' inside MULTI is not supported by twinproxy\r\n"
+    assert raw.ask(refusal, "SUBSCRIBE", "x") == refusal
+    aborted = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+    assert raw.ask(aborted, "EXEC") == aborted
+    assert service.subscribers.connection_count == 0

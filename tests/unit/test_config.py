@@ -175,12 +175,23 @@ def test_shipped_example_is_valid() -> None:
     assert {p.protocol for p in pools} == {"redis", "memcache"}
 
 
-def test_subscriber_connections_is_a_redis_pools_cap() -> None:
+def test_server_subscriber_connections_is_a_redis_pools_cap() -> None:
     (config,) = load_text(pool("  redis: true\n"))
-    assert config.subscriber_connections == 1024
-    (config,) = load_text(pool("  redis: true\n  subscriber_connections: 0\n"))
-    assert config.subscriber_connections == 0   # no limit
-    err = refused(pool("  redis: true\n  subscriber_connections: many\n"))
-    assert (err.key, err.value) == ("subscriber_connections", "many") and "not a number" in str(err)
-    err = refused(pool("  subscriber_connections: 10\n"))
-    assert err.key == "subscriber_connections" and "needs 'redis: true'" in str(err)
+    assert config.server_subscriber_connections == 1024
+    (config,) = load_text(pool("  redis: true\n  server_subscriber_connections: 0\n"))
+    assert config.server_subscriber_connections == 0   # no limit
+    err = refused(pool("  redis: true\n  server_subscriber_connections: many\n"))
+    assert (err.key, err.value) == ("server_subscriber_connections", "many") and "not a number" in str(err)
+    err = refused(pool("  server_subscriber_connections: 10\n"))
+    assert err.key == "server_subscriber_connections" and "needs 'redis: true'" in str(err)
+
+
+def test_redis_deny_flush() -> None:
+    (config,) = load_text(pool("  redis: true\n"))
+    assert config.redis_deny_flush is False
+    (config,) = load_text(pool("  redis: true\n  redis_deny_flush: true\n"))
+    assert config.redis_deny_flush is True
+    assert str(refused(pool("  redis: true\n  redis_deny_flush: yes\n"))) == \
+        "pools.yml: pool 'alpha': key 'redis_deny_flush': value 'yes': is not 'true' or 'false'"
+    assert str(refused(pool("  redis_deny_flush: true\n"))) == \
+        "pools.yml: pool 'alpha': key 'redis_deny_flush': needs 'redis: true' (it denies Redis's FLUSHDB and FLUSHALL)"

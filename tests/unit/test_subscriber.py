@@ -310,7 +310,7 @@ class LifetimeTests(SynchronousTestCase):
         self.assertEqual(h.hub.connection_count, 0)
 
     def test_the_per_server_cap_refuses_with_a_clear_error(self) -> None:
-        h = Harness("  subscriber_connections: 1\n")
+        h = Harness("  server_subscriber_connections: 1\n")
         first, _ = h.client()
         second, out = h.client()
         first.dataReceived(cmd(b"SUBSCRIBE", h.channel_on("a")))
@@ -318,7 +318,7 @@ class LifetimeTests(SynchronousTestCase):
         h.connect_pending()
         h.sub("b")[0].dataReceived(ack(b"subscribe", h.channel_on("b"), 1))
         self.assertTrue(out.value().endswith(b"-ERR max number of subscriber connections to server 'a' reached "
-                                             b"(subscriber_connections: 1)\r\n"))
+                                             b"(server_subscriber_connections: 1)\r\n"))
         self.assertEqual((h.hub.refused, len(h.subscribers["a"])), (1, 1))
 
     def test_stop_closes_every_subscriber_connection(self) -> None:

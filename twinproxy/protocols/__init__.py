@@ -41,18 +41,41 @@ class Session(Protocol):
     authenticated: bool
     dialect: int
     client_name: Optional[bytes]
-    # None, or the mode that restricts what the client may send (pub/sub's SUBSCRIBED).
+    # The codec's ``prepare`` for this session's mode (a codec swaps it: MULTI queues).
+    prepare: Callable[["Request", "Session"], None]
+    transaction: Any     # a codec's state between MULTI and EXEC; None outside
+    # pub/sub's SUBSCRIBED while the client holds a subscription, else None.
     mode: Optional[str]
 
 
 class Router(Protocol):
+    """Where a codec's requests go: the pool, as protocols may see it.
+
+    Servers are anything with ``send(request)`` and a ``name`` (a
+    :class:`~twinproxy.pool.Server` also has ``up``: False after a failed
+    connection, until one succeeds).
+    """
+
+    # The pool's configuration now (a reload replaces it; a client's codec may be older).
+    config: "PoolConfig"
+    # The pool's counters (stats.PoolCounters): the fan-out families count there.
+    counters: Any
+    # State codecs keep per pool, across reloads (which make new codecs): Redis's script bodies.
+    codec_state: Dict[str, Any]
+
     def server_for_key(self, key: bytes) -> Any: ...
 
     def servers_for_keys(self, keys: Sequence[bytes]) -> List[Any]:
         """``server_for_key`` of each key, in order."""
 
     @property
-    def live_servers(self) -> Sequence[Any]: ...
+    def live_servers(self) -> Sequence[Any]:
+        """The servers in the ring now (not ejected), in configuration order."""
+
+    @property
+    def all_servers(self) -> Sequence[Any]:
+        """Every server in configuration order, ejected ones too (each group's master in a cluster
+        pool, by group id): an index here stays the same server across ejections."""
 
 
 def group_by_server(positions: Sequence[int], servers: Sequence[Any]) -> Dict[Any, List[int]]:

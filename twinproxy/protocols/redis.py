@@ -1,14 +1,18 @@
 """The Redis codec: which commands route where, which the proxy answers, and merges.
 
 Owns: the command table (built from :mod:`~twinproxy.protocols.redis_specs`:
-where each command's keys are; here, how a multi-key command is split or
-checked), the commands twinproxy answers
+what twinproxy does with each command, with where its keys are from Redis's
+generated key specs; here, how a multi-key command is split or checked),
+the commands twinproxy answers
 itself (PING, ECHO, QUIT, AUTH, SELECT, HELLO, CLIENT housekeeping,
 COMMAND DOCS), the AUTH gate (Redis's own answers to a client that has not
 authenticated, hence Redis's arity table), the merge of split replies (MGET,
 MSET, DEL/UNLINK/EXISTS/TOUCH), error texts, and the per-connection backend
-handshake.  Never touches the pool, a socket or the reactor: routing comes
-in as a :class:`~twinproxy.protocols.Router`.
+handshake.  The commands sent to every server, or to one chosen server
+(INFO, SCAN, KEYS, SCRIPT, CONFIG GET, ...), are FANOUT commands: their
+planners and merges are in :mod:`~twinproxy.protocols.redis_fanout` and
+the family modules it names.  Never touches the pool, a socket or the
+reactor: routing comes in as a :class:`~twinproxy.protocols.Router`.
 
 RESP3 clients get their own backend connections (opened with ``HELLO 3``),
 so replies pass through unchanged in either protocol; only what the proxy
@@ -22,13 +26,35 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from twinproxy import __version__
 from twinproxy.config import PoolConfig
-from twinproxy.protocols import ProtocolError, Router, Session, group_by_server, redis_pubsub, resp
-from twinproxy.protocols.redis_pubsub import FANOUT, SUBSCRIBED, SUBSCRIBED_ALLOWED
+from twinproxy.protocols import (
+    ProtocolError,
+    Router,
+    Session,
+    group_by_server,
+    redis_fanout,
+    redis_pubsub,
+    redis_scripts,
+    resp,
+)
+from twinproxy.protocols.redis_fanout_commands import FanoutCommands
+from twinproxy.protocols.redis_keys import (
+    BadInvocation,
+    long_long,
+    unknown_command,
+    unknown_subcommand,
+    wrong_arity,
+    xread_blocks,
+)
+from twinproxy.protocols.redis_pubsub import SUBSCRIBED, SUBSCRIBED_ALLOWED
 from twinproxy.protocols.redis_specs import (
     ALL_KEYS,
     ARITY,
     BLOCKING,
+    BLOCKING_REASON,
+    FANOUT,
+    INTERNAL,
     KEY_SECOND,
+    KEYLESS,
     LOCAL_COMMAND,
     NUMKEYS,
     NUMKEYS_AFTER_DESTINATION,
@@ -42,15 +68,19 @@ from twinproxy.protocols.redis_specs import (
     SINGLE_KEY,
     SPLIT,
     STORE_OPTIONS,
+    STREAM_READS,
+    SUBCOMMAND,
     SUBCOMMAND_ARITY,
-    TRANSACTIONS,
+    TRANSACTION,
     TWO_KEYS,
+    WATCHING,
     WHOLE_KEYSPACE,
     CommandSpec,
     arities,
     stored_keys,
     words,
 )
+from twinproxy.protocols.redis_tx import Transactions
 from twinproxy.request import FORWARD, FRAGMENT, LOCAL, Request
 
 WRONG_PASSWORD = "WRONGPASS invalid username-password pair or user is disabled."
@@ -75,27 +105,37 @@ def cross_slot_error(keys: List[bytes], slot_of: Any) -> Optional[str]:
     return f"CROSSSLOT keys in request don't hash to the same slot ({shown}); use a {{tag}} to keep them together"
 
 
+def _error(message: bytes) -> bytes:
+    """An error reply of a message from :mod:`~twinproxy.protocols.redis_keys` (one line already)."""
+    return b"-" + message + b"\r\n"
+
+
 def _wrong_arity(name: bytes) -> bytes:
-    return resp.error(f"ERR wrong number of arguments for '{name.decode('latin-1')}' command")
+    return _error(wrong_arity(name.decode("latin-1")))
 
 
-def _unknown_subcommand(args: List[bytes]) -> bytes:
-    # Redis echoes the client's bytes (at most 128), with CR and LF blanked.
-    shown = args[1][:128].replace(b"\r", b" ").replace(b"\n", b" ")
-    return b"-ERR unknown subcommand '%s'. Try %s HELP.\r\n" % (shown, args[0].upper())
+def _refusal(shown: str, reason: str) -> bytes:
+    return resp.error(f"ERR command '{shown}' is not supported by twinproxy: {reason}")
 
 
-def _long_long(text: bytes) -> Optional[int]:
-    """``text`` as Redis's string2ll reads it: no sign but '-', no leading zero, 64-bit; else None."""
-    digits = text[1:] if text[:1] == b"-" else text
-    if text == b"0":
-        return 0
-    if not digits.isdigit() or digits[:1] == b"0":
-        return None
-    value = int(text)
-    if not -(1 << 63) <= value < (1 << 63):
-        return None
-    return value
+def arity_error(args: List[bytes], name: bytes, spec: CommandSpec) -> Optional[bytes]:
+    """Redis's answer to a wrong argument count or an unknown subcommand (its order); None if neither."""
+    arity = spec.arity
+    label = name
+    subcommands = spec.subcommands
+    if subcommands is not None and len(args) > 1:
+        sub = args[1].lower()
+        sub_arity = subcommands.get(sub)
+        if sub_arity is None:
+            return _error(unknown_subcommand(args))
+        arity = sub_arity
+        label = name + b"|" + sub
+    count = len(args)
+    if (count != arity) if arity > 0 else (count < -arity):
+        return _wrong_arity(label)
+    return None
+
+
 
 
 class RedisCodec:
@@ -108,6 +148,8 @@ class RedisCodec:
     def __init__(self, config: PoolConfig) -> None:
         self._config = config
         self._password = config.redis_auth.encode() if config.redis_auth else None
+        self._transactions = Transactions(self, CommandSpec(b"exec", TRANSACTION), arity_error, self.merge_parts,
+                                          config.redis_cross_server_transactions)
         self.commands: Dict[bytes, CommandSpec] = self._command_table()
 
     # -- the command table ---------------------------------------------------
@@ -119,32 +161,45 @@ class RedisCodec:
             for name in words(names):
                 table[name] = CommandSpec(name, *args, **kwargs)
 
+        # Where the keys are comes from Redis's key specs (redis_keys.TABLE);
+        # first/last/step here count only for a command newer than that table.
         add(SINGLE_KEY, SINGLE)
-        add(KEY_SECOND, SINGLE, first=2, last=2)
-        add(TWO_KEYS, SAME_SERVER, first=1, last=2)
-        add(ALL_KEYS, SAME_SERVER, first=1, last=-1)
-        add("bitop", SAME_SERVER, first=2, last=-1)
+        add(KEY_SECOND, SUBCOMMAND)
+        add(TWO_KEYS, SAME_SERVER)
+        add(ALL_KEYS, SAME_SERVER)
+        add("bitop", SAME_SERVER)
         for name, options in STORE_OPTIONS.items():
-            add(name, SAME_SERVER, first=1, last=1, options=options)
-        add("msetnx", SAME_SERVER, first=1, last=-1, step=2)
-        add(NUMKEYS_AT_1, NUMKEYS, first=1)
-        add(NUMKEYS_AT_2, NUMKEYS, first=2)
-        add(NUMKEYS_AFTER_DESTINATION, NUMKEYS, first=2, destination=1)
-        add("mget", SPLIT, first=1, last=-1, merge="array")
-        add("mset", SPLIT, first=1, last=-1, step=2, merge="ok")
-        add("del unlink exists touch", SPLIT, first=1, last=-1, merge="sum")
+            add(name, SAME_SERVER, options=options)
+        add("msetnx", SAME_SERVER)
+        add(NUMKEYS_AT_1, NUMKEYS)
+        add(NUMKEYS_AT_2, NUMKEYS)
+        add(NUMKEYS_AFTER_DESTINATION, NUMKEYS)
+        add(STREAM_READS, SAME_SERVER, blocks=xread_blocks, reason=BLOCKING_REASON)
+        add("mget", SPLIT, merge="array")
+        add("mset", SPLIT, merge="ok")
+        add("del unlink exists touch", SPLIT, merge="sum")
         for name, handler in (
             ("ping", self._ping), ("echo", self._echo), ("quit", self._quit),
             ("auth", self._auth), ("select", self._select), ("hello", self._hello),
-            ("client", self._client), ("command", self._command),
+            ("client", self._client),
         ):
             add(name, LOCAL_COMMAND, handler=handler)
-        # Pub/sub: the handler classifies (forward by channel, fan out, or the client's session).
+        transactions = self._transactions
+        for name, handler in (("multi", transactions.multi), ("exec", transactions.exec_without_multi),
+                              ("discard", transactions.discard_without_multi)):
+            add(name, LOCAL_COMMAND, handler=handler)
+        for name, planner in FanoutCommands(self._command).planners().items():
+            add(name, FANOUT, first=0, handler=planner)
+        for name in redis_scripts.SCRIPT_CALLS:
+            table[name.encode()].handler = redis_scripts.routed
+        add(BLOCKING, REJECTED, reason=BLOCKING_REASON)
+        add("watch unwatch", WATCHING)
+        # Pub/sub: SUBSCRIBE and its kin for the client's session, PUBLISH by channel, PUBSUB fanned out.
         add(PUBSUB, LOCAL_COMMAND, handler=self._pubsub)
-        add(BLOCKING, REJECTED, reason="blocking commands would stall a backend connection shared by many clients")
-        add(TRANSACTIONS, REJECTED, reason="transactions cannot span a sharded pool")
+        add("pubsub", FANOUT, first=0, handler=self._plan_pubsub)
         add(WHOLE_KEYSPACE, REJECTED, reason="it needs the whole keyspace, which is spread over many servers")
         add(SERVER_ADMIN, REJECTED, reason="it is a server administration command; ask the backends directly")
+        add(INTERNAL, REJECTED, reason="it is Redis's internal or debugging command")
         for name, arity in arities(ARITY).items():
             table[name].arity = arity
         for container, text in SUBCOMMAND_ARITY.items():
@@ -192,14 +247,8 @@ class RedisCodec:
                 self._answer(request, refusal)
                 return
         if spec is None:
-            shown = args[0].decode("latin-1")
-            self._answer(request, resp.error(f"ERR unknown or unsupported command '{shown}'"))
+            self._answer(request, _error(unknown_command(args)))
             return
-        if session.mode is not None:   # the one check plain commands pay for session modes
-            refusal = self._mode_gate(args, name, spec, session)
-            if refusal is not None:
-                self._answer(request, refusal)
-                return
         request.command = spec
         layout = spec.layout
         if layout is SINGLE:
@@ -212,10 +261,60 @@ class RedisCodec:
             request.kind = LOCAL
             request.reply = spec.handler(request, session)
         elif layout is REJECTED:
-            shown = name.decode("latin-1").upper()
-            self._answer(request, resp.error(f"ERR command '{shown}' is not supported by twinproxy: {spec.reason}"))
-        elif len(args) <= spec.first:
-            self._answer(request, _wrong_arity(name))
+            self._answer(request, _refusal(name.decode("latin-1").upper(), spec.reason))
+        elif layout is SUBCOMMAND:
+            self._prepare_subcommand(request, spec)
+        else:
+            request.kind = FRAGMENT   # the key specs are read when it is routed
+
+    def prepare_subscribed(self, request: Request, session: Session) -> None:
+        """``prepare`` for a RESP2 client in subscribed mode: Redis's own checks, then its rule, then as usual.
+
+        Swapped in by :meth:`mode_changed`, so clients that subscribe to
+        nothing pay nothing for the rule.
+        """
+        args = request.args
+        name = args[0].lower()
+        if name not in SUBSCRIBED_ALLOWED:
+            spec = self.commands.get(name)
+            if spec is not None:   # an unknown command gets Redis's unknown-command error, as in Redis
+                request.name = spec.label
+                self._answer(request, arity_error(args, name, spec) or redis_pubsub.subscribed_refusal(args))
+                return
+        self.prepare(request, session)
+
+    def mode_changed(self, session: Session) -> None:
+        """The session subscribed, unsubscribed from its last, or changed RESP version: choose its ``prepare``.
+
+        Inside MULTI the transaction's ``prepare`` stays (it refuses pub/sub
+        commands and HELLO, so the mode cannot change there).
+        """
+        if session.transaction is not None:
+            return
+        restricted = session.mode is SUBSCRIBED and session.dialect == 2
+        session.prepare = self.prepare_subscribed if restricted else self.prepare
+
+    def _prepare_subcommand(self, request: Request, container: CommandSpec) -> None:
+        """A container's subcommand (OBJECT ENCODING k): classified by the subcommand's own spec."""
+        args = request.args
+        if len(args) < 2:
+            self._answer(request, _wrong_arity(container.name))
+            return
+        spec = container.children.get(args[1].lower())
+        if spec is None:
+            self._answer(request, _error(unknown_subcommand(args)))
+            return
+        request.command = spec
+        layout = spec.layout
+        if layout is SINGLE:
+            if len(args) <= spec.first:
+                self._answer(request, _wrong_arity(spec.name))
+                return
+            request.key = args[spec.first]
+            request.kind = FORWARD
+        elif layout is REJECTED:
+            shown = spec.label.upper().replace("|", " ")
+            self._answer(request, _refusal(shown, spec.reason))
         else:
             request.kind = FRAGMENT
 
@@ -229,10 +328,16 @@ class RedisCodec:
         """
         spec = request.command
         if spec.layout is FANOUT:
-            return redis_pubsub.fanout_routes(request, router)
+            return spec.handler(request, router)
+        if spec.layout is TRANSACTION:
+            return self._transactions.route(request, router)
+        if spec.layout is WATCHING:
+            return self._transactions.watch(request, router)
         positions = self._key_positions(request, spec)
         if positions is None:
             return []
+        if not positions:
+            return self._keyless(request, spec, router)
         args = request.args
         keys = [args[position] for position in positions]
         if spec.layout is not SPLIT and getattr(router, "slot_of", None) is not None and len(keys) > 1:
@@ -248,6 +353,8 @@ class RedisCodec:
             request.kind = FORWARD
             request.key = args[positions[0]]
             request.positions = positions   # every key it touches (a migrating slot moves them all first)
+            if spec.handler is not None:    # EVAL/EVALSHA: the script store sees the call
+                spec.handler(request, first, router)
             return [(first, request)]
         if spec.layout is not SPLIT:
             self._answer(request, resp.error(
@@ -265,42 +372,51 @@ class RedisCodec:
 
     def coalesce(self, request: Request) -> bytes:
         """Merge the fragments' replies into the one reply a single Redis would give."""
+        if request.command.layout is FANOUT:
+            return redis_fanout.coalesce(request)
+        if request.command.layout is TRANSACTION:
+            return self._transactions.merge(request)
         fragments = request.fragments
         for fragment in fragments:
             if self.is_error(fragment.reply):
                 return fragment.reply
-        merge = request.command.merge
+        return self.merge_parts(request.command, len(request.args),
+                                [(fragment.positions, fragment.reply) for fragment in fragments])
+
+    def merge_parts(self, spec: CommandSpec, argument_count: int, parts: List[Tuple[List[int], bytes]]) -> bytes:
+        """One reply from a split command's parts: (the key positions it carried, its reply) per server."""
+        merge = spec.merge
         if merge == "ok":
+            for _, reply in parts:
+                if self.is_error(reply):
+                    return reply
             return b"+OK\r\n"
         if merge == "sum":
-            total = 0
-            for fragment in fragments:
-                reply = fragment.reply
-                if reply[:1] != b":":
-                    return self.error_reply("unexpected reply from server: " + reply[:60].decode("latin-1"))
-                total += int(reply[1:-2])
-            return resp.integer(total)
-        if merge != "array":
-            return redis_pubsub.merge_fanout(request)
-        # Key positions are argument indexes from 1 up, each in one fragment.
-        merged: List[bytes] = [b""] * (len(request.args) + 1)
+            return redis_fanout.sum_integer_replies([reply for _, reply in parts])
+        # Key positions are argument indexes from 1 up, each in one part.
+        merged: List[bytes] = [b""] * (argument_count + 1)
         count = 0
-        for fragment in fragments:
-            elements = resp.split_bulk_array(fragment.reply)
+        for positions, reply in parts:
+            if self.is_error(reply):
+                return reply
+            elements = resp.split_bulk_array(reply)
             if elements is None:
                 try:
-                    _, elements = resp.split_aggregate(fragment.reply)
+                    _, elements = resp.split_aggregate(reply)
                 except (ProtocolError, ValueError):
                     elements = []
-            positions = fragment.positions
             if len(elements) != len(positions):
-                return self.error_reply("unexpected reply from server: " + fragment.reply[:60].decode("latin-1"))
+                return self.error_reply("unexpected reply from server: " + reply[:60].decode("latin-1"))
             for position, element in zip(positions, elements):
                 merged[position] = element
             count += len(positions)
         return b"*%d\r\n" % count + b"".join(merged)
 
     # -- helpers -------------------------------------------------------------
+
+    def key_positions(self, request: Request) -> Optional[List[int]]:
+        """The argument indexes of a classified FRAGMENT request's keys; None after answering it with an error."""
+        return self._key_positions(request, request.command)
 
     def _answer(self, request: Request, reply: bytes) -> None:
         request.kind = LOCAL
@@ -315,71 +431,59 @@ class RedisCodec:
         gated: it gets the same unknown-command error as after AUTH, as
         Redis answers unknown commands before its gate.
         """
-        refusal = self._arity_refusal(args, name, spec)
+        refusal = arity_error(args, name, spec)
         if refusal is not None:
             return refusal
         if name in _BEFORE_AUTH:
             return None
         return _NOAUTH_REPLY
 
-    def _mode_gate(self, args: List[bytes], name: bytes, spec: CommandSpec, session: Session) -> Optional[bytes]:
-        """What a session in a mode refuses (RESP2 subscribed mode), in Redis's order:
-        an unknown subcommand and the argument count first, then the mode's rule.
-
-        MULTI (another family's) would be a mode too, behind the same one check in ``prepare``.
-        """
-        if session.mode is SUBSCRIBED and session.dialect == 2 and name not in SUBSCRIBED_ALLOWED:
-            return self._arity_refusal(args, name, spec) or redis_pubsub.subscribed_refusal(args)
-        return None
-
-    def _arity_refusal(self, args: List[bytes], name: bytes, spec: CommandSpec) -> Optional[bytes]:
-        """Redis's error for an unknown subcommand or a wrong argument count (COMMAND INFO's arity); else None."""
-        arity = spec.arity
-        label = name
-        subcommands = spec.subcommands
-        if subcommands is not None and len(args) > 1:
-            sub = args[1].lower()
-            sub_arity = subcommands.get(sub)
-            if sub_arity is None:
-                return _unknown_subcommand(args)
-            arity = sub_arity
-            label = name + b"|" + sub
-        count = len(args)
-        if (count != arity) if arity > 0 else (count < -arity):
-            return _wrong_arity(label)
-        return None
-
     def _key_positions(self, request: Request, spec: CommandSpec) -> Optional[List[int]]:
+        """Where the keys of ``request`` are (Redis's key specs); None after answering it with Redis's error."""
         args = request.args
-        if spec.layout is NUMKEYS:
-            count_text = args[spec.first]
-            if not count_text.lstrip(b"-").isdigit():
-                self._answer(request, resp.error("ERR value is not an integer or out of range"))
-                return None
-            count = int(count_text)
-            if count < 0:
-                self._answer(request, resp.error("ERR Number of keys can't be negative"))
-                return None
-            if count > len(args) - spec.first - 1:
-                self._answer(request, resp.error("ERR Number of keys can't be greater than number of args"))
-                return None
-            if count == 0:
-                shown = args[0].decode("latin-1").upper()
-                self._answer(request, resp.error(
-                    f"ERR {shown} with no keys cannot be routed by twinproxy: pass the keys it uses (numkeys >= 1)"))
-                return None
-            positions = list(range(spec.first + 1, spec.first + 1 + count))
-            if spec.destination:
-                positions.insert(0, spec.destination)
-            return positions
-        last = len(args) - 1 if spec.last < 0 else spec.last
-        if last >= len(args) or (spec.step > 1 and (len(args) - spec.first) % spec.step):
+        keys = spec.keys
+        span = keys.range
+        try:
+            if span is not None:
+                # A plain range (MGET's 1..-1): what keys.positions finds, without its search.
+                count = len(args)
+                arity = keys.arity
+                if (count != arity) if arity > 0 else (count < -arity):
+                    raise BadInvocation(wrong_arity(keys.name))
+                first, last, step = span
+                positions = list(range(first, count + last + 1 if last < 0 else last + 1, step))
+            else:
+                positions = keys.positions(args)
+        except BadInvocation as refusal:
+            self._answer(request, _error(refusal.message))
+            return None
+        if spec.step > 1 and (len(args) - spec.first) % spec.step:
+            # MSET a 1 b: Redis refuses it whole; split, a part would be written.
             self._answer(request, _wrong_arity(args[0].lower()))
             return None
-        positions = list(range(spec.first, last + 1, spec.step))
         if spec.options is not None:
-            positions += stored_keys(args, *spec.options)
+            # GEORADIUS ... STORE a STORE b writes b, which Redis's key specs miss.
+            for position in stored_keys(args, *spec.options):
+                if position not in positions:
+                    positions.append(position)
+        if spec.blocks is not None and spec.blocks(args):
+            self._answer(request, _refusal(args[0].decode("latin-1").upper(), spec.reason))
+            return None
         return positions
+
+    def _keyless(self, request: Request, spec: CommandSpec, router: Router) -> List[Tuple[Any, Request]]:
+        """A request without keys: a HELP to the first live server, a script with numkeys 0 refused."""
+        if spec.layout is KEYLESS:
+            servers = router.live_servers
+            if servers:
+                request.kind = FORWARD
+                return [(servers[0], request)]
+            self._answer(request, self.error_reply(f"no live server in pool '{self._config.name}'"))
+            return []
+        shown = request.args[0].decode("latin-1").upper()
+        self._answer(request, resp.error(
+            f"ERR {shown} with no keys cannot be routed by twinproxy: pass the keys it uses (numkeys >= 1)"))
+        return []
 
     # -- commands answered by the proxy --------------------------------------
 
@@ -394,13 +498,20 @@ class RedisCodec:
         return _wrong_arity(b"ping")
 
     def _pubsub(self, request: Request, session: Session) -> Optional[bytes]:
-        """SUBSCRIBE and its kin, PUBLISH, SPUBLISH, PUBSUB: Redis's argument checks, then classified."""
+        """SUBSCRIBE and its kin, PUBLISH, SPUBLISH: Redis's argument checks, then classified."""
         args = request.args
         name = args[0].lower()
-        refusal = self._arity_refusal(args, name, self.commands[name])
+        refusal = arity_error(args, name, self.commands[name])
         if refusal is not None:
             return refusal
         return redis_pubsub.classify(request, name)
+
+    def _plan_pubsub(self, request: Request, router: Router) -> List[Tuple[Any, Request]]:
+        """PUBSUB CHANNELS/NUMSUB/NUMPAT/SHARD*/HELP: Redis's argument checks, then fanned out."""
+        refusal = arity_error(request.args, b"pubsub", request.command)
+        if refusal is not None:
+            return redis_fanout.answer(request, refusal)
+        return redis_pubsub.plan(request, router)
 
     def _echo(self, request: Request, session: Session) -> bytes:
         if len(request.args) != 2:
@@ -437,7 +548,7 @@ class RedisCodec:
         args = request.args
         if len(args) != 2:
             return _wrong_arity(b"select")
-        index = _long_long(args[1])
+        index = long_long(args[1])
         if index is None:
             return resp.error("ERR value is not an integer or out of range")
         if index != 0:
@@ -450,7 +561,7 @@ class RedisCodec:
         dialect = session.dialect
         name = None
         if len(args) >= 2:
-            version = _long_long(args[1])
+            version = long_long(args[1])
             if version is None:
                 return resp.error("ERR Protocol version is not an integer or out of range")
             if version not in (2, 3):
@@ -476,7 +587,10 @@ class RedisCodec:
                     return b"-ERR Syntax error in HELLO option '%s'\r\n" % shown
         if not session.authenticated:
             return resp.error(_HELLO_NOAUTH)
-        session.dialect = dialect
+        if dialect != session.dialect:
+            session.dialect = dialect
+            if session.mode is not None:   # subscribed: the RESP2 rules start or stop with the version
+                self.mode_changed(session)
         if name is not None:
             session.client_name = name or None
         fields = [
@@ -514,14 +628,9 @@ class RedisCodec:
                           "(supported: SETNAME, GETNAME, SETINFO, ID)")
 
     def _command(self, request: Request, session: Session) -> bytes:
-        args = request.args
-        # redis-cli asks for COMMAND DOCS to show hints; an empty answer is
-        # what a server with no documentation gives, and costs the cli nothing.
-        if len(args) >= 2 and args[1].lower() == b"docs":
-            return resp.mapping([], session.dialect)
-        if len(args) == 2 and args[1].lower() == b"count":
-            return resp.integer(len(self.commands))
-        return resp.error("ERR COMMAND is not supported by twinproxy except COMMAND DOCS and COMMAND COUNT")
+        """COMMAND GETKEYS and GETKEYSANDFLAGS (the rest of COMMAND comes from a server: FanoutCommands)."""
+        shown = request.args[1].decode("latin-1").upper()
+        return resp.error(f"ERR COMMAND {shown} is not supported by twinproxy")
 
 
 _BAD_NAME = "ERR Client names cannot contain spaces, newlines or special characters."

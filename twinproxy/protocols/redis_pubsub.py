@@ -8,8 +8,9 @@ and each client's subscriptions, is :mod:`twinproxy.subscriber`):
   names; a keyevent channel on every server);
 - how the codec classifies the pub/sub commands (:func:`classify`):
   SUBSCRIBE and its kin go to the client's session (``SESSION``), PUBLISH
-  and SPUBLISH are forwarded by channel, PUBSUB's questions fan out
-  (:func:`fanout_routes`, merged by :func:`merge_fanout`);
+  and SPUBLISH are forwarded by channel; PUBSUB's questions are a FANOUT
+  command of :mod:`~twinproxy.protocols.redis_fanout` (:func:`plan`, and
+  its merges);
 - what the proxy writes itself: the acks (:func:`ack`), PING in a RESP2
   subscribed session (:func:`subscribed_pong`), the subscribed-mode refusal;
 - what a subscriber connection reads: :func:`push_parts` (an ack or a
@@ -22,10 +23,20 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
-from twinproxy.protocols import ProtocolError, Router, group_by_server, resp
+from twinproxy.protocols import Router, group_by_server, resp
 from twinproxy.protocols.redis_commands import FLAGS
-from twinproxy.protocols.redis_specs import CommandSpec
-from twinproxy.request import FORWARD, FRAGMENT, SESSION, Request
+from twinproxy.protocols.redis_fanout import (
+    FanoutFragment,
+    Routes,
+    answer,
+    first_error,
+    first_live,
+    live_servers,
+    merge_one,
+    send_to,
+    unexpected,
+)
+from twinproxy.request import FORWARD, SESSION, Request
 
 # A session's mode while it has a subscription (``session.mode``); the RESP2
 # rules apply only while ``session.dialect`` is 2.
@@ -53,14 +64,9 @@ MESSAGE_KINDS: Dict[bytes, int] = {b"message": CHANNEL, b"pmessage": PATTERN, b"
 _KEYSPACE = b"__keyspace@"
 _KEYEVENT = b"__keyevent@"
 
-# PUBSUB's questions, answered by asking servers and merging what they say.
-FANOUT = "fanout"
-UNION = "union"     # CHANNELS, SHARDCHANNELS: every server's list, each name once
-MOST = "max"        # NUMPAT: every server holds every pattern the proxy's clients subscribed
-PAIRS = "pairs"     # NUMSUB, SHARDNUMSUB: each channel asked of its own server
-_FANOUT_SPECS = {merge: CommandSpec(b"pubsub", FANOUT, merge=merge) for merge in (UNION, MOST, PAIRS)}
-_PUBSUB_MERGES = {b"channels": UNION, b"shardchannels": UNION, b"numpat": MOST, b"numsub": PAIRS,
-                  b"shardnumsub": PAIRS}
+# PUBSUB's special refusal for CHANNELS/SHARDCHANNELS with more than a pattern.
+_ONE_PATTERN = frozenset((b"channels", b"shardchannels"))
+_PER_CHANNEL = frozenset((b"numsub", b"shardnumsub"))
 
 
 def channel_key(channel: bytes) -> Optional[bytes]:
@@ -116,110 +122,93 @@ def ack(word: bytes, name: Optional[bytes], count: int, dialect: int) -> bytes:
 
 
 def classify(request: Request, name: bytes) -> Optional[bytes]:
-    """The codec's handler for the pub/sub commands, once their argument count is checked.
+    """The codec's handler for SUBSCRIBE and its kin, PUBLISH and SPUBLISH, their arguments checked.
 
-    Sets ``request.kind`` (and ``key`` or ``command``) and returns None, or
-    returns the reply when the proxy answers at once.
+    Sets ``request.kind`` (and ``key``) and returns None: the client's
+    session answers a subscription, a publish goes where its channel lives.
     """
-    args = request.args
     if name in SUBSCRIPTION_COMMANDS:
         request.kind = SESSION
         return None
-    if name != b"pubsub":   # PUBLISH, SPUBLISH
-        request.key = publish_key(args[1])
-        request.kind = FORWARD
-        return None
-    sub = args[1].lower()
-    merge = _PUBSUB_MERGES.get(sub)
-    if merge is None:   # HELP: any server says it
-        request.key = b""
-        request.kind = FORWARD
-        return None
-    if merge == UNION and len(args) > 3:
-        return b"-ERR unknown subcommand or wrong number of arguments for '%s'. Try PUBSUB HELP.\r\n" % args[1]
-    if merge == PAIRS and len(args) == 2:
-        return b"*0\r\n"
-    request.command = _FANOUT_SPECS[merge]
-    request.kind = FRAGMENT
+    request.key = publish_key(request.args[1])
+    request.kind = FORWARD
     return None
 
 
-def fanout_routes(request: Request, router: Router) -> List[Tuple[Any, Request]]:
-    """A PUBSUB question's parts: to every live server, or each channel to its own (NUMSUB).
+def plan(request: Request, router: Router) -> Routes:
+    """PUBSUB's planner (FANOUT layout), its arguments checked: every live server, or each channel's own.
 
-    The codec's ``fragment`` for the FANOUT layout: ``[(server, request)]``
-    when one server answers it all.  NUMSUB's parts keep no key positions (a
-    migrating slot would move keys named like the channels first): the
-    parent's ``positions`` say, per channel, which part asked for it.
+    CHANNELS and SHARDCHANNELS: the union of every live server's list.
+    NUMPAT: the largest count, since every pattern a proxy client holds is on
+    every server (a sum would count it once per server).  NUMSUB and
+    SHARDNUMSUB: each channel asked of the server its PUBLISH goes to.
+    HELP: any server.
     """
-    merge = request.command.merge
     args = request.args
-    if merge == PAIRS:
-        servers = router.servers_for_keys([publish_key(channel) for channel in args[2:]])
-        first = servers[0]
-        if servers.count(first) == len(servers):
-            return [(first, request)]
-        part_of: Dict[int, int] = {}
-        parts = []
-        for index, (server, positions) in enumerate(group_by_server(range(2, len(args)), servers).items()):
-            part_args = [args[0], args[1], *(args[position] for position in positions)]
-            part = Request(resp.encode_command(part_args), part_args)
-            part.command = request.command
-            parts.append((server, part))
-            for position in positions:
-                part_of[position] = index
-        request.positions = [part_of[position] for position in range(2, len(args))]
-        return parts
-    servers = list(router.live_servers)
-    if len(servers) <= 1:
-        # None live: the pool's own stand-in answers (no live server, or a cluster not loaded yet).
-        return [(servers[0] if servers else router.server_for_key(b""), request)]
-    parts = []
-    for server in servers:
-        part = Request(request.raw, args)
+    sub = args[1].lower()
+    if sub in _ONE_PATTERN:
+        if len(args) > 3:
+            return answer(request, b"-ERR unknown subcommand or wrong number of arguments for '%s'. Try PUBSUB "
+                                   b"HELP.\r\n" % args[1])
+        return send_to(request, router, live_servers(request, router), merge_union)
+    if sub == b"numpat":
+        return send_to(request, router, live_servers(request, router), merge_most)
+    if sub not in _PER_CHANNEL:
+        return send_to(request, router, first_live(request, router), merge_one)
+    if len(args) == 2:
+        return answer(request, b"*0\r\n")
+    # Parts keep no key positions: a migrating slot would move keys named like the channels first.
+    servers = router.servers_for_keys([publish_key(channel) for channel in args[2:]])
+    routes: Routes = []
+    for index, (server, positions) in enumerate(group_by_server(range(2, len(args)), servers).items()):
+        part_args = [args[0], args[1], *(args[position] for position in positions)]
+        part = FanoutFragment(resp.encode_command(part_args), part_args, merge_pairs, server, index, positions)
         part.command = request.command
-        parts.append((server, part))
-    return parts
+        routes.append((server, part))
+    router.counters.fanouts += 1
+    return routes
 
 
-def merge_fanout(request: Request) -> bytes:
-    """One reply from a PUBSUB question's parts, as one Redis holding every channel would give."""
-    merge = request.command.merge
-    replies = [part.reply for part in request.fragments]
-    try:
-        if merge == MOST:
-            counts = [_integer(reply) for reply in replies]
-            return resp.integer(max(counts))
-        lists = [_elements(reply) for reply in replies]
-    except (ProtocolError, ValueError) as err:
-        return resp.error(f"ERR unexpected reply from server: {err}")
-    if merge == UNION:
-        names: Dict[bytes, None] = {}
-        for elements in lists:
-            names.update(dict.fromkeys(elements))
-        return resp.array(list(names))
-    cursors = [0] * len(lists)
-    merged = []
-    for index in request.positions:
-        at = cursors[index]
-        pair = lists[index][at:at + 2]
-        if len(pair) != 2:
-            return resp.error("ERR unexpected reply from server: fewer channels than asked")
-        merged += pair
-        cursors[index] = at + 2
-    return resp.array(merged)
+def merge_union(request: Request) -> bytes:
+    """Every name any server listed, once, in the order first seen."""
+    error = first_error(request)
+    if error is not None:
+        return error
+    names: Dict[bytes, None] = {}
+    for part in request.fragments:
+        if part.reply[:1] not in (b"*", b"~"):
+            return unexpected(part.reply)
+        names.update(dict.fromkeys(resp.split_aggregate(part.reply)[1]))
+    return resp.array(list(names))
 
 
-def _integer(reply: bytes) -> int:
-    if reply[:1] != b":":
-        raise ValueError(reply[:60].decode("latin-1"))
-    return int(reply[1:-2])
+def merge_most(request: Request) -> bytes:
+    """The largest of the servers' integer replies."""
+    error = first_error(request)
+    if error is not None:
+        return error
+    counts = []
+    for part in request.fragments:
+        if part.reply[:1] != b":":
+            return unexpected(part.reply)
+        counts.append(int(part.reply[1:-2]))
+    return resp.integer(max(counts))
 
 
-def _elements(reply: bytes) -> List[bytes]:
-    if reply[:1] not in (b"*", b"~"):
-        raise ValueError(reply[:60].decode("latin-1"))
-    return resp.split_aggregate(reply)[1]
+def merge_pairs(request: Request) -> bytes:
+    """NUMSUB's (channel, count) pairs from each channel's server, in the order the client asked."""
+    error = first_error(request)
+    if error is not None:
+        return error
+    pairs: Dict[int, List[bytes]] = {}
+    for part in request.fragments:
+        elements = resp.split_aggregate(part.reply)[1] if part.reply[:1] in (b"*", b"%") else []
+        positions = part.context
+        if len(elements) != 2 * len(positions):
+            return unexpected(part.reply)
+        for at, position in enumerate(positions):
+            pairs[position] = elements[2 * at:2 * at + 2]
+    return resp.array([element for position in sorted(pairs) for element in pairs[position]])
 
 
 def push_parts(frame: bytes) -> Optional[List[Any]]:

@@ -1,10 +1,12 @@
-"""The Redis command table's facts: where each command's keys are, and Redis's own arities.
+"""The Redis command table's facts: what twinproxy does with each command, and Redis's own arities.
 
-Owns :class:`CommandSpec` (a command's key layout, as Redis's (first,
-last, step) key specs, plus what twinproxy needs beside them: numkeys
-destinations, STORE options, the handler or refusal reason), the lists of
-command names per layout and why some are refused, Redis 7's arity table
-(the AUTH gate answers as Redis does), and :func:`stored_keys` (the key a
+Owns :class:`CommandSpec` (what twinproxy does with a command: its layout
+-- forwarded by one key, checked to be on one server, split and merged,
+answered here, refused -- with the key rules of Redis's generated table,
+:mod:`~twinproxy.protocols.redis_keys`, bound to it, and what twinproxy
+adds beside them: STORE options, merges, the handler or refusal reason),
+the lists of command names per layout and why some are refused, the
+arities of the AUTH gate, and :func:`stored_keys` (the key a
 STORE/STOREDIST option names).  Pure data and pure functions: the codec
 (:mod:`twinproxy.protocols.redis`) builds its table from them.
 """
@@ -14,49 +16,98 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Optional, Tuple
 
 from twinproxy.protocols.redis_commands import READ_ONLY
+from twinproxy.protocols.redis_keys import TABLE, CommandKeys, fixed_keys
 
 # Key layouts.
 SINGLE = "single"          # one key at ``first``
-SAME_SERVER = "same"       # keys at first..last by step; all on one server
-NUMKEYS = "numkeys"        # a key count at ``first``, the keys right after it
+SAME_SERVER = "same"       # keys where Redis's key specs say; all on one server
+NUMKEYS = "numkeys"        # a key count, the keys right after it (SAME_SERVER's rules, by Redis's specs)
 SPLIT = "split"            # keys at first..end by step, split per server and merged
+SUBCOMMAND = "subcommand"  # a container (OBJECT, XINFO, ...): its subcommand says where its key is
+KEYLESS = "keyless"        # no key, and every server answers alike (OBJECT HELP): the first live server
 LOCAL_COMMAND = "local"
+TRANSACTION = "transaction"  # an EXEC carrying the queued commands: all on one server
+WATCHING = "watching"        # WATCH / UNWATCH: the client's connection pinned to one server
 REJECTED = "rejected"
+# Sent to every server, or to one chosen server, and merged (redis_fanout): INFO, SCAN, SCRIPT LOAD, ...
+FANOUT = "fanout"
 
 
 class CommandSpec:
-    """Where a command's keys are, as Redis's own (first, last, step) key specs."""
+    """What twinproxy does with one command, and where its keys are (``keys``: Redis's generated rules).
+
+    ``first``, ``last`` and ``step`` come from Redis's key specs where they
+    are a plain range (GET's 1..1, MSET's 1..-1 by 2); the hand-written
+    values count only for a command the generated table lacks (newer than
+    its Redis).
+    """
 
     __slots__ = ("name", "label", "layout", "first", "last", "step", "merge", "handler", "reason",
-                 "arity", "subcommands", "readonly", "destination", "options")
+                 "arity", "subcommands", "readonly", "options", "keys", "children", "blocks")
 
     def __init__(self, name: bytes, layout: str, first: int = 1, last: int = 1, step: int = 1,
                  merge: Optional[str] = None, handler: Optional[Callable] = None,
-                 reason: Optional[str] = None, destination: int = 0,
-                 options: Optional[Tuple[int, Dict[bytes, int]]] = None) -> None:
+                 reason: Optional[str] = None,
+                 options: Optional[Tuple[int, Dict[bytes, int]]] = None,
+                 blocks: Optional[Callable[[List[bytes]], bool]] = None,
+                 keys: Optional[CommandKeys] = None) -> None:
         self.name = name
-        # A numkeys command that also writes a key before its count (ZUNIONSTORE's destination).
-        self.destination = destination
         # Options from this argument on, with how many values each takes; a
         # STORE/STOREDIST option's value is a key (SORT ... STORE d).
         self.options = options
+        # For a command that blocks only with an option (XREAD ... BLOCK):
+        # whether these arguments ask for it (refused then, with ``reason``).
+        self.blocks = blocks
         self.label = name.decode("ascii")
         self.layout = layout
+        self.merge = merge
+        # LOCAL_COMMAND: answers it.  FANOUT: plans it (redis_fanout: the routes, or an answer).
+        # EVAL/EVALSHA (NUMKEYS): told the route once it is known (redis_scripts remembers and heals).
+        self.handler = handler
+        self.reason = reason
+        if keys is None:
+            keys = TABLE.get(name)
+        if keys is None:
+            keys = fixed_keys(self.label, _HAND_ARITY.get(name, -1), first, last, step)
+        self.keys = keys
+        span = keys.range
+        if span is not None:
+            first, last, step = span
+        elif keys.single is not None:
+            first = last = keys.single
         self.first = first
         self.last = last
         self.step = step
-        self.merge = merge
-        self.handler = handler
-        self.reason = reason
+        if layout is SINGLE and keys.single is None:
+            raise ValueError(f"{self.label}: Redis's key specs name more than one fixed key; not a SINGLE command")
+        if layout is SPLIT and span is None:
+            raise ValueError(f"{self.label}: Redis's key specs are not one plain range; it cannot be SPLIT")
+        # A container's subcommands, each with its own layout (SUBCOMMAND).
+        self.children: Optional[Dict[bytes, CommandSpec]] = None
+        if layout is SUBCOMMAND:
+            self.children = {sub: _subcommand_spec(name, sub, sub_keys)
+                             for sub, sub_keys in (keys.subcommands or {}).items()}
         # Redis's own argument count (COMMAND INFO's arity) and, for a container
         # such as CLIENT, its subcommands' arities; only the AUTH gate reads them.
         self.arity = -1
         self.subcommands: Optional[Dict[bytes, int]] = None
         # May go to a replica: Redis flags it read-only, it names its keys,
         # and it is not kept for the master.  A container (OBJECT, XINFO, ...)
-        # stays on the master too.
+        # and its subcommands stay on the master.
         self.readonly = (layout in (SINGLE, SAME_SERVER, NUMKEYS, SPLIT) and self.label in READ_ONLY
-                         and self.label not in MASTER_ONLY)
+                         and self.label not in MASTER_ONLY and "|" not in self.label)
+
+
+def _subcommand_spec(container: bytes, sub: bytes, keys: CommandKeys) -> CommandSpec:
+    """A container's subcommand: by its key, to the first live server, or refused when it is about one server."""
+    name = container + b"|" + sub
+    if keys.single is not None:
+        return CommandSpec(name, SINGLE, keys=keys)
+    if keys.has_keys:
+        return CommandSpec(name, SAME_SERVER, keys=keys)
+    if sub in KEYLESS_SUBCOMMANDS:
+        return CommandSpec(name, KEYLESS, keys=keys)
+    return CommandSpec(name, REJECTED, keys=keys, reason=ONE_SERVER_REASON)
 
 
 SINGLE_KEY = """
@@ -82,6 +133,10 @@ STORE_OPTIONS = {
 }
 # Subcommand first, key second: OBJECT ENCODING k, MEMORY USAGE k, XINFO STREAM k, ...
 KEY_SECOND = "object memory xinfo xgroup"
+# Their keyless subcommands that every server answers alike; the others (MEMORY STATS,
+# DOCTOR, ...) are about the one server that answers, which a pool is not.
+KEYLESS_SUBCOMMANDS = frozenset((b"help",))
+ONE_SERVER_REASON = "it reports on (or acts on) one server; ask the backends directly"
 # Two keys, both on one server.
 TWO_KEYS = "rename renamenx rpoplpush smove lmove copy lcs zrangestore geosearchstore"
 # Every argument a key, all on one server.
@@ -95,15 +150,21 @@ NUMKEYS_AFTER_DESTINATION = "zunionstore zinterstore zdiffstore"
 # Read-only to Redis, yet for the master: scripts (their keys and effects are
 # their own), and TOUCH (its point is the master's access times).
 MASTER_ONLY = frozenset(("eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro", "touch"))
-BLOCKING = "blpop brpop brpoplpush blmove blmpop bzpopmin bzpopmax bzmpop xread xreadgroup wait waitaof"
-TRANSACTIONS = "multi exec discard watch unwatch"
+BLOCKING = "blpop brpop brpoplpush blmove blmpop bzpopmin bzpopmax bzmpop wait waitaof"
+BLOCKING_REASON = "blocking commands would stall a backend connection shared by many clients"
+# Blocking only with BLOCK: routed by their streams' keys without it.
+STREAM_READS = "xread xreadgroup"
 PUBSUB = "subscribe psubscribe ssubscribe unsubscribe punsubscribe sunsubscribe publish spublish pubsub"
-WHOLE_KEYSPACE = "keys scan randomkey dbsize flushdb flushall swapdb move migrate"
+# KEYS, SCAN, RANDOMKEY, DBSIZE, FLUSHDB and FLUSHALL fan out (redis_keyspace).
+WHOLE_KEYSPACE = "swapdb move migrate"
+# INFO, CONFIG, LASTSAVE, TIME, SCRIPT and FUNCTION fan out (redis_fanout_commands, redis_scripts).
 SERVER_ADMIN = """
-info config save bgsave bgrewriteaof lastsave shutdown slaveof replicaof role sync psync
+save bgsave bgrewriteaof shutdown slaveof replicaof role sync psync
 debug monitor cluster readonly readwrite asking failover acl latency slowlog
-script function time lolwut module reset
+lolwut module reset
 """
+# Redis's replication, cluster and debugging internals.
+INTERNAL = "pfdebug pfselftest replconf restore-asking"
 
 # Redis's arity of every command in the table, as COMMAND INFO gives it: n is
 # exactly n arguments counting the name, -n at least n.  Redis checks it (and
@@ -124,9 +185,11 @@ hpexpire:-6 hpexpireat:-6 hpexpiretime:-5 hpttl:-5 hrandfield:-2 hscan:-3 hset:-
 httl:-5 hvals:2 incr:2 incrby:3 incrbyfloat:3 info:-1 keys:2 lastsave:1 latency:-2 lcs:-3 lindex:3 linsert:5
 llen:2 lmove:5 lmpop:-4 lolwut:-1 lpop:-2 lpos:-3 lpush:-3 lpushx:-3 lrange:4 lrem:4 lset:4 ltrim:4 memory:-2
 mget:-2 migrate:-6 module:-2 monitor:1 move:3 mset:-3 msetnx:-3 multi:1 object:-2 persist:2 pexpire:-3
-pexpireat:-3 pexpiretime:2 pfadd:-2 pfcount:-2 pfmerge:-2 ping:-1 psetex:4 psubscribe:-2 psync:-3 pttl:2
-publish:3 pubsub:-2 punsubscribe:-1 quit:-1 randomkey:1 readonly:1 readwrite:1 rename:3 renamenx:3 replicaof:3
-reset:1 restore:-4 role:1 rpop:-2 rpoplpush:3 rpush:-3 rpushx:-3 sadd:-3 save:1 scan:-2 scard:2 script:-2
+pexpireat:-3 pexpiretime:2 pfadd:-2 pfcount:-2 pfdebug:3 pfmerge:-2 pfselftest:1 ping:-1
+psetex:4 psubscribe:-2 psync:-3 pttl:2
+publish:3 pubsub:-2 punsubscribe:-1 quit:-1 randomkey:1 readonly:1 readwrite:1 rename:3 renamenx:3 replconf:-1
+replicaof:3 reset:1 restore:-4 restore-asking:-4 role:1 rpop:-2 rpoplpush:3 rpush:-3
+rpushx:-3 sadd:-3 save:1 scan:-2 scard:2 script:-2
 sdiff:-2 sdiffstore:-3 select:2 set:-3 setbit:4 setex:4 setnx:3 setrange:4 shutdown:-1 sinter:-2 sintercard:-3
 sinterstore:-3 sismember:3 slaveof:3 slowlog:-2 smembers:2 smismember:-3 smove:4 sort:-2 sort_ro:-2 spop:-2
 spublish:3 srandmember:-2 srem:-3 sscan:-3 ssubscribe:-2 strlen:2 subscribe:-2 substr:4 sunion:-2
@@ -138,14 +201,17 @@ zpopmin:-2 zrandmember:-2 zrange:-4 zrangebylex:-4 zrangebyscore:-4 zrangestore:
 zremrangebylex:4 zremrangebyrank:4 zremrangebyscore:4 zrevrange:-4 zrevrangebylex:-4 zrevrangebyscore:-4
 zrevrank:-3 zscan:-3 zscore:3 zunion:-3 zunionstore:-4
 """
-# The subcommands of the containers twinproxy routes or answers (CLIENT
-# SETINFO and NO-TOUCH are 7.2's).  The containers it refuses (CONFIG, ACL,
-# ...) have no list: before AUTH their subcommands all get NOAUTH.
+# The subcommands of the containers twinproxy routes, fans out or answers
+# (CLIENT SETINFO and NO-TOUCH are 7.2's).  The containers it refuses (ACL,
+# MODULE, ...) have no list: before AUTH their subcommands all get NOAUTH.
 SUBCOMMAND_ARITY = {
     "client": "caching:3 getname:2 getredir:2 help:2 id:2 info:2 kill:-3 list:-2 no-evict:3 no-touch:3 pause:-3 "
               "reply:3 setinfo:4 setname:3 tracking:-3 trackinginfo:2 unblock:-3 unpause:2",
     "pubsub": "channels:-2 help:2 numpat:2 numsub:-2 shardchannels:-2 shardnumsub:-2",
     "command": "count:2 docs:-2 getkeys:-4 getkeysandflags:-4 help:2 info:-2 list:-2",
+    "config": "get:-3 help:2 resetstat:2 rewrite:2 set:-4",
+    "function": "delete:3 dump:2 flush:-2 help:2 kill:2 list:-2 load:-3 restore:-3 stats:2",
+    "script": "debug:3 exists:-3 flush:-2 help:2 kill:2 load:3",
     "object": "encoding:3 freq:3 help:2 idletime:3 refcount:3",
     "memory": "doctor:2 help:2 malloc-stats:2 purge:2 stats:2 usage:-3",
     "xinfo": "consumers:4 groups:3 help:2 stream:-3",
@@ -153,9 +219,18 @@ SUBCOMMAND_ARITY = {
 }
 
 
+def fits(count: int, arity: int) -> bool:
+    """Whether ``count`` arguments (the name included) fit Redis's ``arity`` (n: exactly n; -n: at least n)."""
+    return count == arity if arity > 0 else count >= -arity
+
+
 def arities(text: str) -> Dict[bytes, int]:
     pairs = (word.split(":") for word in text.split())
     return {name.encode(): int(arity) for name, arity in pairs}
+
+
+# For the key rules of the commands the generated table lacks.
+_HAND_ARITY = arities(ARITY)
 
 
 def words(text: str) -> List[bytes]:

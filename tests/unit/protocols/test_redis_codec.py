@@ -7,8 +7,7 @@ from typing import List, Optional
 import pytest
 
 from twinproxy.config import load_text
-from twinproxy.protocols import redis as redis_codec
-from twinproxy.protocols import redis_specs, resp
+from twinproxy.protocols import redis_keys, redis_specs, resp
 from twinproxy.protocols.redis import RedisCodec
 from twinproxy.request import FORWARD, FRAGMENT, LOCAL, Request
 
@@ -26,6 +25,14 @@ class Router:
     """Keys starting with 'a' live on server A, the rest on B."""
 
     live_servers = ("A", "B")
+    all_servers = ("A", "B")
+
+    def __init__(self) -> None:
+        from twinproxy.stats import PoolCounters
+
+        self.counters = PoolCounters()
+        self.codec_state: dict = {}
+        (self.config,) = load_text("p:\n  listen: 127.0.0.1:1\n  redis: true\n  servers:\n   - 10.0.0.1:1:1\n")
 
     def server_for_key(self, key: bytes) -> str:
         return "A" if key.startswith(b"a") else "B"
@@ -68,10 +75,12 @@ def test_local_replies(args, reply) -> None:
 
 
 @pytest.mark.parametrize("args, text", [
-    ([b"KEYS", b"*"], b"-ERR command 'KEYS' is not supported by twinproxy"),
-    ([b"MULTI"], b"-ERR command 'MULTI' is not supported"),
-    ([b"CONFIG", b"GET", b"x"], b"-ERR command 'CONFIG' is not supported"),
-    ([b"NOSUCH"], b"-ERR unknown or unsupported command 'NOSUCH'"),
+    ([b"SWAPDB", b"0", b"1"], b"-ERR command 'SWAPDB' is not supported by twinproxy"),
+    ([b"WAIT", b"1", b"0"], b"-ERR command 'WAIT' is not supported"),
+    ([b"CONFIG", b"SET", b"x", b"1"], b"-ERR CONFIG SET is not supported by twinproxy"),
+    ([b"config", b"resetstat"], b"-ERR CONFIG RESETSTAT is not supported by twinproxy"),
+    ([b"SCRIPT", b"DEBUG", b"yes"], b"-ERR SCRIPT DEBUG is not supported by twinproxy"),
+    ([b"NOSUCH"], b"-ERR unknown command 'NOSUCH', with args beginning with: \r\n"),
     ([b"GET"], b"-ERR wrong number of arguments for 'get' command"),
     ([b"SELECT", b"1"], b"-ERR SELECT is not allowed"),
     ([b"MSET", b"a", b"1", b"b"], b"-ERR wrong number of arguments for 'mset' command"),
@@ -120,11 +129,13 @@ def test_auth_gate() -> None:
     ([b"object", b"x\r\ny"], b"-ERR unknown subcommand 'x  y'. Try OBJECT HELP.\r\n"),
     ([b"OBJECT", b"ENCODING"], b"-ERR wrong number of arguments for 'object|encoding' command\r\n"),
     ([b"COMMAND"], b"-NOAUTH Authentication required.\r\n"),
-    ([b"CONFIG", b"NOSUCH"], b"-NOAUTH Authentication required.\r\n"),  # no subcommand list for refused ones
+    ([b"CONFIG", b"NOSUCH"], b"-ERR unknown subcommand 'NOSUCH'. Try CONFIG HELP.\r\n"),
+    ([b"SCRIPT", b"LOAD"], b"-ERR wrong number of arguments for 'script|load' command\r\n"),
+    ([b"ACL", b"NOSUCH"], b"-NOAUTH Authentication required.\r\n"),  # no subcommand list for refused ones
     ([b"AUTH"], b"-ERR wrong number of arguments for 'auth' command\r\n"),
     ([b"AUTH", b"a", b"b", b"c"], b"-ERR syntax error\r\n"),
     ([b"QUIT", b"now"], b"+OK\r\n"),
-    ([b"NOSUCH", b"x"], b"-ERR unknown or unsupported command 'NOSUCH'\r\n"),
+    ([b"NOSUCH", b"x"], b"-ERR unknown command 'NOSUCH', with args beginning with: 'x' \r\n"),
 ])
 def test_before_auth_as_redis_orders_its_checks(args, reply) -> None:
     request = prepared(args, Session(authenticated=False), codec("  redis_auth: pw\n"))
@@ -155,7 +166,7 @@ def test_auth_without_password_configured() -> None:
     (b"9223372036854775808", None),
 ])
 def test_integers_read_as_redis_reads_them(text, value) -> None:
-    assert redis_codec._long_long(text) == value
+    assert redis_keys.long_long(text) == value
 
 
 def test_hello_version_as_redis_parses_it() -> None:
