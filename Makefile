@@ -46,7 +46,7 @@ pypy-venv: .venv-pypy/.installed
 .venv-pypy/.installed: pyproject.toml setup.cfg twinproxy/_speedups.c
 	@PYTHON=$(PYTHON) scripts/ensure-system-deps.sh --bench
 	test -x .venv-pypy/bin/python || pypy3 -m venv .venv-pypy
-	.venv-pypy/bin/pip install -q --config-settings editable_mode=compat -e '.[test]'
+	.venv-pypy/bin/pip install -q --config-settings editable_mode=compat -e '.[test,compat]'
 	.venv-pypy/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 	touch $@
 
@@ -61,7 +61,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml setup.cfg twinproxy/_speedups.c
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip || true
-	$(VENV)/bin/pip install -q --config-settings editable_mode=compat -e '.[test]'
+	$(VENV)/bin/pip install -q --config-settings editable_mode=compat -e '.[test,compat]'
 	$(VENV)/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 	touch $@
 

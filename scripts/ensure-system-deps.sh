@@ -2,7 +2,8 @@
 # Make sure the system programs twinproxy's demo and tests need are present:
 # a Python with venv, redis-server/redis-sentinel/redis-cli/redis-benchmark, memcached,
 # ZooKeeper and etcd (cluster mode's coordinators), libmemcached's tools and
-# chromium with its chromedriver (the web dashboard's browser tests).  Installs them with apt-get when running as root on
+# chromium with its chromedriver (the web dashboard's browser tests), nodejs and npm (the compat
+# group's Node clients).  Installs them with apt-get when running as root on
 # Debian; otherwise says exactly what to install and fails.  A C compiler and
 # the Python headers (for twinproxy's optional C scanners) are installed too
 # when root; without them the install goes on in pure Python, with a warning.
@@ -34,6 +35,9 @@ command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 [ -d /usr/share/fonts/truetype/liberation ] || missing+=(fonts-liberation)
+# The compat group's Node clients (tests/compat/node/: ioredis, BullMQ, installed from npm by the tests).
+command -v node >/dev/null 2>&1 || command -v nodejs >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
     missing+=(python3 python3-venv)
 elif ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then

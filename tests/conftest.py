@@ -213,20 +213,28 @@ def twistd(tmp_path: Path):
     processes = []
 
     def start(config_path: Path, *extra: str) -> Process:
-        twistd_bin = os.path.join(os.path.dirname(sys.executable), "twistd")
-        if "-s" not in extra and "--stats-port" not in extra:
-            extra = (*extra, "--stats-port", "0")  # never the fixed default 22222 in tests
-        if "--bound-addresses" in extra:
-            bound_path = Path(extra[extra.index("--bound-addresses") + 1])
-        else:
-            bound_path = tmp_path / f"twistd{len(processes)}.bound.json"
-            extra = (*extra, "--bound-addresses", str(bound_path))
-        return spawn_proxy([twistd_bin, "--nodaemon", "--pidfile=", "twinproxy", "--config", str(config_path),
-                            *extra], tmp_path / f"twistd{len(processes)}.log", processes, bound_path)
+        return spawn_twistd(config_path, tmp_path / f"twistd{len(processes)}", processes, *extra)
 
     yield start
     for process in processes:
         process.stop()
+
+
+def spawn_twistd(config_path: Path, stem: Path, processes: List[Process], *extra: str) -> Process:
+    """Start ``twistd -n twinproxy --config config_path`` from this checkout, its log at ``stem``.log.
+
+    It gets ``--stats-port 0`` and ``--bound-addresses stem.bound.json`` unless ``extra`` names its own.
+    """
+    twistd_bin = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if "-s" not in extra and "--stats-port" not in extra:
+        extra = (*extra, "--stats-port", "0")  # never the fixed default 22222 in tests
+    if "--bound-addresses" in extra:
+        bound_path = Path(extra[extra.index("--bound-addresses") + 1])
+    else:
+        bound_path = stem.with_name(stem.name + ".bound.json")
+        extra = (*extra, "--bound-addresses", str(bound_path))
+    return spawn_proxy([twistd_bin, "--nodaemon", "--pidfile=", "twinproxy", "--config", str(config_path), *extra],
+                       stem.with_name(stem.name + ".log"), processes, bound_path)
 
 
 __all__ = ["free_port", "key_on", "pool_yaml", "in_reactor", "wait_until"]

@@ -23,7 +23,12 @@ def client(service, **kwargs) -> redis.Redis:
 
 def raw(service, data: bytes, expect: int = 1, timeout: float = 5) -> bytes:
     """Send ``data`` on a fresh socket; read until ``expect`` CRLF-ended lines or the peer closes."""
-    with socket.create_connection((LOOPBACK, service.port_number), timeout=timeout) as sock:
+    return raw_to(LOOPBACK, service.port_number, data, expect, timeout)
+
+
+def raw_to(host: str, port: int, data: bytes, expect: int = 1, timeout: float = 5) -> bytes:
+    """``raw`` to any address (a backend directly, to compare with Redis's own answer)."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.sendall(data)
         got = b""
         while got.count(b"\r\n") < expect:

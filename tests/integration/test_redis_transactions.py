@@ -6,7 +6,7 @@ import pytest
 import redis
 
 from tests.conftest import key_on, pool_yaml
-from tests.integration.test_redis_proxy import client, raw
+from tests.integration.test_redis_proxy import client, raw, raw_to
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -149,18 +149,8 @@ def test_cluster_style_one_slot_rule(redis_servers, proxy) -> None:
 
 
 def raw_direct(backend, data: bytes, expect: int) -> bytes:
-    import socket
-
     host, port = backend.address.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=5) as sock:
-        sock.sendall(data)
-        got = b""
-        while got.count(b"\r\n") < expect:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-        return got
+    return raw_to(host, int(port), data, expect)
 
 
 @pytest.fixture
