@@ -37,7 +37,8 @@ POOL_KEYS = (
 # twinproxy's own keys; nutcracker's files never need them.
 EXTENSION_KEYS = ("client_max_pending", "client_max_pending_bytes", "max_request_bytes", "shutdown_timeout",
                   "client_output_soft_limit", "client_output_hard_limit", "redis_cross_server_transactions",
-                  "server_leased_connections", "redis_deny_flush", "databases")
+                  "server_leased_connections", "redis_deny_flush", "databases",
+                  "server_subscriber_connections")
 # Sentinel mode (twinproxy's too): the pool follows the masters Sentinel names.
 SENTINEL_KEYS = ("sentinels", "sentinel_auth", "read_policy", "max_replica_lag", "failover_hold")
 # Cluster mode (twinproxy's too): the servers and slots come from a coordinator
@@ -150,6 +151,9 @@ class PoolConfig:
     # (counting replies that arrived only) it is closed.  0: no limit.
     client_output_soft_limit: int = 8 * 1024 * 1024
     client_output_hard_limit: int = 32 * 1024 * 1024
+    # Pub/sub: subscriber connections (one per client and server it subscribes on)
+    # the proxy opens to each server at most.  0: no limit.
+    server_subscriber_connections: int = 1024
     # A transaction whose keys are on several servers (slots) is run as one
     # MULTI/EXEC per server instead of refused: each is atomic, the whole is not.
     redis_cross_server_transactions: bool = False
@@ -333,6 +337,8 @@ def _parse_pool(path: str, name: str, body: Any) -> PoolConfig:
         raise fail("listen", None, "is required")
     if "redis_deny_flush" in values and not values.get("redis", False):
         raise fail("redis_deny_flush", None, "needs 'redis: true' (it denies Redis's FLUSHDB and FLUSHALL)")
+    if "server_subscriber_connections" in values and not values.get("redis", False):
+        raise fail("server_subscriber_connections", None, "needs 'redis: true' (it caps Redis pub/sub connections)")
     if "cluster" in values or "coordinator" in values:
         return _cluster_pool(name, body, values, fail)
     if "slot_hold" in values:
@@ -578,6 +584,7 @@ _CONVERTERS = {
     "server_leased_connections": _positive,
     "redis_deny_flush": _boolean,
     "databases": _positive,
+    "server_subscriber_connections": _number,
     "sentinel_auth": _text,
     "read_policy": _read_policy,
     "max_replica_lag": _number,

@@ -10,10 +10,11 @@ and a server is something with ``send(request)``.
 
 ::
 
-    dataReceived --> parser.next() --> codec.prepare(request, session)
+    dataReceived --> parser.next() --> session.prepare(request, session)  (the codec's, per mode)
          LOCAL    : reply already set by the codec
          FORWARD  : pool.server_for_key(key).send(request)
          FRAGMENT : codec.fragment(request, pool) -> [(server, fragment)], each sent
+         SESSION  : the client's subscriptions (twinproxy.subscriber) answer it
 
     in order: [oldest, ..., newest]   (one entry per request the client wants answered)
     request_done(request) --> while in order[0].reply is set: queue it, pop it
@@ -40,7 +41,7 @@ from twinproxy.output import ClientOutput, peer_text
 from twinproxy.pinning import Pin, PinnedRouter
 from twinproxy.protocols import Codec, ProtocolError
 from twinproxy.replybudget import ReplyBudget
-from twinproxy.request import FORWARD, FRAGMENT, Request
+from twinproxy.request import FORWARD, FRAGMENT, SESSION, Request
 from twinproxy.session import ClientSession
 from twinproxy.sockets import direct_socket
 from twinproxy.stats import CommandCounters
@@ -116,6 +117,10 @@ class FrontendProtocol(ClientSession, Protocol):
         # Where requests go: the pool, or while a WATCH pins a server, the pool with that server's pin.
         self._router: Any = factory.pool
         self.watch_pin: Optional[Pin] = None
+        # What restricts the requests the codec accepts (pub/sub's SUBSCRIBED), or None.
+        self.mode: Optional[str] = None
+        # The client's pub/sub subscriptions (twinproxy.subscriber), made at its first SUBSCRIBE.
+        self.pubsub: Any = None
 
     def connectionMade(self) -> None:
         transport = self.transport
@@ -295,6 +300,8 @@ class FrontendProtocol(ClientSession, Protocol):
             pin.server.link.discard(pin.connection)
         if self._output is not None:
             self._output.discard()
+        if self.pubsub is not None:
+            self.pubsub.close()
         if self._linger_call is not None:
             if self._linger_call.active():
                 self._linger_call.cancel()
@@ -347,6 +354,8 @@ class FrontendProtocol(ClientSession, Protocol):
             self._router.route(request.key).send(request)
         elif kind == FRAGMENT:
             self._send_fragments(request)
+        elif kind == SESSION:
+            self._session_request(request)
         else:
             if request.close_after:
                 self._closing = True
@@ -369,6 +378,37 @@ class FrontendProtocol(ClientSession, Protocol):
             fragment.parent = request
             fragment.profile = request.profile   # no ``counted``: the backend times the parent once
             server.send(fragment)
+
+    def _session_request(self, request: Request) -> None:
+        """SUBSCRIBE and its kin: the client's subscriptions answer (made at the first)."""
+        if self.pubsub is None:   # only a Redis pool's codec gives SESSION, and it has a hub
+            self.pubsub = self.factory.subscribers.session(self)
+        self.pubsub.handle(request)
+
+    def set_mode(self, mode: Optional[str]) -> None:
+        """Pub/sub's SUBSCRIBED, or None: the codec then says how requests are prepared (RESP2's rules)."""
+        self.mode = mode
+        self._codec.mode_changed(self)
+
+    def push(self, frame: bytes) -> None:
+        """Write a message from a subscriber connection, as a whole frame, after every reply due before it."""
+        if self.closed or self._closing:   # nothing after QUIT's +OK, as Redis
+            return
+        entry = _Pushed(frame)
+        in_order = self._in_order
+        in_order.append(entry)
+        if in_order[0] is entry:
+            self._flush()
+
+    def close_when_answered(self) -> None:
+        """Read no more; close once every request read so far is answered (a subscriber connection failed)."""
+        if self.closed or self._closing:
+            return
+        entry = _Pushed(b"")
+        entry.close_after = True
+        self._closing = True
+        self._in_order.append(entry)
+        self._flush()
 
     def request_done(self, request: Request) -> None:
         """A backend (or the proxy) answered ``request``; write what is now in order."""
@@ -543,6 +583,18 @@ class FrontendProtocol(ClientSession, Protocol):
         self._flush()
 
 
+class _Pushed:
+    """A message (or a closing error) in the client's order: written as soon as it reaches the head."""
+
+    __slots__ = ("reply", "raw", "counted", "close_after")
+
+    def __init__(self, frame: bytes) -> None:
+        self.reply = frame
+        self.raw = b""
+        self.counted = None
+        self.close_after = False
+
+
 class _Refused(Protocol):
     """Says why and hangs up: the pool is at ``client_connections``."""
 
@@ -570,6 +622,8 @@ class ProxyFactory(Factory):
         self.codec = codec
         self.client_limit = client_limit
         self.requires_auth = requires_auth
+        # The pool's twinproxy.subscriber.SubscriberHub (Redis pools), set by the runtime.
+        self.subscribers: Any = None
         self.clients: set = set()
         self._empty_waiters: list = []
         self._next_id = 0

@@ -79,6 +79,9 @@ class ServerLink:
         self.on_lost: Any = None
         # The Sentinel shard this link is the master link of, for the stats.
         self.shard: Any = None
+        # Told ``(link)`` after ``target`` changed (retarget, cut_over): the pool's
+        # subscriber connections, which live outside the slots, follow the server.
+        self.moved_listeners: List[Any] = []
         self._configure(codec, config)
         server.send = self.send
         server.link = self
@@ -286,6 +289,7 @@ class ServerLink:
         """
         self.target = target if target is not None else self.server.spec
         self._retire(barrier=False)
+        self._moved()
 
     def cut_over(self, target: Any, text: str) -> int:
         """Drop every connection now, failing what is in flight with ``text``; then go to ``target``.
@@ -306,7 +310,16 @@ class ServerLink:
             failed += connection.pending
             connection.closed_by_proxy = True
             connection.abort(text, count_failure=False)
+        self._moved()
         return failed
+
+    def _moved(self) -> None:
+        for listener in list(self.moved_listeners):
+            try:
+                listener(self)
+            except Exception:  # noqa: BLE001 - a listener's bug must not stop a switch
+                self._log.failure("pool {pool}: server {server}: a move listener failed",
+                                  pool=self.pool.name, server=self.server.name)
 
     def reconfigure(self, codec: Codec, config: PoolConfig, handshake_changed: bool) -> None:
         """New settings: connections opened from now on use them.

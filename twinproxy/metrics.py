@@ -19,7 +19,15 @@ from prometheus_client.core import (
     Metric,
 )
 
-from twinproxy.stats import LATENCY_BUCKETS, REDIS_POOL_FIELDS, Histogram, cluster_fields, merged_latency
+from twinproxy.stats import (
+    LATENCY_BUCKETS,
+    PUBSUB_FIELDS,
+    REDIS_POOL_FIELDS,
+    Histogram,
+    cluster_fields,
+    merged_latency,
+    pubsub_values,
+)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -174,6 +182,21 @@ class ProxyCollector:
         yield server_latency
         yield from _sentinel_metrics(services)
         yield from _cluster_metrics(services)
+        yield from _pubsub_metrics(services)
+
+
+def _pubsub_metrics(services: Sequence[Any]) -> Iterator[Metric]:
+    """Per Redis pool: PUBSUB_FIELDS as twinproxy_pool_<field>."""
+    kinds = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily}
+    families = {name: kinds[kind](f"twinproxy_pool_{name}", text[:1].upper() + text[1:], labels=["pool"])
+                for name, kind, text, _ in PUBSUB_FIELDS}
+    found = False
+    for service in services:
+        for name, value in pubsub_values(service).items():
+            found = True
+            families[name].add_metric([service.name], value)
+    if found:
+        yield from families.values()
 
 
 def _cluster_metrics(services: Sequence[Any]) -> Iterator[Metric]:

@@ -20,6 +20,7 @@ from typing import Any, List, Optional
 LOCAL = 0      # the codec answered it itself; ``reply`` is set
 FORWARD = 1    # send unchanged to the server owning ``key``
 FRAGMENT = 2   # ask the codec to split it (or check its keys) against the pool
+SESSION = 3    # the client's session answers it (pub/sub: SUBSCRIBE and its kin)
 
 # A request's connection profile: which of a server's connection sets may carry
 # it.  The low bits are the protocol dialect (RESP 2 or 3; 0 for memcached),

@@ -40,6 +40,7 @@ from twinproxy.pool import Server, ServerPool
 from twinproxy.protocols import codec_for
 from twinproxy.request import Request
 from twinproxy.sentinel.shards import SentinelShards
+from twinproxy.subscriber import SubscriberHub
 from twinproxy.topology import PoolDiff
 
 
@@ -59,6 +60,10 @@ class PoolRuntime:
         # "turns": one write per reactor turn; None (unit tests): write at once.
         self.outbox = Outbox(reactor) if outbox == "turns" else outbox
         self._links: Dict[str, ServerLink] = {}
+        # Redis pools: each client's pub/sub subscriber connections, following the topology.
+        self.subscribers = SubscriberHub(self, reactor, self.outbox) if config.redis else None
+        if self.subscribers is not None:
+            self.pool.health_listeners.append(self.subscribers.health_changed)
         # Sentinel mode: each server is a shard whose master the sentinels place.
         self.sentinel = (SentinelShards(config, self.pool, reactor, self.outbox)
                          if config.sentinel_mode else None)
@@ -66,6 +71,7 @@ class PoolRuntime:
             self._add_link(server)
         self.factory = ProxyFactory(self.pool, self.codec, config.client_connections,
                                     requires_auth=_requires_auth(config), outbox=self.outbox, clock=reactor)
+        self.factory.subscribers = self.subscribers
         # Links of removed servers, still draining.
         self._retiring: Dict[ServerLink, defer.Deferred] = {}
         # Cluster mode: fires once what was in flight on newly held slots is answered.
@@ -87,10 +93,11 @@ class PoolRuntime:
     def _add_link(self, server: Server) -> ServerLink:
         if self.sentinel is not None:
             link = self.sentinel.add(server, self.codec, self.config)
-            self._links[server.name] = link
-            return link
-        link = ServerLink(server, self.pool, self.codec, self.config, self._reactor)
-        link.outbox = self.outbox
+        else:
+            link = ServerLink(server, self.pool, self.codec, self.config, self._reactor)
+            link.outbox = self.outbox
+        if self.subscribers is not None:
+            link.moved_listeners.append(self.subscribers.link_moved)
         self._links[server.name] = link
         return link
 
@@ -151,6 +158,8 @@ class PoolRuntime:
         if self.pool.slots is not None:
             # Last: a released slot's requests must go to its owner's new address (a promote).
             self.pool.slots.release_held()
+        if self.subscribers is not None:
+            self.subscribers.recheck_soon()   # subscriptions follow their channels to their new servers
         return diff.describe()
 
     def _settle_held(self, old: Any, new: Any) -> None:
@@ -238,6 +247,8 @@ class PoolRuntime:
     def stop(self) -> defer.Deferred:
         """Close every backend connection (the clients are gone): fires when all are closed."""
         self.pool.stop()
+        if self.subscribers is not None:
+            self.subscribers.stop()
         if self.sentinel is not None:
             closing = [self.sentinel.stop()]
             closing += [link.stop() for link in self._retiring]

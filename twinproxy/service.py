@@ -63,6 +63,11 @@ class PoolService(Service):
         return self.runtime.factory
 
     @property
+    def subscribers(self) -> Any:
+        """The pool's pub/sub SubscriberHub (None for memcached)."""
+        return self.runtime.subscribers
+
+    @property
     def links(self) -> List[ServerLink]:
         """The links of the servers in the pool now (a removed server's is gone)."""
         return self.runtime.links

@@ -40,6 +40,7 @@ from __future__ import annotations
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from twinproxy.protocols import REPLY_OFF, REPLY_ON, REPLY_SKIP
+from twinproxy.protocols.redis_pubsub import CHANNEL, PATTERN, SHARD
 from twinproxy.request import Request, profile_of
 from twinproxy.sockets import receive_idle_ms
 
@@ -53,9 +54,20 @@ class ClientSession:
     :meth:`_start_session` runs in its ``__init__``.
     """
 
-    subscriptions = 0
-    pattern_subscriptions = 0
-    shard_subscriptions = 0
+    pubsub: Any = None      # the client's subscriptions (twinproxy.subscriber), once it subscribed
+
+    # What CLIENT LIST shows as sub, psub and ssub.
+    @property
+    def subscriptions(self) -> int:
+        return len(self.pubsub.names[CHANNEL]) if self.pubsub is not None else 0
+
+    @property
+    def pattern_subscriptions(self) -> int:
+        return len(self.pubsub.names[PATTERN]) if self.pubsub is not None else 0
+
+    @property
+    def shard_subscriptions(self) -> int:
+        return len(self.pubsub.names[SHARD]) if self.pubsub is not None else 0
 
     def _start_session(self, factory: Any, client_id: int, dialect: int) -> None:
         self.client_id = client_id

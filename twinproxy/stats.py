@@ -142,6 +142,19 @@ POOL_FIELDS = (
     # twinproxy's own, after nutcracker's
     ("client_output_limit_closed", "clients closed because their unread replies passed client_output_hard_limit"),
 )
+# A Redis pool's pub/sub, per pool after the fields above: (field, Prometheus type, what it
+# counts, the SubscriberHub attribute it reads).  The stats document, ``-D`` and /metrics
+# (twinproxy_pool_<field>) are all made from this table.
+PUBSUB_FIELDS = (
+    ("subscribers", "gauge", "clients subscribed to a channel, pattern or shard channel now", "subscribers"),
+    ("subscriber_connections", "gauge", "subscriber connections to servers open now (one per client and server "
+     "it subscribes on)", "connection_count"),
+    ("messages_relayed", "counter", "pub/sub messages relayed to subscribed clients", "messages"),
+    ("subscriptions_refused", "counter", "subscriptions refused: a server's server_subscriber_connections was reached",
+     "refused"),
+    ("subscribers_closed", "counter", "subscribed clients closed because a subscriber connection failed (the "
+     "server went away, no ack within timeout)", "lost"),
+)
 SERVER_FIELDS = (
     ("server_eof", "connections the server closed"),
     ("server_err", "connections that failed: refused, reset, or a reply that is not the protocol"),
@@ -178,6 +191,7 @@ def describe() -> str:
     lines += [f"  {name:<20}\"{text}\"" for name, text in POOL_FIELDS]
     lines += ["", "pool stats in a Redis pool, besides those:"]
     lines += [f"  {name:<20}\"{text}\"" for name, text in REDIS_POOL_FIELDS]
+    lines += [f"  {name:<20}\"{text}\"" for name, _, text, _ in PUBSUB_FIELDS]
     lines += ["", "server stats:"]
     lines += [f"  {name:<20}\"{text}\"" for name, text in SERVER_FIELDS]
     lines += ["", "server stats in a Sentinel pool, besides those:"]
@@ -222,6 +236,7 @@ def pool_document(service: Any) -> Dict[str, Any]:
     if service.config.redis:
         for name, _ in REDIS_POOL_FIELDS:
             document[name] = getattr(counters, name)
+    document.update(pubsub_values(service))
     table = service.config.slots if service.config.cluster_mode else None
     if service.config.cluster_mode:
         document.update(cluster_fields(service.config))
@@ -231,6 +246,14 @@ def pool_document(service: Any) -> Dict[str, Any]:
             server["slots"] = sum(1 for owner in table.owners if owner == link.server.name)
         document[link.server.spec.stats_name] = server
     return document
+
+
+def pubsub_values(service: Any) -> Dict[str, int]:
+    """A Redis pool's PUBSUB_FIELDS, by field name; empty for a memcached pool."""
+    hub = getattr(service, "subscribers", None)
+    if hub is None:
+        return {}
+    return {name: getattr(hub, attribute) for name, _, _, attribute in PUBSUB_FIELDS}
 
 
 def cluster_fields(config: Any) -> Dict[str, Any]:
@@ -251,8 +274,10 @@ def connection_counts(services: Sequence[Any]) -> Tuple[int, int]:
         listening = 1 if service.port is not None else 0
         clients = len(service.factory.clients)
         servers = sum(link.connection_count for link in service.links)
-        current += listening + clients + servers
-        total += 1 + service.pool.counters.clients_accepted + sum(
+        hub = getattr(service, "subscribers", None)
+        subscribers, subscribers_made = (hub.connection_count, hub.opened) if hub is not None else (0, 0)
+        current += listening + clients + servers + subscribers
+        total += 1 + service.pool.counters.clients_accepted + subscribers_made + sum(
             link.server.counters.connections_made for link in service.links)
     return total, current
 

@@ -175,6 +175,17 @@ def test_shipped_example_is_valid() -> None:
     assert {p.protocol for p in pools} == {"redis", "memcache"}
 
 
+def test_server_subscriber_connections_is_a_redis_pools_cap() -> None:
+    (config,) = load_text(pool("  redis: true\n"))
+    assert config.server_subscriber_connections == 1024
+    (config,) = load_text(pool("  redis: true\n  server_subscriber_connections: 0\n"))
+    assert config.server_subscriber_connections == 0   # no limit
+    err = refused(pool("  redis: true\n  server_subscriber_connections: many\n"))
+    assert (err.key, err.value) == ("server_subscriber_connections", "many") and "not a number" in str(err)
+    err = refused(pool("  server_subscriber_connections: 10\n"))
+    assert err.key == "server_subscriber_connections" and "needs 'redis: true'" in str(err)
+
+
 def test_redis_deny_flush() -> None:
     (config,) = load_text(pool("  redis: true\n"))
     assert config.redis_deny_flush is False

@@ -56,6 +56,8 @@ class Session(Protocol):
     # The codec's ``prepare`` for this session's mode (a codec swaps it: MULTI queues).
     prepare: Callable[["Request", "Session"], None]
     transaction: Any     # a codec's state between MULTI and EXEC; None outside
+    # pub/sub's SUBSCRIBED while the client holds a subscription, else None.
+    mode: Optional[str]
     watch_pin: Any       # the connection a WATCH pinned (frontend.pin), or None
     last_command: str               # the name of the command it sent last (CLIENT LIST's cmd)
     # Set by the families that give a client such state (CLIENT LIST shows them).

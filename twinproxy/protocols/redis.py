@@ -32,7 +32,16 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from twinproxy import __version__
 from twinproxy.config import PoolConfig
-from twinproxy.protocols import ProtocolError, Router, Session, group_by_server, redis_fanout, redis_scripts, resp
+from twinproxy.protocols import (
+    ProtocolError,
+    Router,
+    Session,
+    group_by_server,
+    redis_fanout,
+    redis_pubsub,
+    redis_scripts,
+    resp,
+)
 from twinproxy.protocols.redis_connection import BAD_NAME as _BAD_NAME
 from twinproxy.protocols.redis_connection import RESET_REPLY, ConnectionCommands
 from twinproxy.protocols.redis_connection import valid_client_name as _valid_client_name
@@ -45,6 +54,7 @@ from twinproxy.protocols.redis_keys import (
     wrong_arity,
     xread_blocks,
 )
+from twinproxy.protocols.redis_pubsub import SUBSCRIBED, SUBSCRIBED_ALLOWED
 from twinproxy.protocols.redis_specs import (
     ALL_KEYS,
     ARITY,
@@ -200,7 +210,9 @@ class RedisCodec:
             table[name.encode()].handler = redis_scripts.routed
         add(BLOCKING, REJECTED, reason=BLOCKING_REASON)
         add("watch unwatch", WATCHING)
-        add(PUBSUB, REJECTED, reason="pub/sub is not proxied")
+        # Pub/sub: SUBSCRIBE and its kin for the client's session, PUBLISH by channel, PUBSUB fanned out.
+        add(PUBSUB, LOCAL_COMMAND, handler=self._pubsub)
+        add("pubsub", FANOUT, first=0, handler=self._plan_pubsub)
         add(WHOLE_KEYSPACE, REJECTED, reason="it needs the whole keyspace, which is spread over many servers")
         add("swapdb", REJECTED, reason="each server would swap its databases on its own: it cannot be atomic "
                                        "across the pool's servers")
@@ -277,6 +289,33 @@ class RedisCodec:
             self._prepare_subcommand(request, spec)
         else:
             request.kind = FRAGMENT   # the key specs are read when it is routed
+
+    def prepare_subscribed(self, request: Request, session: Session) -> None:
+        """``prepare`` for a RESP2 client in subscribed mode: Redis's own checks, then its rule, then as usual.
+
+        Swapped in by :meth:`mode_changed`, so clients that subscribe to
+        nothing pay nothing for the rule.
+        """
+        args = request.args
+        name = args[0].lower()
+        if name not in SUBSCRIBED_ALLOWED:
+            spec = self.commands.get(name)
+            if spec is not None:   # an unknown command gets Redis's unknown-command error, as in Redis
+                request.name = spec.label
+                self._answer(request, arity_error(args, name, spec) or redis_pubsub.subscribed_refusal(args))
+                return
+        self.prepare(request, session)
+
+    def mode_changed(self, session: Session) -> None:
+        """The session subscribed, unsubscribed from its last, or changed RESP version: choose its ``prepare``.
+
+        Inside MULTI the transaction's ``prepare`` stays (it refuses pub/sub
+        commands and HELLO, so the mode cannot change there).
+        """
+        if session.transaction is not None:
+            return
+        restricted = session.mode is SUBSCRIBED and session.dialect == 2
+        session.prepare = self.prepare_subscribed if restricted else self.prepare
 
     def _prepare_subcommand(self, request: Request, container: CommandSpec) -> None:
         """A container's subcommand (OBJECT ENCODING k): classified by the subcommand's own spec."""
@@ -506,11 +545,29 @@ class RedisCodec:
 
     def _ping(self, request: Request, session: Session) -> bytes:
         args = request.args
+        if session.mode is SUBSCRIBED and session.dialect == 2 and len(args) <= 2:
+            return redis_pubsub.subscribed_pong(args)
         if len(args) == 1:
             return b"+PONG\r\n"
         if len(args) == 2:
             return resp.bulk(args[1])
         return _wrong_arity(b"ping")
+
+    def _pubsub(self, request: Request, session: Session) -> Optional[bytes]:
+        """SUBSCRIBE and its kin, PUBLISH, SPUBLISH: Redis's argument checks, then classified."""
+        args = request.args
+        name = args[0].lower()
+        refusal = arity_error(args, name, self.commands[name])
+        if refusal is not None:
+            return refusal
+        return redis_pubsub.classify(request, name)
+
+    def _plan_pubsub(self, request: Request, router: Router) -> List[Tuple[Any, Request]]:
+        """PUBSUB CHANNELS/NUMSUB/NUMPAT/SHARD*/HELP: Redis's argument checks, then fanned out."""
+        refusal = arity_error(request.args, b"pubsub", request.command)
+        if refusal is not None:
+            return redis_fanout.answer(request, refusal)
+        return redis_pubsub.plan(request, router)
 
     def _echo(self, request: Request, session: Session) -> bytes:
         if len(request.args) != 2:
@@ -591,7 +648,10 @@ class RedisCodec:
             # The WATCH's leased connection speaks the protocol it was made with.
             return resp.error("ERR HELLO switching the protocol while a WATCH is active is not supported by "
                               "twinproxy: EXEC, DISCARD or UNWATCH first")
+        changed = dialect != session.dialect
         session.use(dialect, session.db)   # HELLO keeps the database, as in Redis
+        if changed and session.mode is not None:   # subscribed: the RESP2 rules start or stop with the version
+            self.mode_changed(session)
         if name is not None:
             session.client_name = name or None
         fields = [

@@ -209,6 +209,7 @@ zrevrank:-3 zscan:-3 zscore:3 zunion:-3 zunionstore:-4
 SUBCOMMAND_ARITY = {
     "client": "caching:3 getname:2 getredir:2 help:2 id:2 info:2 kill:-3 list:-2 no-evict:3 no-touch:3 pause:-3 "
               "reply:3 setinfo:4 setname:3 tracking:-3 trackinginfo:2 unblock:-3 unpause:2",
+    "pubsub": "channels:-2 help:2 numpat:2 numsub:-2 shardchannels:-2 shardnumsub:-2",
     "command": "count:2 docs:-2 getkeys:-4 getkeysandflags:-4 help:2 info:-2 list:-2",
     "config": "get:-3 help:2 resetstat:2 rewrite:2 set:-4",
     "function": "delete:3 dump:2 flush:-2 help:2 kill:2 list:-2 load:-3 restore:-3 stats:2",

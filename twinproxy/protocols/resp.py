@@ -366,13 +366,15 @@ def _scan(buf: bytes | bytearray, pos: int, end: int, stack: Optional[List[int]]
 class RespReplyFramer:
     """Cuts a server stream into whole replies, as raw bytes.
 
-    Out-of-band push messages (``>``) are dropped: they answer no request,
-    and twinproxy serves no command (subscribe, tracking) that asks for them.
+    Out-of-band push messages (``>``) are dropped: on a request/reply
+    connection they answer no request.  With ``pushes`` they are framed like
+    any reply (a subscriber connection, whose messages are pushes in RESP3).
     A reply that arrives in pieces is scanned once: scanning resumes at the
     element where the bytes ran out.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pushes: bool = False) -> None:
+        self._pushes = pushes
         # bytes or bytearray, as in RespRequestParser: replies that come whole
         # are sliced out of the bytes they came in, with no copy to a buffer.
         self._buf: Any = b""
@@ -407,7 +409,7 @@ class RespReplyFramer:
                     return None
             self._pos = self._resume = stop
             self._stack = None
-            if buf[start] != _PUSH:
+            if buf[start] != _PUSH or self._pushes:
                 return buf[start:stop] if type(buf) is bytes else bytes(buf[start:stop])
 
 

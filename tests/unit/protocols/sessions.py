@@ -33,6 +33,7 @@ class FakeSession:
         self.prepare = None
         self.transaction = None
         self.watch_pin = None
+        self.mode = None
         self.watches_ended = 0
         self._address = address
         self._facts = facts

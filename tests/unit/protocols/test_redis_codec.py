@@ -70,7 +70,6 @@ def test_local_replies(args, reply) -> None:
 @pytest.mark.parametrize("args, text", [
     ([b"SWAPDB", b"0", b"1"], b"-ERR command 'SWAPDB' is not supported by twinproxy"),
     ([b"WAIT", b"1", b"0"], b"-ERR command 'WAIT' is not supported"),
-    ([b"SUBSCRIBE", b"c"], b"-ERR command 'SUBSCRIBE' is not supported"),
     ([b"CONFIG", b"SET", b"x", b"1"], b"-ERR CONFIG SET is not supported by twinproxy"),
     ([b"config", b"resetstat"], b"-ERR CONFIG RESETSTAT is not supported by twinproxy"),
     ([b"SCRIPT", b"DEBUG", b"yes"], b"-ERR SCRIPT DEBUG is not supported by twinproxy"),
