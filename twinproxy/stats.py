@@ -91,6 +91,10 @@ REDIS_POOL_FIELDS = (
     ("script_loads", "SCRIPT LOAD requests (each loaded on every live server)"),
     ("scripts_healed", "EVALSHA calls a server answered NOSCRIPT (its script cache was empty) and the proxy "
      "healed: it loaded the body it knew and sent the call again"),
+    ("transactions", "MULTI/EXEC transactions sent to servers (a cross-server one once, however many servers)"),
+    ("transactions_refused", "EXECs refused by the proxy at EXEC: keys on more than one server or slot, or not "
+     "on the server of the WATCHed keys (EXECABORT, nothing written)"),
+    ("watch_leases", "WATCHes that leased a connection of their own (one per WATCH that starts a pin)"),
 )
 
 

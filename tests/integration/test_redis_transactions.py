@@ -91,6 +91,7 @@ def test_a_transaction_across_servers_is_refused_and_writes_nothing(three) -> No
     text = str(caught.value)
     assert "EXECABORT" in text or "more than one server" in text
     assert [backend.client().dbsize() for backend in backends] == sizes
+    assert service.pool.counters.transactions_refused == 1
     got = raw(service, b"MULTI\r\nSET %s 1\r\nSET %s 2\r\nEXEC\r\n" % (a.encode(), b.encode()), expect=4)
     last = got.split(b"\r\n")[3]
     assert last.startswith(b"-EXECABORT Transaction discarded: its keys are on more than one server")
@@ -136,6 +137,7 @@ def test_many_transactions_use_no_extra_connections(three) -> None:
         assert pipe.execute() == [i + 1, str(i + 1).encode()]
     after = [len(b.client().client_list()) for b in backends]
     assert after == before
+    assert service.pool.counters.transactions == 300
 
 
 def test_cluster_style_one_slot_rule(redis_servers, proxy) -> None:

@@ -226,7 +226,9 @@ class Transactions:
                     "or has no live server; retry"))
                 return []
             pin = request.client.pin(target)
-            if pin is None:
+            if pin is not None:
+                router.counters.watch_leases += 1
+            else:
                 _answer(request, resp.error(
                     f"ERR no connection to lend for WATCH on server {target.name}: server_leased_connections "
                     "are all in use"))
@@ -240,12 +242,19 @@ class Transactions:
     def route(self, request: Request, router: Router) -> List[Tuple[Any, Request]]:
         """Where the transaction runs: [(server, request)], a split's parts, or [] after answering EXECABORT."""
         routes = self._route(request, router)
+        counters = router.counters
+        if routes:
+            counters.transactions += 1
+        elif request.reply is not None and request.reply.startswith(b"-EXECABORT"):
+            counters.transactions_refused += 1
         pin = getattr(router, "pinned", None)
         if pin is not None:
             # WATCHing: the transaction must run on the WATCH's connection, which it then unwatches.
             if not routes:
                 request.client.end_watch()
             elif len(routes) > 1 or routes[0][0] is not pin:
+                counters.transactions -= 1
+                counters.transactions_refused += 1
                 _answer(request, resp.error(
                     "EXECABORT Transaction discarded: its keys are not on the server of the WATCHed keys "
                     f"({pin.name}); use a {{tag}} to keep them together"))
