@@ -1,7 +1,7 @@
 """Client connections: parse, dispatch, and answer in the client's order.
 
 Owns: :class:`FrontendProtocol`, one per client, protocol-neutral (the
-pool's codec parses and classifies), and :class:`ProxyFactory`, which
+pool's codec parses and classifies); :class:`~twinproxy.factory.ProxyFactory`
 builds them, enforces ``client_connections`` and assigns client ids.  The
 :class:`~twinproxy.outbox.Outbox` turns a burst of replies into one write
 per client.
@@ -27,12 +27,11 @@ them in the order it sent the requests, whichever servers answered first.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -45,6 +44,9 @@ from twinproxy.request import FORWARD, FRAGMENT, SESSION, Request
 from twinproxy.session import ClientSession
 from twinproxy.sockets import direct_socket
 from twinproxy.stats import CommandCounters
+
+if TYPE_CHECKING:
+    from twinproxy.factory import ProxyFactory
 
 # After a protocol error the proxy goes on reading, and drops, what the
 # client is still sending, for this long and up to this many bytes: closing
@@ -593,70 +595,3 @@ class _Pushed:
         self.raw = b""
         self.counted = None
         self.close_after = False
-
-
-class _Refused(Protocol):
-    """Says why and hangs up: the pool is at ``client_connections``."""
-
-    def __init__(self, message: bytes) -> None:
-        self._message = message
-
-    def connectionMade(self) -> None:
-        self.transport.write(self._message)
-        self.transport.loseConnection()
-
-
-class ProxyFactory(Factory):
-    """Builds one FrontendProtocol per client of a pool."""
-
-    _log = Logger()
-    noisy = False
-
-    def __init__(self, pool: Any, codec: Codec, client_limit: int = 0, requires_auth: bool = False,
-                 outbox: Optional["Outbox"] = None, clock: Any = None,
-                 reply_budget: Optional[ReplyBudget] = None) -> None:
-        self.pool = pool
-        self.clock = clock  # for the linger after a protocol error; without one, errors close at once
-        self.reply_budget = reply_budget  # the process's, shared by every pool; None: no process-wide limit
-        self.outbox = outbox
-        self.codec = codec
-        self.client_limit = client_limit
-        self.requires_auth = requires_auth
-        # The pool's twinproxy.subscriber.SubscriberHub (Redis pools), set by the runtime.
-        self.subscribers: Any = None
-        self.clients: set = set()
-        self._empty_waiters: list = []
-        self._next_id = 0
-        self._warned_full = False
-
-    def buildProtocol(self, addr: Any) -> Protocol:
-        if self.client_limit and len(self.clients) >= self.client_limit:
-            if not self._warned_full:
-                self._log.warn("pool {pool}: client_connections limit of {limit} reached; refusing clients",
-                               pool=self.pool.name, limit=self.client_limit)
-                self._warned_full = True
-            return _Refused(self.codec.error_reply("max number of clients reached"))
-        self._warned_full = False
-        self._next_id += 1
-        self.pool.counters.clients_accepted += 1
-        protocol = FrontendProtocol(self, self._next_id)
-        self.clients.add(protocol)
-        return protocol
-
-    def client_gone(self, protocol: FrontendProtocol) -> None:
-        self.clients.discard(protocol)
-        if not self.clients:
-            waiters, self._empty_waiters = self._empty_waiters, []
-            for waiter in waiters:
-                if not waiter.called:  # the shutdown deadline may have fired it already
-                    waiter.callback(None)
-
-    def drain(self) -> defer.Deferred:
-        """Let every client finish what it sent, then close it; fires when all are gone."""
-        if not self.clients:
-            return defer.succeed(None)
-        waiter = defer.Deferred()
-        self._empty_waiters.append(waiter)
-        for client in list(self.clients):
-            client.drain()
-        return waiter
