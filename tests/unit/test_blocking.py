@@ -13,9 +13,11 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.unit.test_proxying import Harness, cmd
+from tests.unit.test_proxying import POOL, Harness, cmd
+from twinproxy.config import load_text
 from twinproxy.metrics import render
 from twinproxy.stats import pool_document
+from twinproxy.topology import diff_pool
 
 TIMED_OUT = b"-ERR Connection timed out\r\n"
 
@@ -353,6 +355,54 @@ class RetireTests(SynchronousTestCase):
         self.assertTrue(out.value().startswith(b"-ERR server connection retired by the proxy"))
         self.successResultOf(settled)
         self.assertEqual((leases.in_use_count, leases.idle_count), (0, 0))
+
+    def test_a_new_handshake_closes_idle_leases_and_drains_the_blocked_one(self) -> None:
+        h = Harness()
+        _, out, (_, wire) = self.blocked(h)
+        spare, _ = h.client()
+        spare.dataReceived(cmd(b"BLPOP", h.key_on("a", b"s"), b"0"))
+        h.connect_pending()
+        idle, idle_wire = h.backend("a")
+        idle.dataReceived(b"*-1\r\n")
+        link, leases = lent(h)
+        (new,) = load_text(POOL.format(extra="  redis_db: 3\n"))
+        h.runtime.apply(diff_pool(h.config, new))
+        self.assertTrue(idle_wire.disconnecting)
+        self.assertFalse(wire.disconnecting)                  # its reply may still come: it drains
+        late, late_out = h.client()
+        late.dataReceived(cmd(b"BLPOP", h.key_on("a"), b"0"))
+        h.connect_pending()
+        new_conn, new_wire = h.backend("a")
+        self.assertEqual(new_wire.value(), cmd(b"SELECT", b"3") + cmd(b"BLPOP", h.key_on("a"), b"0"))
+        new_conn.dataReceived(b"+OK\r\n")                     # the handshake's reply (its own deadline)
+        h.reactor.advance(0.41)
+        self.assertTrue(out.value().startswith(b"-ERR server connection retired by the proxy"))
+        self.assertEqual(late_out.value(), b"")
+        self.assertEqual(leases.in_use_count, 1)
+
+    def test_a_new_address_sends_new_leases_there_and_drains_the_old(self) -> None:
+        h = Harness()
+        _, out, (conn, wire) = self.blocked(h)
+        link, leases = lent(h)
+        (new,) = load_text(POOL.format(extra="").replace("10.0.0.1:6379:1 a", "10.0.0.9:6379:1 a"))
+        h.runtime.apply(diff_pool(h.config, new))
+        other, _ = h.client()
+        other.dataReceived(cmd(b"BLPOP", h.key_on("a", b"o"), b"0"))
+        self.assertEqual(h.reactor.tcpClients[-1][0], "10.0.0.9")
+        conn.dataReceived(b"*-1\r\n")                        # the old address answers what it was sent
+        self.assertEqual(out.value(), b"*-1\r\n")
+        self.assertTrue(wire.disconnecting)                   # and is closed, not kept idle
+        self.assertEqual((leases.in_use_count, leases.idle_count), (1, 0))
+
+    def test_a_removed_server_drains_its_blocked_commands_by_the_deadline(self) -> None:
+        h = Harness()
+        _, out, (_, wire) = self.blocked(h)
+        link, _ = lent(h)
+        drained = link.drain()
+        self.assertNoResult(drained)
+        h.reactor.advance(0.41)
+        self.assertTrue(out.value().startswith(b"-ERR server connection retired by the proxy"))
+        self.successResultOf(drained)
 
     def test_a_master_switch_fails_a_blocked_command_at_once(self) -> None:
         h = Harness()
