@@ -82,6 +82,11 @@ class BlockingClient:
 
     _blocked: Optional[BlockedCall]
 
+    @property
+    def blocked(self) -> bool:
+        """Waiting for a blocking command's reply (CLIENT LIST's flag ``b``)."""
+        return self._blocked is not None
+
     def _block(self, request: Request) -> None:
         """Route a blocking command; dispatch halts until its reply (it is sent once in turn: _blocked_pause)."""
         routes = self._codec.fragment(request, self._router)

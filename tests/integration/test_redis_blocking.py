@@ -313,3 +313,19 @@ def test_many_blocked_clients_do_not_slow_other_clients(redis_servers, proxy, re
     wait_until(lambda: sum(blocked_on(backend) for backend in backends) == 0, timeout=10,
                what="every blocked client's connection closed")
     assert lease_numbers(reactor, service)[0] == 0
+
+
+def test_client_list_shows_a_blocked_client_and_client_kill_ends_its_lease(three) -> None:
+    backends, service = three
+    backend = owner(backends, service, "{c}q")
+    sock = send(service, command("BLPOP", "{c}q", "0"))
+    try:
+        wait_until(lambda: blocked_on(backend) == 1, what="the client blocked on the server")
+        c = client(service, protocol=2)
+        (entry,) = [e for e in c.client_list() if e["cmd"] == "blpop"]
+        assert "b" in entry["flags"]                    # as Redis shows a blocked client
+        assert c.client_kill_filter(_id=entry["id"]) == 1
+        wait_until(lambda: blocked_on(backend) == 0, what="its leased connection closed")
+        assert sock.recv(100) == b""                    # killed: closed without a reply
+    finally:
+        sock.close()
