@@ -1,7 +1,7 @@
 """Client connections: parse, dispatch, and answer in the client's order.
 
 Owns: :class:`FrontendProtocol`, one per client, protocol-neutral (the
-pool's codec parses and classifies), and :class:`ProxyFactory`, which
+pool's codec parses and classifies); :class:`~twinproxy.factory.ProxyFactory`
 builds them, enforces ``client_connections`` and assigns client ids.  The
 :class:`~twinproxy.outbox.Outbox` turns a burst of replies into one write
 per client.
@@ -15,6 +15,7 @@ and a server is something with ``send(request)``.
          FORWARD  : pool.server_for_key(key).send(request)
          FRAGMENT : codec.fragment(request, pool) -> [(server, fragment)], each sent
          SESSION  : the client's subscriptions (twinproxy.subscriber) answer it
+         BLOCK    : routed as FRAGMENT; dispatch halts until its reply (twinproxy.blocking)
 
     in order: [oldest, ..., newest]   (one entry per request the client wants answered)
     request_done(request) --> while in order[0].reply is set: queue it, pop it
@@ -27,24 +28,27 @@ them in the order it sent the requests, whichever servers answered first.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from twinproxy.blocking import BlockedCall, BlockingClient
 from twinproxy.outbox import Outbox
 from twinproxy.output import ClientOutput, peer_text
-from twinproxy.pinning import Pin, PinnedRouter
+from twinproxy.pinning import Pin, PinningClient
 from twinproxy.protocols import Codec, ProtocolError
 from twinproxy.replybudget import ReplyBudget
-from twinproxy.request import FORWARD, FRAGMENT, SESSION, Request
+from twinproxy.request import BLOCK, FORWARD, FRAGMENT, SESSION, Request
 from twinproxy.session import ClientSession
 from twinproxy.sockets import direct_socket
 from twinproxy.stats import CommandCounters
+
+if TYPE_CHECKING:
+    from twinproxy.factory import ProxyFactory
 
 # After a protocol error the proxy goes on reading, and drops, what the
 # client is still sending, for this long and up to this many bytes: closing
@@ -57,7 +61,7 @@ NO_LIMIT = 1 << 62
 
 
 @implementer(IPushProducer)
-class FrontendProtocol(ClientSession, Protocol):
+class FrontendProtocol(ClientSession, PinningClient, BlockingClient, Protocol):
     """One client connection; also the codec's session for that client (:class:`ClientSession`).
 
     Backpressure: the client is not read while ``client_max_pending``
@@ -94,6 +98,8 @@ class FrontendProtocol(ClientSession, Protocol):
         self._reading_paused = False
         self._draining = False
         self._closing = False
+        self._halted = False            # no dispatch: closing, or a blocking command awaits its reply
+        self._blocked: Optional[BlockedCall] = None
         self._failed = False   # a protocol error, already counted as client_err
         self._socket: Any = None
         self._output: Any = None        # a ClientOutput once connected
@@ -163,7 +169,12 @@ class FrontendProtocol(ClientSession, Protocol):
         if self.closed or self.transport is None or self._linger_call is not None:
             return
         budget = self._budget
-        if self._draining or self._write_blocked:
+        blocked = self._blocked
+        if blocked is not None:
+            pause = self._blocked_pause(blocked)
+            if pause is None:
+                return                    # answered at once: unblocked settled reading
+        elif self._draining or self._write_blocked:
             pause = True
         elif budget is not None and budget.over and (self._in_order or self._output.queued):
             # Past the process-wide limit only clients holding no replies are
@@ -195,6 +206,9 @@ class FrontendProtocol(ClientSession, Protocol):
 
     def drain(self) -> None:
         """Read no more; close once every request read so far is answered (pool stopping)."""
+        if self._blocked is not None:
+            self._drain_when_unblocked()
+            return
         if self._parse_held and not self._closing:
             # Read but held back by a limit: answered too (the hard limit still holds).
             self._allowed = NO_LIMIT
@@ -240,7 +254,7 @@ class FrontendProtocol(ClientSession, Protocol):
         # and send_queued zeroes it when unread replies (or bigger ones) take room away.
         allowed = 0 if budget is not None and budget.over else self._allowed
         self._parsing = True
-        while not self._closing:
+        while not self._halted:
             if not allowed:
                 allowed = self._allowance()
                 if not allowed:
@@ -255,6 +269,8 @@ class FrontendProtocol(ClientSession, Protocol):
                 break
             dispatch(request)
             allowed -= 1
+        else:
+            held = not self._closing      # a blocking command halted it: the rest waits in the parser
         self._parsing = False
         self._allowed = allowed
         self._parse_held = held
@@ -291,8 +307,10 @@ class FrontendProtocol(ClientSession, Protocol):
             else:
                 self._counters.client_err += 1
         self.closed = True
-        self._closing = True
+        self._closing = self._halted = True
         self._in_order.clear()
+        if self._blocked is not None:
+            self._abandon_blocked()
         if self.watch_pin is not None:
             # Its WATCH (and whatever it still had in flight there) dies with the connection.
             pin, self.watch_pin = self.watch_pin, None
@@ -307,31 +325,6 @@ class FrontendProtocol(ClientSession, Protocol):
                 self._linger_call.cancel()
             self._linger_call = None
         self.factory.client_gone(self)
-
-    # -- WATCH: a server pinned to a connection of this client's own ------------
-
-    def pin(self, server: Any) -> Optional[Pin]:
-        """Lease a connection to ``server`` and send this client's requests for it there; None at the cap."""
-        link = getattr(server, "link", None)
-        connection = link.lease(self.profile) if link is not None else None
-        if connection is None:
-            return None
-        pin = Pin(self, server, connection, self._pool._reply_error)
-        self.watch_pin = pin
-        self._router = PinnedRouter(self._pool, pin)
-        return pin
-
-    def unpin(self, pin: Pin) -> None:
-        """The request that ended ``pin``'s WATCH is answered: give its connection back."""
-        if self.watch_pin is pin:
-            self.watch_pin = None
-            self._router = self._pool
-            pin.server.link.release(pin.connection)
-
-    def end_watch(self) -> None:
-        """The codec answered what ends a WATCH itself (DISCARD, an aborted EXEC): unwatch on the pin."""
-        if self.watch_pin is not None:
-            self.watch_pin.end_quietly()
 
     # -- dispatch -------------------------------------------------------------
 
@@ -356,9 +349,11 @@ class FrontendProtocol(ClientSession, Protocol):
             self._send_fragments(request)
         elif kind == SESSION:
             self._session_request(request)
+        elif kind == BLOCK:
+            self._block(request)
         else:
             if request.close_after:
-                self._closing = True
+                self._closing = self._halted = True
             self._flush()
 
     def _send_fragments(self, request: Request) -> None:
@@ -406,7 +401,7 @@ class FrontendProtocol(ClientSession, Protocol):
             return
         entry = _Pushed(b"")
         entry.close_after = True
-        self._closing = True
+        self._closing = self._halted = True
         self._in_order.append(entry)
         self._flush()
 
@@ -576,7 +571,7 @@ class FrontendProtocol(ClientSession, Protocol):
         request.reply = self._codec.protocol_error_reply(err)
         request.counted = None   # no command: counted as client_err
         request.close_after = True
-        self._closing = True
+        self._closing = self._halted = True
         self._counters.client_err += 1
         self._failed = True
         self._in_order.append(request)
@@ -593,70 +588,3 @@ class _Pushed:
         self.raw = b""
         self.counted = None
         self.close_after = False
-
-
-class _Refused(Protocol):
-    """Says why and hangs up: the pool is at ``client_connections``."""
-
-    def __init__(self, message: bytes) -> None:
-        self._message = message
-
-    def connectionMade(self) -> None:
-        self.transport.write(self._message)
-        self.transport.loseConnection()
-
-
-class ProxyFactory(Factory):
-    """Builds one FrontendProtocol per client of a pool."""
-
-    _log = Logger()
-    noisy = False
-
-    def __init__(self, pool: Any, codec: Codec, client_limit: int = 0, requires_auth: bool = False,
-                 outbox: Optional["Outbox"] = None, clock: Any = None,
-                 reply_budget: Optional[ReplyBudget] = None) -> None:
-        self.pool = pool
-        self.clock = clock  # for the linger after a protocol error; without one, errors close at once
-        self.reply_budget = reply_budget  # the process's, shared by every pool; None: no process-wide limit
-        self.outbox = outbox
-        self.codec = codec
-        self.client_limit = client_limit
-        self.requires_auth = requires_auth
-        # The pool's twinproxy.subscriber.SubscriberHub (Redis pools), set by the runtime.
-        self.subscribers: Any = None
-        self.clients: set = set()
-        self._empty_waiters: list = []
-        self._next_id = 0
-        self._warned_full = False
-
-    def buildProtocol(self, addr: Any) -> Protocol:
-        if self.client_limit and len(self.clients) >= self.client_limit:
-            if not self._warned_full:
-                self._log.warn("pool {pool}: client_connections limit of {limit} reached; refusing clients",
-                               pool=self.pool.name, limit=self.client_limit)
-                self._warned_full = True
-            return _Refused(self.codec.error_reply("max number of clients reached"))
-        self._warned_full = False
-        self._next_id += 1
-        self.pool.counters.clients_accepted += 1
-        protocol = FrontendProtocol(self, self._next_id)
-        self.clients.add(protocol)
-        return protocol
-
-    def client_gone(self, protocol: FrontendProtocol) -> None:
-        self.clients.discard(protocol)
-        if not self.clients:
-            waiters, self._empty_waiters = self._empty_waiters, []
-            for waiter in waiters:
-                if not waiter.called:  # the shutdown deadline may have fired it already
-                    waiter.callback(None)
-
-    def drain(self) -> defer.Deferred:
-        """Let every client finish what it sent, then close it; fires when all are gone."""
-        if not self.clients:
-            return defer.succeed(None)
-        waiter = defer.Deferred()
-        self._empty_waiters.append(waiter)
-        for client in list(self.clients):
-            client.drain()
-        return waiter

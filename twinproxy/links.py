@@ -1,4 +1,4 @@
-"""All of the proxy's connections to one backend server.
+r"""All of the proxy's connections to one backend server.
 
 Owns: :class:`ServerLink` — a fixed array of connection slots per connection
 profile (protocol dialect and database, :func:`~twinproxy.request.profile_of`;
@@ -10,11 +10,14 @@ stands; and the runtime changes of a server: :meth:`ServerLink.retarget`
 settings; a new handshake or slot count replaces the connections after
 draining), :meth:`ServerLink.drain` (the server left the pool),
 :meth:`ServerLink.cut_over` (a master switch: drop everything now) and
-:meth:`ServerLink.stop` (shutdown).  Never routes and never parses.
+:meth:`ServerLink.stop` (shutdown), which reach its leased connections
+(:class:`~twinproxy.leases.Leases`: lent to one client each) too.  Never
+routes and never parses.
 
 ::
 
     send(request) --> slots[profile][client_id % n] --> BackendConnection.send
+                  \-- a LEASED profile (no slots): leases.lend --> a connection of its own
     retired connections: drain (no new requests; close after the last reply
     or at the drain deadline); their replacements' writes wait behind them
 """
@@ -28,8 +31,9 @@ from twisted.logger import Logger
 
 from twinproxy.backend import BackendConnection, ConnectorFactory
 from twinproxy.config import PoolConfig
+from twinproxy.leases import Leases
 from twinproxy.protocols import Codec
-from twinproxy.request import Request
+from twinproxy.request import LEASED, Request
 
 
 def drain_seconds(config: PoolConfig) -> float:
@@ -82,68 +86,52 @@ class ServerLink:
         # Told ``(link)`` after ``target`` changed (retarget, cut_over): the pool's
         # subscriber connections, which live outside the slots, follow the server.
         self.moved_listeners: List[Any] = []
+        # Connections lent to one client each (WATCH pins, blocking commands), apart from the shared slots.
+        self.leases = Leases(self)
         self._configure(codec, config)
         server.send = self.send
         server.link = self
-        # Connections lent to one client session each (WATCH), apart from the shared slots.
-        self._leased: Set[BackendConnection] = set()
-        self._idle_leases: List[BackendConnection] = []
-        self.leases_refused = 0
 
     def _configure(self, codec: Codec, config: PoolConfig) -> None:
         self.codec = codec
         self.config = config
         self.timeout = config.timeout_seconds
         self._size = config.server_connections
-        self._lease_limit = config.server_leased_connections
+        self.leases.configure(config.server_leased_connections)
 
-    # -- leases ---------------------------------------------------------------
+    # -- leases (see twinproxy.leases) ----------------------------------------------
 
     def lease(self, profile: int) -> Optional[BackendConnection]:
-        """A connection for one client session alone (an idle one if there is), or None at the cap.
+        """A connection for one client session alone, or None (``leases.refusal`` says why).
 
         Counted against ``server_leased_connections``; given back with
-        ``release`` (clean: reused) or ``discard`` (closed).
+        ``release`` (clean: reused), ``discard`` (closed now) or
+        ``retire_lease`` (closed once what it was sent is answered).
         """
-        idle = self._idle_leases
-        while idle:
-            connection = idle.pop()
-            if not connection.closed and not connection.draining and connection.profile == profile:
-                return connection
-            self._leased.discard(connection)
-            connection.close()
-        if self._stopped or self.target is None or len(self._leased) >= self._lease_limit:
-            self.leases_refused += 1
-            return None
-        connection = BackendConnection(self, profile, -1)
-        self._leased.add(connection)
-        self._connect(connection)
-        return connection
+        return self.leases.lease(profile)
 
     def release(self, connection: BackendConnection) -> None:
         """``connection`` is clean (nothing pending, no session state): keep it for the next lease."""
-        if connection.closed or connection.draining or connection.pending or connection not in self._leased:
-            self.discard(connection)
-            return
-        self._idle_leases.append(connection)
+        self.leases.release(connection)
 
     def discard(self, connection: BackendConnection) -> None:
         """Close a leased connection (its session state dies with it)."""
-        self._leased.discard(connection)
-        if connection in self._idle_leases:
-            self._idle_leases.remove(connection)
-        if not connection.closed:
-            connection.close()
+        self.leases.discard(connection)
 
     def retire_lease(self, connection: BackendConnection) -> None:
         """Close a leased connection once what it was sent is answered (its session state dies with it)."""
-        if connection in self._idle_leases:
-            self._idle_leases.remove(connection)
-        connection.drain(drain_seconds(self.config))   # it leaves _leased when it is gone
+        self.leases.retire(connection, drain_seconds(self.config))
+
+    def open_leased(self, profile: int) -> BackendConnection:
+        """A new connection outside the slots, opened with ``profile``'s handshake (for ``leases``)."""
+        connection = BackendConnection(self, profile, -1)
+        self._connect(connection)
+        return connection
 
     @property
-    def leased_count(self) -> int:
-        return len(self._leased) - len(self._idle_leases)
+    def stopped(self) -> bool:
+        """The server left the pool (or the proxy is stopping): nothing new is opened."""
+        return self._stopped
 
     # -- sending --------------------------------------------------------------
 
@@ -151,6 +139,11 @@ class ServerLink:
         profile = request.profile
         slots = self._slots.get(profile)
         if slots is None:
+            if profile & LEASED:
+                # A blocking command: no shared slot ever has this profile, so the
+                # check costs the other requests nothing.
+                self.leases.lend(request)
+                return
             # The first request of a profile opens all its slots at once, as nutcracker does.
             self.preconnect(profile)
             slots = self._slots[profile]
@@ -205,9 +198,7 @@ class ServerLink:
             slots[connection.slot] = None
         self._gated.pop(connection, None)
         if connection.slot < 0:
-            self._leased.discard(connection)
-            if connection in self._idle_leases:
-                self._idle_leases.remove(connection)
+            self.leases.forget(connection)
         if connection in self._draining:
             self._draining.discard(connection)
             self._barrier.discard(connection)
@@ -271,13 +262,15 @@ class ServerLink:
                     # reloads in quick succession.
                     self._barrier.add(connection)
             self._slots[profile] = [None] * self._size
-        # Leased ones too: what their sessions sent is answered before a hold's ack, and
-        # their sessions' later requests are refused (see pinning.Pin), never sent to a stale target.
-        for connection in list(self._leased):
+        # Leased ones too: what their sessions sent is answered before a hold's ack (a
+        # blocking command ends at the drain deadline), and a WATCH's later requests are
+        # refused (see pinning.Pin), never sent to a stale target.  No barrier behind them:
+        # a lease's session sends nothing elsewhere to that server before its lease is done
+        # with (a blocked client waits for its reply, a pin stands until nothing is pending),
+        # and a blocked command must not hold every other client's new connections back.
+        self.leases.close_idle()
+        for connection in self.leases.in_use():
             self._draining.add(connection)
-            if barrier:
-                self._barrier.add(connection)
-        self._idle_leases.clear()
         for connection in list(self._draining):
             connection.drain(seconds)
 
@@ -302,7 +295,7 @@ class ServerLink:
         """
         self.target = target
         connections = [c for slots in self._slots.values() for c in slots if c is not None]
-        connections += [c for c in self._draining | self._leased if c not in connections]
+        connections += [c for c in (*self._draining, *self.leases.connections()) if c not in connections]
         for profile in self._slots:
             self._slots[profile] = [None] * self._size
         failed = 0
@@ -363,7 +356,7 @@ class ServerLink:
         self._stopped = True
         waiting = []
         connections = [c for slots in self._slots.values() for c in slots if c is not None]
-        connections += list(self._draining | self._leased)
+        connections += [c for c in (*self._draining, *self.leases.connections()) if c not in connections]
         for connection in connections:
             if connection.transport is not None:
                 waiter = defer.Deferred()
@@ -377,7 +370,7 @@ class ServerLink:
 
     def _connections(self) -> List[BackendConnection]:
         open_now = [c for slots in self._slots.values() for c in slots if c is not None]
-        return open_now + [c for c in self._draining | self._leased if c not in open_now]
+        return open_now + [c for c in (*self._draining, *self.leases.connections()) if c not in open_now]
 
     def queue_stats(self) -> tuple:
         """(in_queue, in_queue_bytes, out_queue, out_queue_bytes) over every connection."""

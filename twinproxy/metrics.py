@@ -21,10 +21,12 @@ from prometheus_client.core import (
 
 from twinproxy.stats import (
     LATENCY_BUCKETS,
+    LEASE_FIELDS,
     PUBSUB_FIELDS,
     REDIS_POOL_FIELDS,
     Histogram,
     cluster_fields,
+    lease_values,
     merged_latency,
     pubsub_values,
 )
@@ -39,6 +41,14 @@ def _buckets(histogram: Histogram) -> List[List[Any]]:
         cumulative += count
         buckets.append(["+Inf" if bound == float("inf") else repr(bound), cumulative])
     return buckets
+
+
+_KINDS = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily}
+
+
+def _family(name: str, kind: str, text: str, labels: List[str]) -> Metric:
+    """The metric family of one field of a stats table: ``kind`` "gauge" (how many now) or "counter"."""
+    return _KINDS[kind](name, text[:1].upper() + text[1:], labels=labels)
 
 
 class ProxyCollector:
@@ -89,9 +99,10 @@ class ProxyCollector:
                 "twinproxy_pool_client_output_limit_closed", "Clients closed because their unread replies passed "
                 "client_output_hard_limit", labels=pool_labels),
         }
-        redis_families = {name: CounterMetricFamily(f"twinproxy_pool_{name}", text[0].upper() + text[1:],
-                                                    labels=pool_labels)
-                          for name, text in REDIS_POOL_FIELDS}
+        redis_families = {name: _family(f"twinproxy_pool_{name}", kind, text, pool_labels)
+                          for name, kind, text in REDIS_POOL_FIELDS}
+        lease_families = {name: _family(f"twinproxy_server_{name}", kind, text, ["pool", "server"])
+                          for name, kind, text in LEASE_FIELDS}
         clients = GaugeMetricFamily("twinproxy_pool_client_connections", "Client connections open now",
                                     labels=pool_labels)
         live = GaugeMetricFamily("twinproxy_pool_live_servers", "Servers in the ring now", labels=pool_labels)
@@ -139,7 +150,8 @@ class ProxyCollector:
             name = service.name
             for field, family in families.items():
                 family.add_metric([name], getattr(counters, field))
-            if service.config.redis:
+            redis = service.config.redis
+            if redis:
                 for field, family in redis_families.items():
                     family.add_metric([name], getattr(counters, field))
             clients.add_metric([name], len(service.factory.clients))
@@ -166,6 +178,9 @@ class ProxyCollector:
                                      ("out_queue_bytes", out_bytes)):
                     server_gauges[field].add_metric(labels, value)
                 server_latency.add_metric(labels, _buckets(sc.latency), sc.latency.total)
+                if redis:
+                    for field, value in lease_values(link).items():
+                        lease_families[field].add_metric(labels, value)
                 histograms.append(sc.latency)
             merged = merged_latency(histograms)
             pool_latency.add_metric([name], _buckets(merged), merged.total)
@@ -180,6 +195,7 @@ class ProxyCollector:
         yield from server_counters.values()
         yield from server_gauges.values()
         yield server_latency
+        yield from lease_families.values()
         yield from _sentinel_metrics(services)
         yield from _cluster_metrics(services)
         yield from _pubsub_metrics(services)
@@ -187,8 +203,7 @@ class ProxyCollector:
 
 def _pubsub_metrics(services: Sequence[Any]) -> Iterator[Metric]:
     """Per Redis pool: PUBSUB_FIELDS as twinproxy_pool_<field>."""
-    kinds = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily}
-    families = {name: kinds[kind](f"twinproxy_pool_{name}", text[:1].upper() + text[1:], labels=["pool"])
+    families = {name: _family(f"twinproxy_pool_{name}", kind, text, ["pool"])
                 for name, kind, text, _ in PUBSUB_FIELDS}
     found = False
     for service in services:

@@ -18,7 +18,7 @@ client went away is closed.
 
 from __future__ import annotations
 
-from typing import Any, List, Sequence
+from typing import Any, List, Optional, Sequence
 
 from twinproxy.protocols.resp import encode_command
 from twinproxy.request import Request
@@ -147,3 +147,31 @@ class PinnedRouter:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pool, name)
+
+
+class PinningClient:
+    """The frontend's half of WATCH (a mixin of :class:`~twinproxy.frontend.FrontendProtocol`):
+    ``watch_pin`` and the router that sends the pinned server's requests to it."""
+
+    def pin(self, server: Any) -> Optional[Pin]:
+        """Lease a connection to ``server`` and send this client's requests for it there; None at the cap."""
+        link = getattr(server, "link", None)
+        connection = link.lease(self.profile) if link is not None else None
+        if connection is None:
+            return None
+        pin = Pin(self, server, connection, self._pool._reply_error)
+        self.watch_pin = pin
+        self._router = PinnedRouter(self._pool, pin)
+        return pin
+
+    def unpin(self, pin: Pin) -> None:
+        """The request that ended ``pin``'s WATCH is answered: give its connection back."""
+        if self.watch_pin is pin:
+            self.watch_pin = None
+            self._router = self._pool
+            pin.server.link.release(pin.connection)
+
+    def end_watch(self) -> None:
+        """The codec answered what ends a WATCH itself (DISCARD, an aborted EXEC): unwatch on the pin."""
+        if self.watch_pin is not None:
+            self.watch_pin.end_quietly()

@@ -21,6 +21,7 @@ LOCAL = 0      # the codec answered it itself; ``reply`` is set
 FORWARD = 1    # send unchanged to the server owning ``key``
 FRAGMENT = 2   # ask the codec to split it (or check its keys) against the pool
 SESSION = 3    # the client's session answers it (pub/sub: SUBSCRIBE and its kin)
+BLOCK = 4      # a blocking command (BLPOP, XREAD ... BLOCK): the frontend runs it on a leased connection
 
 # A request's connection profile: which of a server's connection sets may carry
 # it.  The low bits are the protocol dialect (RESP 2 or 3; 0 for memcached),
@@ -44,6 +45,19 @@ def profile_db(profile: int) -> int:
     return profile >> DB_SHIFT
 
 
+# A bit set on a request's profile (never on a connection's): the request runs
+# on a backend connection leased for it alone (``ServerLink`` finds no shared
+# connection set for such a profile and lends one), so a blocking command never
+# stalls a connection other clients share.  Without it, the profile is the one
+# the leased connection is opened for.
+LEASED = 1 << 30
+
+
+def shared_profile(profile: int) -> int:
+    """``profile`` without :data:`LEASED`: the profile of the connections that carry it."""
+    return profile & ~LEASED
+
+
 class Request:
     """One request and, once it arrives, its reply.
 
@@ -62,6 +76,9 @@ class Request:
         "retried",
         # Set only on an EXEC that carries a transaction (protocols.redis_tx): what it queued.
         "transaction",
+        # Set only on a blocking command: seconds the server may hold it before replying,
+        # on top of the pool's timeout (inf: no limit).  Read with getattr(request, "blocks_for", 0.0).
+        "blocks_for",
         # The per-command counters (stats.CommandCounters) of a client's request and
         # its fragments; None for the proxy's own requests (handshakes, probes).
         "counted",

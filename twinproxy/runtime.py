@@ -33,7 +33,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twinproxy.config import PoolConfig
-from twinproxy.frontend import ProxyFactory
+from twinproxy.factory import ProxyFactory
 from twinproxy.links import ServerLink
 from twinproxy.outbox import Outbox
 from twinproxy.pool import Server, ServerPool

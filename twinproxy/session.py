@@ -160,7 +160,7 @@ class ClientSession:
             return
         self._in_order.clear()
         self._out.clear()
-        self._closing = True
+        self._closing = self._halted = True   # dispatch stops too (see FrontendProtocol._halted)
         self._finish()
 
     def addresses(self) -> Tuple[str, str, bool]:

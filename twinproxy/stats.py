@@ -83,29 +83,50 @@ class CommandCounters:
 
 
 # A Redis pool's counters of the command families that are more than routing by key (fan-outs, scans,
-# scripts): this table is their only definition; PoolCounters, the stats document and /metrics all read it.
+# scripts, blocking commands): (field, Prometheus type, what it counts).  This table is their only
+# definition; PoolCounters, the stats document, ``-D`` and /metrics all read it.
 REDIS_POOL_FIELDS = (
-    ("fanouts", "requests sent to every server, or to one chosen server, and answered from their replies "
-     "(INFO, SCAN, KEYS, DBSIZE, SCRIPT LOAD, CONFIG GET, ...)"),
-    ("scans", "SCAN requests (each step of a client's scan, one server each)"),
-    ("script_loads", "SCRIPT LOAD requests (each loaded on every live server)"),
-    ("scripts_healed", "EVALSHA calls a server answered NOSCRIPT (its script cache was empty) and the proxy "
-     "healed: it loaded the body it knew and sent the call again"),
-    ("transactions", "MULTI/EXEC transactions sent to servers (a cross-server one once, however many servers)"),
-    ("transactions_refused", "EXECs refused by the proxy at EXEC: keys on more than one server or slot, or not "
-     "on the server of the WATCHed keys (EXECABORT, nothing written)"),
-    ("watch_leases", "WATCHes that leased a connection of their own (one per WATCH that starts a pin)"),
+    ("fanouts", "counter", "requests sent to every server, or to one chosen server, and answered from their "
+     "replies (INFO, SCAN, KEYS, DBSIZE, SCRIPT LOAD, CONFIG GET, ...)"),
+    ("scans", "counter", "SCAN requests (each step of a client's scan, one server each)"),
+    ("script_loads", "counter", "SCRIPT LOAD requests (each loaded on every live server)"),
+    ("scripts_healed", "counter", "EVALSHA calls a server answered NOSCRIPT (its script cache was empty) and the "
+     "proxy healed: it loaded the body it knew and sent the call again"),
+    ("blocked_clients", "gauge", "clients waiting now for the reply to a blocking command (BLPOP, BLMOVE, "
+     "BZPOPMIN, XREAD ... BLOCK, ...): their later requests wait with them"),
+    ("blocking_commands", "counter", "blocking commands run on a server, each alone on a connection leased for it"),
+    ("transactions", "counter", "MULTI/EXEC transactions sent to servers (a cross-server one once, however many "
+     "servers)"),
+    ("transactions_refused", "counter", "EXECs refused by the proxy at EXEC: keys on more than one server or slot, "
+     "or not on the server of the WATCHed keys (EXECABORT, nothing written)"),
+    ("watch_leases", "counter", "WATCHes that leased a connection of their own (one per WATCH that starts a pin)"),
 )
+# A Redis pool's servers, after the fields of SERVER_FIELDS: their connections lent to one client each
+# (field, Prometheus type, what it counts), read from the server's link (lease_values).
+LEASE_FIELDS = (
+    ("leased_connections", "gauge", "connections lent to one client each now (a WATCH pins one; a blocking "
+     "command runs on one), counted in server_connections too"),
+    ("leased_idle", "gauge", "leased connections given back clean and kept open for the next lease"),
+    ("leases_refused", "counter", "leases refused: server_leased_connections were all in use, or the server was "
+     "leaving the pool"),
+)
+
+
+def lease_values(link: Any) -> Dict[str, int]:
+    """The LEASE_FIELDS of one server's link, by field name."""
+    leases = link.leases
+    return {"leased_connections": leases.in_use_count, "leased_idle": leases.idle_count,
+            "leases_refused": leases.refused}
 
 
 class PoolCounters:
     """What happened to one pool's clients and routing since start."""
 
     __slots__ = ("client_eof", "client_err", "server_ejects", "forward_error", "fragments", "clients_accepted",
-                 "commands", "client_output_limit_closed", *(name for name, _ in REDIS_POOL_FIELDS))
+                 "commands", "client_output_limit_closed", *(name for name, *_ in REDIS_POOL_FIELDS))
 
     def __init__(self) -> None:
-        for name, _ in REDIS_POOL_FIELDS:
+        for name, *_ in REDIS_POOL_FIELDS:
             setattr(self, name, 0)
         self.client_eof = 0
         self.client_err = 0
@@ -194,16 +215,18 @@ def describe() -> str:
     lines += ["", "pool stats:"]
     lines += [f"  {name:<20}\"{text}\"" for name, text in POOL_FIELDS]
     lines += ["", "pool stats in a Redis pool, besides those:"]
-    lines += [f"  {name:<20}\"{text}\"" for name, text in REDIS_POOL_FIELDS]
+    lines += [f"  {name:<20}\"{text}\"" for name, _, text in REDIS_POOL_FIELDS]
     lines += [f"  {name:<20}\"{text}\"" for name, _, text, _ in PUBSUB_FIELDS]
     lines += ["", "server stats:"]
     lines += [f"  {name:<20}\"{text}\"" for name, text in SERVER_FIELDS]
+    lines += ["", "server stats in a Redis pool, besides those:"]
+    lines += [f"  {name:<20}\"{text}\"" for name, _, text in LEASE_FIELDS]
     lines += ["", "server stats in a Sentinel pool, besides those:"]
     lines += [f"  {name:<20}\"{text}\"" for name, text in SENTINEL_FIELDS]
     return "\n".join(lines) + "\n"
 
 
-def server_document(server: Any, link: Any) -> Dict[str, Any]:
+def server_document(server: Any, link: Any, redis: bool = False) -> Dict[str, Any]:
     counters = server.counters
     in_queue, in_bytes, out_queue, out_bytes = link.queue_stats()
     document: Dict[str, Any] = {
@@ -221,6 +244,8 @@ def server_document(server: Any, link: Any) -> Dict[str, Any]:
         "out_queue": out_queue,
         "out_queue_bytes": out_bytes,
     }
+    if redis:
+        document.update(lease_values(link))
     if link.shard is not None:   # Sentinel mode: where the master is, and its history
         document.update(link.shard.stats())
     return document
@@ -237,15 +262,16 @@ def pool_document(service: Any) -> Dict[str, Any]:
         "fragments": counters.fragments,
         "client_output_limit_closed": counters.client_output_limit_closed,
     }
-    if service.config.redis:
-        for name, _ in REDIS_POOL_FIELDS:
+    redis = service.config.redis
+    if redis:
+        for name, *_ in REDIS_POOL_FIELDS:
             document[name] = getattr(counters, name)
     document.update(pubsub_values(service))
     table = service.config.slots if service.config.cluster_mode else None
     if service.config.cluster_mode:
         document.update(cluster_fields(service.config))
     for link in service.links:
-        server = server_document(link.server, link)
+        server = server_document(link.server, link, redis)
         if table is not None:
             server["slots"] = sum(1 for owner in table.owners if owner == link.server.name)
         document[link.server.spec.stats_name] = server

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import REPO, in_reactor, key_on, pool_yaml
 from tests.servers import LOOPBACK, Process, bound_addresses, port_of, wait_until
 from twinproxy import cli
-from twinproxy.stats import POOL_FIELDS, PUBSUB_FIELDS, REDIS_POOL_FIELDS
+from twinproxy.stats import LEASE_FIELDS, POOL_FIELDS, PUBSUB_FIELDS, REDIS_POOL_FIELDS
 
 SAMPLE = json.loads((REPO / "tests" / "data" / "nutcracker-stats-sample.json").read_text())
 
@@ -98,14 +98,14 @@ def test_stats_document_has_nutcrackers_shape_and_right_numbers(redis_servers, p
     sample_pool = SAMPLE["alpha"]
     pool_fields = [k for k, v in sample_pool.items() if not isinstance(v, dict)]
     # nutcracker's fields in its order, then twinproxy's own (client_output_limit_closed), then a Redis pool's
-    own = [name for name, _ in POOL_FIELDS if name not in pool_fields] + [name for name, _ in REDIS_POOL_FIELDS] \
+    own = [name for name, _ in POOL_FIELDS if name not in pool_fields] + [name for name, *_ in REDIS_POOL_FIELDS] \
         + [name for name, *_ in PUBSUB_FIELDS]
     assert [k for k, v in pool.items() if not isinstance(v, dict)] == pool_fields + own
     sample_server = next(v for v in sample_pool.values() if isinstance(v, dict))
     names = [s.spec.stats_name for s in service.pool.servers]
     assert [k for k, v in pool.items() if isinstance(v, dict)] == names
-    for name in names:
-        assert list(pool[name]) == list(sample_server)
+    for name in names:   # nutcracker's, then a Redis pool's leased connections
+        assert list(pool[name]) == list(sample_server) + [field for field, *_ in LEASE_FIELDS]
     busy, other = pool[names[1]], pool[names[0]]
     assert busy["requests"] == 26 and busy["responses"] == 26
     assert other["requests"] == 1 and other["responses"] == 1

@@ -257,9 +257,10 @@ def test_command_getkeys_matches_a_real_server(redis_servers, proxy) -> None:
     assert_same(backends[0].port, service.port_number,
                 [("COMMAND", "GETKEYS", *words) for words in GETKEYS_CORPUS]
                 + [("COMMAND", "GETKEYSANDFLAGS", *words) for words in GETKEYS_CORPUS[:23]]
-                + [("COMMAND", "GETKEYS", "GET")])
-    assert talk(service.port_number, [("COMMAND", "GETKEYS", "BLPOP", "a", "0")])[0].startswith(
-        b"-ERR command 'BLPOP' is not supported by twinproxy")
+                + [("COMMAND", "GETKEYS", "GET"), ("COMMAND", "GETKEYS", "BLPOP", "a", "b", "0"),
+                   ("COMMAND", "GETKEYS", "XREAD", "BLOCK", "0", "STREAMS", "s", "t", "$", "$")])
+    assert talk(service.port_number, [("COMMAND", "GETKEYS", "WAITAOF", "0", "0", "0")])[0].startswith(
+        b"-ERR command 'WAITAOF' is not supported by twinproxy")
 
 
 def test_reset_ends_multi_and_watch_and_transactions_run_in_the_clients_database(redis_servers, proxy) -> None:

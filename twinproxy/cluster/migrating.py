@@ -42,7 +42,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
-from twinproxy.request import Request
+from twinproxy.request import Request, shared_profile
 
 # Keys remembered as moved per slot before the set starts over (then a key
 # may be sent the script again, which answers NOKEY: correct, one round trip).
@@ -239,7 +239,8 @@ class MigratingSlot:
         request = step.request
         ask.owner = step
         ask.client = request.client      # the client's connection: its scripts are answered in order
-        ask.profile = request.profile   # its dialect and database
+        ask.profile = shared_profile(request.profile)   # its dialect and database; a blocking command's
+                                                        # script goes on a shared connection
         ask.name = "migrate"
         self.moves += 1
         self.source.send(ask)

@@ -42,6 +42,7 @@ from twinproxy.protocols import (
     redis_scripts,
     resp,
 )
+from twinproxy.protocols.redis_blocking import prepare_blocking
 from twinproxy.protocols.redis_connection import BAD_NAME as _BAD_NAME
 from twinproxy.protocols.redis_connection import RESET_REPLY, ConnectionCommands
 from twinproxy.protocols.redis_connection import valid_client_name as _valid_client_name
@@ -59,7 +60,7 @@ from twinproxy.protocols.redis_specs import (
     ALL_KEYS,
     ARITY,
     BLOCKING,
-    BLOCKING_REASON,
+    BLOCKING_COMMAND,
     FANOUT,
     INTERNAL,
     KEY_SECOND,
@@ -82,6 +83,8 @@ from twinproxy.protocols.redis_specs import (
     SUBCOMMAND_ARITY,
     TRANSACTION,
     TWO_KEYS,
+    WAITS,
+    WAITS_REASON,
     WATCHING,
     WHOLE_KEYSPACE,
     CommandSpec,
@@ -188,7 +191,8 @@ class RedisCodec:
         add(NUMKEYS_AT_1, NUMKEYS)
         add(NUMKEYS_AT_2, NUMKEYS)
         add(NUMKEYS_AFTER_DESTINATION, NUMKEYS)
-        add(STREAM_READS, SAME_SERVER, blocks=xread_blocks, reason=BLOCKING_REASON)
+        add(BLOCKING, BLOCKING_COMMAND)
+        add(STREAM_READS, BLOCKING_COMMAND, blocks=xread_blocks)
         add("mget", SPLIT, merge="array")
         add("mset", SPLIT, merge="ok")
         add("del unlink exists touch", SPLIT, merge="sum")
@@ -208,7 +212,7 @@ class RedisCodec:
             add(name, FANOUT, first=0, handler=planner)
         for name in redis_scripts.SCRIPT_CALLS:
             table[name.encode()].handler = redis_scripts.routed
-        add(BLOCKING, REJECTED, reason=BLOCKING_REASON)
+        add(WAITS, REJECTED, reason=WAITS_REASON)
         add("watch unwatch", WATCHING)
         # Pub/sub: SUBSCRIBE and its kin for the client's session, PUBLISH by channel, PUBSUB fanned out.
         add(PUBSUB, LOCAL_COMMAND, handler=self._pubsub)
@@ -280,6 +284,8 @@ class RedisCodec:
                 return
             request.key = args[spec.first]
             request.kind = FORWARD
+        elif layout is SPLIT:         # MGET, MSET, DEL...: asked right after SINGLE, they are as common
+            request.kind = FRAGMENT
         elif layout is LOCAL_COMMAND:
             request.kind = LOCAL
             request.reply = spec.handler(request, session)
@@ -287,6 +293,8 @@ class RedisCodec:
             self._answer(request, _refusal(name.decode("latin-1").upper(), spec.reason))
         elif layout is SUBCOMMAND:
             self._prepare_subcommand(request, spec)
+        elif layout is BLOCKING_COMMAND:
+            prepare_blocking(request, name, spec)
         else:
             request.kind = FRAGMENT   # the key specs are read when it is routed
 
@@ -522,9 +530,6 @@ class RedisCodec:
             for position in stored_keys(args, *spec.options):
                 if position not in positions:
                     positions.append(position)
-        if spec.blocks is not None and spec.blocks(args):
-            self._answer(request, _refusal(args[0].decode("latin-1").upper(), spec.reason))
-            return None
         return positions
 
     def _keyless(self, request: Request, spec: CommandSpec, router: Router) -> List[Tuple[Any, Request]]:

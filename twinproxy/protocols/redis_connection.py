@@ -333,6 +333,8 @@ def client_line(session: Session, command: Optional[str] = None) -> bytes:
     multi = len(transaction.commands) if transaction is not None else -1
     if transaction is not None:
         flags += "x"
+    if getattr(session, "blocked", False):   # waiting for a blocking command's reply (twinproxy.blocking)
+        flags += "b"
     if unix:
         flags += "U"
     head = f"id={session.client_id} addr={address} laddr={local} fd={fd} name="

@@ -388,24 +388,36 @@ def xread_keys(args: Sequence[bytes]) -> List[int]:
     return list(range(at + 1, at + 1 + count // 2))
 
 
-def xread_blocks(args: Sequence[bytes]) -> bool:
-    """Whether XREAD/XREADGROUP ``args`` ask to block: a BLOCK option before STREAMS, read as Redis reads them."""
+def xread_block_arguments(args: Sequence[bytes]) -> List[bytes]:
+    """The values of XREAD/XREADGROUP's BLOCK options before STREAMS, as Redis's option walk reads them.
+
+    The command blocks when there is one; the last one is its timeout
+    (Redis reads every option before STREAMS, each BLOCK replacing the one
+    before).  The walk stops at STREAMS or at an option Redis refuses (the
+    server answers that syntax error itself).
+    """
     group = args[0].lower() == b"xreadgroup"
+    found: List[bytes] = []
     i = 1
     while i < len(args):
         option = args[i].lower()
         more = len(args) - i - 1
-        if option == b"block" and more:
-            return True
-        if option == b"count" and more:
+        if (option == b"block" or option == b"count") and more:
+            if option == b"block":
+                found.append(args[i + 1])
             i += 2
         elif option == b"group" and group and more >= 2:
             i += 3
         elif option == b"noack" and group:
             i += 1
         else:
-            return False   # STREAMS (the options end there), or a syntax error the server reports
-    return False
+            break   # STREAMS (the options end there), or a syntax error the server reports
+    return found
+
+
+def xread_blocks(args: Sequence[bytes]) -> bool:
+    """Whether XREAD/XREADGROUP ``args`` ask to block: a BLOCK option before STREAMS, read as Redis reads them."""
+    return bool(xread_block_arguments(args))
 
 
 def refusal_without_keys(name: str, args: Sequence[bytes]) -> bytes:

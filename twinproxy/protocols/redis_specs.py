@@ -28,6 +28,8 @@ KEYLESS = "keyless"        # no key, and every server answers alike (OBJECT HELP
 LOCAL_COMMAND = "local"
 TRANSACTION = "transaction"  # an EXEC carrying the queued commands: all on one server
 WATCHING = "watching"        # WATCH / UNWATCH: the client's connection pinned to one server
+BLOCKING_COMMAND = "blocking"  # keys as SAME_SERVER; run alone on a leased connection (or, if ``blocks``
+                               # says these arguments do not block, routed as SAME_SERVER)
 REJECTED = "rejected"
 # Sent to every server, or to one chosen server, and merged (redis_fanout): INFO, SCAN, SCRIPT LOAD, ...
 FANOUT = "fanout"
@@ -55,8 +57,8 @@ class CommandSpec:
         # Options from this argument on, with how many values each takes; a
         # STORE/STOREDIST option's value is a key (SORT ... STORE d).
         self.options = options
-        # For a command that blocks only with an option (XREAD ... BLOCK):
-        # whether these arguments ask for it (refused then, with ``reason``).
+        # For a BLOCKING_COMMAND that blocks only with an option (XREAD ... BLOCK):
+        # whether these arguments ask for it (routed as SAME_SERVER when not).
         self.blocks = blocks
         self.label = name.decode("ascii")
         self.layout = layout
@@ -94,8 +96,8 @@ class CommandSpec:
         # May go to a replica: Redis flags it read-only, it names its keys,
         # and it is not kept for the master.  A container (OBJECT, XINFO, ...)
         # and its subcommands stay on the master.
-        self.readonly = (layout in (SINGLE, SAME_SERVER, NUMKEYS, SPLIT) and self.label in READ_ONLY
-                         and self.label not in MASTER_ONLY and "|" not in self.label)
+        self.readonly = (layout in (SINGLE, SAME_SERVER, NUMKEYS, SPLIT, BLOCKING_COMMAND)
+                         and self.label in READ_ONLY and self.label not in MASTER_ONLY and "|" not in self.label)
 
 
 def _subcommand_spec(container: bytes, sub: bytes, keys: CommandKeys) -> CommandSpec:
@@ -150,10 +152,15 @@ NUMKEYS_AFTER_DESTINATION = "zunionstore zinterstore zdiffstore"
 # Read-only to Redis, yet for the master: scripts (their keys and effects are
 # their own), and TOUCH (its point is the master's access times).
 MASTER_ONLY = frozenset(("eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro", "touch"))
-BLOCKING = "blpop brpop brpoplpush blmove blmpop bzpopmin bzpopmax bzmpop wait waitaof"
-BLOCKING_REASON = "blocking commands would stall a backend connection shared by many clients"
+# Run on a connection leased for the command alone (redis_blocking says for how long).
+BLOCKING = "blpop brpop brpoplpush blmove blmpop bzpopmin bzpopmax bzmpop"
 # Blocking only with BLOCK: routed by their streams' keys without it.
 STREAM_READS = "xread xreadgroup"
+# They wait for replicas to acknowledge "this client's writes": a proxy's client writes over
+# connections it shares with other clients, so no server connection's offset is the client's.
+WAITS = "wait waitaof"
+WAITS_REASON = ("it waits for replicas to acknowledge the client's writes, and a proxy's client writes over "
+                "server connections shared with other clients")
 PUBSUB = "subscribe psubscribe ssubscribe unsubscribe punsubscribe sunsubscribe publish spublish pubsub"
 # KEYS, SCAN, RANDOMKEY, DBSIZE, FLUSHDB and FLUSHALL fan out (redis_keyspace); MOVE is
 # routed by its key and SWAPDB refused (redis_connection and the codec's table).

@@ -7,11 +7,9 @@ import pytest
 from tests.unit.protocols.test_redis_codec import Router, codec, prepared
 from twinproxy.protocols.redis_commands import COMMANDS
 from twinproxy.protocols.redis_specs import KEYLESS, REJECTED, SINGLE
-from twinproxy.request import FORWARD, FRAGMENT, LOCAL
+from twinproxy.request import BLOCK, FORWARD, FRAGMENT, LOCAL
 
 SPREAD = b"-ERR keys in request don't hash to the same server"
-BLOCKING = (b"-ERR command '%s' is not supported by twinproxy: blocking commands would stall a backend "
-            b"connection shared by many clients\r\n")
 
 
 def routed(args: List[bytes], router=None):
@@ -63,13 +61,10 @@ def test_xread_without_block_is_routed_by_its_streams() -> None:
     [b"xread", b"count", b"1", b"block", b"10", b"streams", b"a", b"$"],
     [b"XREADGROUP", b"GROUP", b"g", b"c", b"BLOCK", b"0", b"STREAMS", b"a", b">"],
 ])
-def test_xread_with_block_keeps_the_blocking_refusal(args) -> None:
+def test_xread_with_block_is_a_blocking_command(args) -> None:
+    """With BLOCK it runs on a leased connection (tests/unit/protocols/test_redis_blocking.py)."""
     request, routes = routed(args)
-    assert routes == [] and request.reply == BLOCKING % args[0].upper()
-
-
-def test_blocking_commands_stay_refused() -> None:
-    assert prepared([b"BLPOP", b"a", b"0"]).reply == BLOCKING % b"BLPOP"
+    assert routes is None and request.kind == BLOCK and request.reply is None
 
 
 @pytest.mark.parametrize("args, key", [

@@ -271,7 +271,8 @@ def getkeys(*args: bytes) -> bytes:
 
 
 def test_command_getkeys_of_a_refused_command_names_the_refusal() -> None:
-    assert getkeys(b"GETKEYS", b"BLPOP", b"a", b"0").startswith(b"-ERR command 'BLPOP' is not supported")
+    assert getkeys(b"GETKEYS", b"WAITAOF", b"0", b"0", b"0").startswith(b"-ERR command 'WAITAOF' is not supported")
+    assert getkeys(b"GETKEYS", b"BLPOP", b"a", b"b", b"0") == b"*2\r\n$1\r\na\r\n$1\r\nb\r\n"   # as Redis
     assert getkeys(b"GETKEYS", b"GET") == b"-ERR wrong number of arguments for 'command|getkeys' command\r\n"
 
 
