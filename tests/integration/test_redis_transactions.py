@@ -116,6 +116,21 @@ def test_scripts_run_inside_a_transaction_and_whole_pool_commands_are_refused(th
                    b"-EXECABORT Transaction discarded because of previous errors.\r\n")
 
 
+def test_publish_is_queued_and_published_at_exec(three) -> None:
+    """Celery's result backend: SET the result and PUBLISH it in one transaction."""
+    _, service = three
+    c = client(service, protocol=2)
+    listener = client(service, protocol=2).pubsub()
+    listener.subscribe("{m}done")
+    assert listener.get_message(timeout=5)["type"] == "subscribe"
+    pipe = c.pipeline(transaction=True)
+    pipe.set("{m}result", "42").publish("{m}done", "42")
+    assert pipe.execute() == [True, 1]
+    message = listener.get_message(timeout=5)
+    assert message["type"] == "message" and message["data"] == b"42"
+    listener.close()
+
+
 def test_disconnect_mid_transaction_leaves_nothing(three) -> None:
     backends, service = three
     raw(service, b"MULTI\r\nSET {d}k 1\r\n", expect=2)

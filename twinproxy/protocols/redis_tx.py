@@ -39,8 +39,9 @@ EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
 QUEUED = b"+QUEUED\r\n"
 _MULTI = resp.encode_command([b"MULTI"])
 _EXEC = resp.encode_command([b"EXEC"])
-# Answered by the proxy outside MULTI, queued as they are inside: the server runs them in the transaction.
-_QUEUED_AS_IS = frozenset((b"ping", b"echo"))
+# Answered (or routed) by the proxy's own handlers outside MULTI, queued as they are inside: the server runs
+# them in the transaction (PUBLISH goes with the transaction's server, which must be its channel's).
+_QUEUED_AS_IS = frozenset((b"ping", b"echo", b"publish", b"spublish"))
 # Answered by Redis inside MULTI without queueing, and without spoiling the transaction.
 _NOT_QUEUED = {
     b"multi": "ERR MULTI calls can not be nested",
