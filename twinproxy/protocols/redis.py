@@ -27,10 +27,8 @@ encoded here per dialect.
 
 from __future__ import annotations
 
-import hmac
 from typing import Any, Dict, List, Optional, Tuple
 
-from twinproxy import __version__
 from twinproxy.config import PoolConfig
 from twinproxy.protocols import (
     ProtocolError,
@@ -43,18 +41,17 @@ from twinproxy.protocols import (
     resp,
 )
 from twinproxy.protocols.redis_blocking import prepare_blocking
-from twinproxy.protocols.redis_connection import BAD_NAME as _BAD_NAME
 from twinproxy.protocols.redis_connection import RESET_REPLY, ConnectionCommands
-from twinproxy.protocols.redis_connection import valid_client_name as _valid_client_name
 from twinproxy.protocols.redis_fanout_commands import FanoutCommands
 from twinproxy.protocols.redis_keys import (
     BadInvocation,
-    long_long,
     unknown_command,
     unknown_subcommand,
     wrong_arity,
     xread_blocks,
 )
+from twinproxy.protocols.redis_login import NOAUTH_REPLY as _NOAUTH_REPLY
+from twinproxy.protocols.redis_login import LoginCommands
 from twinproxy.protocols.redis_pubsub import SUBSCRIBED, SUBSCRIBED_ALLOWED
 from twinproxy.protocols.redis_specs import (
     ALL_KEYS,
@@ -95,13 +92,6 @@ from twinproxy.protocols.redis_specs import (
 from twinproxy.protocols.redis_tx import Transactions
 from twinproxy.request import FORWARD, FRAGMENT, LOCAL, Request, profile_db, profile_dialect
 
-WRONG_PASSWORD = "WRONGPASS invalid username-password pair or user is disabled."
-NOAUTH = "NOAUTH Authentication required."
-_NOAUTH_REPLY = resp.error(NOAUTH)
-# Redis 7.0's text; 7.2 reworded it ("HELLO <proto> AUTH ...").
-_HELLO_NOAUTH = ("NOAUTH HELLO must be called with the client already authenticated, otherwise the "
-                 "HELLO AUTH <user> <pass> option can be used to authenticate the client and select "
-                 "the RESP protocol version at the same time")
 # The commands Redis flags ``no_auth``: served before AUTH.
 _BEFORE_AUTH = frozenset((b"auth", b"hello", b"quit", b"reset"))
 # Answered by a handler that then sends them by their key (COMMAND GETKEYS lists it).
@@ -164,6 +154,7 @@ class RedisCodec:
     def __init__(self, config: PoolConfig) -> None:
         self._config = config
         self._password = config.redis_auth.encode() if config.redis_auth else None
+        self._login = LoginCommands(self._password, self.mode_changed)
         self._transactions = Transactions(self, CommandSpec(b"exec", TRANSACTION), arity_error, self.merge_parts,
                                           config.redis_cross_server_transactions)
         self.connection = ConnectionCommands(config, self.command_keys, arity_error)
@@ -199,7 +190,7 @@ class RedisCodec:
         connection = self.connection
         for name, handler in (
             ("ping", self._ping), ("echo", self._echo), ("quit", self._quit),
-            ("auth", self._auth), ("hello", self._hello), ("reset", self._reset),
+            ("auth", self._login.auth), ("hello", self._login.hello), ("reset", self._reset),
             ("select", connection.select), ("move", connection.move), ("client", connection.client),
             ("role", connection.role), ("readonly", connection.readonly), ("readwrite", connection.readonly),
         ):
@@ -583,28 +574,6 @@ class RedisCodec:
         request.close_after = True
         return b"+OK\r\n"
 
-    def _check_password(self, user: Optional[bytes], password: bytes) -> bool:
-        if user is not None and user != b"default":
-            return False
-        if self._password is None:
-            return True
-        return hmac.compare_digest(password, self._password)
-
-    def _auth(self, request: Request, session: Session) -> bytes:
-        args = request.args
-        if len(args) < 2:
-            return _wrong_arity(b"auth")
-        if len(args) > 3:
-            return b"-ERR syntax error\r\n"
-        if len(args) == 2 and self._password is None:
-            return resp.error("ERR AUTH <password> called without any password configured for the "
-                              "default user. Are you sure your configuration is correct?")
-        user = args[1] if len(args) == 3 else None
-        if not self._check_password(user, args[-1]):
-            return resp.error(WRONG_PASSWORD)
-        session.authenticated = True
-        return b"+OK\r\n"
-
     def _reset(self, request: Request, session: Session) -> bytes:
         """RESET: the session's own state (redis_connection), and out of MULTI and WATCH, as Redis's."""
         profile = session.profile
@@ -617,55 +586,3 @@ class RedisCodec:
             else:
                 session.drop_watch()   # the pin is of the old database or protocol: out of the routing now
         return reply
-
-    def _hello(self, request: Request, session: Session) -> bytes:
-        args = request.args
-        dialect = session.dialect
-        name = None
-        if len(args) >= 2:
-            version = long_long(args[1])
-            if version is None:
-                return resp.error("ERR Protocol version is not an integer or out of range")
-            if version not in (2, 3):
-                return resp.error("NOPROTO unsupported protocol version")
-            dialect = version
-            i = 2
-            while i < len(args):
-                option = args[i].lower()
-                if option == b"auth" and i + 2 < len(args):
-                    if not self._check_password(args[i + 1], args[i + 2]):
-                        return resp.error(WRONG_PASSWORD)
-                    # Redis 7.0 logs the client in here, so it stays logged in
-                    # even if a later option is refused.
-                    session.authenticated = True
-                    i += 3
-                elif option == b"setname" and i + 1 < len(args):
-                    name = args[i + 1]
-                    if not _valid_client_name(name):
-                        return resp.error(_BAD_NAME)
-                    i += 2
-                else:
-                    shown = args[i].replace(b"\r", b" ").replace(b"\n", b" ")
-                    return b"-ERR Syntax error in HELLO option '%s'\r\n" % shown
-        if not session.authenticated:
-            return resp.error(_HELLO_NOAUTH)
-        if dialect != session.dialect and session.watch_pin is not None:
-            # The WATCH's leased connection speaks the protocol it was made with.
-            return resp.error("ERR HELLO switching the protocol while a WATCH is active is not supported by "
-                              "twinproxy: EXEC, DISCARD or UNWATCH first")
-        changed = dialect != session.dialect
-        session.use(dialect, session.db)   # HELLO keeps the database, as in Redis
-        if changed and session.mode is not None:   # subscribed: the RESP2 rules start or stop with the version
-            self.mode_changed(session)
-        if name is not None:
-            session.client_name = name or None
-        fields = [
-            (resp.bulk(b"server"), resp.bulk(b"twinproxy")),
-            (resp.bulk(b"version"), resp.bulk(__version__.encode())),
-            (resp.bulk(b"proto"), resp.integer(dialect)),
-            (resp.bulk(b"id"), resp.integer(session.client_id)),
-            (resp.bulk(b"mode"), resp.bulk(b"standalone")),
-            (resp.bulk(b"role"), resp.bulk(b"master")),
-            (resp.bulk(b"modules"), resp.array([])),
-        ]
-        return resp.mapping(fields, dialect)
