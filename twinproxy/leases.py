@@ -12,7 +12,8 @@ Owns :class:`Leases`, one server's leased connections:
   again and again (a worker's BLPOP loop, a WATCH per transaction) reuses
   one TCP connection rather than opening one each time;
 - :meth:`Leases.discard` — closed: whatever state its session left on the
-  server (a WATCH, a blocked pop) dies with it;
+  server (a WATCH, a blocked pop) dies with it; :meth:`Leases.retire` —
+  closed once what it was sent is answered (a RESET into another profile);
 - :meth:`Leases.lend` — one request run alone on a leased connection, which
   goes back after the reply (closed instead if its client has gone, or if it
   failed).  A request whose profile carries :data:`~twinproxy.request.LEASED`
@@ -48,7 +49,6 @@ class Leases:
         self._link = link
         self._in_use: Set[Any] = set()
         self._idle: List[Any] = []       # oldest first
-        self._lent: Set[Any] = set()     # in use by one request each (lend), not by a session
         self.refused = 0                 # leases refused (the cap, a server leaving the pool)
         # Lent connections' replies are timed here, not in the server's latency: a blocking
         # command's time is the wait for a key (its command's latency still counts it).
@@ -97,7 +97,6 @@ class Leases:
 
     def release(self, connection: Any) -> None:
         """``connection`` is clean: keep it for the next lease (the oldest idle one goes past the idle limit)."""
-        self._lent.discard(connection)
         if (connection not in self._in_use or connection.closed or connection.draining or connection.pending
                 or self._link.stopped):
             self.discard(connection)
@@ -127,7 +126,6 @@ class Leases:
     def forget(self, connection: Any) -> None:
         """``connection`` is closed or closing: it is no longer lent nor idle."""
         self._in_use.discard(connection)
-        self._lent.discard(connection)
         if connection in self._idle:
             self._idle.remove(connection)
 
@@ -148,7 +146,6 @@ class Leases:
         if connection is None:
             self._answer(request, self.refusal(request.name.upper()))
             return
-        self._lent.add(connection)
         self._link.pool.counters.blocking_commands += 1
         connection.time_replies_in(self.waits)
         request.owner = _Lent(self, connection, owner)
@@ -177,12 +174,6 @@ class Leases:
         for connection in idle:
             connection.close()
 
-    def clear(self) -> None:
-        """Forget every connection (the link closes or aborts them itself)."""
-        self._in_use.clear()
-        self._idle.clear()
-        self._lent.clear()
-
     @property
     def in_use_count(self) -> int:
         return len(self._in_use)
@@ -190,11 +181,6 @@ class Leases:
     @property
     def idle_count(self) -> int:
         return len(self._idle)
-
-    @property
-    def lent_count(self) -> int:
-        """Connections running one request each (blocking commands), a part of ``in_use_count``."""
-        return len(self._lent)
 
 
 class _Lent:
