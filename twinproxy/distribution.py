@@ -17,7 +17,8 @@ import bisect
 import hashlib
 import random
 import struct
-from typing import List, Optional, Sequence, Tuple
+from bisect import bisect_left
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 KETAMA_POINTS_PER_SERVER = 160
 KETAMA_POINTS_PER_HASH = 4
@@ -104,3 +105,31 @@ DISTRIBUTIONS = {
 def build_continuum(distribution: str, servers: Sequence[Tuple[str, int]]) -> Continuum:
     """Build the continuum named ``distribution`` over ``servers`` (non-empty)."""
     return DISTRIBUTIONS[distribution](servers)
+
+
+def ring_router(targets: Sequence[Any], continuum: Continuum, hash_key: Callable[[bytes], int],
+                tag: Callable[[bytes], bytes], tagged: bool) -> Callable[[bytes], Any]:
+    """key -> the one of ``targets`` (in the continuum's server order) that ``continuum`` places it on.
+
+    The plain function a pool routes with: nutcracker's placement over any
+    objects, the pool's live servers or (an adopted pool's) its groups.
+    ``tagged``: a hash tag is configured (ketama skips ``tag`` without one).
+    """
+    if isinstance(continuum, KetamaContinuum) and continuum.points:
+        # One target per ring point; the point past the last wraps to the first.
+        by_point = [targets[index] for index in continuum.indices]
+        by_point.append(by_point[0])
+        points = continuum.points
+        if not tagged:
+            def ring_route(key: bytes) -> Any:
+                return by_point[bisect_left(points, hash_key(key))]
+        else:
+            def ring_route(key: bytes) -> Any:
+                return by_point[bisect_left(points, hash_key(tag(key)))]
+        return ring_route
+    lookup = continuum.lookup
+
+    def looked_up(key: bytes) -> Any:
+        return targets[lookup(hash_key(tag(key)))]
+
+    return looked_up

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import platform
 import types
-from bisect import bisect_left
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from twisted.logger import Logger
@@ -23,7 +22,7 @@ from twisted.logger import Logger
 from twinproxy.cluster.slots import slot_of
 from twinproxy.cluster.targets import SlotRouting
 from twinproxy.config import PoolConfig, ServerSpec
-from twinproxy.distribution import Continuum, KetamaContinuum, build_continuum
+from twinproxy.distribution import Continuum, build_continuum, ring_router
 from twinproxy.hashing import HASH_FUNCTIONS, hash_tag_extractor
 from twinproxy.request import Request
 from twinproxy.stats import PoolCounters, ServerCounters
@@ -177,22 +176,7 @@ class ServerPool:
         if self._random:
             lookup = continuum.lookup
             return lambda key: live[lookup(0)]
-        if isinstance(continuum, KetamaContinuum) and continuum.points:
-            # One server per ring point; the point past the last wraps to the first.
-            by_point = [live[index] for index in continuum.indices]
-            by_point.append(by_point[0])
-            points = continuum.points
-            if not self.config.hash_tag:
-                def ring_route(key: bytes) -> Any:
-                    return by_point[bisect_left(points, hash_key(key))]
-            else:
-                def ring_route(key: bytes) -> Any:
-                    return by_point[bisect_left(points, hash_key(tag(key)))]
-        else:
-            lookup = continuum.lookup
-
-            def ring_route(key: bytes) -> Any:
-                return live[lookup(hash_key(tag(key)))]
+        ring_route = ring_router(live, continuum, hash_key, tag, bool(self.config.hash_tag))
         self._ring_route = ring_route
         if CACHE_PYTHON_HASHES and isinstance(hash_key, types.FunctionType):
             return self._cached_route
@@ -210,6 +194,10 @@ class ServerPool:
         are gone, for the caller to drain.
         """
         self.config = config
+        if config.cluster_mode and self.slots is None:
+            # A pool that joins a cluster in place (an adopted twemproxy pool): from now on by slots.
+            self.slots = SlotRouting(config.cluster, self._clock, self._reply_error)
+            self.slot_of = slot_of
         self._hash = HASH_FUNCTIONS[config.hash]
         self._tag = hash_tag_extractor(config.hash_tag)
         self._random = config.distribution == "random"

@@ -149,10 +149,12 @@ def diff_pools(old: Sequence[PoolConfig], new: Sequence[PoolConfig]) -> ProxyDif
         previous = before.get(config.name)
         if previous is None:
             continue
-        # A cluster pool changes Sentinel mode in place (its dashboard added sentinels).
+        # A cluster pool changes Sentinel mode in place (its dashboard added sentinels); a
+        # plain pool joins a cluster in place (adopted: its clients stay).
+        joins = previous.redis and not previous.cluster_mode and not previous.sentinel_mode and config.cluster_mode
         if previous.redis != config.redis \
                 or (previous.sentinel_mode != config.sentinel_mode and not config.cluster_mode) \
-                or (previous.cluster, previous.coordinator) != (config.cluster, config.coordinator):
+                or ((previous.cluster, previous.coordinator) != (config.cluster, config.coordinator) and not joins):
             replaced.append((previous, config))
             continue
         diff = diff_pool(previous, config)

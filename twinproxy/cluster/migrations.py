@@ -38,6 +38,21 @@ and then gives it back to the source directly (no way back to warm up:
 the source never had a stale item, since every write through a warming
 proxy deleted the source's copy first).
 
+An **adoption** (a twemproxy pool taken over, :func:`adopt`) is one
+entry per server of the pool (``adopt``, ``from_group`` its group, no
+``to_group``, slots 0-1023): it moves the keys the pool placed on that
+server to their slots' owners.  One runs at a time (each involves every
+group), so only one server is ever a source: two servers MIGRATEing to
+each other block each other until the timeout.  The slot table keeps
+each slot's owner throughout; proxies route a key by its source's entry
+(:meth:`~twinproxy.cluster.model.Topology.adopt_states`): where the pool
+placed it until that entry moves keys, moved first while it migrates, at
+its slot's owner once it finished.  While an entry is ``prepared`` every
+slot is held (the barrier: a few milliseconds).  ``adopted`` is dropped
+when the last entry finishes.  An entry's cancel is refused once it moves
+keys (they would have to go back to the pool's placement, which nothing
+writes): pause it instead.
+
 Ended entries beyond the last :data:`KEEP_ENDED` are pruned by every edit
 here.  ``preparing`` (Codis's store-only step) is accepted on load and
 treated as pending; this dashboard does not write it.  No Twisted, no I/O.
@@ -48,7 +63,17 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Collection, Dict, List, Optional, Tuple
 
-from twinproxy.cluster.model import Topology, TopologyError, check_group_id, check_slot_range, show_slots
+from twinproxy.cluster.legacy import Legacy, even_spread
+from twinproxy.cluster.model import (
+    Group,
+    Topology,
+    TopologyError,
+    check_address,
+    check_group_id,
+    check_slot_range,
+    show_slots,
+)
+from twinproxy.cluster.slots import SLOT_COUNT
 
 # A migration's states, in order; the last three end it.
 MIGRATION_STATES = ("pending", "preparing", "prepared", "migrating", "finished", "cancelled", "failed")
@@ -59,7 +84,7 @@ MAX_PARALLEL = 64
 MAX_RATE = 10 ** 9
 _KEYS = ("id", "first", "last", "from_group", "to_group", "state")
 _OPTIONAL = ("keys_per_second", "parallel", "cancelling", "error", "warmup_seconds", "warmup_until", "warmup_left",
-             "warmed")
+             "warmed", "adopt")
 DEFAULT_WARMUP = 60
 MAX_WARMUP = 7 * 86400
 
@@ -75,14 +100,16 @@ class Migration:
     fast as it goes / one batch in flight); ``error`` says why it failed or
     was put back to pending.  ``warmup_seconds`` (memcache clusters only,
     None for Redis) and its clock ``warmup_until`` / ``warmup_left`` and
-    ``warmed``: see the module docstring.
+    ``warmed``: see the module docstring.  ``adopt``: an adoption (no
+    ``from_group``/``to_group``: each key's source is the adopted pool's
+    placement, its target its slot's owner).
     """
 
     id: int
     first: int
     last: int
-    from_group: int
-    to_group: int
+    from_group: Optional[int]
+    to_group: Optional[int]
     state: str = "pending"
     keys_per_second: Optional[int] = None
     parallel: Optional[int] = None
@@ -92,6 +119,7 @@ class Migration:
     warmup_until: Optional[float] = None
     warmup_left: Optional[float] = None
     warmed: bool = False
+    adopt: bool = False
 
     @property
     def warms(self) -> bool:
@@ -130,9 +158,13 @@ class Migration:
         if self.warms:      # a Redis migration's document stays as it was
             document.update(warmup_seconds=self.warmup_seconds, warmup_until=self.warmup_until,
                             warmup_left=self.warmup_left, warmed=self.warmed)
+        if self.adopt:
+            document["adopt"] = True
         return document
 
     def describe(self) -> str:
+        if self.adopt:
+            return f"{self.id} (adoption: the keys the adopted pool placed on group {self.from_group}, to their slots)"
         back = ", being moved back" if self.cancelling else ""
         return f"{self.id} (slots {self.first}-{self.last}, group {self.from_group} to {self.to_group}{back})"
 
@@ -197,14 +229,22 @@ def parse_migrations(items: Any) -> Tuple[Migration, ...]:
         warmed = item.get("warmed", False)
         if not isinstance(warmed, bool):
             raise TopologyError(f"{what}: warmed must be true or false")
+        adopting = item.get("adopt", False)
+        if not isinstance(adopting, bool):
+            raise TopologyError(f"{what}: adopt must be true or false")
+        if adopting:
+            if item["to_group"] is not None or (first, last) != (0, SLOT_COUNT - 1):
+                raise TopologyError(f"{what}: an adoption covers slots 0-{SLOT_COUNT - 1} and has a null to_group")
+            groups = (check_group_id(item["from_group"]), None)
+        else:
+            groups = (check_group_id(item["from_group"]), check_group_id(item["to_group"]))
         try:
             warm = (check_warmup(item.get("warmup_seconds")), _seconds(item.get("warmup_until"), "warmup_until"),
                     _seconds(item.get("warmup_left"), "warmup_left"), warmed)
         except TopologyError as err:
             raise TopologyError(f"{what}: {err.message}") from None
-        found.append(Migration(mid, first, last, check_group_id(item["from_group"]), check_group_id(item["to_group"]),
-                               item["state"], check_rate(item.get("keys_per_second")),
-                               check_parallel(item.get("parallel")), cancelling, error, *warm))
+        found.append(Migration(mid, first, last, *groups, item["state"], check_rate(item.get("keys_per_second")),
+                               check_parallel(item.get("parallel")), cancelling, error, *warm, adopting))
     return tuple(found)
 
 
@@ -217,6 +257,9 @@ def check_migrations(topology: Topology) -> None:
     busy: Dict[int, Migration] = {}       # group -> its migration past pending
     for m in topology.migrations:
         if m.ended:
+            continue
+        if m.adopt:
+            _check_adoption(topology, m, busy)
             continue
         if m.from_group == m.to_group:
             raise TopologyError(f"migration {m.id} moves slots from group {m.from_group} to itself")
@@ -249,6 +292,30 @@ def check_migrations(topology: Topology) -> None:
         raise TopologyError(f"slots {show_slots(stray)} are migrating but no migration covers them")
 
 
+def _check_adoption(topology: Topology, m: Migration, busy: Dict[int, Migration]) -> None:
+    if topology.adopted is None or m.from_group not in topology.adopted.gids:
+        raise TopologyError(f"migration {m.id} is an adoption of group {m.from_group}, which holds no server of an "
+                            "adopted pool")
+    if m.cancelling or m.warms or m.warmed:
+        raise TopologyError(f"migration {m.id}: an adoption neither moves back nor warms up")
+    others = [o for o in topology.migrations if not o.ended and (not o.adopt or o.from_group == m.from_group)
+              and o.id != m.id]
+    if others:
+        raise TopologyError(f"adoption {m.id} runs with migration {others[0].id}, which is not ended")
+    if m.active:
+        for group in topology.groups:
+            if group.id in busy:
+                raise TopologyError(f"group {group.id} takes part in migrations {busy[group.id].id} and {m.id} at once")
+            busy[group.id] = m
+    expected = "held" if m.state == "prepared" else "stable"
+    wrong = [slot for slot, (gid, state) in enumerate(topology.slots)
+             if gid is None or (state != expected and not (expected == "stable" and state == "held"))]
+    if wrong:
+        gid, state = topology.slots[wrong[0]]
+        raise TopologyError(f"adoption {m.id} is {m.state}, so slot {wrong[0]} must be {expected} in a group, not "
+                            f"{state} in group {gid}")
+
+
 def _expected_slot(m: Migration) -> Tuple[int, str]:
     if m.state in ("pending", "preparing"):
         return m.from_group, "stable"
@@ -269,16 +336,25 @@ def _find(topology: Topology, mid: Any) -> Migration:
     return migration
 
 
-def _write(topology: Topology, migration: Migration, slots: Optional[Tuple[int, str]] = None) -> Topology:
-    """``migration`` replacing its entry (or appended), its range set to ``slots``, ended entries pruned."""
+def _write(topology: Topology, migration: Migration, slots: Optional[Tuple[Optional[int], str]] = None,
+           **more: Any) -> Topology:
+    """``migration`` replacing its entry (or appended), its range set to ``slots``, ended entries pruned.
+
+    An adoption's slots keep their owners: only the state of ``slots`` is used.
+    """
     entries = [m for m in topology.migrations if m.id != migration.id] + [migration]
     entries.sort(key=lambda m: m.id)
     ended = [m for m in entries if m.ended]
-    drop = {m.id for m in ended[:max(0, len(ended) - KEEP_ENDED)]}
-    changes: Dict[str, Any] = {"migrations": tuple(m for m in entries if m.id not in drop)}
+    # An adoption's entries stay while its pool is adopted: they say which servers' keys have moved.
+    adopting = more.get("adopted", topology.adopted) is not None
+    drop = {m.id for m in ended[:max(0, len(ended) - KEEP_ENDED)] if not (m.adopt and adopting)}
+    changes: Dict[str, Any] = {"migrations": tuple(m for m in entries if m.id not in drop), **more}
     if slots is not None:
         table = list(topology.slots)
-        table[migration.first:migration.last + 1] = [slots] * (migration.last - migration.first + 1)
+        if migration.adopt:     # every slot, its owner kept: held for the barrier, else stable
+            table = [(owner, slots[1]) for owner, _ in table]
+        else:
+            table[migration.first:migration.last + 1] = [slots] * (migration.last - migration.first + 1)
         changes["slots"] = tuple(table)
     return topology._next(**changes)
 
@@ -294,6 +370,7 @@ def create(topology: Topology, first: int, last: int, gid: int, keys_per_second:
     check_rate(keys_per_second)
     check_parallel(parallel)
     check_warmup(warmup_seconds)
+    topology._not_adopting("queue a migration")
     if topology.protocol == "redis" and warmup_seconds is not None:
         raise TopologyError("warmup_seconds is for memcache clusters: a Redis cluster's keys are moved, not "
                             "warmed up (tune its sweep with keys_per_second and parallel)")
@@ -340,7 +417,7 @@ def startable(topology: Topology, skip: Collection[int] = ()) -> List[int]:
     neither of its groups takes part in a migration past pending, in an
     earlier pending one (except those in ``skip``: paused) or in a promote.
     """
-    claimed = {gid for m in topology.migrations if m.active for gid in (m.from_group, m.to_group)}
+    claimed = {gid for m in topology.migrations if m.active for gid in _groups_of(topology, m)}
     change = topology.change or {}
     if change.get("group") is not None:
         claimed.add(change["group"])
@@ -348,11 +425,57 @@ def startable(topology: Topology, skip: Collection[int] = ()) -> List[int]:
     for m in topology.migrations:
         if m.state not in ("pending", "preparing") or m.id in skip:
             continue
-        groups = {m.from_group, m.to_group}
+        groups = _groups_of(topology, m)
         if not groups & claimed:
             found.append(m.id)
         claimed |= groups
     return found
+
+
+def _groups_of(topology: Topology, m: Migration) -> set:
+    """The groups ``m`` takes part in: an adoption's are all of them."""
+    return {group.id for group in topology.groups} if m.adopt else {m.from_group, m.to_group}
+
+
+def adopt(topology: Topology, legacy: Legacy, addresses: List[str]) -> Topology:
+    """Take over pool ``legacy``: its servers become groups, the slots spread over them, one adoption per server.
+
+    ``addresses``: the pool's servers, in its order (``legacy.servers``'
+    order).  An empty Redis topology only (409 otherwise), or one that has
+    adopted the same pool and whose adoptions not finished ended (cancelled,
+    failed): then those are queued again.  One generation.
+    """
+    if topology.protocol != "redis":
+        raise TopologyError("only a Redis cluster adopts a pool: memcached items cannot be moved", 409)
+    if len(addresses) != len(legacy.servers):
+        raise TopologyError(f"{len(addresses)} addresses for the {len(legacy.servers)} servers of pool "
+                            f"'{legacy.pool}'")
+    for address in addresses:
+        check_address(address, "server address")
+    if len(set(addresses)) != len(addresses):
+        raise TopologyError(f"pool '{legacy.pool}' lists a server twice")
+    mid = max((m.id for m in topology.migrations), default=0) + 1
+    if topology.adopted is not None:
+        masters = [topology.group(gid).master if topology.group(gid) is not None else None for gid in legacy.gids]
+        if topology.adopted != legacy or masters != list(addresses) or any(not m.ended for m in topology.migrations):
+            raise TopologyError(f"the cluster has adopted pool '{topology.adopted.pool}' already (with other "
+                                "servers, or its adoption is under way): adopt it again with the same pool file "
+                                "once its adoptions have ended, or start from an empty cluster", 409)
+        states = topology.adopt_states()
+        again = [gid for gid in legacy.gids if states[gid] != "done"]
+    else:
+        if topology.groups or topology.migrations or topology.offline_slots != SLOT_COUNT or topology.change:
+            raise TopologyError(f"cluster '{topology.cluster}' is not empty: a pool is adopted into a cluster with "
+                                "no groups, no slots placed and no migrations", 409)
+        groups = tuple(sorted((Group(gid, (address,)) for (gid, _, _), address in zip(legacy.servers, addresses)),
+                              key=lambda g: g.id))
+        spread = even_spread(list(legacy.gids), SLOT_COUNT)
+        topology = replace(topology, groups=groups, slots=tuple((spread[slot], "stable") for slot in range(SLOT_COUNT)),
+                           adopted=legacy)
+        again = list(legacy.gids)
+    entries = [Migration(mid + index, 0, SLOT_COUNT - 1, gid, None, "pending", adopt=True)
+               for index, gid in enumerate(again)]
+    return topology._next(migrations=tuple(topology.migrations) + tuple(entries))
 
 
 def advance(topology: Topology, mid: int, now: Optional[float] = None) -> Topology:
@@ -365,7 +488,7 @@ def advance(topology: Topology, mid: int, now: Optional[float] = None) -> Topolo
     if m.ended:
         raise TopologyError(f"migration {m.describe()} has ended ({m.state})", 409)
     if m.state in ("pending", "preparing"):
-        for gid in (m.from_group, m.to_group):
+        for gid in sorted(_groups_of(topology, m)):
             group = topology._known_group(gid)
             if not group.servers:
                 raise TopologyError(f"migration {m.describe()} cannot start: group {gid} has no servers", 409)
@@ -381,12 +504,21 @@ def advance(topology: Topology, mid: int, now: Optional[float] = None) -> Topolo
     if m.state == "prepared" and m.cancelling and m.warms:
         # Held at the target (no proxy warms any more): the source serves again, as it is.
         return _write(topology, replace(m, state="cancelled"), (m.from_group, "stable"))
+    if m.state == "prepared" and m.adopt:
+        # The hold is over: the source's keys are moved as they are touched (the others route as before).
+        return _write(topology, replace(m, state="migrating"), (None, "stable"))
     if m.state == "prepared":
         until = now + m.warmup_seconds if m.warms and now is not None else None
         return _write(topology, replace(m, state="migrating", warmup_until=until, warmup_left=None),
                       (m.target, "migrating"))
     if m.warms and not m.warmed:
         return _write(topology, replace(m, warmed=True, warmup_until=None, warmup_left=None), (m.target, "held"))
+    if m.adopt:
+        # Once every server's keys are at their slots' owners, the pool's placement is history.
+        done = {o.from_group for o in topology.migrations if o.adopt and o.state == "finished"} | {m.from_group}
+        last = done >= set(topology.adopted.gids)
+        return _write(topology, replace(m, state="finished"), (None, "stable"),
+                      **({"adopted": None} if last else {}))
     return _write(topology, replace(m, state="cancelled" if m.cancelling else "finished", warmed=False),
                   (m.target, "stable"))
 
@@ -413,6 +545,9 @@ def cancel(topology: Topology, mid: int) -> Topology:
         return _write(topology, replace(m, state="cancelled"))
     if m.state == "prepared":
         return _write(topology, replace(m, state="cancelled"), (m.from_group, "stable"))
+    if m.adopt:
+        raise TopologyError(f"adoption {m.id} is moving keys: it cannot be cancelled (they would have to go back "
+                            "to the pool's placement); pause it instead", 409)
     # Migrating: some keys are on each side.  Phase one of moving them back: hold at the new owner.
     # (A memcache migration goes from that hold straight back to the source: see advance.)
     return _write(topology, replace(m, state="prepared", cancelling=True, warmed=False, warmup_until=None,
@@ -447,6 +582,7 @@ def unprepare(topology: Topology, mid: int, reason: str) -> Topology:
     return _write(topology, replace(m, state="pending", error=reason), (m.from_group, "stable"))
 
 
-__all__ = ["ACTIVE", "DEFAULT_WARMUP", "ENDED", "KEEP_ENDED", "MIGRATION_STATES", "Migration", "advance", "cancel",
+__all__ = ["ACTIVE", "DEFAULT_WARMUP", "ENDED", "KEEP_ENDED", "MIGRATION_STATES", "Migration", "adopt", "advance",
+           "cancel",
            "check_migrations", "check_parallel", "check_rate", "check_warmup", "create", "fail", "parse_migrations",
            "startable", "throttle", "time_warmup", "unprepare"]

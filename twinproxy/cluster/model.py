@@ -17,7 +17,12 @@ refused by state).  Invariants kept by the edits and checked on load:
 - a group that owns slots has at least one server;
 - ``migrations`` (optional in the document, written when there are any):
   the slot migrations, ordered by id: :class:`~twinproxy.cluster.migrations.Migration`
-  (their rules and edits are in :mod:`twinproxy.cluster.migrations`).
+  (their rules and edits are in :mod:`twinproxy.cluster.migrations`);
+- ``adopted`` (optional): an adopted twemproxy pool's placement
+  (:class:`~twinproxy.cluster.legacy.Legacy`), kept until its adoption
+  has finished; its servers' groups exist and have servers.  While it is
+  there, proxies route each key by :meth:`Topology.adopt_states`, and no
+  edit may place slots or queue other migrations.
 
 No Twisted, no I/O.
 """
@@ -30,14 +35,15 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
+from twinproxy.cluster.legacy import Legacy, LegacyError
 from twinproxy.cluster.slots import SLOT_COUNT, runs
 
 PROTOCOLS = ("redis", "memcache")
 STATES = ("stable", "held", "migrating")
 MAX_GROUP = 9999
 CLUSTER_NAME = re.compile(r"^\w[\w.\-]*$", re.ASCII)   # Codis's product-name rule
-_TOP_KEYS = ("cluster", "protocol", "generation", "groups", "slots", "sentinels", "change", "migrations")
-_OPTIONAL_TOP_KEYS = ("migrations",)   # a document written before migrations existed has none
+_TOP_KEYS = ("cluster", "protocol", "generation", "groups", "slots", "sentinels", "change", "migrations", "adopted")
+_OPTIONAL_TOP_KEYS = ("migrations", "adopted")   # a document written before migrations existed has none
 
 if TYPE_CHECKING:
     from twinproxy.cluster.migrations import Migration
@@ -132,6 +138,7 @@ class Topology:
     sentinels: Tuple[str, ...] = ()
     change: Optional[Dict[str, Any]] = field(default=None, hash=False)
     migrations: Tuple["Migration", ...] = ()
+    adopted: Optional[Legacy] = None
 
     # -- construction and the document -------------------------------------------
 
@@ -148,6 +155,8 @@ class Topology:
                     "sentinels": list(self.sentinels), "change": self.change}
         if self.migrations:
             document["migrations"] = [migration.to_dict() for migration in self.migrations]
+        if self.adopted is not None:
+            document["adopted"] = self.adopted.to_dict()
         return document
 
     def to_json(self) -> bytes:
@@ -185,10 +194,14 @@ class Topology:
             raise TopologyError(f"change must be null or an object with an 'op', not {change!r}")
         from twinproxy.cluster.migrations import parse_migrations
 
+        try:
+            adopted = Legacy.from_dict(document["adopted"]) if document.get("adopted") is not None else None
+        except LegacyError as err:
+            raise TopologyError(str(err))
         topology = cls(cluster=document["cluster"], protocol=document["protocol"], generation=generation,
                        groups=groups, slots=_slots_from(document["slots"]),
                        sentinels=tuple(check_address(item, "sentinel") for item in sentinels), change=change,
-                       migrations=parse_migrations(document.get("migrations", [])))
+                       migrations=parse_migrations(document.get("migrations", [])), adopted=adopted)
         topology._validate()
         return topology
 
@@ -218,6 +231,13 @@ class Topology:
             group = self.group(self.change.get("group"))
             if group is None or self.change.get("server") not in group.servers:
                 raise TopologyError(f"the promote in progress names no server of its group: {self.change}")
+        if self.adopted is not None:
+            if self.protocol != "redis":
+                raise TopologyError("only a Redis cluster adopts a pool (its keys are moved)")
+            for gid in self.adopted.gids:
+                if gid not in servers or not servers[gid]:
+                    raise TopologyError(f"group {gid} holds a server of the adopted pool "
+                                        f"'{self.adopted.pool}': it must exist and have its server")
         from twinproxy.cluster.migrations import check_migrations
 
         check_migrations(self)
@@ -257,8 +277,38 @@ class Topology:
         return None
 
     def migrations_of(self, gid: int) -> List["Migration"]:
-        """The migrations (not ended) group ``gid`` takes part in."""
-        return [m for m in self.migrations if not m.ended and gid in (m.from_group, m.to_group)]
+        """The migrations (not ended) group ``gid`` takes part in (an adoption: every group)."""
+        return [m for m in self.migrations if not m.ended and (m.adopt or gid in (m.from_group, m.to_group))]
+
+    @property
+    def adoption(self) -> Optional["Migration"]:
+        """The adoption entry that has not ended (one runs at a time), or None."""
+        return next((m for m in self.migrations if m.adopt and not m.ended), None)
+
+    def adopt_states(self) -> Dict[int, str]:
+        """Per group of the adopted pool: where the keys the pool placed on its server are.
+
+        ``legacy`` (still there: routed there), ``moving`` (its adoption
+        migrates: moved as touched) or ``done`` (at their slots' owners).
+        """
+        if self.adopted is None:
+            return {}
+        states = {gid: "legacy" for gid in self.adopted.gids}
+        for m in self.migrations:
+            if m.adopt and m.from_group in states:
+                if m.state == "finished":
+                    states[m.from_group] = "done"
+                elif m.state == "migrating" and states[m.from_group] != "done":
+                    states[m.from_group] = "moving"
+        return states
+
+    def _not_adopting(self, doing: str) -> None:
+        if self.adopted is not None:
+            adoption = self.adoption
+            shown = (f"adoption {adoption.id} is {adoption.state}" if adoption is not None else
+                     "an adoption ended before every server's keys moved: adopt again with the same pool file")
+            raise TopologyError(f"cannot {doing}: the cluster serves the adopted pool '{self.adopted.pool}' "
+                                f"({shown})", 409)
 
     @property
     def offline_slots(self) -> int:
@@ -302,8 +352,14 @@ class Topology:
             raise TopologyError(f"group {gid} already exists", 409)
         return self._next(groups=self._with_group(Group(gid)))
 
+    def _not_adopted_group(self, gid: int, doing: str) -> None:
+        if self.adopted is not None and gid in self.adopted.gids:
+            raise TopologyError(f"cannot {doing}: group {gid} holds a server of the adopted pool "
+                                f"'{self.adopted.pool}'", 409)
+
     def remove_group(self, gid: int) -> "Topology":
         self._known_group(gid)
+        self._not_adopted_group(gid, f"remove group {gid}")
         self._not_changing(gid, f"remove group {gid}")
         self._not_migrating(gid, f"remove group {gid}")
         owned = self.slots_of(gid)
@@ -336,6 +392,7 @@ class Topology:
         if address == group.master or len(group.servers) == 1:
             # The keys move master to master: a migration's groups keep theirs.
             self._not_migrating(gid, f"remove {address}, the master of group {gid}")
+            self._not_adopted_group(gid, f"remove {address}, the master of group {gid}")
         return self._next(groups=self._with_group(Group(gid, tuple(s for s in group.servers if s != address))))
 
     def assign_slots(self, first: int, last: int, gid: Optional[int], force: bool = False) -> "Topology":
@@ -354,6 +411,7 @@ class Topology:
             raise TopologyError(f"slots {show_slots(held)} are {self.slots[held[0]][1]} by a change in progress "
                                 f"({_show_change(self.change)})", 409)
         self._not_in_migration(range(first, last + 1), "assign them")
+        self._not_adopting("assign slots")
         if not force:
             taken: Dict[int, List[int]] = {}
             for slot in range(first, last + 1):
@@ -371,6 +429,7 @@ class Topology:
     def place(self, plan: Dict[int, Optional[int]]) -> "Topology":
         """Set each planned slot's owner in one generation (a rebalance); held slots are refused (409)."""
         self._not_in_migration(plan, "place them")
+        self._not_adopting("place slots")
         table = list(self.slots)
         for slot, gid in sorted(plan.items()):
             check_slot_range(slot, slot)
@@ -475,6 +534,8 @@ class Topology:
 def _show_migration(migration: Optional["Migration"]) -> str:
     if migration is None:
         return "none"
+    if migration.adopt:
+        return migration.describe()
     return (f"{migration.id} (slots {migration.first}-{migration.last}, group {migration.from_group} to "
             f"{migration.to_group}{', being cancelled' if migration.cancelling else ''})")
 

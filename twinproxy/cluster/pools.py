@@ -14,6 +14,11 @@ address under the same name (the link retargets, counters stay).  A
 memcached group serves with every server it lists, each
 ``<cluster>-<gid>-<host:port>``; each slot of the group goes to one of them
 by rendezvous hashing, so adding a server moves only the slots it wins.
+
+An adopted pool (the topology's ``adopted``): its servers became groups
+(``legacy_names``, in the pool's order), and a key routes by the state of
+the server the pool placed it on (``adopt_states``, same order: see
+:meth:`~twinproxy.cluster.model.Topology.adopt_states`).
 """
 
 from __future__ import annotations
@@ -44,6 +49,11 @@ class SlotTable:
     # Slots moving to their owner: (slot, the source's server name).  A memcache
     # slot's source server is the one the slot had in the source group (it warms up from it).
     migrating: Tuple[Tuple[int, str], ...] = ()
+    # An adopted pool's placement (a cluster.legacy.Legacy), its servers' names
+    # here and where each one's keys are ("legacy", "moving", "done"), in its order.
+    legacy: Any = None
+    legacy_names: Tuple[str, ...] = ()
+    adopt_states: Tuple[str, ...] = ()
 
     @property
     def fenced(self) -> bool:
@@ -75,6 +85,9 @@ class SlotTable:
             parts.append(f"{len(self.held)} held" if self.held else "holds released")
         if self.session != old.session:
             parts.append(f"coordinator session {self.session}")
+        if self.adopt_states != old.adopt_states:
+            parts.append("adopted pool's servers: " + ", ".join(
+                f"{name} {state}" for name, state in zip(self.legacy_names, self.adopt_states)))
         return "slots: " + ", ".join(parts)
 
     @property
@@ -112,6 +125,7 @@ def cluster_pool(base: PoolConfig, topology: Any, session: str = CONNECTED) -> P
     held = []
     migrating = []
     migrating_from = getattr(topology, "migrating_from", None)
+    adopted = getattr(topology, "adopted", None) if base.redis else None
     for slot, (gid, state) in enumerate(topology.slots):
         chooser = slot_server.get(gid) if gid is not None else None
         owners.append(chooser(slot) if chooser is not None else None)
@@ -121,8 +135,13 @@ def cluster_pool(base: PoolConfig, topology: Any, session: str = CONNECTED) -> P
             source = migrating_from(slot)
             if source is not None and source in slot_server and chooser is not None:
                 migrating.append((slot, slot_server[source](slot)))
+    legacy = {}
+    if adopted is not None:
+        states = topology.adopt_states()
+        legacy = dict(legacy=adopted, legacy_names=tuple(group_server_name(cluster, gid) for gid in adopted.gids),
+                      adopt_states=tuple(states[gid] for gid in adopted.gids))
     table = SlotTable(generation=topology.generation, owners=tuple(owners), held=frozenset(held),
-                      session=session, groups=tuple(groups), migrating=tuple(migrating))
+                      session=session, groups=tuple(groups), migrating=tuple(migrating), **legacy)
     sentinels = tuple(_address(text) for text in topology.sentinels) if base.redis else ()
     # With sentinels, a group's requests also wait for its master to be confirmed
     # (after a promote, re-monitored sentinels take ~2 s to find each other): as

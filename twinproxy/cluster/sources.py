@@ -90,10 +90,19 @@ class ClusterSources(Service):
     def resolve(self, pools: Optional[Sequence[PoolConfig]] = None) -> List[PoolConfig]:
         """``pools`` (default: the file's) with every cluster pool filled in from its latest topology."""
         resolved = []
+        # What runs now: the last apply's pools, or (none yet) the file's the proxy started with.
+        running = {config.name: config for config in (self._file_pools if self._applied is None else self._applied)}
         for config in (self._file_pools if pools is None else pools):
             follower = self.followers.get(config.name)
-            if config.cluster_mode and follower is not None and follower.same_cluster(config):
+            before = running.get(config.name)
+            joining = config.cluster_mode and before is not None and before.redis and not before.cluster_mode
+            if config.cluster_mode and follower is not None and follower.same_cluster(config) and not (
+                    joining and follower.topology is None):
                 resolved.append(follower.config(config))
+            elif joining:
+                # A pool joining a cluster (adopted) serves as it did until its topology is read: the
+                # adoption routes by the pool's placement until keys move, so nothing changes meanwhile.
+                resolved.append(before)
             elif config.cluster_mode:
                 resolved.append(not_ready(config))
             else:

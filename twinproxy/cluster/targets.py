@@ -7,7 +7,10 @@ stand-ins that take a slot's requests when no server should:
 :class:`HeldSlot` (the two-phase barrier: requests wait, in order, until
 the slot is released, for at most ``slot_hold`` ms; at once an error when
 the coordinator session is not trusted) and the pool-wide "not ready"
-answer before any topology is loaded.  Everything here is "something
+answer before any topology is loaded, and :class:`AdoptedPlacement` (an
+adopted pool's slots: a key goes where the pool's distribution put it,
+through a :class:`~twinproxy.cluster.migrating.MigratingSlot` from there
+while that server's keys move, or to its slot's owner once they have).  Everything here is "something
 with ``send(request)``", so codecs and frontends need no cluster case.
 The clock is injected; nothing here opens a socket.
 
@@ -30,7 +33,8 @@ from zlib import crc32
 
 from twisted.logger import Logger
 
-from twinproxy.cluster.migrating import MigratingSlot
+from twinproxy.cluster.legacy import legacy_router
+from twinproxy.cluster.migrating import MigratingSlot, keys_of
 from twinproxy.cluster.slots import SLOT_COUNT, slot_of
 from twinproxy.cluster.warmup import WarmingSlot
 from twinproxy.request import Request
@@ -142,6 +146,47 @@ class HeldSlot:
         self._timer = None
 
 
+class AdoptedPlacement:
+    """Every slot of an adopted pool (that no hold stands in for): each key by its server's state.
+
+    ``pick(key)`` is the target: the server the pool placed the key on
+    while that server's keys have not started moving, the slot's
+    :class:`MigratingSlot` (from that server) while they move, the slot's
+    owner once they have.  The route function asks it directly; this
+    stand-in takes what a hold (or a MIGRATE answered late) releases.  A
+    fragment whose keys go to different targets (a one-slot multi-key
+    command whose keys the pool had placed on different servers) cannot go
+    anywhere whole: it is refused rather than half-served.
+    """
+
+    __slots__ = ("name", "cluster", "pick", "_answer")
+
+    def __init__(self, cluster: str, pick: Callable[[bytes], Any], answer: Answer) -> None:
+        self.name = "adopted-placement"
+        self.cluster = cluster
+        self.pick = pick
+        self._answer = answer
+
+    def send(self, request: Request) -> None:
+        keys = keys_of(request)
+        if not keys:
+            self._answer(request, f"cluster '{self.cluster}': a keyless request reached the adopted placement",
+                         "TRYAGAIN")
+            return
+        target = self.pick(keys[0])
+        if any(self.pick(key) is not target for key in keys[1:]):
+            self._answer(request, f"cluster '{self.cluster}': this command's keys were on different servers of the "
+                                  "adopted pool and are not all moved yet; try again", "TRYAGAIN")
+            return
+        target.send(request)
+
+
+def _fenced_hold(slot: int, cluster: str, clock: Any, limit: float, answer: Answer) -> HeldSlot:
+    hold = HeldSlot(slot, cluster, clock, limit, answer)
+    hold.fenced = True
+    return hold
+
+
 class _Early:
     """A hold's front door, for requests that were waiting (or moving keys) before the hold or the stall."""
 
@@ -186,6 +231,8 @@ class SlotRouting:
         self._hold_seconds = 5.0
         self._startup_holds: List[StartupHold] = []   # requests from before the first table (not_ready)
         self.stalls = 0                       # times the lease ran out (stats)
+        # An adopted pool's placement: (what it was built from, its key -> server function).
+        self._legacy: Any = (None, None)
 
     def not_ready(self, hold_seconds: float) -> Callable[[bytes], Any]:
         """Before the first table: a request waits for it (a just-started proxy is reading the topology),
@@ -212,6 +259,9 @@ class SlotRouting:
         migrating_before = self._migrating
         migrating_now: Dict[int, MigratingSlot] = {}
         sources = dict(table.migrating)
+        placement = None
+        if table.legacy is not None:
+            placement = self._adopted(table, servers, migrating_before, migrating_now, hold_seconds, config)
         targets: List[Any] = []
         for slot in range(SLOT_COUNT):
             owner = table.owners[slot]
@@ -237,6 +287,8 @@ class SlotRouting:
                                                                  answer)
                 target.fenced = table.fenced
                 held_now[slot] = target
+            elif placement is not None and owner is not None:
+                target = placement
             elif owner is None:
                 target = OfflineSlot(slot, self.cluster, answer)
             else:
@@ -264,6 +316,8 @@ class SlotRouting:
         table_list = targets
         lease = self._lease
         stalled = self._stalled
+        if placement is not None:
+            return self._adopted_route(table_list, placement)
 
         # slot_of, inlined: this runs once per request.  ``123 in key`` (is there a
         # "{"?) is a memchr, a quarter of a method call's cost, and most keys have
@@ -280,6 +334,65 @@ class SlotRouting:
             return table[crc32(key) & 1023]
 
         return slot_route
+
+    def _adopted(self, table: Any, servers: Dict[str, Any], migrating_before: Dict[int, Any],
+                 migrating_now: Dict[int, Any], hold_seconds: float, config: Any) -> AdoptedPlacement:
+        """The stand-in of an adopted pool's slots (and the MigratingSlots of the server whose keys move)."""
+        legacy = table.legacy
+        if self._legacy[0] != legacy:
+            # The pool's own placement, as its index in the pool's server list (kept while the pool is).
+            self._legacy = (legacy, legacy_router(legacy, list(range(len(legacy.servers)))))
+        place = self._legacy[1]
+        sources = [servers[name] for name in table.legacy_names]
+        states = table.adopt_states
+        owners = [servers[name] if name is not None else None for name in table.owners]
+        moving: List[Any] = [None] * SLOT_COUNT
+        for index, state in enumerate(states):
+            if state != "moving" or table.fenced:
+                continue
+            source = sources[index]
+            for slot, owner in enumerate(owners):
+                if owner is None or owner is source:
+                    continue
+                target = migrating_before.get(slot)
+                if target is None or not target.same_move(source, owner):
+                    target = MigratingSlot(slot, source, owner, 0, config.redis_auth if config else None,
+                                           self._answer, self.target_for_slot, clock=self._clock,
+                                           wait_limit=hold_seconds)
+                moving[slot] = migrating_now[slot] = target
+        fenced = table.fenced
+        cluster = self.cluster
+
+        def pick(key: bytes) -> Any:
+            index = place(key)
+            state = states[index]
+            if state == "done":
+                return owners[slot_of(key)]
+            source = sources[index]
+            if state == "legacy":
+                return source
+            slot = slot_of(key)
+            if owners[slot] is source:
+                return source
+            # Moving, but without a trusted session its state is unknown: as a held slot's.
+            return moving[slot] if not fenced else _fenced_hold(slot, cluster, self._clock, hold_seconds,
+                                                                self._answer)
+
+        return AdoptedPlacement(cluster, pick, self._answer)
+
+    def _adopted_route(self, table: List[Any], placement: AdoptedPlacement) -> Callable[[bytes], Any]:
+        """Route an adopted pool's keys by ``placement`` (save a slot a hold or the lease stands in for)."""
+        lease = self._lease
+        stalled = self._stalled
+        pick = placement.pick
+
+        def adopted_route(key: bytes, now: Callable[[], float] = self._clock.seconds) -> Any:
+            if now() > lease[0]:
+                stalled()
+            target = table[slot_of(key)]
+            return pick(key) if target is placement else target
+
+        return adopted_route
 
     # -- the lease --------------------------------------------------------------
 

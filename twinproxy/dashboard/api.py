@@ -239,6 +239,7 @@ ROUTES: List[Tuple[Tuple[str, ...], Dict[str, str]]] = [
     (("sentinels",), {"POST": "add_sentinel"}),
     (("sentinels", "{addr}"), {"DELETE": "remove_sentinel"}),
     (("slots", "migrate"), {"POST": "migrate"}),
+    (("adopt",), {"POST": "adopt"}),
     (("migrations",), {"GET": "get_migrations"}),
     # The literal routes before the one with an id: /api/migrations/pause is "every migration".
     (("migrations", "pause"), {"POST": "pause_all"}),
@@ -344,6 +345,15 @@ class _Handlers:
             return live.migrate(*args)
         # A memcache cluster's warm-up (a Redis cluster's migration refuses it: 400).
         return live.migrator.migrate(*args, fields["warmup_seconds"])
+
+    def adopt(self, request: Any) -> Any:
+        from twinproxy.dashboard.adoption import RequestError, parse_request
+
+        try:
+            legacy, addresses = parse_request(read_body(request))
+        except RequestError as err:
+            raise ApiError(400, str(err))
+        return self.state.live().migrator.adopt(legacy, addresses)
 
     def get_migrations(self, request: Any) -> Any:
         query_args(request, ())

@@ -95,8 +95,11 @@ class Sweep:
     def __init__(self, reactor: Any, source: str, target: str, first: int, last: int, progress: Progress,
                  keys_per_second: Optional[int] = None, parallel: Optional[int] = None,
                  may_go: Optional[Callable[[], bool]] = None, timeout_ms: int = MIGRATE_TIMEOUT_MS,
-                 command_timeout: float = 2.0, label: str = "", big_key_bytes: Optional[int] = None) -> None:
+                 command_timeout: float = 2.0, label: str = "", big_key_bytes: Optional[int] = None,
+                 belongs: Optional[Callable[[bytes], bool]] = None) -> None:
         self._reactor = reactor
+        # Which keys are to move: the range's, or (an adoption) whatever ``belongs`` says.
+        self._belongs = belongs
         self.source = source
         self.target = target
         self.first = first
@@ -138,6 +141,8 @@ class Sweep:
     # -- the sweep ---------------------------------------------------------------
 
     def _in_range(self, key: bytes) -> bool:
+        if self._belongs is not None:
+            return self._belongs(key)
         return self.first <= slot_of(key) <= self.last
 
     def set_rate(self, keys_per_second: Optional[int]) -> None:

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 
 from twinproxy.cluster import migrations
 from twinproxy.cluster.migrations import Migration, startable
+from twinproxy.dashboard import adoption
 from twinproxy.dashboard.errors import OperationError
 from twinproxy.dashboard.leftovers import purge
 from twinproxy.dashboard.mover import Sweep
@@ -60,7 +61,7 @@ class Runner:
         self.manager = manager
         self.ctl = manager.ctl
         self.id = mid
-        self.sweep: Optional[Sweep] = None
+        self.sweep: Any = None          # a Sweep, or an adoption's SweepGroup
         self.cancels: List[defer.Deferred] = []
         self.stopped = False
         self._wake: Optional[defer.Deferred] = None
@@ -167,7 +168,8 @@ class Runner:
     def _act(self, m: Migration) -> Any:
         """One step of ``m``; False when it has to wait (its turn, a pause)."""
         cancel = bool(self.cancels) and not m.cancelling
-        what = f"migration {m.id} (slots {m.first}-{m.last})"
+        what = (f"adoption {m.id} (group {m.from_group}'s keys)" if m.adopt else
+                f"migration {m.id} (slots {m.first}-{m.last})")
         if cancel:
             yield self._step(f"cancel {what}", self._cancel)
             return True
@@ -175,9 +177,9 @@ class Runner:
             topology = self.ctl.current()
             if self.manager.paused(m.id) or m.id not in startable(topology, self.manager.paused_ids()):
                 return False
-            yield self._step(f"{what}: hold the slots on group {m.source}", self._prepare)
+            yield self._step(f"{what}: hold the slots" + ("" if m.adopt else f" on group {m.source}"), self._prepare)
         elif m.state == "prepared":
-            yield self._step(f"{what}: migrating to group {m.target}", self._start_moving)
+            yield self._step(f"{what}: migrating" + ("" if m.adopt else f" to group {m.target}"), self._start_moving)
         elif m.warms:
             return (yield self._warm_up(m, what))
         else:
@@ -206,11 +208,18 @@ class Runner:
         ctl.check_writable()
         m = self._entry()
         current = ctl.current()
+        if self.manager.paused(self.id):
+            return ctl.ok(current)      # paused while this step waited for its turn: nothing is held
         ctl.dry(lambda: current.advance_migration(self.id))
         if m.warms:    # memcached: no versions to compare, leftover items of the range to delete
             yield self._purge_leftovers(m)
+        if m.adopt:
+            reason = yield adoption.check_versions(ctl, current, m, _version)
+            if reason is not None:
+                yield ctl.commit(lambda t: t.fail_migration(self.id, reason), f"adoption {m.id} failed")
+                return {"failed": reason}
         versions = []
-        for gid in (m.source, m.target) if not m.warms else ():
+        for gid in (m.source, m.target) if not (m.warms or m.adopt) else ():
             master = current.group(gid).master
             try:
                 versions.append(_version((yield ctl.admin.command(master, b"INFO", b"server"))))
@@ -247,14 +256,16 @@ class Runner:
             raise      # moving back: keys on both sides, so the hold stays until everyone has it
         # (A memcache migration's warm-up clock starts now; a cancelled one goes back to its source.)
         moving = yield ctl.write(lambda t: migrations.advance(t, self.id, ctl.reactor.seconds()))
-        yield self._acks_noted(moving, f"slots {m.first}-{m.last} migrating to group {m.target}")
+        yield self._acks_noted(moving, "every slot migrating to its owner" if m.adopt else
+                               f"slots {m.first}-{m.last} migrating to group {m.target}")
         return ctl.ok(moving)
 
     @defer.inlineCallbacks
     def _finish(self) -> Any:
         m = self._entry()
         ended = yield self.ctl.write(lambda t: t.advance_migration(self.id))
-        yield self._acks_noted(ended, f"slots {m.first}-{m.last} stable at group {m.target}")
+        yield self._acks_noted(ended, "every slot stable at its owner" if m.adopt else
+                               f"slots {m.first}-{m.last} stable at group {m.target}")
         return self.ctl.ok(ended)
 
     @defer.inlineCallbacks
@@ -287,6 +298,16 @@ class Runner:
     @defer.inlineCallbacks
     def _sweep(self, m: Migration) -> Any:
         topology = self.ctl.current()
+        if m.adopt:
+            sweep: Any = adoption.sweeps(self, topology, m, big_keys(self.ctl))
+            if self.manager.paused(m.id):
+                sweep.pause()
+            self.sweep = sweep
+            try:
+                done = yield sweep.run()
+            finally:
+                self.sweep = None
+            return done
         source, target = topology.group(m.source).master, topology.group(m.target).master
         sweep = Sweep(self.ctl.reactor, source, target, m.first, m.last, self.progress, m.keys_per_second,
                       m.parallel, may_go=lambda: self._may_sweep(m, source, target),
@@ -301,8 +322,10 @@ class Runner:
             self.sweep = None
         return done
 
-    def _may_sweep(self, m: Migration, source: str, target: str) -> bool:
-        """Whether the sweep may send its next command; a migration changed under it stops it."""
+    def _may_sweep(self, m: Migration, source: str, target: str, gids: Optional[tuple] = None) -> bool:
+        """Whether the sweep may send its next command; a migration changed under it stops it.
+
+        ``gids``: the source and target groups (an adoption's sweep; else the migration's)."""
         if not self.ctl.writable:
             return False      # the lock is not ours: whoever holds it may move the migration on
         if self.manager.unsure:
@@ -317,8 +340,9 @@ class Runner:
             group = topology.group(gid)
             return group.master if group is not None else None
 
+        source_gid, target_gid = gids if gids is not None else (m.source, m.target)
         if (now is None or now.state != "migrating" or now.cancelling != m.cancelling
-                or master(m.source) != source or master(m.target) != target):
+                or master(source_gid) != source or master(target_gid) != target):
             if self.sweep is not None:
                 self.sweep.stop()
             return False
