@@ -41,7 +41,12 @@ def describe(m: Dict[str, Any]) -> str:
     """``migration 3 (slots 0-511, group 1 -> 2)``."""
     back = ", moving back" if m.get("cancelling") and m.get("state") not in ENDED else ""
     return (f"migration {m.get('id')} (slots {m.get('first')}-{m.get('last')}, group {m.get('from_group')} -> "
-            f"{m.get('to_group')}{back})")
+            f"{_to(m)}{back})")
+
+
+def _to(m: Dict[str, Any]) -> str:
+    # An adoption's keys go to their slots' owners, not to one group.
+    return "their slots' owners (adoption)" if m.get("adopt") else str(m.get("to_group"))
 
 
 def _warming(m: Dict[str, Any]) -> str:
@@ -95,7 +100,7 @@ def status_text(document: Dict[str, Any]) -> str:
         if m.get("cancelling") and m.get("state") not in ENDED:
             state += " (moving back)"
         rows.append((f"#{m.get('id')}", f"slots {m.get('first')}-{m.get('last')}",
-                     f"{m.get('from_group')} -> {m.get('to_group')}", state, progress,
+                     f"{m.get('from_group')} -> {_to(m)}", state, progress,
                      f"error: {m['error']}" if m.get("error") else ""))
     return "\n".join(table(rows, "")) + "\n"
 

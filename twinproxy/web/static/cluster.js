@@ -89,7 +89,7 @@
         TP.setAttr(row, "data-keys-left", m.keys_left === null ? "" : m.keys_left);
         TP.setAttr(row, "class", "migration-" + m.state);
         TP.setCells(row, {
-          id: m.id, slots: m.first + "-" + m.last, groups: m.from_group + " → " + m.to_group,
+          id: m.id, slots: m.first + "-" + m.last, groups: m.from_group + " → " + (m.adopt ? "slots' owners (adoption)" : m.to_group),
           state: m.state + (m.paused && !ended ? " (paused)" : "") + (m.cancelling && !ended ? " (cancelling)" : ""),
           moved: fmt.num(m.keys_moved), left: fmt.num(m.keys_left), rate: fmt.rate(m.rate),
           eta: m.eta === null || m.eta === undefined ? "–" : fmt.duration(m.eta),
