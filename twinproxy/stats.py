@@ -292,9 +292,13 @@ def cluster_fields(config: Any) -> Dict[str, Any]:
     if table is None:
         return {"cluster": config.cluster, "cluster_generation": 0, "coordinator_session": "not loaded",
                 "slots_offline": 1024, "slots_held": 0, "slots_migrating": 0}
-    return {"cluster": config.cluster, "cluster_generation": table.generation,
-            "coordinator_session": table.session, "slots_offline": 1024 - table.online,
-            "slots_held": len(table.held), "slots_migrating": len(table.migrating)}
+    fields = {"cluster": config.cluster, "cluster_generation": table.generation,
+              "coordinator_session": table.session, "slots_offline": 1024 - table.online,
+              "slots_held": len(table.held), "slots_migrating": len(table.migrating)}
+    if table.legacy is not None:
+        # An adopted pool: where each of its servers' keys are (legacy, moving, done).
+        fields["adopted"] = dict(zip(table.legacy_names, table.adopt_states))
+    return fields
 
 
 def connection_counts(services: Sequence[Any]) -> Tuple[int, int]:
