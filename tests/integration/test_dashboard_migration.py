@@ -475,3 +475,28 @@ def test_a_rebalance_stopped_midway_keeps_what_it_queued_and_names_what_is_left(
     for mid in (1, 2):
         wait_state(harness, controller, mid, "finished")
     assert harness.stored().slot_counts() == {1: 342, 2: 341, 3: 341}
+
+
+def test_a_cancel_puts_back_the_big_keys_claimed_on_the_old_source(harness, redis_servers, monkeypatch) -> None:
+    """A key a proxy claimed after the sweep stopped is served by nobody on the way back: the cancel renames
+    its claim back to the key on the old source while the range is held (else it reads as missing there)."""
+    from twisted.internet import defer
+
+    from twinproxy.cluster.migrating import CLAIMS, claim_of
+    from twinproxy.dashboard.bigkeys import BigKeyMover
+
+    monkeypatch.setattr(BigKeyMover, "serve", lambda self, extra=(): defer.succeed(0))   # nobody serves claims
+    controller, one, two = build(harness, redis_servers)
+    data = fill(one)
+    harness.launch(controller.migrate, 0, LAST, 2, 500).wait()
+    wait_until(lambda: listing(harness, controller)[1]["keys_moved"] >= 200, timeout=30, what="keys to move")
+    harness.launch(controller.pause, 1).wait()
+    source = one.client()
+    key = next(k for k in data["keys"] if moving(k) and source.type(k) == b"string")
+    value = source.get(key)
+    source.rename(key, claim_of(key))          # what a proxy's ensure-moved does to a big key
+    source.sadd(CLAIMS, key)
+    harness.launch(controller.cancel, 1).wait()
+    wait_state(harness, controller, 1, "cancelled")
+    assert source.get(key) == value and not source.exists(claim_of(key)) and not source.sismember(CLAIMS, key)
+    assert keys_on(two) == set() and keys_on(one) == set(data["keys"])

@@ -19,8 +19,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twinproxy.cluster import migrations
+from twinproxy.cluster.migrating import CLAIMS, claim_of
 from twinproxy.cluster.migrations import Migration, startable
+from twinproxy.cluster.slots import slot_of
 from twinproxy.dashboard import adoption
+from twinproxy.dashboard.bigkeys import ROLLBACK
 from twinproxy.dashboard.errors import OperationError
 from twinproxy.dashboard.leftovers import purge
 from twinproxy.dashboard.mover import Sweep
@@ -254,11 +257,33 @@ class Runner:
                 reason = err.message
                 yield ctl.write(lambda t: t.unprepare_migration(self.id, reason))
             raise      # moving back: keys on both sides, so the hold stays until everyone has it
+        if m.cancelling and not m.warms:
+            yield self._roll_back_claims(m)
         # (A memcache migration's warm-up clock starts now; a cancelled one goes back to its source.)
         moving = yield ctl.write(lambda t: migrations.advance(t, self.id, ctl.reactor.seconds()))
         yield self._acks_noted(moving, "every slot migrating to its owner" if m.adopt else
                                f"slots {m.first}-{m.last} migrating to group {m.target}")
         return ctl.ok(moving)
+
+    @defer.inlineCallbacks
+    def _roll_back_claims(self, m: Migration) -> Any:
+        """A cancel's way back, under its hold: the old source's claims of the range become their keys again.
+
+        A claimed key (a big key being copied) is on the old source under its
+        claim name; nobody copies it once the range moves back (a proxy's
+        claim made after the sweep stopped, or a killed dashboard's), so it
+        would read as missing there.  While the range is held nobody touches it.
+        """
+        master = self.ctl.current().group(m.from_group).master
+        try:
+            members = yield self.ctl.admin.command(master, b"SMEMBERS", CLAIMS)
+            for key in members or ():
+                key = bytes(key)
+                if m.first <= slot_of(key) <= m.last:
+                    yield self.ctl.admin.command(master, b"EVAL", ROLLBACK, b"3", claim_of(key), key, CLAIMS)
+        except ServerError as err:
+            raise OperationError(502, f"migration {m.id}: putting back the big keys claimed on group "
+                                 f"{m.from_group}'s master {master} failed: {err}")
 
     @defer.inlineCallbacks
     def _finish(self) -> Any:
