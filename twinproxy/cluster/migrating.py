@@ -161,7 +161,7 @@ class MigratingSlot:
     """
 
     __slots__ = ("name", "slot", "source", "target", "_head", "_tail", "_moved", "_answer", "_route", "_lines",
-                 "_clock", "_wait_limit", "moves", "failures", "waits")
+                 "_clock", "_wait_limit", "moves", "failures", "waits", "_made_for")
 
     def __init__(self, slot: int, source: Any, target: Any, db: int, auth: Optional[str],
                  answer: Callable[..., None], route: Optional[Callable[[int], Any]] = None,
@@ -188,9 +188,15 @@ class MigratingSlot:
                              f"{target.spec.address}")
         self._head, self._tail = ensure_moved_parts(target.spec.host, target.spec.port, db, timeout_ms, auth,
                                                     big_key_bytes)
+        # What the script and the waits were made for: a table that changes any of them makes a new slot.
+        self._made_for = (target.spec.host, target.spec.port, db, auth, self._wait_limit)
 
-    def same_move(self, source: Any, target: Any) -> bool:
-        return source is self.source and target is self.target
+    def same_move(self, source: Any, target: Any, db: int = 0, auth: Optional[str] = None,
+                  wait_limit: Optional[float] = None) -> bool:
+        """Whether this slot object serves the move of the next table too (same servers, address and settings)."""
+        return (source is self.source and target is self.target
+                and self._made_for == (target.spec.host, target.spec.port, db, auth,
+                                       WAIT_LIMIT if wait_limit is None else wait_limit))
 
     def send(self, request: Request) -> None:
         keys = keys_of(request)

@@ -259,6 +259,9 @@ class SlotRouting:
         migrating_before = self._migrating
         migrating_now: Dict[int, MigratingSlot] = {}
         sources = dict(table.migrating)
+        warming = config is not None and not config.redis
+        db = config.redis_db if config else 0
+        auth = config.redis_auth if config else None
         placement = None
         if table.legacy is not None:
             placement = self._adopted(table, servers, migrating_before, migrating_now, hold_seconds, config)
@@ -272,15 +275,16 @@ class SlotRouting:
                 target.fenced = True
             elif source is not None and owner is not None:
                 target = migrating_before.get(slot)
-                if target is None or not target.same_move(servers[source], servers[owner]):
-                    if config is not None and not config.redis:   # memcached: warmed up, not moved
+                same = target is not None and (target.same_move(servers[source], servers[owner]) if warming else
+                                               target.same_move(servers[source], servers[owner], db, auth,
+                                                                hold_seconds))
+                if not same:
+                    if warming:   # memcached: warmed up, not moved
                         target = WarmingSlot(slot, servers[source], servers[owner], answer, self.target_for_slot,
                                              self._clock)
                     else:
-                        target = MigratingSlot(slot, servers[source], servers[owner],
-                                               config.redis_db if config else 0,
-                                               config.redis_auth if config else None, answer, self.target_for_slot,
-                                               clock=self._clock, wait_limit=hold_seconds)
+                        target = MigratingSlot(slot, servers[source], servers[owner], db, auth, answer,
+                                               self.target_for_slot, clock=self._clock, wait_limit=hold_seconds)
                 migrating_now[slot] = target
             elif slot in table.held:
                 target = held_before.pop(slot, None) or HeldSlot(slot, self.cluster, self._clock, hold_seconds,
@@ -355,7 +359,8 @@ class SlotRouting:
                 if owner is None or owner is source:
                     continue
                 target = migrating_before.get(slot)
-                if target is None or not target.same_move(source, owner):
+                if target is None or not target.same_move(source, owner, 0, config.redis_auth if config else None,
+                                                          hold_seconds):
                     target = MigratingSlot(slot, source, owner, 0, config.redis_auth if config else None,
                                            self._answer, self.target_for_slot, clock=self._clock,
                                            wait_limit=hold_seconds)

@@ -4,6 +4,7 @@ a failed move is an error."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -249,3 +250,23 @@ class HoldOrderTests(SynchronousTestCase):
         w.backend(SOURCE)
         _, wire = w.backends[SOURCE][-1]
         self.assertEqual(wire.value(), cmd(b"SET", key, b"1") + cmd(b"SET", key, b"2"))
+
+
+class SlotObjectReuseTests(SynchronousTestCase):
+    """A migrating slot's object (its moved-keys memory and its lines) is kept across tables of the same
+    move, and made anew when what its script was made for changes (``slot_hold``, the handshake)."""
+
+    def test_a_new_slot_hold_or_auth_makes_a_new_slot_object(self) -> None:
+        wire = Wire()
+        moving = topology(1, moving={7})
+        wire.serve(moving)
+        first = wire.runtime.pool.slots.migrating[7]
+        wire.serve(topology(2, moving={7}))
+        self.assertIs(wire.runtime.pool.slots.migrating[7], first)
+        wire.base = dataclasses.replace(wire.base, slot_hold=900)
+        wire.serve(topology(3, moving={7}))
+        second = wire.runtime.pool.slots.migrating[7]
+        self.assertIsNot(second, first)
+        wire.base = dataclasses.replace(wire.base, redis_auth="secret")
+        wire.serve(topology(4, moving={7}))
+        self.assertIsNot(wire.runtime.pool.slots.migrating[7], second)
