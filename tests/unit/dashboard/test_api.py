@@ -16,7 +16,8 @@ from twisted.internet import defer
 from twisted.web.resource import getChildForRequest
 from twisted.web.test.requesthelper import DummyRequest
 
-from twinproxy.dashboard.api import MAX_BODY, NO_TOKEN, ApiState, _BoundedBody, make_site
+from twinproxy.dashboard.api import MAX_BODY, NO_TOKEN, ApiState, make_site
+from twinproxy.dashboard.api_input import BoundedBody
 from twinproxy.dashboard.errors import OperationError
 
 TOKEN = b"s3cret"
@@ -237,9 +238,9 @@ def test_body_that_is_not_json_and_too_large(api):
 
 
 def test_bounded_body_drops_what_passes_the_limit():
-    declared = _BoundedBody(10, 11)
+    declared = BoundedBody(10, 11)
     assert declared.too_large
-    streamed = _BoundedBody(10, None)
+    streamed = BoundedBody(10, None)
     streamed.write(b"12345")
     assert not streamed.too_large
     streamed.write(b"123456")
