@@ -323,21 +323,14 @@ class Runner:
     @defer.inlineCallbacks
     def _sweep(self, m: Migration) -> Any:
         topology = self.ctl.current()
-        if m.adopt:
+        if m.adopt:     # the keys of one server of the adopted pool, to every other group
             sweep: Any = adoption.sweeps(self, topology, m, big_keys(self.ctl))
-            if self.manager.paused(m.id):
-                sweep.pause()
-            self.sweep = sweep
-            try:
-                done = yield sweep.run()
-            finally:
-                self.sweep = None
-            return done
-        source, target = topology.group(m.source).master, topology.group(m.target).master
-        sweep = Sweep(self.ctl.reactor, source, target, m.first, m.last, self.progress, m.keys_per_second,
-                      m.parallel, may_go=lambda: self._may_sweep(m, source, target),
-                      command_timeout=self.ctl.command_timeout, label=f"migration {m.id}",
-                      **big_keys(self.ctl))
+        else:
+            source, target = topology.group(m.source).master, topology.group(m.target).master
+            sweep = Sweep(self.ctl.reactor, source, target, m.first, m.last, self.progress, m.keys_per_second,
+                          m.parallel, may_go=lambda: self._may_sweep(m, source, target),
+                          command_timeout=self.ctl.command_timeout, label=f"migration {m.id}",
+                          **big_keys(self.ctl))
         if self.manager.paused(m.id):
             sweep.pause()
         self.sweep = sweep
