@@ -146,6 +146,32 @@ def test_a_move_answered_after_the_server_is_done_goes_to_the_owner() -> None:
     assert sent(w, B) == cmd(b"GET", k)
 
 
+def test_a_move_answered_during_the_next_entry_s_hold_waits_in_it() -> None:
+    w = wire(MOVING)
+    k = key(1, 2)
+    client, out = w.client()
+    client.dataReceived(cmd(b"GET", k))
+    next_prepared = MOVED_1.advance_migration(2)
+    w.serve(next_prepared)
+    settled = w.runtime.settled()
+    assert not settled.called                       # the move in flight on the source is waited for
+    w.connect_pending()[A][0][0].dataReceived(b"+OK\r\n")
+    assert settled.called and sent(w, B) == b""     # held: not sent yet
+    w.serve(next_prepared.advance_migration(2))
+    assert sent(w, B) == cmd(b"GET", k)             # group 1 done: at its slot's owner
+
+
+def test_a_move_answered_after_the_session_was_lost_is_refused() -> None:
+    w = wire(MOVING)
+    k = key(1, 2)
+    client, out = w.client()
+    client.dataReceived(cmd(b"GET", k))
+    w.serve(MOVING, session="suspended")
+    w.connect_pending()[A][0][0].dataReceived(b"+OK\r\n")
+    assert out.value().startswith(b"-TRYAGAIN slot %d of cluster 'shop' is held" % slot_of(k)), out.value()
+    assert sent(w, B) == b""
+
+
 def test_a_claimed_key_is_asked_again_while_its_server_moves() -> None:
     w = wire(MOVING)
     k = key(1, 2)
@@ -213,7 +239,7 @@ def test_the_placement_stand_in_refuses_a_keyless_request_and_forwards_one_targe
     answered, got = [], []
     target = type("Target", (), {"send": lambda self, request: got.append(request)})()
     placement = AdoptedPlacement("shop", lambda key: target, lambda request, text, code="ERR":
-                                 answered.append((code, text)))
+                                 answered.append((code, text)), lambda source, slot: target)
     keyless = Request(cmd(b"PING"))
     placement.send(keyless)
     assert answered == [("TRYAGAIN", "cluster 'shop': a keyless request reached the adopted placement")]
