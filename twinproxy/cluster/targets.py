@@ -28,6 +28,7 @@ reactor reads its clients before it runs any timer.
 from __future__ import annotations
 
 from collections import deque
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional
 from zlib import crc32
 
@@ -156,15 +157,21 @@ class AdoptedPlacement:
     stand-in takes what a hold (or a MIGRATE answered late) releases.  A
     fragment whose keys go to different targets (a one-slot multi-key
     command whose keys the pool had placed on different servers) cannot go
-    anywhere whole: it is refused rather than half-served.
+    anywhere whole: it is refused rather than half-served.  ``toward(source,
+    slot)``: the same target for the keys of ``slot`` that the pool placed
+    on ``source`` (what a MigratingSlot from ``source`` asks once a move is
+    answered: the slot alone would name this stand-in, which would give the
+    request back to it).
     """
 
-    __slots__ = ("name", "cluster", "pick", "_answer")
+    __slots__ = ("name", "cluster", "pick", "toward", "_answer")
 
-    def __init__(self, cluster: str, pick: Callable[[bytes], Any], answer: Answer) -> None:
+    def __init__(self, cluster: str, pick: Callable[[bytes], Any], answer: Answer,
+                 toward: Callable[[Any, int], Any]) -> None:
         self.name = "adopted-placement"
         self.cluster = cluster
         self.pick = pick
+        self.toward = toward
         self._answer = answer
 
     def send(self, request: Request) -> None:
@@ -362,28 +369,41 @@ class SlotRouting:
                 if target is None or not target.same_move(source, owner, 0, config.redis_auth if config else None,
                                                           hold_seconds):
                     target = MigratingSlot(slot, source, owner, 0, config.redis_auth if config else None,
-                                           self._answer, self.target_for_slot, clock=self._clock,
-                                           wait_limit=hold_seconds)
+                                           self._answer, partial(self._adopted_slot_route, source),
+                                           clock=self._clock, wait_limit=hold_seconds)
                 moving[slot] = migrating_now[slot] = target
         fenced = table.fenced
         cluster = self.cluster
+        index_of = {server.name: index for index, server in enumerate(sources)}
 
-        def pick(key: bytes) -> Any:
-            index = place(key)
+        def toward(index: int, slot: int) -> Any:
+            """Where the keys of ``slot`` that the pool placed on its ``index``-th server go."""
             state = states[index]
             if state == "done":
-                return owners[slot_of(key)]
+                return owners[slot]
             source = sources[index]
-            if state == "legacy":
-                return source
-            slot = slot_of(key)
-            if owners[slot] is source:
+            if state == "legacy" or owners[slot] is source:
                 return source
             # Moving, but without a trusted session its state is unknown: as a held slot's.
             return moving[slot] if not fenced else _fenced_hold(slot, cluster, self._clock, hold_seconds,
                                                                 self._answer)
 
-        return AdoptedPlacement(cluster, pick, self._answer)
+        def pick(key: bytes) -> Any:
+            index = place(key)
+            if states[index] == "legacy":
+                return sources[index]
+            return toward(index, slot_of(key))
+
+        def toward_source(source: Any, slot: int) -> Any:
+            index = index_of.get(source.name)
+            return toward(index, slot) if index is not None else owners[slot]
+
+        return AdoptedPlacement(cluster, pick, self._answer, toward_source)
+
+    def _adopted_slot_route(self, source: Any, slot: int) -> Any:
+        """A MigratingSlot's route (where its slot goes now) while ``source``'s keys move: by the placement."""
+        now = self.target_for_slot(slot)
+        return now.toward(source, slot) if isinstance(now, AdoptedPlacement) else now
 
     def _adopted_route(self, table: List[Any], placement: AdoptedPlacement) -> Callable[[bytes], Any]:
         """Route an adopted pool's keys by ``placement`` (save a slot a hold or the lease stands in for)."""
