@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import platform
 import types
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from twisted.logger import Logger
 
@@ -184,7 +184,7 @@ class ServerPool:
 
     # -- topology -------------------------------------------------------------
 
-    def install(self, config: PoolConfig) -> List[Server]:
+    def install(self, config: PoolConfig, renamed: Sequence[Tuple[str, str]] = ()) -> List[Server]:
         """Route by ``config`` from now on: its servers, hash, hash tag and distribution.
 
         Servers are matched by name (what ketama hashes): one whose name is
@@ -202,6 +202,10 @@ class ServerPool:
         self._tag = hash_tag_extractor(config.hash_tag)
         self._random = config.distribution == "random"
         old: Dict[str, Server] = {s.name: s for s in self.servers}
+        for before, after in renamed:      # (old name, new name): the same server under a new name
+            if before in old:
+                old[after] = old.pop(before)
+                old[after].name = after
         servers = []
         for index, spec in enumerate(config.servers):
             server = old.pop(spec.name, None)

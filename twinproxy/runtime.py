@@ -126,7 +126,9 @@ class PoolRuntime:
         switched = new.sentinel_mode != diff.old.sentinel_mode   # a cluster pool's sentinels added or removed
         if switched:
             self._leave_sentinel_mode_or_plain(new)
-        gone = self.pool.install(new)
+        for old_spec, new_spec in diff.renamed:
+            self._links[new_spec.name] = self._links.pop(old_spec.name)
+        gone = self.pool.install(new, [(old_spec.name, new_spec.name) for old_spec, new_spec in diff.renamed])
         for server in self.pool.servers:
             if server.name not in self._links:
                 self._add_link(server)

@@ -40,6 +40,8 @@ class PoolDiff:
     ring_changed: bool = False
     listen_changed: bool = False
     settings: Tuple[str, ...] = ()   # every other changed key, in PoolConfig's order
+    # (old, new), same address, new name: a plain pool joining its cluster (adopted) keeps its links.
+    renamed: Tuple[Tuple[ServerSpec, ServerSpec], ...] = ()
 
     @property
     def name(self) -> str:
@@ -48,7 +50,7 @@ class PoolDiff:
     @property
     def empty(self) -> bool:
         return not (self.added or self.removed or self.readdressed or self.reweighted or self.ring_changed
-                    or self.listen_changed or self.settings)
+                    or self.listen_changed or self.settings or self.renamed)
 
     @property
     def handshake_changed(self) -> bool:
@@ -62,6 +64,8 @@ class PoolDiff:
             lines.append(f"{pool}: server {spec.stats_name} added ({spec.address}, weight {spec.weight})")
         for spec in self.removed:
             lines.append(f"{pool}: server {spec.stats_name} removed ({spec.address})")
+        for old, new in self.renamed:
+            lines.append(f"{pool}: server {old.stats_name} is now {new.stats_name} ({new.address})")
         for old, new in self.readdressed:
             lines.append(f"{pool}: server {new.stats_name} moved from {old.address} to {new.address}")
         for old, new in self.reweighted:
@@ -91,6 +95,15 @@ def diff_pool(old: PoolConfig, new: PoolConfig) -> PoolDiff:
     after: Dict[str, ServerSpec] = {spec.name: spec for spec in new.servers}
     added = tuple(spec for spec in new.servers if spec.name not in before)
     removed = tuple(spec for spec in old.servers if spec.name not in after)
+    renamed: List[Tuple[ServerSpec, ServerSpec]] = []
+    if new.cluster_mode and not old.cluster_mode:
+        # Joining its cluster: a server under its group's name is the same server, its
+        # connections kept (a client's pipelined requests stay on one connection, in order).
+        gone = {spec.address: spec for spec in removed}
+        renamed = [(gone.pop(spec.address), spec) for spec in added if spec.address in gone]
+        moved = {spec.name for pair in renamed for spec in pair}
+        added = tuple(spec for spec in added if spec.name not in moved)
+        removed = tuple(spec for spec in removed if spec.name not in moved)
     readdressed = []
     reweighted = []
     for spec in new.servers:
@@ -110,7 +123,7 @@ def diff_pool(old: PoolConfig, new: PoolConfig) -> PoolDiff:
                      if f.name not in _STRUCTURAL and getattr(old, f.name) != getattr(new, f.name))
     return PoolDiff(old=old, new=new, added=added, removed=removed, readdressed=tuple(readdressed),
                     reweighted=tuple(reweighted), ring_changed=ring_changed,
-                    listen_changed=old.listen != new.listen, settings=settings)
+                    listen_changed=old.listen != new.listen, settings=settings, renamed=tuple(renamed))
 
 
 @dataclass(frozen=True)
