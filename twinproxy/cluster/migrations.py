@@ -303,10 +303,10 @@ def _check_adoption(topology: Topology, m: Migration, busy: Dict[int, Migration]
     if others:
         raise TopologyError(f"adoption {m.id} runs with migration {others[0].id}, which is not ended")
     if m.active:
-        for group in topology.groups:
-            if group.id in busy:
-                raise TopologyError(f"group {group.id} takes part in migrations {busy[group.id].id} and {m.id} at once")
-            busy[group.id] = m
+        for gid in topology.adopted.gids:
+            if gid in busy:
+                raise TopologyError(f"group {gid} takes part in migrations {busy[gid].id} and {m.id} at once")
+            busy[gid] = m
     expected = "held" if m.state == "prepared" else "stable"
     wrong = [slot for slot, (gid, state) in enumerate(topology.slots)
              if gid is None or (state != expected and not (expected == "stable" and state == "held"))]
@@ -433,8 +433,10 @@ def startable(topology: Topology, skip: Collection[int] = ()) -> List[int]:
 
 
 def _groups_of(topology: Topology, m: Migration) -> set:
-    """The groups ``m`` takes part in: an adoption's are all of them."""
-    return {group.id for group in topology.groups} if m.adopt else {m.from_group, m.to_group}
+    """The groups ``m`` takes part in: an adoption's are the adopted pool's."""
+    if m.adopt:
+        return set(topology.adopted.gids) if topology.adopted is not None else {m.from_group}
+    return {m.from_group, m.to_group}
 
 
 def adopt(topology: Topology, legacy: Legacy, addresses: List[str]) -> Topology:

@@ -277,8 +277,10 @@ class Topology:
         return None
 
     def migrations_of(self, gid: int) -> List["Migration"]:
-        """The migrations (not ended) group ``gid`` takes part in (an adoption: every group)."""
-        return [m for m in self.migrations if not m.ended and (m.adopt or gid in (m.from_group, m.to_group))]
+        """The migrations (not ended) group ``gid`` takes part in (an adoption: every group of its pool)."""
+        adopted = self.adopted.gids if self.adopted is not None else ()
+        return [m for m in self.migrations if not m.ended and ((m.adopt and gid in adopted)
+                                                               or gid in (m.from_group, m.to_group))]
 
     @property
     def adoption(self) -> Optional["Migration"]:
@@ -406,12 +408,12 @@ class Topology:
             group = self._known_group(gid)
             if not group.servers:
                 raise TopologyError(f"group {gid} has no servers: add one before giving it slots", 409)
+        self._not_adopting("assign slots")
         held = [slot for slot in range(first, last + 1) if self.slots[slot][1] != "stable"]
         if held:
             raise TopologyError(f"slots {show_slots(held)} are {self.slots[held[0]][1]} by a change in progress "
                                 f"({_show_change(self.change)})", 409)
         self._not_in_migration(range(first, last + 1), "assign them")
-        self._not_adopting("assign slots")
         if not force:
             taken: Dict[int, List[int]] = {}
             for slot in range(first, last + 1):
