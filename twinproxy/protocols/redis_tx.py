@@ -73,6 +73,17 @@ class Transaction:
         self.parts: List[List[Tuple[int, int, List[int]]]] = []
 
 
+class _SplitPart:
+    """One server's share of a split command queued in a cross-server transaction, as the
+    codec's ``merge_parts`` reads a fragment: the key positions it carried and its reply."""
+
+    __slots__ = ("positions", "reply")
+
+    def __init__(self, positions: List[int], reply: bytes) -> None:
+        self.positions = positions
+        self.reply = reply
+
+
 def is_error(reply: Optional[bytes]) -> bool:
     return reply is not None and reply[:1] in (b"-", b"!")
 
@@ -366,7 +377,7 @@ class Transactions:
                 merged.append(arrays[fragment_index][element_index])
             else:
                 merged.append(self._merge_parts(command.spec, len(command.args), [
-                    (positions, arrays[fragment_index][element_index])
+                    _SplitPart(positions, arrays[fragment_index][element_index])
                     for fragment_index, element_index, positions in parts]))
         return b"*%d\r\n" % len(merged) + b"".join(merged)
 
