@@ -6,6 +6,7 @@ import os
 import socket
 import sys
 
+from tests.integration.test_redis_proxy import raw_to
 from tests.servers import LOOPBACK, Process, port_of
 
 PASSWORD = "Sup3r-s3cret-pw"
@@ -28,15 +29,7 @@ def test_nothing_before_auth_and_password_never_logged(redis_servers, tmp_path) 
         port, stats_port, http_port = port_of(bound["pools"]["alpha"]), port_of(bound["stats"]), port_of(bound["http"])
 
         def talk(data: bytes, lines: int) -> bytes:
-            with socket.create_connection((LOOPBACK, port), timeout=5) as sock:
-                sock.sendall(data)
-                got = b""
-                while got.count(b"\r\n") < lines:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        break
-                    got += chunk
-                return got
+            return raw_to(LOOPBACK, port, data, lines)
 
         commands = [b"GET k", b"SET k v", b"MGET a b", b"DEL a b", b"EVAL x 1 k", b"CLIENT ID", b"SELECT 0",
                     b"ECHO hi", b"HELLO 3", b"KEYS *"]

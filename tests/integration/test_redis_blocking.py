@@ -11,7 +11,8 @@ import pytest
 import redis
 
 from tests.conftest import in_reactor, key_on, pool_yaml
-from tests.integration.test_redis_proxy import client, raw
+from tests.integration.test_redis_proxy import client, raw, raw_to, read_lines
+from tests.resp_client import encode_command
 from tests.servers import LOOPBACK, wait_until
 from twinproxy.metrics import render
 from twinproxy.protocols.redis_blocking import timeout_milliseconds
@@ -44,27 +45,6 @@ def send(service, data: bytes) -> socket.socket:
     return sock
 
 
-def reply_of(sock: socket.socket, lines: int) -> bytes:
-    """Read until ``lines`` CRLF-ended lines have come (within the socket's timeout)."""
-    got = b""
-    while got.count(b"\r\n") < lines:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        got += chunk
-    return got
-
-
-def command(*args: str) -> bytes:
-    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a.encode()), a.encode()) for a in args)
-
-
-def direct(backend, data: bytes, lines: int = 1) -> bytes:
-    with socket.create_connection((LOOPBACK, backend.port), timeout=5) as sock:
-        sock.sendall(data)
-        return reply_of(sock, lines)
-
-
 def lease_numbers(reactor, service) -> tuple:
     """(leased now, idle) over the pool's servers, read in the reactor thread."""
     def read():
@@ -80,8 +60,8 @@ def test_blpop_returns_nil_after_its_own_timeout_while_the_pool_timeout_is_400ms
     assert c.blpop("{t}q", 1) is None                   # Redis's nil, not the proxy's timeout error
     elapsed = time.monotonic() - started
     assert 0.9 <= elapsed < 3, elapsed
-    assert raw(service, command("BLPOP", "{t}q", "0.05")) == b"*-1\r\n"
-    assert raw(service, b"HELLO 3\r\n" + command("BLPOP", "{t}q", "0.05"), expect=27).endswith(b"_\r\n")
+    assert raw(service, encode_command(["BLPOP", "{t}q", "0.05"])) == b"*-1\r\n"
+    assert raw(service, b"HELLO 3\r\n" + encode_command(["BLPOP", "{t}q", "0.05"]), expect=27).endswith(b"_\r\n")
 
 
 def test_the_proxy_deadline_is_the_command_timeout_plus_the_pool_timeout(three) -> None:
@@ -103,7 +83,7 @@ def test_the_proxy_deadline_is_the_command_timeout_plus_the_pool_timeout(three) 
 def test_rpush_wakes_exactly_one_of_several_blocked_clients(three) -> None:
     backends, service = three
     backend = owner(backends, service, "{w}q")
-    socks = [send(service, command("BLPOP", "{w}q", "20")) for _ in range(4)]
+    socks = [send(service, encode_command(["BLPOP", "{w}q", "20"])) for _ in range(4)]
     try:
         wait_until(lambda: blocked_on(backend) == 4, what="4 clients blocked on the server")
         c = client(service, protocol=2)
@@ -113,7 +93,7 @@ def test_rpush_wakes_exactly_one_of_several_blocked_clients(three) -> None:
         wait_until(lambda: blocked_on(backend) == 3, what="3 still blocked")
         assert c.llen("{w}q") == 0
         c.rpush("{w}q", "two", "three", "four")
-        got = sorted(reply_of(sock, 5).split(b"\r\n")[4] for sock in socks)
+        got = sorted(read_lines(sock, 5).split(b"\r\n")[4] for sock in socks)
         assert got == [b"four", b"one", b"three", b"two"]     # one element each, none lost, none twice
     finally:
         for sock in socks:
@@ -123,7 +103,7 @@ def test_rpush_wakes_exactly_one_of_several_blocked_clients(three) -> None:
 def test_a_client_killed_while_blocked_leaves_no_backend_connection(three, reactor) -> None:
     backends, service = three
     backend = owner(backends, service, "{k}q")
-    sock = send(service, command("BLPOP", "{k}q", "0"))
+    sock = send(service, encode_command(["BLPOP", "{k}q", "0"]))
     wait_until(lambda: blocked_on(backend) == 1, what="the client blocked on the server")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")   # reset
     sock.close()
@@ -138,19 +118,19 @@ def test_blmove_bzpopmin_xread_and_their_kin_block_then_wake(three) -> None:
     c = client(service, protocol=2)
     c.xgroup_create("{x}g", "grp", id="$", mkstream=True)
     cases = [   # (the key whose server blocks it, the command, what wakes it, the reply)
-        ("{m}src", command("BLMOVE", "{m}src", "{m}dst", "LEFT", "RIGHT", "10"), lambda: c.rpush("{m}src", "v"),
-         b"$1\r\nv\r\n"),
-        ("{m}a", command("BRPOPLPUSH", "{m}a", "{m}b", "10"), lambda: c.rpush("{m}a", "w"), b"$1\r\nw\r\n"),
-        ("{m}l1", command("BLMPOP", "10", "2", "{m}l1", "{m}l2", "RIGHT"), lambda: c.rpush("{m}l2", "x"),
+        ("{m}src", encode_command(["BLMOVE", "{m}src", "{m}dst", "LEFT", "RIGHT", "10"]),
+         lambda: c.rpush("{m}src", "v"), b"$1\r\nv\r\n"),
+        ("{m}a", encode_command(["BRPOPLPUSH", "{m}a", "{m}b", "10"]), lambda: c.rpush("{m}a", "w"), b"$1\r\nw\r\n"),
+        ("{m}l1", encode_command(["BLMPOP", "10", "2", "{m}l1", "{m}l2", "RIGHT"]), lambda: c.rpush("{m}l2", "x"),
          b"*2\r\n$5\r\n{m}l2\r\n*1\r\n$1\r\nx\r\n"),
-        ("{z}s", command("BZPOPMIN", "{z}s", "10"), lambda: c.zadd("{z}s", {"a": 1}),
+        ("{z}s", encode_command(["BZPOPMIN", "{z}s", "10"]), lambda: c.zadd("{z}s", {"a": 1}),
          b"*3\r\n$4\r\n{z}s\r\n$1\r\na\r\n$1\r\n1\r\n"),
-        ("{z}t", command("BZMPOP", "10", "1", "{z}t", "MAX"), lambda: c.zadd("{z}t", {"b": 2}),
+        ("{z}t", encode_command(["BZMPOP", "10", "1", "{z}t", "MAX"]), lambda: c.zadd("{z}t", {"b": 2}),
          b"*2\r\n$4\r\n{z}t\r\n*1\r\n*2\r\n$1\r\nb\r\n$1\r\n2\r\n"),
-        ("{x}s", command("XREAD", "BLOCK", "10000", "STREAMS", "{x}s", "$"),
+        ("{x}s", encode_command(["XREAD", "BLOCK", "10000", "STREAMS", "{x}s", "$"]),
          lambda: c.xadd("{x}s", {"f": "v"}, id="5-1"),
          b"*1\r\n*2\r\n$4\r\n{x}s\r\n*1\r\n*2\r\n$3\r\n5-1\r\n*2\r\n$1\r\nf\r\n$1\r\nv\r\n"),
-        ("{x}g", command("XREADGROUP", "GROUP", "grp", "c1", "BLOCK", "10000", "STREAMS", "{x}g", ">"),
+        ("{x}g", encode_command(["XREADGROUP", "GROUP", "grp", "c1", "BLOCK", "10000", "STREAMS", "{x}g", ">"]),
          lambda: c.xadd("{x}g", {"f": "w"}, id="6-1"),
          b"*1\r\n*2\r\n$4\r\n{x}g\r\n*1\r\n*2\r\n$3\r\n6-1\r\n*2\r\n$1\r\nf\r\n$1\r\nw\r\n"),
     ]
@@ -160,7 +140,7 @@ def test_blmove_bzpopmin_xread_and_their_kin_block_then_wake(three) -> None:
         try:
             wait_until(lambda: blocked_on(backend) == 1, what=f"{request!r} blocked on its server")  # noqa: B023
             wake()
-            assert reply_of(sock, expected.count(b"\r\n")) == expected, request
+            assert read_lines(sock, expected.count(b"\r\n")) == expected, request
         finally:
             sock.close()
 
@@ -168,12 +148,12 @@ def test_blmove_bzpopmin_xread_and_their_kin_block_then_wake(three) -> None:
 def test_timeouts_of_each_command_give_redis_own_nil(three) -> None:
     backends, service = three
     target = owner(backends, service, "{n}a")
-    for request in (command("BLMOVE", "{n}a", "{n}b", "LEFT", "RIGHT", "0.01"), command("BRPOP", "{n}a", "0.01"),
-                    command("BLMPOP", "0.01", "1", "{n}a", "LEFT"), command("BZPOPMAX", "{n}a", "0.01"),
-                    command("BZMPOP", "0.01", "1", "{n}a", "MIN"), command("XREAD", "BLOCK", "10", "STREAMS",
-                                                                           "{n}a", "$"),
-                    command("XREAD", "COUNT", "1", "STREAMS", "{n}a", "0")):
-        assert raw(service, request) == direct(target, request), request
+    for words in (["BLMOVE", "{n}a", "{n}b", "LEFT", "RIGHT", "0.01"], ["BRPOP", "{n}a", "0.01"],
+                  ["BLMPOP", "0.01", "1", "{n}a", "LEFT"], ["BZPOPMAX", "{n}a", "0.01"],
+                  ["BZMPOP", "0.01", "1", "{n}a", "MIN"], ["XREAD", "BLOCK", "10", "STREAMS", "{n}a", "$"],
+                  ["XREAD", "COUNT", "1", "STREAMS", "{n}a", "0"]):
+        request = encode_command(words)
+        assert raw(service, request) == raw_to(LOOPBACK, target.port, request), request
 
 
 @pytest.mark.parametrize("line", [
@@ -189,13 +169,13 @@ def test_timeouts_of_each_command_give_redis_own_nil(three) -> None:
 def test_bad_invocations_get_the_servers_own_errors(three, line) -> None:
     backends, service = three
     request = line.encode() + b"\r\n"
-    assert raw(service, request) == direct(owner(backends, service, "{e}q"), request)
+    assert raw(service, request) == raw_to(LOOPBACK, owner(backends, service, "{e}q").port, request)
 
 
 def test_cross_server_keys_get_the_hash_tag_error(three) -> None:
     _, service = three
     a, b = key_on(service, 0, "x"), key_on(service, 1, "y")
-    assert raw(service, command("BRPOP", a, b, "1")) == (
+    assert raw(service, encode_command(["BRPOP", a, b, "1"])) == (
         b"-ERR keys in request don't hash to the same server (use a hash tag to keep them together)\r\n")
 
 
@@ -206,8 +186,8 @@ def test_wait_stays_refused(three) -> None:
 
 def test_requests_pipelined_around_a_blocking_command_keep_their_order(three) -> None:
     _, service = three
-    got = raw(service, command("DEL", "{p}q") + command("RPUSH", "{p}q", "a") + command("BLPOP", "{p}q", "1")
-              + command("GET", "{p}k") + b"PING\r\n", expect=8)
+    pipeline = [["DEL", "{p}q"], ["RPUSH", "{p}q", "a"], ["BLPOP", "{p}q", "1"], ["GET", "{p}k"]]
+    got = raw(service, b"".join(map(encode_command, pipeline)) + b"PING\r\n", expect=8)
     assert got == b":0\r\n:1\r\n*2\r\n$4\r\n{p}q\r\n$1\r\na\r\n$-1\r\n+PONG\r\n"
 
 
@@ -227,7 +207,7 @@ def test_seconds_timeouts_are_read_as_the_server_reads_them(redis_servers) -> No
         with socket.create_connection((LOOPBACK, backend.port), timeout=5) as sock:
             sock.sendall(b"*3\r\n$5\r\nBLPOP\r\n$6\r\nnokey!\r\n$%d\r\n%s\r\n" % (len(text), text))
             ready, _, _ = select.select([sock], [], [], 0.5)
-            got = reply_of(sock, 1) if ready else b"(blocked)"
+            got = read_lines(sock, 1) if ready else b"(blocked)"
         if milliseconds is None:
             assert got == b"-ERR timeout is not a float or out of range\r\n", text
         elif milliseconds < 0:
@@ -241,7 +221,7 @@ def test_seconds_timeouts_are_read_as_the_server_reads_them(redis_servers) -> No
 def test_lease_exhaustion_gives_a_clear_error_at_once(redis_servers, proxy) -> None:
     backends = redis_servers(1)
     service = proxy(pool_yaml(backends, server_leased_connections=2, timeout=400))
-    socks = [send(service, command("BLPOP", "q", "0")) for _ in range(2)]
+    socks = [send(service, encode_command(["BLPOP", "q", "0"])) for _ in range(2)]
     try:
         wait_until(lambda: blocked_on(backends[0]) == 2, what="2 clients blocked")
         c = client(service, protocol=2)
@@ -297,7 +277,7 @@ def test_many_blocked_clients_do_not_slow_other_clients(redis_servers, proxy, re
     socks: List[socket.socket] = []
     try:
         for i in range(120):
-            socks.append(send(service, command("BLPOP", key_on(service, i % 3, f"bq{i}-"), "0")))
+            socks.append(send(service, encode_command(["BLPOP", key_on(service, i % 3, f"bq{i}-"), "0"])))
         wait_until(lambda: sum(blocked_on(backend) for backend in backends) == 120, timeout=10,
                    what="120 clients blocked on 3 servers")
         document = in_reactor(reactor, pool_document, service)
@@ -318,7 +298,7 @@ def test_many_blocked_clients_do_not_slow_other_clients(redis_servers, proxy, re
 def test_client_list_shows_a_blocked_client_and_client_kill_ends_its_lease(three) -> None:
     backends, service = three
     backend = owner(backends, service, "{c}q")
-    sock = send(service, command("BLPOP", "{c}q", "0"))
+    sock = send(service, encode_command(["BLPOP", "{c}q", "0"]))
     try:
         wait_until(lambda: blocked_on(backend) == 1, what="the client blocked on the server")
         c = client(service, protocol=2)

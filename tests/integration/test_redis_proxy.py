@@ -30,13 +30,18 @@ def raw_to(host: str, port: int, data: bytes, expect: int = 1, timeout: float = 
     """``raw`` to any address (a backend directly, to compare with Redis's own answer)."""
     with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.sendall(data)
-        got = b""
-        while got.count(b"\r\n") < expect:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-        return got
+        return read_lines(sock, expect)
+
+
+def read_lines(sock: socket.socket, expect: int) -> bytes:
+    """Read until ``expect`` CRLF-ended lines have come or the peer closes (within the socket's timeout)."""
+    got = b""
+    while got.count(b"\r\n") < expect:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
 
 
 def owner(backends, key: str) -> int:

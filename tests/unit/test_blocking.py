@@ -7,8 +7,6 @@ pool's), and the frontend's hold (a blocked client's later requests wait).
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -28,15 +26,20 @@ def lent(h: Harness, name: str = "a"):
     return link, link.leases
 
 
+def blocked(h: Harness, timeout: bytes = b"0"):
+    """A new client blocked in BLPOP on server a: (client, its transport, (the lease, its transport))."""
+    client, out = h.client()
+    client.dataReceived(cmd(b"BLPOP", h.key_on("a"), timeout))
+    h.connect_pending()
+    return client, out, h.backend("a")
+
+
 class LeaseTests(SynchronousTestCase):
     def test_a_blocking_command_runs_alone_on_a_lease_that_the_next_one_reuses(self) -> None:
         h = Harness()
-        client, out = h.client()
         key = h.key_on("a")
-        client.dataReceived(cmd(b"BLPOP", key, b"1"))
-        h.connect_pending()
+        client, out, (conn, wire) = blocked(h, b"1")
         self.assertEqual(len(h.backends["a"]), 1)
-        conn, wire = h.backend("a")
         self.assertEqual(wire.value(), cmd(b"BLPOP", key, b"1"))
         link, leases = lent(h)
         self.assertEqual((leases.in_use_count, leases.idle_count, link.connection_count), (1, 0, 1))
@@ -119,10 +122,7 @@ class LeaseTests(SynchronousTestCase):
     def test_a_client_that_hangs_up_while_blocked_closes_its_lease(self) -> None:
         h = Harness()
         key = h.key_on("a")
-        client, _ = h.client()
-        client.dataReceived(cmd(b"BLPOP", key, b"0"))
-        h.connect_pending()
-        conn, wire = h.backend("a")
+        client, _, (conn, wire) = blocked(h)
         client.connectionLost(Failure(ConnectionDone()))
         self.assertTrue(wire.disconnecting)                  # closed, never given back
         link, leases = lent(h)
@@ -148,10 +148,7 @@ class LeaseTests(SynchronousTestCase):
 class DeadlineTests(SynchronousTestCase):
     def test_the_deadline_is_the_commands_timeout_plus_the_pool_timeout(self) -> None:
         h = Harness()   # timeout: 400
-        client, out = h.client()
-        client.dataReceived(cmd(b"BLPOP", h.key_on("a"), b"1"))
-        h.connect_pending()
-        _, wire = h.backend("a")
+        _, out, (_, wire) = blocked(h, b"1")
         h.reactor.advance(1.39)
         self.assertEqual(out.value(), b"")
         h.reactor.advance(0.02)
@@ -184,10 +181,7 @@ class DeadlineTests(SynchronousTestCase):
 
     def test_a_bad_timeout_gets_the_pool_timeout_only(self) -> None:
         h = Harness()
-        client, out = h.client()
-        client.dataReceived(cmd(b"BLPOP", h.key_on("a"), b"-1"))
-        h.connect_pending()
-        conn, wire = h.backend("a")
+        client, out, (conn, wire) = blocked(h, b"-1")
         self.assertEqual(wire.value(), cmd(b"BLPOP", h.key_on("a"), b"-1"))   # the server says why
         conn.dataReceived(b"-ERR timeout is negative\r\n")
         self.assertEqual(out.value(), b"-ERR timeout is negative\r\n")
@@ -197,11 +191,8 @@ class DeadlineTests(SynchronousTestCase):
 
     def test_a_reused_lease_sees_a_shorter_deadline_in_time(self) -> None:
         h = Harness()
-        client, out = h.client()
         key = h.key_on("a")
-        client.dataReceived(cmd(b"BLPOP", key, b"10"))
-        h.connect_pending()
-        conn, _ = h.backend("a")
+        client, out, (conn, _) = blocked(h, b"10")
         h.reactor.advance(1.0)
         conn.dataReceived(b"*-1\r\n")
         client.dataReceived(cmd(b"BLPOP", key, b"1"))        # the same connection, due at 1 + 1 + 0.4
@@ -310,17 +301,14 @@ class HoldTests(SynchronousTestCase):
     def test_stats_and_metrics_count_blocked_clients_and_leases(self) -> None:
         h = Harness("  server_leased_connections: 1\n")
         key = h.key_on("a")
-        client, _ = h.client()
-        client.dataReceived(cmd(b"BLPOP", key, b"0"))
+        blocked(h)
         refused, _ = h.client()
         refused.dataReceived(cmd(b"BLPOP", key, b"0"))
-        service = SimpleNamespace(name="alpha", pool=h.pool, factory=h.factory, config=h.config,
-                                  links=h.runtime.links)
-        document = pool_document(service)
+        document = pool_document(h.runtime)
         self.assertEqual((document["blocked_clients"], document["blocking_commands"]), (1, 1))
         server = document[h.pool.servers[0].spec.stats_name]
         self.assertEqual((server["leased_connections"], server["leased_idle"], server["leases_refused"]), (1, 0, 1))
-        text = render(lambda: [service], 0.0, h.reactor).decode()
+        text = render(lambda: [h.runtime], 0.0, h.reactor).decode()
         self.assertIn('twinproxy_pool_blocked_clients{pool="alpha"} 1.0', text)
         self.assertIn('twinproxy_pool_blocking_commands_total{pool="alpha"} 1.0', text)
         self.assertIn("# TYPE twinproxy_server_leased_connections gauge", text)
@@ -328,15 +316,9 @@ class HoldTests(SynchronousTestCase):
 
 
 class RetireTests(SynchronousTestCase):
-    def blocked(self, h: Harness):
-        client, out = h.client()
-        client.dataReceived(cmd(b"BLPOP", h.key_on("a"), b"0"))
-        h.connect_pending()
-        return client, out, h.backend("a")
-
     def test_new_settings_drain_leases_without_holding_new_shared_connections(self) -> None:
         h = Harness()
-        _, out, (_, wire) = self.blocked(h)
+        _, out, (_, wire) = blocked(h)
         idle_client, _ = h.client()
         idle_client.dataReceived(cmd(b"BLPOP", h.key_on("a", b"i"), b"0"))
         h.connect_pending()
@@ -358,7 +340,7 @@ class RetireTests(SynchronousTestCase):
 
     def test_a_new_handshake_closes_idle_leases_and_drains_the_blocked_one(self) -> None:
         h = Harness()
-        _, out, (_, wire) = self.blocked(h)
+        _, out, (_, wire) = blocked(h)
         spare, _ = h.client()
         spare.dataReceived(cmd(b"BLPOP", h.key_on("a", b"s"), b"0"))
         h.connect_pending()
@@ -382,7 +364,7 @@ class RetireTests(SynchronousTestCase):
 
     def test_a_new_address_sends_new_leases_there_and_drains_the_old(self) -> None:
         h = Harness()
-        _, out, (conn, wire) = self.blocked(h)
+        _, out, (conn, wire) = blocked(h)
         link, leases = lent(h)
         (new,) = load_text(POOL.format(extra="").replace("10.0.0.1:6379:1 a", "10.0.0.9:6379:1 a"))
         h.runtime.apply(diff_pool(h.config, new))
@@ -396,7 +378,7 @@ class RetireTests(SynchronousTestCase):
 
     def test_a_removed_server_drains_its_blocked_commands_by_the_deadline(self) -> None:
         h = Harness()
-        _, out, (_, wire) = self.blocked(h)
+        _, out, (_, wire) = blocked(h)
         link, _ = lent(h)
         drained = link.drain()
         self.assertNoResult(drained)
@@ -406,7 +388,7 @@ class RetireTests(SynchronousTestCase):
 
     def test_a_master_switch_fails_a_blocked_command_at_once(self) -> None:
         h = Harness()
-        _, out, (_, wire) = self.blocked(h)
+        _, out, (_, wire) = blocked(h)
         link, leases = lent(h)
         failed = link.cut_over(link.target, "failover: outcome unknown")
         self.assertEqual((failed, out.value()), (1, b"-ERR failover: outcome unknown\r\n"))
@@ -424,7 +406,7 @@ class RetireTests(SynchronousTestCase):
 
     def test_stop_closes_leased_connections_and_waits_for_them(self) -> None:
         h = Harness()
-        _, out, (conn, wire) = self.blocked(h)
+        _, out, (conn, wire) = blocked(h)
         link, leases = lent(h)
         stopped = link.stop()
         self.assertTrue(wire.disconnecting)

@@ -28,6 +28,8 @@ alpha:
    - 10.0.0.1:6379:1 a
    - 10.0.0.2:6379:1 b
 """
+# The servers' names by address (10.0.0.9: where a test moves server a).
+HOSTS = {"10.0.0.1": "a", "10.0.0.2": "b", "10.0.0.9": "a2"}
 
 
 class HalfClosingTransport(StringTransport):
@@ -75,15 +77,18 @@ class Harness:
         return protocol, transport
 
     def connect_pending(self):
-        """Complete every connection attempt the links made; return {server: [transports]}."""
+        """Complete every connection attempt the links made; return {server: [(protocol, transport)]}."""
         while self.reactor.tcpClients:
             host, port, factory, _, _ = self.reactor.tcpClients.pop(0)
-            name = "a" if host == "10.0.0.1" else "b"
             protocol = factory.buildProtocol(None)
             transport = StringTransport()
             protocol.makeConnection(transport)
-            self.backends.setdefault(name, []).append((protocol, transport))
+            self.connected(HOSTS[host], protocol, transport)
         return self.backends
+
+    def connected(self, name: str, protocol, transport) -> None:
+        """Keep a connection just made to server ``name`` (a subclass may sort them)."""
+        self.backends.setdefault(name, []).append((protocol, transport))
 
     def backend(self, name: str, index: int = -1):
         return self.backends[name][index]

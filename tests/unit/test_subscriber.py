@@ -10,35 +10,17 @@ from __future__ import annotations
 from typing import Dict, List, Tuple
 
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from twinproxy.config import ServerSpec, load_text
-from twinproxy.protocols.resp import encode_command
-from twinproxy.runtime import PoolRuntime
+from tests.unit.test_proxying import Harness as ProxyingHarness
+from tests.unit.test_proxying import cmd
+from twinproxy.config import ServerSpec
 from twinproxy.subscriber_connection import SubscriberConnection
 
-POOL = """\
-alpha:
-  listen: 127.0.0.1:22121
-  redis: true
-  timeout: 400
-  auto_eject_hosts: true
-  server_failure_limit: 1
-  server_retry_timeout: 1000
-  hash: murmur
-{extra}  servers:
-   - 10.0.0.1:6379:1 a
-   - 10.0.0.2:6379:1 b
-"""
-HOSTS = {"10.0.0.1": "a", "10.0.0.2": "b", "10.0.0.9": "a2"}
 REFUSAL = (b"-ERR Can't execute 'get': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are "
            b"allowed in this context\r\n")
-
-
-def cmd(*args: bytes) -> bytes:
-    return encode_command(list(args))
 
 
 def ack(word: bytes, name: bytes, count: int, push: bool = False) -> bytes:
@@ -51,38 +33,24 @@ def message(channel: bytes, data: bytes, push: bool = False) -> bytes:
         len(channel), channel, len(data), data)
 
 
-class Harness:
+class Harness(ProxyingHarness):
+    """test_proxying's, with each server's subscriber connections kept apart from its shared ones."""
+
     def __init__(self, extra: str = "") -> None:
-        (self.config,) = load_text(POOL.format(extra=extra))
-        self.reactor = MemoryReactorClock()
-        self.runtime = PoolRuntime(self.config, self.reactor, outbox=None)
-        self.pool = self.runtime.pool
+        super().__init__(extra)
         self.hub = self.runtime.subscribers
-        # server name -> [(protocol, transport)], subscriber connections apart from shared ones
+        # server name -> [(protocol, transport)] of its subscriber connections (shared ones: ``backends``)
         self.subscribers: Dict[str, List[Tuple[SubscriberConnection, StringTransport]]] = {}
-        self.shared: Dict[str, List[Tuple[object, StringTransport]]] = {}
+
+    def connected(self, name: str, protocol, transport) -> None:
+        if isinstance(protocol, SubscriberConnection):
+            self.subscribers.setdefault(name, []).append((protocol, transport))
+        else:
+            super().connected(name, protocol, transport)
 
     def channel_on(self, name: str, prefix: bytes = b"c") -> bytes:
-        for i in range(1000):
-            channel = prefix + b"%d" % i
-            if self.pool.server_for_key(channel).name == name:
-                return channel
-        raise AssertionError(name)
-
-    def client(self):
-        protocol = self.runtime.factory.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        return protocol, transport
-
-    def connect_pending(self) -> None:
-        while self.reactor.tcpClients:
-            host, _, factory, _, _ = self.reactor.tcpClients.pop(0)
-            protocol = factory.buildProtocol(None)
-            transport = StringTransport()
-            protocol.makeConnection(transport)
-            into = self.subscribers if isinstance(protocol, SubscriberConnection) else self.shared
-            into.setdefault(HOSTS[host], []).append((protocol, transport))
+        """A channel server ``name`` holds (channels are placed as keys are)."""
+        return self.key_on(name, prefix)
 
     def sub(self, name: str, index: int = -1) -> Tuple[SubscriberConnection, StringTransport]:
         return self.subscribers[name][index]
@@ -174,7 +142,7 @@ class ModeTests(SynchronousTestCase):
         client.dataReceived(cmd(b"SUBSCRIBE", a) + cmd(b"GET", b"k") + cmd(b"GET") + b"PING\r\n"
                             + cmd(b"PING", b"hi"))
         h.connect_pending()
-        self.assertEqual(h.shared, {})   # the GET went nowhere
+        self.assertEqual(h.backends, {})   # the GET went nowhere
         h.sub("a")[0].dataReceived(ack(b"subscribe", a, 1))
         self.assertEqual(out.value(), ack(b"subscribe", a, 1) + REFUSAL
                          + b"-ERR wrong number of arguments for 'get' command\r\n"
@@ -188,7 +156,7 @@ class ModeTests(SynchronousTestCase):
         h.connect_pending()
         h.sub("a")[0].dataReceived(ack(b"unsubscribe", a, 0))
         key_server = h.pool.server_for_key(b"k").name
-        backend, wire = h.shared[key_server][0]
+        backend, wire = h.backends[key_server][0]
         self.assertEqual(wire.value(), cmd(b"GET", b"k"))
         backend.dataReceived(b"$1\r\nv\r\n")
         self.assertEqual(out.value(), ack(b"unsubscribe", a, 0) + b"$1\r\nv\r\n")
@@ -208,7 +176,7 @@ class ModeTests(SynchronousTestCase):
         out.clear()
         client.dataReceived(cmd(b"GET", b"k"))
         h.connect_pending()
-        backend, _ = h.shared[h.pool.server_for_key(b"k").name][0]
+        backend, _ = h.backends[h.pool.server_for_key(b"k").name][0]
         conn.dataReceived(message(a, b"m", push=True))
         self.assertEqual(out.value(), b"")   # behind the GET's reply
         backend.dataReceived(b"%1\r\n+s\r\n+r\r\n_\r\n")
@@ -363,7 +331,8 @@ class TopologyTests(SynchronousTestCase):
         conn_b, wire_b = h.sub("b")
         conn_b.dataReceived(ack(b"subscribe", b, 1))
         out.clear()
-        h.pool.record_failure(h.pool.servers[1], "down")   # server_failure_limit: 1
+        for _ in range(2):   # server_failure_limit: 2
+            h.pool.record_failure(h.pool.servers[1], "down")
         h.reactor.advance(0)
         h.connect_pending()
         conn_a, wire_a = h.sub("a")

@@ -61,6 +61,27 @@ class TransactionWireTests(SynchronousTestCase):
                                               b"server (SET '%s' on a, MSET '%s' on b)" % (ka, kb)), replies[3])
         self.assertEqual(replies[4], b"+PONG")   # out of MULTI again
 
+    def test_a_watched_transaction_off_the_watchs_server_is_refused_and_counted_once(self) -> None:
+        h = Harness()
+        client, out = h.client()
+        ka, kb = h.key_on("a"), h.key_on("b")
+        client.dataReceived(cmd(b"WATCH", ka))
+        pin, pin_wire = h.connect_pending()["a"][0]
+        pin.dataReceived(b"+OK\r\n")
+        client.dataReceived(cmd(b"MULTI") + cmd(b"SET", kb, b"1") + cmd(b"EXEC"))
+        self.assertEqual(out.value(), b"+OK\r\n+OK\r\n+QUEUED\r\n-EXECABORT Transaction discarded: its keys are not "
+                                      b"on the server of the WATCHed keys (a); use a {tag} to keep them together\r\n")
+        self.assertNotIn("b", h.backends)                        # nothing ran
+        counters = h.pool.counters
+        self.assertEqual((counters.transactions, counters.transactions_refused), (0, 1))
+        self.assertEqual(pin_wire.value(), cmd(b"WATCH", ka) + cmd(b"UNWATCH"))
+        pin.dataReceived(b"+OK\r\n")
+        # Unwatched: the next transaction runs where its keys are, counted once as run.
+        client.dataReceived(cmd(b"MULTI") + cmd(b"SET", kb, b"1") + cmd(b"EXEC"))
+        h.connect_pending()
+        self.assertEqual(h.backend("b")[1].value(), cmd(b"MULTI") + cmd(b"SET", kb, b"1") + cmd(b"EXEC"))
+        self.assertEqual((counters.transactions, counters.transactions_refused), (1, 1))
+
     def test_keyless_transaction_goes_to_the_first_live_server(self) -> None:
         h = Harness()
         client, out = h.client()

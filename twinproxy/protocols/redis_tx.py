@@ -73,6 +73,17 @@ class Transaction:
         self.parts: List[List[Tuple[int, int, List[int]]]] = []
 
 
+class _SplitPart:
+    """One server's share of a split command queued in a cross-server transaction, as the
+    codec's ``merge_parts`` reads a fragment: the key positions it carried and its reply."""
+
+    __slots__ = ("positions", "reply")
+
+    def __init__(self, positions: List[int], reply: bytes) -> None:
+        self.positions = positions
+        self.reply = reply
+
+
 def is_error(reply: Optional[bytes]) -> bool:
     return reply is not None and reply[:1] in (b"-", b"!")
 
@@ -243,26 +254,25 @@ class Transactions:
     def route(self, request: Request, router: Router) -> List[Tuple[Any, Request]]:
         """Where the transaction runs: [(server, request)], a split's parts, or [] after answering EXECABORT."""
         routes = self._route(request, router)
-        counters = router.counters
-        if routes:
-            counters.transactions += 1
-        elif request.reply is not None and request.reply.startswith(b"-EXECABORT"):
-            counters.transactions_refused += 1
         pin = getattr(router, "pinned", None)
         if pin is not None:
             # WATCHing: the transaction must run on the WATCH's connection, which it then unwatches.
             if not routes:
                 request.client.end_watch()
             elif len(routes) > 1 or routes[0][0] is not pin:
-                counters.transactions -= 1
-                counters.transactions_refused += 1
                 _answer(request, resp.error(
                     "EXECABORT Transaction discarded: its keys are not on the server of the WATCHed keys "
                     f"({pin.name}); use a {{tag}} to keep them together"))
                 request.client.end_watch()
-                return []
+                routes = []
             else:
-                return [(router.ending, routes[0][1])]
+                routes = [(router.ending, routes[0][1])]
+        # Counted once the pin has had its say: run, or refused with EXECABORT (a bad command, keys apart).
+        counters = router.counters
+        if routes:
+            counters.transactions += 1
+        elif request.reply is not None and request.reply.startswith(b"-EXECABORT"):
+            counters.transactions_refused += 1
         return routes
 
     def _route(self, request: Request, router: Router) -> List[Tuple[Any, Request]]:
@@ -366,7 +376,7 @@ class Transactions:
                 merged.append(arrays[fragment_index][element_index])
             else:
                 merged.append(self._merge_parts(command.spec, len(command.args), [
-                    (positions, arrays[fragment_index][element_index])
+                    _SplitPart(positions, arrays[fragment_index][element_index])
                     for fragment_index, element_index, positions in parts]))
         return b"*%d\r\n" % len(merged) + b"".join(merged)
 
