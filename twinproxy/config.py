@@ -47,6 +47,7 @@ CLUSTER_KEYS = ("cluster", "coordinator", "slot_hold")
 # What a cluster pool cannot have: its topology is the dashboard's.
 _NOT_IN_CLUSTER = ("servers", "hash", "hash_tag", "distribution", "auto_eject_hosts", "sentinels", "sentinel_auth",
                    "read_policy", "max_replica_lag", "redis_db", "databases")
+NOT_IN_CLUSTER = _NOT_IN_CLUSTER   # (twinproxy-admin adopt drops them from a pool joining its cluster)
 # Envoy's names for where reads go.
 READ_POLICIES = ("master", "prefer-master", "replica", "prefer-replica", "any")
 # Codis's rule for a product (cluster) name.

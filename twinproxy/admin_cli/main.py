@@ -18,7 +18,7 @@ import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from twinproxy import __version__
-from twinproxy.admin_cli import migrations, render
+from twinproxy.admin_cli import adopt, migrations, render
 from twinproxy.admin_cli.http import DashboardClient, Refused, Unreachable, segment
 
 PROG = "twinproxy-admin"
@@ -164,6 +164,16 @@ def parser() -> argparse.ArgumentParser:
     remove.add_argument("id", metavar="ID")
     remove.add_argument("--force", action="store_true", help="even if its address still answers")
 
+    adopt = verb(verbs, "adopt", "take a running twemproxy pool into this cluster (groups, slots and paused "
+                 "adoptions in one generation) and write the pool file its proxies switch to")
+    adopt.add_argument("--pool-file", required=True, metavar="FILE", help="the pool file the proxies serve")
+    adopt.add_argument("--pool", required=True, metavar="NAME", help="the pool to adopt")
+    adopt.add_argument("--coordinator", required=True, metavar="URL",
+                       help="the coordinator URL the proxies will follow (written into the pool file)")
+    adopt.add_argument("--cluster", metavar="NAME", help="the cluster's name (default: the pool's)")
+    adopt.add_argument("--output", metavar="PATH",
+                       help="write the new pool file there (may be FILE itself; default: print it)")
+
     sentinel = nouns("sentinel", "add or remove a Redis Sentinel")
     for action, text in (("add", "have a sentinel monitor every group's master"),
                          ("remove", "make a sentinel forget the cluster")):
@@ -178,6 +188,8 @@ Request = Tuple[str, str, Optional[Dict[str, Any]], Optional[Dict[str, Any]]]
 def request_for(args: argparse.Namespace) -> Tuple[Request, Callable[[Dict[str, Any]], str]]:
     """The API request a parsed command line makes, and the text its answer is shown as."""
     verb, action = args.verb, getattr(args, "action", None)
+    if verb == "adopt":     # its body comes from the pool file (adopt.prepare), its answer from adopt.run
+        return ("POST", "/api/adopt", None, None), str
     if verb == "status":
         return ("GET", "/api/status", None, None), render.status_text
     if verb == "group":
@@ -259,10 +271,13 @@ def main(argv: Optional[List[str]] = None, out: Any = None, err: Any = None) -> 
         (method, path, body, query), show = request_for(args)
         token = read_token(args.token_file) if args.token_file is not None and method != "GET" else None
         client = DashboardClient(args.dashboard, token, args.timeout)
-    except (UsageProblem, ValueError) as problem:
+        adoption = adopt.prepare(args) if args.verb == "adopt" else None
+    except (UsageProblem, ValueError, adopt.AdoptProblem) as problem:
         print(f"{PROG}: {problem}", file=err)
         return EXIT_USAGE
     try:
+        if adoption is not None:
+            return adopt.run(client, args, *adoption, out, err)
         if args.verb == "migration" and getattr(args, "action", None) == "wait":
             return migrations.wait(client, args.id, out, err, args.json, unreachable=Unreachable,
                                    patience=args.timeout)

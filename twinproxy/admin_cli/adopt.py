@@ -1,0 +1,135 @@
+"""``twinproxy-admin adopt``: take a running twemproxy pool into a cluster, and rewrite its pool file.
+
+Owns :func:`adoption_request` (the pool file's pool, checked, as ``POST
+/api/adopt``'s body), :func:`cluster_file` (the pool file with that pool
+following the cluster instead of listing servers), :func:`run` (the verb:
+the request, the file written atomically, the next steps printed) and
+:class:`AdoptProblem` (a pool that cannot be adopted: a usage error).
+Blocking I/O is fine here: this is a short-lived command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Dict, List, Tuple
+
+import yaml
+
+from twinproxy.config import NOT_IN_CLUSTER, ConfigError, PoolConfig, load_file
+
+
+class AdoptProblem(Exception):
+    """The pool file or the pool cannot be adopted (exit 2)."""
+
+
+def find_pool(path: str, name: str) -> PoolConfig:
+    try:
+        pools = load_file(path)
+    except ConfigError as err:
+        raise AdoptProblem(str(err))
+    for pool in pools:
+        if pool.name == name:
+            return pool
+    raise AdoptProblem(f"{path} has no pool '{name}' (its pools: {', '.join(pool.name for pool in pools)})")
+
+
+def adoption_request(pool: PoolConfig) -> Dict[str, Any]:
+    """``POST /api/adopt``'s body for ``pool``; AdoptProblem says why it cannot be adopted."""
+    what = f"pool '{pool.name}'"
+    if not pool.redis:
+        raise AdoptProblem(f"{what} is a memcached pool: adopt moves Redis keys (memcached pools are not "
+                           "supported yet)")
+    if pool.cluster_mode:
+        raise AdoptProblem(f"{what} follows cluster '{pool.cluster}' already")
+    if pool.sentinel_mode:
+        raise AdoptProblem(f"{what} follows Sentinel (sentinels:): adopting Sentinel pools is not supported yet")
+    if pool.distribution == "random":
+        raise AdoptProblem(f"{what} uses distribution random: a key may be on any server, so there is nowhere "
+                           "to move it from")
+    if pool.auto_eject_hosts:
+        raise AdoptProblem(f"{what} has auto_eject_hosts: true: keys written while a server was ejected sit on "
+                           "another server, and adopt assumes each key is where the full ring puts it; set it "
+                           "false and reload the proxies first")
+    if pool.redis_db:
+        raise AdoptProblem(f"{what} uses redis_db {pool.redis_db}: a cluster lives in database 0")
+    servers = []
+    for spec in pool.servers:
+        if spec.path is not None:
+            raise AdoptProblem(f"{what}: server {spec.path} is a unix socket: MIGRATE needs a TCP address")
+        servers.append({"address": spec.address, "name": spec.name, "weight": spec.weight})
+    addresses = [server["address"] for server in servers]
+    if len(set(addresses)) != len(addresses):
+        raise AdoptProblem(f"{what} lists a server twice")
+    return {"pool": pool.name, "hash": pool.hash, "distribution": pool.distribution, "hash_tag": pool.hash_tag,
+            "servers": servers}
+
+
+def cluster_file(path: str, name: str, cluster: str, coordinator: str) -> str:
+    """The pool file's text with pool ``name`` following ``cluster`` (its ring keys gone)."""
+    with open(path, encoding="utf-8") as handle:
+        document = yaml.safe_load(handle)
+    body = dict(document[name])
+    for key in NOT_IN_CLUSTER:
+        body.pop(key, None)
+    body["cluster"] = cluster
+    body["coordinator"] = coordinator
+    document[name] = body
+    return yaml.safe_dump(document, default_flow_style=False, sort_keys=False)
+
+
+def write_atomically(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=".adopt-", dir=directory)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        if os.path.exists(path):
+            os.chmod(temporary, os.stat(path).st_mode & 0o777)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def prepare(args: Any) -> Tuple[Dict[str, Any], str]:
+    """The request body and the new pool file's text (nothing written yet); AdoptProblem for a bad pool."""
+    pool = find_pool(args.pool_file, args.pool)
+    body = adoption_request(pool)
+    return body, cluster_file(args.pool_file, args.pool, args.cluster or args.pool, args.coordinator)
+
+
+def run(client: Any, args: Any, body: Dict[str, Any], text: str, out: Any, err: Any) -> int:
+    """POST the adoption; write (or print) the new pool file; say what comes next."""
+    result = client.request("POST", "/api/adopt", body, None)
+    if args.output is not None:
+        try:
+            write_atomically(args.output, text)
+        except OSError as problem:
+            print(f"twinproxy-admin: the adoption is written (paused), but {args.output} could not be: "
+                  f"{problem.strerror or problem}; the pool file to switch to:\n\n{text}", file=err)
+            return 1
+    adoptions: List[Dict[str, Any]] = result.get("migrations") or [result.get("migration") or {}]
+    ids = [str(m.get("id")) for m in adoptions]
+    if args.json:
+        out.write(json.dumps({"migrations": adoptions, "migration": adoptions[0] if adoptions else None,
+                              "generation": result.get("generation"), "pool_file": args.output}, indent=2) + "\n")
+        return 0
+    generation = result.get("generation")
+    out.write(f"pool '{args.pool}' adopted by cluster '{args.cluster or args.pool}' (generation {generation}): "
+              f"{len(body['servers'])} groups, adoptions {', '.join(ids)} queued, paused\n")
+    if args.output is not None:
+        out.write(f"wrote {args.output} (YAML comments are not kept)\n")
+    else:
+        out.write("the pool file to switch to:\n\n" + text + "\n")
+    out.write("next:\n"
+              "  1. every proxy serving the pool: reload that file (kill -HUP, or POST /reload)\n"
+              f"  2. twinproxy-admin proxy list: each of them registered, at generation {generation} or later\n"
+              "  3. twinproxy-admin --token-file F migration resume   (no key moves before this)\n"
+              "  4. twinproxy-admin migration wait\n")
+    return 0
+
+
+__all__ = ["AdoptProblem", "adoption_request", "cluster_file", "prepare", "run", "write_atomically"]
