@@ -98,6 +98,8 @@ def prepare(args: Any) -> Tuple[Dict[str, Any], str]:
     """The request body and the new pool file's text (nothing written yet); AdoptProblem for a bad pool."""
     pool = find_pool(args.pool_file, args.pool)
     body = adoption_request(pool)
+    if getattr(args, "keys_per_second", None) is not None:
+        body["keys_per_second"] = args.keys_per_second
     return body, cluster_file(args.pool_file, args.pool, args.cluster or args.pool, args.coordinator)
 
 

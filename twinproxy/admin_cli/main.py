@@ -171,6 +171,8 @@ def parser() -> argparse.ArgumentParser:
     adopt.add_argument("--coordinator", required=True, metavar="URL",
                        help="the coordinator URL the proxies will follow (written into the pool file)")
     adopt.add_argument("--cluster", metavar="NAME", help="the cluster's name (default: the pool's)")
+    adopt.add_argument("--keys-per-second", type=_count, metavar="N",
+                       help="each server's sweep moves at most N keys a second")
     adopt.add_argument("--output", metavar="PATH",
                        help="write the new pool file there (may be FILE itself; default: print it)")
 

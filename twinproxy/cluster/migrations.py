@@ -439,14 +439,16 @@ def _groups_of(topology: Topology, m: Migration) -> set:
     return {m.from_group, m.to_group}
 
 
-def adopt(topology: Topology, legacy: Legacy, addresses: List[str]) -> Topology:
+def adopt(topology: Topology, legacy: Legacy, addresses: List[str], keys_per_second: Optional[int] = None) -> Topology:
     """Take over pool ``legacy``: its servers become groups, the slots spread over them, one adoption per server.
 
     ``addresses``: the pool's servers, in its order (``legacy.servers``'
     order).  An empty Redis topology only (409 otherwise), or one that has
     adopted the same pool and whose adoptions not finished ended (cancelled,
-    failed): then those are queued again.  One generation.
+    failed): then those are queued again.  One generation.  ``keys_per_second``:
+    each entry's sweep rate (None: as fast as it goes).
     """
+    check_rate(keys_per_second)
     if topology.protocol != "redis":
         raise TopologyError("only a Redis cluster adopts a pool: memcached items cannot be moved", 409)
     if len(addresses) != len(legacy.servers):
@@ -475,7 +477,7 @@ def adopt(topology: Topology, legacy: Legacy, addresses: List[str]) -> Topology:
         topology = replace(topology, groups=groups, slots=tuple((spread[slot], "stable") for slot in range(SLOT_COUNT)),
                            adopted=legacy)
         again = list(legacy.gids)
-    entries = [Migration(mid + index, 0, SLOT_COUNT - 1, gid, None, "pending", adopt=True)
+    entries = [Migration(mid + index, 0, SLOT_COUNT - 1, gid, None, "pending", keys_per_second, adopt=True)
                for index, gid in enumerate(again)]
     return topology._next(migrations=tuple(topology.migrations) + tuple(entries))
 

@@ -32,6 +32,7 @@ from twisted.internet import defer
 
 from twinproxy.cluster import migrations
 from twinproxy.cluster.legacy import Legacy, LegacyError, legacy_router, make_legacy
+from twinproxy.cluster.model import TopologyError
 from twinproxy.cluster.slots import slot_of
 from twinproxy.dashboard.errors import OperationError
 from twinproxy.dashboard.mover import Sweep
@@ -42,22 +43,23 @@ if TYPE_CHECKING:
     from twinproxy.cluster.model import Topology
 
 _FIELDS = ("pool", "hash", "distribution", "hash_tag", "servers")
+_OPTIONAL = ("keys_per_second",)
 
 
 class RequestError(ValueError):
     """A bad ``POST /api/adopt`` body (the API answers 400 with it)."""
 
 
-def parse_request(document: Any) -> Tuple[Legacy, List[str]]:
-    """The adopted pool's placement (groups 1..N in its order) and its servers' addresses."""
+def parse_request(document: Any) -> Tuple[Legacy, List[str], Optional[int]]:
+    """The adopted pool's placement (groups 1..N in its order), its servers' addresses, the sweeps' rate."""
     if not isinstance(document, dict):
         raise RequestError("the request body must be a JSON object")
-    unknown = sorted(str(key) for key in document if key not in _FIELDS)
+    unknown = sorted(str(key) for key in document if key not in _FIELDS + _OPTIONAL)
     missing = [key for key in _FIELDS if key not in document]
     if unknown or missing:
         raise RequestError("; ".join(([f"missing field {', '.join(missing)}"] if missing else [])
                                      + ([f"unknown field {', '.join(unknown)}"] if unknown else []))
-                           + f" (fields: {', '.join(_FIELDS)})")
+                           + f" (fields: {', '.join(_FIELDS + _OPTIONAL)})")
     servers = document["servers"]
     if not isinstance(servers, list) or not servers:
         raise RequestError("servers must be a non-empty list of {address, name, weight}")
@@ -71,27 +73,33 @@ def parse_request(document: Any) -> Tuple[Legacy, List[str]]:
         legacy = make_legacy(document["pool"], document["hash"], document["distribution"], document["hash_tag"], ring)
     except LegacyError as err:
         raise RequestError(str(err))
-    return legacy, addresses
+    try:
+        rate = migrations.check_rate(document.get("keys_per_second"))
+    except TopologyError as err:
+        raise RequestError(err.message)
+    return legacy, addresses, rate
 
 
 @defer.inlineCallbacks
-def queue(manager: Any, legacy: Legacy, addresses: List[str]) -> Any:
+def queue(manager: Any, legacy: Legacy, addresses: List[str], keys_per_second: Optional[int] = None) -> Any:
     """Write the adoption (paused) and wait for the proxies: the API's answer.  Runs as one operation."""
     ctl = manager.ctl
     ctl.check_writable()
-    ctl.dry(lambda: migrations.adopt(ctl.current(), legacy, addresses))
+    def edit(topology: Any) -> Any:
+        return migrations.adopt(topology, legacy, addresses, keys_per_second)
+
+    ctl.dry(lambda: edit(ctl.current()))
     yield manager.idle(lambda: False, timeout=ctl.ack_timeout * 2 + 5)
 
     @defer.inlineCallbacks
     def body() -> Any:
         # Paused before it exists: a runner made for it when the write lands must find it paused.
         before = {m.id for m in ctl.current().migrations}
-        ids = [m.id for m in ctl.dry(lambda: migrations.adopt(ctl.current(), legacy, addresses)).migrations
-               if m.id not in before]
+        ids = [m.id for m in ctl.dry(lambda: edit(ctl.current())).migrations if m.id not in before]
         for mid in ids:
             manager.book.get(mid).paused = True
         yield manager.book.write()
-        new = yield ctl.write(lambda t: migrations.adopt(t, legacy, addresses))
+        new = yield ctl.write(edit)
         written = [m.id for m in new.migrations if m.adopt and not m.ended]
         for mid in written:
             manager.book.get(mid).paused = True      # again: a look at the topology before it landed forgot it

@@ -198,10 +198,10 @@ class _Handlers:
         from twinproxy.dashboard.adoption import RequestError, parse_request
 
         try:
-            legacy, addresses = parse_request(read_body(request))
+            legacy, addresses, rate = parse_request(read_body(request))
         except RequestError as err:
             raise ApiError(400, str(err))
-        return self.state.live().migrator.adopt(legacy, addresses)
+        return self.state.live().migrator.adopt(legacy, addresses, rate)
 
     def get_migrations(self, request: Any) -> Any:
         query_args(request, ())

@@ -221,12 +221,12 @@ class Migrations:
                                     f"migration of slots {first}-{last} to group {gid} queued")
         return new
 
-    def adopt(self, legacy: Any, addresses: List[str]) -> Any:
+    def adopt(self, legacy: Any, addresses: List[str], keys_per_second: Optional[int] = None) -> Any:
         """Take over a twemproxy pool: groups, slots and a paused adoption in one generation
         (:mod:`~twinproxy.dashboard.adoption`)."""
         from twinproxy.dashboard import adoption
 
-        return adoption.queue(self, legacy, addresses)
+        return adoption.queue(self, legacy, addresses, keys_per_second)
 
     def pause(self, mid: Optional[int]) -> Dict[str, Any]:
         return self._pause(mid, True)
