@@ -35,8 +35,8 @@ def pool_text(port: int, servers) -> str:
             f"  distribution: ketama\n  timeout: 2000\n  servers:\n{lines}")
 
 
-def plain_proxy(tmp_path: Path, name: str, url: str, servers, processes) -> ClusterProxy:  # noqa: F811
-    proxy = ClusterProxy(tmp_path / name, url, "shop", processes=processes)
+def plain_proxy(tmp_path: Path, name: str, url: str, servers, processes, workers: int = 1) -> ClusterProxy:  # noqa: F811
+    proxy = ClusterProxy(tmp_path / name, url, "shop", processes=processes, workers=workers)
     proxy.config.write_text(pool_text(proxy.port, servers))
     return proxy.start()
 
@@ -60,7 +60,8 @@ def test_a_pool_is_adopted_under_load_and_every_key_ends_where_its_slot_says(kin
                                                                             redis_servers, processes) -> None:  # noqa: F811
     url = coordinator_url_for(kind, request, tmp_path)
     servers = redis_servers(3)
-    proxies = [plain_proxy(tmp_path, f"proxy{i}", url, servers, processes) for i in range(2)]
+    # The second proxy with --workers 2: its master reloads, every worker switches.
+    proxies = [plain_proxy(tmp_path, f"proxy{i}", url, servers, processes, workers=1 + i) for i in range(2)]
     first = redis.Redis(host=LOOPBACK, port=proxies[0].port, protocol=2)
     keys = [f"pre{i}".encode() for i in range(KEYS)]
     with first.pipeline(transaction=False) as pipe:
