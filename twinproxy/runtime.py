@@ -155,6 +155,8 @@ class PoolRuntime:
             factory.requires_auth = _requires_auth(new)
         for server in gone:
             self._retire(self._links.pop(server.name), server.name)
+        if new.cluster_mode and not diff.old.cluster_mode:
+            self._close_other_databases()
         if diff.old.slots is not new.slots and new.slots is not None:
             self._settle_held(diff.old.slots, new.slots)
         if self.pool.slots is not None:
@@ -163,6 +165,18 @@ class PoolRuntime:
         if self.subscribers is not None:
             self.subscribers.recheck_soon()   # subscriptions follow their channels to their new servers
         return diff.describe()
+
+    def _close_other_databases(self) -> None:
+        """The pool just joined a cluster (adopted): a cluster serves database 0 only, so a client that
+        SELECTed another one is closed (its next connection starts in database 0, where SELECT of another
+        is refused) rather than have its keys moved into, or read from, database 0."""
+        closing = [client for client in self.factory.clients if client.db != 0]
+        for client in closing:
+            client.kill()
+        if closing:
+            self._log.warn("pool {pool} joined cluster {cluster}: closed {count} client connection(s) that had "
+                           "selected a database other than 0", pool=self.name, cluster=self.config.cluster,
+                           count=len(closing))
 
     def _settle_held(self, old: Any, new: Any) -> None:
         """The barrier's second half: newly held slots are acknowledged only once

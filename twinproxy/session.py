@@ -86,6 +86,11 @@ class ClientSession:
 
     # -- what the codec changes -------------------------------------------------
 
+    @property
+    def in_cluster(self) -> bool:
+        """The pool routes by a cluster's slots now (it may have joined one since this client connected)."""
+        return self._pool.slots is not None
+
     def use(self, dialect: int, db: int) -> None:
         """Speak ``dialect`` in database ``db``: the requests from the next on go to that profile's connections."""
         self.dialect = dialect

@@ -306,6 +306,9 @@ class SubscriberHub:
             table = pool.config.slots
             if table is None:
                 raise Unroutable(f"cluster '{pool.config.cluster}' not ready: its topology is not loaded yet")
+            home = pool.slots.home_of(key) if pool.slots is not None else None
+            if home is not None:
+                return home   # an adopted pool's key still on the server the pool placed it on
             slot = pool.slot_of(key)
             owner = table.owners[slot]
             if owner is None:

@@ -1,18 +1,15 @@
 """Where a cluster pool sends each slot's requests: a server, or a stand-in.
 
-Owns: :class:`SlotRouting` — the 1024-entry table from slot to target that
-a cluster pool routes with, rebuilt from each :class:`SlotTable` — and the
-stand-ins that take a slot's requests when no server should:
-:class:`OfflineSlot` (no group owns it: a clear error naming the slot),
-:class:`HeldSlot` (the two-phase barrier: requests wait, in order, until
-the slot is released, for at most ``slot_hold`` ms; at once an error when
-the coordinator session is not trusted) and the pool-wide "not ready"
-answer before any topology is loaded, and :class:`AdoptedPlacement` (an
-adopted pool's slots: a key goes where the pool's distribution put it,
-through a :class:`~twinproxy.cluster.migrating.MigratingSlot` from there
-while that server's keys move, or to its slot's owner once they have).  Everything here is "something
-with ``send(request)``", so codecs and frontends need no cluster case.
-The clock is injected; nothing here opens a socket.
+Owns :class:`SlotRouting` — the 1024-entry table from slot to target that
+a cluster pool routes with, rebuilt from each :class:`SlotTable`.  The
+stand-ins it puts in the table when no server should take a slot's
+requests are in :mod:`twinproxy.cluster.holds` (offline, held, before the
+first topology); an adopted pool's placement is in
+:mod:`twinproxy.cluster.adopted`; a migrating slot's in
+:mod:`twinproxy.cluster.migrating` and :mod:`twinproxy.cluster.warmup`.
+Everything in the table is "something with ``send(request)``", so codecs
+and frontends need no cluster case.  The clock is injected; nothing here
+opens a socket.
 
 The table is also fenced by a **lease**: once :meth:`SlotRouting.renew`
 has been called, a request routed after the lease ran out (the process
@@ -27,191 +24,26 @@ reactor reads its clients before it runs any timer.
 
 from __future__ import annotations
 
-from collections import deque
-from functools import partial
 from typing import Any, Callable, Dict, List, Optional
 from zlib import crc32
 
 from twisted.logger import Logger
 
+from twinproxy.cluster.adopted import AdoptedPlacement, adopted_route, build_placement
+from twinproxy.cluster.holds import Answer, Early, HeldSlot, OfflineSlot, StartupHold
 from twinproxy.cluster.legacy import legacy_router
-from twinproxy.cluster.migrating import MigratingSlot, keys_of
+from twinproxy.cluster.migrating import MigratingSlot
 from twinproxy.cluster.slots import SLOT_COUNT, slot_of
 from twinproxy.cluster.warmup import WarmingSlot
-from twinproxy.request import Request
 
-Answer = Callable[..., None]   # answer(request, text, code="ERR"): the reply in the pool's protocol
+__all__ = ["AdoptedPlacement", "Answer", "Early", "HeldSlot", "LEASE_SECONDS", "OfflineSlot", "STARTUP_WAIT",
+           "SlotRouting", "StartupHold"]
 # Seconds a renewal (or the first table) lets a cluster pool route by its table:
 # shorter than two thirds of any session timeout worth using (ZooKeeper's
 # least is 2 x tickTime = 4 s by default).
 LEASE_SECONDS = 1.0
 # How long a request that came before the proxy's first topology waits for it (normally ~0.1 s away).
 STARTUP_WAIT = 1.0
-
-
-class OfflineSlot:
-    """A slot no group owns."""
-
-    __slots__ = ("name", "slot", "_text", "_answer")
-
-    def __init__(self, slot: int, cluster: str, answer: Answer) -> None:
-        self.name = f"slot-{slot}"
-        self.slot = slot
-        self._text = f"slot {slot} is offline in cluster '{cluster}' (no group serves it)"
-        self._answer = answer
-
-    def send(self, request: Request) -> None:
-        self._answer(request, self._text)
-
-
-class HeldSlot:
-    """A slot on hold: its requests wait here until the next table releases it."""
-
-    __slots__ = ("name", "slot", "cluster", "fenced", "why", "_queue", "_early", "_clock", "_limit", "_answer",
-                 "_timer")
-
-    def __init__(self, slot: int, cluster: str, clock: Any, limit: float, answer: Answer,
-                 why: str = "held for a topology change") -> None:
-        self.name = f"slot-{slot}"
-        self.slot = slot
-        self.cluster = cluster
-        self.fenced = False
-        self.why = why
-        self._queue: deque = deque()    # (request, deadline)
-        self._early = 0                 # the first this many came from before the hold: they go first
-        self._clock = clock
-        self._limit = limit
-        self._answer = answer
-        self._timer: Any = None
-
-    def send(self, request: Request) -> None:
-        if self.fenced:
-            self._answer(request, self._fenced_text(), "TRYAGAIN")
-            return
-        self._queue.append((request, self._clock.seconds() + self._limit))
-        if self._timer is None:
-            self._timer = self._clock.callLater(self._limit, self._expire)
-
-    def send_early(self, request: Request) -> None:
-        """``send``, but ahead of what came since the hold began (a request released by an older hold)."""
-        if self.fenced:
-            self._answer(request, self._fenced_text(), "TRYAGAIN")
-            return
-        self._queue.insert(self._early, (request, self._clock.seconds() + self._limit))
-        self._early += 1
-        if self._timer is None:
-            self._timer = self._clock.callLater(self._limit, self._expire)
-
-    @property
-    def waiting(self) -> int:
-        return len(self._queue)
-
-    def _fenced_text(self) -> str:
-        return (f"slot {self.slot} of cluster '{self.cluster}' is held for a topology change and this "
-                "proxy has lost its coordinator session: it cannot know the slot's state")
-
-    def _expire(self) -> None:
-        self._timer = None
-        now = self._clock.seconds()
-        queue = self._queue
-        while queue and queue[0][1] <= now + 1e-9:
-            request, _ = queue.popleft()
-            self._early = max(0, self._early - 1)
-            self._answer(request, *self._expired())
-        if queue:
-            self._timer = self._clock.callLater(max(0.0, queue[0][1] - now), self._expire)
-
-    def _expired(self) -> "tuple[str, str]":
-        """The error (text, code) of a request that waited its limit out."""
-        return (f"slot {self.slot} of cluster '{self.cluster}' is {self.why} for longer than "
-                f"{self._limit * 1000:.0f} ms", "TRYAGAIN")
-
-    def fence(self) -> None:
-        """The session is not trusted: what waits fails now, what comes fails at once."""
-        self.fenced = True
-        self._cancel_timer()
-        queue, self._queue, self._early = self._queue, deque(), 0
-        for request, _ in queue:
-            self._answer(request, self._fenced_text(), "TRYAGAIN")
-
-    def release(self, route: Callable[[int], Any]) -> None:
-        """The slot is free: send what waited, in arrival order, where the slot now goes."""
-        self._cancel_timer()
-        queue, self._queue, self._early = self._queue, deque(), 0
-        for request, _ in queue:
-            route(self.slot).send(request)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-
-class AdoptedPlacement:
-    """Every slot of an adopted pool (that no hold stands in for): each key by its server's state.
-
-    ``pick(key)`` is the target: the server the pool placed the key on
-    while that server's keys have not started moving, the slot's
-    :class:`MigratingSlot` (from that server) while they move, the slot's
-    owner once they have.  The route function asks it directly; this
-    stand-in takes what a hold (or a MIGRATE answered late) releases.  A
-    fragment whose keys go to different targets (a one-slot multi-key
-    command whose keys the pool had placed on different servers) cannot go
-    anywhere whole: it is refused rather than half-served.  ``toward(source,
-    slot)``: the same target for the keys of ``slot`` that the pool placed
-    on ``source`` (what a MigratingSlot from ``source`` asks once a move is
-    answered: the slot alone would name this stand-in, which would give the
-    request back to it).
-    """
-
-    __slots__ = ("name", "cluster", "pick", "toward", "_answer")
-
-    def __init__(self, cluster: str, pick: Callable[[bytes], Any], answer: Answer,
-                 toward: Callable[[Any, int], Any]) -> None:
-        self.name = "adopted-placement"
-        self.cluster = cluster
-        self.pick = pick
-        self.toward = toward
-        self._answer = answer
-
-    def send(self, request: Request) -> None:
-        keys = keys_of(request)
-        if not keys:
-            self._answer(request, f"cluster '{self.cluster}': a keyless request reached the adopted placement",
-                         "TRYAGAIN")
-            return
-        target = self.pick(keys[0])
-        if any(self.pick(key) is not target for key in keys[1:]):
-            self._answer(request, f"cluster '{self.cluster}': this command's keys were on different servers of the "
-                                  "adopted pool and are not all moved yet; try again", "TRYAGAIN")
-            return
-        target.send(request)
-
-
-def _fenced_hold(slot: int, cluster: str, clock: Any, limit: float, answer: Answer) -> HeldSlot:
-    hold = HeldSlot(slot, cluster, clock, limit, answer)
-    hold.fenced = True
-    return hold
-
-
-class _Early:
-    """A hold's front door, for requests that were waiting (or moving keys) before the hold or the stall."""
-
-    __slots__ = ("send",)
-
-    def __init__(self, hold: HeldSlot) -> None:
-        self.send = hold.send_early
-
-
-class StartupHold(HeldSlot):
-    """A slot before the proxy's first topology: a request waits a moment for it (the proxy just started
-    and is reading it), then gets the "not ready" error a cluster with no topology gives."""
-
-    __slots__ = ()
-
-    def _expired(self) -> "tuple[str, str]":
-        return (f"cluster '{self.cluster}' not ready: its topology is not loaded yet "
-                f"(waited {self._limit * 1000:.0f} ms)", "ERR")
 
 
 class SlotRouting:
@@ -240,6 +72,7 @@ class SlotRouting:
         self.stalls = 0                       # times the lease ran out (stats)
         # An adopted pool's placement: (what it was built from, its key -> server function).
         self._legacy: Any = (None, None)
+        self._placement: Optional[AdoptedPlacement] = None
 
     def not_ready(self, hold_seconds: float) -> Callable[[bytes], Any]:
         """Before the first table: a request waits for it (a just-started proxy is reading the topology),
@@ -327,8 +160,9 @@ class SlotRouting:
         table_list = targets
         lease = self._lease
         stalled = self._stalled
+        self._placement = placement
         if placement is not None:
-            return self._adopted_route(table_list, placement)
+            return adopted_route(table_list, placement, lease, stalled, self._clock.seconds)
 
         # slot_of, inlined: this runs once per request.  ``123 in key`` (is there a
         # "{"?) is a memchr, a quarter of a method call's cost, and most keys have
@@ -353,71 +187,15 @@ class SlotRouting:
         if self._legacy[0] != legacy:
             # The pool's own placement, as its index in the pool's server list (kept while the pool is).
             self._legacy = (legacy, legacy_router(legacy, list(range(len(legacy.servers)))))
-        place = self._legacy[1]
-        sources = [servers[name] for name in table.legacy_names]
-        states = table.adopt_states
-        owners = [servers[name] if name is not None else None for name in table.owners]
-        moving: List[Any] = [None] * SLOT_COUNT
-        for index, state in enumerate(states):
-            if state != "moving" or table.fenced:
-                continue
-            source = sources[index]
-            for slot, owner in enumerate(owners):
-                if owner is None or owner is source:
-                    continue
-                target = migrating_before.get(slot)
-                if target is None or not target.same_move(source, owner, 0, config.redis_auth if config else None,
-                                                          hold_seconds):
-                    target = MigratingSlot(slot, source, owner, 0, config.redis_auth if config else None,
-                                           self._answer, partial(self._adopted_slot_route, source),
-                                           clock=self._clock, wait_limit=hold_seconds)
-                moving[slot] = migrating_now[slot] = target
-        fenced = table.fenced
-        cluster = self.cluster
-        index_of = {server.name: index for index, server in enumerate(sources)}
+        return build_placement(self.cluster, self._clock, self._answer, table, servers, self._legacy[1],
+                               migrating_before, migrating_now, hold_seconds,
+                               config.redis_auth if config else None, self.target_for_slot)
 
-        def toward(index: int, slot: int) -> Any:
-            """Where the keys of ``slot`` that the pool placed on its ``index``-th server go."""
-            state = states[index]
-            if state == "done":
-                return owners[slot]
-            source = sources[index]
-            if state == "legacy" or owners[slot] is source:
-                return source
-            # Moving, but without a trusted session its state is unknown: as a held slot's.
-            return moving[slot] if not fenced else _fenced_hold(slot, cluster, self._clock, hold_seconds,
-                                                                self._answer)
-
-        def pick(key: bytes) -> Any:
-            index = place(key)
-            if states[index] == "legacy":
-                return sources[index]
-            return toward(index, slot_of(key))
-
-        def toward_source(source: Any, slot: int) -> Any:
-            index = index_of.get(source.name)
-            return toward(index, slot) if index is not None else owners[slot]
-
-        return AdoptedPlacement(cluster, pick, self._answer, toward_source)
-
-    def _adopted_slot_route(self, source: Any, slot: int) -> Any:
-        """A MigratingSlot's route (where its slot goes now) while ``source``'s keys move: by the placement."""
-        now = self.target_for_slot(slot)
-        return now.toward(source, slot) if isinstance(now, AdoptedPlacement) else now
-
-    def _adopted_route(self, table: List[Any], placement: AdoptedPlacement) -> Callable[[bytes], Any]:
-        """Route an adopted pool's keys by ``placement`` (save a slot a hold or the lease stands in for)."""
-        lease = self._lease
-        stalled = self._stalled
-        pick = placement.pick
-
-        def adopted_route(key: bytes, now: Callable[[], float] = self._clock.seconds) -> Any:
-            if now() > lease[0]:
-                stalled()
-            target = table[slot_of(key)]
-            return pick(key) if target is placement else target
-
-        return adopted_route
+    def home_of(self, key: bytes) -> Optional[str]:
+        """An adopted pool's key: the server its pub/sub channel lives on now; None otherwise (its slot's
+        owner, which the caller reads from the table)."""
+        placement = self._placement
+        return placement.home(key) if placement is not None else None
 
     # -- the lease --------------------------------------------------------------
 
@@ -467,10 +245,10 @@ class SlotRouting:
         """Where a request released by a hold or a MIGRATE goes now: during a stall, ahead of newer ones."""
         self._check_lease()
         if self._stall_holds:
-            return _Early(self._stall_holds[slot])
+            return Early(self._stall_holds[slot])
         target = self._table[slot]
         # A hold: what comes from before it (a MIGRATE answered late) goes ahead of what arrived meanwhile.
-        return _Early(target) if isinstance(target, HeldSlot) else target
+        return Early(target) if isinstance(target, HeldSlot) else target
 
     def _check_lease(self) -> None:
         if self._clock.seconds() > self._lease[0]:

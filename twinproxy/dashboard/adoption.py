@@ -120,7 +120,12 @@ def check_versions(ctl: Any, topology: "Topology", m: "Migration", version_of: C
     """None when every master answers and none is older than another; else why not (OperationError 502 when
     one does not answer)."""
     versions: Dict[int, Any] = {}
+    # The adopted pool's groups: its keys move between them only (a group added since, or left empty, has
+    # no say, and an empty one no master to ask).
+    adopted = set(topology.adopted.gids) if topology.adopted is not None else None
     for group in topology.groups:
+        if (adopted is not None and group.id not in adopted) or group.master is None:
+            continue
         try:
             versions[group.id] = version_of((yield ctl.admin.command(group.master, b"INFO", b"server")))
         except ServerError as err:

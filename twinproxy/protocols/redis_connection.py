@@ -79,7 +79,6 @@ class ConnectionCommands:
                  arity_error: Callable[[List[bytes], bytes, Any], Optional[bytes]]) -> None:
         self._databases = config.database_count
         self._base = config.redis_db
-        self._cluster = config.cluster_mode
         self._command_keys = command_keys
         self._arity_error = arity_error
         self._client: Dict[bytes, Callable[[Request, Session], Optional[bytes]]] = {
@@ -108,7 +107,7 @@ class ConnectionCommands:
         index, error = self._database(args[1])
         if error is not None:
             return error
-        if index and self._cluster:
+        if index and session.in_cluster:
             return resp.error("ERR SELECT is not allowed in a twinproxy cluster pool: it serves database 0 only "
                               "(slot migrations move database 0)")
         if index != session.db and session.watch_pin is not None:
@@ -123,7 +122,7 @@ class ConnectionCommands:
         args = request.args
         if len(args) != 3:
             return wrong_arity(b"move")
-        if self._cluster:
+        if session.in_cluster:
             return resp.error("ERR MOVE is not allowed in a twinproxy cluster pool: it serves database 0 only")
         index, error = self._database(args[2])
         if error is not None:

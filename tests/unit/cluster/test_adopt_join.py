@@ -129,6 +129,21 @@ def test_the_same_client_keeps_its_order_across_the_switch() -> None:
     assert j.out.value() == b"+OK\r\n$1\r\n1\r\n"
 
 
+def test_a_client_in_another_database_is_closed_at_the_switch_and_database_0_is_all_that_is_left() -> None:
+    """A cluster serves database 0: a client that SELECTed another is closed rather than have its
+    keys moved into database 0 (the ensure-moved MIGRATE names db 0); the others stay and are held to 0."""
+    j = Joined()
+    other, other_out = Wire.client(j)
+    other.dataReceived(cmd(b"SELECT", b"1"))
+    assert other_out.value() == b"+OK\r\n" and other.db == 1
+    j.join(MOVING)
+    assert other_out.disconnecting and not j.out.disconnecting
+    j.client.dataReceived(cmd(b"SELECT", b"1") + cmd(b"MOVE", key(2, 1), b"1"))
+    assert j.out.value().startswith(b"-ERR SELECT is not allowed in a twinproxy cluster pool")
+    assert b"-ERR MOVE is not allowed in a twinproxy cluster pool" in j.out.value()
+    assert j.client.db == 0
+
+
 # -- ClusterSources: the running pool until the follower has read the topology ---------------------------------
 
 

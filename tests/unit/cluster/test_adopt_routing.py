@@ -13,11 +13,13 @@ from tests.unit.cluster.test_migrating import migrate
 from tests.unit.cluster.test_migrating_waits import WAITING
 from tests.unit.cluster.test_slot_routing import Wire, cmd
 from twinproxy.cluster import migrations
+from twinproxy.cluster.adopted import AdoptedPlacement, PlacedHold
 from twinproxy.cluster.legacy import legacy_router, make_legacy
 from twinproxy.cluster.migrating import MigratingSlot
 from twinproxy.cluster.model import Topology
 from twinproxy.cluster.slots import slot_of
-from twinproxy.cluster.targets import AdoptedPlacement, HeldSlot
+from twinproxy.cluster.targets import HeldSlot
+from twinproxy.protocols.redis_pubsub import CHANNEL
 from twinproxy.request import Request
 
 A, B, C = "10.0.0.1:6379", "10.0.0.2:6379", "10.0.0.3:6379"
@@ -191,7 +193,11 @@ def test_prepared_every_slot_is_held_and_the_next_table_sends_each_request_where
     w.serve(PREPARED)
     assert w.runtime.config.slots.held == frozenset(range(1024))
     moving, legacy, done = key(1, 2), key(2, 1), key(3, 1)
-    assert all(isinstance(w.runtime.pool.route(k), HeldSlot) for k in (moving, legacy, done))
+    routes = [w.runtime.pool.route(k) for k in (moving, legacy, done)]
+    # Each waits on its slot's hold: seen from the server the pool placed it on while that server's keys
+    # are not all moved, the hold itself once they are (they all go to the slot's owner together).
+    assert all(isinstance(r, PlacedHold) and isinstance(r.hold, HeldSlot) for r in routes[:2])
+    assert isinstance(routes[2], HeldSlot)
     client, out = w.client()
     client.dataReceived(cmd(b"SET", moving, b"1") + cmd(b"GET", legacy) + cmd(b"GET", done))
     assert w.connect_pending() == {} and w.runtime.pool.slots.waiting == 3
@@ -220,25 +226,55 @@ def tagged_pair(first: int, second: int) -> tuple:
     raise AssertionError("no pair")
 
 
-def test_a_released_request_whose_keys_go_to_different_places_is_refused() -> None:
+def test_a_one_slot_command_whose_keys_the_pool_placed_apart_is_refused_held_or_not() -> None:
     a, b = tagged_pair(1, 2)
     assert slot_of(a) == slot_of(b)
+    refused = (b"-ERR keys in request don't hash to the same server (use a hash tag to keep them together)\r\n")
     w = wire(PREPARED)
     client, out = w.client()
-    client.dataReceived(cmd(b"RENAME", a, b))          # one slot: it waits whole on the hold
+    client.dataReceived(cmd(b"RENAME", a, b))          # held: its keys wait on the hold as their servers see it
+    assert out.value() == refused
     w.serve(MOVING)
-    assert out.value() == (b"-TRYAGAIN cluster 'shop': this command's keys were on different servers of the "
-                           b"adopted pool and are not all moved yet; try again\r\n")
-    assert sent(w, A) == b"" and sent(w, B) == b""
     client.dataReceived(cmd(b"RENAME", a, b))          # not held: the codec sees two targets
-    assert out.value().endswith(b"-ERR keys in request don't hash to the same server (use a hash tag to keep "
-                                b"them together)\r\n")
+    assert out.value() == refused * 2
+    assert sent(w, A) == b"" and sent(w, B) == b""
+
+
+def test_a_held_mset_is_split_by_the_server_the_pool_placed_each_key_on_and_applied_whole() -> None:
+    # One slot, keys placed on groups 1 and 2: released into MOVING, group 1's key is moved to the slot's
+    # owner (group 2) first, group 2's key goes to its own server: both pieces are sent, none refused.
+    a, b = tagged_pair(1, 2)
+    w = wire(PREPARED)
+    client, out = w.client()
+    client.dataReceived(cmd(b"MSET", a, b"1", b, b"2"))
+    assert out.value() == b"" and w.connect_pending() == {}
+    w.serve(MOVING)
+    assert out.value() == b""
+    assert sent(w, A) == migrate(a)                     # group 1's key moves first
+    assert sent(w, B) == cmd(b"MSET", b, b"2")          # group 2's key is where the pool put it
+    w.connect_pending()[A][0][0].dataReceived(b"+OK\r\n")
+    assert sent(w, B) == cmd(b"MSET", b, b"2") + cmd(b"MSET", a, b"1")
+    w.connect_pending()[B][0][0].dataReceived(b"+OK\r\n+OK\r\n")
+    assert out.value() == b"+OK\r\n"
+
+
+def test_a_hold_s_keys_of_servers_already_moved_wait_together() -> None:
+    # Group 3's keys all moved: a held MSET of two of its keys in one slot is one piece (to the owner).
+    names = [b"{u%d}%d" % (tag, i) for tag in range(200) for i in range(30)]
+    slot_keys = {}
+    for name in names:
+        if PLACE(name) == 3:
+            slot_keys.setdefault(slot_of(name), []).append(name)
+    a, b = next(keys[:2] for keys in slot_keys.values() if len(keys) >= 2)
+    w = wire(advanced(DONE_3, 1, 1))
+    route = w.runtime.pool.route
+    assert route(a) is route(b) and isinstance(route(a), HeldSlot)
 
 
 def test_the_placement_stand_in_refuses_a_keyless_request_and_forwards_one_target() -> None:
     answered, got = [], []
     target = type("Target", (), {"send": lambda self, request: got.append(request)})()
-    placement = AdoptedPlacement("shop", lambda key: target, lambda request, text, code="ERR":
+    placement = AdoptedPlacement("shop", lambda key, slot: target, lambda request, text, code="ERR":
                                  answered.append((code, text)), lambda source, slot: target)
     keyless = Request(cmd(b"PING"))
     placement.send(keyless)
@@ -284,3 +320,17 @@ def test_after_the_last_entry_the_pool_is_an_ordinary_cluster() -> None:
     assert table.legacy is None and table.adopt_states == ()
     for placed in (1, 2, 3):
         assert w.runtime.pool.route(key(placed, 1)).name == "shop-1"
+
+
+def test_a_channel_is_subscribed_where_its_publishes_go_by_its_server_s_state() -> None:
+    # PUBLISH routes by its channel as by a key: a subscription must be made on that same server.
+    w = wire(MOVING)
+    hub = w.runtime.subscribers
+    legacy, moving, done = key(2, 1), key(1, 2), key(3, 1)
+    assert hub.servers_of(CHANNEL, legacy) == ["shop-2"]        # still on the server the pool placed it on
+    assert hub.servers_of(CHANNEL, moving) == ["shop-2"]        # its slot's owner (where a moving slot's go)
+    assert hub.servers_of(CHANNEL, done) == ["shop-1"]
+    w.serve(MOVED_1)
+    assert hub.servers_of(CHANNEL, legacy) == ["shop-2"] and hub.servers_of(CHANNEL, key(2, 3)) == ["shop-2"]
+    w.serve(ADOPTED)
+    assert hub.servers_of(CHANNEL, key(2, 1)) == ["shop-2"] and hub.servers_of(CHANNEL, key(1, 3)) == ["shop-1"]

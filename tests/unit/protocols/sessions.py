@@ -17,8 +17,9 @@ class FakeSession:
 
     def __init__(self, authenticated: bool = True, client_id: int = 7, requires_auth: bool = False,
                  address: Tuple[str, str, bool] = ("127.0.0.1:50000", "127.0.0.1:6379", False),
-                 facts: Tuple[int, int, int, int] = (9, 12, 3, 0)) -> None:
+                 facts: Tuple[int, int, int, int] = (9, 12, 3, 0), in_cluster: bool = False) -> None:
         self.client_id = client_id
+        self.in_cluster = in_cluster
         self.authenticated = authenticated
         self.requires_auth = requires_auth
         self.dialect = 2

@@ -89,12 +89,22 @@ def test_move_goes_by_its_key_with_the_database_mapped_from_redis_db() -> None:
 def test_a_cluster_pool_serves_database_0_only() -> None:
     (config,) = load_text(CLUSTER)
     cluster = RedisCodec(config)
-    session = FakeSession()
+    session = FakeSession(in_cluster=True)
     assert reply(b"SELECT", b"0", session=session, the_codec=cluster) == b"+OK\r\n"
     assert reply(b"SELECT", b"1", session=session, the_codec=cluster).startswith(
         b"-ERR SELECT is not allowed in a twinproxy cluster pool")
-    assert reply(b"SELECT", b"16", the_codec=cluster) == b"-ERR DB index is out of range\r\n"
-    assert reply(b"MOVE", b"k", b"1", the_codec=cluster).startswith(b"-ERR MOVE is not allowed in a twinproxy cluster")
+    assert reply(b"SELECT", b"16", session=session, the_codec=cluster) == b"-ERR DB index is out of range\r\n"
+    assert reply(b"MOVE", b"k", b"1", session=session, the_codec=cluster).startswith(
+        b"-ERR MOVE is not allowed in a twinproxy cluster")
+    assert session.db == 0
+
+
+def test_a_client_of_a_pool_that_joined_a_cluster_since_it_connected_is_held_to_database_0() -> None:
+    # An adopted pool switches in place: a client keeps the codec it connected with (a plain pool's),
+    # so the rule is the session's (the pool's mode now), not the codec's.
+    session = FakeSession(in_cluster=True)
+    assert reply(b"SELECT", b"1", session=session).startswith(b"-ERR SELECT is not allowed in a twinproxy cluster")
+    assert reply(b"MOVE", b"k", b"1", session=session).startswith(b"-ERR MOVE is not allowed in a twinproxy cluster")
     assert session.db == 0
 
 
