@@ -33,7 +33,7 @@ from twisted.internet import defer
 from twinproxy.cluster import migrations
 from twinproxy.cluster.legacy import Legacy, LegacyError, legacy_router, make_legacy
 from twinproxy.cluster.model import TopologyError
-from twinproxy.cluster.slots import slot_of
+from twinproxy.cluster.slots import SLOT_COUNT, slot_of
 from twinproxy.dashboard.errors import OperationError
 from twinproxy.dashboard.mover import Sweep
 from twinproxy.dashboard.servers import ServerError
@@ -199,8 +199,22 @@ class SweepGroup:
 
     @defer.inlineCallbacks
     def run(self) -> Any:
-        """True once every sweep found its keys gone; False when one was stopped first."""
-        results = yield defer.gatherResults([sweep.run() for sweep in self.all], consumeErrors=True)
+        """True once every sweep found its keys gone; False when one was stopped first.
+
+        When one fails, the others are stopped and waited for before its error is raised: none of the
+        entry's sweeps may still be copying keys when the runner retries or fails the entry.
+        """
+        failures: List[Any] = []
+
+        def failed(failure: Any) -> bool:
+            if not failures:
+                failures.append(failure)
+                self.stop()
+            return False
+
+        results = yield defer.gatherResults([sweep.run().addErrback(failed) for sweep in self.all])
+        if failures:
+            failures[0].raiseException()
         return all(results)
 
 
@@ -226,8 +240,9 @@ def sweeps(runner: Any, topology: "Topology", m: "Migration", options: Dict[str,
             return owners[slot_of(key)] == target and place(key) == source
 
         source_master, target_master = topology.group(source).master, topology.group(target).master
-        found.append(Sweep(runner.ctl.reactor, source_master, target_master, 0, 1023, _Share(runner.progress, shares),
-                           _share_of_rate(m.keys_per_second, len(gids) - 1), m.parallel,
+        found.append(Sweep(runner.ctl.reactor, source_master, target_master, 0, SLOT_COUNT - 1,
+                           _Share(runner.progress, shares), _share_of_rate(m.keys_per_second, len(gids) - 1),
+                           m.parallel,
                            may_go=lambda s=source_master, t=target_master, b=target: runner._may_sweep(
                                m, s, t, (source, b)),
                            command_timeout=runner.ctl.command_timeout,
