@@ -13,8 +13,8 @@ the client load (bench/migration_load.py: a few pipelined connections
 doing GET/SET on random keys through the proxy, a closed loop bounded in
 time and count) and measures a window before, the migration — the
 dashboard's rebalance plan (slots 342-511 of group 1 and 853-1023 of group
-2 to group 3), queued as two migrations that run one after the other since
-group 3 takes part in both — and a window after.  Reported per trial:
+2 to group 3), queued as two migrations that run side by side (they share
+only their target, group 3) — and a window after.  Reported per trial:
 keys/s and MiB/s moved (keys and values), time to finish, the client's
 ops/s and p50/p99 latency before and during and their ratio, the CPU of
 every process (the load generator's own share too), the source and target

@@ -86,25 +86,44 @@ def test_the_states_in_order_and_migrating_from() -> None:
     refused(404, lambda: done.advance_migration(7), "no migration 7")
 
 
-def test_one_migration_past_pending_per_group_first_come_first_served() -> None:
+def test_a_source_takes_part_in_one_migration_at_a_time_a_target_may_be_shared() -> None:
     topology = cluster().create_migration(0, 99, 3).create_migration(100, 199, 3).create_migration(512, 600, 3)
     topology = topology.create_migration(200, 299, 2)
-    # 2 and 3 share group 3 with 1; 4 shares group 1 with 1 and group 2 with 3.
-    assert startable(topology) == [1]
+    # 1 and 2 move from group 1 (its source, one at a time); 3 from group 2 into group 3, which it shares with
+    # 1 as a target only; 4 from group 1 again.
+    assert startable(topology) == [1, 3]
     started = topology.advance_migration(1)
-    assert startable(started) == []
+    assert startable(started) == [3]
     refused(409, lambda: started.advance_migration(2), "group 1 takes part in migration 1")
     refused(409, lambda: started.advance_migration(4), "group 1 takes part in migration 1")
-    assert startable(topology, skip=[1]) == [2]          # a paused one lets the next go
-    finished = started.advance_migration(1).advance_migration(1)
+    both = started.advance_migration(3)
+    assert [m.state for m in both.migrations] == ["prepared", "pending", "prepared", "pending"]
+    assert startable(topology, skip=[1]) == [2, 3]          # a paused one lets the next go
+    finished = both.advance_migration(1).advance_migration(1)
     assert startable(finished) == [2]
     # Disjoint groups run side by side.
-    two = cluster().create_migration(0, 99, 3).create_migration(512, 600, 3)
-    assert startable(two) == [1]
     side = cluster().add_group(5).add_server(5, D).create_migration(0, 99, 3).create_migration(512, 600, 5)
     assert startable(side) == [1, 2]
-    both = side.advance_migration(1).advance_migration(2)
-    assert {m.state for m in both.migrations} == {"prepared"}
+
+
+def test_a_group_is_never_a_source_and_a_target_at_once() -> None:
+    # 1 -> 3 runs: 3 -> 2 may not start (3 would MIGRATE out while 1 MIGRATEs into it), nor 2 -> 1.
+    topology = cluster().assign_slots(900, 1023, 3, force=True).create_migration(0, 99, 3)
+    topology = topology.create_migration(900, 950, 2)
+    topology = topology.create_migration(512, 600, 1)
+    started = topology.advance_migration(1)
+    assert startable(started) == []
+    refused(409, lambda: started.advance_migration(2), "group 3 takes part in migration 1")
+    refused(409, lambda: started.advance_migration(3), "group 1 is the source of migration 1")
+
+
+def test_cancels_of_migrations_sharing_a_target_close_no_circle() -> None:
+    # 1 -> 3 and 2 -> 3 migrating; both cancelled: 3 moves back to 1 and to 2 at once, a star, no circle.
+    topology = cluster().create_migration(0, 99, 3).create_migration(512, 600, 3)
+    moving = topology.advance_migration(1).advance_migration(1).advance_migration(2).advance_migration(2)
+    assert [m.state for m in moving.migrations] == ["migrating", "migrating"]
+    back = moving.cancel_migration(1).cancel_migration(2)
+    assert [(m.source, m.target) for m in back.migrations] == [(3, 1), (3, 2)]
 
 
 def test_a_promote_in_progress_keeps_a_migration_from_starting_and_the_other_way_round() -> None:
@@ -219,11 +238,11 @@ MIGRATING_SLOTS = [{"first": 0, "last": 99, "group": 2, "state": "migrating"},
     ([_entry(state="migrating")], None, ["must be migrating in group 2"]),
     ([_entry(first=512, last=600)], None, ["must be stable in group 1"]),
     ([], MIGRATING_SLOTS, ["no migration covers them"]),
-    ([_entry(state="migrating"), _entry(id=2, first=100, last=199, to_group=3, state="prepared")],
+    ([_entry(state="migrating"), _entry(id=2, first=512, last=599, from_group=2, to_group=1, state="prepared")],
      [{"first": 0, "last": 99, "group": 2, "state": "migrating"},
-      {"first": 100, "last": 199, "group": 1, "state": "held"},
-      {"first": 200, "last": 511, "group": 1, "state": "stable"},
-      {"first": 512, "last": 1023, "group": 2, "state": "stable"}], ["group 1 takes part in migrations 1 and 2"]),
+      {"first": 100, "last": 511, "group": 1, "state": "stable"},
+      {"first": 512, "last": 599, "group": 2, "state": "held"},
+      {"first": 600, "last": 1023, "group": 2, "state": "stable"}], ["migrations 1, 2 move keys in a circle"]),
     ([_entry(keys_per_second=-1)], None, ["keys_per_second"]),
     ([_entry(cancelling=True)], None, ["only a prepared or migrating one moves back"]),
 ])
