@@ -151,14 +151,18 @@ def where_the_time_goes(trials: List[Dict[str, Any]]) -> str:
     quiet = _first(trials, lambda t: not t.get("load") and not t.get("profile"))
     parts = [f"Where the time goes (trial {main['trial']}, under load): {main['seconds']:.1f} s for "
              f"{main['moved']:,} keys."]
-    sweeps = []
+    sweeps, spans = [], []
     for m in main["timeline"]:
         moving, done = m["states"].get("migrating"), m["states"].get("finished")
         if moving is not None and done is not None:
             sweeps.append(f"{moving:.2f}-{done:.2f} s for group {m['from_group']} -> {m['to_group']}")
+            spans.append((moving, done))
+    side_by_side = len(spans) > 1 and max(start for start, _ in spans) < min(end for _, end in spans)
     if sweeps:
-        parts.append("The migrations moved keys at " + " and ".join(sweeps) + " (one after the other: the target "
-                     "takes part in both; the hold and the acknowledgements before each take about 0.1 s).")
+        how = ("side by side: they share only their target" if side_by_side else
+               "one after the other")
+        parts.append("The migrations moved keys at " + " and ".join(sweeps) + f" ({how}; the hold and the "
+                     "acknowledgements before each take about 0.1 s).")
     scan, migrate = _command(main, "scan"), _command(main, "migrate")
     text = (f"The sources were inside SCAN for {scan['seconds']:.2f} s ({scan['calls']:,.0f} calls) and inside "
             f"MIGRATE for {migrate['seconds']:.2f} s ({migrate['calls']:,.0f} calls)")
@@ -173,7 +177,8 @@ def where_the_time_goes(trials: List[Dict[str, Any]]) -> str:
                  f"{touch_seconds:.2f} s, {1e6 * touch_seconds / max(touch_calls, 1):.0f} us a call: one key, one "
                  "round trip to the target while the source waits)")
     share = 100 * (scan["seconds"] + migrate["seconds"]) / max(main["seconds"], 1e-9)
-    parts.append(text + f"; as the sources take turns, each spent about {share:.0f}% of its migration inside these "
+    sources = len(spans) if side_by_side else 1
+    parts.append(text + f"; each source spent about {share / sources:.0f}% of its migration inside these "
                  "commands, and every client request to it waits behind them (a pipelined batch of random keys "
                  "nearly always has one for it).")
     cpu = main["cpu"]["during"]
@@ -188,8 +193,12 @@ def where_the_time_goes(trials: List[Dict[str, Any]]) -> str:
                      "its CPU) costs the difference to 100%, the moves on touch the rest.")
     if quiet is not None:
         q = quiet["cpu"]["during"]
+        quiet_spans = [(m["states"].get("migrating"), m["states"].get("finished")) for m in quiet["timeline"]]
+        quiet_spans = [(a, b) for a, b in quiet_spans if a is not None and b is not None]
+        together = len(quiet_spans) > 1 and max(a for a, _ in quiet_spans) < min(b for _, b in quiet_spans)
         busy = (_command(quiet, "scan")["seconds"] + _command(quiet, "migrate")["seconds"]) / max(quiet["seconds"],
                                                                                                1e-9)
+        busy /= len(quiet_spans) if together else 1
         parts.append(f"Without load (trial {quiet['trial']}) the move took {quiet['seconds']:.1f} s "
                      f"({quiet['keys_per_second']:,} keys/s): a source was inside SCAN or MIGRATE "
                      f"{100 * busy:.0f}% of its migration, the dashboard used "
