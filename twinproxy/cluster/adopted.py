@@ -93,14 +93,15 @@ class PlacedHold:
 
 def build_placement(cluster: str, clock: Any, answer: Answer, table: Any, servers: Dict[str, Any],
                     place: Callable[[bytes], int], migrating_before: Dict[int, Any], migrating_now: Dict[int, Any],
-                    hold_seconds: float, auth: Optional[str],
-                    slot_route: Callable[[int], Any]) -> AdoptedPlacement:
+                    hold_seconds: float, auth: Optional[str], slot_route: Callable[[int], Any],
+                    batcher: Optional[Callable[[Any, Any], Any]] = None) -> AdoptedPlacement:
     """The stand-in of an adopted pool's slots; fills ``migrating_now`` with the MigratingSlots of the
     server whose keys move (kept from ``migrating_before`` where the move is the same).
 
     ``place(key)`` is the pool's own placement (an index into its server
     list); ``slot_route(slot)`` is where a slot's requests go now (the
-    routing's ``target_for_slot``).
+    routing's ``target_for_slot``); ``batcher(source, target)`` the move's
+    :class:`~twinproxy.cluster.movebatch.MoveBatcher` (None: none).
     """
     sources = [servers[name] for name in table.legacy_names]
     states: Sequence[str] = table.adopt_states
@@ -120,9 +121,10 @@ def build_placement(cluster: str, clock: Any, answer: Answer, table: Any, server
             if owner is None or owner is source:
                 continue
             target = migrating_before.get(slot)
+            moves = batcher(source, owner) if batcher is not None else None
             if target is None or not target.same_move(source, owner, 0, auth, hold_seconds):
                 target = MigratingSlot(slot, source, owner, 0, auth, answer, partial(toward_source, source),
-                                       clock=clock, wait_limit=hold_seconds)
+                                       clock=clock, wait_limit=hold_seconds, batcher=moves)
             moving[slot] = migrating_now[slot] = target
     fenced_holds: Dict[int, HeldSlot] = {}
 

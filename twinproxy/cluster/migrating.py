@@ -161,12 +161,13 @@ class MigratingSlot:
     """
 
     __slots__ = ("name", "slot", "source", "target", "_head", "_tail", "_moved", "_answer", "_route", "_lines",
-                 "_clock", "_wait_limit", "moves", "failures", "waits", "_made_for")
+                 "_clock", "_wait_limit", "moves", "failures", "waits", "_made_for", "_batcher")
 
     def __init__(self, slot: int, source: Any, target: Any, db: int, auth: Optional[str],
                  answer: Callable[..., None], route: Optional[Callable[[int], Any]] = None,
                  timeout_ms: int = MIGRATE_TIMEOUT_MS, *, clock: Any = None,
-                 wait_limit: Optional[float] = None, big_key_bytes: int = BIG_KEY_BYTES) -> None:
+                 wait_limit: Optional[float] = None, big_key_bytes: int = BIG_KEY_BYTES,
+                 batcher: Any = None) -> None:
         self.name = f"slot-{slot}"
         self.slot = slot
         self.source = source
@@ -183,6 +184,9 @@ class MigratingSlot:
         self.moves = 0       # scripts sent
         self.failures = 0    # scripts that failed (the request got an error)
         self.waits = 0       # WAIT answers (a claimed key)
+        # The move's MoveBatcher (twinproxy.cluster.movebatch): the scripts of a reactor turn go as one.
+        # None: one script per request, at once (what the unit tests of this module look at).
+        self._batcher = batcher
         if target.spec.host is None:
             raise ValueError(f"slot {slot}: a migration needs the target's TCP address (MIGRATE), not "
                              f"{target.spec.address}")
@@ -235,14 +239,18 @@ class MigratingSlot:
         line.append(step)
         self._ask(step)
 
-    def _ask(self, step: _Step) -> None:
-        keys = step.keys
-        count, head = self._head
-        tail_count, tail = self._tail
-        claims = [claim_of(key) for key in keys]
-        ask = Request(b"*%d\r\n" % (count + 2 * len(keys) + 2 + tail_count) + head
-                      + _bulk(b"%d" % (2 * len(keys) + 1)) + _bulks(keys) + _bulks(claims) + _bulk(CLAIMS) + tail)
+    def _ask(self, step: _Step, alone: bool = False) -> None:
         request = step.request
+        if self._batcher is not None:
+            self.moves += 1
+            if alone:
+                # A request waiting for a claimed key asks on its own: in a batch, the claim would make every
+                # other request of the batch wait for it too.
+                self._batcher.ask_alone(step, shared_profile(request.profile))
+            else:
+                self._batcher.ask(step, shared_profile(request.profile))
+            return
+        ask = Request(ensure_moved_request(step.keys, (self._head, self._tail)))
         ask.owner = step
         ask.client = request.client      # the client's connection: its scripts are answered in order
         ask.profile = shared_profile(request.profile)   # its dialect and database; a blocking command's
@@ -326,7 +334,7 @@ class MigratingSlot:
             self._drain(step.line, step.request.client)      # still waiting: it fails now
             return
         step.state = _IN_FLIGHT
-        self._ask(step)
+        self._ask(step, alone=True)
 
     def _where(self) -> Any:
         now = self._route(self.slot) if self._route is not None else self
@@ -342,6 +350,14 @@ class MigratingSlot:
     def _seconds(self, step: _Step) -> float:
         clock = self._clock_of(step)
         return clock.seconds() if clock is not None else 0.0
+
+
+def ensure_moved_request(keys: List[bytes], parts: Tuple[Tuple[int, bytes], Tuple[int, bytes]]) -> bytes:
+    """The script's request for ``keys``: ``parts`` is :func:`ensure_moved_parts`' (head, tail)."""
+    (count, head), (tail_count, tail) = parts
+    claims = [claim_of(key) for key in keys]
+    return (b"*%d\r\n" % (count + 2 * len(keys) + 2 + tail_count) + head
+            + _bulk(b"%d" % (2 * len(keys) + 1)) + _bulks(keys) + _bulks(claims) + _bulk(CLAIMS) + tail)
 
 
 def ensure_moved_parts(host: str, port: int, db: int, timeout_ms: int, auth: Optional[str],

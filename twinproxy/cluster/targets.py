@@ -32,7 +32,8 @@ from twisted.logger import Logger
 from twinproxy.cluster.adopted import AdoptedPlacement, adopted_route, build_placement
 from twinproxy.cluster.holds import Answer, Early, HeldSlot, OfflineSlot, StartupHold
 from twinproxy.cluster.legacy import legacy_router
-from twinproxy.cluster.migrating import MigratingSlot
+from twinproxy.cluster.migrating import MIGRATE_TIMEOUT_MS, MigratingSlot, ensure_moved_parts, ensure_moved_request
+from twinproxy.cluster.movebatch import MoveBatcher
 from twinproxy.cluster.slots import SLOT_COUNT, slot_of
 from twinproxy.cluster.warmup import WarmingSlot
 
@@ -73,6 +74,7 @@ class SlotRouting:
         # An adopted pool's placement: (what it was built from, its key -> server function).
         self._legacy: Any = (None, None)
         self._placement: Optional[AdoptedPlacement] = None
+        self._batchers: Dict[Any, MoveBatcher] = {}    # the moves' MoveBatchers, by source, target and settings
 
     def not_ready(self, hold_seconds: float) -> Callable[[bytes], Any]:
         """Before the first table: a request waits for it (a just-started proxy is reading the topology),
@@ -93,6 +95,10 @@ class SlotRouting:
                 config: Any = None) -> Callable[[bytes], Any]:
         """Route by ``table`` (a SlotTable) over ``servers`` (name -> Server) from now on."""
         self._check_lease()     # a table that comes after the lease ran out stays behind the stall holds
+        # What the moves gathered this turn goes now: the barrier after this table counts what was sent.
+        batchers_before, self._batchers = self._batchers, {}
+        for batcher in batchers_before.values():
+            batcher.flush()
         answer = self._answer
         held_before = self._held
         held_now: Dict[int, HeldSlot] = {}
@@ -104,7 +110,8 @@ class SlotRouting:
         auth = config.redis_auth if config else None
         placement = None
         if table.legacy is not None:
-            placement = self._adopted(table, servers, migrating_before, migrating_now, hold_seconds, config)
+            placement = self._adopted(table, servers, migrating_before, migrating_now, hold_seconds, config,
+                                      batchers_before)
         targets: List[Any] = []
         for slot in range(SLOT_COUNT):
             owner = table.owners[slot]
@@ -124,7 +131,12 @@ class SlotRouting:
                                              self._clock)
                     else:
                         target = MigratingSlot(slot, servers[source], servers[owner], db, auth, answer,
-                                               self.target_for_slot, clock=self._clock, wait_limit=hold_seconds)
+                                               self.target_for_slot, clock=self._clock, wait_limit=hold_seconds,
+                                               batcher=self.batcher(servers[source], servers[owner], db, auth,
+                                                                    batchers_before))
+                elif not warming:
+                    # The slot kept: its batcher (the same object) goes on in this table.
+                    self.batcher(servers[source], servers[owner], db, auth, batchers_before)
                 migrating_now[slot] = target
             elif slot in table.held:
                 target = held_before.pop(slot, None) or HeldSlot(slot, self.cluster, self._clock, hold_seconds,
@@ -181,15 +193,31 @@ class SlotRouting:
         return slot_route
 
     def _adopted(self, table: Any, servers: Dict[str, Any], migrating_before: Dict[int, Any],
-                 migrating_now: Dict[int, Any], hold_seconds: float, config: Any) -> AdoptedPlacement:
+                 migrating_now: Dict[int, Any], hold_seconds: float, config: Any,
+                 batchers_before: Dict[Any, MoveBatcher]) -> AdoptedPlacement:
         """The stand-in of an adopted pool's slots (and the MigratingSlots of the server whose keys move)."""
         legacy = table.legacy
         if self._legacy[0] != legacy:
             # The pool's own placement, as its index in the pool's server list (kept while the pool is).
             self._legacy = (legacy, legacy_router(legacy, list(range(len(legacy.servers)))))
+        auth = config.redis_auth if config else None
         return build_placement(self.cluster, self._clock, self._answer, table, servers, self._legacy[1],
-                               migrating_before, migrating_now, hold_seconds,
-                               config.redis_auth if config else None, self.target_for_slot)
+                               migrating_before, migrating_now, hold_seconds, auth, self.target_for_slot,
+                               lambda source, owner: self.batcher(source, owner, 0, auth, batchers_before))
+
+    def batcher(self, source: Any, target: Any, db: int, auth: Optional[str],
+                before: Dict[Any, MoveBatcher]) -> MoveBatcher:
+        """The MoveBatcher of the move ``source`` -> ``target`` in this table (the last table's, if it had it)."""
+        key = (id(source), id(target), target.spec.host, target.spec.port, db, auth)
+        found = self._batchers.get(key)
+        if found is None:
+            found = before.get(key)
+            if found is None or found.source is not source:
+                found = MoveBatcher(source, ensure_moved_parts(target.spec.host, target.spec.port, db,
+                                                               MIGRATE_TIMEOUT_MS, auth),
+                                    ensure_moved_request, self._clock)
+            self._batchers[key] = found
+        return found
 
     def home_of(self, key: bytes) -> Optional[str]:
         """An adopted pool's key: the server its pub/sub channel lives on now; None otherwise (its slot's

@@ -68,6 +68,7 @@ class Wire:
         return protocol, transport
 
     def backend(self, address: str):
+        self.reactor.advance(0)   # the moves' scripts gathered this turn leave (movebatch)
         while self.reactor.tcpClients:
             host, port, factory, _, _ = self.reactor.tcpClients.pop(0)
             protocol = factory.buildProtocol(None)

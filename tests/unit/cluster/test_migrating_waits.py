@@ -85,8 +85,12 @@ class WaitTests(SynchronousTestCase):
         other_key = key_in(7, start=int(self.key[1:]) + 1)
         client.dataReceived(cmd(b"HSET", self.key, b"f", b"v") + cmd(b"GET", other_key))
         source, source_wire = self.w.backend(SOURCE)
-        self.assertEqual(source_wire.value(), migrate(self.key) + migrate(other_key))
-        source.dataReceived(WAITING)          # the first waits for its claim ...
+        self.assertEqual(source_wire.value(), migrate(self.key, other_key))     # one script for the turn
+        source.dataReceived(WAITING)          # the first's key is claimed: nothing moved
+        self.w.reactor.advance(0)
+        # The waiting one asks again alone, the other in the next batch.
+        self.assertEqual(source_wire.value(), migrate(self.key, other_key) + migrate(self.key) + migrate(other_key))
+        source.dataReceived(WAITING)          # the first still waits for its claim ...
         source.dataReceived(b"+OK\r\n")       # ... the second's key moved, but it must not overtake it
         self.assertNotIn(TARGET, self.w.backends)
         # Even a request for a key known moved now waits behind the first.
@@ -106,8 +110,11 @@ class WaitTests(SynchronousTestCase):
         source, source_wire = self.w.backend(SOURCE)
         source.dataReceived(WAITING)
         second.dataReceived(cmd(b"GET", other_key))
+        self.w.reactor.advance(0)
         self.assertEqual(len(self.w.backends[SOURCE]), 1)      # one connection to the source: both on it
-        self.assertTrue(source_wire.value().endswith(migrate(other_key)))
+        # The waiting request asks again alone: the other client's key goes in a script without the claim.
+        self.assertEqual(source_wire.value(), migrate(self.key) * 2 + migrate(other_key))
+        source.dataReceived(WAITING)
         source.dataReceived(b"+OK\r\n")
         target, target_wire = self.w.backend(TARGET)
         self.assertEqual(target_wire.value(), cmd(b"GET", other_key))
