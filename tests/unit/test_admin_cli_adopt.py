@@ -1,8 +1,10 @@
 """``twinproxy-admin adopt``: the pool file's pool checked and sent as ``POST /api/adopt``, the pool file
-rewritten for the cluster, the refusals (exit 2) for pools that cannot be adopted."""
+rewritten for the cluster, the refusals (exit 2) for pools that cannot be adopted; a resume (``--resume``, or
+the rewritten pool file given again) after an adoption entry was cancelled or failed."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -68,7 +70,8 @@ def test_the_request_names_the_pool_s_ring_and_the_file_follows_the_cluster(dash
     assert seen["auth"] == "Bearer sesame"
     assert seen["body"] == {"pool": "shop", "hash": "fnv1a_64", "distribution": "ketama", "hash_tag": "{}",
                             "servers": [{"address": "127.0.0.1:7001", "name": "alpha", "weight": 2},
-                                        {"address": "127.0.0.1:7002", "name": "127.0.0.1:7002", "weight": 1}]}
+                                        {"address": "127.0.0.1:7002", "name": "127.0.0.1:7002", "weight": 1}],
+                            "cluster": "shop7"}
     assert "adoptions 1, 2 queued, paused" in out and "migration resume" in out and "comments" in out
     document = yaml.safe_load(path.read_text())
     assert document["shop"] == {"listen": "127.0.0.1:22121", "redis": True, "timeout": 400,
@@ -106,3 +109,81 @@ def test_pools_that_cannot_be_adopted_are_refused_before_asking(dashboard, tmp_p
     path = pool_file(tmp_path, POOLS.replace(*change, 1))
     code, _, err = adopt(dashboard, path, "--output", str(path))
     assert code == 2 and words in err and dashboard.seen == []
+
+
+RESUMED = {"ok": True, "generation": 12, "resumed": True, "pool": "shop", "done": [2],
+           "migrations": [{"id": 4, "from_group": 1, "adopt": True, "state": "pending", "paused": True,
+                           "keys_per_second": 1500}],
+           "migration": {"id": 4, "from_group": 1}}
+
+
+def resume(dashboard, directory: Path, *more: str):
+    return run(dashboard, "--token-file", str(token(directory)), "adopt", "--resume", *more)
+
+
+def test_resume_asks_the_cluster_to_queue_the_servers_left_and_says_what_it_queued(dashboard, tmp_path) -> None:
+    dashboard.answers[("POST", "/api/adopt")] = (200, RESUMED)
+    code, out, err = resume(dashboard, tmp_path, "--cluster", "shop", "--coordinator", "zookeeper://z:2181/tp")
+    assert code == 0, err
+    (seen,) = dashboard.seen
+    assert seen["body"] == {"resume": True, "cluster": "shop"} and seen["auth"] == "Bearer sesame"
+    assert ("the adoption of pool 'shop' by cluster 'shop' resumed (generation 12): adoptions 4 (group 1) queued, "
+            "paused, at most 1500 keys/s each; the keys of group 2 have moved already") in out
+    assert "migration resume" in out and "reload" not in out
+    code, out, err = resume(dashboard, tmp_path, "--cluster", "shop", "--pool", "shop", "--keys-per-second", "50",
+                            "--json")
+    assert code == 0, err
+    assert dashboard.seen[-1]["body"] == {"resume": True, "cluster": "shop", "pool": "shop", "keys_per_second": 50}
+    document = json.loads(out)
+    assert document["resumed"] is True and document["migration"]["id"] == 4 and document["pool_file"] is None
+
+
+def test_the_rewritten_pool_file_given_again_means_resume(dashboard, tmp_path) -> None:
+    dashboard.answers[("POST", "/api/adopt")] = (200, ANSWER)
+    path = pool_file(tmp_path)
+    assert adopt(dashboard, path, "--output", str(path), "--cluster", "shop7")[0] == 0
+    rewritten = path.read_text()
+    dashboard.answers[("POST", "/api/adopt")] = (200, RESUMED)
+    # The very same command line, after a cancel: the pool follows the cluster now, so it is a resume.
+    code, out, err = adopt(dashboard, path, "--output", str(path), "--cluster", "shop7")
+    assert code == 0, err
+    assert dashboard.seen[-1]["body"] == {"resume": True, "cluster": "shop7", "pool": "shop"}
+    assert "resumed" in out and path.read_text() == rewritten
+    code, _, _ = run(dashboard, "--token-file", str(token(tmp_path)), "adopt", "--pool-file", str(path), "--pool",
+                     "shop")
+    assert code == 0 and dashboard.seen[-1]["body"] == {"resume": True, "cluster": "shop7", "pool": "shop"}
+    asked = len(dashboard.seen)
+    for more, words in ((("--cluster", "shop"), "follows cluster 'shop7' at zookeeper://127.0.0.1:2181/tp already, "
+                                                "not --cluster shop"),
+                        (("--coordinator", "etcd://127.0.0.1:2379/tp"), "not --coordinator etcd://")):
+        code, _, err = run(dashboard, "--token-file", str(token(tmp_path)), "adopt", "--pool-file", str(path),
+                           "--pool", "shop", *more)
+        assert code == 2 and words in err, err
+    assert len(dashboard.seen) == asked
+
+
+def test_a_refused_resume_is_the_dashboard_s_reason(dashboard, tmp_path) -> None:
+    dashboard.answers[("POST", "/api/adopt")] = (409, {"error": "the adoption of pool 'shop' is under way: "
+                                                                "adoption 2 (group 1's keys) is migrating"})
+    code, _, err = resume(dashboard, tmp_path, "--cluster", "shop")
+    assert code == 1 and "adoption 2 (group 1's keys) is migrating" in err
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--resume",), "--resume needs --cluster NAME"),
+    (("--resume", "--cluster", "shop", "--pool-file", "pools.yml"), "--resume takes no --pool-file"),
+    (("--resume", "--cluster", "shop", "--output", "pools.yml"), "--resume writes no pool file"),
+    (("--coordinator", "zookeeper://z:2181/tp"), "adopt needs --pool-file FILE and --pool NAME (or, to resume"),
+    (("--pool-file", "pools.yml"), "adopt needs --pool-file FILE and --pool NAME"),
+])
+def test_options_that_do_not_go_together_are_refused_before_asking(dashboard, tmp_path, args, words) -> None:
+    code, _, err = run(dashboard, "--token-file", str(token(tmp_path)), "adopt", *args)
+    assert code == 2 and words in err, err
+    assert dashboard.seen == []
+
+
+def test_a_first_adoption_needs_the_coordinator(dashboard, tmp_path) -> None:
+    path = pool_file(tmp_path)
+    code, _, err = run(dashboard, "--token-file", str(token(tmp_path)), "adopt", "--pool-file", str(path),
+                       "--pool", "shop")
+    assert code == 2 and "adopt needs --coordinator URL" in err and dashboard.seen == []

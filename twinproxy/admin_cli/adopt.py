@@ -2,9 +2,13 @@
 
 Owns :func:`adoption_request` (the pool file's pool, checked, as ``POST
 /api/adopt``'s body), :func:`cluster_file` (the pool file with that pool
-following the cluster instead of listing servers), :func:`run` (the verb:
-the request, the file written atomically, the next steps printed) and
-:class:`AdoptProblem` (a pool that cannot be adopted: a usage error).
+following the cluster instead of listing servers), :func:`resume_request`
+(the body that resumes an adoption after an entry was cancelled or failed:
+``--resume``, or the rewritten pool file given again, whose pool follows
+the cluster), :func:`prepare` / :func:`run` (the verb: the request, the
+file written atomically, the next steps printed) and :class:`AdoptProblem`
+(a pool that cannot be adopted, options that do not go together: a usage
+error).
 Blocking I/O is fine here: this is a short-lived command.
 """
 
@@ -13,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -94,18 +98,58 @@ def write_atomically(path: str, text: str) -> None:
         raise
 
 
-def prepare(args: Any) -> Tuple[Dict[str, Any], str]:
-    """The request body and the new pool file's text (nothing written yet); AdoptProblem for a bad pool."""
+def resume_request(cluster: str, pool: Optional[str], keys_per_second: Optional[int]) -> Dict[str, Any]:
+    """``POST /api/adopt``'s body that resumes an adoption from the placement the cluster keeps."""
+    body: Dict[str, Any] = {"resume": True, "cluster": cluster}
+    if pool is not None:
+        body["pool"] = pool
+    if keys_per_second is not None:
+        body["keys_per_second"] = keys_per_second
+    return body
+
+
+def prepare(args: Any) -> Tuple[Dict[str, Any], Optional[str]]:
+    """The request body and the new pool file's text (None for a resume: nothing to write; nothing written
+    yet); AdoptProblem for a bad pool or a bad combination of options."""
+    rate = getattr(args, "keys_per_second", None)
+    if args.resume:
+        if args.pool_file is not None:
+            raise AdoptProblem("--resume takes no --pool-file (the cluster keeps the pool's placement); or give the "
+                               "rewritten pool file without --resume")
+        if args.output is not None:
+            raise AdoptProblem("--resume writes no pool file: the pool's file follows the cluster already (drop "
+                               "--output)")
+        if args.cluster is None:
+            raise AdoptProblem("--resume needs --cluster NAME: the cluster that adopted the pool")
+        return resume_request(args.cluster, args.pool, rate), None
+    if args.pool_file is None or args.pool is None:
+        raise AdoptProblem("adopt needs --pool-file FILE and --pool NAME (or, to resume an adoption, --resume "
+                           "--cluster NAME)")
     pool = find_pool(args.pool_file, args.pool)
+    if pool.cluster_mode:
+        # The file adopt rewrote: the pool follows its cluster already, so this can only mean a resume.
+        for option, given, found in (("--cluster", args.cluster, pool.cluster),
+                                     ("--coordinator", args.coordinator, pool.coordinator)):
+            if given is not None and given != found:
+                raise AdoptProblem(f"pool '{pool.name}' follows cluster '{pool.cluster}' at {pool.coordinator} "
+                                   f"already, not {option} {given}: nothing to adopt (to resume its adoption, "
+                                   "give the file's cluster)")
+        return resume_request(pool.cluster, pool.name, rate), None
+    if args.coordinator is None:
+        raise AdoptProblem("adopt needs --coordinator URL: the coordinator the proxies will follow (written into "
+                           "the pool file)")
     body = adoption_request(pool)
-    if getattr(args, "keys_per_second", None) is not None:
-        body["keys_per_second"] = args.keys_per_second
+    body["cluster"] = args.cluster or args.pool
+    if rate is not None:
+        body["keys_per_second"] = rate
     return body, cluster_file(args.pool_file, args.pool, args.cluster or args.pool, args.coordinator)
 
 
-def run(client: Any, args: Any, body: Dict[str, Any], text: str, out: Any, err: Any) -> int:
+def run(client: Any, args: Any, body: Dict[str, Any], text: Optional[str], out: Any, err: Any) -> int:
     """POST the adoption; write (or print) the new pool file; say what comes next."""
     result = client.request("POST", "/api/adopt", body, None)
+    if text is None:
+        return _resumed(args, body, result, out)
     if args.output is not None:
         try:
             write_atomically(args.output, text)
@@ -117,11 +161,15 @@ def run(client: Any, args: Any, body: Dict[str, Any], text: str, out: Any, err: 
     ids = [str(m.get("id")) for m in adoptions]
     if args.json:
         out.write(json.dumps({"migrations": adoptions, "migration": adoptions[0] if adoptions else None,
-                              "generation": result.get("generation"), "pool_file": args.output}, indent=2) + "\n")
+                              "generation": result.get("generation"), "resumed": bool(result.get("resumed")),
+                              "pool_file": args.output}, indent=2) + "\n")
         return 0
     generation = result.get("generation")
-    out.write(f"pool '{args.pool}' adopted by cluster '{args.cluster or args.pool}' (generation {generation}): "
-              f"{len(body['servers'])} groups, adoptions {', '.join(ids)} queued, paused\n")
+    if result.get("resumed"):     # the original pool file, given again: the dashboard resumed
+        out.write(_queued_text(body["pool"], body["cluster"], result))
+    else:
+        out.write(f"pool '{args.pool}' adopted by cluster '{args.cluster or args.pool}' (generation {generation}): "
+                  f"{len(body['servers'])} groups, adoptions {', '.join(ids)} queued, paused\n")
     if args.output is not None:
         out.write(f"wrote {args.output} (YAML comments are not kept)\n")
     else:
@@ -134,4 +182,33 @@ def run(client: Any, args: Any, body: Dict[str, Any], text: str, out: Any, err: 
     return 0
 
 
-__all__ = ["AdoptProblem", "adoption_request", "cluster_file", "prepare", "run", "write_atomically"]
+def _queued_text(pool: Optional[str], cluster: str, result: Dict[str, Any]) -> str:
+    queued = result.get("migrations") or []
+    done = result.get("done") or []
+    pool = result.get("pool") or pool
+    entries = ", ".join(f"{m.get('id')} (group {m.get('from_group')})" for m in queued)
+    rate = queued[0].get("keys_per_second") if queued else None
+    return (f"the adoption of pool '{pool}' by cluster '{cluster}' resumed (generation {result.get('generation')}):"
+            f" adoptions {entries} queued, paused, "
+            + (f"at most {rate} keys/s each" if rate is not None else "no rate limit")
+            + ("; the keys of group" + ("s " if len(done) > 1 else " ") + ", ".join(map(str, done))
+               + " have moved already" if done else "") + "\n")
+
+
+def _resumed(args: Any, body: Dict[str, Any], result: Dict[str, Any], out: Any) -> int:
+    if args.json:
+        queued = result.get("migrations") or []
+        out.write(json.dumps({"migrations": queued, "migration": queued[0] if queued else None,
+                              "generation": result.get("generation"), "resumed": True, "done": result.get("done"),
+                              "pool_file": None}, indent=2) + "\n")
+        return 0
+    out.write(_queued_text(body.get("pool"), body["cluster"], result))
+    out.write("next:\n"
+              "  1. twinproxy-admin proxy list: every proxy serving the pool registered (they follow the cluster)\n"
+              "  2. twinproxy-admin --token-file F migration resume   (no key moves before this)\n"
+              "  3. twinproxy-admin migration wait\n")
+    return 0
+
+
+__all__ = ["AdoptProblem", "adoption_request", "cluster_file", "prepare", "resume_request", "run",
+           "write_atomically"]

@@ -165,14 +165,24 @@ def parser() -> argparse.ArgumentParser:
     remove.add_argument("--force", action="store_true", help="even if its address still answers")
 
     adopt = verb(verbs, "adopt", "take a running twemproxy pool into this cluster (groups, slots and paused "
-                 "adoptions in one generation) and write the pool file its proxies switch to")
-    adopt.add_argument("--pool-file", required=True, metavar="FILE", help="the pool file the proxies serve")
-    adopt.add_argument("--pool", required=True, metavar="NAME", help="the pool to adopt")
-    adopt.add_argument("--coordinator", required=True, metavar="URL",
-                       help="the coordinator URL the proxies will follow (written into the pool file)")
-    adopt.add_argument("--cluster", metavar="NAME", help="the cluster's name (default: the pool's)")
+                 "adoptions in one generation) and write the pool file its proxies switch to; after an "
+                 "adoption entry was cancelled or failed, --resume (or the rewritten pool file) queues the "
+                 "servers whose keys have not moved again")
+    adopt.add_argument("--pool-file", metavar="FILE",
+                       help="the pool file the proxies serve (required unless --resume; a pool in it that "
+                       "follows the cluster already means --resume)")
+    adopt.add_argument("--pool", metavar="NAME", help="the pool to adopt (required with --pool-file)")
+    adopt.add_argument("--coordinator", metavar="URL",
+                       help="the coordinator URL the proxies will follow (written into the pool file; required "
+                       "for a first adoption)")
+    adopt.add_argument("--cluster", metavar="NAME",
+                       help="the cluster's name (default: the pool's; required with --resume)")
+    adopt.add_argument("--resume", action="store_true",
+                       help="queue again the adopted pool's servers whose keys have not moved (after a cancel or "
+                       "a failure), paused, from the placement the cluster keeps: no pool file")
     adopt.add_argument("--keys-per-second", type=_count, metavar="N",
-                       help="each server's sweep moves at most N keys a second")
+                       help="each server's sweep moves at most N keys a second (a resume: default the "
+                       "adoption's last rate)")
     adopt.add_argument("--output", metavar="PATH",
                        help="write the new pool file there (may be FILE itself; default: print it)")
 

@@ -52,7 +52,9 @@ its slot's owner once it finished.  While an entry is ``prepared`` every
 slot is held (the barrier: a few milliseconds).  ``adopted`` is dropped
 when the last entry finishes.  An entry's cancel is refused once it moves
 keys (they would have to go back to the pool's placement, which nothing
-writes): pause it instead.
+writes): pause it instead.  A cancelled or failed entry's server is queued
+again by :func:`twinproxy.cluster.adoptions.resume` (the adoption's
+edits are in :mod:`twinproxy.cluster.adoptions`).
 
 Ended entries beyond the last :data:`KEEP_ENDED` are pruned by every edit
 here.  ``preparing`` (Codis's store-only step) is accepted on load and
@@ -64,12 +66,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Collection, Dict, List, Optional, Tuple
 
-from twinproxy.cluster.legacy import Legacy, even_spread
+from twinproxy.cluster.legacy import Legacy
 from twinproxy.cluster.model import (
-    Group,
     Topology,
     TopologyError,
-    check_address,
     check_group_id,
     check_slot_range,
     show_slots,
@@ -505,46 +505,10 @@ def _groups_of(topology: Topology, m: Migration) -> set:
 
 
 def adopt(topology: Topology, legacy: Legacy, addresses: List[str], keys_per_second: Optional[int] = None) -> Topology:
-    """Take over pool ``legacy``: its servers become groups, the slots spread over them, one adoption per server.
+    """Take over pool ``legacy`` (see :func:`twinproxy.cluster.adoptions.adopt`: the adoption's edits live there)."""
+    from twinproxy.cluster import adoptions
 
-    ``addresses``: the pool's servers, in its order (``legacy.servers``'
-    order).  An empty Redis topology only (409 otherwise), or one that has
-    adopted the same pool and whose adoptions not finished ended (cancelled,
-    failed): then those are queued again.  One generation.  ``keys_per_second``:
-    each entry's sweep rate (None: as fast as it goes).
-    """
-    check_rate(keys_per_second)
-    if topology.protocol != "redis":
-        raise TopologyError("only a Redis cluster adopts a pool: memcached items cannot be moved", 409)
-    if len(addresses) != len(legacy.servers):
-        raise TopologyError(f"{len(addresses)} addresses for the {len(legacy.servers)} servers of pool "
-                            f"'{legacy.pool}'")
-    for address in addresses:
-        check_address(address, "server address")
-    if len(set(addresses)) != len(addresses):
-        raise TopologyError(f"pool '{legacy.pool}' lists a server twice")
-    mid = max((m.id for m in topology.migrations), default=0) + 1
-    if topology.adopted is not None:
-        masters = [topology.group(gid).master if topology.group(gid) is not None else None for gid in legacy.gids]
-        if topology.adopted != legacy or masters != list(addresses) or any(not m.ended for m in topology.migrations):
-            raise TopologyError(f"the cluster has adopted pool '{topology.adopted.pool}' already (with other "
-                                "servers, or its adoption is under way): adopt it again with the same pool file "
-                                "once its adoptions have ended, or start from an empty cluster", 409)
-        states = topology.adopt_states()
-        again = [gid for gid in legacy.gids if states[gid] != "done"]
-    else:
-        if topology.groups or topology.migrations or topology.offline_slots != SLOT_COUNT or topology.change:
-            raise TopologyError(f"cluster '{topology.cluster}' is not empty: a pool is adopted into a cluster with "
-                                "no groups, no slots placed and no migrations", 409)
-        groups = tuple(sorted((Group(gid, (address,)) for (gid, _, _), address in zip(legacy.servers, addresses)),
-                              key=lambda g: g.id))
-        spread = even_spread(list(legacy.gids), SLOT_COUNT)
-        topology = replace(topology, groups=groups, slots=tuple((spread[slot], "stable") for slot in range(SLOT_COUNT)),
-                           adopted=legacy)
-        again = list(legacy.gids)
-    entries = [Migration(mid + index, 0, SLOT_COUNT - 1, gid, None, "pending", keys_per_second, adopt=True)
-               for index, gid in enumerate(again)]
-    return topology._next(migrations=tuple(topology.migrations) + tuple(entries))
+    return adoptions.adopt(topology, legacy, addresses, keys_per_second)
 
 
 def advance(topology: Topology, mid: int, now: Optional[float] = None) -> Topology:

@@ -306,9 +306,13 @@ class Topology:
 
     def _not_adopting(self, doing: str) -> None:
         if self.adopted is not None:
+            from twinproxy.cluster.adoptions import resume_command
+
             adoption = self.adoption
+            # Every entry ended, some server's keys not moved: only a resume goes on (the pool file was rewritten).
             shown = (f"adoption {adoption.id} is {adoption.state}" if adoption is not None else
-                     "an adoption ended before every server's keys moved: adopt again with the same pool file")
+                     "an adoption ended before every server's keys moved: queue those servers again with "
+                     f"{resume_command(self.cluster)}, then migration resume")
             raise TopologyError(f"cannot {doing}: the cluster serves the adopted pool '{self.adopted.pool}' "
                                 f"({shown})", 409)
 

@@ -1,16 +1,19 @@
 """Adopting a twemproxy pool: the request, the queued adoption, its version check and its sweeps.
 
 Owns what the dashboard does differently for an adoption (the model's
-edit is :func:`twinproxy.cluster.migrations.adopt`; its states are driven
+edits are :mod:`twinproxy.cluster.adoptions`; its states are driven
 by the same :class:`~twinproxy.dashboard.runner.Runner` as any migration):
 
-- :func:`parse_request` — ``POST /api/adopt``'s body, checked;
+- :func:`parse_request` — ``POST /api/adopt``'s body, checked: the pool
+  (an :class:`AdoptRequest` with its placement), or ``{"resume": true}``
+  (the placement the topology keeps: after an entry was cancelled or
+  failed, the servers whose keys have not moved are queued again);
 - :func:`queue` — the one generation that creates the groups, the slots
   and the adoption (one entry per server of the pool, run one after
-  another), every entry **paused**: no key may move before every proxy
-  serving the pool follows the cluster, and only the operator knows when
-  that is (the proxies still reading the pool file are not registered
-  anywhere the dashboard can see);
+  another), or a resume's entries, every entry **paused**: no key may move
+  before every proxy serving the pool follows the cluster, and only the
+  operator knows when that is (the proxies still reading the pool file are
+  not registered anywhere the dashboard can see);
 - :func:`check_versions` — a key moves from any server to any other, so
   no group's Redis may be older than another's (a DUMP payload of a newer
   Redis does not load in an older one);
@@ -26,11 +29,12 @@ progress (keys moved summed; keys left the sum of the sweeps' estimates).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from twisted.internet import defer
 
-from twinproxy.cluster import migrations
+from twinproxy.cluster import adoptions, migrations
 from twinproxy.cluster.legacy import Legacy, LegacyError, legacy_router, make_legacy
 from twinproxy.cluster.model import TopologyError
 from twinproxy.cluster.slots import SLOT_COUNT, slot_of
@@ -43,23 +47,60 @@ if TYPE_CHECKING:
     from twinproxy.cluster.model import Topology
 
 _FIELDS = ("pool", "hash", "distribution", "hash_tag", "servers")
-_OPTIONAL = ("keys_per_second",)
+_OPTIONAL = ("keys_per_second", "cluster")
+_RESUME_FIELDS = ("resume", "pool", "cluster", "keys_per_second")
 
 
 class RequestError(ValueError):
     """A bad ``POST /api/adopt`` body (the API answers 400 with it)."""
 
 
-def parse_request(document: Any) -> Tuple[Legacy, List[str], Optional[int]]:
-    """The adopted pool's placement (groups 1..N in its order), its servers' addresses, the sweeps' rate."""
+@dataclass(frozen=True)
+class AdoptRequest:
+    """``POST /api/adopt``, checked: a pool to adopt (``legacy`` at ``addresses``), or a resume (``legacy`` None:
+    the placement the topology keeps).
+
+    ``keys_per_second`` applies when ``rate_given`` (else a resume keeps the
+    adoption's latest rate; a first adoption has none).  ``pool`` / ``cluster``:
+    what the request means, refused (409) when the cluster is another.
+    """
+
+    legacy: Optional[Legacy]
+    addresses: List[str]
+    keys_per_second: Optional[int]
+    rate_given: bool
+    pool: Optional[str]
+    cluster: Optional[str]
+
+    @property
+    def resume(self) -> bool:
+        return self.legacy is None
+
+    def rate(self, topology: "Topology") -> Optional[int]:
+        return self.keys_per_second if self.rate_given else adoptions.latest_rate(topology)
+
+    def edit(self, topology: "Topology") -> "Topology":
+        """The model's edit this request asks of ``topology``."""
+        if self.cluster is not None and self.cluster != topology.cluster:
+            raise TopologyError(f"this dashboard serves cluster '{topology.cluster}', not '{self.cluster}'", 409)
+        if self.legacy is None:
+            return adoptions.resume(topology, self.rate(topology), self.pool)
+        return adoptions.adopt(topology, self.legacy, self.addresses, self.rate(topology))
+
+
+def parse_request(document: Any) -> AdoptRequest:
+    """The body: the pool (its placement, groups 1..N in its order, and its servers' addresses), or
+    ``{"resume": true}`` (``pool``, ``cluster``, ``keys_per_second`` optional)."""
     if not isinstance(document, dict):
         raise RequestError("the request body must be a JSON object")
-    unknown = sorted(str(key) for key in document if key not in _FIELDS + _OPTIONAL)
+    if document.get("resume") is not None and document.get("resume") is not False:
+        return _parse_resume(document)
+    unknown = sorted(str(key) for key in document if key not in _FIELDS + _OPTIONAL + ("resume",))
     missing = [key for key in _FIELDS if key not in document]
     if unknown or missing:
         raise RequestError("; ".join(([f"missing field {', '.join(missing)}"] if missing else [])
                                      + ([f"unknown field {', '.join(unknown)}"] if unknown else []))
-                           + f" (fields: {', '.join(_FIELDS + _OPTIONAL)})")
+                           + f" (fields: {', '.join(_FIELDS + _OPTIONAL)}; or resume: true)")
     servers = document["servers"]
     if not isinstance(servers, list) or not servers:
         raise RequestError("servers must be a non-empty list of {address, name, weight}")
@@ -73,46 +114,76 @@ def parse_request(document: Any) -> Tuple[Legacy, List[str], Optional[int]]:
         legacy = make_legacy(document["pool"], document["hash"], document["distribution"], document["hash_tag"], ring)
     except LegacyError as err:
         raise RequestError(str(err))
+    return AdoptRequest(legacy, addresses, _rate(document), "keys_per_second" in document, legacy.pool,
+                        _name(document, "cluster"))
+
+
+def _parse_resume(document: Dict[str, Any]) -> AdoptRequest:
+    if document["resume"] is not True:
+        raise RequestError(f"resume must be true or false, not {document['resume']!r}")
+    unknown = sorted(str(key) for key in document if key not in _RESUME_FIELDS)
+    if unknown:
+        raise RequestError(f"unknown field {', '.join(unknown)} (a resume takes {', '.join(_RESUME_FIELDS)}: the "
+                           "cluster keeps the pool's placement)")
+    return AdoptRequest(None, [], _rate(document), "keys_per_second" in document, _name(document, "pool"),
+                        _name(document, "cluster"))
+
+
+def _rate(document: Dict[str, Any]) -> Optional[int]:
     try:
-        rate = migrations.check_rate(document.get("keys_per_second"))
+        return migrations.check_rate(document.get("keys_per_second"))
     except TopologyError as err:
         raise RequestError(err.message)
-    return legacy, addresses, rate
+
+
+def _name(document: Dict[str, Any], field: str) -> Optional[str]:
+    value = document.get(field)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise RequestError(f"{field} must be a non-empty string, not {value!r}")
+    return value
 
 
 @defer.inlineCallbacks
-def queue(manager: Any, legacy: Legacy, addresses: List[str], keys_per_second: Optional[int] = None) -> Any:
-    """Write the adoption (paused) and wait for the proxies: the API's answer.  Runs as one operation."""
+def queue(manager: Any, request: AdoptRequest) -> Any:
+    """Write the adoption's new entries (paused) and wait for the proxies: the API's answer.  One operation.
+
+    A resume's entries are paused as a first adoption's are: the dashboard
+    cannot tell whether every proxy serving the pool follows the cluster (a
+    cancel may have come before any of them reloaded), the operator can.
+    """
     ctl = manager.ctl
     ctl.check_writable()
-    def edit(topology: Any) -> Any:
-        return migrations.adopt(topology, legacy, addresses, keys_per_second)
-
-    ctl.dry(lambda: edit(ctl.current()))
+    ctl.dry(lambda: request.edit(ctl.current()))
     yield manager.idle(lambda: False, timeout=ctl.ack_timeout * 2 + 5)
+    pool = request.pool or ctl.current().adopted.pool     # a resume's dry run found the cluster adopted
 
     @defer.inlineCallbacks
     def body() -> Any:
         # Paused before it exists: a runner made for it when the write lands must find it paused.
         before = {m.id for m in ctl.current().migrations}
-        ids = [m.id for m in ctl.dry(lambda: edit(ctl.current())).migrations if m.id not in before]
+        again = ctl.current().adopted is not None     # a resume (of either shape)
+        ids = [m.id for m in ctl.dry(lambda: request.edit(ctl.current())).migrations if m.id not in before]
         for mid in ids:
             manager.book.get(mid).paused = True
         yield manager.book.write()
-        new = yield ctl.write(edit)
-        written = [m.id for m in new.migrations if m.adopt and not m.ended]
+        new = yield ctl.write(request.edit)
+        written = [m.id for m in new.migrations if m.adopt and m.id not in before]
         for mid in written:
             manager.book.get(mid).paused = True      # again: a look at the topology before it landed forgot it
         yield manager.book.write()
         if written != ids:
             raise OperationError(500, f"the adoption was written as migrations {written}, not {ids}: pause them "
                                  "by hand")
-        yield ctl.wait_acks(new, f"the adoption of pool '{legacy.pool}'")
-        return new
+        yield ctl.wait_acks(new, f"the adoption of pool '{pool}'")
+        return new, written, again
 
-    new = yield ctl._operation(f"adopt pool '{legacy.pool}'", body)
-    adoptions = [manager.merged(m) for m in new.migrations if m.adopt and not m.ended]
-    return ctl.ok(new, migrations=adoptions, migration=adoptions[0])
+    doing = f"resume the adoption of pool '{pool}'" if request.resume else f"adopt pool '{pool}'"
+    new, written, again = yield ctl._operation(doing, body)
+    queued = [manager.merged(new.migration(mid)) for mid in written]
+    states = new.adopt_states()
+    return ctl.ok(new, migrations=queued, migration=queued[0] if queued else None,
+                  resumed=again, pool=pool,
+                  done=[gid for gid, state in states.items() if state == "done"])
 
 
 @defer.inlineCallbacks

@@ -14,7 +14,8 @@ blocks: the operations' Deferreds answer when they fire.  Slot migrations:
 ``POST /api/slots/migrate``, ``GET /api/migrations`` and ``POST
 /api/migrations[/<id>]/pause|resume|cancel`` (without an id: every
 migration that has not ended); ``POST /api/adopt`` (a twemproxy pool taken
-over: :mod:`~twinproxy.dashboard.adoption`).
+over, or ``{"resume": true}``: its servers left queued again after a cancel
+or a failure; :mod:`~twinproxy.dashboard.adoption`).
 """
 
 from __future__ import annotations
@@ -198,10 +199,10 @@ class _Handlers:
         from twinproxy.dashboard.adoption import RequestError, parse_request
 
         try:
-            legacy, addresses, rate = parse_request(read_body(request))
+            wanted = parse_request(read_body(request))
         except RequestError as err:
             raise ApiError(400, str(err))
-        return self.state.live().migrator.adopt(legacy, addresses, rate)
+        return self.state.live().migrator.adopt(wanted)
 
     def get_migrations(self, request: Any) -> Any:
         query_args(request, ())

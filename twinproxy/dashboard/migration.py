@@ -221,12 +221,13 @@ class Migrations:
                                     f"migration of slots {first}-{last} to group {gid} queued")
         return new
 
-    def adopt(self, legacy: Any, addresses: List[str], keys_per_second: Optional[int] = None) -> Any:
-        """Take over a twemproxy pool: groups, slots and a paused adoption in one generation
-        (:mod:`~twinproxy.dashboard.adoption`)."""
+    def adopt(self, request: Any) -> Any:
+        """Take over a twemproxy pool (groups, slots and a paused adoption in one generation), or resume its
+        adoption (the servers whose keys have not moved queued again, paused): an
+        :class:`~twinproxy.dashboard.adoption.AdoptRequest`."""
         from twinproxy.dashboard import adoption
 
-        return adoption.queue(self, legacy, addresses, keys_per_second)
+        return adoption.queue(self, request)
 
     def pause(self, mid: Optional[int]) -> Dict[str, Any]:
         return self._pause(mid, True)

@@ -141,17 +141,21 @@ def test_guards_while_adopted() -> None:
     for edit in (lambda: ended.assign_slots(0, 9, 1), lambda: ended.place({0: 1}),
                  lambda: ended.create_migration(0, 9, 1)):
         refused(409, edit, "the cluster serves the adopted pool 'shop'",
-                "an adoption ended before every server's keys moved: adopt again")
+                "an adoption ended before every server's keys moved",
+                "twinproxy-admin adopt --resume --cluster shop, then migration resume")
     refused(409, lambda: ended.remove_group(2), "holds a server of the adopted pool")
 
 
 def test_adopt_again_queues_only_the_servers_not_done() -> None:
     topology = run(adopted(), 1)                            # group 3's keys moved
-    refused(409, lambda: migrations.adopt(topology, LEGACY, [A, B, C]), "adoption is under way")
+    refused(409, lambda: migrations.adopt(topology, LEGACY, [A, B, C]), "adoption of pool 'shop' is under way")
     ended = topology.cancel_migration(2).fail_migration(3, "x")
-    refused(409, lambda: migrations.adopt(ended, LEGACY, [A, B, D]), "adopted pool 'shop' already")
+    refused(409, lambda: migrations.adopt(ended, LEGACY, [A, B, D]), "adopted pool 'shop' already",
+            "its servers are 127.0.0.1:7001, 127.0.0.1:7002, 127.0.0.1:7004", "adopt --resume --cluster shop")
     other = replace(LEGACY, hash="md5")
-    refused(409, lambda: migrations.adopt(ended, other, [A, B, C]), "adopted pool 'shop' already")
+    refused(409, lambda: migrations.adopt(ended, other, [A, B, C]), "adopted pool 'shop' already",
+            "its hash, distribution, hash tag or servers' names and weights are not the adopted ones")
+    refused(409, lambda: migrations.adopt(ended, replace(LEGACY, pool="cart"), [A, B, C]), "it names pool 'cart'")
     again = round_trip(migrations.adopt(ended, LEGACY, [A, B, C]))
     assert again.slots == ended.slots and again.groups == ended.groups
     assert [(m.id, m.from_group, m.state) for m in again.migrations if not m.ended] == [(4, 1, "pending"),
