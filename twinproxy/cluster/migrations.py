@@ -14,7 +14,8 @@ edit) and the edits, each a new Topology at generation + 1 or a
   owned by the target, state ``migrating`` (proxies move each key they touch
   from the source first); -> ``finished``: stable at the target.  A group
   is the source of one migration past pending at a time and then takes
-  part in no other; a target may be shared (:func:`may_start_with`);
+  part in no other; a target may be shared
+  (:func:`~twinproxy.cluster.concurrency.may_start_with`);
 - :func:`cancel` — pending: ``cancelled``; prepared: released at the source,
   ``cancelled``; migrating: ``cancelling`` is set and the range moves back
   with the same states (held at the old target, then migrating to
@@ -64,8 +65,9 @@ treated as pending; this dashboard does not write it.  No Twisted, no I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Collection, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
+from twinproxy.cluster.concurrency import groups_of, may_start_with, moving_cycle, startable
 from twinproxy.cluster.legacy import Legacy
 from twinproxy.cluster.model import (
     Topology,
@@ -289,7 +291,7 @@ def check_migrations(topology: Topology) -> None:
     stray = [slot for slot, (_, state) in enumerate(topology.slots) if state == "migrating" and slot not in owner]
     if stray:
         raise TopologyError(f"slots {show_slots(stray)} are migrating but no migration covers them")
-    cycle = _moving_cycle([m for m in topology.migrations if m.active and not m.adopt])
+    cycle = moving_cycle([m for m in topology.migrations if m.active and not m.adopt])
     if cycle:
         raise TopologyError(f"migrations {', '.join(str(m.id) for m in cycle)} move keys in a circle: their "
                             "sources would MIGRATE into each other (each blocks until the other answers)")
@@ -413,97 +415,6 @@ def create(topology: Topology, first: int, last: int, gid: int, keys_per_second:
                                       warmup_seconds=warmup_seconds))
 
 
-def startable(topology: Topology, skip: Collection[int] = ()) -> List[int]:
-    """Ids of the pending migrations that may start now, in order.
-
-    Per group, first come first served: a pending migration starts when
-    :func:`may_start_with` lets it beside the migrations past pending, and
-    neither of its groups is in an earlier pending one (except those in
-    ``skip``: paused; and save a target shared with it, which may be shared
-    anyway) nor in a promote.
-    """
-    change = topology.change or {}
-    claimed = {change["group"]} if change.get("group") is not None else set()
-    targets: set = set()      # the targets of the earlier pending ones: shared, not claimed
-    found = []
-    for m in topology.migrations:
-        if m.state not in ("pending", "preparing") or m.id in skip:
-            continue
-        groups = _groups_of(topology, m)
-        wanted = groups - ({m.to_group} & targets) if not m.adopt else groups
-        if not wanted & claimed and not (m.adopt and groups & targets) and may_start_with(topology, m) is None:
-            found.append(m.id)
-        if m.adopt:
-            claimed |= groups
-        else:
-            claimed.add(m.from_group)
-            targets.add(m.to_group)
-    return found
-
-
-def _moving_cycle(active: List[Migration]) -> List[Migration]:
-    """Migrations whose source -> target edges form a circle (empty when none do).
-
-    ``MIGRATE`` blocks its source until the target has loaded the keys: two
-    servers each migrating into the other (or a longer circle) wait on each
-    other until the timeout.  A chain or a shared target is fine.
-    """
-    edges: Dict[int, List[Migration]] = {}
-    for m in active:
-        edges.setdefault(m.source, []).append(m)
-    state: Dict[int, int] = {}      # 1: on the current path, 2: done
-    path: List[Migration] = []
-
-    def visit(gid: int) -> bool:
-        state[gid] = 1
-        for m in edges.get(gid, ()):
-            path.append(m)
-            if state.get(m.target) == 1 or (m.target not in state and visit(m.target)):
-                return True
-            path.pop()
-        state[gid] = 2
-        return False
-
-    for gid in sorted(edges):
-        if gid not in state and visit(gid):
-            return path
-    return []
-
-
-def may_start_with(topology: Topology, m: Migration) -> Optional[str]:
-    """Why pending ``m`` may not start beside the migrations past pending (None: it may).
-
-    Codis lets a group take part in one migration at a time; here several
-    may share a **target** (the rebalance onto a new group moves from every
-    other group at once), since the danger is a server that is both a
-    source and a target: ``MIGRATE``s in a circle block each other.  So the
-    source takes part in nothing else, and the target is the source of
-    nothing.  A cancel turns a migration around (its target becomes its
-    source); with sources exclusive that never closes a circle, and
-    :func:`check_migrations` refuses one anyway.
-    """
-    for other in topology.migrations:
-        if not other.active or other.id == m.id:
-            continue
-        if other.adopt:
-            shared = sorted({m.from_group, m.to_group} & _groups_of(topology, other))
-            if shared:
-                return f"group {shared[0]} takes part in adoption {other.id}"
-            continue
-        if m.from_group in (other.source, other.target):
-            return f"group {m.from_group} takes part in migration {other.describe()}"
-        if m.to_group == other.source:
-            return f"group {m.to_group} is the source of migration {other.describe()}"
-    return None
-
-
-def _groups_of(topology: Topology, m: Migration) -> set:
-    """The groups ``m`` takes part in: an adoption's are the adopted pool's."""
-    if m.adopt:
-        return set(topology.adopted.gids) if topology.adopted is not None else {m.from_group}
-    return {m.from_group, m.to_group}
-
-
 def adopt(topology: Topology, legacy: Legacy, addresses: List[str], keys_per_second: Optional[int] = None) -> Topology:
     """Take over pool ``legacy`` (see :func:`twinproxy.cluster.adoptions.adopt`: the adoption's edits live there)."""
     from twinproxy.cluster import adoptions
@@ -521,7 +432,7 @@ def advance(topology: Topology, mid: int, now: Optional[float] = None) -> Topolo
     if m.ended:
         raise TopologyError(f"migration {m.describe()} has ended ({m.state})", 409)
     if m.state in ("pending", "preparing"):
-        for gid in sorted(_groups_of(topology, m)):
+        for gid in sorted(groups_of(topology, m)):
             group = topology._known_group(gid)
             if not group.servers:
                 raise TopologyError(f"migration {m.describe()} cannot start: group {gid} has no servers", 409)
@@ -530,7 +441,7 @@ def advance(topology: Topology, mid: int, now: Optional[float] = None) -> Topolo
                 raise TopologyError(f"migration {m.describe()} cannot start: group {gid} has a {change.get('op')} "
                                     "in progress", 409)
         if m.adopt:
-            for gid in sorted(_groups_of(topology, m)):
+            for gid in sorted(groups_of(topology, m)):
                 others = [other for other in topology.migrations_of(gid) if other.active and other.id != m.id]
                 if others:
                     raise TopologyError(f"migration {m.describe()} cannot start: group {gid} takes part in "

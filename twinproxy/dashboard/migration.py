@@ -8,7 +8,7 @@ bodies of the controller's ``migrate`` / ``migrations`` / ``pause`` /
 (:mod:`twinproxy.cluster.migrations`); here is who writes them when:
 
 1. pending: created by ``migrate``.  It starts when its groups are free
-   (per group first come first served: :func:`~twinproxy.cluster.migrations.startable`),
+   (per group first come first served: :func:`~twinproxy.cluster.concurrency.startable`),
    it is not paused, both masters answer and the target's Redis is not
    older than the source's (else it fails: a DUMP payload of a newer Redis
    does not load in an older one);
