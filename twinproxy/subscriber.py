@@ -390,6 +390,20 @@ class SubscriberHub:
         for session in list(self.sessions):
             session.rehome()
 
+    def rename(self, names: List[Tuple[str, str]]) -> None:
+        """Servers renamed in place, (old, new), their links kept (a pool joining a cluster: ``a`` is now
+        ``shop-1``): their subscriber connections are kept under the new names, not closed and opened anew
+        (what is published in between would be lost)."""
+        for old, new in names:
+            if old in self._open:
+                self._open[new] = self._open.pop(old)
+            self._warned_full.discard(old)
+            for session in self.sessions:
+                connection = session.connections.pop(old, None)
+                if connection is not None:
+                    connection.server = new
+                    session.connections[new] = connection
+
     def recheck_soon(self) -> None:
         if self._recheck_call is None and self.sessions:
             self._recheck_call = self._reactor.callLater(0, self.recheck)

@@ -32,8 +32,8 @@ class AdoptedPlacement:
     stand-in takes what a hold (or a MIGRATE answered late) releases.  A
     hold's waiting requests are grouped by the server the pool placed their
     keys on (:class:`PlacedHold`; ``held_with(key)`` is that server's index,
-    or None once its keys are all moved: they go to the slot's owner
-    together), so what it releases has one target; a
+    or None for a key that goes to its slot's owner whatever comes next —
+    its server is done, or is that owner), so what it releases has one target; a
     fragment that still has several (a one-slot multi-key command whose keys
     the pool had placed on different servers) is refused rather than
     half-served.  ``toward(source, slot)``: the same target for the keys of
@@ -166,8 +166,12 @@ def build_placement(cluster: str, clock: Any, answer: Answer, table: Any, server
         return owner.name if owner is not None else None
 
     def held_with(key: bytes) -> Optional[int]:
+        # A key whose server is done, or was placed on its slot's owner, goes to that owner whatever comes
+        # next (owners do not change during an adoption, and a done server stays done): with the hold itself.
         index = place(key)
-        return index if states[index] != "done" else None
+        if states[index] == "done" or sources[index] is owners[slot_of(key)]:
+            return None
+        return index
 
     return AdoptedPlacement(cluster, pick, answer, toward_placed, home, held_with)
 

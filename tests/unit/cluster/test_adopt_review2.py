@@ -46,9 +46,6 @@ def same_slot(first: int, second: int, owner: int) -> Tuple[bytes, bytes]:
 # -- a held slot's keys that all go to one server are split apart (introduced by 8078a83) -----------------------
 
 
-@pytest.mark.xfail(strict=True, reason="PlacedHold splits a held slot's keys by placed server even where they all "
-                                       "go to the slot's owner (done + placed on the owner): a one-slot "
-                                       "RENAME served outside the hold is refused during it")
 def test_a_one_slot_command_whose_keys_all_go_to_the_owner_waits_on_the_barrier_hold() -> None:
     # ``a`` was placed on group 3 (done: at its slot's owner, group 2), ``b`` on group 2 (legacy: where the pool
     # put it, group 2): outside a hold both go to shop-2 and the RENAME is served there.
@@ -66,8 +63,6 @@ def test_a_one_slot_command_whose_keys_all_go_to_the_owner_waits_on_the_barrier_
     assert sent(w, B) == cmd(b"RENAME", a, b)
 
 
-@pytest.mark.xfail(strict=True, reason="during a lease stall a one-slot command whose keys go to one server "
-                                       "(a moving server that owns the slot + a done key) is refused, not held")
 def test_a_one_slot_command_whose_keys_all_go_to_the_owner_waits_on_the_lease_stall() -> None:
     # ``a`` placed on group 1 (moving, and its slot's owner: stays there), ``b`` on group 3 (done: at the
     # slot's owner, group 1): both go to shop-1.
@@ -84,8 +79,6 @@ def test_a_one_slot_command_whose_keys_all_go_to_the_owner_waits_on_the_lease_st
     assert sent(w, A) == cmd(b"SMOVE", a, b, b"m")
 
 
-@pytest.mark.xfail(strict=True, reason="a transaction whose keys go to one server is EXECABORTed during the "
-                                       "barrier hold (its keys see two PlacedHold views)")
 def test_a_transaction_whose_keys_all_go_to_the_owner_waits_on_the_barrier_hold() -> None:
     a, b = same_slot(3, 2, owner=2)
     w = wire(PREPARED)
@@ -157,9 +150,6 @@ def test_a_read_after_a_write_keeps_its_order_across_a_brief_session_loss() -> N
 # -- the switch drops every subscription (before 8078a83 too) ---------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="subscriber connections are keyed by the server's old name: the switch "
-                                       "(renamed servers, nothing moved) closes each and subscribes anew, "
-                                       "losing what is published meanwhile")
 def test_a_subscription_keeps_its_connection_across_the_switch() -> None:
     j = Joined()
     channel = next(b"c%d" % i for i in range(1000) if PLACE(b"c%d" % i) == 1)
