@@ -17,7 +17,7 @@ from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from twinproxy.cluster.holds import Answer, HeldSlot
-from twinproxy.cluster.migrating import MigratingSlot, keys_of
+from twinproxy.cluster.migrating import Draining, MigratingSlot, keys_of
 from twinproxy.cluster.slots import SLOT_COUNT, slot_of
 from twinproxy.request import Request
 
@@ -44,7 +44,7 @@ class AdoptedPlacement:
     goes: its placed server while that is ``legacy``, else its slot's owner).
     """
 
-    __slots__ = ("name", "cluster", "pick", "toward", "home", "held_with", "_answer")
+    __slots__ = ("name", "cluster", "pick", "toward", "home", "held_with", "draining", "_answer")
 
     def __init__(self, cluster: str, pick: Callable[[bytes, int], Any], answer: Answer,
                  toward: Callable[[Any, int], Any], home: Callable[[bytes], Optional[str]] = lambda key: None,
@@ -55,6 +55,8 @@ class AdoptedPlacement:
         self.toward = toward
         self.home = home
         self.held_with = held_with
+        # slot -> a MigratingSlot of a server now done that still lets out a client's line (see Draining)
+        self.draining: Dict[int, Any] = {}
         self._answer = answer
 
     def send(self, request: Request) -> None:
@@ -94,14 +96,22 @@ class PlacedHold:
 def build_placement(cluster: str, clock: Any, answer: Answer, table: Any, servers: Dict[str, Any],
                     place: Callable[[bytes], int], migrating_before: Dict[int, Any], migrating_now: Dict[int, Any],
                     hold_seconds: float, auth: Optional[str], slot_route: Callable[[int], Any],
-                    batcher: Optional[Callable[[Any, Any], Any]] = None) -> AdoptedPlacement:
+                    batcher: Optional[Callable[[Any, Any], Any]] = None,
+                    draining_before: Sequence[Any] = ()) -> AdoptedPlacement:
     """The stand-in of an adopted pool's slots; fills ``migrating_now`` with the MigratingSlots of the
     server whose keys move (kept from ``migrating_before`` where the move is the same).
 
     ``place(key)`` is the pool's own placement (an index into its server
     list); ``slot_route(slot)`` is where a slot's requests go now (the
     routing's ``target_for_slot``); ``batcher(source, target)`` the move's
-    :class:`~twinproxy.cluster.movebatch.MoveBatcher` (None: none).
+    :class:`~twinproxy.cluster.movebatch.MoveBatcher` (None: none);
+    ``draining_before``: MigratingSlots the last table let out (a done
+    server's, whose lines were not empty yet).  A MigratingSlot dropped
+    while a client's requests wait in its line stands, behind a
+    :class:`~twinproxy.cluster.migrating.Draining`, in front of its slot's
+    owner for the done servers' keys until the line is empty; while the
+    session is not trusted the moving server's are kept (not routed to), so
+    that the next trusted table goes on with their lines.
     """
     sources = [servers[name] for name in table.legacy_names]
     states: Sequence[str] = table.adopt_states
@@ -114,9 +124,14 @@ def build_placement(cluster: str, clock: Any, answer: Answer, table: Any, server
         return now.toward(source, slot) if isinstance(now, AdoptedPlacement) else now
 
     for index, state in enumerate(states):
-        if state != "moving" or fenced:
+        if state != "moving":
             continue
         source = sources[index]
+        if fenced:
+            for slot, before in migrating_before.items():
+                if before.source is source:
+                    migrating_now[slot] = before
+            continue
         for slot, owner in enumerate(owners):
             if owner is None or owner is source:
                 continue
@@ -126,6 +141,12 @@ def build_placement(cluster: str, clock: Any, answer: Answer, table: Any, server
                 target = MigratingSlot(slot, source, owner, 0, auth, answer, partial(toward_source, source),
                                        clock=clock, wait_limit=hold_seconds, batcher=moves)
             moving[slot] = migrating_now[slot] = target
+    kept = {id(target) for target in migrating_now.values()}
+    draining: Dict[int, Any] = {}
+    for before in [*migrating_before.values(), *draining_before]:
+        if id(before) not in kept and isinstance(before, MigratingSlot) and before.has_lines \
+                and owners[before.slot] is not None:
+            draining[before.slot] = Draining(before, owners[before.slot])
     fenced_holds: Dict[int, HeldSlot] = {}
 
     def fenced_hold(slot: int) -> HeldSlot:
@@ -140,7 +161,7 @@ def build_placement(cluster: str, clock: Any, answer: Answer, table: Any, server
         """Where the keys of ``slot`` that the pool placed on its ``index``-th server go."""
         state = states[index]
         if state == "done":
-            return owners[slot]
+            return draining.get(slot) or owners[slot]
         source = sources[index]
         if state == "legacy" or owners[slot] is source:
             return source
@@ -173,7 +194,9 @@ def build_placement(cluster: str, clock: Any, answer: Answer, table: Any, server
             return None
         return index
 
-    return AdoptedPlacement(cluster, pick, answer, toward_placed, home, held_with)
+    placement = AdoptedPlacement(cluster, pick, answer, toward_placed, home, held_with)
+    placement.draining = {slot: let_out.slot_moving for slot, let_out in draining.items()}
+    return placement
 
 
 def adopted_route(table: List[Any], placement: AdoptedPlacement, lease: List[float], stalled: Callable[[], None],

@@ -224,6 +224,19 @@ class MigratingSlot:
         self._join(line, request, keys)
 
     @property
+    def has_lines(self) -> bool:
+        """Some client's requests still wait here for a script's answer (or behind one that does)."""
+        return bool(self._lines)
+
+    def queue_behind(self, request: Request) -> bool:
+        """Queue ``request`` behind its client's line here, if it has one (see :class:`Draining`)."""
+        line = self._lines.get(request.client)
+        if line is None:
+            return False
+        line.append(_Step(self, request, keys_of(request), line, _READY))
+        return True
+
+    @property
     def waiting(self) -> int:
         """Requests waiting for a claimed key."""
         return sum(1 for line in self._lines.values() for step in line if step.state == _WAITING)
@@ -338,7 +351,11 @@ class MigratingSlot:
 
     def _where(self) -> Any:
         now = self._route(self.slot) if self._route is not None else self
-        return self.target if now is self else now
+        if now is self:
+            return self.target
+        if type(now) is Draining and now.slot_moving is self:
+            return now.after      # this slot's own lines, let out after it was dropped
+        return now
 
     def _clock_of(self, step: _Step) -> Any:
         # Until the routing table passes its clock in (targets.py), the client's factory has the reactor.
@@ -376,3 +393,21 @@ def _bulk(value: bytes) -> bytes:
 
 def _bulks(values: List[bytes]) -> bytes:
     return b"".join(b"$%d\r\n%s\r\n" % (len(value), value) for value in values)
+
+
+class Draining:
+    """A slot whose :class:`MigratingSlot` was dropped by a new table while a client's requests still wait
+    in its line (a script on its way): that client's next requests for the slot queue behind them, so a read
+    never overtakes its own write; everyone else's go straight to ``after`` (the slot's owner now)."""
+
+    __slots__ = ("name", "slot", "slot_moving", "after")
+
+    def __init__(self, slot_moving: MigratingSlot, after: Any) -> None:
+        self.name = getattr(after, "name", slot_moving.name)
+        self.slot = slot_moving.slot
+        self.slot_moving = slot_moving
+        self.after = after
+
+    def send(self, request: Request) -> None:
+        if not self.slot_moving.queue_behind(request):
+            self.after.send(request)

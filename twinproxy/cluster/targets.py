@@ -32,7 +32,13 @@ from twisted.logger import Logger
 from twinproxy.cluster.adopted import AdoptedPlacement, adopted_route, build_placement
 from twinproxy.cluster.holds import Answer, Early, HeldSlot, OfflineSlot, StartupHold
 from twinproxy.cluster.legacy import legacy_router
-from twinproxy.cluster.migrating import MIGRATE_TIMEOUT_MS, MigratingSlot, ensure_moved_parts, ensure_moved_request
+from twinproxy.cluster.migrating import (
+    MIGRATE_TIMEOUT_MS,
+    Draining,
+    MigratingSlot,
+    ensure_moved_parts,
+    ensure_moved_request,
+)
 from twinproxy.cluster.movebatch import MoveBatcher
 from twinproxy.cluster.slots import SLOT_COUNT, slot_of
 from twinproxy.cluster.warmup import WarmingSlot
@@ -75,6 +81,7 @@ class SlotRouting:
         self._legacy: Any = (None, None)
         self._placement: Optional[AdoptedPlacement] = None
         self._batchers: Dict[Any, MoveBatcher] = {}    # the moves' MoveBatchers, by source, target and settings
+        self._draining: Dict[int, MigratingSlot] = {}   # slot -> a dropped MigratingSlot still letting out lines
 
     def not_ready(self, hold_seconds: float) -> Callable[[bytes], Any]:
         """Before the first table: a request waits for it (a just-started proxy is reading the topology),
@@ -117,9 +124,14 @@ class SlotRouting:
             owner = table.owners[slot]
             source = sources.get(slot)
             if source is not None and owner is not None and table.fenced:
-                # A migrating slot's state cannot be trusted without the session: like a held one.
+                # A migrating slot's state cannot be trusted without the session: like a held one.  Its
+                # MigratingSlot is kept (not routed to) so that the next trusted table of the same move goes
+                # on with its lines: a request whose script was on its way keeps its place.
                 target = HeldSlot(slot, self.cluster, self._clock, hold_seconds, answer)
                 target.fenced = True
+                kept = migrating_before.get(slot)
+                if kept is not None:
+                    migrating_now[slot] = kept
             elif source is not None and owner is not None:
                 target = migrating_before.get(slot)
                 same = target is not None and (target.same_move(servers[source], servers[owner]) if warming else
@@ -150,6 +162,8 @@ class SlotRouting:
             else:
                 target = servers[owner]
             targets.append(target)
+        self._placement = placement
+        self._let_out(targets, migrating_before, migrating_now, servers)
         self._hold_seconds = hold_seconds
         self._real = targets
         if self._first_lease is not None and not self._stall_holds and self._lease[0] == float("inf"):
@@ -192,6 +206,26 @@ class SlotRouting:
 
         return slot_route
 
+    def _let_out(self, targets: List[Any], migrating_before: Dict[int, Any], migrating_now: Dict[int, Any],
+                 servers: Dict[str, Any]) -> None:
+        """A slot whose move ended (or left this table) while a client's requests still wait in its line:
+        the slot's owner behind a :class:`Draining`, so that client's next requests wait behind them."""
+        kept = {id(target) for target in migrating_now.values()}
+        draining = {}
+        for before in [*migrating_before.values(), *self._draining.values()]:
+            if id(before) in kept or not isinstance(before, MigratingSlot) or not before.has_lines:
+                continue
+            slot = before.slot
+            now = targets[slot]
+            if type(now) is Draining:
+                now = now.after
+            if now in servers.values():
+                targets[slot] = Draining(before, now)
+                draining[slot] = before
+        if self._placement is not None:
+            draining.update(self._placement.draining)   # an adopted pool's: the placement lets them out
+        self._draining = draining
+
     def _adopted(self, table: Any, servers: Dict[str, Any], migrating_before: Dict[int, Any],
                  migrating_now: Dict[int, Any], hold_seconds: float, config: Any,
                  batchers_before: Dict[Any, MoveBatcher]) -> AdoptedPlacement:
@@ -203,7 +237,8 @@ class SlotRouting:
         auth = config.redis_auth if config else None
         return build_placement(self.cluster, self._clock, self._answer, table, servers, self._legacy[1],
                                migrating_before, migrating_now, hold_seconds, auth, self.target_for_slot,
-                               lambda source, owner: self.batcher(source, owner, 0, auth, batchers_before))
+                               lambda source, owner: self.batcher(source, owner, 0, auth, batchers_before),
+                               list(self._draining.values()))
 
     def batcher(self, source: Any, target: Any, db: int, auth: Optional[str],
                 before: Dict[Any, MoveBatcher]) -> MoveBatcher:
