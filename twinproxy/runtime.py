@@ -128,6 +128,8 @@ class PoolRuntime:
             self._leave_sentinel_mode_or_plain(new)
         for old_spec, new_spec in diff.renamed:
             self._links[new_spec.name] = self._links.pop(old_spec.name)
+            if self.subscribers is not None:
+                self.subscribers.renamed(old_spec.name, new_spec.name)
         gone = self.pool.install(new, [(old_spec.name, new_spec.name) for old_spec, new_spec in diff.renamed])
         for server in self.pool.servers:
             if server.name not in self._links:

@@ -394,6 +394,21 @@ class SubscriberHub:
         if self._recheck_call is None and self.sessions:
             self._recheck_call = self._reactor.callLater(0, self.recheck)
 
+    def renamed(self, old: str, new: str) -> None:
+        """Server ``old`` is ``new`` now, its link kept (a pool joining its cluster): its subscriber
+        connections stay, under the new name.  Closing them would drop the messages they were reading, and
+        miss every one published until their replacements were subscribed."""
+        if old in self._open:
+            self._open[new] = self._open.pop(old)
+        if old in self._warned_full:
+            self._warned_full.discard(old)
+            self._warned_full.add(new)
+        for session in self.sessions:
+            connection = session.connections.pop(old, None)
+            if connection is not None:
+                connection.server = new
+                session.connections[new] = connection
+
     def link_moved(self, link: Any) -> None:
         """A link's target changed (a reload's new address, a Sentinel master switch)."""
         self.recheck_soon()
