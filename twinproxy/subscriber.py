@@ -392,17 +392,21 @@ class SubscriberHub:
 
     def rename(self, names: List[Tuple[str, str]]) -> None:
         """Servers renamed in place, (old, new), their links kept (a pool joining a cluster: ``a`` is now
-        ``shop-1``): their subscriber connections are kept under the new names, not closed and opened anew
-        (what is published in between would be lost)."""
+        ``shop-1``): their subscriber connections stay, under the new names.  Closing them would drop the
+        messages they were reading, and miss every one published until their replacements subscribed."""
+        opened = {old: self._open.pop(old) for old, _ in names if old in self._open}
+        warned = {old for old, _ in names if old in self._warned_full}
+        self._warned_full -= warned
         for old, new in names:
-            if old in self._open:
-                self._open[new] = self._open.pop(old)
-            self._warned_full.discard(old)
-            for session in self.sessions:
-                connection = session.connections.pop(old, None)
-                if connection is not None:
-                    connection.server = new
-                    session.connections[new] = connection
+            if old in opened:
+                self._open[new] = opened[old]
+            if old in warned:
+                self._warned_full.add(new)
+        for session in self.sessions:
+            moved = [(new, session.connections.pop(old)) for old, new in names if old in session.connections]
+            for new, connection in moved:
+                connection.server = new
+                session.connections[new] = connection
 
     def recheck_soon(self) -> None:
         if self._recheck_call is None and self.sessions:

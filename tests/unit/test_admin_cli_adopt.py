@@ -82,6 +82,62 @@ def test_the_request_names_the_pool_s_ring_and_the_file_follows_the_cluster(dash
     assert shop.cluster == "shop7" and other.servers
 
 
+def test_the_next_steps_name_this_dashboard_token_file_file_and_adoptions(dashboard, tmp_path) -> None:
+    dashboard.answers[("POST", "/api/adopt")] = (200, {**ANSWER, "generation": 7})
+    path = pool_file(tmp_path)
+    code, out, err = adopt(dashboard, path, "--output", str(path))
+    assert code == 0 and err == "", err           # hash_tag "{}": no warning
+    steps = out[out.index("next:"):].splitlines()
+    admin = f"twinproxy-admin --dashboard {dashboard.address}"
+    assert steps == [
+        "next:",
+        f"  1. every proxy serving pool 'shop': reload {path} (kill -HUP, or POST /reload)",
+        f"  2. {admin} proxy list   (each of them registered, at generation 7 or later)",
+        f"  3. {admin} --token-file {tmp_path / 'token'} migration resume   (resumes adoptions 1, 2: one at a time; "
+        "no key moves before this)",
+        f"  4. {admin} migration wait"]
+    assert "--token-file F " not in out                     # the placeholder is gone
+
+
+def test_without_a_token_file_none_is_shown_and_one_adoption_is_named(dashboard, tmp_path) -> None:
+    dashboard.answers[("POST", "/api/adopt")] = (200, {"ok": True, "generation": 3, "migrations": [
+        {"id": 12, "from_group": 1, "adopt": True}]})
+    path = pool_file(tmp_path, POOLS.replace("    - 127.0.0.1:7002:1\n", "", 1))
+    spaced = tmp_path / "new pools.yml"
+    code, out, _ = run(dashboard, "adopt", "--pool-file", str(path), "--pool", "shop", "--coordinator",
+                       "file:///tmp/c", "--output", str(spaced))
+    assert code == 0
+    assert f"reload '{spaced}' (kill -HUP" in out                   # quoted for the shell
+    assert f"  3. twinproxy-admin --dashboard {dashboard.address} migration resume   (resumes adoption 12; no" in out
+    assert "--token-file" not in out
+
+
+@pytest.mark.parametrize("tag, shown", [(None, "has no hash_tag"), ("ab", 'has hash_tag "ab"'),
+                                        ("::", 'has hash_tag "::"')])
+def test_a_pool_whose_hash_tag_is_not_braces_is_adopted_with_a_warning(dashboard, tmp_path, tag, shown) -> None:
+    dashboard.answers[("POST", "/api/adopt")] = (200, ANSWER)
+    path = pool_file(tmp_path, POOLS.replace('  hash_tag: "{}"\n', f'  hash_tag: "{tag}"\n' if tag else "", 1))
+    code, out, err = adopt(dashboard, path, "--output", str(path))
+    assert code == 0 and "adoptions 1, 2 queued" in out
+    assert dashboard.seen[0]["body"]["hash_tag"] == tag
+    (line,) = err.splitlines()
+    assert line.startswith(f"twinproxy-admin: warning: pool 'shop' {shown}, but a cluster groups keys by {{...}} "
+                           "only"), line
+    assert "CROSSSLOT" in line and "MGET, MSET, DEL" in line
+    # --json: the same warning on stderr, and in the document; stdout stays one JSON object.
+    path = pool_file(tmp_path, POOLS.replace('  hash_tag: "{}"\n', f'  hash_tag: "{tag}"\n' if tag else "", 1))
+    code, out, err = adopt(dashboard, path, "--json")
+    assert code == 0 and err.splitlines() == [line]
+    assert json.loads(out)["warnings"] == [line.partition("twinproxy-admin: ")[2]]
+
+
+def test_the_warning_is_given_even_when_the_dashboard_refuses(dashboard, tmp_path) -> None:
+    dashboard.answers[("POST", "/api/adopt")] = (409, {"error": "cluster 'shop' is not empty"})
+    path = pool_file(tmp_path, POOLS.replace('  hash_tag: "{}"\n', "", 1))
+    code, _, err = adopt(dashboard, path, "--output", str(path))
+    assert code == 1 and "warning: pool 'shop' has no hash_tag" in err and "not empty" in err
+
+
 def test_without_output_the_file_is_printed_and_left_alone(dashboard, tmp_path) -> None:
     dashboard.answers[("POST", "/api/adopt")] = (200, ANSWER)
     path = pool_file(tmp_path)
@@ -129,7 +185,13 @@ def test_resume_asks_the_cluster_to_queue_the_servers_left_and_says_what_it_queu
     assert seen["body"] == {"resume": True, "cluster": "shop"} and seen["auth"] == "Bearer sesame"
     assert ("the adoption of pool 'shop' by cluster 'shop' resumed (generation 12): adoptions 4 (group 1) queued, "
             "paused, at most 1500 keys/s each; the keys of group 2 have moved already") in out
-    assert "migration resume" in out and "reload" not in out
+    admin = f"twinproxy-admin --dashboard {dashboard.address}"
+    assert out[out.index("next:"):].splitlines() == [        # the proxies follow the cluster already
+        "next:",
+        f"  1. {admin} proxy list   (every proxy serving the pool registered: they follow the cluster)",
+        f"  2. {admin} --token-file {tmp_path / 'token'} migration resume   (resumes adoption 4; no key moves "
+        "before this)",
+        f"  3. {admin} migration wait"]
     code, out, err = resume(dashboard, tmp_path, "--cluster", "shop", "--pool", "shop", "--keys-per-second", "50",
                             "--json")
     assert code == 0, err

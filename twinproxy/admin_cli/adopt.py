@@ -6,9 +6,11 @@ following the cluster instead of listing servers), :func:`resume_request`
 (the body that resumes an adoption after an entry was cancelled or failed:
 ``--resume``, or the rewritten pool file given again, whose pool follows
 the cluster), :func:`prepare` / :func:`run` (the verb: the request, the
-file written atomically, the next steps printed) and :class:`AdoptProblem`
-(a pool that cannot be adopted, options that do not go together: a usage
-error).
+file written atomically, the next steps printed by :func:`next_steps` with
+this run's own dashboard, token file and adoption ids), :func:`tag_warning`
+(a pool whose hash tag is not ``{}``: adopted, but some of its multi-key
+commands will be refused) and :class:`AdoptProblem` (a pool that cannot be
+adopted, options that do not go together: a usage error).
 Blocking I/O is fine here: this is a short-lived command.
 """
 
@@ -16,12 +18,18 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
 from twinproxy.config import NOT_IN_CLUSTER, ConfigError, PoolConfig, load_file
+
+# A cluster's hash tag (its slots group keys by it, as Codis and Redis Cluster do), and the multi-key
+# commands a cluster pool splits by key rather than refuse across slots.
+CLUSTER_TAG = "{}"
+SPLIT_COMMANDS = ("MGET", "MSET", "DEL", "UNLINK", "EXISTS", "TOUCH")
 
 
 class AdoptProblem(Exception):
@@ -145,8 +153,46 @@ def prepare(args: Any) -> Tuple[Dict[str, Any], Optional[str]]:
     return body, cluster_file(args.pool_file, args.pool, args.cluster or args.pool, args.coordinator)
 
 
+def tag_warning(pool: str, hash_tag: Optional[str]) -> Optional[str]:
+    """What the operator must know when pool ``pool``'s hash tag is not a cluster's ``{}``; None when it is."""
+    if hash_tag == CLUSTER_TAG:
+        return None
+    if hash_tag is None:
+        what = f"pool '{pool}' has no hash_tag"
+        relied = "whose keys it happened to place on one server"
+    else:
+        what = f"pool '{pool}' has hash_tag \"{hash_tag}\""
+        relied = f"whose keys it kept together by a {hash_tag[0]}...{hash_tag[1]} tag"
+    return (f"warning: {what}, but a cluster groups keys by {{...}} only: from the switch on, a multi-key "
+            f"command {relied} is refused (CROSSSLOT) unless its keys share a {{...}} tag "
+            f"({', '.join(SPLIT_COMMANDS)} are split by key and still served)")
+
+
+def next_steps(args: Any, ids: List[str], generation: Any = None, switch: bool = True) -> str:
+    """The commands that finish the adoption, with this run's dashboard, token file and adoption ids;
+    ``switch``: the proxies must reload the rewritten file first (False: they follow the cluster already)."""
+    admin = f"twinproxy-admin --dashboard {shlex.quote(args.dashboard)}"
+    writes = admin + (f" --token-file {shlex.quote(args.token_file)}" if args.token_file is not None else "")
+    named = (f"resumes adoption {ids[0]}" if len(ids) == 1 else
+             f"resumes adoptions {', '.join(ids)}: one at a time" if ids else "resumes every paused migration")
+    if switch:
+        reload = (f"reload {shlex.quote(args.output)}" if args.output is not None
+                  else "install the pool file above and reload it")
+        steps = [f"every proxy serving pool '{args.pool}': {reload} (kill -HUP, or POST /reload)",
+                 f"{admin} proxy list   (each of them registered, at generation {generation} or later)"]
+    else:
+        steps = [f"{admin} proxy list   (every proxy serving the pool registered: they follow the cluster)"]
+    steps += [f"{writes} migration resume   ({named}; no key moves before this)", f"{admin} migration wait"]
+    return "next:\n" + "".join(f"  {number}. {step}\n" for number, step in enumerate(steps, 1))
+
+
 def run(client: Any, args: Any, body: Dict[str, Any], text: Optional[str], out: Any, err: Any) -> int:
     """POST the adoption; write (or print) the new pool file; say what comes next."""
+    # Before asking: the operator learns it even if the dashboard refuses (a warning, not a refusal).  A
+    # resume names no hash tag: its first adoption warned.
+    warning = tag_warning(body["pool"], body["hash_tag"]) if "hash_tag" in body else None
+    if warning is not None:
+        print(f"twinproxy-admin: {warning}", file=err)
     result = client.request("POST", "/api/adopt", body, None)
     if text is None:
         return _resumed(args, body, result, out)
@@ -162,7 +208,8 @@ def run(client: Any, args: Any, body: Dict[str, Any], text: Optional[str], out: 
     if args.json:
         out.write(json.dumps({"migrations": adoptions, "migration": adoptions[0] if adoptions else None,
                               "generation": result.get("generation"), "resumed": bool(result.get("resumed")),
-                              "pool_file": args.output}, indent=2) + "\n")
+                              "pool_file": args.output, "warnings": [warning] if warning is not None else []},
+                             indent=2) + "\n")
         return 0
     generation = result.get("generation")
     if result.get("resumed"):     # the original pool file, given again: the dashboard resumed
@@ -174,11 +221,7 @@ def run(client: Any, args: Any, body: Dict[str, Any], text: Optional[str], out: 
         out.write(f"wrote {args.output} (YAML comments are not kept)\n")
     else:
         out.write("the pool file to switch to:\n\n" + text + "\n")
-    out.write("next:\n"
-              "  1. every proxy serving the pool: reload that file (kill -HUP, or POST /reload)\n"
-              f"  2. twinproxy-admin proxy list: each of them registered, at generation {generation} or later\n"
-              "  3. twinproxy-admin --token-file F migration resume   (no key moves before this)\n"
-              "  4. twinproxy-admin migration wait\n")
+    out.write(next_steps(args, ids, generation))
     return 0
 
 
@@ -203,12 +246,9 @@ def _resumed(args: Any, body: Dict[str, Any], result: Dict[str, Any], out: Any) 
                               "pool_file": None}, indent=2) + "\n")
         return 0
     out.write(_queued_text(body.get("pool"), body["cluster"], result))
-    out.write("next:\n"
-              "  1. twinproxy-admin proxy list: every proxy serving the pool registered (they follow the cluster)\n"
-              "  2. twinproxy-admin --token-file F migration resume   (no key moves before this)\n"
-              "  3. twinproxy-admin migration wait\n")
+    out.write(next_steps(args, [str(m.get("id")) for m in result.get("migrations") or []], switch=False))
     return 0
 
 
-__all__ = ["AdoptProblem", "adoption_request", "cluster_file", "prepare", "resume_request", "run",
-           "write_atomically"]
+__all__ = ["AdoptProblem", "adoption_request", "cluster_file", "next_steps", "prepare", "resume_request", "run",
+           "tag_warning", "write_atomically"]

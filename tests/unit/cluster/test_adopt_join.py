@@ -144,6 +144,32 @@ def test_a_client_in_another_database_is_closed_at_the_switch_and_database_0_is_
     assert j.client.db == 0
 
 
+def test_a_subscriber_connection_stays_at_the_switch_its_channel_on_the_same_server() -> None:
+    """Its server only changes its name: a new connection would miss what is published until it is
+    subscribed, and the old one's messages in flight would be dropped with it."""
+    j = Joined()
+    channel = key(1, 2)
+    j.client.dataReceived(cmd(b"SUBSCRIBE", channel))
+    (backend, wire), = j.connections(ADDRESS[1])
+    assert wire.value() == cmd(b"subscribe", channel)
+    backend.dataReceived(b"*3\r\n$9\r\nsubscribe\r\n$%d\r\n%s\r\n:1\r\n" % (len(channel), channel))
+    acked = j.out.value()
+    j.join()
+    j.reactor.advance(0)                                   # the subscriptions' recheck
+    assert j.connections(ADDRESS[1]) == [(backend, wire)] and not wire.disconnecting
+    assert wire.value() == cmd(b"subscribe", channel)     # nothing sent again
+    message = b"*3\r\n$7\r\nmessage\r\n$%d\r\n%s\r\n$2\r\nhi\r\n" % (len(channel), channel)
+    backend.dataReceived(message)
+    assert j.out.value() == acked + message
+    assert j.runtime.subscribers.connection_count == 1
+    # Once group 1's keys move, the channel lives at its slot's owner (group 2): it moves there.
+    j.join(MOVING)
+    j.reactor.advance(0)
+    (_, moved), = j.connections(ADDRESS[2])
+    assert moved.value().endswith(cmd(b"subscribe", channel))
+    assert wire.value() == cmd(b"subscribe", channel) + cmd(b"unsubscribe", channel)
+
+
 # -- ClusterSources: the running pool until the follower has read the topology ---------------------------------
 
 
