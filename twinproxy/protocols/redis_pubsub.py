@@ -157,13 +157,16 @@ def plan(request: Request, router: Router) -> Routes:
         return send_to(request, router, first_live(request, router), merge_one)
     if len(args) == 2:
         return answer(request, b"*0\r\n")
-    # Parts keep no key positions: a migrating slot would move keys named like the channels first.
-    servers = router.servers_for_keys([publish_key(channel) for channel in args[2:]])
+    # Parts keep no key positions (a migrating slot would move a key named like each channel first), but
+    # the key of their first channel: a stand-in that releases them later (a hold) routes them by it.
+    keys = [publish_key(channel) for channel in args[2:]]
+    servers = router.servers_for_keys(keys)
     routes: Routes = []
     for index, (server, positions) in enumerate(group_by_server(range(2, len(args)), servers).items()):
         part_args = [args[0], args[1], *(args[position] for position in positions)]
         part = FanoutFragment(resp.encode_command(part_args), part_args, merge_pairs, server, index, positions)
         part.command = request.command
+        part.key = keys[positions[0] - 2]
         routes.append((server, part))
     router.counters.fanouts += 1
     return routes

@@ -1,5 +1,5 @@
 """Review of 8078a83 (adoption routing): what a held slot, the finish, a brief session loss, PUBSUB NUMSUB
-and the switch itself still get wrong.  Each test states the behaviour wanted; each is xfail until fixed.
+and the switch itself got wrong (each fixed since; each test states the behaviour wanted).
 
 The harness is tests/unit/cluster/test_adopt_routing.py's: three servers, groups 1-3 (10.0.0.1-3:6379);
 "done" is group 3, "moving" group 1, "legacy" group 2 unless a test says otherwise.
@@ -92,8 +92,6 @@ def test_a_transaction_whose_keys_all_go_to_the_owner_waits_on_the_barrier_hold(
 # -- PUBSUB NUMSUB released from a hold (before 8078a83 too) ----------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a NUMSUB part carries no key positions: released from a hold into the "
-                                       "adopted placement it is refused as keyless (TRYAGAIN)")
 def test_pubsub_numsub_released_from_a_hold_asks_the_channel_s_server() -> None:
     channel = key(2, 1)                             # legacy: its publishes (and subscribers) are on shop-2
     w = wire(PREPARED)
