@@ -5,6 +5,7 @@ the migration's state from the controller's topology, takes the next step
 as one of the controller's operations (hold, migrating, finish, cancel;
 each a topology write waiting for every proxy), runs the
 :class:`~twinproxy.dashboard.mover.Sweep` while the range is migrating
+(waiting while either group's master is not confirmed: ``masters``)
 (for a memcache cluster, whose items cannot move, its warm-up instead:
 :meth:`Runner._warm_up`), and tries again after a delay doubling from 1 s
 to 30 s when a step fails (its reason in the progress' ``error``).  Cancels asked for meanwhile are
@@ -330,6 +331,7 @@ class Runner:
             sweep = Sweep(self.ctl.reactor, source, target, m.first, m.last, self.progress, m.keys_per_second,
                           m.parallel, may_go=lambda: self._may_sweep(m, source, target),
                           command_timeout=self.ctl.command_timeout, label=f"migration {m.id}",
+                          refused=lambda reason: self.ctl.masters.refused(reason, (m.source, m.target)),
                           **big_keys(self.ctl))
         if self.manager.paused(m.id):
             sweep.pause()
@@ -363,6 +365,11 @@ class Runner:
                 or master(source_gid) != source or master(target_gid) != target):
             if self.sweep is not None:
                 self.sweep.stop()
+            return False
+        # A demoted master (a Sentinel failover) loses what is MIGRATEd into it: wait for confirmed ones.
+        problem = self.ctl.masters.problem(source_gid, source) or self.ctl.masters.problem(target_gid, target)
+        if problem is not None:
+            self.progress.error = f"waiting: {problem}"
             return False
         return True
 
