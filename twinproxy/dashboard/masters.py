@@ -191,6 +191,8 @@ class MasterWatch:
     # -- life ------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self._ctl.protocol != "redis":
+            return      # memcache groups have no master: nothing to confirm
         self._running = True
         self._schedule(0)
 
