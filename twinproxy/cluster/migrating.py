@@ -31,10 +31,11 @@ address a majority of sentinels names and ``ROLE`` confirmed), not the
 topology's first guess — a MIGRATE into a demoted master loses the keys
 when Sentinel makes it a replica.  While the shard has no confirmed master
 (a failover, a fence) the request waits on the same schedule, and so does
-one whose MIGRATE the target refused as not writable (``READONLY``,
-``NOREPLICAS``, ``MASTERDOWN``, ``LOADING``: nothing moved), the shard then
-suspected so that its master is looked for again; past ``wait_limit``:
-``-TRYAGAIN``.
+one whose MIGRATE the target refused as no writable master (nothing moved:
+``READONLY``, ``MASTERDOWN``, ``LOADING`` also make the shard look for its
+master again; ``NOREPLICAS`` — a demoted master under
+``min-replicas-to-write``, or a lagging replica — is only asked again);
+past ``wait_limit``: ``-TRYAGAIN``.
 
 Order: a client's requests for one slot go through a *line* (per client,
 per slot) while any of them is on its way: the scripts go on the client's
@@ -252,7 +253,7 @@ class MigratingSlot:
 
     @property
     def waiting(self) -> int:
-        """Requests waiting for a claimed key."""
+        """Requests waiting (for a claimed key, or for the target's master)."""
         return sum(1 for line in self._lines.values() for step in line if step.state == _WAITING)
 
     # -- internals ----------------------------------------------------------------
@@ -331,7 +332,6 @@ class MigratingSlot:
         self._drain(step.line, step.request.client)
 
     def _wait_for_target(self, step: _Step, why: str) -> None:
-        self.waits += 1
         step.for_target = why
         if step.loops == 0:
             step.deadline = self._seconds(step) + self._wait_limit

@@ -5,11 +5,11 @@ the migration's state from the controller's topology, takes the next step
 as one of the controller's operations (hold, migrating, finish, cancel;
 each a topology write waiting for every proxy), runs the
 :class:`~twinproxy.dashboard.mover.Sweep` while the range is migrating
-(waiting while either group's master is not confirmed: ``masters``)
 (for a memcache cluster, whose items cannot move, its warm-up instead:
 :meth:`Runner._warm_up`), and tries again after a delay doubling from 1 s
 to 30 s when a step fails (its reason in the progress' ``error``).  Cancels asked for meanwhile are
-answered by the loop once their write is made.  Runs in the reactor.
+answered by the loop once their write is made.  A sweep waits while either
+group's master is not confirmed (``masters``: a Sentinel failover).  Runs in the reactor.
 """
 
 from __future__ import annotations
