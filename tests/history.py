@@ -8,6 +8,13 @@ had finished (that write would have overwritten it for everyone).  A read of
 nothing is stale once any write of that key finished before the read began
 (nothing here deletes).  This is the register condition of linearizability,
 checked with the operations' invocation and response times.
+
+One allowance, asked for explicitly: ``unsure`` windows of time in which
+Redis itself may lose acknowledged writes — a Sentinel failover promotes a
+replica that may lack the master's last writes (asynchronous replication;
+not the proxies' or the migration's doing).  A write that *completed*
+inside such a window counts as a failed one (it may or may not have
+happened); every other operation, and every read, is held to the same rule.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import redis
 
@@ -31,15 +38,23 @@ class Op:
     ok: bool               # answered (a failed write may or may not have happened: never trusted as done)
 
 
-def check(ops: Sequence[Op]) -> List[str]:
-    """The problems of ``ops`` (empty: the history is correct per key)."""
+def check(ops: Sequence[Op], unsure: Sequence[Tuple[float, float]] = ()) -> List[str]:
+    """The problems of ``ops`` (empty: the history is correct per key).
+
+    ``unsure``: (first, last) windows of ``time.monotonic()``; a write that
+    ended inside one is not trusted as done (see the module docstring).
+    """
     problems: List[str] = []
     by_key: Dict[bytes, List[Op]] = {}
     for op in ops:
         by_key.setdefault(op.key, []).append(op)
+
+    def trusted(op: Op) -> bool:
+        return op.ok and not any(first <= op.end <= last for first, last in unsure)
+
     for key, key_ops in by_key.items():
         writes = {op.value: op for op in key_ops if op.kind == "write"}
-        done = [op for op in key_ops if op.kind == "write" and op.ok]
+        done = [op for op in key_ops if op.kind == "write" and trusted(op)]
         for read in (op for op in key_ops if op.kind == "read" and op.ok):
             if read.value is None:
                 before = [w for w in done if w.end < read.start]

@@ -38,3 +38,13 @@ def test_a_failed_write_is_never_required_to_be_seen() -> None:
 
 def test_a_value_nobody_wrote_is_found() -> None:
     assert "no write stored" in check([r(b"9", 0, 1)])[0]
+
+
+def test_a_write_that_ended_in_an_unsure_window_may_be_lost_and_nothing_else_may() -> None:
+    lost = [w(b"1", 0, 1), w(b"2", 2, 3), r(b"1", 4, 5)]          # 2 acknowledged, then gone (a failover)
+    assert check(lost) != []
+    assert check(lost, unsure=[(2.5, 3.5)]) == []
+    assert check(lost, unsure=[(3.5, 4.5)]) != []                 # it ended before the window
+    assert check([w(b"1", 0, 1), r(None, 2, 3)], unsure=[(1.5, 2.5)]) != []   # reads are not excused
+    stale = [w(b"1", 0, 1), w(b"2", 2, 3), r(b"2", 4, 5), w(b"3", 6, 7), r(b"2", 8, 9)]
+    assert check(stale, unsure=[(2.5, 3.5)]) != []               # 3 ended outside: still a stale read

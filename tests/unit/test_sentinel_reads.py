@@ -202,7 +202,8 @@ def test_a_promotion_that_is_no_failover_costs_only_the_grace() -> None:
     client, out = w.client()
     client.dataReceived(cmd(b"SET", b"k", b"1"))
     w.reactor.advance(0.5)
-    assert w.shard.may_confirm(A, failover_running=False)
+    assert not w.shard.may_confirm(A, failover_running=False, unanimous=False)   # a sentinel not heard
+    assert w.shard.may_confirm(A, failover_running=False, unanimous=True)
     w.shard.confirm(A, 0, "runA")                # an operator's REPLICAOF NO ONE: the old master serves
     assert w.shard.held_count == 0
 

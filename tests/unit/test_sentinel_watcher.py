@@ -74,17 +74,17 @@ class FakeSentinel:
 
     def __init__(self, address: Address) -> None:
         self.address = address
-        self.views: Dict[str, Tuple[Address, int, str]] = {}
+        self.views: Dict[str, Tuple[Address, int, str, str]] = {}
         self.answering = True
         self.queries: List[Peer] = []
         self.events: List[Peer] = []
 
-    def say(self, address: Address, epoch: int, run_id: str = "", name: str = "s1") -> None:
-        self.views[name] = (address, epoch, run_id)
+    def say(self, address: Address, epoch: int, run_id: str = "", name: str = "s1", flags: str = "master") -> None:
+        self.views[name] = (address, epoch, run_id, flags)
 
     def masters_reply(self) -> bytes:
-        return array(*(master_entry(name, address, epoch, run_id)
-                       for name, (address, epoch, run_id) in self.views.items()))
+        return array(*(master_entry(name, address, epoch, run_id, flags)
+                       for name, (address, epoch, run_id, flags) in self.views.items()))
 
     @property
     def masters_asked(self) -> int:
@@ -505,3 +505,87 @@ def test_a_replica_back_from_sdown_refreshes_the_replica_list() -> None:
                                                                    b"10.1.0.1 6379"))
     net.look()
     assert net.masters_asked() == [n + 1 for n in asked]
+
+
+# -- the fence a promoted replica puts on its master ---------------------------------------
+
+
+def fenced_on(address: Address) -> Net:
+    net = started_on(address, 0, "runA")
+    net.shard.fence("replica 10.1.0.3:6379 says it is a master now (promoted)")
+    assert not net.shard.confirmed and net.shard.fencing
+    return net
+
+
+def test_a_fence_is_kept_while_the_last_sentinel_to_answer_reports_the_failover() -> None:
+    # Only the failover's leader flags it; the other two still name A at epoch 0. A discovery that
+    # settled on the first two answers lifted the fence after its grace: writes went to A, whose
+    # replica had been promoted (lost once A is turned into a replica).
+    net = fenced_on(A)
+    net.sentinels[SENTINELS[2]].say(A, 0, "runA", flags="master,failover_in_progress")
+    for _ in range(int(2.0 / watcher_module.RETRY_UNCONFIRMED)):
+        net.reactor.advance(watcher_module.RETRY_UNCONFIRMED)
+        net.pump()
+        assert not net.shard.confirmed
+    assert "waiting for the sentinels" in net.watcher._notes["s1"]
+    # The leader announces the switch; the others follow it.
+    net.all_say(B, 1, "runB")
+    net.roles[B] = MASTER_ROLE
+    net.reactor.advance(watcher_module.RETRY_UNCONFIRMED)
+    net.pump()
+    assert (net.shard.address, net.shard.confirmed) == (B, True)
+
+
+def test_a_fence_waits_for_a_sentinel_that_is_slow_to_answer() -> None:
+    net = fenced_on(A)
+    leader = net.sentinels[SENTINELS[2]]
+    leader.answering = False
+    net.reactor.advance(0.6)                     # past the grace
+    net.pump()
+    roles = net.role_asked(A)
+    net.reactor.advance(watcher_module.RETRY_UNCONFIRMED)
+    net.pump()                                   # a discovery asks, two sentinels answer at once
+    assert not net.shard.confirmed and net.role_asked(A) == roles     # the two answers did not decide
+    leader.say(A, 0, "runA", flags="master,failover_in_progress")
+    leader.answering = True
+    net.pump()                                   # its late answer is the one that counts
+    assert net.role_asked(A) == roles + 1 and not net.shard.confirmed
+
+
+def test_a_silent_sentinel_keeps_the_fence_until_its_limit() -> None:
+    net = fenced_on(A)
+    net.sentinels[SENTINELS[2]].answering = False
+    while net.reactor.seconds() < 9.5:
+        net.reactor.advance(watcher_module.QUERY_TIMEOUT)
+        net.pump()
+        assert not net.shard.confirmed
+    net.reactor.advance(1.0)
+    net.pump()
+    net.reactor.advance(watcher_module.QUERY_TIMEOUT)
+    net.pump()
+    assert net.shard.confirmed and net.shard.address == A and not net.shard.fencing
+
+
+def test_a_fence_needs_every_sentinel_to_name_the_master_at_one_epoch() -> None:
+    net = fenced_on(A)
+    net.sentinels[SENTINELS[2]].say(B, 1, "runB")      # the leader switched; the others have not heard yet
+    net.roles[B] = MASTER_ROLE
+    net.reactor.advance(0.6)
+    net.pump()
+    net.reactor.advance(watcher_module.RETRY_UNCONFIRMED)
+    net.pump()
+    assert not net.shard.confirmed and net.shard.address == A
+    net.all_say(A, 0, "runA")                    # (a failover that was aborted): all of them name A again
+    net.reactor.advance(watcher_module.RETRY_UNCONFIRMED)
+    net.pump()
+    assert net.shard.confirmed and net.shard.address == A
+
+
+def test_a_promotion_that_was_no_failover_is_lifted_after_the_grace_once_all_answered() -> None:
+    net = fenced_on(A)
+    net.reactor.advance(watcher_module.RETRY_UNCONFIRMED)
+    net.pump()
+    assert not net.shard.confirmed               # the grace
+    net.reactor.advance(0.5)
+    net.pump()
+    assert net.shard.confirmed and net.shard.address == A

@@ -25,6 +25,18 @@ A request answered ``WAIT`` is asked again after 0 ms (5 times), then
 with ``-TRYAGAIN`` naming the key once it has waited ``wait_limit``
 seconds (the pool's ``slot_hold``).
 
+The MIGRATE goes to the target group's *confirmed* master: in a cluster
+with sentinels that is the target shard's (``target.link.shard``: the
+address a majority of sentinels names and ``ROLE`` confirmed), not the
+topology's first guess — a MIGRATE into a demoted master loses the keys
+when Sentinel makes it a replica.  While the shard has no confirmed master
+(a failover, a fence) the request waits on the same schedule, and so does
+one whose MIGRATE the target refused as no writable master (nothing moved:
+``READONLY``, ``MASTERDOWN``, ``LOADING`` also make the shard look for its
+master again; ``NOREPLICAS`` — a demoted master under
+``min-replicas-to-write``, or a lagging replica — is only asked again);
+past ``wait_limit``: ``-TRYAGAIN``.
+
 Order: a client's requests for one slot go through a *line* (per client,
 per slot) while any of them is on its way: the scripts go on the client's
 own connection to the source, so they are answered in order, and a request
@@ -83,6 +95,11 @@ for i = 1, n do args[#args + 1] = KEYS[i] end
 return redis.pcall(unpack(args))
 """
 
+# MIGRATE's error when the target refused the keys (nothing moved): ``-ERR Target instance replied with
+# error: <its error>``; these mean the target is no writable master (yet): wait for one.
+_TARGET_REFUSED = b"Target instance replied with error: "
+_NOT_WRITABLE = (b"READONLY", b"NOREPLICAS", b"MASTERDOWN", b"LOADING")
+
 # What the script's reply means.
 MOVED, WAIT, FAILED = 0, 1, 2
 _WAIT_HEAD = b"*2\r\n$4\r\nWAIT\r\n:"
@@ -117,6 +134,16 @@ def retry_delay(loop: int) -> float:
     return 0.02
 
 
+def target_not_writable(reply: bytes) -> Optional[str]:
+    """The target's error word when the script's reply says the target refused the keys as no writable
+    master (see ``_NOT_WRITABLE``), else None."""
+    at = reply.find(_TARGET_REFUSED)
+    if at < 0:
+        return None
+    word = reply[at + len(_TARGET_REFUSED):].split(b" ", 1)[0].strip()
+    return word.decode("latin-1") if word in _NOT_WRITABLE else None
+
+
 def keys_of(request: Request) -> List[bytes]:
     """Every key ``request`` touches (a fragment's from its parent's arguments)."""
     positions = request.positions
@@ -134,7 +161,8 @@ def show_key(key: bytes) -> str:
 class _Step:
     """One request of a line: its script's owner, then the line's record of where it stands."""
 
-    __slots__ = ("slot", "request", "keys", "line", "state", "loops", "deadline", "timer", "waited_for", "reply")
+    __slots__ = ("slot", "request", "keys", "line", "state", "loops", "deadline", "timer", "waited_for", "reply",
+                 "for_target")
 
     def __init__(self, slot: "MigratingSlot", request: Request, keys: List[bytes], line: Deque["_Step"],
                  state: int) -> None:
@@ -148,6 +176,7 @@ class _Step:
         self.timer: Any = None
         self.waited_for = b""      # the claimed key
         self.reply = b""
+        self.for_target = ""       # why it waits for the target's master (else: for a claimed key)
 
     def request_done(self, step: Request) -> None:
         self.slot._answered(self, step.reply or b"")
@@ -161,7 +190,8 @@ class MigratingSlot:
     """
 
     __slots__ = ("name", "slot", "source", "target", "_head", "_tail", "_moved", "_answer", "_route", "_lines",
-                 "_clock", "_wait_limit", "moves", "failures", "waits", "_made_for", "_batcher")
+                 "_clock", "_wait_limit", "moves", "failures", "waits", "_made_for", "_batcher", "_parts",
+                 "_script_for")
 
     def __init__(self, slot: int, source: Any, target: Any, db: int, auth: Optional[str],
                  answer: Callable[..., None], route: Optional[Callable[[int], Any]] = None,
@@ -192,6 +222,10 @@ class MigratingSlot:
                              f"{target.spec.address}")
         self._head, self._tail = ensure_moved_parts(target.spec.host, target.spec.port, db, timeout_ms, auth,
                                                     big_key_bytes)
+        # The script's parts for another address of the target (its Sentinel shard's master now).
+        self._parts: Dict[Tuple[str, int], Tuple[Any, Any]] = {(target.spec.host, target.spec.port):
+                                                               (self._head, self._tail)}
+        self._script_for = (db, timeout_ms, auth, big_key_bytes)
         # What the script and the waits were made for: a table that changes any of them makes a new slot.
         self._made_for = (target.spec.host, target.spec.port, db, auth, self._wait_limit)
 
@@ -238,7 +272,7 @@ class MigratingSlot:
 
     @property
     def waiting(self) -> int:
-        """Requests waiting for a claimed key."""
+        """Requests waiting (for a claimed key, or for the target's master)."""
         return sum(1 for line in self._lines.values() for step in line if step.state == _WAITING)
 
     # -- internals ----------------------------------------------------------------
@@ -252,18 +286,39 @@ class MigratingSlot:
         line.append(step)
         self._ask(step)
 
+    def _destination(self) -> Tuple[Optional[Tuple[str, int]], str]:
+        """Where the MIGRATE goes: (host, port), or (None, why not now): the target's Sentinel shard has no
+        confirmed master."""
+        link = getattr(self.target, "link", None)
+        shard = getattr(link, "shard", None)
+        if shard is None:
+            return (self.target.spec.host, self.target.spec.port), ""
+        if shard.confirmed and shard.address is not None:
+            return shard.address, ""
+        return None, f"has no confirmed master (shard '{shard.name}': failover in progress?)"
+
     def _ask(self, step: _Step, alone: bool = False) -> None:
         request = step.request
+        where, why = self._destination()
+        if where is None:
+            self._wait_for_target(step, why)
+            self._drain(step.line, request.client)
+            return
+        parts = self._parts.get(where)
+        if parts is None:
+            if len(self._parts) > 8:
+                self._parts.clear()
+            parts = self._parts[where] = ensure_moved_parts(where[0], where[1], *self._script_for)
         if self._batcher is not None:
             self.moves += 1
             if alone:
                 # A request waiting for a claimed key asks on its own: in a batch, the claim would make every
                 # other request of the batch wait for it too.
-                self._batcher.ask_alone(step, shared_profile(request.profile))
+                self._batcher.ask_alone(step, shared_profile(request.profile), parts)
             else:
-                self._batcher.ask(step, shared_profile(request.profile))
+                self._batcher.ask(step, shared_profile(request.profile), parts)
             return
-        ask = Request(ensure_moved_request(step.keys, (self._head, self._tail)))
+        ask = Request(ensure_moved_request(step.keys, parts))
         ask.owner = step
         ask.client = request.client      # the client's connection: its scripts are answered in order
         ask.profile = shared_profile(request.profile)   # its dialect and database; a blocking command's
@@ -284,14 +339,27 @@ class MigratingSlot:
             self.waits += 1
             keys = step.keys
             step.waited_for = keys[index - 1] if 0 < index <= len(keys) else (keys[0] if keys else b"")
+            step.for_target = ""
             if step.loops == 0:
                 step.deadline = self._seconds(step) + self._wait_limit
             step.state = _WAITING
+        elif target_not_writable(reply) is not None:
+            word = target_not_writable(reply)
+            shard = getattr(getattr(self.target, "link", None), "shard", None)
+            if shard is not None and word != "NOREPLICAS":
+                shard.suspect(f"answered {word} to the MIGRATE of slot {self.slot}")
+            self._wait_for_target(step, f"refused the keys ({word}: no writable master)")
         else:
             self.failures += 1
             step.state = _FAILED
             step.reply = reply
         self._drain(step.line, step.request.client)
+
+    def _wait_for_target(self, step: _Step, why: str) -> None:
+        step.for_target = why
+        if step.loops == 0:
+            step.deadline = self._seconds(step) + self._wait_limit
+        step.state = _WAITING
 
     def _drain(self, line: Deque[_Step], client: Any) -> None:
         """Send what the line's head allows, in order; schedule the head's next look when it waits."""
@@ -313,6 +381,11 @@ class MigratingSlot:
                     break
                 line.popleft()
                 self.failures += 1
+                if step.for_target:
+                    self._answer(step.request, f"slot {self.slot} is migrating and its target {step.for_target} "
+                                               f"for longer than {self._wait_limit * 1000:.0f} ms; nothing was "
+                                               "done, try again", "TRYAGAIN")
+                    continue
                 self._answer(step.request, f"key {show_key(step.waited_for)} of slot {self.slot} is being moved "
                                            f"to the new owner (a big key, copied in chunks) for longer than "
                                            f"{self._wait_limit * 1000:.0f} ms; try again", "TRYAGAIN")

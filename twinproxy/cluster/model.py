@@ -468,11 +468,13 @@ class Topology:
         """End a barrier as it is: every held slot stable again (a migration's stay), no change."""
         return self._next(slots=self._barrier_free(None), change=None)
 
-    def promote(self, gid: int, address: str) -> "Topology":
+    def promote(self, gid: int, address: str, sentinel_failover: bool = False) -> "Topology":
         """``address`` becomes the master: first, the old master last, others in order.
 
         This is also the barrier's last step: a hold on this group (its
-        promote) is released in the same generation.
+        promote) is released in the same generation.  ``sentinel_failover``:
+        Sentinel made it the master by itself; only the group is reordered
+        (slots and any other group's change kept), refused during this group's own change.
         """
         group = self._known_group(gid)
         if self.protocol != "redis":
@@ -481,10 +483,12 @@ class Topology:
             raise TopologyError(f"server {address} is not in group {gid}", 404)
         if address == group.master:
             raise TopologyError(f"{address} is already the master of group {gid}", 409)
-        if self.change is not None and self.change.get("group") != gid:
+        if self.change is not None and (self.change.get("group") == gid) == sentinel_failover:
             raise TopologyError(f"another change is in progress ({_show_change(self.change)})", 409)
         others = tuple(s for s in group.replicas if s != address)
         groups = self._with_group(Group(gid, (address,) + others + (group.servers[0],)))
+        if sentinel_failover:
+            return self._next(groups=groups)
         return self._next(groups=groups, slots=self._barrier_free(gid), change=None)
 
     def add_sentinel(self, address: str) -> "Topology":

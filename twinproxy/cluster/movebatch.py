@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
+from twinproxy.cluster.migrating import target_not_writable
 from twinproxy.request import Request
 
 MAX_KEYS = 64       # keys per script: bounds the source's blocking (and the script's reply) per batch
@@ -38,11 +39,12 @@ _WAIT_HEAD = b"*2\r\n$4\r\nWAIT\r\n:"
 class _Batch:
     """One script's worth of steps (their keys, deduplicated, in arrival order)."""
 
-    __slots__ = ("batcher", "profile", "client", "steps", "keys", "_seen")
+    __slots__ = ("batcher", "profile", "parts", "client", "steps", "keys", "_seen")
 
-    def __init__(self, batcher: "MoveBatcher", profile: int, client: Any) -> None:
+    def __init__(self, batcher: "MoveBatcher", profile: int, parts: Any, client: Any) -> None:
         self.batcher = batcher
         self.profile = profile
+        self.parts = parts            # the script's call around its keys, for the target's address now
         self.client = client          # the first request's client: its connection to the source carries it
         self.steps: List[Any] = []
         self.keys: List[bytes] = []
@@ -61,33 +63,34 @@ class _Batch:
 
 
 class MoveBatcher:
-    """Gathers the ensure-moved asks of one move (``source`` -> the target ``parts`` name) per reactor turn.
+    """Gathers the ensure-moved asks of one move (``source`` -> a target) per reactor turn.
 
-    ``parts``: the script's call around its keys (``ensure_moved_parts``);
-    ``build(keys, parts)`` makes the script's request bytes; ``clock`` has
-    ``callLater``.
+    Each ask comes with ``parts``, the script's call around its keys for the
+    target's address now (``ensure_moved_parts``: a Sentinel failover may
+    change it); ``build(keys, parts)`` makes the script's request bytes;
+    ``clock`` has ``callLater``.
     """
 
-    __slots__ = ("source", "_parts", "_build", "_clock", "_pending", "_call", "scripts")
+    __slots__ = ("source", "_build", "_clock", "_pending", "_call", "scripts")
 
-    def __init__(self, source: Any, parts: Tuple[Any, Any], build: Any, clock: Any) -> None:
+    def __init__(self, source: Any, build: Any, clock: Any) -> None:
         self.source = source
-        self._parts = parts
         self._build = build
         self._clock = clock
-        self._pending: Dict[int, _Batch] = {}     # profile -> the batch being gathered
+        self._pending: Dict[Tuple[int, Any], _Batch] = {}     # (profile, parts) -> the batch being gathered
         self._call: Any = None
         self.scripts = 0                          # scripts sent (stats and tests)
 
-    def ask(self, step: Any, profile: int) -> None:
+    def ask(self, step: Any, profile: int, parts: Any) -> None:
         """Have ``step``'s keys moved; its slot's ``_answered(step, reply)`` is told how that went."""
-        batch = self._pending.get(profile)
+        key = (profile, parts)
+        batch = self._pending.get(key)
         if batch is not None and len(batch.keys) + len(step.keys) > MAX_KEYS:
-            del self._pending[profile]
+            del self._pending[key]
             self._send(batch)
             batch = None
         if batch is None:
-            batch = self._pending[profile] = _Batch(self, profile, step.request.client)
+            batch = self._pending[key] = _Batch(self, profile, parts, step.request.client)
         batch.add(step)
         if self._call is None:
             self._call = self._clock.callLater(0, self._turn)
@@ -111,7 +114,7 @@ class MoveBatcher:
         self.flush()
 
     def _send(self, batch: _Batch) -> None:
-        ask = Request(self._build(batch.keys, self._parts))
+        ask = Request(self._build(batch.keys, batch.parts))
         ask.owner = batch
         ask.client = batch.client
         ask.profile = batch.profile
@@ -119,9 +122,9 @@ class MoveBatcher:
         self.scripts += 1
         self.source.send(ask)
 
-    def ask_alone(self, step: Any, profile: int) -> None:
+    def ask_alone(self, step: Any, profile: int, parts: Any) -> None:
         """``ask``, in a script of its own, now (a request waiting for a claimed key asks again so)."""
-        batch = _Batch(self, profile, step.request.client)
+        batch = _Batch(self, profile, parts, step.request.client)
         batch.add(step)
         self._send(batch)
 
@@ -131,7 +134,8 @@ class MoveBatcher:
             step = steps[0]
             step.slot._answered(step, reply)
             return
-        if reply.startswith((b"+OK\r", b"+NOKEY\r")):
+        if reply.startswith((b"+OK\r", b"+NOKEY\r")) or target_not_writable(reply) is not None:
+            # Moved, or refused by a target that is no writable master: the same for every request.
             for step in steps:
                 step.slot._answered(step, reply)
             return
@@ -139,14 +143,14 @@ class MoveBatcher:
         if claimed is None:
             # An error: each request's keys alone, so that it reaches only the one it is about.
             for step in steps:
-                self.ask_alone(step, batch.profile)
+                self.ask_alone(step, batch.profile, batch.parts)
             return
         for step in steps:
             if claimed in step.keys:
                 step.slot._answered(step, _WAIT_HEAD + b"%d\r\n" % (step.keys.index(claimed) + 1))
             else:
                 # Nothing was moved (the script stops at a claim): asked again with the next batch.
-                self.ask(step, batch.profile)
+                self.ask(step, batch.profile, batch.parts)
 
 
 def _claimed(reply: bytes, keys: List[bytes]) -> Optional[bytes]:

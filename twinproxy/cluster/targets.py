@@ -33,10 +33,8 @@ from twinproxy.cluster.adopted import AdoptedPlacement, adopted_route, build_pla
 from twinproxy.cluster.holds import Answer, Early, HeldSlot, OfflineSlot, StartupHold
 from twinproxy.cluster.legacy import legacy_router
 from twinproxy.cluster.migrating import (
-    MIGRATE_TIMEOUT_MS,
     Draining,
     MigratingSlot,
-    ensure_moved_parts,
     ensure_moved_request,
 )
 from twinproxy.cluster.movebatch import MoveBatcher
@@ -248,9 +246,7 @@ class SlotRouting:
         if found is None:
             found = before.get(key)
             if found is None or found.source is not source:
-                found = MoveBatcher(source, ensure_moved_parts(target.spec.host, target.spec.port, db,
-                                                               MIGRATE_TIMEOUT_MS, auth),
-                                    ensure_moved_request, self._clock)
+                found = MoveBatcher(source, ensure_moved_request, self._clock)
             self._batchers[key] = found
         return found
 

@@ -317,5 +317,7 @@ def sweeps(runner: Any, topology: "Topology", m: "Migration", options: Dict[str,
                            may_go=lambda s=source_master, t=target_master, b=target: runner._may_sweep(
                                m, s, t, (source, b)),
                            command_timeout=runner.ctl.command_timeout,
-                           label=f"adoption {m.id}: group {source} to group {target}", belongs=belongs, **options))
+                           label=f"adoption {m.id}: group {source} to group {target}", belongs=belongs,
+                           refused=lambda reason, b=target: runner.ctl.masters.refused(reason, (source, b)),
+                           **options))
     return SweepGroup(found)

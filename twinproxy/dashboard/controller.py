@@ -4,7 +4,8 @@ Owns :class:`Controller`; the HTTP API, the dashboard command and the admin
 CLI sit on top of it.  Its helpers live beside it: ``lock`` (the lock in
 the coordinator), ``barrier`` (the proxies' acknowledgements), ``servers``
 (Redis/memcached admin commands and health polls), ``sentinels`` (Sentinel
-configuration), ``promote`` (the two-phase promote), ``migration`` (slot
+configuration), ``masters`` (each group's confirmed master, Sentinel's
+failovers followed), ``promote`` (the two-phase promote), ``migration`` (slot
 migrations: their queue, state machine and mover), ``status`` (the status
 document).  Everything runs in the reactor thread and never blocks it.
 
@@ -97,6 +98,7 @@ from twinproxy.dashboard import promote as promoting
 from twinproxy.dashboard.barrier import AcksMissing, ProxyAcks
 from twinproxy.dashboard.errors import ControllerError, LockHeld, OperationError
 from twinproxy.dashboard.lock import DashboardLock
+from twinproxy.dashboard.masters import MasterWatch
 from twinproxy.dashboard.migration import Migrations
 from twinproxy.dashboard.sentinels import SentinelAdmin
 from twinproxy.dashboard.servers import HealthPoller, ServerAdmin
@@ -140,6 +142,8 @@ class Controller:
         self._lock = DashboardLock(coordinator, cluster, self.dashboard, reactor, self._lock_changed)
         self.recovery = promoting.Recovery(self)
         self.migrator = Migrations(self)
+        # Each group's confirmed master (what the sweeps wait for) and Sentinel's failovers written down.
+        self.masters = MasterWatch(self)
         self._watches: List[Any] = []
         self._started = False
         self.busy: Optional[str] = None
@@ -202,6 +206,7 @@ class Controller:
             raise
         self._started = True
         self.health.start()
+        self.masters.start()
         self.migrator.start()
         self._log.info("cluster {cluster}: dashboard started at generation {generation} ({proxies} proxies)",
                        cluster=self.cluster, generation=self.topology.generation, proxies=len(self.acks.proxies))
@@ -221,6 +226,7 @@ class Controller:
             watch.cancel()
         self._watches = []
         self.health.stop()
+        self.masters.stop()
         self.acks.fail_all(OperationError(503, "the dashboard is stopping"))
         yield self.migrator.stopped()
         self.admin.close()

@@ -86,8 +86,9 @@ class Sweep:
     ``run()`` fires True once the range is empty on the source, False when
     ``stop()`` ended it first (after the batches in flight answered).
     ``may_go()`` is asked before each command: False makes the sweep wait
-    (the lock lost, the migration changed) — like ``pause()`` until
-    ``resume()``.
+    (the lock lost, the migration changed, a master not confirmed) — like
+    ``pause()`` until ``resume()``; ``refused(reason)`` is told why a
+    command failed before it is asked again.
     """
 
     _log = Logger()
@@ -96,8 +97,10 @@ class Sweep:
                  keys_per_second: Optional[int] = None, parallel: Optional[int] = None,
                  may_go: Optional[Callable[[], bool]] = None, timeout_ms: int = MIGRATE_TIMEOUT_MS,
                  command_timeout: float = 2.0, label: str = "", big_key_bytes: Optional[int] = None,
-                 belongs: Optional[Callable[[bytes], bool]] = None) -> None:
+                 belongs: Optional[Callable[[bytes], bool]] = None,
+                 refused: Optional[Callable[[str], None]] = None) -> None:
         self._reactor = reactor
+        self._refused = refused     # told why a command failed (a demoted master's READONLY: look again)
         # Which keys are to move: the range's, or (an adoption) whatever ``belongs`` says.
         self._belongs = belongs
         self.source = source
@@ -204,6 +207,8 @@ class Sweep:
 
     @defer.inlineCallbacks
     def _trouble(self, reason: str) -> Any:
+        if self._refused is not None:
+            self._refused(reason)
         if self.progress.error != reason:
             self._log.warn("{label}: {reason}; trying again in {delay:g}s", label=self.label, reason=reason,
                            delay=self._delay)

@@ -8,7 +8,8 @@ each a topology write waiting for every proxy), runs the
 (for a memcache cluster, whose items cannot move, its warm-up instead:
 :meth:`Runner._warm_up`), and tries again after a delay doubling from 1 s
 to 30 s when a step fails (its reason in the progress' ``error``).  Cancels asked for meanwhile are
-answered by the loop once their write is made.  Runs in the reactor.
+answered by the loop once their write is made.  A sweep waits while either
+group's master is not confirmed (``masters``: a Sentinel failover).  Runs in the reactor.
 """
 
 from __future__ import annotations
@@ -330,6 +331,7 @@ class Runner:
             sweep = Sweep(self.ctl.reactor, source, target, m.first, m.last, self.progress, m.keys_per_second,
                           m.parallel, may_go=lambda: self._may_sweep(m, source, target),
                           command_timeout=self.ctl.command_timeout, label=f"migration {m.id}",
+                          refused=lambda reason: self.ctl.masters.refused(reason, (m.source, m.target)),
                           **big_keys(self.ctl))
         if self.manager.paused(m.id):
             sweep.pause()
@@ -363,6 +365,11 @@ class Runner:
                 or master(source_gid) != source or master(target_gid) != target):
             if self.sweep is not None:
                 self.sweep.stop()
+            return False
+        # A demoted master (a Sentinel failover) loses what is MIGRATEd into it: wait for confirmed ones.
+        problem = self.ctl.masters.problem(source_gid, source) or self.ctl.masters.problem(target_gid, target)
+        if problem is not None:
+            self.progress.error = f"waiting: {problem}"
             return False
         return True
 

@@ -42,7 +42,7 @@ from twinproxy.sentinel.replies import show_address
 # (or not yet) a writable master: safe to send again elsewhere.
 NOT_EXECUTED = (b"-READONLY", b"-MASTERDOWN", b"-LOADING")
 # A promoted replica fences its old master for this long at least, and after
-# that while a sentinel still reports the failover under way, up to the limit.
+# that until every sentinel answers naming it with no failover under way, up to the limit.
 FENCE_GRACE = 0.5
 FENCE_LIMIT = 10.0
 
@@ -228,20 +228,33 @@ class SentinelShard:
 
         Sentinel promotes first and announces one to three seconds later;
         meanwhile the old master still answers ROLE as a master.  It is not
-        confirmed again while a sentinel reports the failover under way
-        (after a short grace, for the flag to show): a promotion that was no
-        failover (an operator's ``REPLICAOF NO ONE``) costs only the grace.
+        confirmed again until every sentinel has answered naming it, none
+        reporting the failover under way (and a short grace has passed, for
+        the flag to show): a promotion that was no failover (an operator's
+        ``REPLICAOF NO ONE``) costs only the grace.
         """
         self._fenced = (self.address, self._reactor.seconds())
         self.suspect(reason)
 
-    def may_confirm(self, address: Tuple[str, int], failover_running: bool) -> bool:
-        """May ``address`` be confirmed as this shard's master now (see :meth:`fence`)?"""
+    @property
+    def fencing(self) -> bool:
+        """Is the address the shard would route to fenced (see :meth:`fence`)?"""
+        return self._fenced[0] is not None and self._fenced[0] == self.address
+
+    def may_confirm(self, address: Tuple[str, int], failover_running: bool, unanimous: bool = True) -> bool:
+        """May ``address`` be confirmed as this shard's master now (see :meth:`fence`)?
+
+        A fenced address only once every configured sentinel has answered and
+        named it at one epoch (``unanimous``) with none reporting a failover:
+        the leader of a failover is the only sentinel that flags it, and the
+        others still name the old master until the leader announces the switch,
+        so a majority's answer lifts nothing.  ``FENCE_LIMIT`` bounds the wait.
+        """
         fenced, since = self._fenced
         if address != fenced:
             return True
         elapsed = self._reactor.seconds() - since
-        if elapsed < FENCE_GRACE or (failover_running and elapsed < FENCE_LIMIT):
+        if elapsed < FENCE_LIMIT and (elapsed < FENCE_GRACE or failover_running or not unanimous):
             return False
         self._fenced = (None, 0.0)
         return True

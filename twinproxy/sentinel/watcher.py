@@ -5,7 +5,8 @@ subscription per configured sentinel, and discovery: ``SENTINEL MASTERS``
 to every sentinel at once, :func:`~twinproxy.sentinel.decide.choose_master`
 per shard (a majority agreeing on the highest epoch *with* its address,
 decided as soon as the answers in allow it: a frozen sentinel costs no
-wait), then ``ROLE`` on the chosen node before the shard routes there.
+wait — except while a shard is fenced, whose fence only every sentinel's
+answer lifts), then ``ROLE`` on the chosen node before the shard routes there.
 Events (``+switch-master`` and the others) only trigger a discovery; so
 do a shard's own signs (``-READONLY``, a lost or refused master
 connection), an event link coming back (what it missed is lost), and a
@@ -175,6 +176,8 @@ class SentinelWatcher:
         need = majority(len(queries))
 
         def settled() -> bool:
+            if any(shard.fencing for shard in self.shards.values()):
+                return False   # lifting a fence needs every sentinel's answer (SentinelShard.may_confirm)
             for name in self.shards:
                 choice, _ = choose_master(name, answers, len(queries))
                 if choice is None or choice.agreeing < need:
@@ -260,9 +263,10 @@ class SentinelWatcher:
             shown = "something unreadable" if role is None else role.kind
             self._note(shard.name, f"{where} answers ROLE with {shown}, not master: a failover is under way")
             return None
-        if not shard.may_confirm(choice.address, failover_running):
+        unanimous = choice.agreeing == len(answers)
+        if not shard.may_confirm(choice.address, failover_running, unanimous):
             self._note(shard.name, f"{where} is still master, but a replica of it was promoted: waiting for "
-                       "the sentinels to announce the switch")
+                       "the sentinels to announce the switch (or all of them to name it, none failing over)")
             return None
         self._notes.pop(shard.name, None)
         shard.confirm(choice.address, choice.epoch, choice.run_id)

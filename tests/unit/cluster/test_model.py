@@ -217,6 +217,22 @@ def test_promote_order() -> None:
     refused(404, lambda: topology.promote(2, A), "no group 2")
 
 
+def test_a_sentinel_failover_reorders_the_group_only() -> None:
+    topology = two_groups().add_sentinel(D)
+    migrating = topology.create_migration(0, 9, 2).advance_migration(1).advance_migration(1)
+    assert migrating.slots[0] == (2, "migrating")
+    followed = migrating.promote(1, B, sentinel_failover=True)
+    assert followed.group(1).servers == (B, A) and followed.generation == migrating.generation + 1
+    assert followed.slots == migrating.slots and followed.migrations == migrating.migrations
+    # A promote of another group in progress is kept; one of this group refuses it (it has its own sentinels' say).
+    held = topology.hold_group(2, {"op": "promote", "group": 2, "server": C, "step": "held"})
+    assert held.promote(1, B, sentinel_failover=True).change == held.change
+    assert held.promote(1, B, sentinel_failover=True).slots == held.slots
+    held_one = topology.hold_group(1, {"op": "promote", "group": 1, "server": B, "step": "held"})
+    refused(409, lambda: held_one.promote(1, B, sentinel_failover=True), "in progress")
+    refused(409, lambda: topology.promote(1, A, sentinel_failover=True), "already the master")
+
+
 def test_sentinels() -> None:
     topology = two_groups().add_sentinel(D)
     refused(409, lambda: topology.add_sentinel(D), "already")
