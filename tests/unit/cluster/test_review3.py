@@ -11,7 +11,9 @@ xfail: what a proxy sends or routes wrongly, on in-memory transports and a fake 
   when the slot is released: the client's later request overtakes its earlier one;
 - a Draining stays in the table after its lines emptied: WATCH of its slot is refused until the next table;
 - a hot claimed (big) key joins every turn's batch: the script stops at the claim, so no other key of the move
-  moves while it is copied.
+  moves while it is copied;
+- (the model) ``startable`` offers migrations that ``advance`` then refuses (a chain 1 -> 3 -> 4 queued, a shared
+  target under a promote), and lets a later one take an earlier pending one's target as its source.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import pytest
 from tests.unit.cluster.test_migrating import POOL, SOURCE, TARGET, Wire, cmd, key_in, migrate, topology
 from tests.unit.cluster.test_migrating_order import finished
 from tests.unit.cluster.test_migrating_waits import WAITING
+from twinproxy.cluster.concurrency import startable
+from twinproxy.cluster.model import Topology, TopologyError
 from twinproxy.cluster.pools import cluster_pool
 from twinproxy.config import load_text
 from twinproxy.topology import diff_pool
@@ -210,3 +214,46 @@ def test_a_hot_claimed_key_does_not_keep_other_keys_of_the_move_from_moving() ->
         client.dataReceived(cmd(b"HGET", big, b"f"))
         w.reactor.advance(0)
     assert TARGET in w.backends or w.reactor.tcpClients, "GET small never left: it waited for the claim of another key"
+
+
+def groups(count: int, servers: int = 1) -> Topology:
+    """Groups 1..count (``servers`` each), the slots spread over the first four (over three when there are three)."""
+    topology = Topology.empty("shop", "redis")
+    for gid in range(1, count + 1):
+        topology = topology.add_group(gid)
+        for index in range(servers):
+            topology = topology.add_server(gid, f"127.0.0.1:{7000 + 100 * index + gid}")
+    topology = topology.assign_slots(0, 255, 1).assign_slots(256, 511, 2).assign_slots(512, 1023, 3)
+    return topology.assign_slots(768, 1023, 4, force=True) if count >= 4 else topology
+
+
+def startable_ones_start(topology: Topology) -> bool:
+    """Every migration ``startable`` offers may be advanced, one after the other, as the runners do."""
+    for mid in startable(topology):
+        try:
+            topology = topology.advance_migration(mid)
+        except TopologyError:
+            return False
+    return True
+
+
+@pytest.mark.xfail(strict=True, reason="concurrency.startable claims only an earlier pending migration's source: a "
+                                       "later one whose source is that one's target is offered too (both start "
+                                       "'now', the second is refused by advance: a 409 and a backoff), or starts "
+                                       "first and makes the earlier one wait for it")
+def test_startable_keeps_first_come_first_served_for_a_chain_of_groups() -> None:
+    chain = groups(4).create_migration(0, 99, 3).create_migration(512, 600, 4)     # 1 -> 3, then 3 -> 4
+    assert startable_ones_start(chain)
+    # Group 1 busy (1 -> 5): 1 -> 3 waits for it, and 3 -> 4, queued after it, must not take group 3 first.
+    busy = groups(5).create_migration(0, 49, 5).advance_migration(1)
+    busy = busy.create_migration(50, 99, 3).create_migration(512, 600, 4)
+    assert startable(busy) == []
+
+
+@pytest.mark.xfail(strict=True, reason="concurrency.startable drops a target shared with an earlier pending "
+                                       "migration from the groups it checks, the promote's group among them: it "
+                                       "offers a migration into a group under a promote, which advance refuses (409)")
+def test_startable_offers_no_migration_into_a_group_under_a_promote() -> None:
+    topology = groups(3, servers=2).create_migration(0, 99, 3).create_migration(256, 300, 3)   # 1 -> 3, 2 -> 3
+    held = topology.hold_group(3, {"op": "promote", "group": 3, "server": "127.0.0.1:7103", "step": "held"})
+    assert startable(held) == []
