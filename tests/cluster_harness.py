@@ -1,8 +1,9 @@
 """Real cluster processes for the end-to-end tests: a dashboard, proxies, and the admin CLI.
 
 ``Dashboard`` runs ``twinproxy-dashboard`` on a free loopback port with a
-token file; ``admin(...)`` runs ``twinproxy-admin`` against it and returns
-the exit status, stdout and stderr; ``ClusterProxy`` runs the ``twinproxy``
+token file (and a Redis credentials file when given ``redis_auth``);
+``admin(...)`` runs ``twinproxy-admin`` against it and returns the exit
+status, stdout and stderr; ``ClusterProxy`` runs the ``twinproxy``
 command with one cluster pool (``--workers N`` when asked).  Every process
 is a :class:`tests.servers.Process`: the fixture that made it stops it.
 """
@@ -30,7 +31,7 @@ class Dashboard:
     """One ``twinproxy-dashboard`` process."""
 
     def __init__(self, workdir: Path, coordinator: str, cluster: str, protocol: str = "redis",
-                 extra: tuple = ()) -> None:
+                 extra: tuple = (), redis_auth: Optional[str] = None) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.coordinator = coordinator
@@ -40,6 +41,11 @@ class Dashboard:
         self.port = free_port()
         self.token_file = workdir / "token"
         self.token_file.write_text(TOKEN + "\n")
+        # The data servers' credentials (--redis-auth-file), when given; rewrite the file to change them.
+        self.redis_auth_file: Optional[Path] = None
+        if redis_auth is not None:
+            self.redis_auth_file = workdir / "redis-auth"
+            self.redis_auth_file.write_text(redis_auth + "\n")
         self.process: Optional[Process] = None
         self._runs = 0
 
@@ -50,6 +56,7 @@ class Dashboard:
     def argv(self) -> List[str]:
         return [str(BIN / "twinproxy-dashboard"), "--coordinator", self.coordinator, "--cluster", self.cluster,
                 "--protocol", self.protocol, "--listen", self.address, "--token-file", str(self.token_file),
+                *(["--redis-auth-file", str(self.redis_auth_file)] if self.redis_auth_file is not None else []),
                 *self.extra]
 
     def spawn(self) -> Process:

@@ -80,10 +80,10 @@ class RegisterLoad(threading.Thread):
     """One client: alternately writes a new value to a key and reads a key, through ``address``."""
 
     def __init__(self, name: str, address: str, keys: Sequence[bytes], deadline: float,
-                 history: List[Op], limit: int = 200000) -> None:
+                 history: List[Op], limit: int = 200000, password: Optional[str] = None) -> None:
         super().__init__(daemon=True, name=f"load-{name}")
         host, _, port = address.rpartition(":")
-        self.client = redis.Redis(host=host, port=int(port), socket_timeout=10, protocol=2)
+        self.client = redis.Redis(host=host, port=int(port), socket_timeout=10, protocol=2, password=password)
         self.label = name
         self.keys = list(keys)
         self.deadline = deadline

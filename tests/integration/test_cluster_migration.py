@@ -49,10 +49,11 @@ def build(tmp_path: Path, url: str, servers, processes, workers=(1, 2)):
     return dashboard, proxies
 
 
-def run_load(addresses, keys, seconds: float, until=None):
+def run_load(addresses, keys, seconds: float, until=None, password=None):
     history = []
     deadline = time.monotonic() + seconds
-    loads = [RegisterLoad(f"c{i}", addresses[i % len(addresses)], keys, deadline, history) for i in range(4)]
+    loads = [RegisterLoad(f"c{i}", addresses[i % len(addresses)], keys, deadline, history, password=password)
+             for i in range(4)]
     for load in loads:
         load.start()
     return loads, history

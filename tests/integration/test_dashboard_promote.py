@@ -321,6 +321,7 @@ def test_a_dashboard_that_lost_its_lock_stops_before_the_switch(harness, redis_s
     proxy = harness.proxy("p1", generation=harness.stored().generation)
     wait_until(lambda: "p1" in first.acks.proxies, what="the proxy to be seen")
     commands = Faults(first.admin, "command")
+    sentinel_commands = Faults(first.sentinel_admin, "command")
     pending = harness.launch(first.promote, 1, replica.address)
     wait_until(lambda: harness.stored().change is not None, what="the hold to be written")
     # While it waits for the hold's acknowledgement, another dashboard takes the lock.
@@ -340,6 +341,7 @@ def test_a_dashboard_that_lost_its_lock_stops_before_the_switch(harness, redis_s
     assert error.status == 503 and "stopped before REPLICAOF NO ONE" in error.message, error.message
     assert "lost its lock" in error.message
     assert not [call for call in commands.calls if call[1] in (b"REPLICAOF", b"SENTINEL")], commands.calls
+    assert sentinel_commands.calls == []
     # The dashboard holding the lock finishes the promote.
     wait_until(lambda: promoted(harness, master, replica), timeout=15, what="the second dashboard to finish it")
     proxy.ack(harness.stored().generation)
@@ -397,7 +399,7 @@ def test_with_sentinels_the_slots_stay_held_until_a_majority_names_the_new_maste
         harness.proxy("p1", auto=True)
         group_of(harness, controller, master, replica)
         run(harness, controller.add_sentinel, sentinel.address)
-        commands = Faults(controller.admin, "command")
+        commands = Faults(controller.sentinel_admin, "command")      # the sentinels' (no data servers' credentials)
         commands.fail(lambda address, *args: args[:2] == (b"SENTINEL", b"MONITOR"), server_timeout(sentinel.address))
         error = harness.fail(controller.promote, 1, replica.address)
         assert error.status == 502 and "only 0 of 1 sentinels name" in error.message, error.message

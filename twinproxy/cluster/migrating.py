@@ -453,11 +453,20 @@ def ensure_moved_request(keys: List[bytes], parts: Tuple[Tuple[int, bytes], Tupl
 def ensure_moved_parts(host: str, port: int, db: int, timeout_ms: int, auth: Optional[str],
                        big_key_bytes: int = BIG_KEY_BYTES) -> Tuple[Tuple[int, bytes], Tuple[int, bytes]]:
     """The script call around its keys: (count, bulks) of ``EVAL <script>`` and of its ARGV."""
-    argv = [b"%d" % big_key_bytes, host.encode(), b"%d" % port, b"%d" % db, b"%d" % timeout_ms]
-    if auth:
-        user, _, password = auth.partition(" ")
-        argv += [b"AUTH2", user.encode(), password.encode()] if password else [b"AUTH", auth.encode()]
+    argv = [b"%d" % big_key_bytes, host.encode(), b"%d" % port, b"%d" % db, b"%d" % timeout_ms, *migrate_auth(auth)]
     return (2, _bulks([b"EVAL", ENSURE_MOVED])), (len(argv), _bulks(argv))
+
+
+def migrate_auth(auth: Optional[str]) -> List[bytes]:
+    """MIGRATE's credentials for the target: ``AUTH password`` or ``AUTH2 user password`` from a ``redis_auth``
+    setting (``"password"`` or ``"user password"``: the first space splits them); none without one.
+
+    The proxies' ensure-moved script and the dashboard's sweep both build theirs here, so that one
+    setting means the same to both."""
+    if not auth:
+        return []
+    user, _, password = auth.partition(" ")
+    return [b"AUTH2", user.encode(), password.encode()] if password else [b"AUTH", auth.encode()]
 
 
 def _bulk(value: bytes) -> bytes:

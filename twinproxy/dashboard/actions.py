@@ -33,7 +33,7 @@ from twinproxy.cluster.model import Topology, TopologyError, show_slots
 from twinproxy.cluster.planner import move_runs, placements, plan_runs, rebalance_plan
 from twinproxy.coordinator import CoordinatorError, NotFound
 from twinproxy.dashboard.errors import OperationError
-from twinproxy.dashboard.servers import ServerError, answers, replicates
+from twinproxy.dashboard.servers import ServerAuthRefused, ServerError, answers, replicates
 
 if TYPE_CHECKING:
     from twinproxy.dashboard.controller import Controller
@@ -51,6 +51,9 @@ def add_server(ctl: "Controller", gid: int, addr: str) -> Any:
     if ctl.protocol == "redis":
         try:
             replication = yield ctl.admin.replication(addr)
+        except ServerAuthRefused as err:
+            # It answers, but not to the cluster's credentials: neither the sweep nor the proxies could use it.
+            raise OperationError(502, f"cannot add {addr} to group {gid}: {err}")
         except ServerError as err:
             if master is not None:
                 raise OperationError(502, f"cannot make {addr} a replica of {master}: {err}")

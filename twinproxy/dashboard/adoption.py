@@ -40,7 +40,7 @@ from twinproxy.cluster.model import TopologyError
 from twinproxy.cluster.slots import SLOT_COUNT, slot_of
 from twinproxy.dashboard.errors import OperationError
 from twinproxy.dashboard.mover import Sweep
-from twinproxy.dashboard.servers import ServerError
+from twinproxy.dashboard.servers import ServerError, unanswered
 
 if TYPE_CHECKING:
     from twinproxy.cluster.migrations import Migration
@@ -200,8 +200,7 @@ def check_versions(ctl: Any, topology: "Topology", m: "Migration", version_of: C
         try:
             versions[group.id] = version_of((yield ctl.admin.command(group.master, b"INFO", b"server")))
         except ServerError as err:
-            raise OperationError(502, f"adoption {m.id} cannot start: group {group.id}'s master does not "
-                                 f"answer: {err}")
+            raise OperationError(502, f"adoption {m.id} cannot start: group {group.id}'s master {unanswered(err)}")
     known = {gid: version for gid, version in versions.items() if version is not None}
     if known and len(set(known.values())) > 1:
         shown = ", ".join(f"group {gid} {'.'.join(map(str, version))}" for gid, version in sorted(known.items()))

@@ -105,8 +105,8 @@ class BackendPoller(Poller):
     _what = "backend INFO poll"
 
     def __init__(self, reactor: Any, protocol: str, addresses: Callable[[], Iterable[str]], timeout: float,
-                 period: float = PERIOD) -> None:
-        super().__init__(reactor, period, ServerAdmin(reactor, timeout))
+                 period: float = PERIOD, auth: Optional[str] = None) -> None:
+        super().__init__(reactor, period, ServerAdmin(reactor, timeout, auth))
         self._protocol = protocol
         self._addresses = addresses
         self._timeout = timeout

@@ -45,7 +45,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from twinproxy.cluster.migrating import CLAIM_PREFIX, CLAIMS, RESERVED_PREFIX, claim_of, show_key
+from twinproxy.cluster.migrating import CLAIM_PREFIX, CLAIMS, RESERVED_PREFIX, claim_of, migrate_auth, show_key
 from twinproxy.dashboard.progress import Progress
 from twinproxy.dashboard.servers import ServerError, ServerRefused
 
@@ -116,7 +116,11 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 redis.call('RENAMENX', KEYS[1], KEYS[2])
 redis.call('SREM', KEYS[3], KEYS[2])
-local reply = redis.pcall('MIGRATE', ARGV[1], ARGV[2], '', ARGV[3], ARGV[4], 'REPLACE', 'KEYS', KEYS[2])
+local args = {'MIGRATE', ARGV[1], ARGV[2], '', ARGV[3], ARGV[4], 'REPLACE'}
+for i = 5, #ARGV do args[#args + 1] = ARGV[i] end
+args[#args + 1] = 'KEYS'
+args[#args + 1] = KEYS[2]
+local reply = redis.pcall(unpack(args))
 if type(reply) == 'table' and reply.err then return reply end
 return reply.ok or reply
 """
@@ -138,6 +142,12 @@ def claimed_key(name: bytes) -> Optional[bytes]:
 def is_reserved(name: bytes) -> bool:
     """A name of the claim protocol (claims, copies, the registry): never a key of a slot."""
     return name.startswith(RESERVED_PREFIX)
+
+
+def migrate_arguments(host: str, port: int, timeout_ms: int, auth: Optional[str] = None) -> List[bytes]:
+    """MIGRATE's arguments after the key, as the scripts take them: host, port, db 0, timeout, then
+    ``AUTH password`` or ``AUTH2 user password`` for the target when the cluster has credentials."""
+    return [host.encode(), b"%d" % port, b"0", b"%d" % timeout_ms, *migrate_auth(auth)]
 
 
 def batch_command(head: Sequence[bytes], keys: Sequence[bytes]) -> List[bytes]:
@@ -392,7 +402,7 @@ class BigKeyMover:
         self.target = target
         self._in_range = in_range
         self.progress = progress
-        self._migrate_args = list(migrate_args)        # host, port, db, timeout
+        self._migrate_args = list(migrate_args)        # host, port, db, timeout (, AUTH ... / AUTH2 ...)
         self._may_go = may_go
         self._stopped = stopped
         self._trouble = trouble

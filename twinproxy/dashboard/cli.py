@@ -25,6 +25,7 @@ from twinproxy.dashboard.service import (
     check_protocol,
     parse_listen,
     parse_size,
+    read_redis_auth,
     read_token,
 )
 
@@ -46,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"where the HTTP API listens (default: {DEFAULT_LISTEN}; port 0: one the system picks)")
     parser.add_argument("--token-file", metavar="FILE", help="the write token is this file's content (stripped); "
                         "without it every write is refused")
+    parser.add_argument("--redis-auth-file", metavar="FILE",
+                        help="the data servers' credentials: one line, `password` or `user password` (as a pool's "
+                        "redis_auth); every connection to a Redis server authenticates with them, and the sweep's "
+                        "MIGRATE passes them to the target")
     parser.add_argument("--ack-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="how long a write waits for every proxy to acknowledge it (default: 10)")
     parser.add_argument("--wait", action="store_true", help="if another dashboard holds the cluster's lock, wait "
@@ -65,7 +70,8 @@ def parse(argv: List[str]) -> Any:
     settings = Settings(coordinator=options.coordinator, cluster=check_cluster(options.cluster),
                         protocol=check_protocol(options.protocol), listen=parse_listen(options.listen), token=token,
                         ack_timeout=check_ack_timeout(options.ack_timeout), wait=options.wait,
-                        big_key_bytes=parse_size(options.big_key_bytes))
+                        big_key_bytes=parse_size(options.big_key_bytes),
+                        redis_auth=read_redis_auth(options.redis_auth_file) if options.redis_auth_file else None)
     return settings, options.log
 
 

@@ -15,8 +15,9 @@ Public API (every Deferred fires in the reactor thread; call everything from it)
 
     Controller(coordinator, cluster, protocol, reactor, ack_timeout=10.0, command_timeout=2.0, *,
                addr=None, poll_period=1.0, catchup_timeout=5.0,
-               sentinel_down_after_ms=5000, sentinel_failover_timeout_ms=60000)
+               sentinel_down_after_ms=5000, sentinel_failover_timeout_ms=60000, redis_auth=None)
         # coordinator: from twinproxy.coordinator.connect(), started (and later stopped) by the caller.
+        # redis_auth: "password" or "user password" of the data servers (every connection AUTHs first).
         # addr: the dashboard's HTTP address "host:port", shown in its lock document and status.
         # ValueError for a bad cluster name or protocol.
     .start(wait=False) -> Deferred[None]
@@ -115,7 +116,7 @@ class Controller:
     def __init__(self, coordinator: Any, cluster: str, protocol: str, reactor: Any, ack_timeout: float = 10.0,
                  command_timeout: float = 2.0, *, addr: Optional[str] = None, poll_period: float = 1.0,
                  catchup_timeout: float = 5.0, sentinel_down_after_ms: int = 5000,
-                 sentinel_failover_timeout_ms: int = 60000) -> None:
+                 sentinel_failover_timeout_ms: int = 60000, redis_auth: Optional[str] = None) -> None:
         if not isinstance(cluster, str) or not CLUSTER_NAME.match(cluster):
             raise ValueError(f"cluster name {cluster!r} must be letters, digits, '_', '.', '-'")
         if protocol not in PROTOCOLS:
@@ -135,10 +136,15 @@ class Controller:
         self.topology_listeners: List[Callable[[Optional[Topology], Topology], None]] = []
         self._version: Optional[int] = None
         self.acks = ProxyAcks(reactor)
-        self.admin = ServerAdmin(reactor, command_timeout)
-        self.sentinels = SentinelAdmin(reactor, cluster, self.admin, sentinel_down_after_ms,
-                                       sentinel_failover_timeout_ms)
-        self.health = HealthPoller(reactor, protocol, self._polled_addresses, command_timeout, poll_period)
+        # The data servers' credentials: every connection to one authenticates; the sweep's MIGRATE passes them
+        # on to the target.  Sentinels have their own (none here): they get an admin without.
+        self.redis_auth = redis_auth
+        self.admin = ServerAdmin(reactor, command_timeout, redis_auth)
+        self.sentinel_admin = ServerAdmin(reactor, command_timeout)
+        self.sentinels = SentinelAdmin(reactor, cluster, self.sentinel_admin, sentinel_down_after_ms,
+                                       sentinel_failover_timeout_ms, master_auth=redis_auth)
+        self.health = HealthPoller(reactor, protocol, self._polled_addresses, command_timeout, poll_period,
+                                   auth=redis_auth, sentinels=lambda: self.topology.sentinels if self.topology else ())
         self._lock = DashboardLock(coordinator, cluster, self.dashboard, reactor, self._lock_changed)
         self.recovery = promoting.Recovery(self)
         self.migrator = Migrations(self)
@@ -230,6 +236,7 @@ class Controller:
         self.acks.fail_all(OperationError(503, "the dashboard is stopping"))
         yield self.migrator.stopped()
         self.admin.close()
+        self.sentinel_admin.close()
         yield self._lock.release()
 
     @defer.inlineCallbacks

@@ -7,8 +7,10 @@ Owns :class:`Sweep` (codis.md §6.3, "Background mover") and
 in batches of at most 100 to the source's ``EVAL SWEEP_BATCH``
 (``bigkeys``), which claims the batch's big keys (``MEMORY USAGE`` over
 ``big_key_bytes``, default 4 MiB) and moves the others with ``MIGRATE
-<target host> <port> "" 0 <timeout> REPLACE KEYS k1..kn`` — atomic on the
-source, TTLs kept, ``+NOKEY`` when a proxy moved them all already.  The
+<target host> <port> "" 0 <timeout> REPLACE [AUTH ...|AUTH2 ...] KEYS
+k1..kn`` — atomic on the source, TTLs kept, ``+NOKEY`` when a proxy moved
+them all already; with the cluster's credentials (``auth``) MIGRATE passes
+them to the target, and every connection of the sweep authenticates first.  The
 claimed keys are then copied in chunks by a
 :class:`~twinproxy.dashboard.bigkeys.BigKeyMover`, as are the keys proxies
 claimed (the registry on the source, looked at after every SCAN step, at
@@ -50,6 +52,7 @@ from twinproxy.dashboard.bigkeys import (
     batch_command,
     batch_reply,
     claimed_key,
+    migrate_arguments,
 )
 from twinproxy.dashboard.progress import Progress
 from twinproxy.dashboard.servers import ServerAdmin, ServerError, split_address
@@ -98,7 +101,7 @@ class Sweep:
                  may_go: Optional[Callable[[], bool]] = None, timeout_ms: int = MIGRATE_TIMEOUT_MS,
                  command_timeout: float = 2.0, label: str = "", big_key_bytes: Optional[int] = None,
                  belongs: Optional[Callable[[bytes], bool]] = None,
-                 refused: Optional[Callable[[str], None]] = None) -> None:
+                 refused: Optional[Callable[[str], None]] = None, auth: Optional[str] = None) -> None:
         self._reactor = reactor
         self._refused = refused     # told why a command failed (a demoted master's READONLY: look again)
         # Which keys are to move: the range's, or (an adoption) whatever ``belongs`` says.
@@ -115,13 +118,13 @@ class Sweep:
         self._may_go = may_go or (lambda: True)
         self._timeout_ms = timeout_ms
         # Pipelined batches wait for the ones before them: the deadline covers them all.
-        self._admin = ServerAdmin(reactor, timeout_ms / 1000.0 * self.parallel + command_timeout)
+        self._admin = ServerAdmin(reactor, timeout_ms / 1000.0 * self.parallel + command_timeout, auth)
         host, port = split_address(target)
         self.big_key_bytes = DEFAULT_BIG_KEY_BYTES if big_key_bytes is None else big_key_bytes
-        migrate = [host.encode(), str(port).encode(), b"0", str(timeout_ms).encode()]
+        migrate = migrate_arguments(host, port, timeout_ms, auth)
         self._batch_head = [b"%d" % self.big_key_bytes, *migrate]
         self.label = label or f"slots {first}-{last}"
-        self._links = ServerAdmin(reactor, command_timeout)
+        self._links = ServerAdmin(reactor, command_timeout, auth)
         self.big = BigKeyMover(reactor, self._links, source, target, self._in_range, progress, migrate,
                                may_go=lambda: self._may_go(), stopped=lambda: self.stopped, trouble=self._trouble,
                                well=self._well, label=self.label)

@@ -29,16 +29,19 @@ from twinproxy.dashboard.errors import OperationError
 from twinproxy.dashboard.leftovers import purge
 from twinproxy.dashboard.mover import Sweep
 from twinproxy.dashboard.progress import Progress
-from twinproxy.dashboard.servers import ServerError
+from twinproxy.dashboard.servers import ServerError, unanswered
 
 if TYPE_CHECKING:
     from twinproxy.cluster.model import Topology
     from twinproxy.dashboard.migration import Migrations
 
-def big_keys(ctl: Any) -> dict:
-    """The sweep's big-key threshold when the dashboard was given one (``--big-key-bytes``)."""
+def sweep_options(ctl: Any) -> dict:
+    """What every sweep of this dashboard is given: the big-key threshold when it has one
+    (``--big-key-bytes``), the data servers' credentials (``--redis-auth-file``)."""
     value = getattr(ctl, "big_key_bytes", None)
-    return {} if value is None else {"big_key_bytes": value}
+    options = {} if value is None else {"big_key_bytes": value}
+    options["auth"] = getattr(ctl, "redis_auth", None)
+    return options
 
 
 POLL = 0.25                      # seconds a runner waits before looking again (woken sooner by changes)
@@ -228,8 +231,8 @@ class Runner:
             try:
                 versions.append(_version((yield ctl.admin.command(master, b"INFO", b"server"))))
             except ServerError as err:
-                raise OperationError(502, f"migration {m.id} cannot start: group {gid}'s master does not "
-                                     f"answer: {err}")
+                raise OperationError(502, f"migration {m.id} cannot start: group {gid}'s master "
+                                     f"{unanswered(err)}")
         if len(versions) == 2 and None not in versions and versions[1] < versions[0]:
             reason = (f"the target group {m.target} runs Redis {'.'.join(map(str, versions[1]))}, older than the "
                       f"source's {'.'.join(map(str, versions[0]))}: its keys would not load there")
@@ -325,14 +328,14 @@ class Runner:
     def _sweep(self, m: Migration) -> Any:
         topology = self.ctl.current()
         if m.adopt:     # the keys of one server of the adopted pool, to every other group
-            sweep: Any = adoption.sweeps(self, topology, m, big_keys(self.ctl))
+            sweep: Any = adoption.sweeps(self, topology, m, sweep_options(self.ctl))
         else:
             source, target = topology.group(m.source).master, topology.group(m.target).master
             sweep = Sweep(self.ctl.reactor, source, target, m.first, m.last, self.progress, m.keys_per_second,
                           m.parallel, may_go=lambda: self._may_sweep(m, source, target),
                           command_timeout=self.ctl.command_timeout, label=f"migration {m.id}",
                           refused=lambda reason: self.ctl.masters.refused(reason, (m.source, m.target)),
-                          **big_keys(self.ctl))
+                          **sweep_options(self.ctl))
         if self.manager.paused(m.id):
             sweep.pause()
         self.sweep = sweep

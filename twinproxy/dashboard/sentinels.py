@@ -2,7 +2,8 @@
 
 Owns :class:`SentinelAdmin`: ``SENTINEL MONITOR`` (after a ``REMOVE`` of
 the same name, so a sentinel never keeps an old master under it) with
-``SET`` of the failure-detection settings, ``REMOVE`` of one group or of
+``SET`` of the failure-detection settings (and of the data servers'
+credentials, ``auth-user``/``auth-pass``, when the dashboard has some), ``REMOVE`` of one group or of
 all this cluster's names on a sentinel, the quorum (a majority of the
 cluster's sentinel list), ``FLUSHCONFIG`` and ``naming`` (which sentinels
 name a given master for a group: a promote checks a majority agrees before
@@ -25,6 +26,15 @@ from twinproxy.sentinel.replies import parse_masters
 Check = Optional[Callable[[], None]]
 
 
+def auth_options(auth: Optional[str]) -> List[Tuple[str, str]]:
+    """``SENTINEL SET`` options that give a sentinel a master's credentials (``"password"`` or ``"user
+    password"``, split at the first space as a pool's ``redis_auth``); none without."""
+    if not auth:
+        return []
+    user, _, password = auth.partition(" ")
+    return [("auth-user", user), ("auth-pass", password)] if password else [("auth-pass", auth)]
+
+
 def quorum(sentinels: Sequence[str]) -> int:
     """A majority of the listed sentinels."""
     return len(sentinels) // 2 + 1
@@ -34,10 +44,13 @@ class SentinelAdmin:
     """Configures sentinels for one cluster's groups."""
 
     def __init__(self, reactor: Any, cluster: str, admin: ServerAdmin, down_after_ms: int = 5000,
-                 failover_timeout_ms: int = 60000, parallel_syncs: int = 1) -> None:
+                 failover_timeout_ms: int = 60000, parallel_syncs: int = 1, master_auth: Optional[str] = None
+                 ) -> None:
         self._reactor = reactor
         self.cluster = cluster
         self._admin = admin
+        # The data servers' credentials: a sentinel must have them to watch a master with a password.
+        self._master_auth = master_auth
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
         self.parallel_syncs = parallel_syncs
@@ -68,6 +81,9 @@ class SentinelAdmin:
         yield self._command(sentinel, "SENTINEL", "SET", name, "down-after-milliseconds", str(self.down_after_ms),
                             "failover-timeout", str(self.failover_timeout_ms),
                             "parallel-syncs", str(self.parallel_syncs))
+        for option in auth_options(self._master_auth):
+            # One SET each, apart from the others: an error reply never echoes them.
+            yield self._command(sentinel, "SENTINEL", "SET", name, *option)
 
     @defer.inlineCallbacks
     def names(self, sentinel: str) -> Any:

@@ -1,9 +1,11 @@
 """The dashboard's view of the data servers: admin commands and health polling.
 
 Owns :class:`ServerAdmin` (one :class:`~twinproxy.sentinel.client.CommandClient`
-per Redis address, each command with its deadline; errors as
+per Redis address, each command with its deadline, each connection
+authenticated first when it has credentials; errors as
 :class:`ServerError` naming the server: :class:`ServerRefused` for an error
-reply, :class:`ServerUnreachable` for none, :class:`ServerDown` — one of
+reply — :class:`ServerAuthRefused` for refused or missing credentials —,
+:class:`ServerUnreachable` for none, :class:`ServerDown` — one of
 those — only when the server refused the connection or reset it before
 answering anything, i.e. nothing runs there; a deadline that passed is never
 that, since a slow live server may still have writes), :func:`memcache_version` (a one-shot
@@ -50,6 +52,19 @@ class ServerDown(ServerUnreachable):
 
 class ServerRefused(ServerError):
     """The server answered with an error reply."""
+
+
+class ServerAuthRefused(ServerRefused):
+    """The server refused the dashboard's credentials (or asked for some it was not given): nothing ran there."""
+
+
+AUTH_HINT = "every server of the cluster must accept the credentials in the dashboard's --redis-auth-file"
+
+
+def unanswered(err: ServerError) -> str:
+    """A check's failure after the server's role ("group 1's master ..."): it refused our credentials (the
+    message says so, naming it) or did not answer."""
+    return str(err) if isinstance(err, ServerAuthRefused) else f"does not answer: {err}"
 
 
 def split_address(address: str) -> Address:
@@ -100,6 +115,8 @@ class _AdminClient(CommandClient):
 
     why = "timeout"
     _answered = False
+    _authenticating = False           # AUTH sent, not answered yet: the commands wait behind it
+    refusal: Optional[str] = None     # why the server refused our AUTH on the last connection
 
     def _connect(self) -> None:
         self._connecting = True
@@ -112,12 +129,30 @@ class _AdminClient(CommandClient):
 
     def _connected(self, protocol: Any) -> None:
         self._answered = False
+        self.refusal = None
         # Nagle off: a small command after a big write (a big key's chunk, then its PEXPIRE) otherwise
         # waits for a delayed ACK (measured: a 204 MiB hash copied in 26.8 s instead of 3.3 s).
         transport = getattr(protocol, "transport", None)
         if transport is not None and hasattr(transport, "setTcpNoDelay"):
             transport.setTcpNoDelay(True)
+        # Nothing is written behind AUTH until it is accepted: a server without a password refuses our AUTH
+        # but would run what follows it, and a command reported refused must not have run.
+        self._authenticating = self._auth is not None
         super()._connected(protocol)
+
+    def _write_waiting(self) -> None:
+        if not self._authenticating:
+            super()._write_waiting()
+
+    def _auth_answered(self, value: Any, protocol: Any) -> None:
+        if protocol is not self._protocol_now:
+            return
+        if isinstance(value, ReplyError):
+            self.refusal = value.message
+            super()._auth_answered(value, protocol)     # drops the connection, failing what waits
+            return
+        self._authenticating = False
+        self._write_waiting()
 
     def _reply(self, protocol: Any, raw: bytes) -> None:
         if protocol is self._protocol_now:
@@ -126,11 +161,13 @@ class _AdminClient(CommandClient):
 
     def _overdue(self) -> None:
         self.why = "timeout"
+        self._authenticating = False
         super()._overdue()
 
     def _lost(self, protocol: Any, text: str) -> None:
         if protocol is self._protocol_now:
-            self.why = "lost" if self._answered else "reset"
+            self._authenticating = False
+            self.why = "auth" if self.refusal is not None else "lost" if self._answered else "reset"
         super()._lost(protocol, text)
 
     def close(self) -> None:
@@ -139,29 +176,42 @@ class _AdminClient(CommandClient):
 
 
 class ServerAdmin:
-    """Commands to Redis servers (and sentinels) by ``host:port``, one connection each."""
+    """Commands to Redis servers (and sentinels) by ``host:port``, one connection each.
 
-    def __init__(self, reactor: Any, timeout: float) -> None:
+    With ``auth`` (``"password"`` or ``"user password"``) every connection
+    sends ``AUTH`` first and nothing else until it is accepted; a refusal is
+    :class:`ServerAuthRefused` for the commands that waited (none of them ran).
+    The data servers' admin has the cluster's credentials, the sentinels' none.
+    """
+
+    def __init__(self, reactor: Any, timeout: float, auth: Optional[str] = None) -> None:
         self._reactor = reactor
         self.timeout = timeout
+        self._auth = auth
         self._clients: Dict[str, CommandClient] = {}
 
     def command(self, address: str, *args: bytes) -> defer.Deferred:
         """The decoded reply; ServerError when there is none in time or it is an error reply."""
         client = self._clients.get(address)
         if client is None:
-            client = self._clients[address] = _AdminClient(self._reactor, split_address(address),
+            client = self._clients[address] = _AdminClient(self._reactor, split_address(address), auth=self._auth,
                                                             timeout=self.timeout)
         name = b" ".join(args[:2]).decode("utf-8", "replace")
 
         def answered(value: Any) -> Any:
             if isinstance(value, ReplyError):
+                if value.message.startswith("NOAUTH"):
+                    raise ServerAuthRefused(f"{address} refused {name}: {value.message} (it wants a password: "
+                                            "give the dashboard one with --redis-auth-file)")
                 raise ServerRefused(f"{address} refused {name}: {value.message}")
             return value
 
         def failed(failure: Failure) -> None:
             failure.trap(CommandError)
             why = client.why
+            if why == "auth":
+                raise ServerAuthRefused(f"{address} refused the dashboard's credentials ({client.refusal}), so "
+                                        f"{name} was not sent: {AUTH_HINT}")
             if why in ("refused", "reset"):
                 raise ServerDown(f"{address} refuses connections ({name} not answered: "
                                  f"{failure.getErrorMessage()})", why)
@@ -358,14 +408,20 @@ class Poller:
 
 
 class HealthPoller(Poller):
-    """Polls every address ``addresses()`` names, every ``period`` seconds; ``health[addr]`` is the latest."""
+    """Polls every address ``addresses()`` names, every ``period`` seconds; ``health[addr]`` is the latest.
+
+    The data servers are asked with ``auth``; the addresses ``sentinels()``
+    names without it (a sentinel has credentials of its own).
+    """
 
     _what = "health poll"
 
     def __init__(self, reactor: Any, protocol: str, addresses: Callable[[], Iterable[str]],
-                 timeout: float, period: float = 1.0, on_change: Optional[Callable[[str, Health], None]] = None
-                 ) -> None:
-        super().__init__(reactor, period, ServerAdmin(reactor, timeout))
+                 timeout: float, period: float = 1.0, on_change: Optional[Callable[[str, Health], None]] = None,
+                 auth: Optional[str] = None, sentinels: Callable[[], Iterable[str]] = lambda: ()) -> None:
+        super().__init__(reactor, period, ServerAdmin(reactor, timeout, auth))
+        self._sentinel_admin = ServerAdmin(reactor, timeout)
+        self._sentinels = sentinels
         self._protocol = protocol
         self._addresses = addresses
         self._timeout = timeout
@@ -373,31 +429,37 @@ class HealthPoller(Poller):
         self._polling: Dict[str, defer.Deferred] = {}
         self.health: Dict[str, Health] = {}
 
+    def stop(self) -> None:
+        super().stop()
+        self._sentinel_admin.close()
+
     def poll(self) -> defer.Deferred:
         """One round over every address (one poll in flight per address at most); fires when all answered."""
         addresses = set(self._addresses())
+        sentinels = addresses & set(self._sentinels())
         for gone in [a for a in self.health if a not in addresses]:
             del self.health[gone]
-        self._admin.forget(addresses)
+        self._admin.forget(addresses - sentinels)
+        self._sentinel_admin.forget(sentinels)
         rounds: List[defer.Deferred] = []
         for address in sorted(addresses):
             pending = self._polling.get(address)
             if pending is None:
-                pending = self._poll_one(address)
+                pending = self._poll_one(address, self._sentinel_admin if address in sentinels else self._admin)
                 if not pending.called:
                     self._polling[address] = pending
             rounds.append(pending)
         return defer.DeferredList(rounds, consumeErrors=True)
 
     @defer.inlineCallbacks
-    def _poll_one(self, address: str) -> Any:
+    def _poll_one(self, address: str, admin: ServerAdmin) -> Any:
         try:
             if self._protocol == "memcache":
                 yield memcache_version(self._reactor, address, self._timeout)
                 health = Health(up=True, checked=self._reactor.seconds())
             else:
-                yield self._admin.command(address, b"PING")
-                replication: Replication = yield self._admin.replication(address)
+                yield admin.command(address, b"PING")
+                replication: Replication = yield admin.replication(address)
                 role = {"master": "master", "slave": "replica"}.get(replication.role)
                 health = Health(up=True, role=role, master=replication.master, link_up=replication.link_up,
                                 offset=replication.offset, checked=self._reactor.seconds())

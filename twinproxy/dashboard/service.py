@@ -2,8 +2,8 @@
 
 Owns :class:`Settings` (what ``twinproxy-dashboard`` and ``twistd
 twinproxy-dashboard`` are given, checked the same way for both: the
-cluster name, ``--listen``, the token file) and :class:`DashboardService`,
-which starts, in this order: the coordinator session; the HTTP listener
+cluster name, ``--listen``, the token file, the data servers' credentials
+file) and :class:`DashboardService`, which starts, in this order: the coordinator session; the HTTP listener
 (first, so the lock document names the address really bound); the
 controller, which takes the cluster's lock; the stats poller of
 ``/metrics`` and the web page's sampler (webstate.py).  Until the controller has started the API answers 503 with
@@ -17,7 +17,7 @@ SIGTERM'd dashboard's successor takes over at once.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Tuple
 
 from twisted.application.service import MultiService
@@ -54,6 +54,12 @@ class Settings:
     ack_timeout: float = 10.0
     wait: bool = False
     big_key_bytes: int = DEFAULT_BIG_KEY_BYTES
+    # The data servers' credentials ("password" or "user password", as a pool's redis_auth): never shown.
+    redis_auth: Optional[str] = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.redis_auth is not None and self.protocol != "redis":
+            raise SettingsError(f"--redis-auth-file is for Redis clusters, not {self.protocol} ones")
 
     @property
     def listen_text(self) -> str:
@@ -96,6 +102,28 @@ def read_token(path: str) -> bytes:
     if any(byte <= 32 or byte >= 127 for byte in token):
         raise SettingsError(f"the token in {path} must be printable ASCII without spaces (one line)")
     return token
+
+
+def read_redis_auth(path: str) -> str:
+    """The data servers' credentials from the file at ``path``: one line, ``password`` or ``user password``.
+
+    Read as the pool's ``redis_auth`` is (the first space splits a user from the password).  The messages
+    never show the file's content.
+    """
+    try:
+        with open(path, "rb") as auth_file:
+            raw = auth_file.read().strip()
+    except OSError as err:
+        raise SettingsError(f"cannot read the Redis credentials file {path}: {err.strerror or err}")
+    if not raw:
+        raise SettingsError(f"the Redis credentials file {path} is empty: put `password` or `user password` in it")
+    if any(byte < 32 or byte == 127 for byte in raw):
+        raise SettingsError(f"the Redis credentials in {path} must be one line (`password` or `user password`), "
+                            "without control characters")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SettingsError(f"the Redis credentials in {path} are not UTF-8 text") from None
 
 
 def parse_size(text: str) -> int:
@@ -164,7 +192,7 @@ class DashboardService(MultiService):
         self._still_starting()
         address = self.bound
         self.controller = Controller(self.coordinator, settings.cluster, settings.protocol, self._reactor,
-                                     ack_timeout=settings.ack_timeout, addr=address)
+                                     ack_timeout=settings.ack_timeout, addr=address, redis_auth=settings.redis_auth)
         # Read by the migration runner for each sweep (Runner._sweep passes it as Sweep(big_key_bytes=...)).
         self.controller.big_key_bytes = settings.big_key_bytes
         self.state.controller = self.controller
@@ -188,8 +216,10 @@ class DashboardService(MultiService):
         self.poller.start()
         self.web.start(self.controller, self.coordinator)
         self._log.info("cluster {cluster}: dashboard serving on http://{address}/ (coordinator {url}; writes "
-                       "{writes})", cluster=settings.cluster, address=address, url=self.coordinator.url,
-                       writes="need the token" if settings.token is not None else "disabled: no --token-file")
+                       "{writes}; data servers {auth})", cluster=settings.cluster, address=address,
+                       url=self.coordinator.url,
+                       writes="need the token" if settings.token is not None else "disabled: no --token-file",
+                       auth="authenticated (--redis-auth-file)" if settings.redis_auth else "without credentials")
 
     def _still_starting(self) -> None:
         """Stopped meanwhile (SIGTERM during the start): go no further."""

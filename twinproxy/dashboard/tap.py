@@ -29,6 +29,7 @@ from twinproxy.dashboard.service import (
     check_protocol,
     parse_listen,
     parse_size,
+    read_redis_auth,
     read_token,
 )
 
@@ -49,6 +50,8 @@ class Options(usage.Options):
         ["listen", None, DEFAULT_LISTEN, "HOST:PORT of the HTTP API"],
         ["token-file", None, None, "the write token is this file's content (stripped); without it writes are "
          "refused"],
+        ["redis-auth-file", None, None, "the data servers' credentials: one line, `password` or `user password` "
+         "(as a pool's redis_auth)"],
         ["ack-timeout", None, 10.0, "seconds a write waits for every proxy to acknowledge it", float],
         ["big-key-bytes", None, "4MiB", "a migrating key over this size is copied in chunks, not MIGRATEd whole "
          "(0: never)"],
@@ -68,7 +71,9 @@ class Options(usage.Options):
             self.settings = Settings(coordinator=self["coordinator"], cluster=check_cluster(self["cluster"]),
                                      protocol=check_protocol(self["protocol"]), listen=parse_listen(self["listen"]),
                                      token=token, ack_timeout=check_ack_timeout(self["ack-timeout"]),
-                                     wait=bool(self["wait"]), big_key_bytes=parse_size(self["big-key-bytes"]))
+                                     wait=bool(self["wait"]), big_key_bytes=parse_size(self["big-key-bytes"]),
+                                     redis_auth=(read_redis_auth(self["redis-auth-file"])
+                                                 if self["redis-auth-file"] else None))
         except (SettingsError, ValueError) as err:
             print(f"{PROG}: {err}", file=sys.stderr)
             raise SystemExit(1) from None

@@ -66,7 +66,7 @@ class WebState:
         self.controller, self.coordinator = controller, coordinator
         auditing.wire(controller, self.events)
         self.backends = BackendPoller(self._reactor, controller.protocol, self._data_servers,
-                                      controller.command_timeout)
+                                      controller.command_timeout, auth=controller.redis_auth)
         self.backends.start()
         self.sentinel_watch = SentinelWatch(self._reactor, self._sentinels, self._masters, controller.sentinels.name,
                                             controller.command_timeout, self.events.add)

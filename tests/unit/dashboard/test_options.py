@@ -15,6 +15,7 @@ from twinproxy.dashboard.service import (
     lock_held_message,
     parse_listen,
     parse_size,
+    read_redis_auth,
     read_token,
 )
 
@@ -91,3 +92,35 @@ def test_sizes():
     """--big-key-bytes takes bytes or a binary unit; 0 is allowed (no chunked copies)."""
     assert [parse_size(text) for text in ("0", "4096", "512k", "4MiB", "4 mb", "1G")] == [
         0, 4096, 512 * 1024, 4 * 1024 ** 2, 4 * 1024 ** 2, 1024 ** 3]
+
+
+def test_the_redis_credentials_file(tmp_path: Path, capsys):
+    """--redis-auth-file: one line, ``password`` or ``user password`` (as redis_auth), never shown back."""
+    path = tmp_path / "redis-auth"
+    path.write_text("  mover s3 cr3t \n")
+    assert read_redis_auth(str(path)) == "mover s3 cr3t"
+    words = ["--coordinator", "file:///tmp/x", "--cluster", "shop", "--redis-auth-file", str(path)]
+    settings, _ = cli.parse(words)
+    assert settings.redis_auth == "mover s3 cr3t" and "cr3t" not in repr(settings)
+    options = tap.Options()
+    options.parseOptions(words)
+    assert options.settings == settings
+    assert cli.parse(words[:4])[0].redis_auth is None
+    for content, words_said in (("\n \n", "is empty"), ("one\ntwo\n", "one line"), ("a\tb", "one line")):
+        path.write_text(content)
+        with pytest.raises(SettingsError, match=words_said) as refused:
+            read_redis_auth(str(path))
+        assert "two" not in str(refused.value)
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(SettingsError, match="not UTF-8"):
+        read_redis_auth(str(path))
+    assert cli.main(["--coordinator", "file:///tmp/x", "--cluster", "shop", "--redis-auth-file",
+                     str(tmp_path / "missing")]) == 1
+    assert capsys.readouterr().err.startswith("twinproxy-dashboard: cannot read the Redis credentials file")
+    # A memcached cluster has no use for them.
+    path.write_text("s3cret\n")
+    with pytest.raises(SettingsError, match="for Redis clusters, not memcache"):
+        cli.parse([*words, "--protocol", "memcache"])
+    with pytest.raises(SystemExit) as stop:
+        tap.Options().parseOptions([*words, "--protocol", "memcache"])
+    assert stop.value.code == 1 and "for Redis clusters" in capsys.readouterr().err
