@@ -22,21 +22,26 @@ def startable(topology: Topology, skip: Collection[int] = ()) -> List[int]:
     """Ids of the pending migrations that may start now, in order.
 
     Per group, first come first served: a pending migration starts when
-    :func:`may_start_with` lets it beside the migrations past pending, and
-    neither of its groups is in an earlier pending one (except those in
-    ``skip``: paused; and save a target shared with it, which may be shared
-    anyway) nor in a promote.
+    :func:`may_start_with` lets it beside the migrations past pending, its
+    groups are under no promote, and no earlier pending one (except those in
+    ``skip``: paused) has a claim on them: an earlier one's source is its
+    alone, and an earlier one's target may be shared as a target but is no
+    later one's source (the later one would start first and make the earlier
+    one wait behind it).
     """
     change = topology.change or {}
-    claimed = {change["group"]} if change.get("group") is not None else set()
-    targets: set = set()      # the targets of the earlier pending ones: shared, not claimed
+    claimed = {change["group"]} if change.get("group") is not None else set()   # no other may use them
+    targets: set = set()      # the targets of the earlier pending ones: shared as targets only
     found = []
     for m in topology.migrations:
         if m.state not in ("pending", "preparing") or m.id in skip:
             continue
         groups = groups_of(topology, m)
-        wanted = groups - ({m.to_group} & targets) if not m.adopt else groups
-        if not wanted & claimed and not (m.adopt and groups & targets) and may_start_with(topology, m) is None:
+        if m.adopt:
+            blocked = bool(groups & (claimed | targets))
+        else:
+            blocked = m.from_group in claimed or m.from_group in targets or m.to_group in claimed
+        if not blocked and may_start_with(topology, m) is None:
             found.append(m.id)
         if m.adopt:
             claimed |= groups

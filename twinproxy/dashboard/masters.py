@@ -357,6 +357,7 @@ class MasterWatch:
         client = self._roles.get(address)
         if client is None:
             client = self._roles[address] = CommandClient(self._reactor, split_address(address),
+                                                          getattr(self._ctl, "redis_auth", None),
                                                           timeout=QUERY_TIMEOUT,
                                                           on_lost=lambda: self._lost(address))
 

@@ -237,10 +237,6 @@ def startable_ones_start(topology: Topology) -> bool:
     return True
 
 
-@pytest.mark.xfail(strict=True, reason="concurrency.startable claims only an earlier pending migration's source: a "
-                                       "later one whose source is that one's target is offered too (both start "
-                                       "'now', the second is refused by advance: a 409 and a backoff), or starts "
-                                       "first and makes the earlier one wait for it")
 def test_startable_keeps_first_come_first_served_for_a_chain_of_groups() -> None:
     chain = groups(4).create_migration(0, 99, 3).create_migration(512, 600, 4)     # 1 -> 3, then 3 -> 4
     assert startable_ones_start(chain)
@@ -250,9 +246,6 @@ def test_startable_keeps_first_come_first_served_for_a_chain_of_groups() -> None
     assert startable(busy) == []
 
 
-@pytest.mark.xfail(strict=True, reason="concurrency.startable drops a target shared with an earlier pending "
-                                       "migration from the groups it checks, the promote's group among them: it "
-                                       "offers a migration into a group under a promote, which advance refuses (409)")
 def test_startable_offers_no_migration_into_a_group_under_a_promote() -> None:
     topology = groups(3, servers=2).create_migration(0, 99, 3).create_migration(256, 300, 3)   # 1 -> 3, 2 -> 3
     held = topology.hold_group(3, {"op": "promote", "group": 3, "server": "127.0.0.1:7103", "step": "held"})
