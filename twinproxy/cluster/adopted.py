@@ -55,7 +55,8 @@ class AdoptedPlacement:
         self.toward = toward
         self.home = home
         self.held_with = held_with
-        # slot -> a MigratingSlot of a server now done that still lets out a client's line (see Draining)
+        # slot -> the Draining in front of its owner for a done server's MigratingSlot that still lets out a
+        # client's line
         self.draining: Dict[int, Any] = {}
         self._answer = answer
 
@@ -131,6 +132,8 @@ def build_placement(cluster: str, clock: Any, answer: Answer, table: Any, server
             for slot, before in migrating_before.items():
                 if before.source is source:
                     migrating_now[slot] = before
+                    if batcher is not None:
+                        batcher(source, before.target)   # kept too: this table's installs send what it gathers
             continue
         for slot, owner in enumerate(owners):
             if owner is None or owner is source:
@@ -147,6 +150,7 @@ def build_placement(cluster: str, clock: Any, answer: Answer, table: Any, server
         if id(before) not in kept and isinstance(before, MigratingSlot) and before.has_lines \
                 and owners[before.slot] is not None:
             draining[before.slot] = Draining(before, owners[before.slot])
+            before.on_empty = partial(_drained, draining, before.slot, draining[before.slot])
     fenced_holds: Dict[int, HeldSlot] = {}
 
     def fenced_hold(slot: int) -> HeldSlot:
@@ -195,8 +199,14 @@ def build_placement(cluster: str, clock: Any, answer: Answer, table: Any, server
         return index
 
     placement = AdoptedPlacement(cluster, pick, answer, toward_placed, home, held_with)
-    placement.draining = {slot: let_out.slot_moving for slot, let_out in draining.items()}
+    placement.draining = draining     # kept current: each empties itself out of it (_drained)
     return placement
+
+
+def _drained(draining: Dict[int, Any], slot: int, let_out: Any) -> None:
+    # Its lines are empty: the slot's owner takes the done servers' keys directly again.
+    if draining.get(slot) is let_out:
+        del draining[slot]
 
 
 def adopted_route(table: List[Any], placement: AdoptedPlacement, lease: List[float], stalled: Callable[[], None],

@@ -191,7 +191,7 @@ class MigratingSlot:
 
     __slots__ = ("name", "slot", "source", "target", "_head", "_tail", "_moved", "_answer", "_route", "_lines",
                  "_clock", "_wait_limit", "moves", "failures", "waits", "_made_for", "_batcher", "_parts",
-                 "_script_for")
+                 "_script_for", "on_empty")
 
     def __init__(self, slot: int, source: Any, target: Any, db: int, auth: Optional[str],
                  answer: Callable[..., None], route: Optional[Callable[[int], Any]] = None,
@@ -217,6 +217,8 @@ class MigratingSlot:
         # The move's MoveBatcher (twinproxy.cluster.movebatch): the scripts of a reactor turn go as one.
         # None: one script per request, at once (what the unit tests of this module look at).
         self._batcher = batcher
+        # Told when the last line empties (a Draining in front of the slot's owner can go: targets.py).
+        self.on_empty: Optional[Callable[[], None]] = None
         if target.spec.host is None:
             raise ValueError(f"slot {slot}: a migration needs the target's TCP address (MIGRATE), not "
                              f"{target.spec.address}")
@@ -398,7 +400,22 @@ class MigratingSlot:
                 self._answer(step.request, f"slot {self.slot} is migrating and moving its keys to the new owner "
                                            f"failed ({shown}); nothing was done, try again", "TRYAGAIN")
         if not line and self._lines.get(client) is line:
-            del self._lines[client]
+            self._line_done(client)
+
+    def _line_done(self, client: Any) -> None:
+        del self._lines[client]
+        if not self._lines and self.on_empty is not None:
+            self.on_empty()
+
+    def routed_here(self) -> bool:
+        """Whether the slot's requests still come here (not held, moving back or finished meanwhile)."""
+        return self._route is None or self._route(self.slot) is self
+
+    def let_go(self, step: _Step) -> None:
+        """``step`` asks nothing more here (its slot changed meanwhile): it goes where the slot goes now,
+        in its line's order."""
+        step.state = _READY
+        self._drain(step.line, step.request.client)
 
     def _retry(self, step: _Step) -> None:
         step.timer = None
@@ -409,7 +426,7 @@ class MigratingSlot:
             line = step.line
             line.clear()
             if self._lines.get(client) is line:
-                del self._lines[client]
+                self._line_done(client)
             return
         if self._route is not None and self._route(self.slot) is not self:
             # The slot changed meanwhile (held, moving back, finished): it goes where the slot goes now.
@@ -426,8 +443,11 @@ class MigratingSlot:
         now = self._route(self.slot) if self._route is not None else self
         if now is self:
             return self.target
-        if type(now) is Draining and now.slot_moving is self:
-            return now.after      # this slot's own lines, let out after it was dropped
+        if type(now) is Draining:
+            if now.after is self:
+                return self.target    # this slot stands behind another's lines: its own go on
+            if now.slot_moving is self:
+                return now.after      # this slot's own lines, let out after it was dropped
         return now
 
     def _clock_of(self, step: _Step) -> Any:

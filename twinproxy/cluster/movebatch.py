@@ -32,6 +32,7 @@ from twinproxy.cluster.migrating import target_not_writable
 from twinproxy.request import Request
 
 MAX_KEYS = 64       # keys per script: bounds the source's blocking (and the script's reply) per batch
+MAX_CLAIMED = 1024  # claimed keys remembered per move (then forgotten: at worst a batch stops at one again)
 
 _WAIT_HEAD = b"*2\r\n$4\r\nWAIT\r\n:"
 
@@ -71,7 +72,7 @@ class MoveBatcher:
     ``clock`` has ``callLater``.
     """
 
-    __slots__ = ("source", "_build", "_clock", "_pending", "_call", "scripts")
+    __slots__ = ("source", "_build", "_clock", "_pending", "_call", "_claimed", "scripts")
 
     def __init__(self, source: Any, build: Any, clock: Any) -> None:
         self.source = source
@@ -79,10 +80,17 @@ class MoveBatcher:
         self._clock = clock
         self._pending: Dict[Tuple[int, Any], _Batch] = {}     # (profile, parts) -> the batch being gathered
         self._call: Any = None
+        # Keys answered WAIT (claimed: a big key being copied) and not since seen moved: a request touching one
+        # asks alone, or every batch it joins would stop at the claim and move nothing.
+        self._claimed: Dict[bytes, None] = {}
         self.scripts = 0                          # scripts sent (stats and tests)
 
     def ask(self, step: Any, profile: int, parts: Any) -> None:
         """Have ``step``'s keys moved; its slot's ``_answered(step, reply)`` is told how that went."""
+        claimed = self._claimed
+        if claimed and any(key in claimed for key in step.keys):
+            self.ask_alone(step, profile, parts)
+            return
         key = (profile, parts)
         batch = self._pending.get(key)
         if batch is not None and len(batch.keys) + len(step.keys) > MAX_KEYS:
@@ -130,24 +138,36 @@ class MoveBatcher:
 
     def _answered(self, batch: _Batch, reply: bytes) -> None:
         steps = batch.steps
+        claimed = _claimed(reply, batch.keys)
+        if claimed is not None:
+            if len(self._claimed) >= MAX_CLAIMED:
+                self._claimed.clear()
+            self._claimed[claimed] = None
+        elif reply.startswith((b"+OK\r", b"+NOKEY\r")) and self._claimed:
+            for key in batch.keys:
+                self._claimed.pop(key, None)
         if len(steps) == 1:
             step = steps[0]
             step.slot._answered(step, reply)
             return
-        if reply.startswith((b"+OK\r", b"+NOKEY\r")) or target_not_writable(reply) is not None:
+        if claimed is None and (reply.startswith((b"+OK\r", b"+NOKEY\r")) or target_not_writable(reply) is not None):
             # Moved, or refused by a target that is no writable master: the same for every request.
             for step in steps:
                 step.slot._answered(step, reply)
             return
-        claimed = _claimed(reply, batch.keys)
-        if claimed is None:
-            # An error: each request's keys alone, so that it reaches only the one it is about.
-            for step in steps:
-                self.ask_alone(step, batch.profile, batch.parts)
-            return
         for step in steps:
-            if claimed in step.keys:
+            if claimed is not None and claimed in step.keys:
                 step.slot._answered(step, _WAIT_HEAD + b"%d\r\n" % (step.keys.index(claimed) + 1))
+            elif not step.slot.routed_here():
+                # Held, moving back or finished since (the barrier counted this batch as answered): nothing
+                # more is asked of the source for it.
+                if claimed is None:
+                    step.slot._answered(step, reply)      # the error, as its own
+                else:
+                    step.slot.let_go(step)                # nothing of it was moved: where the slot goes now
+            elif claimed is None:
+                # An error: each request's keys alone, so that it reaches only the one it is about.
+                self.ask_alone(step, batch.profile, batch.parts)
             else:
                 # Nothing was moved (the script stops at a claim): asked again with the next batch.
                 self.ask(step, batch.profile, batch.parts)

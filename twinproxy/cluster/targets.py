@@ -24,6 +24,7 @@ reactor reads its clients before it runs any timer.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional
 from zlib import crc32
 
@@ -130,6 +131,9 @@ class SlotRouting:
                 kept = migrating_before.get(slot)
                 if kept is not None:
                     migrating_now[slot] = kept
+                    if isinstance(kept, MigratingSlot):
+                        # Its batcher too: this table's installs send what it gathers (the barrier counts it).
+                        self.batcher(servers[source], servers[owner], db, auth, batchers_before)
             elif source is not None and owner is not None:
                 target = migrating_before.get(slot)
                 same = target is not None and (target.same_move(servers[source], servers[owner]) if warming else
@@ -206,9 +210,13 @@ class SlotRouting:
 
     def _let_out(self, targets: List[Any], migrating_before: Dict[int, Any], migrating_now: Dict[int, Any],
                  servers: Dict[str, Any]) -> None:
-        """A slot whose move ended (or left this table) while a client's requests still wait in its line:
-        the slot's owner behind a :class:`Draining`, so that client's next requests wait behind them."""
+        """A slot whose MigratingSlot left this table while a client's requests still wait in its line:
+        what the slot routes to now (its owner, or a new MigratingSlot of the same move) behind a
+        :class:`Draining`, so that client's next requests wait behind them.  A held slot needs none (what
+        the hold releases goes behind what it let in early): the MigratingSlot is remembered, and put in front
+        again once the slot routes to a server."""
         kept = {id(target) for target in migrating_now.values()}
+        server_ids = {id(server) for server in servers.values()}
         draining = {}
         for before in [*migrating_before.values(), *self._draining.values()]:
             if id(before) in kept or not isinstance(before, MigratingSlot) or not before.has_lines:
@@ -217,12 +225,26 @@ class SlotRouting:
             now = targets[slot]
             if type(now) is Draining:
                 now = now.after
-            if now in servers.values():
-                targets[slot] = Draining(before, now)
+            if isinstance(now, HeldSlot):
                 draining[slot] = before
+            elif id(now) in server_ids or (isinstance(now, MigratingSlot) and now is not before):
+                wrapper = targets[slot] = Draining(before, now)
+                draining[slot] = before
+                before.on_empty = partial(self._drained, wrapper)
         if self._placement is not None:
-            draining.update(self._placement.draining)   # an adopted pool's: the placement lets them out
+            # An adopted pool's: the placement lets them out.
+            draining.update({slot: let_out.slot_moving for slot, let_out in self._placement.draining.items()})
         self._draining = draining
+
+    def _drained(self, wrapper: Draining) -> None:
+        """``wrapper``'s lines are empty: its slot routes to what it stood in front of again (WATCH pins the
+        slot's server by identity, and needs the server itself)."""
+        slot = wrapper.slot
+        for table in (self._table, self._real):
+            if len(table) > slot and table[slot] is wrapper:
+                table[slot] = wrapper.after
+        if self._draining.get(slot) is wrapper.slot_moving:
+            del self._draining[slot]
 
     def _adopted(self, table: Any, servers: Dict[str, Any], migrating_before: Dict[int, Any],
                  migrating_now: Dict[int, Any], hold_seconds: float, config: Any,

@@ -1,5 +1,5 @@
-"""Review of 9a80ed5/01e4323 (shared targets), d2dcfa7 (gathered ensure-moved scripts) and 68c6351 (Draining), as
-xfail: what a proxy sends or routes wrongly, on in-memory transports and a fake clock.
+"""Review of 9a80ed5/01e4323 (shared targets), d2dcfa7 (gathered ensure-moved scripts) and 68c6351 (Draining):
+what a proxy sent or routed wrongly (each fixed since), on in-memory transports and a fake clock.
 
 - a step asked again after its batch's WAIT or error reply goes to the source even once the slot is held (a
   cancel's hold) and its settle has counted the batch as answered: a MIGRATE (or a claim) the barrier missed;
@@ -60,9 +60,6 @@ def two_gets_in_one_batch(w: Wire):
     return source, ka, kb
 
 
-@pytest.mark.xfail(strict=True, reason="movebatch._answered asks the unclaimed steps of a WAIT-answered batch again "
-                                       "without checking that their slot is still migrating: after a cancel's hold "
-                                       "settled, a script goes to the source (the barrier counted the batch only)")
 def test_a_step_asked_again_after_a_wait_is_not_sent_once_its_slot_is_held_and_settled() -> None:
     w = Wire()
     w.serve(topology(1, moving={7}))
@@ -77,9 +74,6 @@ def test_a_step_asked_again_after_a_wait_is_not_sent_once_its_slot_is_held_and_s
     assert migrate(kb) not in sent_since(w, SOURCE)
 
 
-@pytest.mark.xfail(strict=True, reason="movebatch._answered sends every step of a failed batch again alone without "
-                                       "checking that its slot is still migrating: after a cancel's hold settled, "
-                                       "scripts go to the source that the barrier never counted")
 def test_steps_of_a_failed_batch_are_not_sent_again_once_their_slot_is_held_and_settled() -> None:
     w = Wire()
     w.serve(topology(1, moving={7}))
@@ -93,10 +87,6 @@ def test_steps_of_a_failed_batch_are_not_sent_again_once_their_slot_is_held_and_
     assert migrate(ka) not in again and migrate(kb) not in again
 
 
-@pytest.mark.xfail(strict=True, reason="targets.install's fenced branch keeps the MigratingSlot but not its "
-                                       "MoveBatcher: the next trusted table makes a new one, and its installs never "
-                                       "flush the kept slot's, so a script gathered in a table's turn is sent after "
-                                       "the settle counted")
 def test_a_slot_kept_through_a_fenced_table_still_has_its_gathered_script_sent_by_the_next_install() -> None:
     w = Wire()
     w.serve(topology(1, moving={7}))
@@ -114,9 +104,6 @@ def with_slot_hold(milliseconds: int):
     return base
 
 
-@pytest.mark.xfail(strict=True, reason="targets._let_out puts a Draining only in front of a server: a MigratingSlot "
-                                       "replaced by a new one for the same slot (same_move false: slot_hold or "
-                                       "redis_auth reloaded) loses its lines' order, a GET overtakes its SET")
 def test_a_read_after_a_write_keeps_its_order_when_a_reload_makes_a_new_migrating_slot() -> None:
     w = Wire()
     w.serve(topology(1, moving={7}))
@@ -137,9 +124,6 @@ def test_a_read_after_a_write_keeps_its_order_when_a_reload_makes_a_new_migratin
     assert target_wire.value().startswith(cmd(b"SET", key, b"1"))
 
 
-@pytest.mark.xfail(strict=True, reason="targets._let_out drops a Draining when its slot is held (a promote of the "
-                                       "new owner just after the finish) and does not put it back at the release: "
-                                       "the client's GET released from the hold overtakes its SET still moving")
 def test_a_read_after_a_write_keeps_its_order_across_a_hold_after_the_finish() -> None:
     w = Wire()
     w.serve(topology(1, moving={7}))
@@ -156,9 +140,6 @@ def test_a_read_after_a_write_keeps_its_order_across_a_hold_after_the_finish() -
     assert target_wire.value() == cmd(b"SET", key, b"1") + cmd(b"GET", key)
 
 
-@pytest.mark.xfail(strict=True, reason="a Draining stays in the table until the next one even once its lines are "
-                                       "empty; it has no link, so WATCH of its slot is refused ('is held, migrating "
-                                       "or has no live server') for every client")
 def test_watch_of_a_finished_slot_is_served_once_its_lines_are_empty() -> None:
     w = Wire()
     w.serve(topology(1, moving={7}))
@@ -185,9 +166,6 @@ def _bulk(key: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(key), key)
 
 
-@pytest.mark.xfail(strict=True, reason="the script stops at the first claim and movebatch asks the others again in "
-                                       "the next shared batch, which new requests for the claimed key join every "
-                                       "turn: while a hot big key is copied, no other key of the move is moved")
 def test_a_hot_claimed_key_does_not_keep_other_keys_of_the_move_from_moving() -> None:
     w = Wire()
     w.serve(topology(1, moving={7, 8}))
