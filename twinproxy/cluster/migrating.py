@@ -308,7 +308,7 @@ class MigratingSlot:
             return
         parts = self._parts.get(where)
         if parts is None:
-            if len(self._parts) > 8:
+            if len(self._parts) >= 8:
                 self._parts.clear()
             parts = self._parts[where] = ensure_moved_parts(where[0], where[1], *self._script_for)
         if self._batcher is not None:
@@ -437,7 +437,9 @@ class MigratingSlot:
             self._drain(step.line, step.request.client)      # still waiting: it fails now
             return
         step.state = _IN_FLIGHT
-        self._ask(step, alone=True)
+        # Alone when it waited for a claimed key (in a batch the claim would stop every other key); a wait
+        # for the target's master is everybody's: those ask together again.
+        self._ask(step, alone=not step.for_target)
 
     def _where(self) -> Any:
         now = self._route(self.slot) if self._route is not None else self

@@ -166,11 +166,12 @@ class MoveBatcher:
                 else:
                     step.slot.let_go(step)                # nothing of it was moved: where the slot goes now
             elif claimed is None:
-                # An error: each request's keys alone, so that it reaches only the one it is about.
-                self.ask_alone(step, batch.profile, batch.parts)
+                # An error: each request's keys alone, so that it reaches only the one it is about (through its
+                # slot, which looks up the target's master again: a failover may be why).
+                step.slot._ask(step, alone=True)
             else:
                 # Nothing was moved (the script stops at a claim): asked again with the next batch.
-                self.ask(step, batch.profile, batch.parts)
+                step.slot._ask(step)
 
 
 def _claimed(reply: bytes, keys: List[bytes]) -> Optional[bytes]:

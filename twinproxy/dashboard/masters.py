@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from twinproxy.dashboard.servers import ServerAdmin, ServerError, resolve, split_address
+from twinproxy.dashboard.servers import AdminClient, ServerAdmin, ServerError, resolve, split_address
 from twinproxy.sentinel.client import CommandClient
 from twinproxy.sentinel.decide import choose_master
 from twinproxy.sentinel.replies import MasterView, Role, parse_masters, parse_role, show_address
@@ -356,9 +356,10 @@ class MasterWatch:
     def _role(self, address: str) -> defer.Deferred:
         client = self._roles.get(address)
         if client is None:
-            client = self._roles[address] = CommandClient(self._reactor, split_address(address),
-                                                          getattr(self._ctl, "redis_auth", None),
-                                                          timeout=QUERY_TIMEOUT,
+            # The admin's client: nothing is written behind AUTH until it is accepted.
+            client = self._roles[address] = AdminClient(self._reactor, split_address(address),
+                                                        getattr(self._ctl, "redis_auth", None),
+                                                        timeout=QUERY_TIMEOUT,
                                                           on_lost=lambda: self._lost(address))
 
         def parsed(value: Any) -> Any:

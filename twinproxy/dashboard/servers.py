@@ -39,7 +39,7 @@ class ServerError(Exception):
 
 
 class ServerUnreachable(ServerError):
-    """No reply: the connection failed, closed or the deadline passed (``why`` says which, see _AdminClient)."""
+    """No reply: the connection failed, closed or the deadline passed (``why`` says which, see AdminClient)."""
 
     def __init__(self, message: str, why: str = "timeout") -> None:
         super().__init__(message)
@@ -92,7 +92,7 @@ def resolve(reactor: Any, host: str) -> defer.Deferred:
 class _AdminFactory(ClientFactory):
     noisy = False
 
-    def __init__(self, client: "_AdminClient") -> None:
+    def __init__(self, client: "AdminClient") -> None:
         self.client = client
 
     def buildProtocol(self, addr: Any) -> Protocol:
@@ -102,7 +102,7 @@ class _AdminFactory(ClientFactory):
         self.client._connect_failed_with(reason)
 
 
-class _AdminClient(CommandClient):
+class AdminClient(CommandClient):
     """A CommandClient that also says why its commands got no reply, in ``why`` (read by ServerAdmin).
 
     "refused": the connection was refused; "reset": it closed before the
@@ -194,7 +194,7 @@ class ServerAdmin:
         """The decoded reply; ServerError when there is none in time or it is an error reply."""
         client = self._clients.get(address)
         if client is None:
-            client = self._clients[address] = _AdminClient(self._reactor, split_address(address), auth=self._auth,
+            client = self._clients[address] = AdminClient(self._reactor, split_address(address), auth=self._auth,
                                                             timeout=self.timeout)
         name = b" ".join(args[:2]).decode("utf-8", "replace")
 

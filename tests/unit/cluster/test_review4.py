@@ -1,5 +1,5 @@
 """Review of the merges be87798..50a2ee8 (gathered ensure-moved scripts x Sentinel failover during a migration),
-as xfail: where the batcher's re-asks and the target waits meet the target shard's confirmed master.
+(each fixed since): where the batcher's re-asks and the target waits meet the target shard's confirmed master.
 
 In-memory transports and a fake clock (the harness of test_migrating_failover.py)."""
 
@@ -32,9 +32,6 @@ def two_clients_one_batch():
     return w, source, source_wire, (ka, kb)
 
 
-@pytest.mark.xfail(strict=True, reason="movebatch._answered asks a batch's steps again with batch.parts (the "
-                   "address the batch was built for), never through MigratingSlot._destination: after a Sentinel "
-                   "failover of the target the re-asks MIGRATE into the old (demoted) master")
 @pytest.mark.parametrize("reply", [IOERR, WAITING], ids=["error-then-alone", "wait-then-next-batch"])
 def test_a_batch_s_steps_asked_again_follow_the_target_shard_s_master_now(reply: bytes) -> None:
     w, source, source_wire, (ka, kb) = two_clients_one_batch()
@@ -47,9 +44,6 @@ def test_a_batch_s_steps_asked_again_follow_the_target_shard_s_master_now(reply:
     assert b"10.0.0.2" not in again, again
 
 
-@pytest.mark.xfail(strict=True, reason="movebatch._answered's ask_alone (an error) sends each step's script at "
-                   "once with the batch's parts, also while the target shard has no confirmed master (a step "
-                   "asked alone by MigratingSlot._ask would wait for one)")
 def test_a_failed_batch_does_not_ask_again_while_the_target_shard_has_no_confirmed_master() -> None:
     w, source, source_wire, _ = two_clients_one_batch()
     w.shard(2).suspect("test: its master went away")        # the target's connection closed: looked for again
@@ -58,10 +52,6 @@ def test_a_failed_batch_does_not_ask_again_while_the_target_shard_has_no_confirm
     assert source_wire.value() == b""
 
 
-@pytest.mark.xfail(strict=True, reason="MigratingSlot._retry always asks alone (alone=True is meant for a claimed "
-                   "key), so the requests waiting for the target's master after a NOREPLICAS/READONLY batch, or "
-                   "while the shard had none, each send a script of their own at every retry: the batching is "
-                   "lost exactly during a failover")
 def test_requests_waiting_for_the_target_s_master_ask_again_in_one_script() -> None:
     w, source, source_wire, (ka, kb) = two_clients_one_batch()
     source.dataReceived(NOREPLICAS)     # the whole batch waits for a writable target (shard still confirmed)
@@ -70,8 +60,6 @@ def test_requests_waiting_for_the_target_s_master_ask_again_in_one_script() -> N
     assert source_wire.value() == migrate_to(b"10.0.0.2", b"6379", ka, kb)
 
 
-@pytest.mark.xfail(strict=True, reason="as above: after a failover every request that waited for the target "
-                   "shard's confirmed master asks alone once it is confirmed (a burst of one-key scripts)")
 def test_requests_that_waited_for_a_confirmed_target_master_ask_together_once_there_is_one() -> None:
     w = SentinelWire()
     w.serve(topology(1, moving={7, 8}))

@@ -1,4 +1,4 @@
-"""Review of the merges be87798..50a2ee8 (dashboard credentials x confirmed masters), as xfail: the confirmed-master
+"""Review of the merges be87798..50a2ee8 (dashboard credentials x confirmed masters) (fixed since): the confirmed-master
 checks' ROLE connections (masters.py) against the README's "Every connection the dashboard opens to a data server
 then sends AUTH first, and nothing else until it is accepted".
 
@@ -35,9 +35,6 @@ def one_server_watch(auth: str) -> MemoryReactorClock:
     return ctl.reactor
 
 
-@pytest.mark.xfail(strict=True, reason="masters.MasterWatch._role uses sentinel.client.CommandClient, which writes "
-                   "its commands right behind AUTH (pipelined) instead of ServerAdmin's AUTH-then-wait: ROLE reaches "
-                   "a server before it accepted the credentials")
 def test_the_role_check_writes_nothing_behind_auth_until_it_is_accepted() -> None:
     reactor = one_server_watch("s3cret")
     assert [f"{host}:{port}" for host, port, *_ in reactor.tcpClients][0] == A
