@@ -90,15 +90,21 @@ def parse_listen(text: str) -> Tuple[str, int]:
     return host, int(port)
 
 
+def _read_one_line(path: str, what: str, wanted: str) -> bytes:
+    """The content of the file at ``path``, stripped; SettingsError if unreadable or empty (never showing it)."""
+    try:
+        with open(path, "rb") as secret_file:
+            content = secret_file.read().strip()
+    except OSError as err:
+        raise SettingsError(f"cannot read the {what} file {path}: {err.strerror or err}")
+    if not content:
+        raise SettingsError(f"the {what} file {path} is empty: put {wanted} in it")
+    return content
+
+
 def read_token(path: str) -> bytes:
     """The write token: the file's content, stripped; SettingsError if unreadable or empty."""
-    try:
-        with open(path, "rb") as token_file:
-            token = token_file.read().strip()
-    except OSError as err:
-        raise SettingsError(f"cannot read the token file {path}: {err.strerror or err}")
-    if not token:
-        raise SettingsError(f"the token file {path} is empty: put the write token in it")
+    token = _read_one_line(path, "token", "the write token")
     if any(byte <= 32 or byte >= 127 for byte in token):
         raise SettingsError(f"the token in {path} must be printable ASCII without spaces (one line)")
     return token
@@ -110,13 +116,7 @@ def read_redis_auth(path: str) -> str:
     Read as the pool's ``redis_auth`` is (the first space splits a user from the password).  The messages
     never show the file's content.
     """
-    try:
-        with open(path, "rb") as auth_file:
-            raw = auth_file.read().strip()
-    except OSError as err:
-        raise SettingsError(f"cannot read the Redis credentials file {path}: {err.strerror or err}")
-    if not raw:
-        raise SettingsError(f"the Redis credentials file {path} is empty: put `password` or `user password` in it")
+    raw = _read_one_line(path, "Redis credentials", "`password` or `user password`")
     if any(byte < 32 or byte == 127 for byte in raw):
         raise SettingsError(f"the Redis credentials in {path} must be one line (`password` or `user password`), "
                             "without control characters")
