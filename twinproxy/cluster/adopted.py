@@ -132,17 +132,15 @@ def build_placement(cluster: str, clock: Any, answer: Answer, table: Any, server
             for slot, before in migrating_before.items():
                 if before.source is source:
                     migrating_now[slot] = before
-                    if batcher is not None:
-                        batcher(source, before.target)   # kept too: this table's installs send what it gathers
             continue
         for slot, owner in enumerate(owners):
             if owner is None or owner is source:
                 continue
             target = migrating_before.get(slot)
-            moves = batcher(source, owner) if batcher is not None else None
             if target is None or not target.same_move(source, owner, 0, auth, hold_seconds):
                 target = MigratingSlot(slot, source, owner, 0, auth, answer, partial(toward_source, source),
-                                       clock=clock, wait_limit=hold_seconds, batcher=moves)
+                                       clock=clock, wait_limit=hold_seconds,
+                                       batcher=batcher(source, owner) if batcher is not None else None)
             moving[slot] = migrating_now[slot] = target
     kept = {id(target) for target in migrating_now.values()}
     draining: Dict[int, Any] = {}

@@ -260,6 +260,11 @@ class MigratingSlot:
         self._join(line, request, keys)
 
     @property
+    def batcher(self) -> Any:
+        """The move's MoveBatcher, or None."""
+        return self._batcher
+
+    @property
     def has_lines(self) -> bool:
         """Some client's requests still wait here for a script's answer (or behind one that does)."""
         return bool(self._lines)

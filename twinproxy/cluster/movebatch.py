@@ -72,10 +72,11 @@ class MoveBatcher:
     ``clock`` has ``callLater``.
     """
 
-    __slots__ = ("source", "_build", "_clock", "_pending", "_call", "_claimed", "scripts")
+    __slots__ = ("source", "key", "_build", "_clock", "_pending", "_call", "_claimed", "scripts")
 
-    def __init__(self, source: Any, build: Any, clock: Any) -> None:
+    def __init__(self, source: Any, build: Any, clock: Any, key: Any = None) -> None:
         self.source = source
+        self.key = key            # what the routing finds it by (its move: source, target, settings)
         self._build = build
         self._clock = clock
         self._pending: Dict[Tuple[int, Any], _Batch] = {}     # (profile, parts) -> the batch being gathered

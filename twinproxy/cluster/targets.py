@@ -131,9 +131,6 @@ class SlotRouting:
                 kept = migrating_before.get(slot)
                 if kept is not None:
                     migrating_now[slot] = kept
-                    if isinstance(kept, MigratingSlot):
-                        # Its batcher too: this table's installs send what it gathers (the barrier counts it).
-                        self.batcher(servers[source], servers[owner], db, auth, batchers_before)
             elif source is not None and owner is not None:
                 target = migrating_before.get(slot)
                 same = target is not None and (target.same_move(servers[source], servers[owner]) if warming else
@@ -148,9 +145,6 @@ class SlotRouting:
                                                self.target_for_slot, clock=self._clock, wait_limit=hold_seconds,
                                                batcher=self.batcher(servers[source], servers[owner], db, auth,
                                                                     batchers_before))
-                elif not warming:
-                    # The slot kept: its batcher (the same object) goes on in this table.
-                    self.batcher(servers[source], servers[owner], db, auth, batchers_before)
                 migrating_now[slot] = target
             elif slot in table.held:
                 target = held_before.pop(slot, None) or HeldSlot(slot, self.cluster, self._clock, hold_seconds,
@@ -164,6 +158,12 @@ class SlotRouting:
             else:
                 target = servers[owner]
             targets.append(target)
+        for moving in migrating_now.values():
+            # A slot kept from the last table (through a fenced one too) keeps its batcher: this table's
+            # installs must send what it gathers (the barrier counts what was sent).
+            kept_batcher = getattr(moving, "batcher", None)
+            if kept_batcher is not None:
+                self._batchers.setdefault(kept_batcher.key, kept_batcher)
         self._placement = placement
         self._let_out(targets, migrating_before, migrating_now, servers)
         self._hold_seconds = hold_seconds
@@ -188,7 +188,6 @@ class SlotRouting:
         table_list = targets
         lease = self._lease
         stalled = self._stalled
-        self._placement = placement
         if placement is not None:
             return adopted_route(table_list, placement, lease, stalled, self._clock.seconds)
 
@@ -268,7 +267,7 @@ class SlotRouting:
         if found is None:
             found = before.get(key)
             if found is None or found.source is not source:
-                found = MoveBatcher(source, ensure_moved_request, self._clock)
+                found = MoveBatcher(source, ensure_moved_request, self._clock, key)
             self._batchers[key] = found
         return found
 
