@@ -125,6 +125,11 @@ def classify(reply: bytes) -> Tuple[int, int]:
     return FAILED, 0
 
 
+def wait_reply(index: int) -> bytes:
+    """The script's ``[WAIT, index]`` answer (the inverse of :func:`classify`'s WAIT)."""
+    return _WAIT_HEAD + b"%d\r\n" % index
+
+
 def retry_delay(loop: int) -> float:
     """Seconds before asking again after the ``loop``-th WAIT (0-based): Codis's 0 / loop ms / 20 ms."""
     if loop < 5:
@@ -350,16 +355,17 @@ class MigratingSlot:
             if step.loops == 0:
                 step.deadline = self._seconds(step) + self._wait_limit
             step.state = _WAITING
-        elif target_not_writable(reply) is not None:
-            word = target_not_writable(reply)
-            shard = getattr(getattr(self.target, "link", None), "shard", None)
-            if shard is not None and word != "NOREPLICAS":
-                shard.suspect(f"answered {word} to the MIGRATE of slot {self.slot}")
-            self._wait_for_target(step, f"refused the keys ({word}: no writable master)")
         else:
-            self.failures += 1
-            step.state = _FAILED
-            step.reply = reply
+            word = target_not_writable(reply)
+            if word is not None:
+                shard = getattr(getattr(self.target, "link", None), "shard", None)
+                if shard is not None and word != "NOREPLICAS":
+                    shard.suspect(f"answered {word} to the MIGRATE of slot {self.slot}")
+                self._wait_for_target(step, f"refused the keys ({word}: no writable master)")
+            else:
+                self.failures += 1
+                step.state = _FAILED
+                step.reply = reply
         self._drain(step.line, step.request.client)
 
     def _wait_for_target(self, step: _Step, why: str) -> None:

@@ -26,15 +26,13 @@ keys caused it.  A table change flushes what is gathered first
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
-from twinproxy.cluster.migrating import target_not_writable
+from twinproxy.cluster.migrating import FAILED, MOVED, WAIT, classify, target_not_writable, wait_reply
 from twinproxy.request import Request
 
 MAX_KEYS = 64       # keys per script: bounds the source's blocking (and the script's reply) per batch
 MAX_CLAIMED = 1024  # claimed keys remembered per move (then forgotten: at worst a batch stops at one again)
-
-_WAIT_HEAD = b"*2\r\n$4\r\nWAIT\r\n:"
 
 
 class _Batch:
@@ -139,26 +137,27 @@ class MoveBatcher:
 
     def _answered(self, batch: _Batch, reply: bytes) -> None:
         steps = batch.steps
-        claimed = _claimed(reply, batch.keys)
+        kind, index = classify(reply)
+        claimed = batch.keys[index - 1] if kind == WAIT and 0 < index <= len(batch.keys) else None
         if claimed is not None:
             if len(self._claimed) >= MAX_CLAIMED:
                 self._claimed.clear()
             self._claimed[claimed] = None
-        elif reply.startswith((b"+OK\r", b"+NOKEY\r")) and self._claimed:
+        elif kind == MOVED and self._claimed:
             for key in batch.keys:
                 self._claimed.pop(key, None)
         if len(steps) == 1:
             step = steps[0]
             step.slot._answered(step, reply)
             return
-        if claimed is None and (reply.startswith((b"+OK\r", b"+NOKEY\r")) or target_not_writable(reply) is not None):
+        if kind == MOVED or (kind == FAILED and target_not_writable(reply) is not None):
             # Moved, or refused by a target that is no writable master: the same for every request.
             for step in steps:
                 step.slot._answered(step, reply)
             return
         for step in steps:
             if claimed is not None and claimed in step.keys:
-                step.slot._answered(step, _WAIT_HEAD + b"%d\r\n" % (step.keys.index(claimed) + 1))
+                step.slot._answered(step, wait_reply(step.keys.index(claimed) + 1))
             elif not step.slot.routed_here():
                 # Held, moving back or finished since (the barrier counted this batch as answered): nothing
                 # more is asked of the source for it.
@@ -173,15 +172,3 @@ class MoveBatcher:
             else:
                 # Nothing was moved (the script stops at a claim): asked again with the next batch.
                 step.slot._ask(step)
-
-
-def _claimed(reply: bytes, keys: List[bytes]) -> Optional[bytes]:
-    """The claimed key a ``[WAIT, i]`` answer names, or None for any other answer."""
-    if reply.startswith(_WAIT_HEAD) and reply.endswith(b"\r\n"):
-        try:
-            index = int(reply[len(_WAIT_HEAD):-2])
-        except ValueError:
-            return None
-        if 0 < index <= len(keys):
-            return keys[index - 1]
-    return None
