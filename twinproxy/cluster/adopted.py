@@ -31,7 +31,7 @@ class AdoptedPlacement:
     owner once they have.  The route function asks it directly; this
     stand-in takes what a hold (or a MIGRATE answered late) releases.  A
     hold's waiting requests are grouped by the server the pool placed their
-    keys on (:class:`PlacedHold`; ``held_with(key)`` is that server's index,
+    keys on (:class:`PlacedHold`; ``held_with(key, slot)`` is that server's index,
     or None for a key that goes to its slot's owner whatever comes next —
     its server is done, or is that owner), so what it releases has one target; a
     fragment that still has several (a one-slot multi-key command whose keys
@@ -48,7 +48,7 @@ class AdoptedPlacement:
 
     def __init__(self, cluster: str, pick: Callable[[bytes, int], Any], answer: Answer,
                  toward: Callable[[Any, int], Any], home: Callable[[bytes], Optional[str]] = lambda key: None,
-                 held_with: Callable[[bytes], Optional[int]] = lambda key: None) -> None:
+                 held_with: Callable[[bytes, int], Optional[int]] = lambda key, slot: None) -> None:
         self.name = "adopted-placement"
         self.cluster = cluster
         self.pick = pick
@@ -188,11 +188,11 @@ def build_placement(cluster: str, clock: Any, answer: Answer, table: Any, server
         owner = owners[slot_of(key)]
         return owner.name if owner is not None else None
 
-    def held_with(key: bytes) -> Optional[int]:
+    def held_with(key: bytes, slot: int) -> Optional[int]:
         # A key whose server is done, or was placed on its slot's owner, goes to that owner whatever comes
         # next (owners do not change during an adoption, and a done server stays done): with the hold itself.
         index = place(key)
-        if states[index] == "done" or sources[index] is owners[slot_of(key)]:
+        if states[index] == "done" or sources[index] is owners[slot]:
             return None
         return index
 
@@ -224,7 +224,7 @@ def adopted_route(table: List[Any], placement: AdoptedPlacement, lease: List[flo
             return pick(key, slot)
         if not isinstance(target, HeldSlot):
             return target
-        index = held_with(key)
+        index = held_with(key, slot)
         if index is None:
             return target
         view = views.get((slot, index))
