@@ -21,6 +21,18 @@ def finished(generation: int):
     return topo
 
 
+def write_in_flight():
+    """Slot 7 migrating, and a client's SET of a key of it whose ensure-moved script is on its way to the source:
+    (wire, client, its transport, the key, the source's protocol and transport)."""
+    w = Wire()
+    w.serve(topology(1, moving={7}))
+    client, out = w.client()
+    key = key_in(7)
+    client.dataReceived(cmd(b"SET", key, b"1"))
+    source, source_wire = w.backend(SOURCE)
+    return w, client, out, key, source, source_wire
+
+
 def test_a_read_after_a_write_waits_for_it_when_the_slot_finishes_meanwhile() -> None:
     w = Wire()
     w.serve(topology(1, moving={7}))
@@ -46,12 +58,7 @@ def test_a_read_after_a_write_waits_for_it_when_the_slot_finishes_meanwhile() ->
 
 
 def test_a_read_after_a_write_keeps_its_order_across_a_brief_session_loss() -> None:
-    w = Wire()
-    w.serve(topology(1, moving={7}))
-    client, out = w.client()
-    key = key_in(7)
-    client.dataReceived(cmd(b"SET", key, b"1"))
-    source, source_wire = w.backend(SOURCE)
+    w, client, out, key, source, source_wire = write_in_flight()
     w.serve(topology(1, moving={7}), session="suspended")
     w.serve(topology(1, moving={7}))                       # trusted again: the same move, its lines kept
     client.dataReceived(cmd(b"GET", key))                  # joins the same line, its own script asked

@@ -21,7 +21,7 @@ from __future__ import annotations
 import pytest
 
 from tests.unit.cluster.test_migrating import POOL, SOURCE, TARGET, Wire, cmd, key_in, migrate, topology
-from tests.unit.cluster.test_migrating_order import finished
+from tests.unit.cluster.test_migrating_order import finished, write_in_flight
 from tests.unit.cluster.test_migrating_waits import WAITING
 from twinproxy.cluster.concurrency import startable
 from twinproxy.cluster.model import Topology, TopologyError
@@ -105,12 +105,7 @@ def with_slot_hold(milliseconds: int):
 
 
 def test_a_read_after_a_write_keeps_its_order_when_a_reload_makes_a_new_migrating_slot() -> None:
-    w = Wire()
-    w.serve(topology(1, moving={7}))
-    client, out = w.client()
-    key = key_in(7)
-    client.dataReceived(cmd(b"SET", key, b"1"))
-    source, source_wire = w.backend(SOURCE)
+    w, client, out, key, source, source_wire = write_in_flight()
     assert source_wire.value() == migrate(key)
     # A reload of the pool file with another slot_hold: the slot's MigratingSlot is made again.
     w.runtime.apply(diff_pool(w.runtime.config, cluster_pool(with_slot_hold(3000), topology(2, moving={7}),
@@ -125,12 +120,7 @@ def test_a_read_after_a_write_keeps_its_order_when_a_reload_makes_a_new_migratin
 
 
 def test_a_read_after_a_write_keeps_its_order_across_a_hold_after_the_finish() -> None:
-    w = Wire()
-    w.serve(topology(1, moving={7}))
-    client, out = w.client()
-    key = key_in(7)
-    client.dataReceived(cmd(b"SET", key, b"1"))
-    source, source_wire = w.backend(SOURCE)
+    w, client, out, key, source, source_wire = write_in_flight()
     w.serve(finished(2))                                       # finished while the script is on its way
     w.serve(held_at(3, 2))                                     # a promote of group 2: phase one
     client.dataReceived(cmd(b"GET", key))                      # waits in the hold
