@@ -27,9 +27,11 @@ last check — started after any sign of trouble — found:
   when that server is a replica again.
 
 Checks run every 0.25 s for the groups of a migration that has not ended
-and every 1 s for the others, one round at a time (``ROLE`` on each
-server, ``SENTINEL MASTERS`` on each sentinel, every command bounded by
-:data:`QUERY_TIMEOUT`); at once when a connection to one of their servers
+and every 1 s for the others (``ROLE`` on each server of the group,
+``SENTINEL MASTERS`` on each sentinel — one per round, shared by the
+round's groups — every command bounded by :data:`QUERY_TIMEOUT`), at most
+one check of a group in flight, so a slow server delays only its own
+group's checks; at once when a connection to one of their servers
 closes (a promotion or a demotion closes every client) or a sweep's
 command was refused as by no writable master (:meth:`refused`).
 
@@ -51,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twinproxy.dashboard.servers import AdminClient, ServerAdmin, ServerError, resolve, split_address
 from twinproxy.sentinel.client import CommandClient
@@ -162,8 +165,7 @@ class MasterWatch:
         self._followed: Dict[int, Tuple[str, int]] = {}     # gid -> (the master written, its epoch)
         self._sentinel_list: Tuple[str, ...] = ()
         self._running = False
-        self._busy = False
-        self._again = False
+        self._checking: Set[int] = set()      # the groups whose check is in flight
         self._call: Any = None
         self._following: Optional[int] = None
         self._rounds = 0          # rounds started so far
@@ -216,10 +218,7 @@ class MasterWatch:
         self._call = self._reactor.callLater(delay, self._tick)
 
     def _soon(self) -> None:
-        if self._busy:
-            self._again = True
-        else:
-            self._schedule(0)
+        self._schedule(0)
 
     def _suspect(self, gid: int, why: str) -> None:
         state = self._groups.get(gid)
@@ -237,18 +236,13 @@ class MasterWatch:
 
     def _tick(self) -> None:
         self._call = None
-        if not self._running or self._busy:
+        if not self._running:
             return
-        self._busy = True
-        self._again = False
-        done = defer.maybeDeferred(self._round)
-        done.addErrback(lambda failure: self._log.failure("cluster {cluster}: master check failed", failure,
-                                                          cluster=self._ctl.cluster))
-        done.addBoth(self._finished)
-
-    def _finished(self, _: Any) -> None:
-        self._busy = False
-        self._schedule(0 if self._again else self._period)
+        try:
+            self._round()
+        except Exception:
+            self._log.failure("cluster {cluster}: master check failed", cluster=self._ctl.cluster)
+        self._schedule(self._period)
 
     def _due(self, topology: Any, now: float) -> List[Any]:
         busy: Set[int] = set()
@@ -259,7 +253,7 @@ class MasterWatch:
                     busy.update(topology.adopted.gids)
         due = []
         for group in topology.groups:
-            if group.master is None:
+            if group.master is None or group.id in self._checking:
                 continue
             state = self._groups.get(group.id)
             if state is None or state.master != group.master:
@@ -270,8 +264,14 @@ class MasterWatch:
                 due.append(group)
         return due
 
-    @defer.inlineCallbacks
-    def _round(self) -> Any:
+    def _round(self) -> None:
+        """Starts a check of every group that is due and has none in flight.
+
+        Each group is judged as soon as its own servers and every sentinel
+        answered: a slow or unreachable server (each query waits up to
+        :data:`QUERY_TIMEOUT`) delays only its group's checks, not the
+        other groups' — every group has at most one check in flight.
+        """
         topology = self._ctl.topology
         if topology is None or self._ctl.protocol != "redis":
             return
@@ -294,18 +294,36 @@ class MasterWatch:
             return
         self._rounds += 1
         number = self._rounds
-        servers = [address for group in due for address in group.servers]
-        asked = [self._role(address) for address in servers]
-        asked += [self._masters(sentinel) for sentinel in topology.sentinels]
-        asked += [self._ip(address) for address in servers]
-        results = yield defer.gatherResults(asked)
-        roles = dict(zip(servers, results[:len(servers)]))
-        answers = results[len(servers):len(servers) + len(topology.sentinels)] if topology.sentinels else None
-        ips = dict(zip(servers, results[len(servers) + len(topology.sentinels):]))
+        sentinels = list(topology.sentinels)
+        # One SENTINEL MASTERS per sentinel for the round, its answers shared by the round's groups.
+        answers = _Shared(defer.gatherResults([self._masters(sentinel) for sentinel in sentinels])
+                          if sentinels else defer.succeed(None))
+        for group in due:
+            self._checking.add(group.id)
+            servers = list(group.servers)
+            asked = [self._role(address) for address in servers] + [self._ip(address) for address in servers]
+            asked.append(answers.copy())
+            checked = defer.gatherResults(asked)
+            checked.addCallback(self._checked, group, servers, topology, now, number)
+            checked.addErrback(lambda failure: self._log.failure("cluster {cluster}: master check failed", failure,
+                                                                 cluster=self._ctl.cluster))
+            checked.addBoth(self._check_ended, group.id)
+
+    def _checked(self, results: List[Any], group: Any, servers: List[str], topology: Any, started: float,
+                 number: int) -> None:
         if not self._running or (topology is not self._ctl.topology and self._changed(topology)):
             return      # the groups changed meanwhile: the next round looks again
-        for group in due:
-            self._judged(group, roles, ips, answers, now, number)
+        count = len(servers)
+        roles = dict(zip(servers, results[:count]))
+        ips = dict(zip(servers, results[count:2 * count]))
+        answers = results[2 * count]
+        self._judged(group, roles, ips, answers, started, number)
+
+    def _check_ended(self, _: Any, gid: int) -> None:
+        self._checking.discard(gid)
+        state = self._groups.get(gid)
+        if state is not None and state.suspect is not None:
+            self._schedule(0)       # trouble seen while this check was in flight: look again now
 
     def _changed(self, seen: Any) -> bool:
         """Did a group's servers change since ``seen`` (a new topology that only moved slots changes nothing)?"""
@@ -424,6 +442,36 @@ class MasterWatch:
                        old=old, generation=written.generation)
         yield ctl.wait_acks(written, f"Sentinel's failover of group {gid} to {new}")
         return ctl.ok(written, group=gid, master=new, old_master=old)
+
+
+class _Shared:
+    """One Deferred's result for several waiters: each :meth:`copy` fires with it (errors too)."""
+
+    def __init__(self, source: defer.Deferred) -> None:
+        self._waiting: List[defer.Deferred] = []
+        self._result: Optional[List[Any]] = None
+        source.addBoth(self._fire)
+
+    def _fire(self, result: Any) -> None:
+        self._result = [result]
+        waiting, self._waiting = self._waiting, []
+        for copy in waiting:
+            self._deliver(copy)
+
+    def _deliver(self, copy: defer.Deferred) -> None:
+        result = self._result[0]
+        if isinstance(result, Failure):
+            copy.errback(result)
+        else:
+            copy.callback(result)
+
+    def copy(self) -> defer.Deferred:
+        copy: defer.Deferred = defer.Deferred()
+        if self._result is None:
+            self._waiting.append(copy)
+        else:
+            self._deliver(copy)
+        return copy
 
 
 def _replicates(role: Any, master: Address) -> bool:

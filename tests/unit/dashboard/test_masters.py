@@ -270,3 +270,51 @@ def test_memcache_and_stopped() -> None:
     assert ctl.reactor.getDelayedCalls() == []
     ctl.protocol = "memcache"
     assert watch.problem(1, "127.0.0.1:11211") is None
+
+
+def slow_server(watch: FakeWatch, address: str) -> List[defer.Deferred]:
+    """Makes ``address``'s ROLE answer only when the test fires one of the returned Deferreds."""
+    pending: List[defer.Deferred] = []
+    answer = watch._role
+
+    def role(asked: str) -> defer.Deferred:
+        if asked != address:
+            return answer(asked)
+        watch.asked.append(asked)
+        pending.append(defer.Deferred())
+        return pending[-1]
+
+    watch._role = role      # type: ignore[method-assign]
+    return pending
+
+
+def test_a_slow_server_delays_only_its_own_group_s_checks() -> None:
+    ctl, watch = watching()
+    ctl.topology = ctl.topology.create_migration(0, 9, 2)
+    pending = slow_server(watch, C)
+    watch.asked.clear()
+    ctl.reactor.pump([0.25] * 4)
+    # Group 1 is checked every quarter second while group 2's one check waits for C (up to QUERY_TIMEOUT).
+    assert watch.asked.count(A) == 4 and watch.asked.count(C) == 1 and len(pending) == 1
+    watch.roles[A] = replica_of(B)
+    ctl.reactor.advance(0.25)
+    assert "reports role replica" in watch.problem(1, A)        # group 1's news is not held up by C
+    pending[0].callback(master_role())
+    assert watch.problem(2, C) is None
+    ctl.reactor.advance(0.25)
+    assert watch.asked.count(C) == 2                            # its next check on its own period
+
+
+def test_trouble_seen_during_a_group_s_check_makes_it_look_again_once_that_check_ends() -> None:
+    ctl, watch = watching()
+    pending = slow_server(watch, C)
+    ctl.reactor.advance(1.0)                # group 2's check is in flight, waiting for C
+    assert len(pending) == 1
+    watch._lost(C)
+    assert "closed: checking group 2's master again" in watch.problem(2, C)
+    pending[0].callback(master_role())      # that check started before the trouble: it does not clear it
+    assert "checking group 2's master again" in watch.problem(2, C)
+    ctl.reactor.advance(0)
+    assert len(pending) == 2                # a new check at once
+    pending[1].callback(master_role())
+    assert watch.problem(2, C) is None
