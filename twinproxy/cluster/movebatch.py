@@ -148,7 +148,8 @@ class MoveBatcher:
                 self._claimed.pop(key, None)
         if len(steps) == 1:
             step = steps[0]
-            step.slot._answered(step, reply)
+            # The index is into the batch's keys (each once): the step's own list may name a key twice.
+            step.slot._answered(step, wait_reply(step.keys.index(claimed) + 1) if claimed in step.keys else reply)
             return
         if kind == MOVED or (kind == FAILED and target_not_writable(reply) is not None):
             # Moved, or refused by a target that is no writable master: the same for every request.

@@ -97,3 +97,23 @@ def test_a_new_table_sends_what_was_gathered_before_it_is_installed() -> None:
             and getattr(call.func, "__name__", "") == "_turn"] == []
     source, source_wire = w.backend(SOURCE)
     assert source_wire.value() == migrate(key_in(7))
+
+
+def test_a_request_naming_a_key_twice_is_told_which_key_it_waited_for() -> None:
+    w = wire()
+    client, out = w.client()
+    first, second = key_in(7), key_in(7, start=int(key_in(7)[1:]) + 1)
+    client.dataReceived(cmd(b"MSET", first, b"1", first, b"2", second, b"3"))
+    source, source_wire = w.backend(SOURCE)
+    assert source_wire.value() == migrate(first, second)          # each key once in the script
+    claimed_second = b"*2\r\n$4\r\nWAIT\r\n:2\r\n"
+    source.dataReceived(claimed_second)
+    asked = 1
+    while not out.value():
+        w.reactor.advance(0.02)
+        w.runtime.pool.slots.renew(w.reactor.seconds() + 1.0)       # the proxy keeps running
+        if source.pending:
+            source.dataReceived(claimed_second)
+            asked += 1
+        assert asked < 1000
+    assert out.value().startswith(b"-TRYAGAIN key '" + second + b"' of slot 7 is being moved"), out.value()
