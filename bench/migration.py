@@ -24,7 +24,8 @@ slot says, no GET of a loaded key that found nothing).
 A trial SPEC is words joined by '-': ``p4`` (--parallel 4), ``b500``
 (BATCH), ``s5000`` (SCAN_COUNT), ``r20000`` (--keys-per-second 20000),
 ``noload`` (no client load), ``avoid`` (the load touches no moving slot:
-what the sweep alone costs the clients), ``profile`` (cProfile of the
+what the sweep alone costs the clients), ``nice``
+(the dashboard at nice 10, as if on a host of its own), ``profile`` (cProfile of the
 dashboard during the move: slower, reported apart).
 Everything started is stopped at the end, on errors and Ctrl-C too.
 """
@@ -84,9 +85,12 @@ class Trial:
         self.avoid = False
         self.rate: Optional[int] = None
         self.profile = False
+        self.nice = False
         for word in spec.split("-"):
             if word == "noload":
                 self.load = False
+            elif word == "nice":
+                self.nice = True
             elif word == "profile":
                 self.profile = True
             elif word == "avoid":
@@ -96,12 +100,14 @@ class Trial:
                 setattr(self, name, int(word[1:]))
             else:
                 raise SystemExit(f"migration bench: trial '{spec}': unknown word '{word}' (p<N>, b<N>, s<N>, r<N>, "
-                                 "noload, avoid, profile)")
+                                 "noload, avoid, nice, profile)")
 
     def describe(self) -> str:
         return (f"parallel {self.parallel or 1}, batch {self.batch or 100}, scan {self.scan_count or 1000}"
                 + (f", at most {self.rate:,} keys/s" if self.rate else "") + ("" if self.load else ", no load")
-                + (", the load avoids the moving slots" if self.avoid else "") + (", profiled" if self.profile else ""))
+                + (", the load avoids the moving slots" if self.avoid else "")
+                + (", the dashboard at nice 10" if self.nice else "")
+                + (", profiled" if self.profile else ""))
 
 
 # -- processes ---------------------------------------------------------------
@@ -123,7 +129,9 @@ class BenchDashboard(Dashboard):
             wrapper += ["--scan-count", str(self.trial.scan_count)]
         if self.trial.profile:
             wrapper += ["--profile", str(self.profile_path)]
-        return [*wrapper, "--", *super().argv()[1:]]
+        # nice: as on a host of its own, the dashboard's CPU yields to the proxy's and the servers'.
+        niced = ["nice", "-n", "10"] if self.trial.nice else []
+        return [*niced, *wrapper, "--", *super().argv()[1:]]
 
     def api(self, method: str, path: str, body: Optional[Dict[str, Any]] = None, timeout: float = 60) -> Any:
         data = json.dumps(body).encode() if body is not None else None
