@@ -54,6 +54,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
+from twinproxy.cluster.onsource import SERVED_HEAD, may_run_on_source, run_or_move_request, served
 from twinproxy.request import Request, shared_profile
 
 # Keys remembered as moved per slot before the set starts over (then a key
@@ -71,12 +72,16 @@ CLAIMS = b"__twinproxy:claims"       # a set on the source: the keys K whose cla
 # for the whole copy (measured: 1.96 s for a 214 MB hash).
 BIG_KEY_BYTES = 4 * 1024 * 1024
 
-ENSURE_MOVED = b"""\
+# The scripts' parts.  KEYS: the request's keys, their claims, the claims registry.  ARGV (from ``o + 1``):
+# the big-key limit, the target's host, port, db, MIGRATE's timeout, its AUTH words.
+_WAIT_FOR_CLAIMS = b"""\
 local n = (#KEYS - 1) / 2
 for i = 1, n do
   if redis.call('EXISTS', KEYS[n + i]) == 1 then return {'WAIT', i} end
 end
-local limit = tonumber(ARGV[1])
+"""
+_MOVE_KEYS = b"""\
+local limit = tonumber(ARGV[o + 1])
 if limit > 0 then
   local claimed = 0
   for i = 1, n do
@@ -88,12 +93,22 @@ if limit > 0 then
   end
   if claimed > 0 then return {'WAIT', claimed} end
 end
-local args = {'MIGRATE', ARGV[2], ARGV[3], '', ARGV[4], ARGV[5], 'REPLACE'}
-for i = 6, #ARGV do args[#args + 1] = ARGV[i] end
+local args = {'MIGRATE', ARGV[o + 2], ARGV[o + 3], '', ARGV[o + 4], ARGV[o + 5], 'REPLACE'}
+for i = o + 6, #ARGV do args[#args + 1] = ARGV[i] end
 args[#args + 1] = 'KEYS'
 for i = 1, n do args[#args + 1] = KEYS[i] end
 return redis.pcall(unpack(args))
 """
+ENSURE_MOVED = _WAIT_FOR_CLAIMS + b"local o = 0\n" + _MOVE_KEYS
+# The same, but when every key is on the source, run the request there (ARGV[1]: its number of arguments,
+# then the arguments) and answer [SERVED, its reply]: twinproxy.cluster.onsource.
+RUN_OR_MOVE = _WAIT_FOR_CLAIMS + b"""\
+local o = tonumber(ARGV[1]) + 1
+if redis.call('EXISTS', unpack(KEYS, 1, n)) == n then
+  return {'SERVED', redis.pcall(unpack(ARGV, 2, o))}
+end
+""" + _MOVE_KEYS
+_RUN_HEAD = (2, b"$4\r\nEVAL\r\n$%d\r\n%s\r\n" % (len(RUN_OR_MOVE), RUN_OR_MOVE))
 
 # MIGRATE's error when the target refused the keys (nothing moved): ``-ERR Target instance replied with
 # error: <its error>``; these mean the target is no writable master (yet): wait for one.
@@ -101,11 +116,11 @@ _TARGET_REFUSED = b"Target instance replied with error: "
 _NOT_WRITABLE = (b"READONLY", b"NOREPLICAS", b"MASTERDOWN", b"LOADING")
 
 # What the script's reply means.
-MOVED, WAIT, FAILED = 0, 1, 2
+MOVED, WAIT, FAILED, SERVED = 0, 1, 2, 3
 _WAIT_HEAD = b"*2\r\n$4\r\nWAIT\r\n:"
 
 # A step's state in its line.
-_IN_FLIGHT, _READY, _WAITING, _FAILED = 0, 1, 2, 3
+_IN_FLIGHT, _READY, _WAITING, _FAILED, _SERVED = 0, 1, 2, 3, 4
 
 
 def claim_of(key: bytes) -> bytes:
@@ -114,9 +129,12 @@ def claim_of(key: bytes) -> bytes:
 
 
 def classify(reply: bytes) -> Tuple[int, int]:
-    """(MOVED, 0), (WAIT, index of the claimed key, 1-based) or (FAILED, 0) for the script's reply."""
+    """(MOVED, 0), (WAIT, index of the claimed key, 1-based), (SERVED, 0) — the request ran on the source —
+    or (FAILED, 0) for the script's reply."""
     if reply.startswith((b"+OK\r", b"+NOKEY\r")):
         return MOVED, 0
+    if reply.startswith(SERVED_HEAD):
+        return SERVED, 0
     if reply.startswith(_WAIT_HEAD) and reply.endswith(b"\r\n"):
         try:
             return WAIT, int(reply[len(_WAIT_HEAD):-2])
@@ -167,7 +185,7 @@ class _Step:
     """One request of a line: its script's owner, then the line's record of where it stands."""
 
     __slots__ = ("slot", "request", "keys", "line", "state", "loops", "deadline", "timer", "waited_for", "reply",
-                 "for_target")
+                 "for_target", "runs")
 
     def __init__(self, slot: "MigratingSlot", request: Request, keys: List[bytes], line: Deque["_Step"],
                  state: int) -> None:
@@ -182,6 +200,7 @@ class _Step:
         self.waited_for = b""      # the claimed key
         self.reply = b""
         self.for_target = ""       # why it waits for the target's master (else: for a claimed key)
+        self.runs = False          # its script runs it on the source if its key is there (onsource)
 
     def request_done(self, step: Request) -> None:
         self.slot._answered(self, step.reply or b"")
@@ -195,14 +214,14 @@ class MigratingSlot:
     """
 
     __slots__ = ("name", "slot", "source", "target", "_head", "_tail", "_moved", "_answer", "_route", "_lines",
-                 "_clock", "_wait_limit", "moves", "failures", "waits", "_made_for", "_batcher", "_parts",
-                 "_script_for", "on_empty")
+                 "_clock", "_wait_limit", "moves", "failures", "waits", "served", "_made_for", "_batcher", "_parts",
+                 "_script_for", "on_empty", "_run_on_source")
 
     def __init__(self, slot: int, source: Any, target: Any, db: int, auth: Optional[str],
                  answer: Callable[..., None], route: Optional[Callable[[int], Any]] = None,
                  timeout_ms: int = MIGRATE_TIMEOUT_MS, *, clock: Any = None,
                  wait_limit: Optional[float] = None, big_key_bytes: int = BIG_KEY_BYTES,
-                 batcher: Any = None) -> None:
+                 batcher: Any = None, run_on_source: bool = False) -> None:
         self.name = f"slot-{slot}"
         self.slot = slot
         self.source = source
@@ -219,6 +238,10 @@ class MigratingSlot:
         self.moves = 0       # scripts sent
         self.failures = 0    # scripts that failed (the request got an error)
         self.waits = 0       # WAIT answers (a claimed key)
+        self.served = 0      # requests the source ran itself, their key still there (onsource)
+        # Whether a request that starts its client's line may run on the source (twinproxy.cluster.onsource).
+        # False: every request moves its keys first (what most unit tests of this module look at).
+        self._run_on_source = run_on_source
         # The move's MoveBatcher (twinproxy.cluster.movebatch): the scripts of a reactor turn go as one.
         # None: one script per request, at once (what the unit tests of this module look at).
         self._batcher = batcher
@@ -262,7 +285,9 @@ class MigratingSlot:
             self.target.send(request)
             return
         line = lines[request.client] = deque()
-        self._join(line, request, keys)
+        # Only a request with no earlier one of its client on the way here may run on the source: one that
+        # ran there before an earlier request reached the target would overtake it.
+        self._join(line, request, keys, self._run_on_source and may_run_on_source(request))
 
     @property
     def batcher(self) -> Any:
@@ -289,12 +314,13 @@ class MigratingSlot:
 
     # -- internals ----------------------------------------------------------------
 
-    def _join(self, line: Deque[_Step], request: Request, keys: List[bytes]) -> None:
+    def _join(self, line: Deque[_Step], request: Request, keys: List[bytes], runs: bool = False) -> None:
         moved = self._moved
         if not keys or all(key in moved for key in keys):
             line.append(_Step(self, request, keys, line, _READY))     # behind the line, no script needed
             return
         step = _Step(self, request, keys, line, _IN_FLIGHT)
+        step.runs = runs
         line.append(step)
         self._ask(step)
 
@@ -321,7 +347,11 @@ class MigratingSlot:
             if len(self._parts) >= 8:
                 self._parts.clear()
             parts = self._parts[where] = ensure_moved_parts(where[0], where[1], *self._script_for)
-        if self._batcher is not None:
+        if step.runs:
+            # Its own script, never in a batch: its answer is the request's reply.
+            ask = Request(run_or_move_request(step.keys, request.args, _RUN_HEAD, parts[1],
+                                              [claim_of(key) for key in step.keys], CLAIMS))
+        elif self._batcher is not None:
             self.moves += 1
             if alone:
                 # A request waiting for a claimed key asks on its own: in a batch, the claim would make every
@@ -330,7 +360,8 @@ class MigratingSlot:
             else:
                 self._batcher.ask(step, shared_profile(request.profile), parts)
             return
-        ask = Request(ensure_moved_request(step.keys, parts))
+        else:
+            ask = Request(ensure_moved_request(step.keys, parts))
         ask.owner = step
         ask.client = request.client      # the client's connection: its scripts are answered in order
         ask.profile = shared_profile(request.profile)   # its dialect and database; a blocking command's
@@ -341,7 +372,11 @@ class MigratingSlot:
 
     def _answered(self, step: _Step, reply: bytes) -> None:
         kind, index = classify(reply)
-        if kind == MOVED:
+        if kind == SERVED:
+            self.served += 1
+            step.reply = served(reply)     # its key was on the source, which ran it: the client's reply
+            step.state = _SERVED
+        elif kind == MOVED:
             moved = self._moved
             if len(moved) >= MOVED_MEMORY:
                 moved.clear()
@@ -406,6 +441,10 @@ class MigratingSlot:
             line.popleft()
             if state == _READY:
                 self._where().send(step.request)
+            elif state == _SERVED:
+                request = step.request
+                request.reply = step.reply
+                request.owner.request_done(request)
             else:
                 shown = step.reply.strip().decode("utf-8", "replace")[:200] or "no reply"
                 self._answer(step.request, f"slot {self.slot} is migrating and moving its keys to the new owner "

@@ -109,7 +109,7 @@ def test_the_runtime_keeps_its_clients_and_routes_them_by_the_cluster() -> None:
     j.join(MOVING)
     assert not j.out.disconnecting and j.runtime.pool.slots is not None
     assert [s.name for s in j.runtime.pool.servers] == ["shop-1", "shop-2", "shop-3"]
-    j.client.dataReceived(cmd(b"GET", k))                 # group 1 moving: moved first, then at group 2
+    j.client.dataReceived(cmd(b"INCR", k))                # group 1 moving: moved first, then at group 2
     assert len(j.connections(ADDRESS[1])) == 1            # the same server under its group's name: its link kept
     assert old_wire.value() == cmd(b"GET", k) + migrate(k)
     assert j.runtime.retiring_count == 0
