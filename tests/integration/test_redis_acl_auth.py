@@ -77,7 +77,7 @@ def test_a_password_with_spaces_is_sent_whole(redis_servers, proxy) -> None:
     through = client(service.port_number, password=DEFAULT_PASSWORD)
     assert through.set("k", "spaced") and through.get("k") == b"spaced"
     assert client(server.port, password=DEFAULT_PASSWORD).get("k") == b"spaced"
-    # Split at its first space it would be user "the" with password "default user's": the proxy never says that.
+    # Nothing splits it into a user "the" and a password "default user's": that pair is refused.
     with pytest.raises(redis.AuthenticationError):
         client(service.port_number, username="the", password="default user's").get("k")
 
