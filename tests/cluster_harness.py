@@ -31,7 +31,7 @@ class Dashboard:
     """One ``twinproxy-dashboard`` process."""
 
     def __init__(self, workdir: Path, coordinator: str, cluster: str, protocol: str = "redis",
-                 extra: tuple = (), redis_auth: Optional[str] = None) -> None:
+                 extra: tuple = (), redis_auth: Optional[str] = None, redis_auth_user: Optional[str] = None) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.coordinator = coordinator
@@ -41,11 +41,13 @@ class Dashboard:
         self.port = free_port()
         self.token_file = workdir / "token"
         self.token_file.write_text(TOKEN + "\n")
-        # The data servers' credentials (--redis-auth-file), when given; rewrite the file to change them.
+        # The data servers' password (--redis-auth-file), when given, and its ACL user (--redis-auth-user);
+        # rewrite the file to change the password.
         self.redis_auth_file: Optional[Path] = None
         if redis_auth is not None:
             self.redis_auth_file = workdir / "redis-auth"
             self.redis_auth_file.write_text(redis_auth + "\n")
+        self.redis_auth_user = redis_auth_user
         self.process: Optional[Process] = None
         self._runs = 0
 
@@ -57,6 +59,7 @@ class Dashboard:
         return [str(BIN / "twinproxy-dashboard"), "--coordinator", self.coordinator, "--cluster", self.cluster,
                 "--protocol", self.protocol, "--listen", self.address, "--token-file", str(self.token_file),
                 *(["--redis-auth-file", str(self.redis_auth_file)] if self.redis_auth_file is not None else []),
+                *(["--redis-auth-user", self.redis_auth_user] if self.redis_auth_user is not None else []),
                 *self.extra]
 
     def spawn(self) -> Process:

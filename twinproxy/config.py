@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
+from twinproxy.credentials import valid_user_name
 from twinproxy.distribution import DISTRIBUTIONS
 from twinproxy.hashing import HASH_FUNCTIONS
 
@@ -38,7 +39,7 @@ POOL_KEYS = (
 EXTENSION_KEYS = ("client_max_pending", "client_max_pending_bytes", "max_request_bytes", "shutdown_timeout",
                   "client_output_soft_limit", "client_output_hard_limit", "redis_cross_server_transactions",
                   "server_leased_connections", "redis_deny_flush", "databases",
-                  "server_subscriber_connections")
+                  "server_subscriber_connections", "redis_auth_user")
 # Sentinel mode (twinproxy's too): the pool follows the masters Sentinel names.
 SENTINEL_KEYS = ("sentinels", "sentinel_auth", "read_policy", "max_replica_lag", "failover_hold")
 # Cluster mode (twinproxy's too): the servers and slots come from a coordinator
@@ -134,7 +135,7 @@ class PoolConfig:
     preconnect: bool = False
     client_connections: int = 0
     tcpkeepalive: bool = False
-    redis_auth: Optional[str] = field(default=None, repr=False)
+    redis_auth: Optional[str] = field(default=None, repr=False)   # the whole value is the password
     redis_db: int = 0
     server_connections: int = 1
     auto_eject_hosts: bool = False
@@ -166,6 +167,8 @@ class PoolConfig:
     # the backends' redis_db .. redis_db + databases - 1.  The loader sets it when
     # the file does not (_database_counts); 0: not set (see database_count).
     databases: int = 0
+    # The Redis 6+ ACL user that redis_auth is the password of (AUTH user password); None: the default user.
+    redis_auth_user: Optional[str] = None
     # Sentinel mode: the sentinels to follow ((host, port), ...; empty: off),
     # their password ("password" or "user password"), where reads go, how far
     # behind (ms) a replica may be and still be read from, and how long (ms)
@@ -340,6 +343,9 @@ def _parse_pool(path: str, name: str, body: Any) -> PoolConfig:
         raise fail("redis_deny_flush", None, "needs 'redis: true' (it denies Redis's FLUSHDB and FLUSHALL)")
     if "server_subscriber_connections" in values and not values.get("redis", False):
         raise fail("server_subscriber_connections", None, "needs 'redis: true' (it caps Redis pub/sub connections)")
+    if "redis_auth_user" in values and ("redis_auth" not in values or not values.get("redis", False)):
+        raise fail("redis_auth_user", None, "needs 'redis: true' and 'redis_auth' (it names the Redis ACL user "
+                   "whose password redis_auth is)")
     if "cluster" in values or "coordinator" in values:
         return _cluster_pool(name, body, values, fail)
     if "slot_hold" in values:
@@ -488,6 +494,12 @@ def _text(raw: str, fail) -> str:
     return raw
 
 
+def _user_name(raw: str, fail) -> str:
+    if not valid_user_name(raw):
+        raise fail("is not a Redis user name (one word, no spaces or control characters)")
+    return raw
+
+
 def _port(raw: str, fail) -> int:
     if not raw.isdigit() or not raw.isascii() or not 0 < int(raw) < 65536:
         raise fail("has an invalid port (expected 1 to 65535)")
@@ -570,6 +582,7 @@ _CONVERTERS = {
     "client_connections": _number,
     "tcpkeepalive": _boolean,
     "redis_auth": _text,
+    "redis_auth_user": _user_name,
     "redis_db": _number,
     "server_connections": _positive,
     "auto_eject_hosts": _boolean,

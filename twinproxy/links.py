@@ -317,7 +317,7 @@ class ServerLink:
     def reconfigure(self, codec: Codec, config: PoolConfig, handshake_changed: bool) -> None:
         """New settings: connections opened from now on use them.
 
-        A changed handshake (``redis_auth``, ``redis_db``) or slot count
+        A changed handshake (``redis_auth``, ``redis_auth_user``, ``redis_db``) or slot count
         makes the open connections wrong for new requests: they are retired
         and replaced, behind a barrier, for every profile (each database's
         and dialect's set).

@@ -17,7 +17,7 @@ How a change reaches running traffic:
 - a removed server's link drains: every request already sent on it gets
   its reply (or the pool's timeout passes), then its connections close;
 - new settings reach new connections; a new handshake (``redis_auth``,
-  ``redis_db``) or slot count replaces the backend connections behind a
+  ``redis_auth_user``, ``redis_db``) or slot count replaces the backend connections behind a
   barrier; clients keep the codec they were accepted with;
 - in Sentinel mode each server is a shard
   (:class:`~twinproxy.sentinel.shards.SentinelShards`): its address comes

@@ -20,7 +20,7 @@ from twinproxy.config import PoolConfig, ServerSpec
 # Keys whose change rebuilds the ring (with the server list itself).
 RING_KEYS = ("hash", "hash_tag", "distribution")
 # Keys that are sent when a backend connection opens: a change replaces the connections.
-HANDSHAKE_KEYS = ("redis_auth", "redis_db")
+HANDSHAKE_KEYS = ("redis_auth", "redis_auth_user", "redis_db")
 # Keys handled apart from "settings".
 _STRUCTURAL = frozenset(("name", "listen", "servers", "redis", "slots", *RING_KEYS))
 # Never shown in a change description.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import pytest
 import redis
@@ -25,11 +25,12 @@ from tests.integration.test_cluster_migration import finish, keys_in, processes,
 from tests.sentinel_servers import SentinelServer
 from tests.servers import LOOPBACK, wait_until
 from twinproxy.cluster.migrating import CLAIMS, claim_of
+from twinproxy.credentials import Credentials
 from twinproxy.dashboard.bigkeys import SWEEP_BATCH, WHOLE, batch_command, migrate_arguments, tmp_of
 
 PASSWORD = "req-Pa55"                 # requirepass: the default user's, the proxies' redis_auth
 MOVER = "mover"                       # an ACL user of the dashboard's own
-MOVER_PASSWORD = "m0ver-s3cret"
+MOVER_PASSWORD = "m0ver s3cret"      # a space is part of a password (nothing splits one)
 BIG_FIELDS = 300                      # of 1000 bytes: ~330 KB, over the 64 KiB threshold below
 
 
@@ -39,11 +40,13 @@ def add_mover(server: Any) -> None:
 
 
 def cluster(tmp_path: Path, servers: List[Any], started: List[Any], dashboard_auth: str,
-            extra: tuple = ()) -> tuple:
-    """A dashboard with ``dashboard_auth`` in its credentials file, groups 1 and 2 (one server each), every slot
-    on group 1, one proxy authenticating with the requirepass password."""
+            extra: tuple = (), dashboard_user: Optional[str] = None) -> tuple:
+    """A dashboard with ``dashboard_auth`` in its password file (and ``dashboard_user`` its --redis-auth-user),
+    groups 1 and 2 (one server each), every slot on group 1, one proxy authenticating with the requirepass
+    password."""
     url = f"file://{tmp_path / 'coordinator'}"
-    dashboard = Dashboard(tmp_path / "dashboard", url, "shop", redis_auth=dashboard_auth, extra=extra).start()
+    dashboard = Dashboard(tmp_path / "dashboard", url, "shop", redis_auth=dashboard_auth, extra=extra,
+                          redis_auth_user=dashboard_user).start()
     started.append(dashboard)
     for command in (("group", "add", "1"), ("server", "add", "1", servers[0].address), ("group", "add", "2"),
                     ("server", "add", "2", servers[1].address), ("slots", "assign", "0-1023", "1")):
@@ -85,14 +88,16 @@ def test_the_sweep_scripts_pass_the_targets_credentials(redis_servers) -> None:
     with pytest.raises(redis.ResponseError, match="NOAUTH"):
         batch(None, [b"a"])
     with pytest.raises(redis.ResponseError, match="WRONGPASS"):
-        batch(f"{MOVER} wrong", [b"a"])
+        batch(Credentials("wrong", MOVER), [b"a"])
+    with pytest.raises(redis.ResponseError, match="WRONGPASS"):
+        batch(Credentials(f"{MOVER} {MOVER_PASSWORD}"), [b"a"])       # "user password" is one password now
     assert source.get(b"a") == b"1" and not target.exists(b"a")
-    assert batch(PASSWORD, [b"a", b"huge"]) == [b"OK", [b"huge"]]            # the big one claimed, not moved
-    assert batch(f"{MOVER} {MOVER_PASSWORD}", [b"b", b"c"]) == [b"OK", []]
+    assert batch(Credentials(PASSWORD), [b"a", b"huge"]) == [b"OK", [b"huge"]]   # the big one claimed, not moved
+    assert batch(Credentials(MOVER_PASSWORD, MOVER), [b"b", b"c"]) == [b"OK", []]
     assert target.mget([b"a", b"b", b"c"]) == [b"1", b"2", b"3"] and not source.exists(b"a", b"b", b"c")
     assert source.exists(claim_of(b"huge")) and source.smembers(CLAIMS) == {b"huge"}
     whole = [b"EVAL", WHOLE, b"3", claim_of(b"huge"), b"huge", CLAIMS,
-             *migrate_arguments(LOOPBACK, two.port, 5000, f"{MOVER} {MOVER_PASSWORD}")]
+             *migrate_arguments(LOOPBACK, two.port, 5000, Credentials(MOVER_PASSWORD, MOVER))]
     assert source.execute_command(*whole) == b"OK"
     assert target.strlen(b"huge") == 70_000 and not source.exists(b"huge", claim_of(b"huge"), CLAIMS)
     assert SWEEP_BATCH in batch_command([b"0"], [b"a"])
@@ -158,14 +163,13 @@ def test_a_wrong_dashboard_password_is_the_migrations_error_until_it_is_fixed(tm
     servers = redis_servers(2, password=PASSWORD)
     for server in servers:
         add_mover(server)
-    right = f"{MOVER} {MOVER_PASSWORD}"
-    dashboard, proxy = cluster(tmp_path, servers, processes, right)
+    dashboard, proxy = cluster(tmp_path, servers, processes, MOVER_PASSWORD, dashboard_user=MOVER)
     client = redis.Redis(host=LOOPBACK, port=proxy.port, password=PASSWORD, socket_timeout=10, protocol=2)
     moving = keys_in(0, 511, 200, "k")
     client.mset({key: b"v" + key for key in moving})
     # The ACL user's password changes in the dashboard's file only: it is refused everywhere now.
     dashboard.stop()
-    dashboard.redis_auth_file.write_text(f"{MOVER} wrong-password\n")
+    dashboard.redis_auth_file.write_text("wrong-password\n")
     dashboard.start()
     admin_ok(dashboard, "slots", "migrate", "0-511", "2")
 
@@ -188,7 +192,7 @@ def test_a_wrong_dashboard_password_is_the_migrations_error_until_it_is_fixed(tm
     assert client.mget(moving) == [b"v" + key for key in moving]
     # Fixed and restarted, the dashboard takes the migration up and finishes it.
     dashboard.stop()
-    dashboard.redis_auth_file.write_text(right + "\n")
+    dashboard.redis_auth_file.write_text(MOVER_PASSWORD + "\n")
     dashboard.start()
     done = admin(dashboard, "migration", "wait", timeout=45)
     assert done.returncode == 0, done.stdout + done.stderr + log_of(dashboard)[-3000:]

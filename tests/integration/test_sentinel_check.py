@@ -16,6 +16,7 @@ import pytest
 
 from tests.sentinel_servers import ShardServer, Topology
 from tests.servers import LOOPBACK, RedisServer, wait_until
+from twinproxy.credentials import Credentials, sentinel_credentials
 from twinproxy.sentinel.check import (
     Client,
     auth_command,
@@ -269,9 +270,11 @@ def test_client_refuses_a_peer_that_is_not_redis(peer) -> None:
 
 
 def test_auth_command_forms() -> None:
-    assert auth_command("secret") == ("AUTH", "secret")
-    assert auth_command("probe secret") == ("AUTH", "probe", "secret")
-    assert auth_command("probe pass with spaces") == ("AUTH", "probe", "pass with spaces")
+    assert auth_command(Credentials("secret")) == ("AUTH", "secret")
+    assert auth_command(Credentials("pass with spaces")) == ("AUTH", "pass with spaces")
+    assert auth_command(Credentials("secret", "probe")) == ("AUTH", "probe", "secret")
+    # sentinel_auth keeps its "user password" form; redis_auth is the whole password (redis_auth_user: the user).
+    assert auth_command(sentinel_credentials("probe pass with spaces")) == ("AUTH", "probe", "pass with spaces")
 
 
 def test_chosen_address_that_is_not_a_master_is_a_problem(topology: Topology) -> None:

@@ -229,3 +229,31 @@ def test_pools_sharing_a_server_keep_their_databases_apart() -> None:
 def test_bad_databases(text: str, reason: str) -> None:
     with pytest.raises(ConfigError, match=reason):
         load_text(text)
+
+
+def test_redis_auth_is_the_whole_password_and_redis_auth_user_an_acl_user() -> None:
+    (config,) = load_text(pool("  redis: true\n  redis_auth: \"pass with  spaces \"\n"))
+    assert (config.redis_auth, config.redis_auth_user) == ("pass with  spaces ", None)
+    (config,) = load_text(pool("  redis: true\n  redis_auth: s3 cret\n  redis_auth_user: alice\n"))
+    assert (config.redis_auth, config.redis_auth_user) == ("s3 cret", "alice")
+    assert "s3 cret" not in repr(config)
+
+
+@pytest.mark.parametrize("extra, reason", [
+    ("  redis: true\n  redis_auth_user: alice\n", "needs 'redis: true' and 'redis_auth'"),
+    ("  redis_auth: pw\n  redis_auth_user: alice\n", "needs 'redis: true' and 'redis_auth'"),
+    ("  redis: true\n  redis_auth: pw\n  redis_auth_user: two words\n", "is not a Redis user name"),
+    ("  redis: true\n  redis_auth: pw\n  redis_auth_user: ''\n", "is not a Redis user name"),
+    ("  redis: true\n  redis_auth: pw\n  redis_auth_user: [alice]\n", "must be a single value"),
+])
+def test_redis_auth_user_refused(extra: str, reason: str) -> None:
+    err = refused(pool(extra))
+    assert (err.pool, err.key) == ("alpha", "redis_auth_user") and reason in err.reason
+    assert str(err).startswith("pools.yml: pool 'alpha': key 'redis_auth_user'")
+    assert "pw" not in str(err)
+
+
+def test_redis_auth_user_in_a_cluster_pool() -> None:
+    (config,) = load_text("c:\n  listen: 127.0.0.1:1\n  redis: true\n  cluster: shop\n"
+                          "  coordinator: file:///tmp/x\n  redis_auth: pw\n  redis_auth_user: alice\n")
+    assert (config.cluster, config.redis_auth_user) == ("shop", "alice")

@@ -16,6 +16,7 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
+from twinproxy.credentials import Credentials
 from twinproxy.protocols.resp import encode_command
 from twinproxy.sentinel.client import CommandClient, CommandError, EventSubscriber
 from twinproxy.sentinel.replies import ReplyError
@@ -224,9 +225,10 @@ def test_after_a_timeout_the_next_command_gets_a_fresh_connection_and_on_lost_is
     assert after.value == "PONG"
 
 
-@pytest.mark.parametrize("auth,words", [("secret", [b"AUTH", b"secret"]),
-                                        ("watcher s3cret", [b"AUTH", b"watcher", b"s3cret"])])
-def test_auth_is_sent_first_and_its_reply_swallowed(auth: str, words: List[bytes]) -> None:
+@pytest.mark.parametrize("auth,words", [(Credentials("secret"), [b"AUTH", b"secret"]),
+                                        (Credentials("s3 cret"), [b"AUTH", b"s3 cret"]),
+                                        (Credentials("s3cret", "watcher"), [b"AUTH", b"watcher", b"s3cret"])])
+def test_auth_is_sent_first_and_its_reply_swallowed(auth: Credentials, words: List[bytes]) -> None:
     reactor = MemoryReactorClock()
     client = CommandClient(reactor, SENTINEL, auth=auth, timeout=0.5)
     result = Outcome(client.command(b"SENTINEL", b"MASTERS"))
@@ -245,7 +247,7 @@ def test_auth_is_sent_first_and_its_reply_swallowed(auth: str, words: List[bytes
 
 def test_a_refused_auth_fails_the_commands_and_drops_the_connection() -> None:
     reactor = MemoryReactorClock()
-    client = CommandClient(reactor, SENTINEL, auth="wrong", timeout=0.5)
+    client = CommandClient(reactor, SENTINEL, auth=Credentials("wrong"), timeout=0.5)
     result = Outcome(client.command(b"SENTINEL", b"MASTERS"))
     server = accept(reactor)
     server.send(b"-WRONGPASS invalid username-password pair or user is disabled.\r\n*0\r\n")
@@ -309,7 +311,7 @@ def test_subscriber_subscribes_to_its_channels_and_delivers_messages() -> None:
 
 
 def test_subscriber_sends_auth_before_subscribe() -> None:
-    e = Events(auth="watcher pw")
+    e = Events(auth=Credentials("pw", "watcher"))
     e.subscriber.start()
     server = e.connect(confirm=False)
     assert server.written() == cmd(b"AUTH", b"watcher", b"pw") + cmd(b"SUBSCRIBE", *CHANNELS)
@@ -411,7 +413,7 @@ def test_a_link_lost_before_subscribing_keeps_backing_off() -> None:
 
 
 def test_a_refused_subscription_drops_the_link() -> None:
-    e = Events(auth="wrong")
+    e = Events(auth=Credentials("wrong"))
     e.subscriber.start()
     server = e.connect(confirm=False)
     server.send(b"-WRONGPASS invalid username-password pair\r\n")

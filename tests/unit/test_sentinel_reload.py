@@ -5,6 +5,7 @@ from __future__ import annotations
 from twisted.internet.testing import MemoryReactorClock
 
 from twinproxy.config import load_text
+from twinproxy.credentials import Credentials, pool_credentials
 from twinproxy.runtime import PoolRuntime
 from twinproxy.topology import diff_pool
 
@@ -43,3 +44,21 @@ def test_a_reload_never_shows_the_sentinel_password() -> None:
     lines = diff_pool(before, after).describe()
     assert "pool alpha: sentinel_auth changed" in lines
     assert not any("secret" in line for line in lines)
+
+
+def test_a_reload_that_names_an_acl_user_logs_every_data_connection_in_as_it() -> None:
+    """redis_auth_user is part of the handshake and of the ROLE and replica checks' login, like redis_auth."""
+    before = load_text(BEFORE)[0]
+    after = load_text(BEFORE.replace("redis_auth: old\n", "redis_auth: old\n  redis_auth_user: alice\n"))[0]
+    diff = diff_pool(before, after)
+    assert diff.settings == ("redis_auth_user",) and diff.handshake_changed
+    runtime = PoolRuntime(before, MemoryReactorClock(), outbox=None)
+    watcher = runtime.sentinel.watcher
+    role_client = watcher._node(("10.0.0.1", 6379))
+    runtime.apply(diff)
+    assert role_client._closed and watcher._node(("10.0.0.1", 6379)) is not role_client
+    assert watcher._node(("10.0.0.1", 6379))._auth == [b"AUTH", b"alice", b"old"]
+    shard = runtime.sentinel.shards["s1"]
+    assert shard.master.codec.handshake(2)[0] == b"*3\r\n$4\r\nAUTH\r\n$5\r\nalice\r\n$3\r\nold\r\n"
+    assert pool_credentials(shard.replicas.config) == Credentials("old", "alice")
+    runtime.stop()

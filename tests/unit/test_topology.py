@@ -75,6 +75,9 @@ def test_settings_and_handshake() -> None:
     assert auth.handshake_changed
     assert "pool alpha: redis_auth changed" in auth.describe()
     assert all("secret" not in line for line in auth.describe())
+    user = diff_pool(pool(redis_auth="secret"), pool(redis_auth="secret", redis_auth_user="alice"))
+    assert user.settings == ("redis_auth_user",) and user.handshake_changed
+    assert user.describe() == ["pool alpha: redis_auth_user None -> alice"]
 
 
 def test_listen_moved() -> None:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from twinproxy.cluster.holds import Answer, HeldSlot
 from twinproxy.cluster.migrating import Draining, MigratingSlot, keys_of
 from twinproxy.cluster.slots import SLOT_COUNT, slot_of
+from twinproxy.credentials import Credentials
 from twinproxy.request import Request
 
 
@@ -96,7 +97,7 @@ class PlacedHold:
 
 def build_placement(cluster: str, clock: Any, answer: Answer, table: Any, servers: Dict[str, Any],
                     place: Callable[[bytes], int], migrating_before: Dict[int, Any], migrating_now: Dict[int, Any],
-                    hold_seconds: float, auth: Optional[str], slot_route: Callable[[int], Any],
+                    hold_seconds: float, auth: Optional[Credentials], slot_route: Callable[[int], Any],
                     batcher: Optional[Callable[[Any, Any], Any]] = None,
                     draining_before: Sequence[Any] = (), run_on_source: bool = False) -> AdoptedPlacement:
     """The stand-in of an adopted pool's slots; fills ``migrating_now`` with the MigratingSlots of the

@@ -55,6 +55,7 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from twinproxy.cluster.onsource import SERVED_HEAD, may_run_on_source, run_or_move_request, served
+from twinproxy.credentials import Credentials, migrate_options
 from twinproxy.request import Request, shared_profile
 
 # Keys remembered as moved per slot before the set starts over (then a key
@@ -217,7 +218,7 @@ class MigratingSlot:
                  "_clock", "_wait_limit", "moves", "failures", "waits", "served", "_made_for", "_batcher", "_parts",
                  "_script_for", "on_empty", "_run_on_source")
 
-    def __init__(self, slot: int, source: Any, target: Any, db: int, auth: Optional[str],
+    def __init__(self, slot: int, source: Any, target: Any, db: int, auth: Optional[Credentials],
                  answer: Callable[..., None], route: Optional[Callable[[int], Any]] = None,
                  timeout_ms: int = MIGRATE_TIMEOUT_MS, *, clock: Any = None,
                  wait_limit: Optional[float] = None, big_key_bytes: int = BIG_KEY_BYTES,
@@ -259,7 +260,7 @@ class MigratingSlot:
         # What the script and the waits were made for: a table that changes any of them makes a new slot.
         self._made_for = (target.spec.host, target.spec.port, db, auth, self._wait_limit)
 
-    def same_move(self, source: Any, target: Any, db: int = 0, auth: Optional[str] = None,
+    def same_move(self, source: Any, target: Any, db: int = 0, auth: Optional[Credentials] = None,
                   wait_limit: Optional[float] = None) -> bool:
         """Whether this slot object serves the move of the next table too (same servers, address and settings)."""
         return (source is self.source and target is self.target
@@ -522,23 +523,12 @@ def ensure_moved_request(keys: List[bytes], parts: Tuple[Tuple[int, bytes], Tupl
             + _bulk(b"%d" % (2 * len(keys) + 1)) + _bulks(keys) + _bulks(claims) + _bulk(CLAIMS) + tail)
 
 
-def ensure_moved_parts(host: str, port: int, db: int, timeout_ms: int, auth: Optional[str],
+def ensure_moved_parts(host: str, port: int, db: int, timeout_ms: int, auth: Optional[Credentials],
                        big_key_bytes: int = BIG_KEY_BYTES) -> Tuple[Tuple[int, bytes], Tuple[int, bytes]]:
     """The script call around its keys: (count, bulks) of ``EVAL <script>`` and of its ARGV."""
-    argv = [b"%d" % big_key_bytes, host.encode(), b"%d" % port, b"%d" % db, b"%d" % timeout_ms, *migrate_auth(auth)]
+    argv = [b"%d" % big_key_bytes, host.encode(), b"%d" % port, b"%d" % db, b"%d" % timeout_ms,
+            *migrate_options(auth)]
     return (2, _bulks([b"EVAL", ENSURE_MOVED])), (len(argv), _bulks(argv))
-
-
-def migrate_auth(auth: Optional[str]) -> List[bytes]:
-    """MIGRATE's credentials for the target: ``AUTH password`` or ``AUTH2 user password`` from a ``redis_auth``
-    setting (``"password"`` or ``"user password"``: the first space splits them); none without one.
-
-    The proxies' ensure-moved script and the dashboard's sweep both build theirs here, so that one
-    setting means the same to both."""
-    if not auth:
-        return []
-    user, _, password = auth.partition(" ")
-    return [b"AUTH2", user.encode(), password.encode()] if password else [b"AUTH", auth.encode()]
 
 
 def _bulk(value: bytes) -> bytes:

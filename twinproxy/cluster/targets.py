@@ -41,6 +41,7 @@ from twinproxy.cluster.migrating import (
 from twinproxy.cluster.movebatch import MoveBatcher
 from twinproxy.cluster.slots import SLOT_COUNT, slot_of
 from twinproxy.cluster.warmup import WarmingSlot
+from twinproxy.credentials import Credentials, pool_credentials
 
 __all__ = ["AdoptedPlacement", "Answer", "Early", "HeldSlot", "LEASE_SECONDS", "OfflineSlot", "STARTUP_WAIT",
            "SlotRouting", "StartupHold"]
@@ -116,7 +117,7 @@ class SlotRouting:
         sources = dict(table.migrating)
         warming = config is not None and not config.redis
         db = config.redis_db if config else 0
-        auth = config.redis_auth if config else None
+        auth = pool_credentials(config)
         placement = None
         if table.legacy is not None:
             placement = self._adopted(table, servers, migrating_before, migrating_now, hold_seconds, config,
@@ -257,13 +258,13 @@ class SlotRouting:
         if self._legacy[0] != legacy:
             # The pool's own placement, as its index in the pool's server list (kept while the pool is).
             self._legacy = (legacy, legacy_router(legacy, list(range(len(legacy.servers)))))
-        auth = config.redis_auth if config else None
+        auth = pool_credentials(config)
         return build_placement(self.cluster, self._clock, self._answer, table, servers, self._legacy[1],
                                migrating_before, migrating_now, hold_seconds, auth, self.target_for_slot,
                                lambda source, owner: self.batcher(source, owner, 0, auth, batchers_before),
                                list(self._draining.values()), self.run_on_source)
 
-    def batcher(self, source: Any, target: Any, db: int, auth: Optional[str],
+    def batcher(self, source: Any, target: Any, db: int, auth: Optional[Credentials],
                 before: Dict[Any, MoveBatcher]) -> MoveBatcher:
         """The MoveBatcher of the move ``source`` -> ``target`` in this table (the last table's, if it had it)."""
         key = (id(source), id(target), target.spec.host, target.spec.port, db, auth)

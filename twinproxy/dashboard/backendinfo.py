@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Iterable, Optional
 
 from twisted.internet import defer
 
+from twinproxy.credentials import Credentials
 from twinproxy.dashboard.servers import Poller, ServerAdmin, ServerError, memcache_exchange
 
 PERIOD = 3.0
@@ -105,7 +106,7 @@ class BackendPoller(Poller):
     _what = "backend INFO poll"
 
     def __init__(self, reactor: Any, protocol: str, addresses: Callable[[], Iterable[str]], timeout: float,
-                 period: float = PERIOD, auth: Optional[str] = None) -> None:
+                 period: float = PERIOD, auth: Optional[Credentials] = None) -> None:
         super().__init__(reactor, period, ServerAdmin(reactor, timeout, auth))
         self._protocol = protocol
         self._addresses = addresses

@@ -45,7 +45,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from twinproxy.cluster.migrating import CLAIM_PREFIX, CLAIMS, RESERVED_PREFIX, claim_of, migrate_auth, show_key
+from twinproxy.cluster.migrating import CLAIM_PREFIX, CLAIMS, RESERVED_PREFIX, claim_of, show_key
+from twinproxy.credentials import Credentials, migrate_options
 from twinproxy.dashboard.progress import Progress
 from twinproxy.dashboard.servers import ServerError, ServerRefused
 
@@ -144,10 +145,10 @@ def is_reserved(name: bytes) -> bool:
     return name.startswith(RESERVED_PREFIX)
 
 
-def migrate_arguments(host: str, port: int, timeout_ms: int, auth: Optional[str] = None) -> List[bytes]:
+def migrate_arguments(host: str, port: int, timeout_ms: int, auth: Optional[Credentials] = None) -> List[bytes]:
     """MIGRATE's arguments after the key, as the scripts take them: host, port, db 0, timeout, then
     ``AUTH password`` or ``AUTH2 user password`` for the target when the cluster has credentials."""
-    return [host.encode(), b"%d" % port, b"0", b"%d" % timeout_ms, *migrate_auth(auth)]
+    return [host.encode(), b"%d" % port, b"0", b"%d" % timeout_ms, *migrate_options(auth)]
 
 
 def batch_command(head: Sequence[bytes], keys: Sequence[bytes]) -> List[bytes]:

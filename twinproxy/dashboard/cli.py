@@ -25,8 +25,8 @@ from twinproxy.dashboard.service import (
     check_protocol,
     parse_listen,
     parse_size,
-    read_redis_auth,
     read_token,
+    redis_credentials,
 )
 
 PROG = "twinproxy-dashboard"
@@ -48,9 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--token-file", metavar="FILE", help="the write token is this file's content (stripped); "
                         "without it every write is refused")
     parser.add_argument("--redis-auth-file", metavar="FILE",
-                        help="the data servers' credentials: one line, `password` or `user password` (as a pool's "
-                        "redis_auth); every connection to a Redis server authenticates with them, and the sweep's "
-                        "MIGRATE passes them to the target")
+                        help="the data servers' password: the file's one line, whole (as a pool's redis_auth); "
+                        "every connection to a Redis server authenticates with it, and the sweep's MIGRATE passes "
+                        "it to the target")
+    parser.add_argument("--redis-auth-user", metavar="NAME",
+                        help="the Redis 6+ ACL user whose password --redis-auth-file holds (as a pool's "
+                        "redis_auth_user): AUTH NAME PASSWORD, and MIGRATE's AUTH2 (default: the default user)")
     parser.add_argument("--ack-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="how long a write waits for every proxy to acknowledge it (default: 10)")
     parser.add_argument("--wait", action="store_true", help="if another dashboard holds the cluster's lock, wait "
@@ -71,7 +74,7 @@ def parse(argv: List[str]) -> Any:
                         protocol=check_protocol(options.protocol), listen=parse_listen(options.listen), token=token,
                         ack_timeout=check_ack_timeout(options.ack_timeout), wait=options.wait,
                         big_key_bytes=parse_size(options.big_key_bytes),
-                        redis_auth=read_redis_auth(options.redis_auth_file) if options.redis_auth_file else None)
+                        redis_auth=redis_credentials(options.redis_auth_file, options.redis_auth_user))
     return settings, options.log
 
 

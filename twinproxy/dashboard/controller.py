@@ -17,7 +17,7 @@ Public API (every Deferred fires in the reactor thread; call everything from it)
                addr=None, poll_period=1.0, catchup_timeout=5.0,
                sentinel_down_after_ms=5000, sentinel_failover_timeout_ms=60000, redis_auth=None)
         # coordinator: from twinproxy.coordinator.connect(), started (and later stopped) by the caller.
-        # redis_auth: "password" or "user password" of the data servers (every connection AUTHs first).
+        # redis_auth: the data servers' Credentials (every connection AUTHs first), or None.
         # addr: the dashboard's HTTP address "host:port", shown in its lock document and status.
         # ValueError for a bad cluster name or protocol.
     .start(wait=False) -> Deferred[None]
@@ -94,6 +94,7 @@ from twisted.logger import Logger
 from twinproxy.cluster.model import CLUSTER_NAME, PROTOCOLS, Topology, TopologyError, check_slot_range
 from twinproxy.cluster.paths import proxies_path, topology_path
 from twinproxy.coordinator import Conflict, CoordinatorError, NotFound
+from twinproxy.credentials import Credentials
 from twinproxy.dashboard import actions
 from twinproxy.dashboard import promote as promoting
 from twinproxy.dashboard.barrier import AcksMissing, ProxyAcks
@@ -116,7 +117,7 @@ class Controller:
     def __init__(self, coordinator: Any, cluster: str, protocol: str, reactor: Any, ack_timeout: float = 10.0,
                  command_timeout: float = 2.0, *, addr: Optional[str] = None, poll_period: float = 1.0,
                  catchup_timeout: float = 5.0, sentinel_down_after_ms: int = 5000,
-                 sentinel_failover_timeout_ms: int = 60000, redis_auth: Optional[str] = None) -> None:
+                 sentinel_failover_timeout_ms: int = 60000, redis_auth: Optional[Credentials] = None) -> None:
         if not isinstance(cluster, str) or not CLUSTER_NAME.match(cluster):
             raise ValueError(f"cluster name {cluster!r} must be letters, digits, '_', '.', '-'")
         if protocol not in PROTOCOLS:

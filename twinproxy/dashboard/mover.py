@@ -44,6 +44,7 @@ from twisted.logger import Logger
 
 from twinproxy.cluster.migrating import RESERVED_PREFIX
 from twinproxy.cluster.slots import slot_of
+from twinproxy.credentials import Credentials
 from twinproxy.dashboard.bigkeys import (
     DEFAULT_BIG_KEY_BYTES,
     Abandoned,
@@ -101,7 +102,7 @@ class Sweep:
                  may_go: Optional[Callable[[], bool]] = None, timeout_ms: int = MIGRATE_TIMEOUT_MS,
                  command_timeout: float = 2.0, label: str = "", big_key_bytes: Optional[int] = None,
                  belongs: Optional[Callable[[bytes], bool]] = None,
-                 refused: Optional[Callable[[str], None]] = None, auth: Optional[str] = None) -> None:
+                 refused: Optional[Callable[[str], None]] = None, auth: Optional[Credentials] = None) -> None:
         self._reactor = reactor
         self._refused = refused     # told why a command failed (a demoted master's READONLY: look again)
         # Which keys are to move: the range's, or (an adoption) whatever ``belongs`` says.

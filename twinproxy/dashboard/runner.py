@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 def sweep_options(ctl: Any) -> dict:
     """What every sweep of this dashboard is given: the big-key threshold when it has one
-    (``--big-key-bytes``), the data servers' credentials (``--redis-auth-file``)."""
+    (``--big-key-bytes``), the data servers' credentials (``--redis-auth-file``, ``--redis-auth-user``)."""
     value = getattr(ctl, "big_key_bytes", None)
     options = {} if value is None else {"big_key_bytes": value}
     options["auth"] = getattr(ctl, "redis_auth", None)

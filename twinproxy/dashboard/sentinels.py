@@ -20,19 +20,21 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 from twisted.internet import defer
 
 from twinproxy.cluster.model import Topology
+from twinproxy.credentials import Credentials
 from twinproxy.dashboard.servers import ServerAdmin, ServerError, resolve, split_address
 from twinproxy.sentinel.replies import parse_masters
 
 Check = Optional[Callable[[], None]]
 
 
-def auth_options(auth: Optional[str]) -> List[Tuple[str, str]]:
-    """``SENTINEL SET`` options that give a sentinel a master's credentials (``"password"`` or ``"user
-    password"``, split at the first space as a pool's ``redis_auth``); none without."""
-    if not auth:
+def auth_options(auth: Optional[Credentials]) -> List[Tuple[str, str]]:
+    """``SENTINEL SET`` options that give a sentinel a master's credentials (``auth-pass``, after
+    ``auth-user`` for an ACL user); none without."""
+    if auth is None:
         return []
-    user, _, password = auth.partition(" ")
-    return [("auth-user", user), ("auth-pass", password)] if password else [("auth-pass", auth)]
+    if auth.user is None:
+        return [("auth-pass", auth.password)]
+    return [("auth-user", auth.user), ("auth-pass", auth.password)]
 
 
 def quorum(sentinels: Sequence[str]) -> int:
@@ -44,7 +46,7 @@ class SentinelAdmin:
     """Configures sentinels for one cluster's groups."""
 
     def __init__(self, reactor: Any, cluster: str, admin: ServerAdmin, down_after_ms: int = 5000,
-                 failover_timeout_ms: int = 60000, parallel_syncs: int = 1, master_auth: Optional[str] = None
+                 failover_timeout_ms: int = 60000, parallel_syncs: int = 1, master_auth: Optional[Credentials] = None
                  ) -> None:
         self._reactor = reactor
         self.cluster = cluster

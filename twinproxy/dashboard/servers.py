@@ -28,6 +28,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from twinproxy.credentials import Credentials
 from twinproxy.sentinel.client import CommandClient, CommandError
 from twinproxy.sentinel.replies import Replication, ReplyError, parse_replication
 
@@ -178,13 +179,13 @@ class AdminClient(CommandClient):
 class ServerAdmin:
     """Commands to Redis servers (and sentinels) by ``host:port``, one connection each.
 
-    With ``auth`` (``"password"`` or ``"user password"``) every connection
+    With ``auth`` (the cluster's :class:`~twinproxy.credentials.Credentials`) every connection
     sends ``AUTH`` first and nothing else until it is accepted; a refusal is
     :class:`ServerAuthRefused` for the commands that waited (none of them ran).
     The data servers' admin has the cluster's credentials, the sentinels' none.
     """
 
-    def __init__(self, reactor: Any, timeout: float, auth: Optional[str] = None) -> None:
+    def __init__(self, reactor: Any, timeout: float, auth: Optional[Credentials] = None) -> None:
         self._reactor = reactor
         self.timeout = timeout
         self._auth = auth
@@ -418,7 +419,7 @@ class HealthPoller(Poller):
 
     def __init__(self, reactor: Any, protocol: str, addresses: Callable[[], Iterable[str]],
                  timeout: float, period: float = 1.0, on_change: Optional[Callable[[str, Health], None]] = None,
-                 auth: Optional[str] = None, sentinels: Callable[[], Iterable[str]] = lambda: ()) -> None:
+                 auth: Optional[Credentials] = None, sentinels: Callable[[], Iterable[str]] = lambda: ()) -> None:
         super().__init__(reactor, period, ServerAdmin(reactor, timeout, auth))
         self._sentinel_admin = ServerAdmin(reactor, timeout)
         self._sentinels = sentinels

@@ -17,7 +17,7 @@ SIGTERM'd dashboard's successor takes over at once.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple
 
 from twisted.application.service import MultiService
@@ -27,6 +27,7 @@ from twisted.logger import Logger
 
 from twinproxy.cluster.model import CLUSTER_NAME, PROTOCOLS
 from twinproxy.cluster.paths import dashboard_path
+from twinproxy.credentials import Credentials, valid_user_name
 from twinproxy.dashboard.api import ApiState, make_site
 from twinproxy.dashboard.metrics import CONTENT_TYPE, StatsPoller, render
 from twinproxy.dashboard.sampler import PERIOD as WEB_PERIOD
@@ -54,8 +55,8 @@ class Settings:
     ack_timeout: float = 10.0
     wait: bool = False
     big_key_bytes: int = DEFAULT_BIG_KEY_BYTES
-    # The data servers' credentials ("password" or "user password", as a pool's redis_auth): never shown.
-    redis_auth: Optional[str] = field(default=None, repr=False)
+    # The data servers' credentials (a pool's redis_auth and redis_auth_user): the password never shown.
+    redis_auth: Optional[Credentials] = None
 
     def __post_init__(self) -> None:
         if self.redis_auth is not None and self.protocol != "redis":
@@ -111,19 +112,35 @@ def read_token(path: str) -> bytes:
 
 
 def read_redis_auth(path: str) -> str:
-    """The data servers' credentials from the file at ``path``: one line, ``password`` or ``user password``.
+    """The data servers' password from the file at ``path``: its one line, whole (spaces are part of it).
 
-    Read as the pool's ``redis_auth`` is (the first space splits a user from the password).  The messages
-    never show the file's content.
+    Read as the pool's ``redis_auth`` is: nothing splits it (an ACL user is ``--redis-auth-user``).  Only the
+    line's end goes.  The messages never show the file's content.
     """
-    raw = _read_one_line(path, "Redis credentials", "`password` or `user password`")
+    try:
+        with open(path, "rb") as secret_file:
+            raw = secret_file.read().rstrip(b"\r\n")
+    except OSError as err:
+        raise SettingsError(f"cannot read the Redis password file {path}: {err.strerror or err}")
+    if not raw.strip():
+        raise SettingsError(f"the Redis password file {path} is empty: put the password in it")
     if any(byte < 32 or byte == 127 for byte in raw):
-        raise SettingsError(f"the Redis credentials in {path} must be one line (`password` or `user password`), "
-                            "without control characters")
+        raise SettingsError(f"the Redis password in {path} must be one line, without control characters")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise SettingsError(f"the Redis credentials in {path} are not UTF-8 text") from None
+        raise SettingsError(f"the Redis password in {path} is not UTF-8 text") from None
+
+
+def redis_credentials(auth_file: Optional[str], user: Optional[str]) -> Optional[Credentials]:
+    """``--redis-auth-file`` and ``--redis-auth-user``: the data servers' credentials, or None without a file."""
+    if auth_file is None:
+        if user is not None:
+            raise SettingsError("--redis-auth-user needs --redis-auth-file (the user's password)")
+        return None
+    if user is not None and not valid_user_name(user):
+        raise SettingsError(f"--redis-auth-user {user!r} is not a Redis user name (one word, no spaces)")
+    return Credentials(read_redis_auth(auth_file), user)
 
 
 def parse_size(text: str) -> int:
@@ -219,7 +236,7 @@ class DashboardService(MultiService):
                        "{writes}; data servers {auth})", cluster=settings.cluster, address=address,
                        url=self.coordinator.url,
                        writes="need the token" if settings.token is not None else "disabled: no --token-file",
-                       auth="authenticated (--redis-auth-file)" if settings.redis_auth else "without credentials")
+                       auth=_credentials_said(settings.redis_auth))
 
     def _still_starting(self) -> None:
         """Stopped meanwhile (SIGTERM during the start): go no further."""
@@ -311,6 +328,15 @@ class DashboardService(MultiService):
 
 class _StartError(Exception):
     """The dashboard cannot start; the message is the one line the operator sees."""
+
+
+def _credentials_said(credentials: Optional[Credentials]) -> str:
+    """How the start's log line names the data servers' credentials (never the password)."""
+    if credentials is None:
+        return "without credentials"
+    if credentials.user is None:
+        return "authenticated (--redis-auth-file)"
+    return f"authenticated as {credentials.user} (--redis-auth-file, --redis-auth-user)"
 
 
 def _describe(holder: dict) -> str:

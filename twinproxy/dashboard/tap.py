@@ -29,8 +29,8 @@ from twinproxy.dashboard.service import (
     check_protocol,
     parse_listen,
     parse_size,
-    read_redis_auth,
     read_token,
+    redis_credentials,
 )
 
 PROG = "twinproxy-dashboard"
@@ -50,8 +50,10 @@ class Options(usage.Options):
         ["listen", None, DEFAULT_LISTEN, "HOST:PORT of the HTTP API"],
         ["token-file", None, None, "the write token is this file's content (stripped); without it writes are "
          "refused"],
-        ["redis-auth-file", None, None, "the data servers' credentials: one line, `password` or `user password` "
-         "(as a pool's redis_auth)"],
+        ["redis-auth-file", None, None, "the data servers' password: the file's one line, whole (as a pool's "
+         "redis_auth)"],
+        ["redis-auth-user", None, None, "the Redis 6+ ACL user whose password --redis-auth-file holds (as a "
+         "pool's redis_auth_user)"],
         ["ack-timeout", None, 10.0, "seconds a write waits for every proxy to acknowledge it", float],
         ["big-key-bytes", None, "4MiB", "a migrating key over this size is copied in chunks, not MIGRATEd whole "
          "(0: never)"],
@@ -72,8 +74,8 @@ class Options(usage.Options):
                                      protocol=check_protocol(self["protocol"]), listen=parse_listen(self["listen"]),
                                      token=token, ack_timeout=check_ack_timeout(self["ack-timeout"]),
                                      wait=bool(self["wait"]), big_key_bytes=parse_size(self["big-key-bytes"]),
-                                     redis_auth=(read_redis_auth(self["redis-auth-file"])
-                                                 if self["redis-auth-file"] else None))
+                                     redis_auth=redis_credentials(self["redis-auth-file"],
+                                                                  self["redis-auth-user"]))
         except (SettingsError, ValueError) as err:
             print(f"{PROG}: {err}", file=sys.stderr)
             raise SystemExit(1) from None

@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from twinproxy.config import PoolConfig
+from twinproxy.credentials import pool_credentials
 from twinproxy.protocols import (
     ProtocolError,
     Router,
@@ -153,8 +154,8 @@ class RedisCodec:
 
     def __init__(self, config: PoolConfig) -> None:
         self._config = config
-        self._password = config.redis_auth.encode() if config.redis_auth else None
-        self._login = LoginCommands(self._password, self.mode_changed)
+        self._credentials = pool_credentials(config)
+        self._login = LoginCommands(self._credentials, self.mode_changed)
         self._transactions = Transactions(self, CommandSpec(b"exec", TRANSACTION), arity_error, self.merge_parts,
                                           config.redis_cross_server_transactions)
         self.connection = ConnectionCommands(config, self.command_keys, arity_error)
@@ -243,8 +244,8 @@ class RedisCodec:
         all a client that never SELECTs uses, is ``redis_db`` as in nutcracker.
         """
         commands = []
-        if self._password is not None:
-            commands.append(resp.encode_command([b"AUTH", self._password]))
+        if self._credentials is not None:
+            commands.append(resp.encode_command(self._credentials.auth_arguments()))
         if profile_dialect(profile) == 3:
             commands.append(resp.encode_command([b"HELLO", b"3"]))
         db = self._config.redis_db + profile_db(profile)

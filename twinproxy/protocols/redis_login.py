@@ -12,6 +12,7 @@ import hmac
 from typing import Callable, Optional
 
 from twinproxy import __version__
+from twinproxy.credentials import Credentials
 from twinproxy.protocols import Session, resp
 from twinproxy.protocols.redis_connection import BAD_NAME as _BAD_NAME
 from twinproxy.protocols.redis_connection import valid_client_name as _valid_client_name
@@ -28,15 +29,19 @@ _HELLO_NOAUTH = ("NOAUTH HELLO must be called with the client already authentica
 
 
 class LoginCommands:
-    """AUTH and HELLO for one pool (its ``redis_auth`` password, or none)."""
+    """AUTH and HELLO for one pool (its ``redis_auth`` password and ``redis_auth_user``, or none)."""
 
-    def __init__(self, password: Optional[bytes], mode_changed: Callable[[Session], None]) -> None:
-        self._password = password
+    def __init__(self, credentials: Optional[Credentials], mode_changed: Callable[[Session], None]) -> None:
+        self._password = credentials.password.encode() if credentials is not None else None
+        # A client may name the pool's ACL user, or the default user, or no user at all.
+        self._users = {b"default"}
+        if credentials is not None and credentials.user is not None:
+            self._users.add(credentials.user.encode())
         # The codec's: a subscribed client's rules change with its protocol version.
         self._mode_changed = mode_changed
 
     def check_password(self, user: Optional[bytes], password: bytes) -> bool:
-        if user is not None and user != b"default":
+        if user is not None and user not in self._users:
             return False
         if self._password is None:
             return True

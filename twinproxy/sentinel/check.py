@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from twinproxy.config import ConfigError, load_file
+from twinproxy.credentials import Credentials, pool_credentials, sentinel_credentials
 from twinproxy.protocols.resp import encode_command as encode_arguments
 from twinproxy.sentinel.decide import Choice, choose_master, majority
 from twinproxy.sentinel.replies import (
@@ -21,7 +22,6 @@ from twinproxy.sentinel.replies import (
     MasterView,
     ReplicaView,
     ReplyError,
-    auth_arguments,
     decode_prefix,
     parse_masters,
     parse_replicas,
@@ -47,21 +47,21 @@ def encode_command(*args: Any) -> bytes:
     return encode_arguments([arg if isinstance(arg, bytes) else str(arg).encode() for arg in args])
 
 
-def auth_command(auth: str) -> Tuple[str, ...]:
-    """``AUTH`` for "password" or "user password" (the password may itself hold spaces)."""
-    return tuple(part.decode() for part in auth_arguments(auth))
+def auth_command(auth: Credentials) -> Tuple[str, ...]:
+    """``AUTH`` for ``auth`` (the password whole, after the ACL user if there is one)."""
+    return tuple(part.decode() for part in auth.auth_arguments())
 
 
 class Client:
     """One blocking connection; each command must be answered within ``timeout`` seconds."""
 
-    def __init__(self, address: Address, timeout: float = 1.0, auth: Optional[str] = None) -> None:
+    def __init__(self, address: Address, timeout: float = 1.0, auth: Optional[Credentials] = None) -> None:
         self.address = address
         self.timeout = timeout
         self._buffer = b""
         self._sock = socket.create_connection(address, timeout=timeout)
         try:
-            if auth:
+            if auth is not None:
                 reply = self.command(*auth_command(auth))
                 if isinstance(reply, ReplyError):
                     raise ConnectionError(f"AUTH refused: {reply.message}")
@@ -160,7 +160,8 @@ class PoolReport:
     problems: List[str] = field(default_factory=list)
 
 
-def _ask_sentinel(address: Address, names: Sequence[str], timeout: float, auth: Optional[str]) -> SentinelReport:
+def _ask_sentinel(address: Address, names: Sequence[str], timeout: float,
+                  auth: Optional[Credentials]) -> SentinelReport:
     report = SentinelReport(address)
     try:
         with Client(address, timeout, auth) as client:
@@ -185,7 +186,7 @@ def _ask_sentinel(address: Address, names: Sequence[str], timeout: float, auth: 
     return report
 
 
-def _role_of(address: Address, timeout: float, auth: Optional[str]) -> Tuple[str, str]:
+def _role_of(address: Address, timeout: float, auth: Optional[Credentials]) -> Tuple[str, str]:
     """The ROLE kind at ``address`` and an error text (one of the two is empty)."""
     try:
         with Client(address, timeout, auth) as client:
@@ -208,13 +209,13 @@ def probe_pool(config: Any, timeout: float = 1.0) -> PoolReport:
 
     ``config`` needs ``.name``, ``.sentinels`` ((host, port) pairs),
     ``.sentinel_auth``, ``.servers`` (each with ``.name``) and
-    ``.redis_auth``.  Sentinels are asked in parallel, so the probe takes
+    ``.redis_auth`` (with ``.redis_auth_user``).  Sentinels are asked in parallel, so the probe takes
     about one ``timeout`` per step even with frozen sentinels.
     """
     addresses = [tuple(address) for address in config.sentinels]
     names = _server_names(config)
-    sentinel_auth = getattr(config, "sentinel_auth", None)
-    redis_auth = getattr(config, "redis_auth", None)
+    sentinel_auth = sentinel_credentials(getattr(config, "sentinel_auth", None))
+    redis_auth = pool_credentials(config)
     if addresses:
         with ThreadPoolExecutor(max_workers=min(len(addresses), MAX_THREADS)) as pool:
             sentinels = list(pool.map(lambda a: _ask_sentinel(a, names, timeout, sentinel_auth), addresses))
@@ -268,7 +269,7 @@ def _check_server(name: str, sentinels: List[SentinelReport], answers: list, cou
     return server
 
 
-def _check_roles(servers: List[ServerReport], timeout: float, redis_auth: Optional[str]) -> None:
+def _check_roles(servers: List[ServerReport], timeout: float, redis_auth: Optional[Credentials]) -> None:
     """ROLE every chosen master, in parallel so that frozen masters cost one timeout in all."""
     chosen = [server for server in servers if server.choice is not None]
     if not chosen:

@@ -21,17 +21,18 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from twinproxy.credentials import Credentials
 from twinproxy.protocols.resp import RespReplyFramer, encode_command
-from twinproxy.sentinel.replies import ReplyError, auth_arguments, decode, show_address
+from twinproxy.sentinel.replies import ReplyError, decode, show_address
 
 
 class CommandError(Exception):
     """The command got no reply: the connection failed, closed or timed out."""
 
 
-def auth_command(auth: Optional[str]) -> Optional[List[bytes]]:
-    """``AUTH`` arguments for a ``"password"`` or ``"user password"`` setting, or None."""
-    return auth_arguments(auth) if auth else None
+def auth_command(auth: Optional[Credentials]) -> Optional[List[bytes]]:
+    """``AUTH`` arguments for ``auth``, or None without credentials."""
+    return auth.auth_arguments() if auth is not None else None
 
 
 class _CommandProtocol(Protocol):
@@ -75,7 +76,7 @@ class _Factory(ClientFactory):
 class CommandClient:
     """Commands to one Redis or sentinel, in order, over one connection opened on demand."""
 
-    def __init__(self, reactor: Any, address: Tuple[str, int], auth: Optional[str] = None,
+    def __init__(self, reactor: Any, address: Tuple[str, int], auth: Optional[Credentials] = None,
                  timeout: float = 0.5, on_lost: Optional[Callable[[], None]] = None) -> None:
         self.address = address
         self._on_lost = on_lost   # the connection closed, and not by us
@@ -234,7 +235,7 @@ class EventSubscriber:
 
     def __init__(self, reactor: Any, address: Tuple[str, int], channels: Sequence[bytes],
                  on_event: Callable[[bytes, bytes], None], on_subscribed: Callable[[], None],
-                 auth: Optional[str] = None, label: str = "") -> None:
+                 auth: Optional[Credentials] = None, label: str = "") -> None:
         self.address = address
         self._reactor = reactor
         self._channels = list(channels)

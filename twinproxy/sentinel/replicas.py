@@ -21,6 +21,7 @@ from twisted.logger import Logger
 
 from twinproxy.backend import ERROR_REPLY
 from twinproxy.config import PoolConfig, ServerSpec
+from twinproxy.credentials import pool_credentials
 from twinproxy.links import ServerLink
 from twinproxy.pool import Server
 from twinproxy.request import Request
@@ -88,7 +89,7 @@ class ReplicaSet:
         return len(self._healthy)
 
     def reconfigure(self, codec: Any, config: PoolConfig, handshake_changed: bool) -> None:
-        new_auth = config.redis_auth != self.config.redis_auth
+        new_auth = pool_credentials(config) != pool_credentials(self.config)
         self._codec = codec
         self.config = config
         for node in self.nodes:
@@ -174,7 +175,7 @@ class ReplicaSet:
         return node
 
     def _check_client(self, node: ReplicaNode) -> CommandClient:
-        return CommandClient(self._reactor, node.address, self.config.redis_auth, timeout=CHECK_EVERY,
+        return CommandClient(self._reactor, node.address, pool_credentials(self.config), timeout=CHECK_EVERY,
                              on_lost=lambda: self._check_lost(node))
 
     def _check_lost(self, node: ReplicaNode) -> None:
@@ -256,7 +257,7 @@ class ReplicaSet:
             return
         self._checking = True
         if self._master_client is None:
-            self._master_client = CommandClient(self._reactor, self._master, self.config.redis_auth,
+            self._master_client = CommandClient(self._reactor, self._master, pool_credentials(self.config),
                                                 timeout=CHECK_EVERY)
         master_info = self._master_client.command(b"INFO", b"replication")
         master_info.addCallbacks(_replication_or_none, lambda failure: None)

@@ -447,8 +447,3 @@ def show_address(address: Optional[Tuple[str, int]]) -> str:
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-
-def auth_arguments(auth: str) -> List[bytes]:
-    """``AUTH`` for a ``"password"`` or ``"user password"`` setting (the password may hold spaces)."""
-    user, sep, password = auth.strip().partition(" ")
-    return [b"AUTH", user.encode(), password.encode()] if sep else [b"AUTH", user.encode()]

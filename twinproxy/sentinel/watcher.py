@@ -24,6 +24,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twinproxy.config import PoolConfig
+from twinproxy.credentials import pool_credentials, sentinel_credentials
 from twinproxy.sentinel.client import CommandClient, EventSubscriber
 from twinproxy.sentinel.decide import Choice, choose_master, majority
 from twinproxy.sentinel.replies import ReplyError, parse_event, parse_masters, parse_replicas, parse_role, show_address
@@ -82,15 +83,15 @@ class SentinelWatcher:
             # Another sentinel set counts its epochs from its own start.
             for shard in self.shards.values():
                 shard.epoch = -1
-        if (old.sentinels, old.sentinel_auth, old.redis_auth) != (config.sentinels, config.sentinel_auth,
-                                                                  config.redis_auth):
+        if (old.sentinels, old.sentinel_auth, pool_credentials(old)) != (config.sentinels, config.sentinel_auth,
+                                                                         pool_credentials(config)):
             self._disconnect()
             if self._running:
                 self._connect()
         self.trigger("configuration changed")
 
     def _connect(self) -> None:
-        auth = self.config.sentinel_auth
+        auth = sentinel_credentials(self.config.sentinel_auth)
         for address in self.config.sentinels:
             self._queries.append(CommandClient(self._reactor, address, auth, timeout=QUERY_TIMEOUT))
             subscriber = EventSubscriber(self._reactor, address, EVENTS, self._event,
@@ -314,7 +315,7 @@ class SentinelWatcher:
     def _node(self, address: Tuple[str, int]) -> CommandClient:
         client = self._nodes.get(address)
         if client is None:
-            client = self._nodes[address] = CommandClient(self._reactor, address, self.config.redis_auth,
+            client = self._nodes[address] = CommandClient(self._reactor, address, pool_credentials(self.config),
                                                           timeout=QUERY_TIMEOUT)
         return client
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from twinproxy.credentials import Credentials
 from twinproxy.dashboard import cli, tap
 from twinproxy.dashboard.bigkeys import DEFAULT_BIG_KEY_BYTES
 from twinproxy.dashboard.service import (
@@ -95,18 +96,21 @@ def test_sizes():
 
 
 def test_the_redis_credentials_file(tmp_path: Path, capsys):
-    """--redis-auth-file: one line, ``password`` or ``user password`` (as redis_auth), never shown back."""
+    """--redis-auth-file: the password, its one line whole (spaces kept, as redis_auth), never shown back."""
     path = tmp_path / "redis-auth"
     path.write_text("  mover s3 cr3t \n")
-    assert read_redis_auth(str(path)) == "mover s3 cr3t"
+    assert read_redis_auth(str(path)) == "  mover s3 cr3t "
     words = ["--coordinator", "file:///tmp/x", "--cluster", "shop", "--redis-auth-file", str(path)]
     settings, _ = cli.parse(words)
-    assert settings.redis_auth == "mover s3 cr3t" and "cr3t" not in repr(settings)
+    assert settings.redis_auth == Credentials("  mover s3 cr3t ") and "cr3t" not in repr(settings)
     options = tap.Options()
     options.parseOptions(words)
     assert options.settings == settings
     assert cli.parse(words[:4])[0].redis_auth is None
-    for content, words_said in (("\n \n", "is empty"), ("one\ntwo\n", "one line"), ("a\tb", "one line")):
+    path.write_text("s3 cr3t\r\n")
+    assert read_redis_auth(str(path)) == "s3 cr3t"
+    for content, words_said in (("\n \n", "is empty"), (" \n", "is empty"), ("one\ntwo\n", "one line"),
+                                ("a\tb", "one line")):
         path.write_text(content)
         with pytest.raises(SettingsError, match=words_said) as refused:
             read_redis_auth(str(path))
@@ -116,7 +120,7 @@ def test_the_redis_credentials_file(tmp_path: Path, capsys):
         read_redis_auth(str(path))
     assert cli.main(["--coordinator", "file:///tmp/x", "--cluster", "shop", "--redis-auth-file",
                      str(tmp_path / "missing")]) == 1
-    assert capsys.readouterr().err.startswith("twinproxy-dashboard: cannot read the Redis credentials file")
+    assert capsys.readouterr().err.startswith("twinproxy-dashboard: cannot read the Redis password file")
     # A memcached cluster has no use for them.
     path.write_text("s3cret\n")
     with pytest.raises(SettingsError, match="for Redis clusters, not memcache"):
@@ -124,3 +128,26 @@ def test_the_redis_credentials_file(tmp_path: Path, capsys):
     with pytest.raises(SystemExit) as stop:
         tap.Options().parseOptions([*words, "--protocol", "memcache"])
     assert stop.value.code == 1 and "for Redis clusters" in capsys.readouterr().err
+
+
+def test_the_redis_acl_user(tmp_path: Path, capsys):
+    """--redis-auth-user NAME: the ACL user whose password the file holds; only with --redis-auth-file."""
+    path = tmp_path / "redis-auth"
+    path.write_text("s3 cr3t\n")
+    words = ["--coordinator", "file:///tmp/x", "--cluster", "shop", "--redis-auth-file", str(path),
+             "--redis-auth-user", "mover"]
+    settings, _ = cli.parse(words)
+    assert settings.redis_auth == Credentials("s3 cr3t", "mover") and "cr3t" not in repr(settings)
+    options = tap.Options()
+    options.parseOptions(words)
+    assert options.settings == settings
+    alone = [*words[:4], *words[6:]]
+    with pytest.raises(SettingsError, match="--redis-auth-user needs --redis-auth-file"):
+        cli.parse(alone)
+    assert cli.main(alone) == 1
+    assert "--redis-auth-user needs --redis-auth-file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        tap.Options().parseOptions(alone)
+    assert stop.value.code == 1 and "--redis-auth-user needs --redis-auth-file" in capsys.readouterr().err
+    with pytest.raises(SettingsError, match="is not a Redis user name"):
+        cli.parse([*words[:6], "--redis-auth-user", "two words"])

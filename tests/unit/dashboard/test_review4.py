@@ -12,6 +12,7 @@ from twisted.internet.testing import MemoryReactorClock
 
 from tests.unit.dashboard.test_masters import A, FakeController, cluster
 from tests.unit.dashboard.test_server_auth import Far, cmd
+from twinproxy.credentials import Credentials
 from twinproxy.dashboard.masters import MasterWatch
 
 pytestmark = pytest.mark.timeout(10)
@@ -25,7 +26,7 @@ class RoleOnlyWatch(MasterWatch):
         return defer.succeed((host, int(port)))
 
 
-def one_server_watch(auth: str) -> MemoryReactorClock:
+def one_server_watch(auth: Credentials) -> MemoryReactorClock:
     ctl = FakeController(cluster(sentinels=()))     # groups 1 (A, B) and 2 (C): ROLE on each server
     ctl.reactor = MemoryReactorClock()
     ctl.redis_auth = auth
@@ -36,7 +37,7 @@ def one_server_watch(auth: str) -> MemoryReactorClock:
 
 
 def test_the_role_check_writes_nothing_behind_auth_until_it_is_accepted() -> None:
-    reactor = one_server_watch("s3cret")
+    reactor = one_server_watch(Credentials("s3cret"))
     assert [f"{host}:{port}" for host, port, *_ in reactor.tcpClients][0] == A
     far = Far(reactor, pending=len(reactor.tcpClients), address=A)
     assert far.written() == cmd(b"AUTH", b"s3cret")

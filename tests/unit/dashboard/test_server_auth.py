@@ -17,7 +17,8 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from twinproxy.cluster.migrating import ensure_moved_parts, migrate_auth
+from twinproxy.cluster.migrating import ensure_moved_parts
+from twinproxy.credentials import Credentials, migrate_options
 from twinproxy.dashboard.bigkeys import WHOLE, batch_command, migrate_arguments
 from twinproxy.dashboard.mover import Sweep
 from twinproxy.dashboard.progress import Progress
@@ -27,7 +28,7 @@ from twinproxy.dashboard.servers import HealthPoller, ServerAdmin, ServerAuthRef
 from twinproxy.protocols.resp import encode_command
 
 SERVER = "10.0.0.1:6379"
-PASSWORD = "mover Zq9-s3cret"      # the first space splits a user from the password
+PASSWORD = Credentials("Zq9-s3cret", "mover")      # an ACL user's (--redis-auth-user mover)
 
 
 def cmd(*args: bytes) -> bytes:
@@ -68,9 +69,10 @@ class Outcome:
         self.error = failure
 
 
-@pytest.mark.parametrize("auth, words", [("s3cret", [b"AUTH", b"s3cret"]),
-                                         ("mover s3 cret", [b"AUTH", b"mover", b"s3 cret"])])
-def test_every_connection_authenticates_before_anything_is_written(auth: str, words: List[bytes]) -> None:
+@pytest.mark.parametrize("auth, words", [(Credentials("s3cret"), [b"AUTH", b"s3cret"]),
+                                         (Credentials("s3 cret"), [b"AUTH", b"s3 cret"]),
+                                         (Credentials("s3 cret", "mover"), [b"AUTH", b"mover", b"s3 cret"])])
+def test_every_connection_authenticates_before_anything_is_written(auth: Credentials, words: List[bytes]) -> None:
     reactor = MemoryReactorClock()
     admin = ServerAdmin(reactor, 2.0, auth)
     first = Outcome(admin.command(SERVER, b"INFO", b"replication"))
@@ -117,7 +119,7 @@ def test_a_refused_password_fails_the_commands_unsent_and_says_so() -> None:
 def test_a_server_without_a_password_refusing_auth_runs_nothing() -> None:
     """Redis without requirepass refuses ``AUTH x`` but would run what follows: nothing follows until it is OK."""
     reactor = MemoryReactorClock()
-    admin = ServerAdmin(reactor, 2.0, "s3cret")
+    admin = ServerAdmin(reactor, 2.0, Credentials("s3cret"))
     result = Outcome(admin.command(SERVER, b"REPLICAOF", b"NO", b"ONE"))
     far = Far(reactor)
     far.send(b"-ERR AUTH <password> called without any password configured for the default user. Are you sure "
@@ -129,7 +131,7 @@ def test_a_server_without_a_password_refusing_auth_runs_nothing() -> None:
 def test_replication_is_not_asked_again_after_a_refused_password() -> None:
     """(A connection closed under it after earlier answers is asked again once; a refusal is an answer.)"""
     reactor = MemoryReactorClock()
-    admin = ServerAdmin(reactor, 2.0, "wrong")
+    admin = ServerAdmin(reactor, 2.0, Credentials("wrong"))
     result = Outcome(admin.replication(SERVER))
     Far(reactor).send(b"-WRONGPASS invalid username-password pair or user is disabled.\r\n")
     assert result.error.check(ServerAuthRefused) and reactor.tcpClients == []
@@ -153,7 +155,7 @@ def test_a_password_the_dashboard_was_not_given_is_named() -> None:
 def test_the_health_poll_authenticates_on_data_servers_not_on_sentinels() -> None:
     reactor = MemoryReactorClock()
     sentinel = "10.0.0.9:26379"
-    poller = HealthPoller(reactor, "redis", lambda: [SERVER, sentinel], 1.0, auth="s3cret",
+    poller = HealthPoller(reactor, "redis", lambda: [SERVER, sentinel], 1.0, auth=Credentials("s3cret"),
                           sentinels=lambda: [sentinel])
     poller.poll()
     data, watcher = Far(reactor, 2, SERVER), Far(reactor, 1, sentinel)
@@ -165,22 +167,27 @@ def test_the_health_poll_authenticates_on_data_servers_not_on_sentinels() -> Non
 
 
 def test_the_arguments_migrate_gets_for_the_target() -> None:
-    """``AUTH password`` or ``AUTH2 user password`` after REPLACE; the same words for the proxies' script."""
-    assert migrate_auth(None) == migrate_auth("") == []
-    assert migrate_auth("s3cret") == [b"AUTH", b"s3cret"]
-    assert migrate_auth("mover s3 cret") == [b"AUTH2", b"mover", b"s3 cret"]
+    """``AUTH password`` (the whole password, spaces and all) or ``AUTH2 user password`` after REPLACE; the
+    same words for the proxies' script."""
+    assert migrate_options(None) == []
+    assert migrate_options(Credentials("s3cret")) == [b"AUTH", b"s3cret"]
+    assert migrate_options(Credentials("mover s3 cret")) == [b"AUTH", b"mover s3 cret"]
+    assert migrate_options(Credentials("s3 cret", "mover")) == [b"AUTH2", b"mover", b"s3 cret"]
     assert migrate_arguments("10.0.0.2", 6380, 5000) == [b"10.0.0.2", b"6380", b"0", b"5000"]
-    assert migrate_arguments("10.0.0.2", 6380, 5000, "mover s3cret") == [
+    assert migrate_arguments("10.0.0.2", 6380, 5000, Credentials("s3cret", "mover")) == [
         b"10.0.0.2", b"6380", b"0", b"5000", b"AUTH2", b"mover", b"s3cret"]
-    _, (count, tail) = ensure_moved_parts("10.0.0.2", 6380, 0, 5000, "mover s3cret", 4096)
+    _, (count, tail) = ensure_moved_parts("10.0.0.2", 6380, 0, 5000, Credentials("s3cret", "mover"), 4096)
     assert count == 8 and tail.endswith(b"$5\r\nAUTH2\r\n$5\r\nmover\r\n$6\r\ns3cret\r\n")
+    _, (count, tail) = ensure_moved_parts("10.0.0.2", 6380, 0, 5000, Credentials("s3 cret"), 4096)
+    assert count == 7 and tail.endswith(b"$4\r\nAUTH\r\n$7\r\ns3 cret\r\n")
     # The big-key script that MIGRATEs a key whole passes them on too (ARGV 5 onwards, before KEYS).
     assert b"for i = 5, #ARGV do" in WHOLE
 
 
 def test_the_sweep_authenticates_and_passes_the_credentials_to_migrate() -> None:
     reactor = MemoryReactorClock()
-    sweep = Sweep(reactor, SERVER, "10.0.0.2:6380", 0, 511, Progress(), big_key_bytes=65536, auth="mover s3cret")
+    sweep = Sweep(reactor, SERVER, "10.0.0.2:6380", 0, 511, Progress(), big_key_bytes=65536,
+                  auth=Credentials("s3cret", "mover"))
     command = batch_command(sweep._batch_head, [b"k"])
     assert command[-8:] == [b"65536", b"10.0.0.2", b"6380", b"0", b"5000", b"AUTH2", b"mover", b"s3cret"]
     assert sweep.big._migrate_args == command[-7:]
@@ -193,8 +200,9 @@ def test_the_sweep_authenticates_and_passes_the_credentials_to_migrate() -> None
 
 
 def test_every_sweep_gets_the_dashboards_options() -> None:
-    assert sweep_options(SimpleNamespace(big_key_bytes=65536, redis_auth="s3cret")) == {
-        "big_key_bytes": 65536, "auth": "s3cret"}
+    auth = Credentials("s3cret")
+    assert sweep_options(SimpleNamespace(big_key_bytes=65536, redis_auth=auth)) == {
+        "big_key_bytes": 65536, "auth": auth}
     assert sweep_options(SimpleNamespace()) == {"auth": None}
 
 
@@ -210,8 +218,9 @@ class _Sentinel:
 
 
 @pytest.mark.parametrize("auth, options", [
-    (None, []), ("s3cret", [(b"auth-pass", b"s3cret")]),
-    ("mover s3 cret", [(b"auth-user", b"mover"), (b"auth-pass", b"s3 cret")])])
+    (None, []), (Credentials("s3cret"), [(b"auth-pass", b"s3cret")]),
+    (Credentials("mover s3 cret"), [(b"auth-pass", b"mover s3 cret")]),
+    (Credentials("s3 cret", "mover"), [(b"auth-user", b"mover"), (b"auth-pass", b"s3 cret")])])
 def test_sentinel_is_given_the_masters_credentials(auth, options) -> None:
     assert auth_options(auth) == [(name.decode(), value.decode()) for name, value in options]
     admin = _Sentinel()

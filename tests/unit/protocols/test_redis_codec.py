@@ -206,6 +206,32 @@ def test_handshake_per_dialect() -> None:
     assert codec().handshake(2) == []
 
 
+def test_handshake_sends_the_whole_password_and_the_acl_user() -> None:
+    assert codec("  redis_auth: pass word\n").handshake(2) == [b"*2\r\n$4\r\nAUTH\r\n$9\r\npass word\r\n"]
+    assert codec("  redis_auth: pass word\n  redis_auth_user: alice\n").handshake(3) == [
+        b"*3\r\n$4\r\nAUTH\r\n$5\r\nalice\r\n$9\r\npass word\r\n", b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n"]
+
+
+@pytest.mark.parametrize("extra, args, accepted", [
+    ("  redis_auth: pass word\n", [b"AUTH", b"pass word"], True),
+    ("  redis_auth: pass word\n", [b"AUTH", b"pass", b"word"], False),     # never split: no user "pass"
+    ("  redis_auth: pass word\n", [b"AUTH", b"default", b"pass word"], True),
+    ("  redis_auth: pw\n  redis_auth_user: alice\n", [b"AUTH", b"pw"], True),
+    ("  redis_auth: pw\n  redis_auth_user: alice\n", [b"AUTH", b"alice", b"pw"], True),
+    ("  redis_auth: pw\n  redis_auth_user: alice\n", [b"AUTH", b"default", b"pw"], True),
+    ("  redis_auth: pw\n  redis_auth_user: alice\n", [b"AUTH", b"bob", b"pw"], False),
+    ("  redis_auth: pw\n  redis_auth_user: alice\n", [b"AUTH", b"alice", b"nope"], False),
+    ("  redis_auth: pw\n  redis_auth_user: alice\n", [b"HELLO", b"3", b"AUTH", b"alice", b"pw"], True),
+    ("  redis_auth: pw\n  redis_auth_user: alice\n", [b"HELLO", b"3", b"AUTH", b"default", b"pw"], True),
+    ("  redis_auth: pw\n  redis_auth_user: alice\n", [b"HELLO", b"3", b"AUTH", b"bob", b"pw"], False),
+])
+def test_client_auth_forms(extra: str, args: List[bytes], accepted: bool) -> None:
+    session = Session(authenticated=False)
+    reply = prepared(args, session, codec(extra)).reply
+    assert session.authenticated is accepted
+    assert reply.startswith(b"+OK" if args[0] == b"AUTH" else b"%7") if accepted else reply.startswith(b"-WRONGPASS")
+
+
 def test_mget_split_and_merged_in_key_order() -> None:
     the_codec = codec()
     request = prepared([b"MGET", b"a1", b"b1", b"a2", b"b2"], the_codec=the_codec)
