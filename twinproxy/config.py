@@ -19,13 +19,24 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-from twinproxy.credentials import valid_user_name
-from twinproxy.distribution import DISTRIBUTIONS
-from twinproxy.hashing import HASH_FUNCTIONS
+from twinproxy.config_values import (
+    ListenSpec,
+    ServerSpec,
+    boolean_value,
+    distribution_value,
+    hash_tag_value,
+    hash_value,
+    host_value,
+    listen_value,
+    number_value,
+    port_value,
+    positive_value,
+    read_policy_value,
+    server_value,
+    text_value,
+    user_name_value,
+)
 
-# Nutcracker leaves the port out of a server's ketama name when it is the
-# memcached default, to place keys as libmemcached does.
-KETAMA_DEFAULT_PORT = 11211
 # A stock Redis has 16 databases.
 REDIS_DATABASES = 16
 
@@ -49,8 +60,6 @@ CLUSTER_KEYS = ("cluster", "coordinator", "slot_hold")
 _NOT_IN_CLUSTER = ("servers", "hash", "hash_tag", "distribution", "auto_eject_hosts", "sentinels", "sentinel_auth",
                    "read_policy", "max_replica_lag", "redis_db", "databases")
 NOT_IN_CLUSTER = _NOT_IN_CLUSTER   # (twinproxy-admin adopt drops them from a pool joining its cluster)
-# Envoy's names for where reads go.
-READ_POLICIES = ("master", "prefer-master", "replica", "prefer-replica", "any")
 # Codis's rule for a product (cluster) name.
 _CLUSTER_NAME = re.compile(r"^\w[\w.\-]*$")
 
@@ -74,49 +83,6 @@ class ConfigError(Exception):
         if value is not None:
             text += f": value '{value}'"
         super().__init__(f"{text}: {reason}")
-
-
-@dataclass(frozen=True)
-class ListenSpec:
-    """Where a pool accepts clients: a TCP host and port, or a unix socket."""
-
-    host: Optional[str] = None
-    port: Optional[int] = None
-    path: Optional[str] = None
-    mode: Optional[int] = None
-
-    @property
-    def is_unix(self) -> bool:
-        return self.path is not None
-
-    def __str__(self) -> str:
-        if self.path is not None:
-            return self.path
-        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class ServerSpec:
-    """One backend line: its address, its weight and the name ketama hashes."""
-
-    name: str
-    weight: int
-    host: Optional[str] = None
-    port: Optional[int] = None
-    path: Optional[str] = None
-    label: str = ""  # what the stats show: the given name, else host:port or the path
-
-    @property
-    def stats_name(self) -> str:
-        return self.label or self.name
-
-    @property
-    def address(self) -> str:
-        if self.path is not None:
-            return self.path
-        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-        return f"{host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -361,7 +327,7 @@ def _parse_pool(path: str, name: str, body: Any) -> PoolConfig:
     for line in servers:
         if not isinstance(line, str):
             raise fail("servers", None, "each server must be a 'host:port:weight [name]' line")
-        spec = _parse_server(line, lambda reason, v=line: fail("servers", v, reason))
+        spec = server_value(line, lambda reason, v=line: fail("servers", v, reason))
         if spec.name in names:
             raise fail("servers", line, f"duplicate server name '{spec.name}'")
         if spec.address in addresses:
@@ -418,7 +384,7 @@ def _sentinels(raw: Any, fail) -> Tuple[Tuple[str, int], ...]:
         def refuse(reason: str, line: str = line) -> ConfigError:
             return fail(f"'{line}' {reason}")
 
-        address = (_host(host, refuse), _port(port, refuse))
+        address = (host_value(host, refuse), port_value(port, refuse))
         if address in found:
             raise fail(f"sentinel '{line}' is listed twice")
         found.append(address)
@@ -443,167 +409,40 @@ def _check_sentinel_keys(values: Dict[str, Any], servers: List[str], fail) -> No
             raise fail("servers", line, "must be host:port in a Sentinel pool (sentinels name TCP addresses)")
 
 
-def _number(raw: str, fail) -> int:
-    if not raw.isdigit() or not raw.isascii():
-        raise fail("is not a number (expected a non-negative integer)")
-    return int(raw)
-
-
-def _positive(raw: str, fail) -> int:
-    number = _number(raw, fail)
-    if number == 0:
-        raise fail("must be greater than zero")
-    return number
-
-
-def _boolean(raw: str, fail) -> bool:
-    if raw == "true":
-        return True
-    if raw == "false":
-        return False
-    raise fail("is not 'true' or 'false'")
-
-
-def _hash(raw: str, fail) -> str:
-    if raw not in HASH_FUNCTIONS:
-        raise fail("is not a valid hash (expected one of " + ", ".join(HASH_FUNCTIONS) + ")")
-    return raw
-
-
-def _distribution(raw: str, fail) -> str:
-    if raw not in DISTRIBUTIONS:
-        raise fail("is not a valid distribution (expected one of " + ", ".join(DISTRIBUTIONS) + ")")
-    return raw
-
-
-def _hash_tag(raw: str, fail) -> str:
-    if len(raw) != 2:
-        raise fail("is not a valid hash tag (expected exactly two characters, e.g. \"{}\")")
-    return raw
-
-
-def _read_policy(raw: str, fail) -> str:
-    if raw not in READ_POLICIES:
-        raise fail("is not a valid read policy (expected one of " + ", ".join(READ_POLICIES) + ")")
-    return raw
-
-
-def _text(raw: str, fail) -> str:
-    if not raw:
-        raise fail("must not be empty")
-    return raw
-
-
-def _user_name(raw: str, fail) -> str:
-    if not valid_user_name(raw):
-        raise fail("is not a Redis user name (one word, no spaces or control characters)")
-    return raw
-
-
-def _port(raw: str, fail) -> int:
-    if not raw.isdigit() or not raw.isascii() or not 0 < int(raw) < 65536:
-        raise fail("has an invalid port (expected 1 to 65535)")
-    return int(raw)
-
-
-def _host(raw: str, fail) -> str:
-    if raw.startswith("[") and raw.endswith("]"):
-        raw = raw[1:-1]
-    if not raw or any(c.isspace() for c in raw):
-        raise fail("has an invalid host")
-    return raw
-
-
-def _listen_port(raw: str, fail) -> int:
-    # 0 is twinproxy's: the system picks the port (see --bound-addresses).
-    if raw == "0":
-        return 0
-    return _port(raw, fail)
-
-
-def _listen(raw: str, fail) -> ListenSpec:
-    raw = raw.strip()
-    if raw.startswith("/"):
-        parts = raw.split()
-        if len(parts) > 2:
-            raise fail("is not a valid unix socket listen address (expected '/path [mode]')")
-        mode = None
-        if len(parts) == 2:
-            try:
-                mode = int(parts[1], 8)
-            except ValueError:
-                raise fail("has an invalid socket mode (expected octal, e.g. 0666)") from None
-            if not 0 <= mode <= 0o7777:
-                raise fail("has an invalid socket mode (expected octal, e.g. 0666)")
-        return ListenSpec(path=parts[0], mode=mode)
-    host, sep, port = raw.rpartition(":")
-    if not sep:
-        raise fail("is not a valid listen address (expected 'host:port' or '/path/to.sock [mode]')")
-    return ListenSpec(host=_host(host, fail), port=_listen_port(port, fail))
-
-
-def _parse_server(line: str, fail) -> ServerSpec:
-    """Parse ``host:port:weight [name]`` or ``/path:weight [name]``, from the end."""
-    address, _, name = line.strip().partition(" ")
-    name = name.strip()
-    if name and any(c.isspace() for c in name):
-        raise fail("has an invalid name (a server name is one word)")
-    rest, sep, weight_text = address.rpartition(":")
-    if not sep or not rest:
-        raise fail("is not a valid server (expected 'host:port:weight [name]')")
-    if not weight_text.isdigit() or not weight_text.isascii():
-        raise fail("has an invalid weight (expected a positive integer)")
-    weight = int(weight_text)
-    if weight == 0:
-        raise fail("has a zero weight")
-    if rest.startswith("/"):
-        return ServerSpec(name=name or rest, weight=weight, path=rest, label=name or rest)
-    host_text, sep, port_text = rest.rpartition(":")
-    if not sep:
-        raise fail("is not a valid server (expected 'host:port:weight [name]')")
-    host = _host(host_text, fail)
-    port = _port(port_text, fail)
-    shown = f"[{host}]" if ":" in host else host
-    label = name or f"{shown}:{port}"
-    if not name:
-        name = shown if port == KETAMA_DEFAULT_PORT else f"{shown}:{port}"
-    return ServerSpec(name=name, weight=weight, host=host, port=port, label=label)
-
-
 _CONVERTERS = {
-    "listen": _listen,
-    "redis": _boolean,
-    "hash": _hash,
-    "hash_tag": _hash_tag,
-    "distribution": _distribution,
-    "timeout": _number,
-    "backlog": _positive,
-    "preconnect": _boolean,
-    "client_connections": _number,
-    "tcpkeepalive": _boolean,
-    "redis_auth": _text,
-    "redis_auth_user": _user_name,
-    "redis_db": _number,
-    "server_connections": _positive,
-    "auto_eject_hosts": _boolean,
-    "server_retry_timeout": _number,
-    "server_failure_limit": _positive,
-    "client_max_pending": _positive,
-    "client_max_pending_bytes": _positive,
-    "max_request_bytes": _positive,
-    "shutdown_timeout": _number,
-    "client_output_soft_limit": _number,
-    "client_output_hard_limit": _number,
-    "redis_cross_server_transactions": _boolean,
-    "server_leased_connections": _positive,
-    "redis_deny_flush": _boolean,
-    "databases": _positive,
-    "server_subscriber_connections": _number,
-    "sentinel_auth": _text,
-    "read_policy": _read_policy,
-    "max_replica_lag": _number,
-    "failover_hold": _number,
+    "listen": listen_value,
+    "redis": boolean_value,
+    "hash": hash_value,
+    "hash_tag": hash_tag_value,
+    "distribution": distribution_value,
+    "timeout": number_value,
+    "backlog": positive_value,
+    "preconnect": boolean_value,
+    "client_connections": number_value,
+    "tcpkeepalive": boolean_value,
+    "redis_auth": text_value,
+    "redis_auth_user": user_name_value,
+    "redis_db": number_value,
+    "server_connections": positive_value,
+    "auto_eject_hosts": boolean_value,
+    "server_retry_timeout": number_value,
+    "server_failure_limit": positive_value,
+    "client_max_pending": positive_value,
+    "client_max_pending_bytes": positive_value,
+    "max_request_bytes": positive_value,
+    "shutdown_timeout": number_value,
+    "client_output_soft_limit": number_value,
+    "client_output_hard_limit": number_value,
+    "redis_cross_server_transactions": boolean_value,
+    "server_leased_connections": positive_value,
+    "redis_deny_flush": boolean_value,
+    "databases": positive_value,
+    "server_subscriber_connections": number_value,
+    "sentinel_auth": text_value,
+    "read_policy": read_policy_value,
+    "max_replica_lag": number_value,
+    "failover_hold": number_value,
     "cluster": _cluster_name,
     "coordinator": _coordinator_url,
-    "slot_hold": _number,
+    "slot_hold": number_value,
 }
