@@ -36,14 +36,15 @@ stop it).  Runs in the reactor and never blocks it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+from zlib import crc32
 
 from twisted.internet import defer
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from twinproxy.cluster.migrating import RESERVED_PREFIX
-from twinproxy.cluster.slots import slot_of
+from twinproxy.cluster.slots import SLOT_COUNT, SLOT_MASK, slot_of
 from twinproxy.credentials import Credentials
 from twinproxy.dashboard.bigkeys import (
     DEFAULT_BIG_KEY_BYTES,
@@ -64,6 +65,34 @@ MIGRATE_TIMEOUT_MS = 5000
 BACKOFF_FIRST, BACKOFF_LONGEST = 0.2, 5.0
 WAIT_POLL = 0.2      # seconds between two looks while paused or not allowed to go on
 CLEAN_PASSES = 2     # a pass that finds none, then the verification pass
+
+
+def slot_marks(first: int, last: int) -> bytes:
+    """One byte per slot, 1 for the slots ``first..last``: what :func:`range_keys` looks a key's slot up in."""
+    return bytes(1 if first <= slot <= last else 0 for slot in range(SLOT_COUNT))
+
+
+def range_keys(keys: List[bytes], wanted: bytes) -> Tuple[List[bytes], List[bytes]]:
+    """(the keys whose slot ``wanted`` marks, the keys K whose claim is among ``keys`` and whose slot it marks).
+
+    The sweep runs this on every key of the source, three passes over its
+    keyspace: a SCAN step's keys are looked at together, and when none
+    holds a hash tag or a reserved name (the usual case) each costs one
+    ``crc32`` and one lookup.  Pure.
+    """
+    joined = b"\n".join(keys)
+    if b"{" not in joined and RESERVED_PREFIX not in joined:
+        return [key for key in keys if wanted[crc32(key) & SLOT_MASK]], []
+    matched: List[bytes] = []
+    claims: List[bytes] = []
+    for key in keys:
+        if key.startswith(RESERVED_PREFIX):
+            named = claimed_key(key)
+            if named is not None and wanted[slot_of(named)]:
+                claims.append(named)
+        elif wanted[slot_of(key)]:
+            matched.append(key)
+    return matched, claims
 
 
 class Throttle:
@@ -111,6 +140,7 @@ class Sweep:
         self.target = target
         self.first = first
         self.last = last
+        self._wanted = slot_marks(first, last)
         self.progress = progress
         self.parallel = parallel or 1
         self.throttle = Throttle(reactor, keys_per_second)
@@ -240,14 +270,17 @@ class Sweep:
                 yield self._trouble(f"SCAN on the source {self.source} answered {str(reply)[:100]}")
                 continue
             self._well()
-            matched, claims = [], []
-            for key in keys:
-                if key.startswith(RESERVED_PREFIX):
-                    named = claimed_key(key)
-                    if named is not None and self._in_range(named):
-                        claims.append(named)
-                elif self._in_range(key):
-                    matched.append(key)
+            if self._belongs is None:
+                matched, claims = range_keys(keys, self._wanted)
+            else:
+                matched, claims = [], []
+                for key in keys:
+                    if key.startswith(RESERVED_PREFIX):
+                        named = claimed_key(key)
+                        if named is not None and self._in_range(named):
+                            claims.append(named)
+                    elif self._in_range(key):
+                        matched.append(key)
             scanned += len(keys)
             found += len(matched)
             if scanned and total:
