@@ -265,7 +265,9 @@ class Sweep:
         while True:
             reply = yield self._command(b"SCAN", cursor, b"COUNT", str(SCAN_COUNT).encode())
             try:
-                cursor, keys = bytes(reply[0]), [bytes(key) for key in reply[1]]
+                cursor, keys = bytes(reply[0]), reply[1]
+                if not all(type(key) is bytes for key in keys):     # the decoder's are (no copy: 2.3 M a run)
+                    keys = [bytes(key) for key in keys]
             except (TypeError, IndexError, ValueError):
                 yield self._trouble(f"SCAN on the source {self.source} answered {str(reply)[:100]}")
                 continue
