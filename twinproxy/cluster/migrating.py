@@ -215,7 +215,7 @@ class MigratingSlot:
 
     __slots__ = ("name", "slot", "source", "target", "_head", "_tail", "_moved", "_answer", "_route", "_lines",
                  "_clock", "_wait_limit", "moves", "failures", "waits", "served", "_made_for", "_batcher", "_parts",
-                 "_script_for", "on_empty", "_run_on_source")
+                 "_script_for", "on_empty", "_run_on_source", "_to_target")
 
     def __init__(self, slot: int, source: Any, target: Any, db: int, auth: Optional[str],
                  answer: Callable[..., None], route: Optional[Callable[[int], Any]] = None,
@@ -242,6 +242,10 @@ class MigratingSlot:
         # Whether a request that starts its client's line may run on the source (twinproxy.cluster.onsource).
         # False: every request moves its keys first (what most unit tests of this module look at).
         self._run_on_source = run_on_source
+        # client -> the last of its requests this slot sent on to the target (kept only while requests may run
+        # on the source): until it is answered, a request of that client must not run on the source, where it
+        # could take effect before the earlier one does on the target.
+        self._to_target: Dict[Any, Request] = {}
         # The move's MoveBatcher (twinproxy.cluster.movebatch): the scripts of a reactor turn go as one.
         # None: one script per request, at once (what the unit tests of this module look at).
         self._batcher = batcher
@@ -282,12 +286,14 @@ class MigratingSlot:
                 return
         moved = self._moved
         if not keys or all(key in moved for key in keys):
-            self.target.send(request)
+            self._send_on(self.target, request)
             return
         line = lines[request.client] = deque()
-        # Only a request with no earlier one of its client on the way here may run on the source: one that
-        # ran there before an earlier request reached the target would overtake it.
-        self._join(line, request, keys, self._run_on_source and may_run_on_source(request))
+        # Only a request with no earlier one of its client on the way here (in a line, or sent on to the target
+        # and not answered) may run on the source: one that ran there before an earlier request reached the
+        # target would overtake it.
+        self._join(line, request, keys, self._run_on_source and may_run_on_source(request)
+                   and self._nothing_on_the_way(request.client))
 
     @property
     def batcher(self) -> Any:
@@ -323,6 +329,28 @@ class MigratingSlot:
         step.runs = runs
         line.append(step)
         self._ask(step)
+
+    def _send_on(self, where: Any, request: Request) -> None:
+        if self._run_on_source:
+            to_target = self._to_target
+            if len(to_target) >= MOVED_MEMORY:
+                # Bounded: forget the answered ones (an unanswered one must stay, or its client's next request
+                # could overtake it on the source).
+                for client in [client for client, sent in to_target.items() if sent.reply is not None]:
+                    del to_target[client]
+            to_target[request.client] = request
+        where.send(request)
+
+    def _nothing_on_the_way(self, client: Any) -> bool:
+        """Whether every request of ``client`` this slot sent on was answered (the requests on a client's
+        connection to one server are answered in order: the last one's reply says so for all)."""
+        sent = self._to_target.get(client)
+        if sent is None:
+            return True
+        if sent.reply is None and not getattr(client, "closed", False):
+            return False
+        del self._to_target[client]
+        return True
 
     def _destination(self) -> Tuple[Optional[Tuple[str, int]], str]:
         """Where the MIGRATE goes: (host, port), or (None, why not now): the target's Sentinel shard has no
@@ -440,7 +468,7 @@ class MigratingSlot:
                 continue
             line.popleft()
             if state == _READY:
-                self._where().send(step.request)
+                self._send_on(self._where(), step.request)
             elif state == _SERVED:
                 request = step.request
                 request.reply = step.reply
