@@ -67,6 +67,7 @@ WAIT_LIMIT = 5.0      # seconds a request waits for a claimed key (the pool's sl
 RESERVED_PREFIX = b"__twinproxy:"
 CLAIM_PREFIX = b"__twinproxy:mig:"
 CLAIMS = b"__twinproxy:claims"       # a set on the source: the keys K whose claim(K) exists
+UNSURE = b"__twinproxy:unsure"       # a set on the source: keys a MIGRATE's IOERR may have left on the target too
 # A key whose MEMORY USAGE (5 samples: microseconds even for a 200 MiB hash)
 # is above this is claimed, not MIGRATEd: MIGRATE would block both servers
 # for the whole copy (measured: 1.96 s for a 214 MB hash).
@@ -97,14 +98,29 @@ local args = {'MIGRATE', ARGV[o + 2], ARGV[o + 3], '', ARGV[o + 4], ARGV[o + 5],
 for i = o + 6, #ARGV do args[#args + 1] = ARGV[i] end
 args[#args + 1] = 'KEYS'
 for i = 1, n do args[#args + 1] = KEYS[i] end
-return redis.pcall(unpack(args))
+local moved = redis.pcall(unpack(args))
+if moved.err then
+  if string.sub(moved.err, 1, 5) == 'IOERR' then
+    for i = 1, n do redis.call('SADD', '__twinproxy:unsure', KEYS[i]) end
+  end
+elseif redis.call('EXISTS', '__twinproxy:unsure') == 1 then
+  redis.call('SREM', '__twinproxy:unsure', unpack(KEYS, 1, n))
+end
+return moved
 """
+# A MIGRATE answered IOERR (the target did not answer in time) may have left its keys on the target too (the
+# target may still load them): they are noted in UNSURE (a set on the source) until a MIGRATE of them
+# succeeds, and no request runs on the source on one of them meanwhile (a DEL run there would leave the
+# target's copy for the next request to read).  The name is in the scripts, not their KEYS (stock Redis,
+# no cluster mode: a script may name it).
 ENSURE_MOVED = _WAIT_FOR_CLAIMS + b"local o = 0\n" + _MOVE_KEYS
+
 # The same, but when every key is on the source, run the request there (ARGV[1]: its number of arguments,
 # then the arguments) and answer [SERVED, its reply]: twinproxy.cluster.onsource.
 RUN_OR_MOVE = _WAIT_FOR_CLAIMS + b"""\
 local o = tonumber(ARGV[1]) + 1
-if redis.call('EXISTS', unpack(KEYS, 1, n)) == n then
+if redis.call('EXISTS', unpack(KEYS, 1, n)) == n
+    and redis.call('SMISMEMBER', '__twinproxy:unsure', unpack(KEYS, 1, n))[1] == 0 then
   return {'SERVED', redis.pcall(unpack(ARGV, 2, o))}
 end
 """ + _MOVE_KEYS

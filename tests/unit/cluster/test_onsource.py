@@ -190,3 +190,8 @@ def test_a_request_behind_one_sent_to_the_target_and_unanswered_does_not_run_on_
     assert source_wire.value() == run_or_move(third, b"GET", third)
     source.dataReceived(SERVED + b"$1\r\nv\r\n")
     assert out.value() == b"$-1\r\n+OK\r\n+OK\r\n$1\r\nv\r\n"
+
+
+def test_the_scripts_name_the_unsure_set() -> None:
+    from twinproxy.cluster.migrating import ENSURE_MOVED, UNSURE
+    assert ENSURE_MOVED.count(b"'%s'" % UNSURE) == 3 and RUN_OR_MOVE.count(b"'%s'" % UNSURE) == 4
