@@ -10,7 +10,7 @@ from typing import Any, List
 import pytest
 
 from tests.servers import LOOPBACK
-from twinproxy.cluster.migrating import BIG_KEY_BYTES, CLAIMS, RUN_OR_MOVE, claim_of
+from twinproxy.cluster.migrating import BIG_KEY_BYTES, CLAIMS, ENSURE_MOVED, RUN_OR_MOVE, UNSURE, claim_of
 from twinproxy.cluster.onsource import ONE_KEY_ONLY, RUN_ON_SOURCE, SERVED_HEAD
 
 pytestmark = pytest.mark.timeout(60)
@@ -51,7 +51,6 @@ CASES: List[Any] = [
     ([[b"SET", b"s", b"v"]], [b"SET", b"s", b"w", b"NX"]),
     ([[b"SET", b"s", b"v", b"EX", b"100"]], [b"GETEX", b"s", b"PERSIST"]),
     ([[b"SET", b"s", b"1.5"]], [b"INCRBYFLOAT", b"s", b"0.25"]),
-    ([[b"SET", b"s", b"v"]], [b"TTL", b"s"]),
     ([[b"SET", b"s", b"v"]], [b"TYPE", b"s"]),
     ([[b"SET", b"s", b"v"]], [b"DEL", b"s"]),
     ([[b"SET", b"s", b"v"]], [b"LPUSH", b"s", b"x"]),                   # WRONGTYPE
@@ -105,3 +104,50 @@ def test_a_key_not_on_the_source_is_moved_and_nothing_is_created_there(redis_ser
         assert run_or_move(source, two.port, b"big", b"STRLEN", b"big") == b"*2\r\n$4\r\nWAIT\r\n:1\r\n"
     finally:
         source.close()
+
+
+def test_commands_whose_integer_replies_can_pass_2_53_do_not_run_on_the_source(redis_servers) -> None:
+    """A key's expiry in ms may be set as far as 2**63: TTL, PTTL, EXPIRETIME and PEXPIRETIME then answer integers
+    above 2**53, which come back rounded through Lua's numbers (as INCR's would)."""
+    one, two = redis_servers(2)
+    source = Raw(one.port)
+    try:
+        source.call(b"SET", b"s", b"v")
+        source.call(b"PEXPIREAT", b"s", b"9123456789012345001")
+        for command in (b"TTL", b"PTTL", b"EXPIRETIME", b"PEXPIRETIME"):
+            direct = source.call(command, b"s")
+            assert int(direct[1:]) > 2 ** 53, command          # past the integers a double holds exactly
+            if command.endswith(b"EXPIRETIME"):                 # fixed and odd (the TTLs move with the clock)
+                through_lua = source.call(b"EVAL", b"return redis.pcall(ARGV[1], KEYS[1])", b"1", b"s", command)
+                assert through_lua == b":%d\r\n" % int(float(int(direct[1:]))) != direct, command
+            assert command.decode().lower() not in RUN_ON_SOURCE, command
+    finally:
+        source.close()
+
+
+def test_a_key_a_failed_migrate_may_have_left_on_the_target_too_is_not_run_on_the_source(redis_servers) -> None:
+    """MIGRATE's IOERR (no answer from the target in time) leaves the key on the source, and maybe on the target
+    too (the target may still load it).  A DEL run on the source then would leave the target's copy, which the
+    next request (NOKEY on the source) would read: the key must be moved again, not run on, until a MIGRATE of it
+    succeeded."""
+    one, two = redis_servers(2)
+    silent = socket.socket()        # a target that takes the connection and never answers
+    silent.bind((LOOPBACK, 0))
+    silent.listen(8)
+    source = Raw(one.port)
+    try:
+        source.call(b"SET", b"k", b"v")
+        port = silent.getsockname()[1]
+        failed = source.call(b"EVAL", ENSURE_MOVED, b"3", b"k", claim_of(b"k"), CLAIMS,
+                             b"%d" % BIG_KEY_BYTES, LOOPBACK.encode(), b"%d" % port, b"0", b"100")
+        assert failed.startswith(b"-IOERR"), failed
+        again = source.call(b"EVAL", RUN_OR_MOVE, b"3", b"k", claim_of(b"k"), CLAIMS, b"2", b"DEL", b"k",
+                            b"%d" % BIG_KEY_BYTES, LOOPBACK.encode(), b"%d" % port, b"0", b"100")
+        assert again.startswith(b"-IOERR"), again          # moved again (failing again), not run
+        assert one.client().get(b"k") == b"v" and one.client().sismember(UNSURE, b"k")
+        # Once a MIGRATE of it succeeded, it is known on one side only again.
+        assert run_or_move(source, two.port, b"k", b"GET", b"k") == b"+OK\r\n"
+        assert not one.client().sismember(UNSURE, b"k") and two.client().get(b"k") == b"v"
+    finally:
+        source.close()
+        silent.close()

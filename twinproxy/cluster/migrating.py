@@ -68,6 +68,7 @@ WAIT_LIMIT = 5.0      # seconds a request waits for a claimed key (the pool's sl
 RESERVED_PREFIX = b"__twinproxy:"
 CLAIM_PREFIX = b"__twinproxy:mig:"
 CLAIMS = b"__twinproxy:claims"       # a set on the source: the keys K whose claim(K) exists
+UNSURE = b"__twinproxy:unsure"       # a set on the source: keys a MIGRATE's IOERR may have left on the target too
 # A key whose MEMORY USAGE (5 samples: microseconds even for a 200 MiB hash)
 # is above this is claimed, not MIGRATEd: MIGRATE would block both servers
 # for the whole copy (measured: 1.96 s for a 214 MB hash).
@@ -98,14 +99,29 @@ local args = {'MIGRATE', ARGV[o + 2], ARGV[o + 3], '', ARGV[o + 4], ARGV[o + 5],
 for i = o + 6, #ARGV do args[#args + 1] = ARGV[i] end
 args[#args + 1] = 'KEYS'
 for i = 1, n do args[#args + 1] = KEYS[i] end
-return redis.pcall(unpack(args))
+local moved = redis.pcall(unpack(args))
+if moved.err then
+  if string.sub(moved.err, 1, 5) == 'IOERR' then
+    for i = 1, n do redis.call('SADD', '__twinproxy:unsure', KEYS[i]) end
+  end
+elseif redis.call('EXISTS', '__twinproxy:unsure') == 1 then
+  redis.call('SREM', '__twinproxy:unsure', unpack(KEYS, 1, n))
+end
+return moved
 """
+# A MIGRATE answered IOERR (the target did not answer in time) may have left its keys on the target too (the
+# target may still load them): they are noted in UNSURE (a set on the source) until a MIGRATE of them
+# succeeds, and no request runs on the source on one of them meanwhile (a DEL run there would leave the
+# target's copy for the next request to read).  The name is in the scripts, not their KEYS (stock Redis,
+# no cluster mode: a script may name it).
 ENSURE_MOVED = _WAIT_FOR_CLAIMS + b"local o = 0\n" + _MOVE_KEYS
+
 # The same, but when every key is on the source, run the request there (ARGV[1]: its number of arguments,
 # then the arguments) and answer [SERVED, its reply]: twinproxy.cluster.onsource.
 RUN_OR_MOVE = _WAIT_FOR_CLAIMS + b"""\
 local o = tonumber(ARGV[1]) + 1
-if redis.call('EXISTS', unpack(KEYS, 1, n)) == n then
+if redis.call('EXISTS', unpack(KEYS, 1, n)) == n
+    and redis.call('SMISMEMBER', '__twinproxy:unsure', unpack(KEYS, 1, n))[1] == 0 then
   return {'SERVED', redis.pcall(unpack(ARGV, 2, o))}
 end
 """ + _MOVE_KEYS
@@ -216,7 +232,7 @@ class MigratingSlot:
 
     __slots__ = ("name", "slot", "source", "target", "_head", "_tail", "_moved", "_answer", "_route", "_lines",
                  "_clock", "_wait_limit", "moves", "failures", "waits", "served", "_made_for", "_batcher", "_parts",
-                 "_script_for", "on_empty", "_run_on_source")
+                 "_script_for", "on_empty", "_run_on_source", "_to_target")
 
     def __init__(self, slot: int, source: Any, target: Any, db: int, auth: Optional[Credentials],
                  answer: Callable[..., None], route: Optional[Callable[[int], Any]] = None,
@@ -243,6 +259,10 @@ class MigratingSlot:
         # Whether a request that starts its client's line may run on the source (twinproxy.cluster.onsource).
         # False: every request moves its keys first (what most unit tests of this module look at).
         self._run_on_source = run_on_source
+        # client -> the last of its requests this slot sent on to the target (kept only while requests may run
+        # on the source): until it is answered, a request of that client must not run on the source, where it
+        # could take effect before the earlier one does on the target.
+        self._to_target: Dict[Any, Request] = {}
         # The move's MoveBatcher (twinproxy.cluster.movebatch): the scripts of a reactor turn go as one.
         # None: one script per request, at once (what the unit tests of this module look at).
         self._batcher = batcher
@@ -283,12 +303,14 @@ class MigratingSlot:
                 return
         moved = self._moved
         if not keys or all(key in moved for key in keys):
-            self.target.send(request)
+            self._send_on(self.target, request)
             return
         line = lines[request.client] = deque()
-        # Only a request with no earlier one of its client on the way here may run on the source: one that
-        # ran there before an earlier request reached the target would overtake it.
-        self._join(line, request, keys, self._run_on_source and may_run_on_source(request))
+        # Only a request with no earlier one of its client on the way here (in a line, or sent on to the target
+        # and not answered) may run on the source: one that ran there before an earlier request reached the
+        # target would overtake it.
+        self._join(line, request, keys, self._run_on_source and may_run_on_source(request)
+                   and self._nothing_on_the_way(request.client))
 
     @property
     def batcher(self) -> Any:
@@ -324,6 +346,28 @@ class MigratingSlot:
         step.runs = runs
         line.append(step)
         self._ask(step)
+
+    def _send_on(self, where: Any, request: Request) -> None:
+        if self._run_on_source:
+            to_target = self._to_target
+            if len(to_target) >= MOVED_MEMORY:
+                # Bounded: forget the answered ones (an unanswered one must stay, or its client's next request
+                # could overtake it on the source).
+                for client in [client for client, sent in to_target.items() if sent.reply is not None]:
+                    del to_target[client]
+            to_target[request.client] = request
+        where.send(request)
+
+    def _nothing_on_the_way(self, client: Any) -> bool:
+        """Whether every request of ``client`` this slot sent on was answered (the requests on a client's
+        connection to one server are answered in order: the last one's reply says so for all)."""
+        sent = self._to_target.get(client)
+        if sent is None:
+            return True
+        if sent.reply is None and not getattr(client, "closed", False):
+            return False
+        del self._to_target[client]
+        return True
 
     def _destination(self) -> Tuple[Optional[Tuple[str, int]], str]:
         """Where the MIGRATE goes: (host, port), or (None, why not now): the target's Sentinel shard has no
@@ -441,7 +485,7 @@ class MigratingSlot:
                 continue
             line.popleft()
             if state == _READY:
-                self._where().send(step.request)
+                self._send_on(self._where(), step.request)
             elif state == _SERVED:
                 request = step.request
                 request.reply = step.reply

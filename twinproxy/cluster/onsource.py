@@ -21,8 +21,8 @@ reply types), not leased (blocking commands must block on the server),
 whole (a fragment's arguments are its parent's), at most
 :data:`MAX_ARGUMENTS` arguments, and a command whose
 integer replies stay far below 2**53 (Lua numbers are doubles: ``INCR``
-and its kin on large counters would come back rounded, so they move the
-key instead).  Replies were compared byte for byte against the same
+and its kin on large counters, ``TTL`` and its kin on far expiries, would
+come back rounded, so they move the key instead).  Replies were compared byte for byte against the same
 command sent directly (Redis 7.0: bulk, nil, integer, status, nested
 arrays, errors; tests/integration/test_run_on_source.py).
 """
@@ -41,8 +41,9 @@ RUN_ON_SOURCE = frozenset((
     # strings and bits (not incr/incrby/decr/decrby: 64-bit integer replies)
     "get", "set", "setnx", "setex", "psetex", "getset", "getdel", "getex", "append", "strlen", "getrange",
     "setrange", "incrbyfloat", "getbit", "setbit", "bitcount", "bitpos",
-    # the key itself
-    "type", "ttl", "pttl", "expire", "pexpire", "expireat", "pexpireat", "persist", "expiretime", "pexpiretime",
+    # the key itself (not ttl/pttl/expiretime/pexpiretime: an expiry may be set up to 2**63 ms, and the
+    # answer past 2**53 would come back rounded)
+    "type", "expire", "pexpire", "expireat", "pexpireat", "persist",
     # hashes (not hincrby)
     "hget", "hset", "hsetnx", "hmset", "hmget", "hdel", "hexists", "hgetall", "hkeys", "hvals", "hlen",
     "hstrlen", "hincrbyfloat", "hrandfield",

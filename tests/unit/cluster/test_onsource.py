@@ -160,3 +160,38 @@ def test_a_counter_takes_the_move_path() -> None:
     client.dataReceived(cmd(b"INCR", k))
     source, source_wire = w.backend(SOURCE)
     assert source_wire.value() == migrate(k)
+
+
+def test_a_request_behind_one_sent_to_the_target_and_unanswered_does_not_run_on_the_source() -> None:
+    """The client's earlier request of the slot went to the target (its key known moved) and is not answered yet:
+    a later request on another key of the slot must not run on the source, where it could take effect before the
+    earlier one does on the target (an observer would see the client's writes out of order)."""
+    w = wire()
+    client, out = w.client()
+    first, second = key_in(7), key_in(7, start=int(key_in(7)[1:]) + 1)
+    client.dataReceived(cmd(b"GET", first))
+    source, source_wire = w.backend(SOURCE)
+    source.dataReceived(b"+NOKEY\r\n")                  # the first key is known moved now
+    target, target_wire = w.backend(TARGET)
+    target.dataReceived(b"$-1\r\n")
+    source_wire.clear()
+    target_wire.clear()
+    client.dataReceived(cmd(b"SET", first, b"1") + cmd(b"SET", second, b"2"))
+    w.backend(SOURCE)
+    assert target_wire.value() == cmd(b"SET", first, b"1")           # straight to the target, unanswered
+    assert source_wire.value() == migrate(second)                    # the move path, not run on the source
+    source.dataReceived(b"+OK\r\n")
+    assert target_wire.value() == cmd(b"SET", first, b"1") + cmd(b"SET", second, b"2")
+    target.dataReceived(b"+OK\r\n+OK\r\n")
+    # Once nothing of the client's is on its way to the target, it may run there again.
+    source_wire.clear()
+    third = key_in(7, start=int(second[1:]) + 1)
+    client.dataReceived(cmd(b"GET", third))
+    assert source_wire.value() == run_or_move(third, b"GET", third)
+    source.dataReceived(SERVED + b"$1\r\nv\r\n")
+    assert out.value() == b"$-1\r\n+OK\r\n+OK\r\n$1\r\nv\r\n"
+
+
+def test_the_scripts_name_the_unsure_set() -> None:
+    from twinproxy.cluster.migrating import ENSURE_MOVED, UNSURE
+    assert ENSURE_MOVED.count(b"'%s'" % UNSURE) == 3 and RUN_OR_MOVE.count(b"'%s'" % UNSURE) == 4
