@@ -8,10 +8,12 @@ import socket
 from typing import Any, List
 
 import pytest
+import redis
 
 from tests.servers import LOOPBACK
 from twinproxy.cluster.migrating import BIG_KEY_BYTES, CLAIMS, ENSURE_MOVED, RUN_OR_MOVE, UNSURE, claim_of
 from twinproxy.cluster.onsource import ONE_KEY_ONLY, RUN_ON_SOURCE, SERVED_HEAD
+from twinproxy.dashboard.bigkeys import batch_command
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -150,4 +152,31 @@ def test_a_key_a_failed_migrate_may_have_left_on_the_target_too_is_not_run_on_th
         assert not one.client().sismember(UNSURE, b"k") and two.client().get(b"k") == b"v"
     finally:
         source.close()
+        silent.close()
+
+
+def test_the_sweep_notes_the_keys_its_failed_batch_may_have_left_on_the_target(redis_servers) -> None:
+    """The dashboard's batch script does as the proxies' do: IOERR notes the batch's keys, success clears them."""
+    one, two = redis_servers(2)
+    silent = socket.socket()
+    silent.bind((LOOPBACK, 0))
+    silent.listen(8)
+    source = one.client()
+    try:
+        source.mset({b"a": b"1", b"b": b"2"})
+        port = silent.getsockname()[1]
+        head = [b"%d" % BIG_KEY_BYTES, LOOPBACK.encode(), b"%d" % port, b"0", b"100"]
+        with pytest.raises(redis.ResponseError, match="IOERR"):
+            source.execute_command(*batch_command(head, [b"a", b"b"]))
+        assert source.smembers(UNSURE) == {b"a", b"b"} and source.mget([b"a", b"b"]) == [b"1", b"2"]
+        raw = Raw(one.port)
+        try:
+            assert run_or_move(raw, two.port, b"a", b"DEL", b"a") == b"+OK\r\n"     # moved, not run there
+        finally:
+            raw.close()
+        assert source.smembers(UNSURE) == {b"b"}
+        head[2] = b"%d" % two.port
+        assert source.execute_command(*batch_command(head, [b"b"])) == [b"OK", []]
+        assert not source.exists(UNSURE) and two.client().mget([b"a", b"b"]) == [b"1", b"2"]
+    finally:
         silent.close()
