@@ -87,27 +87,23 @@ def boolean_value(raw: str, fail) -> bool:
     raise fail("is not 'true' or 'false'")
 
 
-def hash_value(raw: str, fail) -> str:
-    if raw not in HASH_FUNCTIONS:
-        raise fail("is not a valid hash (expected one of " + ", ".join(HASH_FUNCTIONS) + ")")
-    return raw
+def _one_of(choices: tuple, what: str):
+    """The parser of a value that must be one of ``choices`` (a hash, a distribution, a read policy)."""
+    def check(raw: str, fail) -> str:
+        if raw not in choices:
+            raise fail(f"is not a valid {what} (expected one of " + ", ".join(choices) + ")")
+        return raw
+    return check
 
 
-def distribution_value(raw: str, fail) -> str:
-    if raw not in DISTRIBUTIONS:
-        raise fail("is not a valid distribution (expected one of " + ", ".join(DISTRIBUTIONS) + ")")
-    return raw
+hash_value = _one_of(tuple(HASH_FUNCTIONS), "hash")
+distribution_value = _one_of(tuple(DISTRIBUTIONS), "distribution")
+read_policy_value = _one_of(READ_POLICIES, "read policy")
 
 
 def hash_tag_value(raw: str, fail) -> str:
     if len(raw) != 2:
         raise fail("is not a valid hash tag (expected exactly two characters, e.g. \"{}\")")
-    return raw
-
-
-def read_policy_value(raw: str, fail) -> str:
-    if raw not in READ_POLICIES:
-        raise fail("is not a valid read policy (expected one of " + ", ".join(READ_POLICIES) + ")")
     return raw
 
 

@@ -36,6 +36,16 @@ def request(*args: bytes, dialect: int = 2) -> Request:
     return r
 
 
+def asked(*command: bytes):
+    """A wire, a client that sent ``command`` (on a key of slot 7: ``{k}`` in it is that key), and the source."""
+    w = wire()
+    client, out = w.client()
+    k = key_in(7)
+    client.dataReceived(cmd(*[k if part == b"{k}" else part for part in command]))
+    source, source_wire = w.backend(SOURCE)
+    return w, client, out, k, source, source_wire
+
+
 def test_which_requests_may_run_on_the_source() -> None:
     assert may_run_on_source(request(b"GET", b"k")) and may_run_on_source(request(b"HGETALL", b"h"))
     assert may_run_on_source(request(b"DEL", b"k")) and not may_run_on_source(request(b"DEL", b"k", b"l"))
@@ -54,11 +64,7 @@ def test_which_requests_may_run_on_the_source() -> None:
 
 
 def test_a_request_whose_key_is_on_the_source_is_answered_from_there() -> None:
-    w = wire()
-    client, out = w.client()
-    k = key_in(7)
-    client.dataReceived(cmd(b"GET", k))
-    source, source_wire = w.backend(SOURCE)
+    w, client, out, k, source, source_wire = asked(b"GET", b"{k}")
     assert source_wire.value() == run_or_move(k, b"GET", k)          # its own script, at once
     source.dataReceived(SERVED + b"$1\r\nv\r\n")
     assert out.value() == b"$1\r\nv\r\n" and TARGET not in w.backends
@@ -71,11 +77,7 @@ def test_a_request_whose_key_is_on_the_source_is_answered_from_there() -> None:
 
 
 def test_a_key_that_is_not_on_the_source_is_served_by_the_target_and_known_moved() -> None:
-    w = wire()
-    client, out = w.client()
-    k = key_in(7)
-    client.dataReceived(cmd(b"GET", k))
-    source, source_wire = w.backend(SOURCE)
+    w, client, out, k, source, source_wire = asked(b"GET", b"{k}")
     source.dataReceived(b"+NOKEY\r\n")
     target, target_wire = w.backend(TARGET)
     assert target_wire.value() == cmd(b"GET", k)
@@ -87,11 +89,7 @@ def test_a_key_that_is_not_on_the_source_is_served_by_the_target_and_known_moved
 
 
 def test_an_error_of_the_command_itself_is_the_client_s_reply() -> None:
-    w = wire()
-    client, out = w.client()
-    k = key_in(7)
-    client.dataReceived(cmd(b"HGET", k, b"f"))
-    source, _ = w.backend(SOURCE)
+    w, client, out, k, source, _ = asked(b"HGET", b"{k}", b"f")
     source.dataReceived(SERVED + b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n")
     assert out.value() == b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n"
 
@@ -140,11 +138,7 @@ def test_a_moved_request_waits_for_the_one_before_it_that_runs_on_the_source() -
 
 
 def test_a_claimed_key_waits_and_asks_again_the_same_way() -> None:
-    w = wire()
-    client, out = w.client()
-    k = key_in(7)
-    client.dataReceived(cmd(b"GET", k))
-    source, source_wire = w.backend(SOURCE)
+    w, client, out, k, source, source_wire = asked(b"GET", b"{k}")
     source_wire.clear()
     source.dataReceived(b"*2\r\n$4\r\nWAIT\r\n:1\r\n")
     w.reactor.advance(0)
@@ -154,11 +148,7 @@ def test_a_claimed_key_waits_and_asks_again_the_same_way() -> None:
 
 
 def test_a_counter_takes_the_move_path() -> None:
-    w = wire()
-    client, _ = w.client()
-    k = key_in(7)
-    client.dataReceived(cmd(b"INCR", k))
-    source, source_wire = w.backend(SOURCE)
+    w, client, _, k, source, source_wire = asked(b"INCR", b"{k}")
     assert source_wire.value() == migrate(k)
 
 
