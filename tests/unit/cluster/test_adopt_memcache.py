@@ -219,6 +219,28 @@ def test_keys_not_moving_go_where_their_server_s_state_says() -> None:
     assert w.sent(C) == b""
 
 
+def test_a_multi_key_get_is_split_by_where_each_key_is_now_and_answered_in_order() -> None:
+    w = Wire(MOVING)
+    warming, legacy, done = key(1, 2), key(2, 3), key(3, 1)
+    client, out = w.client()
+    client.dataReceived(b"get %s %s %s\r\n" % (warming, legacy, done))
+    sent_b = w.sent(B)
+    assert sorted(sent_b.split(b"\r\n")[:-1]) == sorted([b"get %s" % warming, b"get %s" % legacy])
+    assert w.sent(A) == b"get %s\r\n" % done                          # done: at its slot's owner (group 1)
+    first_b = sent_b.split(b"\r\n")[0]
+    replies = {b"get %s" % warming: b"END\r\n", b"get %s" % legacy: b"VALUE %s 0 1\r\nl\r\nEND\r\n" % legacy}
+    backend = w.connections(B)[0][0]
+    backend.dataReceived(replies[first_b])
+    backend.dataReceived(replies[sent_b.split(b"\r\n")[1]])
+    w.connections(A)[0][0].dataReceived(b"VALUE %s 0 1\r\nd\r\nEND\r\n" % done)
+    w.step(A, b"mg %s v f t\r\n" % warming, b"VA 1 f0 t-1\r\nw\r\n")   # the warming key's miss, read through
+    w.step(B, b"ms %s 1 T0 F0 ME c\r\nw\r\n" % warming, b"HD c3\r\n")
+    w.step(A, b"mg %s\r\n" % warming, b"HD\r\n")
+    w.step(B, b"get %s\r\n" % warming, b"VALUE %s 0 1\r\nw\r\nEND\r\n" % warming)
+    assert out.value() == (b"VALUE %s 0 1\r\nw\r\n" % warming + b"VALUE %s 0 1\r\nl\r\n" % legacy
+                           + b"VALUE %s 0 1\r\nd\r\nEND\r\n" % done)
+
+
 def test_a_done_server_s_keys_go_to_their_slot_s_owner_and_nothing_warms_any_more() -> None:
     w = Wire(MOVED_1)
     route = w.runtime.pool.route
