@@ -201,6 +201,13 @@ def test_a_cancelled_entry_gives_the_server_its_keys_back_and_its_resume_serves_
     assert client.set(key, b"during", noreply=False)                   # at its owner, deleted on server 1
     assert meta(port[OWNER[slot(key)]], b"mg %s v" % key).startswith(b"VA 6")
     assert client.get(kept) == b"old"
+    # Paused, its warm-up clock stops (and the keys still warm up); resumed, it counts again.
+    admin_ok(dashboard, "migration", "pause", "1")
+    wait_until(lambda: entries(dashboard)[0]["warmup_until"] is None and entries(dashboard)[0]["warmup_left"],
+               timeout=30, what="the warm-up clock stopped")
+    assert entries(dashboard)[0]["state"] == "migrating" and 590 < entries(dashboard)[0]["warmup_left"] <= 600
+    admin_ok(dashboard, "migration", "resume", "1")
+    wait_until(lambda: entries(dashboard)[0]["warmup_until"] is not None, timeout=30, what="the clock again")
     admin_ok(dashboard, "migration", "cancel")
     waited = admin(dashboard, "migration", "wait", "1", timeout=60)
     assert waited.returncode == 1 and "cancelled" in waited.stderr, waited.stdout + waited.stderr
