@@ -175,7 +175,8 @@ def test_a_memcached_pool_is_adopted_under_load_and_nothing_stale_is_read(tmp_pa
 @pytest.mark.timeout(120)
 def test_a_cancelled_entry_gives_the_server_its_keys_back_and_its_resume_serves_nothing_stale(
         tmp_path: Path, memcached_servers, processes) -> None:  # noqa: F811
-    """Cancel mid warm-up: the server's keys are its own again (a value set meanwhile went to the slot's owner,
+    """Paused mid warm-up, its clock stops; resumed, it counts again.  Cancelled mid warm-up: the server's keys
+    are its own again (a value set meanwhile went to the slot's owner,
     deleted on the server: a miss there, never the older value); a value set afterwards is on the server.  The
     resumed entry first deletes at the owner what the cancelled one left there, so its warm-up reads the
     server's newer value, not the owner's stale copy."""
