@@ -1,5 +1,9 @@
 """``twinproxy-admin adopt``: take a running twemproxy pool into a cluster, and rewrite its pool file.
 
+A Redis pool's keys are moved (``--keys-per-second``); a memcached pool's,
+into a memcache cluster, warmed up at their new servers (``--warmup-seconds``,
+default 60): each option is refused for the other protocol.
+
 Owns :func:`adoption_request` (the pool file's pool, checked, as ``POST
 /api/adopt``'s body), :func:`cluster_file` (the pool file with that pool
 following the cluster instead of listing servers), :func:`resume_request`
