@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pymemcache.client.base import Client as MemcacheClient
@@ -234,3 +235,40 @@ def test_a_cancelled_entry_gives_the_server_its_keys_back_and_its_resume_serves_
     assert meta(port[OWNER[slot(key)]], b"mg %s v" % key) == b"VA 5\r\nafter\r\n"
     # Copied during the cancelled warm-up, that copy deleted before the second, not read during it: a miss.
     assert client.get(kept) is None and meta(port[1], b"mg %s v" % kept) == b"VA 3\r\nold\r\n"
+
+
+@pytest.mark.timeout(120)
+def test_control_a_proxy_left_on_the_old_file_makes_a_switched_one_read_a_stale_value(
+        tmp_path: Path, memcached_servers, processes) -> None:  # noqa: F811
+    """Control: the operator resumes with one proxy still reading the old file.  Once the key's server is done,
+    that proxy's set goes where the pool placed the key and the switched proxy reads the slot's owner's older
+    value: stale, and the history check says so (what the README warns about)."""
+    url = f"file://{tmp_path / 'coordinator'}"
+    servers = memcached_servers(3)
+    switched, stale = (ClusterProxy(tmp_path / f"proxy{i}", url, "cache", redis=False, processes=processes)
+                       for i in range(2))
+    for proxy in (switched, stale):
+        proxy.config.write_text(pool_text(proxy.port, servers))
+        proxy.start()
+    dashboard = Dashboard(tmp_path / "dashboard", url, "cache", protocol="memcache").start()
+    processes.append(dashboard)
+    admin_ok(dashboard, "adopt", "--pool-file", str(switched.config), "--pool", "cache", "--coordinator", url,
+             "--output", str(switched.config), "--warmup-seconds", "1")
+    os.kill(switched.process.proc.pid, signal.SIGHUP)
+    wait_for_status(dashboard, lambda s: len(s["proxies"]) == 1, what="the switched proxy registered")
+    admin_ok(dashboard, "migration", "resume")
+    assert admin(dashboard, "migration", "wait", timeout=60).returncode == 0
+    wait_for_status(dashboard, lambda s: proxies_at(s, 1), what="the switched proxy at the last generation")
+    new = MemcacheClient((LOOPBACK, switched.port), timeout=5, connect_timeout=5)
+    old = MemcacheClient((LOOPBACK, stale.port), timeout=5, connect_timeout=5)
+    key = keys_of("moving", 1, 1)[0]
+    ops = []
+    for client, value in ((new, 1), (old, 2)):
+        start = time.monotonic()
+        assert client.set(key, b"%d" % value, noreply=False)
+        ops.append(("set", value, start, time.monotonic()))
+    start = time.monotonic()
+    read = new.get(key)
+    assert read == b"1"                 # the owner's copy: the later set went to the pool's server
+    problems = stale_reads([SimpleNamespace(ops={key: ops})], [(key, start, time.monotonic(), int(read))])
+    assert problems and "after set #2 was acknowledged" in problems[0], problems
