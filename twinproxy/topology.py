@@ -164,7 +164,8 @@ def diff_pools(old: Sequence[PoolConfig], new: Sequence[PoolConfig]) -> ProxyDif
             continue
         # A cluster pool changes Sentinel mode in place (its dashboard added sentinels); a
         # plain pool joins a cluster in place (adopted: its clients stay).
-        joins = previous.redis and not previous.cluster_mode and not previous.sentinel_mode and config.cluster_mode
+        # (Redis or memcached: a memcache pool is adopted as a Redis one is.)
+        joins = not previous.cluster_mode and not previous.sentinel_mode and config.cluster_mode
         if previous.redis != config.redis \
                 or (previous.sentinel_mode != config.sentinel_mode and not config.cluster_mode) \
                 or ((previous.cluster, previous.coordinator) != (config.cluster, config.coordinator) and not joins):

@@ -71,7 +71,7 @@ def test_the_request_names_the_pool_s_ring_and_the_file_follows_the_cluster(dash
     assert seen["body"] == {"pool": "shop", "hash": "fnv1a_64", "distribution": "ketama", "hash_tag": "{}",
                             "servers": [{"address": "127.0.0.1:7001", "name": "alpha", "weight": 2},
                                         {"address": "127.0.0.1:7002", "name": "127.0.0.1:7002", "weight": 1}],
-                            "cluster": "shop7"}
+                            "protocol": "redis", "cluster": "shop7"}
     assert "adoptions 1, 2 queued, paused" in out and "migration resume" in out and "comments" in out
     document = yaml.safe_load(path.read_text())
     assert document["shop"] == {"listen": "127.0.0.1:22121", "redis": True, "timeout": 400,
@@ -156,7 +156,6 @@ def test_a_refusal_of_the_dashboard_writes_no_file(dashboard, tmp_path) -> None:
     (("distribution: ketama", "distribution: random"), "random"),
     (("timeout: 400", "timeout: 400\n  auto_eject_hosts: true"), "auto_eject_hosts"),
     (("timeout: 400", "timeout: 400\n  redis_db: 2"), "database 0"),
-    (("redis: true\n  hash: fnv1a_64", "redis: false\n  hash: fnv1a_64"), "memcached"),
     (("    - 127.0.0.1:7002:1\n", "    - /tmp/redis.sock:1\n"), "unix socket"),
     (("shop:\n", "shoppe:\n"), "has no pool 'shop'"),
     (("listen: 127.0.0.1:22121", "listen: [nonsense"), "YAML"),
@@ -249,3 +248,35 @@ def test_a_first_adoption_needs_the_coordinator(dashboard, tmp_path) -> None:
     code, _, err = run(dashboard, "--token-file", str(token(tmp_path)), "adopt", "--pool-file", str(path),
                        "--pool", "shop")
     assert code == 2 and "adopt needs --coordinator URL" in err and dashboard.seen == []
+
+
+MEMCACHE_POOLS = POOLS.replace("redis: true\n  hash: fnv1a_64", "redis: false\n  hash: fnv1a_64", 1)
+
+
+def test_a_memcached_pool_is_adopted_with_a_warm_up_and_no_tag_warning(dashboard, tmp_path) -> None:
+    dashboard.answers[("POST", "/api/adopt")] = (200, ANSWER)
+    path = pool_file(tmp_path, MEMCACHE_POOLS.replace('hash_tag: "{}"', 'hash_tag: "::"'))
+    code, out, err = adopt(dashboard, path, "--output", str(path))
+    assert code == 0 and "warning" not in err, err
+    body = dashboard.seen[-1]["body"]
+    assert (body["protocol"], body["warmup_seconds"], body["distribution"]) == ("memcache", 60, "ketama")
+    assert "keys_per_second" not in body and "adoptions 1, 2 queued, paused" in out
+    assert yaml.safe_load(path.read_text())["shop"]["cluster"] == "shop"
+    path = pool_file(tmp_path, MEMCACHE_POOLS)
+    code, _, err = adopt(dashboard, path, "--output", str(path), "--warmup-seconds", "5")
+    assert code == 0 and dashboard.seen[-1]["body"]["warmup_seconds"] == 5, err
+
+
+@pytest.mark.parametrize("text, more, words", [
+    (POOLS, ("--warmup-seconds", "5"), "is a Redis pool: its keys are moved, not warmed up"),
+    (MEMCACHE_POOLS, ("--keys-per-second", "5"), "is a memcached pool: its items are not moved"),
+    (MEMCACHE_POOLS.replace("timeout: 400", "timeout: 400\n  auto_eject_hosts: true", 1), (), "auto_eject_hosts"),
+    (MEMCACHE_POOLS.replace("distribution: ketama", "distribution: random", 1), (), "random"),
+    (MEMCACHE_POOLS.replace("    - 127.0.0.1:7002:1\n", "    - /tmp/mc.sock:1\n", 1), (), "unix socket"),
+])
+def test_tuning_of_the_other_protocol_and_memcached_pools_that_cannot_be_adopted_are_refused(
+        dashboard, tmp_path, text, more, words) -> None:
+    path = pool_file(tmp_path, text)
+    code, _, err = adopt(dashboard, path, "--output", str(path), *more)
+    assert code == 2 and words in err and dashboard.seen == [], err
+    assert path.read_text() == text

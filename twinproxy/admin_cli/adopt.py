@@ -1,5 +1,9 @@
 """``twinproxy-admin adopt``: take a running twemproxy pool into a cluster, and rewrite its pool file.
 
+A Redis pool's keys are moved (``--keys-per-second``); a memcached pool's,
+into a memcache cluster, warmed up at their new servers (``--warmup-seconds``,
+default 60): each option is refused for the other protocol.
+
 Owns :func:`adoption_request` (the pool file's pool, checked, as ``POST
 /api/adopt``'s body), :func:`cluster_file` (the pool file with that pool
 following the cluster instead of listing servers), :func:`resume_request`
@@ -24,6 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
+from twinproxy.cluster.migrations import DEFAULT_WARMUP
 from twinproxy.config import NOT_IN_CLUSTER, ConfigError, PoolConfig, load_file
 
 # A cluster's hash tag (its slots group keys by it, as Codis and Redis Cluster do), and the multi-key
@@ -50,9 +55,6 @@ def find_pool(path: str, name: str) -> PoolConfig:
 def adoption_request(pool: PoolConfig) -> Dict[str, Any]:
     """``POST /api/adopt``'s body for ``pool``; AdoptProblem says why it cannot be adopted."""
     what = f"pool '{pool.name}'"
-    if not pool.redis:
-        raise AdoptProblem(f"{what} is a memcached pool: adopt moves Redis keys (memcached pools are not "
-                           "supported yet)")
     if pool.cluster_mode:
         raise AdoptProblem(f"{what} follows cluster '{pool.cluster}' already")
     if pool.sentinel_mode:
@@ -64,18 +66,19 @@ def adoption_request(pool: PoolConfig) -> Dict[str, Any]:
         raise AdoptProblem(f"{what} has auto_eject_hosts: true: keys written while a server was ejected sit on "
                            "another server, and adopt assumes each key is where the full ring puts it; set it "
                            "false and reload the proxies first")
-    if pool.redis_db:
+    if pool.redis and pool.redis_db:
         raise AdoptProblem(f"{what} uses redis_db {pool.redis_db}: a cluster lives in database 0")
     servers = []
     for spec in pool.servers:
         if spec.path is not None:
-            raise AdoptProblem(f"{what}: server {spec.path} is a unix socket: MIGRATE needs a TCP address")
+            needs = "MIGRATE needs" if pool.redis else "a cluster's groups need"
+            raise AdoptProblem(f"{what}: server {spec.path} is a unix socket: {needs} a TCP address")
         servers.append({"address": spec.address, "name": spec.name, "weight": spec.weight})
     addresses = [server["address"] for server in servers]
     if len(set(addresses)) != len(addresses):
         raise AdoptProblem(f"{what} lists a server twice")
     return {"pool": pool.name, "hash": pool.hash, "distribution": pool.distribution, "hash_tag": pool.hash_tag,
-            "servers": servers}
+            "servers": servers, "protocol": "redis" if pool.redis else "memcache"}
 
 
 def cluster_file(path: str, name: str, cluster: str, coordinator: str) -> str:
@@ -106,13 +109,16 @@ def write_atomically(path: str, text: str) -> None:
         raise
 
 
-def resume_request(cluster: str, pool: Optional[str], keys_per_second: Optional[int]) -> Dict[str, Any]:
+def resume_request(cluster: str, pool: Optional[str], keys_per_second: Optional[int],
+                   warmup_seconds: Optional[int] = None) -> Dict[str, Any]:
     """``POST /api/adopt``'s body that resumes an adoption from the placement the cluster keeps."""
     body: Dict[str, Any] = {"resume": True, "cluster": cluster}
     if pool is not None:
         body["pool"] = pool
     if keys_per_second is not None:
         body["keys_per_second"] = keys_per_second
+    if warmup_seconds is not None:
+        body["warmup_seconds"] = warmup_seconds
     return body
 
 
@@ -120,6 +126,7 @@ def prepare(args: Any) -> Tuple[Dict[str, Any], Optional[str]]:
     """The request body and the new pool file's text (None for a resume: nothing to write; nothing written
     yet); AdoptProblem for a bad pool or a bad combination of options."""
     rate = getattr(args, "keys_per_second", None)
+    warmup = getattr(args, "warmup_seconds", None)
     if args.resume:
         if args.pool_file is not None:
             raise AdoptProblem("--resume takes no --pool-file (the cluster keeps the pool's placement); or give the "
@@ -129,7 +136,7 @@ def prepare(args: Any) -> Tuple[Dict[str, Any], Optional[str]]:
                                "--output)")
         if args.cluster is None:
             raise AdoptProblem("--resume needs --cluster NAME: the cluster that adopted the pool")
-        return resume_request(args.cluster, args.pool, rate), None
+        return resume_request(args.cluster, args.pool, rate, warmup), None
     if args.pool_file is None or args.pool is None:
         raise AdoptProblem("adopt needs --pool-file FILE and --pool NAME (or, to resume an adoption, --resume "
                            "--cluster NAME)")
@@ -142,14 +149,22 @@ def prepare(args: Any) -> Tuple[Dict[str, Any], Optional[str]]:
                 raise AdoptProblem(f"pool '{pool.name}' follows cluster '{pool.cluster}' at {pool.coordinator} "
                                    f"already, not {option} {given}: nothing to adopt (to resume its adoption, "
                                    "give the file's cluster)")
-        return resume_request(pool.cluster, pool.name, rate), None
+        return resume_request(pool.cluster, pool.name, rate, warmup), None
     if args.coordinator is None:
         raise AdoptProblem("adopt needs --coordinator URL: the coordinator the proxies will follow (written into "
                            "the pool file)")
     body = adoption_request(pool)
     body["cluster"] = args.cluster or args.pool
+    if pool.redis and warmup is not None:
+        raise AdoptProblem(f"pool '{pool.name}' is a Redis pool: its keys are moved, not warmed up (drop "
+                           "--warmup-seconds; --keys-per-second tunes the sweeps)")
+    if not pool.redis and rate is not None:
+        raise AdoptProblem(f"pool '{pool.name}' is a memcached pool: its items are not moved but warmed up at "
+                           "their new servers (drop --keys-per-second; --warmup-seconds says for how long)")
     if rate is not None:
         body["keys_per_second"] = rate
+    if not pool.redis:
+        body["warmup_seconds"] = DEFAULT_WARMUP if warmup is None else warmup
     return body, cluster_file(args.pool_file, args.pool, args.cluster or args.pool, args.coordinator)
 
 
@@ -190,7 +205,9 @@ def run(client: Any, args: Any, body: Dict[str, Any], text: Optional[str], out: 
     """POST the adoption; write (or print) the new pool file; say what comes next."""
     # Before asking: the operator learns it even if the dashboard refuses (a warning, not a refusal).  A
     # resume names no hash tag: its first adoption warned.
-    warning = tag_warning(body["pool"], body["hash_tag"]) if "hash_tag" in body else None
+    # A memcache cluster refuses no multi-key command (a get is split by key): nothing to warn of.
+    warning = (tag_warning(body["pool"], body["hash_tag"]) if "hash_tag" in body and body.get("protocol") != "memcache"
+               else None)
     if warning is not None:
         print(f"twinproxy-admin: {warning}", file=err)
     result = client.request("POST", "/api/adopt", body, None)
@@ -231,9 +248,11 @@ def _queued_text(pool: Optional[str], cluster: str, result: Dict[str, Any]) -> s
     pool = result.get("pool") or pool
     entries = ", ".join(f"{m.get('id')} (group {m.get('from_group')})" for m in queued)
     rate = queued[0].get("keys_per_second") if queued else None
+    warmup = queued[0].get("warmup_seconds") if queued else None
     return (f"the adoption of pool '{pool}' by cluster '{cluster}' resumed (generation {result.get('generation')}):"
             f" adoptions {entries} queued, paused, "
-            + (f"at most {rate} keys/s each" if rate is not None else "no rate limit")
+            + (f"warming up for {warmup}s each" if warmup is not None else
+               f"at most {rate} keys/s each" if rate is not None else "no rate limit")
             + ("; the keys of group" + ("s " if len(done) > 1 else " ") + ", ".join(map(str, done))
                + " have moved already" if done else "") + "\n")
 

@@ -181,8 +181,11 @@ def parser() -> argparse.ArgumentParser:
                        help="queue again the adopted pool's servers whose keys have not moved (after a cancel or "
                        "a failure), paused, from the placement the cluster keeps: no pool file")
     adopt.add_argument("--keys-per-second", type=_count, metavar="N",
-                       help="each server's sweep moves at most N keys a second (a resume: default the "
-                       "adoption's last rate)")
+                       help="Redis pools: each server's sweep moves at most N keys a second (a resume: default "
+                       "the adoption's last rate)")
+    adopt.add_argument("--warmup-seconds", type=_seconds, metavar="N",
+                       help="memcached pools: each server's items warm up at their new servers for N seconds "
+                       "(default 60; a resume: the adoption's last)")
     adopt.add_argument("--output", metavar="PATH",
                        help="write the new pool file there (may be FILE itself; default: print it)")
 

@@ -6,8 +6,9 @@ and :func:`build_placement` / :func:`adopted_route`, which
 :class:`~twinproxy.cluster.targets.SlotRouting` calls for a table that
 names an adopted pool.  A key whose server is ``legacy`` goes to that
 server; while the server's keys move, through the slot's
-:class:`~twinproxy.cluster.migrating.MigratingSlot` from it; once they
-have, to its slot's owner.  The clock is injected; nothing here opens a
+:class:`~twinproxy.cluster.migrating.MigratingSlot` from it (a memcache
+cluster's: a :class:`~twinproxy.cluster.warmup.WarmingSlot` from it, its
+items read through rather than moved); once they have, to its slot's owner.  The clock is injected; nothing here opens a
 socket.
 """
 
@@ -19,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from twinproxy.cluster.holds import Answer, HeldSlot
 from twinproxy.cluster.migrating import Draining, MigratingSlot, keys_of
 from twinproxy.cluster.slots import SLOT_COUNT, slot_of
+from twinproxy.cluster.warmup import WarmingSlot
 from twinproxy.credentials import Credentials
 from twinproxy.request import Request
 
@@ -99,7 +101,8 @@ def build_placement(cluster: str, clock: Any, answer: Answer, table: Any, server
                     place: Callable[[bytes], int], migrating_before: Dict[int, Any], migrating_now: Dict[int, Any],
                     hold_seconds: float, auth: Optional[Credentials], slot_route: Callable[[int], Any],
                     batcher: Optional[Callable[[Any, Any], Any]] = None,
-                    draining_before: Sequence[Any] = (), run_on_source: bool = False) -> AdoptedPlacement:
+                    draining_before: Sequence[Any] = (), run_on_source: bool = False,
+                    warming: bool = False) -> AdoptedPlacement:
     """The stand-in of an adopted pool's slots; fills ``migrating_now`` with the MigratingSlots of the
     server whose keys move (kept from ``migrating_before`` where the move is the same).
 
@@ -114,7 +117,9 @@ def build_placement(cluster: str, clock: Any, answer: Answer, table: Any, server
     :class:`~twinproxy.cluster.migrating.Draining`, in front of its slot's
     owner for the done servers' keys until the line is empty; while the
     session is not trusted the moving server's are kept (not routed to), so
-    that the next trusted table goes on with their lines.
+    that the next trusted table goes on with their lines.  ``warming``: a
+    memcache cluster's (a :class:`WarmingSlot` per slot of the moving server
+    instead: its source that server, its target the slot's owner).
     """
     sources = [servers[name] for name in table.legacy_names]
     states: Sequence[str] = table.adopt_states
@@ -139,7 +144,10 @@ def build_placement(cluster: str, clock: Any, answer: Answer, table: Any, server
             if owner is None or owner is source:
                 continue
             target = migrating_before.get(slot)
-            if target is None or not target.same_move(source, owner, 0, auth, hold_seconds):
+            if warming:
+                if not isinstance(target, WarmingSlot) or not target.same_move(source, owner):
+                    target = WarmingSlot(slot, source, owner, answer, partial(toward_source, source), clock)
+            elif target is None or not target.same_move(source, owner, 0, auth, hold_seconds):
                 target = MigratingSlot(slot, source, owner, 0, auth, answer, partial(toward_source, source),
                                        clock=clock, wait_limit=hold_seconds,
                                        batcher=batcher(source, owner) if batcher is not None else None,

@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import List, Optional
 
 from twinproxy.cluster.legacy import Legacy, even_spread
-from twinproxy.cluster.migrations import Migration, check_rate
+from twinproxy.cluster.migrations import DEFAULT_WARMUP, Migration, check_rate, check_warmup
 from twinproxy.cluster.model import Group, Topology, TopologyError, check_address
 from twinproxy.cluster.slots import SLOT_COUNT
 
@@ -27,18 +27,21 @@ def resume_command(cluster: str) -> str:
     return f"twinproxy-admin adopt --resume --cluster {cluster}"
 
 
-def adopt(topology: Topology, legacy: Legacy, addresses: List[str], keys_per_second: Optional[int] = None) -> Topology:
+def adopt(topology: Topology, legacy: Legacy, addresses: List[str], keys_per_second: Optional[int] = None,
+          warmup_seconds: Optional[int] = None) -> Topology:
     """Take over pool ``legacy``: its servers become groups, the slots spread over them, one adoption per server.
 
     ``addresses``: the pool's servers, in its order (``legacy.servers``'
-    order).  An empty Redis topology only (409 otherwise), or one that has
+    order).  An empty topology only (409 otherwise), or one that has
     adopted this very pool (the same placement, the same masters): then a
     :func:`resume`.  One generation.  ``keys_per_second``: each entry's
-    sweep rate (None: as fast as it goes).
+    sweep rate (None: as fast as it goes; Redis only).  ``warmup_seconds``:
+    a memcache cluster's, how long each entry warms its server's keys up at
+    their slots' owners (default :data:`DEFAULT_WARMUP`; memcached items
+    are not moved: see :mod:`twinproxy.cluster.warmup`).
     """
     check_rate(keys_per_second)
-    if topology.protocol != "redis":
-        raise TopologyError("only a Redis cluster adopts a pool: memcached items cannot be moved", 409)
+    _check_tuning(topology, keys_per_second, warmup_seconds)
     if len(addresses) != len(legacy.servers):
         raise TopologyError(f"{len(addresses)} addresses for the {len(legacy.servers)} servers of pool "
                             f"'{legacy.pool}'")
@@ -48,7 +51,7 @@ def adopt(topology: Topology, legacy: Legacy, addresses: List[str], keys_per_sec
         raise TopologyError(f"pool '{legacy.pool}' lists a server twice")
     if topology.adopted is not None:
         _same_pool(topology, legacy, addresses)
-        return resume(topology, keys_per_second)
+        return resume(topology, keys_per_second, warmup_seconds=warmup_seconds)
     if topology.groups or topology.migrations or topology.offline_slots != SLOT_COUNT or topology.change:
         raise TopologyError(f"cluster '{topology.cluster}' is not empty: a pool is adopted into a cluster with "
                             "no groups, no slots placed and no migrations", 409)
@@ -57,7 +60,17 @@ def adopt(topology: Topology, legacy: Legacy, addresses: List[str], keys_per_sec
     spread = even_spread(list(legacy.gids), SLOT_COUNT)
     topology = replace(topology, groups=groups, slots=tuple((spread[slot], "stable") for slot in range(SLOT_COUNT)),
                        adopted=legacy)
-    return _queue(topology, list(legacy.gids), keys_per_second)
+    return _queue(topology, list(legacy.gids), keys_per_second, warmup_seconds)
+
+
+def _check_tuning(topology: Topology, keys_per_second: Optional[int], warmup_seconds: Optional[int]) -> None:
+    """400 for a sweep rate given to a memcache cluster's adoption, or a warm-up to a Redis one's."""
+    check_warmup(warmup_seconds)
+    if topology.protocol == "redis" and warmup_seconds is not None:
+        raise TopologyError("warmup_seconds is for memcache clusters: a Redis pool's keys are moved, not warmed up")
+    if topology.protocol != "redis" and keys_per_second is not None:
+        raise TopologyError("keys_per_second tunes a Redis adoption's sweeps: a memcache pool's keys warm up "
+                            "instead (warmup_seconds)")
 
 
 def _same_pool(topology: Topology, legacy: Legacy, addresses: List[str]) -> None:
@@ -78,7 +91,8 @@ def _same_pool(topology: Topology, legacy: Legacy, addresses: List[str]) -> None
                         f"from the placement the cluster keeps, with {resume_command(topology.cluster)}", 409)
 
 
-def resume(topology: Topology, keys_per_second: Optional[int] = None, pool: Optional[str] = None) -> Topology:
+def resume(topology: Topology, keys_per_second: Optional[int] = None, pool: Optional[str] = None,
+           warmup_seconds: Optional[int] = None) -> Topology:
     """Queue again the adopted pool's servers whose keys have not moved (each one's entry was cancelled or
     failed): one pending adoption entry each, in the pool's order, one generation.
 
@@ -87,6 +101,7 @@ def resume(topology: Topology, keys_per_second: Optional[int] = None, pool: Opti
     moving keys: the servers it leaves are known once it ends).
     """
     check_rate(keys_per_second)
+    _check_tuning(topology, keys_per_second, warmup_seconds)
     legacy = topology.adopted
     if legacy is None:
         finished = any(m.adopt and m.state == "finished" for m in topology.migrations)
@@ -105,12 +120,18 @@ def resume(topology: Topology, keys_per_second: Optional[int] = None, pool: Opti
     left = [gid for gid in legacy.gids if states[gid] == "legacy"]
     if not left:    # not reached: the placement is dropped with the last server's keys moved
         raise TopologyError(f"every server's keys of pool '{legacy.pool}' have moved: nothing to resume", 409)
-    return _queue(topology, left, keys_per_second)
+    if warmup_seconds is None:
+        warmup_seconds = latest_warmup(topology)
+    return _queue(topology, left, keys_per_second, warmup_seconds)
 
 
-def _queue(topology: Topology, gids: List[int], keys_per_second: Optional[int]) -> Topology:
+def _queue(topology: Topology, gids: List[int], keys_per_second: Optional[int],
+           warmup_seconds: Optional[int] = None) -> Topology:
     mid = max((m.id for m in topology.migrations), default=0) + 1
-    entries = [Migration(mid + index, 0, SLOT_COUNT - 1, gid, None, "pending", keys_per_second, adopt=True)
+    if topology.protocol != "redis" and warmup_seconds is None:
+        warmup_seconds = DEFAULT_WARMUP
+    entries = [Migration(mid + index, 0, SLOT_COUNT - 1, gid, None, "pending", keys_per_second,
+                         warmup_seconds=warmup_seconds, adopt=True)
                for index, gid in enumerate(gids)]
     return topology._next(migrations=tuple(topology.migrations) + tuple(entries))
 
@@ -121,4 +142,10 @@ def latest_rate(topology: Topology) -> Optional[int]:
     return rates[-1] if rates else None
 
 
-__all__ = ["adopt", "latest_rate", "resume", "resume_command"]
+def latest_warmup(topology: Topology) -> Optional[int]:
+    """A memcache adoption's latest entry's warm-up seconds (None: a Redis one, or none): what a resume keeps."""
+    found = [m.warmup_seconds for m in topology.migrations if m.adopt]
+    return found[-1] if found else None
+
+
+__all__ = ["adopt", "latest_rate", "latest_warmup", "resume", "resume_command"]

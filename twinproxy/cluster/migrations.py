@@ -55,7 +55,12 @@ when the last entry finishes.  An entry's cancel is refused once it moves
 keys (they would have to go back to the pool's placement, which nothing
 writes): pause it instead.  A cancelled or failed entry's server is queued
 again by :func:`twinproxy.cluster.adoptions.resume` (the adoption's
-edits are in :mod:`twinproxy.cluster.adoptions`).
+edits are in :mod:`twinproxy.cluster.adoptions`).  A memcache cluster's
+adoption entries warm up (``warmup_seconds`` set): migrating, the
+server's keys are read through from it at their slots' owners for that
+long; then every slot is held (``warmed``), then the entry finishes.
+Its cancel holds every slot (prepared, ``cancelling``) and then gives the
+server its keys back (``cancelled``: legacy again).
 
 Ended entries beyond the last :data:`KEEP_ENDED` are pruned by every edit
 here.  ``preparing`` (Codis's store-only step) is accepted on load and
@@ -301,8 +306,12 @@ def _check_adoption(topology: Topology, m: Migration, busy: Dict[int, Migration]
     if topology.adopted is None or m.from_group not in topology.adopted.gids:
         raise TopologyError(f"migration {m.id} is an adoption of group {m.from_group}, which holds no server of an "
                             "adopted pool")
-    if m.cancelling or m.warms or m.warmed:
-        raise TopologyError(f"migration {m.id}: an adoption neither moves back nor warms up")
+    if m.warms != (topology.protocol != "redis"):
+        raise TopologyError(f"migration {m.id}: warmup_seconds is set for memcache clusters' adoptions (and only "
+                            "for theirs)")
+    if (m.cancelling and (not m.warms or m.state != "prepared")) or (m.warmed and m.state != "migrating"):
+        raise TopologyError(f"migration {m.id}: a Redis adoption neither moves back nor warms up; a memcache one "
+                            "moves back only while prepared and has warmed up only while migrating")
     others = [o for o in topology.migrations if not o.ended and (not o.adopt or o.from_group == m.from_group)
               and o.id != m.id]
     if others:
@@ -312,7 +321,7 @@ def _check_adoption(topology: Topology, m: Migration, busy: Dict[int, Migration]
             if gid in busy:
                 raise TopologyError(f"group {gid} takes part in migrations {busy[gid].id} and {m.id} at once")
             busy[gid] = m
-    expected = "held" if m.state == "prepared" else "stable"
+    expected = "held" if m.state == "prepared" or m.warmed else "stable"
     wrong = [slot for slot, (gid, state) in enumerate(topology.slots)
              if gid is None or (state != expected and not (expected == "stable" and state == "held"))]
     if wrong:
@@ -415,11 +424,12 @@ def create(topology: Topology, first: int, last: int, gid: int, keys_per_second:
                                       warmup_seconds=warmup_seconds))
 
 
-def adopt(topology: Topology, legacy: Legacy, addresses: List[str], keys_per_second: Optional[int] = None) -> Topology:
+def adopt(topology: Topology, legacy: Legacy, addresses: List[str], keys_per_second: Optional[int] = None,
+          warmup_seconds: Optional[int] = None) -> Topology:
     """Take over pool ``legacy`` (see :func:`twinproxy.cluster.adoptions.adopt`: the adoption's edits live there)."""
     from twinproxy.cluster import adoptions
 
-    return adoptions.adopt(topology, legacy, addresses, keys_per_second)
+    return adoptions.adopt(topology, legacy, addresses, keys_per_second, warmup_seconds)
 
 
 def advance(topology: Topology, mid: int, now: Optional[float] = None) -> Topology:
@@ -455,8 +465,11 @@ def advance(topology: Topology, mid: int, now: Optional[float] = None) -> Topolo
         # Held at the target (no proxy warms any more): the source serves again, as it is.
         return _write(topology, replace(m, state="cancelled"), (m.from_group, "stable"))
     if m.state == "prepared" and m.adopt:
-        # The hold is over: the source's keys are moved as they are touched (the others route as before).
-        return _write(topology, replace(m, state="migrating"), (None, "stable"))
+        # The hold is over: the source's keys are moved (memcache: warmed up) as they are touched (the others
+        # route as before).
+        until = now + m.warmup_seconds if m.warms and now is not None else None
+        return _write(topology, replace(m, state="migrating", warmup_until=until, warmup_left=None),
+                      (None, "stable"))
     if m.state == "prepared":
         until = now + m.warmup_seconds if m.warms and now is not None else None
         return _write(topology, replace(m, state="migrating", warmup_until=until, warmup_left=None),
@@ -467,7 +480,7 @@ def advance(topology: Topology, mid: int, now: Optional[float] = None) -> Topolo
         # Once every server's keys are at their slots' owners, the pool's placement is history.
         done = {o.from_group for o in topology.migrations if o.adopt and o.state == "finished"} | {m.from_group}
         last = done >= set(topology.adopted.gids)
-        return _write(topology, replace(m, state="finished"), (None, "stable"),
+        return _write(topology, replace(m, state="finished", warmed=False), (None, "stable"),
                       **({"adopted": None} if last else {}))
     return _write(topology, replace(m, state="cancelled" if m.cancelling else "finished", warmed=False),
                   (m.target, "stable"))
@@ -495,7 +508,7 @@ def cancel(topology: Topology, mid: int) -> Topology:
         return _write(topology, replace(m, state="cancelled"))
     if m.state == "prepared":
         return _write(topology, replace(m, state="cancelled"), (m.from_group, "stable"))
-    if m.adopt:
+    if m.adopt and not m.warms:
         raise TopologyError(f"adoption {m.id} is moving keys: it cannot be cancelled (they would have to go back "
                             "to the pool's placement); pause it instead", 409)
     # Migrating: some keys are on each side.  Phase one of moving them back: hold at the new owner.

@@ -232,8 +232,6 @@ class Topology:
             if group is None or self.change.get("server") not in group.servers:
                 raise TopologyError(f"the promote in progress names no server of its group: {self.change}")
         if self.adopted is not None:
-            if self.protocol != "redis":
-                raise TopologyError("only a Redis cluster adopts a pool (its keys are moved)")
             for gid in self.adopted.gids:
                 if gid not in servers or not servers[gid]:
                     raise TopologyError(f"group {gid} holds a server of the adopted pool "

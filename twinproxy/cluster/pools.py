@@ -125,7 +125,7 @@ def cluster_pool(base: PoolConfig, topology: Any, session: str = CONNECTED) -> P
     held = []
     migrating = []
     migrating_from = getattr(topology, "migrating_from", None)
-    adopted = getattr(topology, "adopted", None) if base.redis else None
+    adopted = getattr(topology, "adopted", None)
     for slot, (gid, state) in enumerate(topology.slots):
         chooser = slot_server.get(gid) if gid is not None else None
         owners.append(chooser(slot) if chooser is not None else None)
@@ -138,7 +138,11 @@ def cluster_pool(base: PoolConfig, topology: Any, session: str = CONNECTED) -> P
     legacy = {}
     if adopted is not None:
         states = topology.adopt_states()
-        legacy = dict(legacy=adopted, legacy_names=tuple(group_server_name(cluster, gid) for gid in adopted.gids),
+        # A memcache group's servers are named by address too: the pool's server is the group's first.
+        first = {group.id: group.servers[0] for group in topology.groups if group.servers}
+        legacy = dict(legacy=adopted, legacy_names=tuple(
+            group_server_name(cluster, gid) if base.redis else f"{group_server_name(cluster, gid)}-{first[gid]}"
+            for gid in adopted.gids),
                       adopt_states=tuple(states[gid] for gid in adopted.gids))
     table = SlotTable(generation=topology.generation, owners=tuple(owners), held=frozenset(held),
                       session=session, groups=tuple(groups), migrating=tuple(migrating), **legacy)

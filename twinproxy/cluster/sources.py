@@ -95,7 +95,7 @@ class ClusterSources(Service):
         for config in (self._file_pools if pools is None else pools):
             follower = self.followers.get(config.name)
             before = running.get(config.name)
-            joining = config.cluster_mode and before is not None and before.redis and not before.cluster_mode
+            joining = config.cluster_mode and before is not None and not before.cluster_mode
             if config.cluster_mode and follower is not None and follower.same_cluster(config) and not (
                     joining and follower.topology is None):
                 resolved.append(follower.config(config))

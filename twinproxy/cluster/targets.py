@@ -262,7 +262,8 @@ class SlotRouting:
         return build_placement(self.cluster, self._clock, self._answer, table, servers, self._legacy[1],
                                migrating_before, migrating_now, hold_seconds, auth, self.target_for_slot,
                                lambda source, owner: self.batcher(source, owner, 0, auth, batchers_before),
-                               list(self._draining.values()), self.run_on_source)
+                               list(self._draining.values()), self.run_on_source,
+                               warming=config is not None and not config.redis)
 
     def batcher(self, source: Any, target: Any, db: int, auth: Optional[Credentials],
                 before: Dict[Any, MoveBatcher]) -> MoveBatcher:

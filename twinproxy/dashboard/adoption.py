@@ -16,12 +16,16 @@ by the same :class:`~twinproxy.dashboard.runner.Runner` as any migration):
   not registered anywhere the dashboard can see);
 - :func:`check_versions` — a key moves from any server to any other, so
   no group's Redis may be older than another's (a DUMP payload of a newer
-  Redis does not load in an older one);
+  Redis does not load in an older one; a memcache cluster's items are not
+  moved, so it has none);
 - :func:`sweeps` — for the entry of one source group, one
   :class:`~twinproxy.dashboard.mover.Sweep` per target group, side by side:
   the keys on the source that the pool placed there and whose slot the
   target owns.  A key the pool did not place on the server it is found on
   (left there by an ejection, say) is nobody's to move and stays.
+  A memcache cluster's entry has no sweep: it warms up (the runner's
+  ``_warm_up``); :func:`leftovers_of` says what to delete first when an
+  earlier entry of the same server was cancelled.
 
 Progress: each sweep counts into a :class:`_Share` of the adoption's
 progress (keys moved summed; keys left the sum of the sweeps' estimates).
@@ -30,7 +34,7 @@ progress (keys moved summed; keys left the sum of the sweeps' estimates).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from twisted.internet import defer
 
@@ -47,8 +51,8 @@ if TYPE_CHECKING:
     from twinproxy.cluster.model import Topology
 
 _FIELDS = ("pool", "hash", "distribution", "hash_tag", "servers")
-_OPTIONAL = ("keys_per_second", "cluster")
-_RESUME_FIELDS = ("resume", "pool", "cluster", "keys_per_second")
+_OPTIONAL = ("keys_per_second", "cluster", "protocol", "warmup_seconds")
+_RESUME_FIELDS = ("resume", "pool", "cluster", "keys_per_second", "warmup_seconds")
 
 
 class RequestError(ValueError):
@@ -62,7 +66,10 @@ class AdoptRequest:
 
     ``keys_per_second`` applies when ``rate_given`` (else a resume keeps the
     adoption's latest rate; a first adoption has none).  ``pool`` / ``cluster``:
-    what the request means, refused (409) when the cluster is another.
+    what the request means, refused (409) when the cluster is another;
+    ``protocol``: the pool's (None: not said), refused (409) when the
+    cluster's is another.  ``warmup_seconds``: a memcache adoption's (None:
+    the default, or a resume's latest).
     """
 
     legacy: Optional[Legacy]
@@ -71,6 +78,8 @@ class AdoptRequest:
     rate_given: bool
     pool: Optional[str]
     cluster: Optional[str]
+    protocol: Optional[str] = None
+    warmup_seconds: Optional[int] = None
 
     @property
     def resume(self) -> bool:
@@ -83,9 +92,14 @@ class AdoptRequest:
         """The model's edit this request asks of ``topology``."""
         if self.cluster is not None and self.cluster != topology.cluster:
             raise TopologyError(f"this dashboard serves cluster '{topology.cluster}', not '{self.cluster}'", 409)
+        if self.protocol is not None and self.protocol != topology.protocol:
+            kind = "a Redis" if self.protocol == "redis" else "a memcached"
+            raise TopologyError(f"pool '{self.pool}' is {kind} pool, and cluster '{topology.cluster}' a "
+                                f"{topology.protocol} cluster: adopt it into a cluster of its protocol (a dashboard "
+                                f"started with --protocol {self.protocol})", 409)
         if self.legacy is None:
-            return adoptions.resume(topology, self.rate(topology), self.pool)
-        return adoptions.adopt(topology, self.legacy, self.addresses, self.rate(topology))
+            return adoptions.resume(topology, self.rate(topology), self.pool, self.warmup_seconds)
+        return adoptions.adopt(topology, self.legacy, self.addresses, self.rate(topology), self.warmup_seconds)
 
 
 def parse_request(document: Any) -> AdoptRequest:
@@ -114,8 +128,11 @@ def parse_request(document: Any) -> AdoptRequest:
         legacy = make_legacy(document["pool"], document["hash"], document["distribution"], document["hash_tag"], ring)
     except LegacyError as err:
         raise RequestError(str(err))
+    protocol = document.get("protocol")
+    if protocol not in (None, "redis", "memcache"):
+        raise RequestError(f"protocol must be redis or memcache, not {protocol!r}")
     return AdoptRequest(legacy, addresses, _rate(document), "keys_per_second" in document, legacy.pool,
-                        _name(document, "cluster"))
+                        _name(document, "cluster"), protocol, _warmup(document))
 
 
 def _parse_resume(document: Dict[str, Any]) -> AdoptRequest:
@@ -126,12 +143,19 @@ def _parse_resume(document: Dict[str, Any]) -> AdoptRequest:
         raise RequestError(f"unknown field {', '.join(unknown)} (a resume takes {', '.join(_RESUME_FIELDS)}: the "
                            "cluster keeps the pool's placement)")
     return AdoptRequest(None, [], _rate(document), "keys_per_second" in document, _name(document, "pool"),
-                        _name(document, "cluster"))
+                        _name(document, "cluster"), None, _warmup(document))
 
 
 def _rate(document: Dict[str, Any]) -> Optional[int]:
     try:
         return migrations.check_rate(document.get("keys_per_second"))
+    except TopologyError as err:
+        raise RequestError(err.message)
+
+
+def _warmup(document: Dict[str, Any]) -> Optional[int]:
+    try:
+        return migrations.check_warmup(document.get("warmup_seconds"))
     except TopologyError as err:
         raise RequestError(err.message)
 
@@ -207,6 +231,20 @@ def check_versions(ctl: Any, topology: "Topology", m: "Migration", version_of: C
         return (f"the groups run different Redis versions ({shown}): a key moves from any of them to any other, "
                 "and a newer one's keys do not load in an older one")
     return None
+
+
+def leftovers_of(topology: "Topology", m: "Migration") -> Optional[Tuple[List[str], Callable[[bytes], bool]]]:
+    """A memcache adoption entry's leftovers to delete before it warms up: the other groups' servers and which
+    of their keys (the pool placed them on ``m``'s server); None when no earlier entry of that server was
+    cancelled (then they hold only the keys the pool placed on them)."""
+    source = m.from_group
+    if not any(o.adopt and o.from_group == source and o.state == "cancelled" and o.id < m.id
+               for o in topology.migrations):
+        return None
+    legacy = topology.adopted
+    place = legacy_router(legacy, list(legacy.gids))
+    addresses = [address for gid in legacy.gids if gid != source for address in topology.group(gid).servers]
+    return addresses, lambda key: place(key) == source
 
 
 class _Share:

@@ -16,12 +16,19 @@ Keys written through the proxy with meta's base64 flag (``b``) are routed
 by their base64 text but stored (and listed) as raw bytes: their slot is
 not recomputed here, so such items are deleted only when the raw key falls
 in the range too.
+
+An adoption's entry runs none (each server holds only the keys the pool
+placed on it), except after an earlier entry of the same server was
+cancelled: what was written or warmed up at the slots' owners meanwhile is
+stale once the server served its keys again, so those keys (the pool
+placed them on that server) are deleted from the other servers first
+(:func:`twinproxy.dashboard.adoption.leftovers_of`).
 """
 
 from __future__ import annotations
 
 import base64
-from typing import Any, List
+from typing import Any, Callable, List, Optional
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet import defer
@@ -35,11 +42,13 @@ DELETES_PER_WRITE = 512
 
 
 class _Purge(Protocol):
-    def __init__(self, address: str, first: int, last: int, result: defer.Deferred) -> None:
+    def __init__(self, address: str, first: int, last: int, result: defer.Deferred,
+                 belongs: Optional[Callable[[bytes], bool]] = None) -> None:
         self.address = address
         self.first = first
         self.last = last
         self.result = result
+        self.belongs = belongs
         self.buffer = bytearray()
         self.keys: List[bytes] = []
         self.deleting = False
@@ -71,7 +80,7 @@ class _Purge(Protocol):
                                "(on by default) so that leftover items of the slots can be deleted first")
                     return
                 key = unquote_to_bytes(line[4:].split(b" ", 1)[0])
-                if self.first <= slot_of(key) <= self.last:
+                if self.first <= slot_of(key) <= self.last and (self.belongs is None or self.belongs(key)):
                     self.keys.append(key)
         finally:
             if not self.deleting:
@@ -105,8 +114,9 @@ class _Purge(Protocol):
 class _Factory(ClientFactory):
     noisy = False
 
-    def __init__(self, address: str, first: int, last: int, result: defer.Deferred) -> None:
-        self.args = (address, first, last, result)
+    def __init__(self, address: str, first: int, last: int, result: defer.Deferred,
+                 belongs: Optional[Callable[[bytes], bool]] = None) -> None:
+        self.args = (address, first, last, result, belongs)
 
     def buildProtocol(self, addr: Any) -> Protocol:
         return _Purge(*self.args)
@@ -117,14 +127,18 @@ class _Factory(ClientFactory):
             result.errback(ServerError(f"{self.args[0]}: {reason.getErrorMessage()}"))
 
 
-def purge(reactor: Any, address: str, first: int, last: int, timeout: float) -> defer.Deferred:
+def purge(reactor: Any, address: str, first: int, last: int, timeout: float,
+          belongs: Optional[Callable[[bytes], bool]] = None) -> defer.Deferred:
     """Delete the items of slots ``first..last`` memcached ``address`` holds; fires with how many were listed.
+
+    ``belongs(key)``: only the keys it is true of (an adoption's: those the
+    adopted pool placed on another server; None: every key of the slots).
 
     Fails with :class:`ServerError` (naming the server) when it cannot list
     them, or does not finish within ``timeout`` seconds.
     """
     result: defer.Deferred = defer.Deferred()
-    factory = _Factory(address, first, last, result)
+    factory = _Factory(address, first, last, result, belongs)
     if address.startswith("/"):
         connector = reactor.connectUNIX(address, factory, timeout=timeout)
     else:

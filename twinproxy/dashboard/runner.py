@@ -220,7 +220,7 @@ class Runner:
         ctl.dry(lambda: current.advance_migration(self.id))
         if m.warms:    # memcached: no versions to compare, leftover items of the range to delete
             yield self._purge_leftovers(m)
-        if m.adopt:
+        if m.adopt and not m.warms:
             reason = yield adoption.check_versions(ctl, current, m, _version)
             if reason is not None:
                 yield ctl.commit(lambda t: t.fail_migration(self.id, reason), f"adoption {m.id} failed")
@@ -265,7 +265,8 @@ class Runner:
             yield self._roll_back_claims(m)
         # (A memcache migration's warm-up clock starts now; a cancelled one goes back to its source.)
         moving = yield ctl.write(lambda t: migrations.advance(t, self.id, ctl.reactor.seconds()))
-        yield self._acks_noted(moving, "every slot migrating to its owner" if m.adopt else
+        yield self._acks_noted(moving, ("every slot back at its server" if m.cancelling else
+                                        "every slot migrating to its owner") if m.adopt else
                                f"slots {m.first}-{m.last} migrating to group {m.target}")
         return ctl.ok(moving)
 
@@ -309,6 +310,8 @@ class Runner:
             raise
         after = new.migration(self.id)
         note = ("nothing had moved: the slots stay with group {0}" if after.state == "cancelled" else
+                "the keys the pool placed on group {0}'s server go back to it once every proxy holds them"
+                if m.adopt else
                 "its keys move back to group {0}, which owns the slots again when that ends").format(m.from_group)
         self._answer_cancels(self.manager.cancelled(after, note, new.generation))
         yield self._acks_noted(new, f"the cancel of migration {m.id}")
@@ -380,12 +383,15 @@ class Runner:
 
     @defer.inlineCallbacks
     def _purge_leftovers(self, m: Migration) -> Any:
-        """Delete what the target group's servers still hold of the range (see ``leftovers``)."""
+        """Delete what the target group's servers still hold of the range (see ``leftovers``); an adoption's
+        entry, only what a cancelled entry of its server left at the other servers (usually nothing)."""
         topology = self.ctl.current()
         timeout = max(30.0, self.ctl.command_timeout * 10)
-        for address in topology.group(m.target).servers:
+        addresses, belongs = (adoption.leftovers_of(topology, m) or ([], None)) if m.adopt else \
+            (topology.group(m.target).servers, None)
+        for address in addresses:
             try:
-                count = yield purge(self.ctl.reactor, address, m.first, m.last, timeout)
+                count = yield purge(self.ctl.reactor, address, m.first, m.last, timeout, belongs)
             except ServerError as err:
                 raise OperationError(502, f"migration {m.id} cannot start: {err}")
             if count:
@@ -419,7 +425,8 @@ class Runner:
         if left > 0:
             yield self._sleep(left)      # woken sooner by a pause, a cancel or a change
             return True
-        yield self._step(f"{what}: warm-up over, hold the slots on group {m.target}", self._hold_warmed)
+        yield self._step(f"{what}: warm-up over, hold the slots" + ("" if m.adopt else f" on group {m.target}"),
+                         self._hold_warmed)
         return True
 
     @defer.inlineCallbacks
@@ -446,5 +453,6 @@ class Runner:
         yield ctl.wait_acks(ctl.current(), f"the hold of slots {m.first}-{m.last} at the end of their warm-up "
                                            f"(migration {m.id})")
         ended = yield ctl.write(lambda t: t.advance_migration(self.id))
-        yield self._acks_noted(ended, f"slots {m.first}-{m.last} stable at group {m.target}")
+        yield self._acks_noted(ended, "every slot stable at its owner" if m.adopt else
+                               f"slots {m.first}-{m.last} stable at group {m.target}")
         return ctl.ok(ended)

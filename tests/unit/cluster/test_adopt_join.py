@@ -58,11 +58,16 @@ SENTINEL = ("shop:\n  listen: 127.0.0.1:19000\n  redis: true\n  sentinels:\n   -
             "  servers:\n   - 10.0.0.1:6379:1 s1\n")
 
 
+def test_a_plain_memcache_pool_that_names_its_cluster_is_changed_in_place_too() -> None:
+    """(Adopted as a Redis pool is: tests/unit/cluster/test_adopt_memcache.py.)"""
+    diff = diff_pools(load_text(MEMCACHE_PLAIN), load_text(MEMCACHE_CLUSTER))
+    assert [d.name for d in diff.changed] == ["shop"] and not diff.replaced
+
+
 @pytest.mark.parametrize("old, new", [
-    (lambda: load_text(MEMCACHE_PLAIN), lambda: load_text(MEMCACHE_CLUSTER)),   # memcached: nothing to adopt
     (lambda: load_text(SENTINEL), shop_pool),                                    # a Sentinel pool
     (shop_pool, plain),                                                          # leaving a cluster
-], ids=["memcache", "sentinel", "leaving"])
+], ids=["sentinel", "leaving"])
 def test_other_switches_still_replace_the_pool(old, new) -> None:
     diff = diff_pools(old(), new())
     assert [(o.name, n.name) for o, n in diff.replaced] == [("shop", "shop")] and not diff.changed
@@ -192,11 +197,12 @@ def test_a_joining_pool_serves_as_it_was_until_its_topology_is_read() -> None:
     assert [ack["generation"] for ack in h.acks()] == [5]
 
 
-def test_a_new_cluster_pool_or_a_memcache_one_is_not_ready_until_read() -> None:
+def test_a_new_cluster_pool_is_not_ready_until_read_a_joining_memcache_one_serves_as_it_was() -> None:
     other = load_text(PLAIN.format(listen="127.0.0.1:19001").replace("shop:", "cart:"))
     h = Harness(pools=other).start()
     (resolved,) = h.sources.resolve(shop_pool())         # no pool 'shop' runs: nothing to keep serving
     assert resolved.servers == () and resolved.slots is None
-    h = Harness(pools=load_text(MEMCACHE_PLAIN)).start()
+    (running,) = load_text(MEMCACHE_PLAIN)
+    h = Harness(pools=[running]).start()
     (resolved,) = h.sources.resolve(load_text(MEMCACHE_CLUSTER))
-    assert resolved.servers == () and resolved.slots is None
+    assert resolved is running

@@ -58,7 +58,7 @@ def test_adopt_makes_one_group_per_server_the_slots_spread_and_one_pending_entry
 
 def test_adopt_refusals() -> None:
     empty = Topology.empty("shop", "redis")
-    refused(409, lambda: migrations.adopt(Topology.empty("c", "memcache"), LEGACY, [A, B, C]), "only a Redis cluster")
+    refused(400, lambda: migrations.adopt(empty, LEGACY, [A, B, C], warmup_seconds=5), "warmup_seconds is for memcache")
     refused(400, lambda: migrations.adopt(empty, LEGACY, [A, B]), "2 addresses for the 3 servers of pool 'shop'")
     refused(400, lambda: migrations.adopt(empty, LEGACY, [A, B, A]), "lists a server twice")
     refused(400, lambda: migrations.adopt(empty, LEGACY, [A, B, "nowhere"]), "is not 'host:port'")
@@ -221,7 +221,9 @@ def test_document_rules() -> None:
     doc = dict(pending, adopted=None)
     invalid(doc, "which holds no server of an adopted pool")
     doc = dict(pending, migrations=[dict(pending["migrations"][0], cancelling=True)])
-    invalid(doc, "an adoption neither moves back nor warms up")
+    invalid(doc, "a Redis adoption neither moves back nor warms up")
+    doc = dict(pending, migrations=[dict(pending["migrations"][0], warmup_seconds=5)])
+    invalid(doc, "warmup_seconds is set for memcache clusters' adoptions")
     doc = dict(pending, migrations=pending["migrations"] + [dict(pending["migrations"][0], id=9)])
     invalid(doc, "runs with migration")
     prepared = document(adopted().advance_migration(1))

@@ -13,6 +13,7 @@ from twisted.internet import defer
 from tests.unit.cluster.test_adopt_model import LEGACY, A, B, C
 from tests.unit.dashboard.test_api import TOKEN, StandIn, answer, request
 from twinproxy.cluster import migrations
+from twinproxy.cluster.legacy import legacy_router
 from twinproxy.cluster.model import Topology, TopologyError
 from twinproxy.dashboard import adoption
 from twinproxy.dashboard.adoption import AdoptRequest, RequestError, parse_request
@@ -210,3 +211,42 @@ def test_a_first_adoption_answers_resumed_false() -> None:
     assert manager.ctl.operations == ["adopt pool 'shop'"]
     refused = queued(Manager(Topology.empty("shop", "redis")), parse_request(dict(POOL, cluster="cart")))
     assert refused.value.status == 409 and "serves cluster 'shop', not 'cart'" in refused.value.message
+
+
+# -- a memcached pool -----------------------------------------------------------------------------------------
+
+
+def test_a_memcached_pool_is_adopted_by_a_memcache_cluster_only_with_its_warm_up() -> None:
+    wanted = parse_request(dict(POOL3, protocol="memcache", warmup_seconds=7))
+    first = wanted.edit(Topology.empty("shop", "memcache"))
+    assert [(m.from_group, m.warmup_seconds, m.keys_per_second) for m in first.migrations] == [
+        (1, 7, None), (2, 7, None), (3, 7, None)]
+    for pool, cluster in ((dict(POOL3, protocol="memcache"), "redis"), (dict(POOL3, protocol="redis"), "memcache")):
+        with pytest.raises(TopologyError) as caught:
+            parse_request(pool).edit(Topology.empty("shop", cluster))
+        assert caught.value.status == 409 and "adopt it into a cluster of its protocol" in caught.value.message
+    for body, words in ((dict(POOL3, protocol="mc"), "protocol must be redis or memcache"),
+                        (dict(POOL3, warmup_seconds=-1), "warmup_seconds must be null or an integer")):
+        with pytest.raises(RequestError) as refused:
+            parse_request(body)
+        assert words in str(refused.value)
+    # A resume keeps the latest warm-up unless told another.
+    cancelled = first.cancel_migration(1).cancel_migration(2).cancel_migration(3)
+    for body, seconds in (({"resume": True}, 7), ({"resume": True, "warmup_seconds": 2}, 2)):
+        assert {m.warmup_seconds for m in parse_request(body).edit(cancelled).migrations if not m.ended} == {seconds}
+
+
+def test_a_memcache_entry_deletes_leftovers_only_after_a_cancel_of_its_server() -> None:
+    first = parse_request(dict(POOL3, protocol="memcache")).edit(Topology.empty("shop", "memcache"))
+    assert adoption.leftovers_of(first, first.migration(1)) is None
+    moving = first.advance_migration(1).advance_migration(1)
+    again = parse_request({"resume": True}).edit(moving.cancel_migration(1).advance_migration(1)
+                                                 .cancel_migration(2).cancel_migration(3))
+    entry = next(m for m in again.migrations if m.from_group == 1 and not m.ended)
+    addresses, belongs = adoption.leftovers_of(again, entry)
+    assert addresses == [B, C]
+    place = legacy_router(again.adopted, [1, 2, 3])
+    keys = [b"k%d" % i for i in range(200)]
+    assert [belongs(key) for key in keys] == [place(key) == 1 for key in keys] and any(map(belongs, keys))
+    later = next(m for m in again.migrations if m.from_group == 2 and not m.ended)
+    assert adoption.leftovers_of(again, later) is not None          # group 2's entry was cancelled too (pending)
