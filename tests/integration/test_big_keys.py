@@ -18,7 +18,7 @@ import redis
 from tests.cluster_harness import ClusterProxy, Dashboard, admin, admin_ok, proxies_at, wait_for_status
 from tests.cluster_harness import independent_slot as slot
 from tests.servers import LOOPBACK, wait_until
-from twinproxy.cluster.migrating import BIG_KEY_BYTES, CLAIMS, ENSURE_MOVED, claim_of
+from twinproxy.cluster.movescripts import BIG_KEY_BYTES, CLAIMS, ENSURE_MOVED, claim_of
 from twinproxy.dashboard.bigkeys import SWEEP_BATCH, batch_command, tmp_of
 
 FIELD_BYTES = 1000

@@ -24,7 +24,7 @@ from tests.history import check
 from tests.integration.test_cluster_migration import finish, keys_in, processes, run_load  # noqa: F401 - a fixture
 from tests.sentinel_servers import SentinelServer
 from tests.servers import LOOPBACK, wait_until
-from twinproxy.cluster.migrating import CLAIMS, claim_of
+from twinproxy.cluster.movescripts import CLAIMS, claim_of
 from twinproxy.credentials import Credentials
 from twinproxy.dashboard.bigkeys import SWEEP_BATCH, WHOLE, batch_command, migrate_arguments, tmp_of
 

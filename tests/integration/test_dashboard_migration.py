@@ -482,7 +482,7 @@ def test_a_cancel_puts_back_the_big_keys_claimed_on_the_old_source(harness, redi
     its claim back to the key on the old source while the range is held (else it reads as missing there)."""
     from twisted.internet import defer
 
-    from twinproxy.cluster.migrating import CLAIMS, claim_of
+    from twinproxy.cluster.movescripts import CLAIMS, claim_of
     from twinproxy.dashboard.bigkeys import BigKeyMover
 
     monkeypatch.setattr(BigKeyMover, "serve", lambda self, extra=(): defer.succeed(0))   # nobody serves claims

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from tests.servers import LOOPBACK
-from twinproxy.cluster.migrating import BIG_KEY_BYTES, CLAIMS, ENSURE_MOVED, RUN_OR_MOVE, UNSURE, claim_of
+from twinproxy.cluster.movescripts import BIG_KEY_BYTES, CLAIMS, ENSURE_MOVED, RUN_OR_MOVE, UNSURE, claim_of
 from twinproxy.cluster.onsource import ONE_KEY_ONLY, RUN_ON_SOURCE, SERVED_HEAD
 from twinproxy.dashboard.bigkeys import batch_command
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Tuple
 
-from twinproxy.cluster.migrating import FAILED, MOVED, WAIT, classify, target_not_writable, wait_reply
+from twinproxy.cluster.movescripts import FAILED, MOVED, WAIT, classify, target_not_writable, wait_reply
 from twinproxy.request import Request
 
 MAX_KEYS = 64       # keys per script: bounds the source's blocking (and the script's reply) per batch

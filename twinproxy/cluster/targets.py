@@ -33,12 +33,9 @@ from twisted.logger import Logger
 from twinproxy.cluster.adopted import AdoptedPlacement, adopted_route, build_placement
 from twinproxy.cluster.holds import Answer, Early, HeldSlot, OfflineSlot, StartupHold
 from twinproxy.cluster.legacy import legacy_router
-from twinproxy.cluster.migrating import (
-    Draining,
-    MigratingSlot,
-    ensure_moved_request,
-)
+from twinproxy.cluster.migrating import Draining, MigratingSlot
 from twinproxy.cluster.movebatch import MoveBatcher
+from twinproxy.cluster.movescripts import ensure_moved_request
 from twinproxy.cluster.slots import SLOT_COUNT, slot_of
 from twinproxy.cluster.warmup import WarmingSlot
 from twinproxy.credentials import Credentials, pool_credentials

@@ -45,7 +45,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from twinproxy.cluster.migrating import CLAIM_PREFIX, CLAIMS, RESERVED_PREFIX, UNSURE, claim_of, show_key
+from twinproxy.cluster.movescripts import CLAIM_PREFIX, CLAIMS, RESERVED_PREFIX, UNSURE, claim_of, show_key
 from twinproxy.credentials import Credentials, migrate_options
 from twinproxy.dashboard.progress import Progress
 from twinproxy.dashboard.servers import ServerError, ServerRefused

@@ -43,7 +43,7 @@ from twisted.internet import defer
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from twinproxy.cluster.migrating import RESERVED_PREFIX
+from twinproxy.cluster.movescripts import RESERVED_PREFIX
 from twinproxy.cluster.slots import SLOT_COUNT, SLOT_MASK, slot_of
 from twinproxy.credentials import Credentials
 from twinproxy.dashboard.bigkeys import (

@@ -20,8 +20,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twinproxy.cluster import migrations
-from twinproxy.cluster.migrating import CLAIMS, claim_of
 from twinproxy.cluster.migrations import Migration, startable
+from twinproxy.cluster.movescripts import CLAIMS, claim_of
 from twinproxy.cluster.slots import slot_of
 from twinproxy.dashboard import adoption
 from twinproxy.dashboard.bigkeys import ROLLBACK

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from twinproxy.cluster.migrating import BIG_KEY_BYTES, CLAIMS, ENSURE_MOVED, claim_of
+from twinproxy.cluster.movescripts import BIG_KEY_BYTES, CLAIMS, ENSURE_MOVED, claim_of
 from twinproxy.cluster.pools import cluster_pool, not_ready
 from twinproxy.cluster.slots import slot_of
 from twinproxy.config import load_text

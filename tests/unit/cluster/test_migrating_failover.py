@@ -11,7 +11,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.cluster.test_migrating import SOURCE, TARGET, Wire, cmd, key_in, topology
 from twinproxy.backend import ConnectorFactory
-from twinproxy.cluster.migrating import BIG_KEY_BYTES, CLAIMS, ENSURE_MOVED, claim_of, retry_delay
+from twinproxy.cluster.migrating import retry_delay
+from twinproxy.cluster.movescripts import BIG_KEY_BYTES, CLAIMS, ENSURE_MOVED, claim_of
 from twinproxy.cluster.slots import slot_of
 
 SENTINELS = ("10.9.0.1:26379", "10.9.0.2:26379", "10.9.0.3:26379")

@@ -8,17 +8,8 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.cluster.test_migrating import SOURCE, TARGET, Wire, cmd, key_in, migrate, topology
-from twinproxy.cluster.migrating import (
-    CLAIM_PREFIX,
-    FAILED,
-    MOVED,
-    RESERVED_PREFIX,
-    WAIT,
-    WAIT_LIMIT,
-    claim_of,
-    classify,
-    retry_delay,
-)
+from twinproxy.cluster.migrating import WAIT_LIMIT, retry_delay
+from twinproxy.cluster.movescripts import CLAIM_PREFIX, FAILED, MOVED, RESERVED_PREFIX, WAIT, claim_of, classify
 from twinproxy.cluster.slots import slot_of
 
 WAITING = b"*2\r\n$4\r\nWAIT\r\n:1\r\n"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tests.unit.cluster.test_migrating import SOURCE, TARGET, Wire, cmd, key_in, migrate, topology
-from twinproxy.cluster.migrating import BIG_KEY_BYTES, CLAIMS, RUN_OR_MOVE, claim_of
+from twinproxy.cluster.movescripts import BIG_KEY_BYTES, CLAIMS, RUN_OR_MOVE, claim_of
 from twinproxy.cluster.onsource import MAX_ARGUMENTS, may_run_on_source
 from twinproxy.request import LEASED, Request, profile_of
 
@@ -183,5 +183,5 @@ def test_a_request_behind_one_sent_to_the_target_and_unanswered_does_not_run_on_
 
 
 def test_the_scripts_name_the_unsure_set() -> None:
-    from twinproxy.cluster.migrating import ENSURE_MOVED, UNSURE
+    from twinproxy.cluster.movescripts import ENSURE_MOVED, UNSURE
     assert ENSURE_MOVED.count(b"'%s'" % UNSURE) == 3 and RUN_OR_MOVE.count(b"'%s'" % UNSURE) == 4

@@ -3,7 +3,7 @@ chunk sizes, and each type's chunk plan (what is read from the claim, what is wr
 
 from __future__ import annotations
 
-from twinproxy.cluster.migrating import CLAIMS, claim_of
+from twinproxy.cluster.movescripts import CLAIMS, claim_of
 from twinproxy.dashboard import bigkeys
 from twinproxy.dashboard.bigkeys import (
     CHUNK_BYTES,

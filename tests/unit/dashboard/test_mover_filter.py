@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from twinproxy.cluster.migrating import claim_of
+from twinproxy.cluster.movescripts import claim_of
 from twinproxy.cluster.slots import slot_of
 from twinproxy.dashboard.bigkeys import tmp_of
 from twinproxy.dashboard.mover import range_keys, slot_marks

@@ -17,7 +17,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from twinproxy.cluster.migrating import ensure_moved_parts
+from twinproxy.cluster.movescripts import ensure_moved_parts
 from twinproxy.credentials import Credentials, migrate_options
 from twinproxy.dashboard.bigkeys import WHOLE, batch_command, migrate_arguments
 from twinproxy.dashboard.mover import Sweep
