@@ -4,7 +4,7 @@ Owns: :class:`MigratingSlot` — the target of a slot whose keys are moving
 from a source group to a target group on stock Redis (Codis's "sync" mode
 without its forked server) — and :class:`Draining`.  The scripts it sends
 and the claim protocol's names (codis.md §6.5) are
-:mod:`twinproxy.cluster.movescripts`'; which requests run on the source
+:mod:`twinproxy.cluster.movescripts`; which requests run on the source
 instead, :mod:`twinproxy.cluster.onsource`.
 
 For each request the source master is first sent ``EVAL ENSURE_MOVED``
