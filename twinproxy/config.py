@@ -57,6 +57,9 @@ SENTINEL_KEYS = ("sentinels", "sentinel_auth", "read_policy", "max_replica_lag",
 # instead of ``servers:``; held slots make requests wait this many ms at most.
 CLUSTER_KEYS = ("cluster", "coordinator", "slot_hold")
 # What a cluster pool cannot have: its topology is the dashboard's.
+# Keys whose refused value an error never repeats: "user password" (the old split form) put in
+# redis_auth_user would show the password.  (redis_auth and sentinel_auth are only refused empty.)
+_UNSHOWN = frozenset(("redis_auth_user",))
 _NOT_IN_CLUSTER = ("servers", "hash", "hash_tag", "distribution", "auto_eject_hosts", "sentinels", "sentinel_auth",
                    "read_policy", "max_replica_lag", "redis_db", "databases")
 NOT_IN_CLUSTER = _NOT_IN_CLUSTER   # (twinproxy-admin adopt drops them from a pool joining its cluster)
@@ -302,7 +305,8 @@ def _parse_pool(path: str, name: str, body: Any) -> PoolConfig:
             continue
         if not isinstance(raw, str):
             raise fail(key, None, "must be a single value, not a list or mapping")
-        values[key] = _CONVERTERS[key](raw, lambda reason, k=key, v=raw: fail(k, v, reason))
+        shown = None if key in _UNSHOWN else raw
+        values[key] = _CONVERTERS[key](raw, lambda reason, k=key, v=shown: fail(k, v, reason))
     if "listen" not in values:
         raise fail("listen", None, "is required")
     if "redis_deny_flush" in values and not values.get("redis", False):

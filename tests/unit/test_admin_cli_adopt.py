@@ -280,3 +280,21 @@ def test_tuning_of_the_other_protocol_and_memcached_pools_that_cannot_be_adopted
     code, _, err = adopt(dashboard, path, "--output", str(path), *more)
     assert code == 2 and words in err and dashboard.seen == [], err
     assert path.read_text() == text
+
+
+@pytest.mark.parametrize("password, user", [("0123", "on"), ("12:30", "yes"), ("true", "null"), ("~", "0x1f"),
+                                            ("pass word", "alice")])
+def test_the_rewritten_file_keeps_every_value_as_the_proxy_read_it(dashboard, tmp_path, password, user) -> None:
+    # The proxy (and nutcracker) read every scalar as a string: the rewrite must not let YAML 1.1 turn
+    # redis_auth 0123 into 83, 12:30 into 750, or yes into true, or the proxies would log in with another password.
+    dashboard.answers[("POST", "/api/adopt")] = (200, ANSWER)
+    text = POOLS.replace("  timeout: 400\n", f"  timeout: 400\n  redis_auth: {password}\n  redis_auth_user: {user}\n",
+                         1)
+    path = pool_file(tmp_path, text)
+    (before, _) = load_file(str(path))
+    code, _, err = adopt(dashboard, path, "--output", str(path))
+    assert code == 0, err
+    shop, other = load_file(str(path))
+    assert (shop.redis_auth, shop.redis_auth_user, shop.timeout) == (password, user, 400)
+    assert (before.redis_auth, before.redis_auth_user) == (password, user)
+    assert other.servers

@@ -257,3 +257,11 @@ def test_redis_auth_user_in_a_cluster_pool() -> None:
     (config,) = load_text("c:\n  listen: 127.0.0.1:1\n  redis: true\n  cluster: shop\n"
                           "  coordinator: file:///tmp/x\n  redis_auth: pw\n  redis_auth_user: alice\n")
     assert (config.cluster, config.redis_auth_user) == ("shop", "alice")
+
+
+def test_a_refused_redis_auth_user_is_not_shown_back() -> None:
+    # The old split form moved whole into redis_auth_user ("user password"): the error (logged, and in
+    # POST /reload's answer) must not carry the password.
+    err = refused(pool("  redis: true\n  redis_auth: pw\n  redis_auth_user: alice s3cret\n"))
+    assert err.key == "redis_auth_user" and "is not a Redis user name" in err.reason
+    assert "s3cret" not in str(err) and err.value is None

@@ -81,17 +81,31 @@ def adoption_request(pool: PoolConfig) -> Dict[str, Any]:
             "servers": servers, "protocol": "redis" if pool.redis else "memcache"}
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Writes every string as the proxy (and nutcracker) will read it back: no YAML 1.1 types, so a value
+    like ``0123``, ``12:30`` or ``yes`` stays plain and means the same string again."""
+
+
+_PlainDumper.yaml_implicit_resolvers = {}
+# An empty value quoted, as safe_dump wrote it (plain, ``key:`` alone reads as empty only to some readers).
+_PlainDumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style="'" if not text else None))
+
+
 def cluster_file(path: str, name: str, cluster: str, coordinator: str) -> str:
-    """The pool file's text with pool ``name`` following ``cluster`` (its ring keys gone)."""
+    """The pool file's text with pool ``name`` following ``cluster`` (its ring keys gone).
+
+    Read as the proxy reads it, every scalar a string: ``safe_load`` would turn ``redis_auth: 0123`` into 83
+    and ``12:30`` into 750, and the proxies would then log in with another password."""
     with open(path, encoding="utf-8") as handle:
-        document = yaml.safe_load(handle)
+        document = yaml.load(handle, Loader=yaml.BaseLoader)
     body = dict(document[name])
     for key in NOT_IN_CLUSTER:
         body.pop(key, None)
     body["cluster"] = cluster
     body["coordinator"] = coordinator
     document[name] = body
-    return yaml.safe_dump(document, default_flow_style=False, sort_keys=False)
+    return yaml.dump(document, Dumper=_PlainDumper, default_flow_style=False, sort_keys=False, allow_unicode=True)
 
 
 def write_atomically(path: str, text: str) -> None:

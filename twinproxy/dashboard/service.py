@@ -139,7 +139,8 @@ def redis_credentials(auth_file: Optional[str], user: Optional[str]) -> Optional
             raise SettingsError("--redis-auth-user needs --redis-auth-file (the user's password)")
         return None
     if user is not None and not valid_user_name(user):
-        raise SettingsError(f"--redis-auth-user {user!r} is not a Redis user name (one word, no spaces)")
+        # Not shown back: "user password" here (the old split form) would print the password.
+        raise SettingsError("--redis-auth-user is not a Redis user name (one word, no spaces or control characters)")
     return Credentials(read_redis_auth(auth_file), user)
 
 

@@ -151,3 +151,13 @@ def test_the_redis_acl_user(tmp_path: Path, capsys):
     assert stop.value.code == 1 and "--redis-auth-user needs --redis-auth-file" in capsys.readouterr().err
     with pytest.raises(SettingsError, match="is not a Redis user name"):
         cli.parse([*words[:6], "--redis-auth-user", "two words"])
+
+
+def test_a_refused_redis_acl_user_is_not_shown_back(tmp_path: Path) -> None:
+    # "user password" given as the user (the old split form): the error must not print the password.
+    path = tmp_path / "redis-auth"
+    path.write_text("s3cret\n")
+    with pytest.raises(SettingsError, match="is not a Redis user name") as refused:
+        cli.parse(["--coordinator", "file:///tmp/x", "--cluster", "shop", "--redis-auth-file", str(path),
+                   "--redis-auth-user", "mover s3cret"])
+    assert "s3cret" not in str(refused.value)
