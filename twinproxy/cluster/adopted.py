@@ -101,8 +101,7 @@ def build_placement(cluster: str, clock: Any, answer: Answer, table: Any, server
                     place: Callable[[bytes], int], migrating_before: Dict[int, Any], migrating_now: Dict[int, Any],
                     hold_seconds: float, auth: Optional[Credentials], slot_route: Callable[[int], Any],
                     batcher: Optional[Callable[[Any, Any], Any]] = None,
-                    draining_before: Sequence[Any] = (), run_on_source: bool = False,
-                    warming: bool = False) -> AdoptedPlacement:
+                    draining_before: Sequence[Any] = (), warming: bool = False) -> AdoptedPlacement:
     """The stand-in of an adopted pool's slots; fills ``migrating_now`` with the MigratingSlots of the
     server whose keys move (kept from ``migrating_before`` where the move is the same).
 
@@ -111,8 +110,7 @@ def build_placement(cluster: str, clock: Any, answer: Answer, table: Any, server
     routing's ``target_for_slot``); ``batcher(source, target)`` the move's
     :class:`~twinproxy.cluster.movebatch.MoveBatcher` (None: none);
     ``draining_before``: MigratingSlots the last table let out (a done
-    server's, whose lines were not empty yet); ``run_on_source``: the
-    MigratingSlots' (twinproxy.cluster.onsource).  A MigratingSlot dropped
+    server's, whose lines were not empty yet).  A MigratingSlot dropped
     while a client's requests wait in its line stands, behind a
     :class:`~twinproxy.cluster.migrating.Draining`, in front of its slot's
     owner for the done servers' keys until the line is empty; while the
@@ -150,8 +148,7 @@ def build_placement(cluster: str, clock: Any, answer: Answer, table: Any, server
             elif target is None or not target.same_move(source, owner, 0, auth, hold_seconds):
                 target = MigratingSlot(slot, source, owner, 0, auth, answer, partial(toward_source, source),
                                        clock=clock, wait_limit=hold_seconds,
-                                       batcher=batcher(source, owner) if batcher is not None else None,
-                                       run_on_source=run_on_source)
+                                       batcher=batcher(source, owner) if batcher is not None else None)
             moving[slot] = migrating_now[slot] = target
     kept = {id(target) for target in migrating_now.values()}
     draining: Dict[int, Any] = {}

@@ -2,10 +2,9 @@
 
 Owns: :class:`MigratingSlot` — the target of a slot whose keys are moving
 from a source group to a target group on stock Redis (Codis's "sync" mode
-without its forked server) — and :class:`Draining`.  The scripts it sends
+without its forked server) — and :class:`Draining`.  The script it sends
 and the claim protocol's names (codis.md §6.5) are
-:mod:`twinproxy.cluster.movescripts`; which requests run on the source
-instead, :mod:`twinproxy.cluster.onsource`.
+:mod:`twinproxy.cluster.movescripts`'s.
 
 For each request the source master is first sent ``EVAL ENSURE_MOVED``
 with every key the request touches, their claim keys and the claims
@@ -57,20 +56,15 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from twinproxy.cluster.movescripts import (
     BIG_KEY_BYTES,
-    CLAIMS,
     MOVED,
     RESERVED_PREFIX,
-    RUN_HEAD,
-    SERVED,
     WAIT,
-    claim_of,
     classify,
     ensure_moved_parts,
     ensure_moved_request,
     show_key,
     target_not_writable,
 )
-from twinproxy.cluster.onsource import may_run_on_source, run_or_move_request, served
 from twinproxy.credentials import Credentials
 from twinproxy.request import Request, shared_profile
 
@@ -81,7 +75,7 @@ MIGRATE_TIMEOUT_MS = 5000
 WAIT_LIMIT = 5.0      # seconds a request waits for a claimed key (the pool's slot_hold, when given)
 
 # A step's state in its line.
-_IN_FLIGHT, _READY, _WAITING, _FAILED, _SERVED = 0, 1, 2, 3, 4
+_IN_FLIGHT, _READY, _WAITING, _FAILED = 0, 1, 2, 3
 
 
 def retry_delay(loop: int) -> float:
@@ -106,7 +100,7 @@ class _Step:
     """One request of a line: its script's owner, then the line's record of where it stands."""
 
     __slots__ = ("slot", "request", "keys", "line", "state", "loops", "deadline", "timer", "waited_for", "reply",
-                 "for_target", "runs")
+                 "for_target")
 
     def __init__(self, slot: "MigratingSlot", request: Request, keys: List[bytes], line: Deque["_Step"],
                  state: int) -> None:
@@ -121,7 +115,6 @@ class _Step:
         self.waited_for = b""      # the claimed key
         self.reply = b""
         self.for_target = ""       # why it waits for the target's master (else: for a claimed key)
-        self.runs = False          # its script runs it on the source if its key is there (onsource)
 
     def request_done(self, step: Request) -> None:
         self.slot._answered(self, step.reply or b"")
@@ -135,14 +128,14 @@ class MigratingSlot:
     """
 
     __slots__ = ("name", "slot", "source", "target", "_head", "_tail", "_moved", "_answer", "_route", "_lines",
-                 "_clock", "_wait_limit", "moves", "failures", "waits", "served", "_made_for", "_batcher", "_parts",
-                 "_script_for", "on_empty", "_run_on_source", "_to_target")
+                 "_clock", "_wait_limit", "moves", "failures", "waits", "_made_for", "_batcher", "_parts",
+                 "_script_for", "on_empty")
 
     def __init__(self, slot: int, source: Any, target: Any, db: int, auth: Optional[Credentials],
                  answer: Callable[..., None], route: Optional[Callable[[int], Any]] = None,
                  timeout_ms: int = MIGRATE_TIMEOUT_MS, *, clock: Any = None,
                  wait_limit: Optional[float] = None, big_key_bytes: int = BIG_KEY_BYTES,
-                 batcher: Any = None, run_on_source: bool = False) -> None:
+                 batcher: Any = None) -> None:
         self.name = f"slot-{slot}"
         self.slot = slot
         self.source = source
@@ -159,14 +152,6 @@ class MigratingSlot:
         self.moves = 0       # scripts sent
         self.failures = 0    # scripts that failed (the request got an error)
         self.waits = 0       # WAIT answers (a claimed key)
-        self.served = 0      # requests the source ran itself, their key still there (onsource)
-        # Whether a request that starts its client's line may run on the source (twinproxy.cluster.onsource).
-        # False: every request moves its keys first (what most unit tests of this module look at).
-        self._run_on_source = run_on_source
-        # client -> the last of its requests this slot sent on to the target (kept only while requests may run
-        # on the source): until it is answered, a request of that client must not run on the source, where it
-        # could take effect before the earlier one does on the target.
-        self._to_target: Dict[Any, Request] = {}
         # The move's MoveBatcher (twinproxy.cluster.movebatch): the scripts of a reactor turn go as one.
         # None: one script per request, at once (what the unit tests of this module look at).
         self._batcher = batcher
@@ -207,14 +192,10 @@ class MigratingSlot:
                 return
         moved = self._moved
         if not keys or all(key in moved for key in keys):
-            self._send_on(self.target, request)
+            self.target.send(request)
             return
         line = lines[request.client] = deque()
-        # Only a request with no earlier one of its client on the way here (in a line, or sent on to the target
-        # and not answered) may run on the source: one that ran there before an earlier request reached the
-        # target would overtake it.
-        self._join(line, request, keys, self._run_on_source and may_run_on_source(request)
-                   and self._nothing_on_the_way(request.client))
+        self._join(line, request, keys)
 
     @property
     def batcher(self) -> Any:
@@ -241,37 +222,14 @@ class MigratingSlot:
 
     # -- internals ----------------------------------------------------------------
 
-    def _join(self, line: Deque[_Step], request: Request, keys: List[bytes], runs: bool = False) -> None:
+    def _join(self, line: Deque[_Step], request: Request, keys: List[bytes]) -> None:
         moved = self._moved
         if not keys or all(key in moved for key in keys):
             line.append(_Step(self, request, keys, line, _READY))     # behind the line, no script needed
             return
         step = _Step(self, request, keys, line, _IN_FLIGHT)
-        step.runs = runs
         line.append(step)
         self._ask(step)
-
-    def _send_on(self, where: Any, request: Request) -> None:
-        if self._run_on_source:
-            to_target = self._to_target
-            if len(to_target) >= MOVED_MEMORY:
-                # Bounded: forget the answered ones (an unanswered one must stay, or its client's next request
-                # could overtake it on the source).
-                for client in [client for client, sent in to_target.items() if sent.reply is not None]:
-                    del to_target[client]
-            to_target[request.client] = request
-        where.send(request)
-
-    def _nothing_on_the_way(self, client: Any) -> bool:
-        """Whether every request of ``client`` this slot sent on was answered (the requests on a client's
-        connection to one server are answered in order: the last one's reply says so for all)."""
-        sent = self._to_target.get(client)
-        if sent is None:
-            return True
-        if sent.reply is None and not getattr(client, "closed", False):
-            return False
-        del self._to_target[client]
-        return True
 
     def _destination(self) -> Tuple[Optional[Tuple[str, int]], str]:
         """Where the MIGRATE goes: (host, port), or (None, why not now): the target's Sentinel shard has no
@@ -296,11 +254,7 @@ class MigratingSlot:
             if len(self._parts) >= 8:
                 self._parts.clear()
             parts = self._parts[where] = ensure_moved_parts(where[0], where[1], *self._script_for)
-        if step.runs:
-            # Its own script, never in a batch: its answer is the request's reply.
-            ask = Request(run_or_move_request(step.keys, request.args, RUN_HEAD, parts[1],
-                                              [claim_of(key) for key in step.keys], CLAIMS))
-        elif self._batcher is not None:
+        if self._batcher is not None:
             self.moves += 1
             if alone:
                 # A request waiting for a claimed key asks on its own: in a batch, the claim would make every
@@ -309,8 +263,7 @@ class MigratingSlot:
             else:
                 self._batcher.ask(step, shared_profile(request.profile), parts)
             return
-        else:
-            ask = Request(ensure_moved_request(step.keys, parts))
+        ask = Request(ensure_moved_request(step.keys, parts))
         ask.owner = step
         ask.client = request.client      # the client's connection: its scripts are answered in order
         ask.profile = shared_profile(request.profile)   # its dialect and database; a blocking command's
@@ -321,11 +274,7 @@ class MigratingSlot:
 
     def _answered(self, step: _Step, reply: bytes) -> None:
         kind, index = classify(reply)
-        if kind == SERVED:
-            self.served += 1
-            step.reply = served(reply)     # its key was on the source, which ran it: the client's reply
-            step.state = _SERVED
-        elif kind == MOVED:
+        if kind == MOVED:
             moved = self._moved
             if len(moved) >= MOVED_MEMORY:
                 moved.clear()
@@ -389,11 +338,7 @@ class MigratingSlot:
                 continue
             line.popleft()
             if state == _READY:
-                self._send_on(self._where(), step.request)
-            elif state == _SERVED:
-                request = step.request
-                request.reply = step.reply
-                request.owner.request_done(request)
+                self._where().send(step.request)
             else:
                 shown = step.reply.strip().decode("utf-8", "replace")[:200] or "no reply"
                 self._answer(step.request, f"slot {self.slot} is migrating and moving its keys to the new owner "

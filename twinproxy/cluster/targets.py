@@ -79,9 +79,6 @@ class SlotRouting:
         self._placement: Optional[AdoptedPlacement] = None
         self._batchers: Dict[Any, MoveBatcher] = {}    # the moves' MoveBatchers, by source, target and settings
         self._draining: Dict[int, MigratingSlot] = {}   # slot -> a dropped MigratingSlot still letting out lines
-        # A migrating slot's request whose key is still on the source runs there (twinproxy.cluster.onsource);
-        # False (tests of the move path): every request moves its keys first.  Read when a table is installed.
-        self.run_on_source = True
 
     def not_ready(self, hold_seconds: float) -> Callable[[bytes], Any]:
         """Before the first table: a request waits for it (a just-started proxy is reading the topology),
@@ -145,8 +142,7 @@ class SlotRouting:
                         target = MigratingSlot(slot, servers[source], servers[owner], db, auth, answer,
                                                self.target_for_slot, clock=self._clock, wait_limit=hold_seconds,
                                                batcher=self.batcher(servers[source], servers[owner], db, auth,
-                                                                    batchers_before),
-                                               run_on_source=self.run_on_source)
+                                                                    batchers_before))
                 migrating_now[slot] = target
             elif slot in table.held:
                 target = held_before.pop(slot, None) or HeldSlot(slot, self.cluster, self._clock, hold_seconds,
@@ -259,7 +255,7 @@ class SlotRouting:
         return build_placement(self.cluster, self._clock, self._answer, table, servers, self._legacy[1],
                                migrating_before, migrating_now, hold_seconds, auth, self.target_for_slot,
                                lambda source, owner: self.batcher(source, owner, 0, auth, batchers_before),
-                               list(self._draining.values()), self.run_on_source,
+                               list(self._draining.values()),
                                warming=config is not None and not config.redis)
 
     def batcher(self, source: Any, target: Any, db: int, auth: Optional[Credentials],

@@ -45,7 +45,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from twinproxy.cluster.movescripts import CLAIM_PREFIX, CLAIMS, RESERVED_PREFIX, UNSURE, claim_of, show_key
+from twinproxy.cluster.movescripts import CLAIM_PREFIX, CLAIMS, RESERVED_PREFIX, claim_of, show_key
 from twinproxy.credentials import Credentials, migrate_options
 from twinproxy.dashboard.progress import Progress
 from twinproxy.dashboard.servers import ServerError, ServerRefused
@@ -82,17 +82,11 @@ if #rest > 0 then
   args[#args + 1] = 'KEYS'
   for i = 1, #rest do args[#args + 1] = rest[i] end
   local reply = redis.pcall(unpack(args))
-  if type(reply) == 'table' and reply.err then
-    if string.sub(reply.err, 1, 5) == 'IOERR' then
-      for i = 1, #rest do redis.call('SADD', '%s', rest[i]) end
-    end
-    return reply
-  end
-  if redis.call('EXISTS', '%s') == 1 then redis.call('SREM', '%s', unpack(rest)) end
+  if type(reply) == 'table' and reply.err then return reply end
   moved = reply.ok or reply
 end
 return {moved, claimed}
-""" % (CLAIM_PREFIX, CLAIMS, UNSURE, UNSURE, UNSURE)
+""" % (CLAIM_PREFIX, CLAIMS)
 
 FINALIZE = b"""\
 redis.call('UNLINK', KEYS[2])

@@ -52,12 +52,10 @@ def key_in(slot: int, start: int = 0) -> bytes:
 
 
 class Wire:
-    def __init__(self, run_on_source: bool = False) -> None:
+    def __init__(self) -> None:
         (self.base,) = load_text(POOL)
         self.reactor = MemoryReactorClock()
         self.runtime = PoolRuntime(not_ready(self.base), self.reactor, outbox=None)
-        # The move path (test_onsource looks at requests that run on the source).
-        self.runtime.pool.slots.run_on_source = run_on_source
         self.backends = {}
 
     def serve(self, topo, session: str = "connected") -> None:

@@ -55,8 +55,6 @@ class Wire:
         (self.base,) = load_text(text)
         self.reactor = MemoryReactorClock()
         self.runtime = PoolRuntime(not_ready(self.base), self.reactor, outbox=None)
-        if self.runtime.pool.slots is not None:
-            self.runtime.pool.slots.run_on_source = False     # the move path (see test_onsource)
         self.backends = {}
 
     def serve(self, topo, session="connected") -> None:
