@@ -53,16 +53,22 @@ def entries(dashboard: Dashboard) -> list:
     return dashboard.get("/api/migrations")["migrations"]
 
 
+def serving_the_pool(tmp_path: Path, memcached_servers, started) -> tuple:
+    """Three memcached servers and a proxy serving them as a plain ketama pool (the pool file before adopt)."""
+    url = f"file://{tmp_path / 'coordinator'}"
+    servers = memcached_servers(3)
+    port = {gid: server.port for gid, server in enumerate(servers, 1)}
+    proxy = ClusterProxy(tmp_path / "proxy", url, "cache", redis=False, processes=started)
+    proxy.config.write_text(pool_text(proxy.port, servers))
+    proxy.start()
+    return url, servers, port, proxy
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_memcached_pool_is_adopted_under_load_and_nothing_stale_is_read(tmp_path: Path, memcached_servers,
                                                                           processes) -> None:  # noqa: F811
-    url = f"file://{tmp_path / 'coordinator'}"
-    servers = memcached_servers(3)
-    port = {gid: server.port for gid, server in enumerate(servers, 1)}
-    proxy = ClusterProxy(tmp_path / "proxy", url, "cache", redis=False, processes=processes)
-    proxy.config.write_text(pool_text(proxy.port, servers))
-    proxy.start()
+    url, servers, port, proxy = serving_the_pool(tmp_path, memcached_servers, processes)
     address = (LOOPBACK, proxy.port)
     setup = MemcacheClient(address, timeout=5, connect_timeout=5)
     # Group 1's items from before: one read while it warms up (copied, flags and TTL kept), one never touched.
@@ -181,12 +187,7 @@ def test_a_cancelled_entry_gives_the_server_its_keys_back_and_its_resume_serves_
     deleted on the server: a miss there, never the older value); a value set afterwards is on the server.  The
     resumed entry first deletes at the owner what the cancelled one left there, so its warm-up reads the
     server's newer value, not the owner's stale copy."""
-    url = f"file://{tmp_path / 'coordinator'}"
-    servers = memcached_servers(3)
-    port = {gid: server.port for gid, server in enumerate(servers, 1)}
-    proxy = ClusterProxy(tmp_path / "proxy", url, "cache", redis=False, processes=processes)
-    proxy.config.write_text(pool_text(proxy.port, servers))
-    proxy.start()
+    url, servers, port, proxy = serving_the_pool(tmp_path, memcached_servers, processes)
     client = MemcacheClient((LOOPBACK, proxy.port), timeout=5, connect_timeout=5)
     key, kept = keys_of("c", 1, 2)
     for name in (key, kept):

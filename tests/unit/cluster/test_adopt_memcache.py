@@ -9,17 +9,18 @@ is group 3 (its entry ended first), "moving" group 1, "legacy" group 2, unless a
 from __future__ import annotations
 
 import pytest
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 
+from tests.unit.cluster.test_slot_routing import Wire as RoutingWire
 from twinproxy.cluster import adoptions, migrations
 from twinproxy.cluster.legacy import legacy_router, make_legacy
 from twinproxy.cluster.model import Topology, TopologyError
-from twinproxy.cluster.pools import cluster_pool, not_ready
+from twinproxy.cluster.pools import not_ready
 from twinproxy.cluster.slots import slot_of
 from twinproxy.cluster.warmup import WarmingSlot
 from twinproxy.config import load_text
 from twinproxy.runtime import PoolRuntime
-from twinproxy.topology import diff_pool, diff_pools
+from twinproxy.topology import diff_pools
 
 pytestmark = pytest.mark.timeout(5)
 
@@ -61,7 +62,7 @@ def key(placed: int, owner: int, start: int = 0) -> bytes:
                 if PLACE(b"k%d" % i) == placed and OWNER[slot_of(b"k%d" % i)] == owner)
 
 
-class Wire:
+class Wire(RoutingWire):
     """A runtime serving the cluster pool (or, ``plain``, the pool file before the switch)."""
 
     def __init__(self, topology: Topology = None, plain: bool = False) -> None:
@@ -73,23 +74,8 @@ class Wire:
         if topology is not None:
             self.serve(topology)
 
-    def serve(self, topology: Topology) -> None:
-        self.runtime.apply(diff_pool(self.runtime.config, cluster_pool(self.base, topology)))
-
-    def client(self):
-        protocol = self.runtime.factory.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        return protocol, transport
-
     def connections(self, address: str) -> list:
-        while self.reactor.tcpClients:
-            host, port, factory, _, _ = self.reactor.tcpClients.pop(0)
-            protocol = factory.buildProtocol(None)
-            transport = StringTransport()
-            protocol.makeConnection(transport)
-            self.backends.setdefault(f"{host}:{port}", []).append((protocol, transport))
-        return self.backends.get(address, [])
+        return self.connect_pending().get(address, [])
 
     def sent(self, address: str) -> bytes:
         """What ``address`` was sent since the last look."""
