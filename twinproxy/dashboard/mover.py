@@ -72,25 +72,29 @@ def slot_marks(first: int, last: int) -> bytes:
     return bytes(1 if first <= slot <= last else 0 for slot in range(SLOT_COUNT))
 
 
-def range_keys(keys: List[bytes], wanted: bytes) -> Tuple[List[bytes], List[bytes]]:
-    """(the keys whose slot ``wanted`` marks, the keys K whose claim is among ``keys`` and whose slot it marks).
+def range_keys(keys: List[bytes], wanted: bytes,
+               belongs: Optional[Callable[[bytes], bool]] = None) -> Tuple[List[bytes], List[bytes]]:
+    """(the keys to move, the keys K whose claim is among ``keys`` and that are to move): by their slot marked
+    in ``wanted``, or (an adoption) by ``belongs``.
 
     The sweep runs this on every key of the source, three passes over its
     keyspace: a SCAN step's keys are looked at together, and when none
     holds a hash tag or a reserved name (the usual case) each costs one
     ``crc32`` and one lookup.  Pure.
     """
-    joined = b"\n".join(keys)
-    if b"{" not in joined and RESERVED_PREFIX not in joined:
-        return [key for key in keys if wanted[crc32(key) & SLOT_MASK]], []
+    if belongs is None:
+        joined = b"\n".join(keys)
+        if b"{" not in joined and RESERVED_PREFIX not in joined:
+            return [key for key in keys if wanted[crc32(key) & SLOT_MASK]], []
+        belongs = lambda key: wanted[slot_of(key)]     # noqa: E731
     matched: List[bytes] = []
     claims: List[bytes] = []
     for key in keys:
         if key.startswith(RESERVED_PREFIX):
             named = claimed_key(key)
-            if named is not None and wanted[slot_of(named)]:
+            if named is not None and belongs(named):
                 claims.append(named)
-        elif wanted[slot_of(key)]:
+        elif belongs(key):
             matched.append(key)
     return matched, claims
 
@@ -180,7 +184,7 @@ class Sweep:
     def _in_range(self, key: bytes) -> bool:
         if self._belongs is not None:
             return self._belongs(key)
-        return self.first <= slot_of(key) <= self.last
+        return bool(self._wanted[slot_of(key)])
 
     def set_rate(self, keys_per_second: Optional[int]) -> None:
         """At most ``keys_per_second`` keys a second from the next batch on (None: no limit)."""
@@ -274,17 +278,7 @@ class Sweep:
                 yield self._trouble(f"SCAN on the source {self.source} answered {str(reply)[:100]}")
                 continue
             self._well()
-            if self._belongs is None:
-                matched, claims = range_keys(keys, self._wanted)
-            else:
-                matched, claims = [], []
-                for key in keys:
-                    if key.startswith(RESERVED_PREFIX):
-                        named = claimed_key(key)
-                        if named is not None and self._in_range(named):
-                            claims.append(named)
-                    elif self._in_range(key):
-                        matched.append(key)
+            matched, claims = range_keys(keys, self._wanted, self._belongs)
             scanned += len(keys)
             found += len(matched)
             if scanned and total:

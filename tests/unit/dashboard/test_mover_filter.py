@@ -37,3 +37,11 @@ def test_hash_tags_and_reserved_names_take_the_careful_path() -> None:
     matched, claims = range_keys(keys + names, slot_marks(100, 600))
     assert matched == expected(keys, 100, 600)
     assert claims == [inside]      # a claim of a key in the range is the key's; the other reserved names nothing
+
+
+def test_an_adoption_s_keys_are_picked_by_what_belongs_says() -> None:
+    keys = [b"plain%d" % i for i in range(200)] + [b"user:{%d}" % i for i in range(50)]
+    mine = set(keys[::3])
+    names = [claim_of(keys[0]), claim_of(keys[1])]
+    matched, claims = range_keys(keys + names, slot_marks(0, 0), lambda key: key in mine)
+    assert matched == [key for key in keys if key in mine] and claims == [keys[0]]
